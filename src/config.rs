@@ -1,0 +1,469 @@
+//! Node configuration: built-in defaults, then a TOML file, then environment
+//! variables, then command-line flags, each overriding the one before.
+//!
+//! The defaults run a complete node with no file at all (local blob store and
+//! SQLite under `./huren-data`), because the first thing a hospital IT team
+//! does is start it and send it a study.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::types::AeTitle;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+/// When a C-STORE success is sent (PS3.4 B.2.3 leaves this to the SCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Success only after the blob is on stable storage (fsync of file and
+    /// directory, or a completed S3 PUT) and the index transaction has
+    /// committed with a synchronous WAL: survives kill -9 and power loss.
+    Full,
+    /// Success once the operating system has the bytes: survives a crash of
+    /// the node process, not of the machine. For sites that rely on Storage
+    /// Commitment for the formal promise.
+    Relaxed,
+}
+
+/// Where blobs live. Each variant has an example in `storage-config/`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// A directory on a local file system. The staging area for incoming
+    /// instances is created inside it so that publishing a blob is a rename
+    /// on one file system.
+    Local {
+        /// Defaults to `<data_dir>/blobs`.
+        root: Option<PathBuf>,
+    },
+    /// Any S3-compatible server (Garage, MinIO, Ceph RGW, AWS).
+    S3 {
+        bucket: String,
+        /// e.g. `http://127.0.0.1:3900`; unset means AWS itself.
+        endpoint: Option<String>,
+        /// Must equal the server's region (Garage: `s3_region`).
+        region: String,
+        /// Key prefix inside the bucket, so that several nodes or tests can
+        /// share one bucket.
+        #[serde(default)]
+        prefix: String,
+        /// Access key ID; falls back to `AWS_ACCESS_KEY_ID`.
+        access_key_id: Option<String>,
+        /// File holding the secret access key; falls back to
+        /// `AWS_SECRET_ACCESS_KEY`. The secret itself never sits in a config
+        /// file, so config files can be committed and shown.
+        secret_access_key_file: Option<PathBuf>,
+        /// Allow plain HTTP to the endpoint (loopback test servers).
+        #[serde(default)]
+        allow_http: bool,
+    },
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig::Local { root: None }
+    }
+}
+
+impl StorageConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+}
+
+/// A calling AE title allowed to store, optionally only from one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedPeer {
+    pub ae_title: AeTitle,
+    pub host: Option<IpAddr>,
+}
+
+impl AllowedPeer {
+    /// `AE` or `AE@ip`.
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            setting: "allowed_calling_ae_titles",
+            reason,
+        };
+        let (ae, host) = match raw.rsplit_once('@') {
+            Some((ae, host)) => {
+                let ip = host
+                    .parse::<IpAddr>()
+                    .map_err(|e| invalid(format!("{raw:?}: host {host:?}: {e}")))?;
+                (ae, Some(ip))
+            }
+            None => (raw, None),
+        };
+        let ae_title = AeTitle::parse(ae).map_err(|e| invalid(e.to_string()))?;
+        Ok(AllowedPeer { ae_title, host })
+    }
+
+    pub fn admits(&self, calling_ae_title: &str, peer: IpAddr) -> bool {
+        self.ae_title.as_str() == calling_ae_title.trim()
+            && self.host.is_none_or(|host| host == peer)
+    }
+}
+
+/// The settings a TOML config file may hold. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    ae_title: Option<String>,
+    dicom_listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    max_associations: Option<usize>,
+    max_pdu_length: Option<u32>,
+    artim_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    durability: Option<Durability>,
+    require_called_ae_title: Option<bool>,
+    allowed_calling_ae_titles: Option<Vec<String>>,
+    storage_config: Option<PathBuf>,
+    storage: Option<StorageConfig>,
+}
+
+/// Settings of `huren node` (and of the maintenance commands that open the
+/// same store and index). Each flag can also be given in the environment or
+/// in the TOML file named by `--config`, under the same name in snake case.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeArgs {
+    /// TOML config file. Keys are the long flag names in snake_case, plus an
+    /// optional [storage] table (see storage-config/).
+    #[arg(long, env = "HUREN_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// This node's AE title [default: HUREN]
+    #[arg(long, env = "HUREN_AE_TITLE")]
+    pub ae_title: Option<String>,
+
+    /// DICOM listen address [default: 0.0.0.0:11112]
+    #[arg(long, env = "HUREN_DICOM_LISTEN")]
+    pub dicom_listen: Option<SocketAddr>,
+
+    /// HTTP listen address (health, metrics; later DICOMweb) [default: 0.0.0.0:8080]
+    #[arg(long, env = "HUREN_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// Directory for the SQLite index, the local blob store and the staging
+    /// area [default: ./huren-data]
+    #[arg(long, env = "HUREN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Index database: sqlite://path or postgres://user:pass@host/db
+    /// [default: sqlite://<data_dir>/index.sqlite]
+    #[arg(long, env = "HUREN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Blob store configuration file (see storage-config/) [default: local
+    /// file system under <data_dir>/blobs]
+    #[arg(long, env = "HUREN_STORAGE_CONFIG")]
+    pub storage_config: Option<PathBuf>,
+
+    /// Concurrent associations; the next caller gets A-ASSOCIATE-RJ
+    /// (transient, local limit exceeded) [default: 64]
+    #[arg(long, env = "HUREN_MAX_ASSOCIATIONS")]
+    pub max_associations: Option<usize>,
+
+    /// Largest P-DATA-TF PDU a peer may send us; also bounds the memory one
+    /// association buffers [default: 65536]
+    #[arg(long, env = "HUREN_MAX_PDU_LENGTH")]
+    pub max_pdu_length: Option<u32>,
+
+    /// Seconds a new connection may take to send its A-ASSOCIATE-RQ (the
+    /// ARTIM timer, PS3.8 §9.1.5) [default: 30]
+    #[arg(long, env = "HUREN_ARTIM_TIMEOUT_SECS")]
+    pub artim_timeout_secs: Option<u64>,
+
+    /// Seconds an established association may stay silent before it is
+    /// aborted [default: 300]
+    #[arg(long, env = "HUREN_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+
+    /// When C-STORE success is sent: `full` (after fsync and index commit)
+    /// or `relaxed` (once the OS has the bytes) [default: full]
+    #[arg(long, env = "HUREN_DURABILITY", value_enum)]
+    pub durability: Option<Durability>,
+
+    /// Reject associations whose called AE title is not ours [default: false,
+    /// because many modalities are configured with a generic called AE]
+    #[arg(long, env = "HUREN_REQUIRE_CALLED_AE_TITLE")]
+    pub require_called_ae_title: Option<bool>,
+
+    /// Calling AE titles allowed to associate, comma separated, each `AE` or
+    /// `AE@ip` [default: empty = any calling AE title]
+    #[arg(long, env = "HUREN_ALLOWED_CALLING_AE_TITLES", value_delimiter = ',')]
+    pub allowed_calling_ae_titles: Option<Vec<String>>,
+}
+
+/// The resolved configuration every component reads.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub ae_title: AeTitle,
+    pub dicom_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub storage: StorageConfig,
+    pub max_associations: usize,
+    pub max_pdu_length: u32,
+    pub artim_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub durability: Durability,
+    pub require_called_ae_title: bool,
+    /// Empty means any calling AE title may associate.
+    pub allowed_calling_ae_titles: Vec<AllowedPeer>,
+}
+
+impl NodeConfig {
+    /// The configuration used when nothing is set: what `huren node` runs
+    /// with on a fresh machine.
+    pub fn defaults_in(data_dir: impl Into<PathBuf>) -> NodeConfig {
+        let data_dir = data_dir.into();
+        NodeConfig {
+            ae_title: AeTitle::parse("HUREN").expect("valid default"),
+            dicom_listen: "0.0.0.0:11112".parse().expect("valid default"),
+            http_listen: "0.0.0.0:8080".parse().expect("valid default"),
+            database_url: default_database_url(&data_dir),
+            data_dir,
+            storage: StorageConfig::default(),
+            max_associations: 64,
+            max_pdu_length: 65536,
+            artim_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            durability: Durability::Full,
+            require_called_ae_title: false,
+            allowed_calling_ae_titles: Vec::new(),
+        }
+    }
+
+    /// The directory incoming instances are written to before they are
+    /// published into the blob store.
+    pub fn staging_dir(&self) -> PathBuf {
+        match &self.storage {
+            StorageConfig::Local { root } => root
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("blobs"))
+                .join(crate::storage::STAGING_DIR),
+            StorageConfig::S3 { .. } => self.data_dir.join("staging"),
+        }
+    }
+}
+
+fn default_database_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("index.sqlite").display())
+}
+
+impl NodeArgs {
+    pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("huren-data"));
+        let mut config = NodeConfig::defaults_in(data_dir);
+
+        if let Some(ae) = self.ae_title.as_ref().or(file.ae_title.as_ref()) {
+            config.ae_title = AeTitle::parse(ae).map_err(|e| ConfigError::Invalid {
+                setting: "ae_title",
+                reason: e.to_string(),
+            })?;
+        }
+        if let Some(addr) = self.dicom_listen.or(file.dicom_listen) {
+            config.dicom_listen = addr;
+        }
+        if let Some(addr) = self.http_listen.or(file.http_listen) {
+            config.http_listen = addr;
+        }
+        if let Some(url) = self.database_url.clone().or(file.database_url) {
+            config.database_url = url;
+        }
+        let storage_file = self
+            .storage_config
+            .as_ref()
+            .or(file.storage_config.as_ref());
+        match (storage_file, file.storage) {
+            (Some(path), _) => config.storage = StorageConfig::from_file(path)?,
+            (None, Some(storage)) => config.storage = storage,
+            (None, None) => {}
+        }
+        if let Some(n) = self.max_associations.or(file.max_associations) {
+            if n == 0 {
+                return Err(ConfigError::Invalid {
+                    setting: "max_associations",
+                    reason: "must be at least 1".into(),
+                });
+            }
+            config.max_associations = n;
+        }
+        if let Some(len) = self.max_pdu_length.or(file.max_pdu_length) {
+            // PS3.8 Annex D.1: the smallest maximum length a node may announce
+            // is 4096 bytes; above 16 MiB one buffered PDU would defeat the
+            // bounded-memory promise.
+            if !(4096..=16 * 1024 * 1024).contains(&len) {
+                return Err(ConfigError::Invalid {
+                    setting: "max_pdu_length",
+                    reason: format!("{len} is outside 4096..=16777216"),
+                });
+            }
+            config.max_pdu_length = len;
+        }
+        if let Some(secs) = self.artim_timeout_secs.or(file.artim_timeout_secs) {
+            config.artim_timeout = Duration::from_secs(secs.max(1));
+        }
+        if let Some(secs) = self.idle_timeout_secs.or(file.idle_timeout_secs) {
+            config.idle_timeout = Duration::from_secs(secs.max(1));
+        }
+        if let Some(durability) = self.durability.or(file.durability) {
+            config.durability = durability;
+        }
+        if let Some(require) = self
+            .require_called_ae_title
+            .or(file.require_called_ae_title)
+        {
+            config.require_called_ae_title = require;
+        }
+        if let Some(list) = self
+            .allowed_calling_ae_titles
+            .clone()
+            .or(file.allowed_calling_ae_titles)
+        {
+            config.allowed_calling_ae_titles = list
+                .iter()
+                .map(|s| s.trim())
+                .filter(|s| !s.is_empty())
+                .map(AllowedPeer::parse)
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = NodeArgs::default().resolve().unwrap();
+        assert_eq!(config.ae_title.as_str(), "HUREN");
+        assert_eq!(config.dicom_listen.port(), 11112);
+        assert_eq!(config.http_listen.port(), 8080);
+        assert_eq!(config.data_dir, PathBuf::from("huren-data"));
+        assert_eq!(config.database_url, "sqlite://huren-data/index.sqlite");
+        assert_eq!(config.storage, StorageConfig::Local { root: None });
+        assert_eq!(config.durability, Durability::Full);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huren.toml");
+        std::fs::write(
+            &path,
+            r#"
+ae_title = "FROMFILE"
+data_dir = "/srv/huren"
+max_associations = 8
+durability = "relaxed"
+allowed_calling_ae_titles = ["CT1", "PACS@10.0.0.5"]
+[storage]
+backend = "local"
+root = "/srv/blobs"
+"#,
+        )
+        .unwrap();
+        let args = NodeArgs {
+            config: Some(path),
+            ae_title: Some("FROMFLAG".into()),
+            ..NodeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.ae_title.as_str(), "FROMFLAG");
+        assert_eq!(config.max_associations, 8);
+        assert_eq!(config.durability, Durability::Relaxed);
+        assert_eq!(config.database_url, "sqlite:///srv/huren/index.sqlite");
+        assert_eq!(
+            config.storage,
+            StorageConfig::Local {
+                root: Some("/srv/blobs".into())
+            }
+        );
+        assert_eq!(config.staging_dir(), PathBuf::from("/srv/blobs/.staging"));
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        let other: IpAddr = "10.0.0.6".parse().unwrap();
+        assert!(config.allowed_calling_ae_titles[0].admits("CT1", other));
+        assert!(config.allowed_calling_ae_titles[1].admits("PACS", ip));
+        assert!(!config.allowed_calling_ae_titles[1].admits("PACS", other));
+    }
+
+    #[test]
+    fn invalid_settings_are_refused() {
+        let cases = [
+            NodeArgs {
+                ae_title: Some("WAY_TOO_LONG_AE_TITLE".into()),
+                ..NodeArgs::default()
+            },
+            NodeArgs {
+                max_pdu_length: Some(100),
+                ..NodeArgs::default()
+            },
+            NodeArgs {
+                max_associations: Some(0),
+                ..NodeArgs::default()
+            },
+            NodeArgs {
+                allowed_calling_ae_titles: Some(vec!["CT1@not-an-ip".into()]),
+                ..NodeArgs::default()
+            },
+        ];
+        for args in cases {
+            assert!(args.resolve().is_err(), "{args:?}");
+        }
+    }
+}

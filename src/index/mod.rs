@@ -1,0 +1,556 @@
+//! The index: patients, studies, series and instances, on SQLite (the
+//! embedded default) or PostgreSQL (larger sites, several node processes).
+//!
+//! Both backends go through sqlx's `Any` driver with the same SQL: the
+//! statements use only what both dialects share (`$n` parameters, `ON
+//! CONFLICT`, `RETURNING`, partial unique indexes). Where they differ (key
+//! types, pragmas) the difference is a parameter here, not a second
+//! implementation, so one test suite covers both.
+//!
+//! Writes go through one writer task per process that commits many
+//! instances in one transaction (group commit): with several associations
+//! storing at once, they share the commit's fsync.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Durability;
+use crate::part10::InstanceAttributes;
+use crate::types::BlobHash;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("index database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("index migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("index database URL {0:?} is neither sqlite:// nor postgres://")]
+    UnsupportedUrl(String),
+    #[error("index writer stopped")]
+    WriterStopped,
+    #[error("index row holds an invalid blob hash {0:?}")]
+    BadHash(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// An instance whose blob is durable, ready to be indexed.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    pub attributes: InstanceAttributes,
+    pub blob_hash: BlobHash,
+    pub blob_size: u64,
+    pub calling_ae_title: Option<String>,
+    pub received_at: SystemTime,
+}
+
+/// What indexing an instance did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// A SOP Instance UID the index had not seen.
+    Stored,
+    /// The same bytes as the current version: nothing changed.
+    Duplicate,
+    /// Different bytes under a known SOP Instance UID: this version is now
+    /// current, earlier ones are kept.
+    NewVersion { version: i64 },
+}
+
+/// One version of one instance as the index holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRow {
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub series_instance_uid: String,
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    pub transfer_syntax_uid: String,
+    pub blob_hash: BlobHash,
+    pub blob_size: u64,
+    pub calling_ae_title: Option<String>,
+    pub version: i64,
+    pub is_current: bool,
+}
+
+/// One study with its derived attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StudyRow {
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    pub patient_name: String,
+    pub study_date: String,
+    pub study_description: String,
+    pub accession_number: String,
+    pub modalities_in_study: String,
+    pub number_of_study_related_series: i64,
+    pub number_of_study_related_instances: i64,
+}
+
+struct WriteRequest {
+    instance: NewInstance,
+    reply: oneshot::Sender<Result<StoreOutcome, Error>>,
+}
+
+/// Most instances one group commit takes: bounds the transaction's length.
+const MAX_BATCH: usize = 64;
+
+#[derive(Clone)]
+pub struct Index {
+    pool: AnyPool,
+    dialect: Dialect,
+    writer: mpsc::Sender<WriteRequest>,
+}
+
+impl Index {
+    /// Connects, applies the embedded migrations and starts the writer.
+    pub async fn open(url: &str, durability: Durability) -> Result<Index, Error> {
+        sqlx::any::install_default_drivers();
+        let (dialect, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
+            // Create the file on first start: no set-up step for the default.
+            let mut url = format!("sqlite:{rest}");
+            if !url.contains("mode=") {
+                url.push_str(if url.contains('?') {
+                    "&mode=rwc"
+                } else {
+                    "?mode=rwc"
+                });
+            }
+            if let Some(path) = rest.trim_start_matches("//").split('?').next()
+                && let Some(parent) = std::path::Path::new(path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            (Dialect::Sqlite, url)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            (Dialect::Postgres, url.to_string())
+        } else {
+            return Err(Error::UnsupportedUrl(url.to_string()));
+        };
+        let options: AnyConnectOptions = url.parse()?;
+        let pool = match dialect {
+            Dialect::Sqlite => {
+                // WAL lets readers (C-FIND, verify) run while the writer
+                // commits. synchronous=FULL fsyncs the WAL at each commit,
+                // which the ack promise needs; NORMAL survives a process crash
+                // but may lose the last commits on power loss.
+                let synchronous = match durability {
+                    Durability::Full => "PRAGMA synchronous = FULL",
+                    Durability::Relaxed => "PRAGMA synchronous = NORMAL",
+                };
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(move |conn, _| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute(synchronous).await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await?
+            }
+            Dialect::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_with(options)
+                    .await?
+            }
+        };
+        match dialect {
+            Dialect::Sqlite => sqlx::migrate!("migrations/sqlite").run(&pool).await?,
+            Dialect::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(writer_task(pool.clone(), rx));
+        Ok(Index {
+            pool,
+            dialect,
+            writer: tx,
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Indexes an instance whose blob is already durable. Returns after the
+    /// transaction holding it has committed.
+    pub async fn store(&self, instance: NewInstance) -> Result<StoreOutcome, Error> {
+        let (reply, wait) = oneshot::channel();
+        self.writer
+            .send(WriteRequest { instance, reply })
+            .await
+            .map_err(|_| Error::WriterStopped)?;
+        wait.await.map_err(|_| Error::WriterStopped)?
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Every version of a SOP Instance UID, oldest first.
+    pub async fn instance_versions(
+        &self,
+        sop_instance_uid: &str,
+    ) -> Result<Vec<InstanceRow>, Error> {
+        let rows = sqlx::query(INSTANCE_SELECT_BY_UID)
+            .bind(sop_instance_uid)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(instance_row).collect()
+    }
+
+    /// Every instance row (all versions), for verification.
+    pub async fn all_instances(&self) -> Result<Vec<InstanceRow>, Error> {
+        let rows = sqlx::query(INSTANCE_SELECT_ALL)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(instance_row).collect()
+    }
+
+    /// The distinct blob hashes the index refers to.
+    pub async fn blob_hashes(&self) -> Result<BTreeSet<BlobHash>, Error> {
+        let rows = sqlx::query("SELECT DISTINCT blob_hash FROM instance")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let hex: String = r.try_get(0)?;
+                BlobHash::parse(&hex).map_err(|_| Error::BadHash(hex))
+            })
+            .collect()
+    }
+
+    pub async fn study(&self, study_instance_uid: &str) -> Result<Option<StudyRow>, Error> {
+        let row = sqlx::query(
+            "SELECT st.study_instance_uid, p.patient_id, p.patient_name, st.study_date, \
+             st.study_description, st.accession_number, st.modalities_in_study, \
+             st.number_of_study_related_series, st.number_of_study_related_instances \
+             FROM study st JOIN patient p ON p.patient_key = st.patient_key \
+             WHERE st.study_instance_uid = $1",
+        )
+        .bind(study_instance_uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(StudyRow {
+                study_instance_uid: r.try_get(0)?,
+                patient_id: r.try_get(1)?,
+                patient_name: r.try_get(2)?,
+                study_date: r.try_get(3)?,
+                study_description: r.try_get(4)?,
+                accession_number: r.try_get(5)?,
+                modalities_in_study: r.try_get(6)?,
+                number_of_study_related_series: r.try_get(7)?,
+                number_of_study_related_instances: r.try_get(8)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Number of current instances.
+    pub async fn count_current_instances(&self) -> Result<i64, Error> {
+        let row = sqlx::query("SELECT COUNT(*) FROM instance WHERE is_current = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Columns of [`InstanceRow`], in its field order. Queries are spelled out
+/// whole because sqlx takes `&'static str`.
+const INSTANCE_SELECT_BY_UID: &str = "SELECT i.sop_instance_uid, i.sop_class_uid, \
+     se.series_instance_uid, st.study_instance_uid, p.patient_id, i.transfer_syntax_uid, \
+     i.blob_hash, i.blob_size, i.calling_ae_title, i.version, i.is_current \
+     FROM instance i JOIN series se ON se.series_key = i.series_key \
+     JOIN study st ON st.study_key = se.study_key \
+     JOIN patient p ON p.patient_key = st.patient_key \
+     WHERE i.sop_instance_uid = $1 ORDER BY i.version";
+
+const INSTANCE_SELECT_ALL: &str = "SELECT i.sop_instance_uid, i.sop_class_uid, \
+     se.series_instance_uid, st.study_instance_uid, p.patient_id, i.transfer_syntax_uid, \
+     i.blob_hash, i.blob_size, i.calling_ae_title, i.version, i.is_current \
+     FROM instance i JOIN series se ON se.series_key = i.series_key \
+     JOIN study st ON st.study_key = se.study_key \
+     JOIN patient p ON p.patient_key = st.patient_key \
+     ORDER BY i.instance_key";
+
+fn instance_row(r: &sqlx::any::AnyRow) -> Result<InstanceRow, Error> {
+    let hex: String = r.try_get(6)?;
+    let blob_hash = BlobHash::parse(&hex).map_err(|_| Error::BadHash(hex))?;
+    let size: i64 = r.try_get(7)?;
+    let is_current: i64 = r.try_get(10)?;
+    Ok(InstanceRow {
+        sop_instance_uid: r.try_get(0)?,
+        sop_class_uid: r.try_get(1)?,
+        series_instance_uid: r.try_get(2)?,
+        study_instance_uid: r.try_get(3)?,
+        patient_id: r.try_get(4)?,
+        transfer_syntax_uid: r.try_get(5)?,
+        blob_hash,
+        blob_size: size as u64,
+        calling_ae_title: r.try_get(8)?,
+        version: r.try_get(9)?,
+        is_current: is_current == 1,
+    })
+}
+
+async fn writer_task(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let instances: Vec<&NewInstance> = batch.iter().map(|r| &r.instance).collect();
+        match write_batch(&pool, &instances).await {
+            Ok(outcomes) => {
+                for (request, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(batch_error) => {
+                // One bad instance must not fail its neighbours: retry each
+                // alone, so only the one at fault gets the error.
+                if batch.len() > 1 {
+                    tracing::warn!(error = %batch_error, size = batch.len(), "group commit failed; retrying one by one");
+                }
+                for request in batch {
+                    let result = write_batch(&pool, &[&request.instance])
+                        .await
+                        .map(|mut o| o.remove(0));
+                    let _ = request.reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(pool: &AnyPool, batch: &[&NewInstance]) -> Result<Vec<StoreOutcome>, Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut touched_series = BTreeSet::new();
+    let mut touched_studies = BTreeSet::new();
+    for instance in batch {
+        let (outcome, series_key, study_key) = write_one(&mut tx, instance).await?;
+        outcomes.push(outcome);
+        touched_series.insert(series_key);
+        touched_studies.insert(study_key);
+    }
+    for series_key in touched_series {
+        sqlx::query(
+            "UPDATE series SET number_of_series_related_instances = \
+             (SELECT COUNT(*) FROM instance WHERE series_key = $1 AND is_current = 1) \
+             WHERE series_key = $1",
+        )
+        .bind(series_key)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for study_key in touched_studies {
+        let modalities = sqlx::query(
+            "SELECT DISTINCT modality FROM series WHERE study_key = $1 AND modality <> '' ORDER BY modality",
+        )
+        .bind(study_key)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?
+        .join("\\");
+        sqlx::query(
+            "UPDATE study SET modalities_in_study = $2, \
+             number_of_study_related_series = (SELECT COUNT(*) FROM series WHERE study_key = $1), \
+             number_of_study_related_instances = (SELECT COUNT(*) FROM instance i \
+               JOIN series se ON se.series_key = i.series_key \
+               WHERE se.study_key = $1 AND i.is_current = 1) \
+             WHERE study_key = $1",
+        )
+        .bind(study_key)
+        .bind(modalities)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+async fn write_one(
+    conn: &mut AnyConnection,
+    instance: &NewInstance,
+) -> Result<(StoreOutcome, i64, i64), Error> {
+    let a = &instance.attributes;
+    let received_at = rfc3339(instance.received_at);
+
+    // Patient-level attributes follow the latest instance: corrections made
+    // at the modality reach the index with the next instance sent.
+    let patient_key: i64 = sqlx::query(
+        "INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date, patient_sex) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET \
+           patient_name = excluded.patient_name, \
+           patient_birth_date = excluded.patient_birth_date, \
+           patient_sex = excluded.patient_sex \
+         RETURNING patient_key",
+    )
+    .bind(&a.patient_id)
+    .bind(&a.issuer_of_patient_id)
+    .bind(&a.patient_name)
+    .bind(&a.patient_birth_date)
+    .bind(&a.patient_sex)
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+
+    // A study stays with the patient it was first indexed under; its other
+    // attributes follow the latest instance.
+    let study_key: i64 = sqlx::query(
+        "INSERT INTO study (patient_key, study_instance_uid, study_date, study_time, accession_number, \
+           study_id, referring_physician_name, study_description, last_received_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (study_instance_uid) DO UPDATE SET \
+           study_date = excluded.study_date, study_time = excluded.study_time, \
+           accession_number = excluded.accession_number, study_id = excluded.study_id, \
+           referring_physician_name = excluded.referring_physician_name, \
+           study_description = excluded.study_description, \
+           last_received_at = excluded.last_received_at \
+         RETURNING study_key",
+    )
+    .bind(patient_key)
+    .bind(&a.study_instance_uid)
+    .bind(&a.study_date)
+    .bind(&a.study_time)
+    .bind(&a.accession_number)
+    .bind(&a.study_id)
+    .bind(&a.referring_physician_name)
+    .bind(&a.study_description)
+    .bind(&received_at)
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+
+    let series_key: i64 = sqlx::query(
+        "INSERT INTO series (study_key, series_instance_uid, modality, series_number, \
+           series_description, body_part_examined) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (series_instance_uid) DO UPDATE SET \
+           modality = excluded.modality, series_number = excluded.series_number, \
+           series_description = excluded.series_description, \
+           body_part_examined = excluded.body_part_examined \
+         RETURNING series_key",
+    )
+    .bind(study_key)
+    .bind(&a.series_instance_uid)
+    .bind(&a.modality)
+    .bind(a.series_number)
+    .bind(&a.series_description)
+    .bind(&a.body_part_examined)
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+
+    let hash_hex = instance.blob_hash.to_hex();
+    let versions = sqlx::query(
+        "SELECT blob_hash, version, is_current FROM instance WHERE sop_instance_uid = $1",
+    )
+    .bind(&a.sop_instance_uid)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut max_version = 0i64;
+    let mut same_bytes: Option<bool> = None; // Some(is_current) when already held
+    for row in &versions {
+        let hash: String = row.try_get(0)?;
+        let version: i64 = row.try_get(1)?;
+        let is_current: i64 = row.try_get(2)?;
+        max_version = max_version.max(version);
+        if hash == hash_hex {
+            same_bytes = Some(is_current == 1);
+        }
+    }
+
+    let outcome = match same_bytes {
+        Some(true) => StoreOutcome::Duplicate,
+        Some(false) => {
+            // Bytes of an earlier version sent again: that version becomes
+            // current once more; nothing new is stored.
+            sqlx::query(
+                "UPDATE instance SET is_current = 0 WHERE sop_instance_uid = $1 AND is_current = 1",
+            )
+            .bind(&a.sop_instance_uid)
+            .execute(&mut *conn)
+            .await?;
+            let row = sqlx::query(
+                "UPDATE instance SET is_current = 1, received_at = $3 \
+                 WHERE sop_instance_uid = $1 AND blob_hash = $2 RETURNING version",
+            )
+            .bind(&a.sop_instance_uid)
+            .bind(&hash_hex)
+            .bind(&received_at)
+            .fetch_one(&mut *conn)
+            .await?;
+            StoreOutcome::NewVersion {
+                version: row.try_get(0)?,
+            }
+        }
+        None => {
+            if !versions.is_empty() {
+                sqlx::query(
+                    "UPDATE instance SET is_current = 0 WHERE sop_instance_uid = $1 AND is_current = 1",
+                )
+                .bind(&a.sop_instance_uid)
+                .execute(&mut *conn)
+                .await?;
+            }
+            let version = max_version + 1;
+            sqlx::query(
+                "INSERT INTO instance (series_key, sop_instance_uid, sop_class_uid, instance_number, \
+                   transfer_syntax_uid, blob_hash, blob_size, calling_ae_title, received_at, version, is_current) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1)",
+            )
+            .bind(series_key)
+            .bind(&a.sop_instance_uid)
+            .bind(&a.sop_class_uid)
+            .bind(a.instance_number)
+            .bind(&a.transfer_syntax_uid)
+            .bind(&hash_hex)
+            .bind(instance.blob_size as i64)
+            .bind(instance.calling_ae_title.as_deref())
+            .bind(&received_at)
+            .bind(version)
+            .execute(&mut *conn)
+            .await?;
+            if versions.is_empty() {
+                StoreOutcome::Stored
+            } else {
+                StoreOutcome::NewVersion { version }
+            }
+        }
+    };
+    Ok((outcome, series_key, study_key))
+}

@@ -1,0 +1,35 @@
+//! huren (互认, "mutual recognition"): the imaging result-sharing node of a
+//! regional health cloud.
+//!
+//! # Layout
+//!
+//! - [`config`]: settings from defaults, a TOML file, the environment and
+//!   flags, resolved once into a `NodeConfig`.
+//! - [`types`]: `AeTitle`, `Uid`, `BlobHash`: parsed at the edge.
+//! - [`dicom`]: the DICOM server (dicom-ul, async): accept loop, association
+//!   negotiation, DIMSE command sets, one module per service.
+//! - [`ingest`]: the one path by which an instance enters the node (C-STORE
+//!   now, STOW-RS later): stage while hashing, check, publish, index.
+//! - [`part10`]: the node's deterministic file meta, the structural check of
+//!   a received data set, and the attributes the index keeps.
+//! - [`storage`]: blobs on object_store keyed by BLAKE3, group-committed
+//!   fsyncs on the local file system.
+//! - [`index`]: patients, studies, series, instances on SQLite or
+//!   PostgreSQL through one set of SQL, with a group-committing writer.
+//! - [`http`]: health (and later DICOMweb and the JSON API).
+//! - [`node`]: wires them together; `main` and the tests both start a node
+//!   through it.
+//! - [`verify`]: scrub the store against the index; rebuild the index.
+//!
+//! See docs/ARCHITECTURE.md for the path of one instance.
+
+pub mod config;
+pub mod dicom;
+pub mod http;
+pub mod index;
+pub mod ingest;
+pub mod node;
+pub mod part10;
+pub mod storage;
+pub mod types;
+pub mod verify;

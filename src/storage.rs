@@ -1,0 +1,501 @@
+//! The blob store: every instance once, as a Part-10 object keyed by the
+//! BLAKE3 hash of its bytes, on any backend object_store speaks.
+//!
+//! Writes go through a local staging file first, because the key is only
+//! known once the last byte has been hashed. On the local file system the
+//! staging area sits inside the store's root, so publishing is a rename; the
+//! node does its own fsyncs because object_store's `LocalFileSystem` does
+//! none. Reads and listings go through object_store on every backend.
+//!
+//! Keys are `ab/cd/<64 hex digits>`: derived from the hash alone, never from
+//! anything a peer sent.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Durability, StorageConfig};
+use crate::types::BlobHash;
+
+/// Name of the staging directory inside a local store's root. Not a valid
+/// key prefix (keys start with two hex digits), so listings never confuse a
+/// staging file with a blob.
+pub const STAGING_DIR: &str = ".staging";
+
+/// Blobs above this size go to S3 as a multipart upload, read from the
+/// staging file one part at a time, so memory stays bounded.
+const MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;
+const MULTIPART_PART_SIZE: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("blob {0} not found")]
+    NotFound(BlobHash),
+    #[error("blob {key} is corrupt: its BLAKE3 hash is {actual}")]
+    Corrupt { key: BlobHash, actual: BlobHash },
+    #[error("staging write failed: {0}")]
+    Staging(#[source] std::io::Error),
+    #[error("local file system: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    #[error("invalid storage configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Whether the failure is the store running out of room, which DICOM
+    /// reports as 0xA700 Refused: Out of Resources.
+    pub fn is_out_of_space(&self) -> bool {
+        let io = match self {
+            Error::Staging(e) | Error::Io(e) => e,
+            _ => return false,
+        };
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    }
+}
+
+enum Backend {
+    Local { root: PathBuf },
+    S3,
+}
+
+/// One blob as a listing shows it.
+#[derive(Debug, Clone)]
+pub struct BlobMeta {
+    pub hash: BlobHash,
+    pub size: u64,
+    pub last_modified: SystemTime,
+}
+
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    backend: Backend,
+    staging_dir: PathBuf,
+    durability: Durability,
+    syncer: Option<GroupSync>,
+}
+
+impl BlobStore {
+    /// Opens the configured store; `data_dir` holds the default local root
+    /// and, for remote stores, the staging area.
+    pub fn open(
+        config: &StorageConfig,
+        data_dir: &Path,
+        durability: Durability,
+    ) -> Result<BlobStore, Error> {
+        match config {
+            StorageConfig::Local { root } => {
+                let root = root.clone().unwrap_or_else(|| data_dir.join("blobs"));
+                let staging_dir = root.join(STAGING_DIR);
+                std::fs::create_dir_all(&staging_dir)?;
+                let root = root.canonicalize()?;
+                let store = LocalFileSystem::new_with_prefix(&root)?;
+                let syncer = match durability {
+                    Durability::Full => Some(GroupSync::start(&root)?),
+                    Durability::Relaxed => None,
+                };
+                Ok(BlobStore {
+                    store: Arc::new(store),
+                    staging_dir: root.join(STAGING_DIR),
+                    backend: Backend::Local { root },
+                    durability,
+                    syncer,
+                })
+            }
+            StorageConfig::S3 {
+                bucket,
+                endpoint,
+                region,
+                prefix,
+                access_key_id,
+                secret_access_key_file,
+                allow_http,
+            } => {
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(region)
+                    .with_allow_http(*allow_http);
+                if let Some(endpoint) = endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(id) = access_key_id {
+                    builder = builder.with_access_key_id(id);
+                }
+                if let Some(path) = secret_access_key_file {
+                    let secret = std::fs::read_to_string(path).map_err(|e| {
+                        Error::Config(format!("secret_access_key_file {}: {e}", path.display()))
+                    })?;
+                    builder = builder.with_secret_access_key(secret.trim());
+                }
+                let s3 = builder.build()?;
+                let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                    Arc::new(s3)
+                } else {
+                    Arc::new(PrefixStore::new(s3, prefix.as_str()))
+                };
+                let staging_dir = data_dir.join("staging");
+                std::fs::create_dir_all(&staging_dir)?;
+                Ok(BlobStore {
+                    store,
+                    backend: Backend::S3,
+                    staging_dir,
+                    durability,
+                    syncer: None,
+                })
+            }
+        }
+    }
+
+    pub fn key(hash: &BlobHash) -> ObjectPath {
+        let hex = hash.to_hex();
+        ObjectPath::from(format!("{}/{}/{}", &hex[0..2], &hex[2..4], hex))
+    }
+
+    fn hash_of_key(key: &ObjectPath) -> Option<BlobHash> {
+        let parts: Vec<_> = key.parts().collect();
+        match parts.as_slice() {
+            [a, b, name] => {
+                let hash = BlobHash::parse(name.as_ref()).ok()?;
+                let hex = hash.to_hex();
+                (a.as_ref() == &hex[0..2] && b.as_ref() == &hex[2..4]).then_some(hash)
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts writing a new object into the staging area from a dedicated
+    /// blocking thread; the caller feeds it fragments in order.
+    pub fn stage(&self, prefix: Vec<u8>) -> StagingWriter {
+        StagingWriter::start(self.staging_dir.clone(), prefix)
+    }
+
+    /// Makes a staged object a blob. Returns once it is as durable as the
+    /// configured durability promises.
+    pub async fn publish(&self, staged: Staged) -> Result<(), Error> {
+        let key = Self::key(&staged.hash);
+        match &self.backend {
+            Backend::Local { root } => {
+                let final_path = root.join(key.as_ref());
+                let temp = staged.temp;
+                // Renaming over an existing blob is deliberate: an orphan
+                // left by a crash may not have reached the disk whole, while
+                // this copy was just hashed.
+                tokio::task::spawn_blocking(move || -> Result<(), Error> {
+                    if let Some(parent) = final_path.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    temp.persist(&final_path).map_err(|e| Error::Io(e.error))?;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                if let Some(syncer) = &self.syncer {
+                    syncer.sync().await?;
+                }
+                Ok(())
+            }
+            Backend::S3 => {
+                // Same key means same bytes: an existing object needs no
+                // upload. S3 PUTs are atomic, so it cannot be a partial one.
+                if self.store.head(&key).await.is_ok() {
+                    return Ok(());
+                }
+                if staged.len <= MULTIPART_THRESHOLD {
+                    let path = staged.temp.to_path_buf();
+                    let bytes = tokio::fs::read(&path).await?;
+                    self.store.put(&key, Bytes::from(bytes).into()).await?;
+                } else {
+                    self.put_multipart_from_file(&key, &staged.temp).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn put_multipart_from_file(&self, key: &ObjectPath, path: &Path) -> Result<(), Error> {
+        use tokio::io::AsyncReadExt;
+        let upload = self.store.put_multipart(key).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART_SIZE);
+        let mut file = tokio::fs::File::open(path).await?;
+        let mut buf = vec![0u8; MULTIPART_PART_SIZE];
+        loop {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            writer.wait_for_capacity(2).await?;
+            writer.write(&buf[..n]);
+        }
+        writer.finish().await?;
+        Ok(())
+    }
+
+    /// Reads a whole blob and checks its hash. A mismatch is an error: a
+    /// corrupt blob is never served.
+    pub async fn get(&self, hash: &BlobHash) -> Result<Bytes, Error> {
+        let result = self
+            .store
+            .get(&Self::key(hash))
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
+                other => Error::ObjectStore(other),
+            })?;
+        let bytes = result.bytes().await?;
+        let actual = BlobHash::from_hash(blake3::hash(&bytes));
+        if actual != *hash {
+            return Err(Error::Corrupt { key: *hash, actual });
+        }
+        Ok(bytes)
+    }
+
+    /// Streams a blob through the hasher without holding it; returns its size.
+    pub async fn verify(&self, hash: &BlobHash) -> Result<u64, Error> {
+        let result = self
+            .store
+            .get(&Self::key(hash))
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
+                other => Error::ObjectStore(other),
+            })?;
+        let mut stream = result.into_stream();
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        let actual = BlobHash::from_hash(hasher.finalize());
+        if actual != *hash {
+            return Err(Error::Corrupt { key: *hash, actual });
+        }
+        Ok(size)
+    }
+
+    /// Copies a blob to a local file, verifying it on the way; used to
+    /// re-read headers when the index is rebuilt.
+    pub async fn copy_to_file(&self, hash: &BlobHash, dest: &Path) -> Result<(), Error> {
+        use tokio::io::AsyncWriteExt;
+        let result = self
+            .store
+            .get(&Self::key(hash))
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
+                other => Error::ObjectStore(other),
+            })?;
+        let mut stream = result.into_stream();
+        let mut hasher = blake3::Hasher::new();
+        let mut file = tokio::fs::File::create(dest).await?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        let actual = BlobHash::from_hash(hasher.finalize());
+        if actual != *hash {
+            return Err(Error::Corrupt { key: *hash, actual });
+        }
+        Ok(())
+    }
+
+    /// Every blob in the store. Objects whose key is not a blob key (staging
+    /// files, foreign objects) are left out.
+    pub async fn list(&self) -> Result<Vec<BlobMeta>, Error> {
+        let mut out = Vec::new();
+        let mut stream = self.store.list(None);
+        while let Some(meta) = stream.next().await {
+            let meta = meta?;
+            if let Some(hash) = Self::hash_of_key(&meta.location) {
+                out.push(BlobMeta {
+                    hash,
+                    size: meta.size,
+                    last_modified: meta.last_modified.into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete(&self, hash: &BlobHash) -> Result<(), Error> {
+        self.store.delete(&Self::key(hash)).await?;
+        Ok(())
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Where temporary files for this store go (same file system as a
+    /// local store's blobs).
+    pub fn staging_dir(&self) -> &Path {
+        &self.staging_dir
+    }
+}
+
+/// A complete object in the staging area, hashed. Dropping it deletes the
+/// file: nothing half-stored survives a failed request.
+#[derive(Debug)]
+pub struct Staged {
+    pub hash: BlobHash,
+    pub len: u64,
+    temp: tempfile::TempPath,
+}
+
+impl Staged {
+    pub fn path(&self) -> &Path {
+        &self.temp
+    }
+}
+
+/// Feeds one object's bytes to a blocking writer thread through a bounded
+/// channel: the thread hashes and writes with std::fs (faster than tokio::fs
+/// for this pattern), and the bound keeps an association's memory fixed
+/// whatever the instance size.
+pub struct StagingWriter {
+    tx: mpsc::Sender<Vec<u8>>,
+    handle: tokio::task::JoinHandle<Result<Staged, std::io::Error>>,
+}
+
+/// Fragments in flight between the association and its writer thread.
+const STAGING_QUEUE: usize = 16;
+
+impl StagingWriter {
+    fn start(dir: PathBuf, prefix: Vec<u8>) -> StagingWriter {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STAGING_QUEUE);
+        let handle = tokio::task::spawn_blocking(move || {
+            let temp = tempfile::Builder::new()
+                .prefix("in-")
+                .suffix(".part")
+                .tempfile_in(&dir)?;
+            let (file, temp) = temp.into_parts();
+            let mut writer = BufWriter::with_capacity(256 * 1024, file);
+            let mut hasher = blake3::Hasher::new();
+            let mut len = prefix.len() as u64;
+            hasher.update(&prefix);
+            writer.write_all(&prefix)?;
+            while let Some(fragment) = rx.blocking_recv() {
+                hasher.update(&fragment);
+                writer.write_all(&fragment)?;
+                len += fragment.len() as u64;
+            }
+            writer.flush()?;
+            Ok(Staged {
+                hash: BlobHash::from_hash(hasher.finalize()),
+                len,
+                temp,
+            })
+        });
+        StagingWriter { tx, handle }
+    }
+
+    /// Queues a fragment. An error means the writer thread failed (disk
+    /// full, I/O error); `finish` then reports why.
+    pub async fn write(&self, fragment: Vec<u8>) -> bool {
+        self.tx.send(fragment).await.is_ok()
+    }
+
+    /// Waits for the last byte to be written and hashed.
+    pub async fn finish(self) -> Result<Staged, Error> {
+        drop(self.tx);
+        self.handle
+            .await
+            .map_err(|e| Error::Staging(std::io::Error::other(e)))?
+            .map_err(Error::Staging)
+    }
+}
+
+/// Group commit for the local file system: callers that need their writes
+/// on stable storage wait for the next `syncfs(2)`, and one call covers every
+/// caller that was waiting when it started. With several associations
+/// storing at once, each pays a fraction of one flush instead of several
+/// fsyncs of its own.
+struct GroupSync {
+    tx: std::sync::mpsc::Sender<oneshot::Sender<std::io::Result<()>>>,
+}
+
+impl GroupSync {
+    fn start(root: &Path) -> std::io::Result<GroupSync> {
+        let dir = std::fs::File::open(root)?;
+        let (tx, rx) = std::sync::mpsc::channel::<oneshot::Sender<std::io::Result<()>>>();
+        std::thread::Builder::new()
+            .name("huren-syncfs".into())
+            .spawn(move || {
+                use std::os::fd::AsRawFd;
+                while let Ok(first) = rx.recv() {
+                    let mut waiting = vec![first];
+                    waiting.extend(rx.try_iter());
+                    // SAFETY: syncfs only reads the descriptor, which `dir`
+                    // keeps open for the life of this thread.
+                    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+                    let err = (rc != 0).then(std::io::Error::last_os_error);
+                    for reply in waiting {
+                        let result = match &err {
+                            None => Ok(()),
+                            Some(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                        };
+                        let _ = reply.send(result);
+                    }
+                }
+            })?;
+        Ok(GroupSync { tx })
+    }
+
+    async fn sync(&self) -> Result<(), Error> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .send(reply)
+            .map_err(|_| Error::Io(std::io::Error::other("sync thread stopped")))?;
+        wait.await
+            .map_err(|_| Error::Io(std::io::Error::other("sync thread stopped")))??;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_come_from_the_hash_alone() {
+        let hash = BlobHash::from_hash(blake3::hash(b"x"));
+        let key = BlobStore::key(&hash);
+        let hex = hash.to_hex();
+        assert_eq!(
+            key.as_ref(),
+            format!("{}/{}/{}", &hex[..2], &hex[2..4], hex)
+        );
+        assert_eq!(BlobStore::hash_of_key(&key), Some(hash));
+        let cases = [".staging/in-1.part", "ab/cd", "zz/zz/zz", "00/00/"];
+        for case in cases {
+            assert_eq!(
+                BlobStore::hash_of_key(&ObjectPath::from(case)),
+                None,
+                "{case}"
+            );
+        }
+        // A key whose directories disagree with its name is not a blob.
+        let wrong_dir = format!("00/00/{hex}");
+        if !hex.starts_with("0000") {
+            assert_eq!(BlobStore::hash_of_key(&ObjectPath::from(wrong_dir)), None);
+        }
+    }
+}

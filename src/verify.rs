@@ -1,0 +1,173 @@
+//! `huren verify`: scrubs the blob store against the index, and rebuilds
+//! the index from the store (the store is the source of truth: every blob is
+//! a self-describing Part-10 object).
+//!
+//! - missing: the index names a blob the store lacks: an error.
+//! - corrupt: a blob whose bytes no longer hash to its key: an error.
+//! - orphan: a blob no index row names. A crash between publishing a blob
+//!   and committing its row leaves one; that instance was never
+//!   acknowledged, so an orphan is reported, not an error, and removable.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use thiserror::Error;
+
+use crate::index::{self, NewInstance};
+use crate::ingest::Ingest;
+use crate::part10;
+use crate::storage;
+use crate::types::BlobHash;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("index: {0}")]
+    Index(#[from] index::Error),
+    #[error("blob store: {0}")]
+    Storage(#[from] storage::Error),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Delete orphans older than `orphan_grace`.
+    pub remove_orphans: bool,
+    /// Orphans younger than this may belong to an ingest still in progress
+    /// on a running node; they are reported but never removed.
+    pub orphan_grace: Duration,
+    /// Index every blob the index lacks (rebuilds a lost index).
+    pub reindex: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub blobs_checked: u64,
+    pub bytes_checked: u64,
+    pub missing: Vec<BlobHash>,
+    pub corrupt: Vec<BlobHash>,
+    pub orphans: Vec<BlobHash>,
+    pub orphans_removed: u64,
+    pub reindexed: u64,
+    /// Blobs that could not be indexed by --reindex, with why.
+    pub unindexable: Vec<(BlobHash, String)>,
+}
+
+impl Report {
+    /// Missing and corrupt blobs are failures; orphans are not.
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.corrupt.is_empty() && self.unindexable.is_empty()
+    }
+}
+
+pub async fn run(ingest: &Ingest, options: &Options) -> Result<Report, Error> {
+    let store = ingest.store();
+    let index = ingest.index();
+    let mut report = Report::default();
+
+    let mut listed = store.list().await?;
+    listed.sort_by_key(|b| b.last_modified);
+    let in_store: BTreeSet<BlobHash> = listed.iter().map(|b| b.hash).collect();
+
+    if options.reindex {
+        let known = index.blob_hashes().await?;
+        for blob in listed.iter().filter(|b| !known.contains(&b.hash)) {
+            match reindex_one(ingest, blob.hash, blob.last_modified).await {
+                Ok(()) => report.reindexed += 1,
+                Err(why) => report.unindexable.push((blob.hash, why)),
+            }
+        }
+    }
+
+    let referenced = index.blob_hashes().await?;
+    let bar = if options.progress {
+        let bar = ProgressBar::new(referenced.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} blobs {binary_bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    for hash in &referenced {
+        if !in_store.contains(hash) {
+            report.missing.push(*hash);
+            bar.inc(1);
+            continue;
+        }
+        match store.verify(hash).await {
+            Ok(size) => {
+                report.blobs_checked += 1;
+                report.bytes_checked += size;
+            }
+            Err(storage::Error::NotFound(_)) => report.missing.push(*hash),
+            Err(storage::Error::Corrupt { .. }) => report.corrupt.push(*hash),
+            Err(e) => return Err(e.into()),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let now = SystemTime::now();
+    for blob in &listed {
+        if referenced.contains(&blob.hash) {
+            continue;
+        }
+        report.orphans.push(blob.hash);
+        let age = now.duration_since(blob.last_modified).unwrap_or_default();
+        if options.remove_orphans && age >= options.orphan_grace {
+            store.delete(&blob.hash).await?;
+            report.orphans_removed += 1;
+        }
+    }
+    Ok(report)
+}
+
+async fn reindex_one(ingest: &Ingest, hash: BlobHash, modified: SystemTime) -> Result<(), String> {
+    let store = ingest.store();
+    let temp = tempfile::Builder::new()
+        .prefix("reindex-")
+        .tempfile_in(store.staging_dir())
+        .map_err(|e| e.to_string())?
+        .into_temp_path();
+    store
+        .copy_to_file(&hash, &temp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let path = temp.to_path_buf();
+    let attributes =
+        tokio::task::spawn_blocking(move || -> Result<part10::InstanceAttributes, String> {
+            let head = {
+                use std::io::Read;
+                let mut head = vec![0u8; 4096];
+                let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+                let n = file.read(&mut head).map_err(|e| e.to_string())?;
+                head.truncate(n);
+                head
+            };
+            let meta_len = part10::file_meta_len(&head).ok_or("not a Part-10 object")?;
+            let attributes = part10::read_attributes(&path).map_err(|e| e.to_string())?;
+            part10::check_structure(&path, meta_len as u64, &attributes.transfer_syntax_uid)
+                .map_err(|e| e.to_string())?;
+            Ok(attributes)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    let size = std::fs::metadata(&temp).map_err(|e| e.to_string())?.len();
+    ingest
+        .index()
+        .store(NewInstance {
+            attributes,
+            blob_hash: hash,
+            blob_size: size,
+            calling_ae_title: None,
+            received_at: modified,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -10,7 +10,7 @@
 use std::io::{self, BufRead, BufReader, Read, Seek};
 use std::path::Path;
 
-use dicom_core::Tag;
+use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::OpenFileOptions;
 use dicom_object::file::ReadPreamble;
@@ -410,11 +410,18 @@ pub fn read_attributes(path: &Path) -> Result<InstanceAttributes, Error> {
         .open_file(path)
         .map_err(|e| Error::Undecodable(e.to_string()))?;
     let text = |tag: Tag| -> String {
-        obj.element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_str().ok().map(|s| clean(&s)))
-            .unwrap_or_default()
+        let Some(element) = obj.element_opt(tag).ok().flatten() else {
+            return String::new();
+        };
+        // Some writers encode text attributes as UN or OB (pydicom's
+        // rtdose_rle.dcm has its SOP Class UID so): read those bytes as text.
+        if matches!(element.vr(), VR::UN | VR::OB) {
+            return element
+                .to_bytes()
+                .map(|b| clean(&String::from_utf8_lossy(&b)))
+                .unwrap_or_default();
+        }
+        element.to_str().map(|s| clean(&s)).unwrap_or_default()
     };
     let int = |tag: Tag| -> Option<i64> {
         let s = text(tag);
@@ -432,11 +439,33 @@ pub fn read_attributes(path: &Path) -> Result<InstanceAttributes, Error> {
                 value: raw,
             })
     };
+    let sop_instance_uid = uid(tags::SOP_INSTANCE_UID, "SOP Instance UID")?;
+    // Study and Series Instance UID are Type 1 in every IOD, yet real
+    // archives (and pydicom's JPEG-LS test files) hold instances without
+    // them. Refusing would lose images the sender has no other home for, so
+    // the index files such an instance under a UID derived from its SOP
+    // Instance UID; the stored bytes stay as received.
+    let study_instance_uid =
+        optional_uid(&text(tags::STUDY_INSTANCE_UID), "study", &sop_instance_uid).map_err(
+            |value| Error::InvalidUid {
+                attribute: "Study Instance UID",
+                value,
+            },
+        )?;
+    let series_instance_uid = optional_uid(
+        &text(tags::SERIES_INSTANCE_UID),
+        "series",
+        &sop_instance_uid,
+    )
+    .map_err(|value| Error::InvalidUid {
+        attribute: "Series Instance UID",
+        value,
+    })?;
     Ok(InstanceAttributes {
         sop_class_uid: uid(tags::SOP_CLASS_UID, "SOP Class UID")?,
-        sop_instance_uid: uid(tags::SOP_INSTANCE_UID, "SOP Instance UID")?,
-        study_instance_uid: uid(tags::STUDY_INSTANCE_UID, "Study Instance UID")?,
-        series_instance_uid: uid(tags::SERIES_INSTANCE_UID, "Series Instance UID")?,
+        sop_instance_uid,
+        study_instance_uid,
+        series_instance_uid,
         patient_id: text(tags::PATIENT_ID),
         issuer_of_patient_id: text(tags::ISSUER_OF_PATIENT_ID),
         patient_name: text(tags::PATIENT_NAME),
@@ -459,6 +488,20 @@ pub fn read_attributes(path: &Path) -> Result<InstanceAttributes, Error> {
             .trim_end_matches('\0')
             .to_string(),
     })
+}
+
+/// The UID as given, or, when absent, a UUID-derived UID (PS3.5 B.2) made
+/// from the SOP Instance UID, so the same instance always lands in the same
+/// place. `Err` carries an invalid value.
+fn optional_uid(raw: &str, level: &str, sop_instance_uid: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        let hash = blake3::hash(format!("huren:{level}:{sop_instance_uid}").as_bytes());
+        let first: [u8; 16] = hash.as_bytes()[..16].try_into().expect("16 bytes");
+        return Ok(format!("2.25.{}", u128::from_be_bytes(first)));
+    }
+    Uid::parse(raw)
+        .map(|u| u.as_str().to_string())
+        .map_err(|_| raw.to_string())
 }
 
 /// Text values keep their meaning without the padding PS3.5 §6.2 allows.

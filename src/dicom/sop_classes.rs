@@ -31,9 +31,8 @@ mod tests {
             let uid = &part[..part.find('"').unwrap()];
             let name_start = part.find("name: \"").unwrap() + 7;
             let name = &part[name_start..name_start + part[name_start..].find('"').unwrap()];
-            let bare = name.trim_end_matches(" (Retired)");
-            if bare.ends_with("Storage")
-                && !bare.contains("Storage Commitment")
+            if name.contains("Storage")
+                && !name.contains("Storage Commitment")
                 && uid != uids::MEDIA_STORAGE_DIRECTORY_STORAGE
             {
                 in_dictionary.insert(uid.to_string());

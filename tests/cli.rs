@@ -1,0 +1,303 @@
+//! The real binary: started with no configuration on port 0, killed with
+//! SIGKILL mid-transfer, and `huren verify`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use huren::config::{Durability, NodeConfig};
+use huren::types::BlobHash;
+
+use crate::support::{self, Backend};
+
+const HUREN: &str = env!("CARGO_BIN_EXE_huren");
+
+/// A `huren node` process and the addresses it logged.
+struct Process {
+    child: Child,
+    dicom: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+}
+
+fn spawn_binary(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Process {
+    let mut child = Command::new(HUREN)
+        .arg("node")
+        .args([
+            "--dicom-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start huren");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut dicom, mut http) = (None, None);
+    while dicom.is_none() || http.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("huren logs its listening addresses");
+        let addr = |marker: &str| {
+            line.split(marker)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+        };
+        if let Some(a) = addr("DICOM listening on ") {
+            dicom = Some(a);
+        }
+        if let Some(a) = addr("HTTP listening on ") {
+            http = Some(a);
+        }
+    }
+    // Keep draining the log so the node never blocks on a full pipe.
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    Process {
+        child,
+        dicom: dicom.unwrap(),
+        http: http.unwrap(),
+    }
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn verify(data_dir: &Path, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(HUREN)
+        .arg("verify")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    (out.status.success(), support::text(&out))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_runs_on_embedded_defaults() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut node = spawn_binary(cwd.path(), &[], &[]);
+    let echo = support::echoscu(node.dicom, &["-aec", "HUREN"]).await;
+    assert!(echo.status.success(), "{}", support::text(&echo));
+    let health = http_get(node.http, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"ae_title\":\"HUREN\""), "{health}");
+    let sample = &support::samples()[0];
+    let stored =
+        support::storescu(node.dicom, vec![], vec![sample.path.display().to_string()]).await;
+    assert!(stored.status.success(), "{}", support::text(&stored));
+    // The defaults put everything under ./huren-data.
+    assert!(cwd.path().join("huren-data/index.sqlite").exists());
+    assert!(cwd.path().join("huren-data/blobs").is_dir());
+    // SIGTERM: a clean shutdown.
+    unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) };
+    let status = node.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_overrides_defaults() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut node = spawn_binary(
+        cwd.path(),
+        &[],
+        &[
+            ("HUREN_AE_TITLE", "ENVNODE"),
+            ("HUREN_REQUIRE_CALLED_AE_TITLE", "true"),
+            ("HUREN_DATA_DIR", "elsewhere"),
+        ],
+    );
+    let right = support::echoscu(node.dicom, &["-aec", "ENVNODE"]).await;
+    assert!(right.status.success(), "{}", support::text(&right));
+    let wrong = support::echoscu(node.dicom, &["-aec", "HUREN"]).await;
+    assert!(!wrong.status.success());
+    assert!(cwd.path().join("elsewhere/index.sqlite").exists());
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+}
+
+/// Acceptance 6: kill -9 mid-transfer; every acknowledged instance survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_instances_survive_kill_9() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let data_arg = data.display().to_string();
+    let files_dir = work.path().join("files");
+    support::tool_async(vec![
+        "gen".into(),
+        files_dir.display().to_string(),
+        "400".into(),
+        support::unique("kill"),
+    ])
+    .await;
+    let mut files: Vec<_> = std::fs::read_dir(&files_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+
+    let mut node = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
+    let mut sender = Command::new(support::env("HUREN_TEST_PYTHON"))
+        .arg(support::repo_path("tests/support/dicom_tool.py"))
+        .args(["send-slow", "127.0.0.1", &node.dicom.port().to_string()])
+        .args(&files)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut acknowledged = Vec::new();
+    let lines = BufReader::new(sender.stdout.take().unwrap()).lines();
+    for line in lines.map_while(Result::ok) {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["status"] == 0 {
+            acknowledged.push(v["file"].as_str().unwrap().to_string());
+        }
+        if acknowledged.len() == 120 {
+            node.child.kill().unwrap(); // SIGKILL
+            node.child.wait().unwrap();
+            break;
+        }
+    }
+    let _ = sender.kill();
+    let _ = sender.wait();
+    assert_eq!(
+        acknowledged.len(),
+        120,
+        "the sender got 120 successes before the kill"
+    );
+
+    // Restart on the same data and check every acknowledged instance.
+    let node = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
+    let mut config = NodeConfig::defaults_in(&data);
+    config.durability = Durability::Full;
+    let ingest = huren::node::open_ingest(&config).await.unwrap();
+    for file in &acknowledged {
+        let bytes = std::fs::read(file).unwrap();
+        let uid = sop_instance_uid_of(&bytes);
+        support::assert_stored(&ingest, Path::new(file), &uid).await;
+    }
+    ingest.index().close().await;
+    let mut child = node.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (ok, report) = verify(&data, &[]);
+    assert!(ok, "huren verify after kill -9: {report}");
+    assert!(
+        report.contains("missing: 0") && report.contains("corrupt: 0"),
+        "{report}"
+    );
+}
+
+/// The SOP Instance UID in a file's meta group (what the test wrote).
+fn sop_instance_uid_of(bytes: &[u8]) -> String {
+    let meta = &bytes[132..support::data_set_bytes_offset(bytes)];
+    let needle = [0x02u8, 0x00, 0x03, 0x00, b'U', b'I'];
+    let at = meta.windows(6).position(|w| w == needle).unwrap();
+    let len = u16::from_le_bytes([meta[at + 6], meta[at + 7]]) as usize;
+    String::from_utf8_lossy(&meta[at + 8..at + 8 + len])
+        .trim_end_matches('\0')
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_corrupt_missing_and_orphaned_blobs_and_reindexes() {
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let samples = support::samples();
+    let files: Vec<_> = samples.iter().map(|s| s.path.clone()).collect();
+    support::pynetdicom_send(&node, &files).await;
+    let data = node.config.data_dir.clone();
+    let rows = node.ingest.index().all_instances().await.unwrap();
+    let _dir = node.stop().await;
+
+    let (ok, report) = verify(&data, &[]);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains(&format!("blobs verified: {}", samples.len())),
+        "{report}"
+    );
+
+    let blob_path = |h: &BlobHash| {
+        let hex = h.to_hex();
+        data.join("blobs")
+            .join(&hex[..2])
+            .join(&hex[2..4])
+            .join(&hex)
+    };
+    // Corrupt one blob, delete another, plant an orphan.
+    let corrupt = blob_path(&rows[0].blob_hash);
+    let mut bytes = std::fs::read(&corrupt).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let missing = blob_path(&rows[1].blob_hash);
+    let missing_bytes = std::fs::read(&missing).unwrap();
+    std::fs::remove_file(&missing).unwrap();
+    let orphan_bytes = b"an object no index row names".to_vec();
+    let orphan = blob_path(&BlobHash::from_hash(blake3::hash(&orphan_bytes)));
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, &orphan_bytes).unwrap();
+
+    let (ok, report) = verify(&data, &[]);
+    assert!(!ok, "corrupt and missing blobs fail verification: {report}");
+    assert!(report.contains("missing: 1"), "{report}");
+    assert!(report.contains("corrupt: 1"), "{report}");
+    assert!(report.contains("orphans: 1"), "{report}");
+
+    // Repair: restore the two blobs, remove the orphan.
+    bytes[last] ^= 0xFF;
+    std::fs::write(&corrupt, &bytes).unwrap();
+    std::fs::write(&missing, &missing_bytes).unwrap();
+    let (ok, report) = verify(&data, &["--remove-orphans", "--orphan-grace-secs", "0"]);
+    assert!(ok, "{report}");
+    assert!(report.contains("removed 1"), "{report}");
+    assert!(!orphan.exists());
+
+    // Lose the index entirely; rebuild it from the blob store alone.
+    for name in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
+        let _ = std::fs::remove_file(data.join(name));
+    }
+    let (ok, report) = verify(&data, &["--reindex"]);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains(&format!("blobs reindexed: {}", samples.len())),
+        "{report}"
+    );
+    let config = NodeConfig::defaults_in(&data);
+    let ingest = huren::node::open_ingest(&config).await.unwrap();
+    for s in &samples {
+        support::assert_stored(&ingest, &s.path, &s.sop_instance_uid).await;
+        let study = ingest
+            .index()
+            .study(&s.study_instance_uid)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(study.number_of_study_related_instances > 0);
+    }
+    ingest.index().close().await;
+}

@@ -1,0 +1,361 @@
+//! The ingest suite: each test runs once per backend pair, SQLite + local
+//! file system and PostgreSQL + S3 (Garage), the same code with the backend
+//! as a parameter.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{self, Backend, TestNode};
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite_local() {
+                    super::$name(crate::support::Backend::SqliteLocal).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_s3() {
+                    super::$name(crate::support::Backend::PostgresS3).await
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    sample_studies_via_storescu,
+    sample_studies_via_pynetdicom,
+    pydicom_test_set_via_pynetdicom,
+    study_sent_twice_is_stored_once,
+    changed_instance_keeps_both_versions,
+    bad_input_is_refused_and_the_node_keeps_serving,
+    eight_parallel_storescu_senders,
+);
+
+/// Sends the samples with storescu, one run per transfer syntax (storescu
+/// proposes one compressed transfer syntax per association).
+async fn storescu_samples(node: &TestNode) {
+    let mut by_ts: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for s in support::samples() {
+        by_ts
+            .entry(s.transfer_syntax_uid.clone())
+            .or_default()
+            .push(s.path);
+    }
+    for (ts, files) in by_ts {
+        let options = vec![support::storescu_option(&ts).to_string()];
+        let files = files.iter().map(|p| p.display().to_string()).collect();
+        let output = support::storescu(node.dicom_addr, options, files).await;
+        let text = support::text(&output);
+        assert!(output.status.success(), "storescu for {ts}: {text}");
+        assert!(
+            !text.contains("E: "),
+            "storescu for {ts} reported an error: {text}"
+        );
+    }
+}
+
+async fn sample_studies_via_storescu(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    storescu_samples(&node).await;
+    let samples = support::samples();
+    assert!(
+        samples.len() >= 30,
+        "sample-dicom has {} files",
+        samples.len()
+    );
+    for s in &samples {
+        support::assert_stored(&node.ingest, &s.path, &s.sop_instance_uid).await;
+        let versions = node
+            .ingest
+            .index()
+            .instance_versions(&s.sop_instance_uid)
+            .await
+            .unwrap();
+        assert_eq!(versions.len(), 1);
+        let row = &versions[0];
+        assert!(row.is_current);
+        assert_eq!(
+            row.transfer_syntax_uid, s.transfer_syntax_uid,
+            "stored as sent"
+        );
+        assert_eq!(row.sop_class_uid, s.sop_class_uid);
+        assert_eq!(row.study_instance_uid, s.study_instance_uid);
+        assert_eq!(row.calling_ae_title.as_deref(), Some("STORESCU"));
+    }
+    // Study-level attributes and derived counts.
+    let mut per_study: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &samples {
+        *per_study.entry(s.study_instance_uid.as_str()).or_default() += 1;
+    }
+    for (study, count) in per_study {
+        let row = node
+            .ingest
+            .index()
+            .study(study)
+            .await
+            .unwrap()
+            .expect("study indexed");
+        assert_eq!(
+            row.number_of_study_related_instances, count as i64,
+            "{study}"
+        );
+        assert!(!row.modalities_in_study.is_empty());
+    }
+    assert_eq!(
+        node.ingest.index().count_current_instances().await.unwrap(),
+        samples.len() as i64
+    );
+    node.stop().await;
+}
+
+async fn sample_studies_via_pynetdicom(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let samples = support::samples();
+    let files: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
+    support::pynetdicom_send(&node, &files).await;
+    for s in &samples {
+        support::assert_stored(&node.ingest, &s.path, &s.sop_instance_uid).await;
+    }
+    // The UTF-8 patient name survives as text, ideographic group included.
+    let p1 = samples
+        .iter()
+        .find(|s| s.path.to_string_lossy().contains("p1-ct-chest"))
+        .unwrap();
+    let study = node
+        .ingest
+        .index()
+        .study(&p1.study_instance_uid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        study.patient_name.contains("张^三"),
+        "{}",
+        study.patient_name
+    );
+    node.stop().await;
+}
+
+async fn pydicom_test_set_via_pynetdicom(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let listed = support::tool_async(vec!["testset".into()]).await;
+    assert!(
+        listed.len() > 100,
+        "pydicom test set has only {} valid storage files",
+        listed.len()
+    );
+    let files: Vec<PathBuf> = listed
+        .iter()
+        .map(|l| PathBuf::from(l["file"].as_str().unwrap()))
+        .collect();
+    support::pynetdicom_send(&node, &files).await;
+    for l in &listed {
+        let file = PathBuf::from(l["file"].as_str().unwrap());
+        support::assert_stored(&node.ingest, &file, l["sop_instance_uid"].as_str().unwrap()).await;
+    }
+    node.stop().await;
+}
+
+async fn study_sent_twice_is_stored_once(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    storescu_samples(&node).await;
+    let first = node.ingest.index().all_instances().await.unwrap();
+    let blobs_before = node.ingest.store().list().await.unwrap().len();
+    storescu_samples(&node).await;
+    let second = node.ingest.index().all_instances().await.unwrap();
+    assert_eq!(first, second, "a second send changes nothing in the index");
+    assert_eq!(
+        node.ingest.store().list().await.unwrap().len(),
+        blobs_before
+    );
+    assert_eq!(
+        blobs_before,
+        support::samples().len(),
+        "one blob per instance"
+    );
+    node.stop().await;
+}
+
+async fn changed_instance_keeps_both_versions(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let sample = support::samples()
+        .into_iter()
+        .find(|s| s.transfer_syntax_uid == "1.2.840.10008.1.2.1")
+        .unwrap();
+    support::pynetdicom_send(&node, std::slice::from_ref(&sample.path)).await;
+    let changed = node.dir.path().join("changed.dcm");
+    support::tool_async(vec![
+        "modify".into(),
+        sample.path.display().to_string(),
+        changed.display().to_string(),
+    ])
+    .await;
+    support::pynetdicom_send(&node, std::slice::from_ref(&changed)).await;
+
+    let versions = node
+        .ingest
+        .index()
+        .instance_versions(&sample.sop_instance_uid)
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    assert_ne!(versions[0].blob_hash, versions[1].blob_hash);
+    assert!(
+        !versions[0].is_current && versions[1].is_current,
+        "the newer version is current"
+    );
+    assert_eq!((versions[0].version, versions[1].version), (1, 2));
+    // Both blobs are kept and verify.
+    for v in &versions {
+        node.ingest.store().verify(&v.blob_hash).await.unwrap();
+    }
+    support::assert_stored(&node.ingest, &sample.path, &sample.sop_instance_uid).await;
+    support::assert_stored(&node.ingest, &changed, &sample.sop_instance_uid).await;
+    let study = node
+        .ingest
+        .index()
+        .study(&sample.study_instance_uid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(study.study_description.ends_with("CORRECTED"));
+    assert_eq!(
+        study.number_of_study_related_instances, 1,
+        "versions count once"
+    );
+
+    // Sending the first version again makes it current again; no new blob.
+    support::pynetdicom_send(&node, std::slice::from_ref(&sample.path)).await;
+    let versions = node
+        .ingest
+        .index()
+        .instance_versions(&sample.sop_instance_uid)
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 2);
+    assert!(versions[0].is_current && !versions[1].is_current);
+    node.stop().await;
+}
+
+async fn bad_input_is_refused_and_the_node_keeps_serving(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+
+    // Garbage bytes where an A-ASSOCIATE-RQ belongs: the node drops that
+    // connection, and nothing else.
+    let mut garbage = tokio::net::TcpStream::connect(node.dicom_addr)
+        .await
+        .unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: huren\r\n\r\n")
+        .await
+        .unwrap();
+    garbage.write_all(&[0xAB; 4096]).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        garbage.read_to_end(&mut buf),
+    )
+    .await
+    .expect("the node closes a garbage connection");
+
+    let work = node.dir.path().join("bad");
+    let lines = support::tool_async(vec![
+        "bad".into(),
+        node.host(),
+        node.port().to_string(),
+        work.display().to_string(),
+    ])
+    .await;
+    let status: BTreeMap<String, u64> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["case"].as_str().unwrap().to_string(),
+                l["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(status["truncated"], 0xC000);
+    assert_eq!(status["no-sop-instance-uid"], 0xC001);
+    assert_eq!(status["sop-class-mismatch"], 0xA900);
+    assert_eq!(status["garbage-data-set"], 0xC000);
+    assert_eq!(
+        status["good-after-bad"], 0x0000,
+        "the same association still stores"
+    );
+
+    // Nothing of the refused instances is in the index or the store.
+    for l in &lines {
+        let uid = l["sop_instance_uid"].as_str().unwrap();
+        let versions = node.ingest.index().instance_versions(uid).await.unwrap();
+        let expected = usize::from(l["case"] == "good-after-bad");
+        assert_eq!(versions.len(), expected, "{}", l["case"]);
+    }
+    assert_eq!(node.ingest.store().list().await.unwrap().len(), 1);
+    let staging = std::fs::read_dir(node.ingest.store().staging_dir())
+        .unwrap()
+        .count();
+    assert_eq!(staging, 0, "no staging file left behind");
+
+    // Other peers are still served.
+    let echo = support::tool_async(vec!["echo".into(), node.host(), node.port().to_string()]).await;
+    assert_eq!(echo[0]["status"], 0);
+    let echo = support::echoscu(node.dicom_addr, &[]).await;
+    assert!(echo.status.success(), "{}", support::text(&echo));
+    let sample = &support::samples()[0];
+    support::pynetdicom_send(&node, std::slice::from_ref(&sample.path)).await;
+    node.stop().await;
+}
+
+async fn eight_parallel_storescu_senders(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let mut dirs = Vec::new();
+    for sender in 0..8 {
+        let dir = node.dir.path().join(format!("sender-{sender}"));
+        support::tool_async(vec![
+            "gen".into(),
+            dir.display().to_string(),
+            "200".into(),
+            format!("{}-{sender}", support::unique("par")),
+        ])
+        .await;
+        dirs.push(dir);
+    }
+    let runs =
+        dirs.iter().map(|dir| {
+            let addr = node.dicom_addr;
+            let dir = dir.clone();
+            async move {
+                support::storescu(addr, vec!["+sd".into()], vec![dir.display().to_string()]).await
+            }
+        });
+    let outputs = futures::future::join_all(runs).await;
+    for output in &outputs {
+        assert!(output.status.success(), "{}", support::text(output));
+    }
+    let rows = node.ingest.index().all_instances().await.unwrap();
+    assert_eq!(rows.len(), 1600, "every instance exactly once");
+    let uids: BTreeSet<_> = rows.iter().map(|r| r.sop_instance_uid.clone()).collect();
+    assert_eq!(uids.len(), 1600);
+    assert!(rows.iter().all(|r| r.is_current && r.version == 1));
+    let blobs = node.ingest.store().list().await.unwrap();
+    assert_eq!(blobs.len(), 1600, "one blob per instance");
+    // Sending one directory again changes nothing.
+    let again = support::storescu(
+        node.dicom_addr,
+        vec!["+sd".into()],
+        vec![dirs[0].display().to_string()],
+    )
+    .await;
+    assert!(again.status.success());
+    assert_eq!(
+        node.ingest.index().all_instances().await.unwrap().len(),
+        1600
+    );
+    node.stop().await;
+}

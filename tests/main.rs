@@ -1,0 +1,10 @@
+//! huren's integration tests: one binary, one module per area.
+//!
+//! Run through `scripts/test.sh`, which starts PostgreSQL and Garage and
+//! prepares dcmtk and pynetdicom; see support/mod.rs.
+
+mod cli;
+mod ingest;
+mod negotiation;
+mod storage_config;
+mod support;

@@ -179,9 +179,16 @@ impl BlobStore {
     }
 
     /// Starts writing a new object into the staging area from a dedicated
-    /// blocking thread; the caller feeds it fragments in order.
-    pub fn stage(&self, prefix: Vec<u8>) -> StagingWriter {
-        StagingWriter::start(self.staging_dir.clone(), prefix)
+    /// blocking thread; the caller feeds it fragments in order. Once the
+    /// last byte is written, `inspect` runs on the same thread with the
+    /// staged file's path (the file is still in the page cache, and no
+    /// further thread hop is paid); its result comes back from `finish`.
+    pub fn stage<T: Send + 'static>(
+        &self,
+        prefix: Vec<u8>,
+        inspect: impl FnOnce(&Path) -> T + Send + 'static,
+    ) -> StagingWriter<T> {
+        StagingWriter::start(self.staging_dir.clone(), prefix, inspect)
     }
 
     /// Makes a staged object a blob. Returns once it is as durable as the
@@ -194,16 +201,16 @@ impl BlobStore {
                 let temp = staged.temp;
                 // Renaming over an existing blob is deliberate: an orphan
                 // left by a crash may not have reached the disk whole, while
-                // this copy was just hashed.
-                tokio::task::spawn_blocking(move || -> Result<(), Error> {
+                // this copy was just hashed. A rename is a short metadata
+                // operation: done in place (block_in_place) rather than paying
+                // a hop to the blocking pool per instance.
+                tokio::task::block_in_place(|| -> Result<(), Error> {
                     if let Some(parent) = final_path.parent() {
                         std::fs::create_dir_all(parent)?;
                     }
                     temp.persist(&final_path).map_err(|e| Error::Io(e.error))?;
                     Ok(())
-                })
-                .await
-                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                })?;
                 if let Some(syncer) = &self.syncer {
                     syncer.sync().await?;
                 }
@@ -370,16 +377,20 @@ impl Staged {
 /// channel: the thread hashes and writes with std::fs (faster than tokio::fs
 /// for this pattern), and the bound keeps an association's memory fixed
 /// whatever the instance size.
-pub struct StagingWriter {
+pub struct StagingWriter<T> {
     tx: mpsc::Sender<Vec<u8>>,
-    handle: tokio::task::JoinHandle<Result<Staged, std::io::Error>>,
+    handle: tokio::task::JoinHandle<Result<(Staged, T), std::io::Error>>,
 }
 
 /// Fragments in flight between the association and its writer thread.
 const STAGING_QUEUE: usize = 16;
 
-impl StagingWriter {
-    fn start(dir: PathBuf, prefix: Vec<u8>) -> StagingWriter {
+impl<T: Send + 'static> StagingWriter<T> {
+    fn start(
+        dir: PathBuf,
+        prefix: Vec<u8>,
+        inspect: impl FnOnce(&Path) -> T + Send + 'static,
+    ) -> StagingWriter<T> {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STAGING_QUEUE);
         let handle = tokio::task::spawn_blocking(move || {
             let temp = tempfile::Builder::new()
@@ -398,11 +409,14 @@ impl StagingWriter {
                 len += fragment.len() as u64;
             }
             writer.flush()?;
-            Ok(Staged {
+            drop(writer);
+            let inspected = inspect(&temp);
+            let staged = Staged {
                 hash: BlobHash::from_hash(hasher.finalize()),
                 len,
                 temp,
-            })
+            };
+            Ok((staged, inspected))
         });
         StagingWriter { tx, handle }
     }
@@ -413,8 +427,8 @@ impl StagingWriter {
         self.tx.send(fragment).await.is_ok()
     }
 
-    /// Waits for the last byte to be written and hashed.
-    pub async fn finish(self) -> Result<Staged, Error> {
+    /// Waits for the last byte to be written and hashed, and for `inspect`.
+    pub async fn finish(self) -> Result<(Staged, T), Error> {
         drop(self.tx);
         self.handle
             .await

@@ -11,7 +11,7 @@
 //! instances in one transaction (group commit): with several associations
 //! storing at once, they share the commit's fsync.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -314,7 +314,18 @@ fn instance_row(r: &sqlx::any::AnyRow) -> Result<InstanceRow, Error> {
     })
 }
 
+/// Patient, study and series keys the writer has recently written, by
+/// Series Instance UID, with a fingerprint of the attribute values written.
+/// An instance of a known series whose patient/study/series attributes are
+/// unchanged skips the three upserts: most instances of a study are such,
+/// and each statement is a round trip to the database.
+type HierarchyCache = HashMap<String, (i64, i64, u64)>;
+
+/// Bounds the cache; clearing it costs a few upserts, never correctness.
+const MAX_CACHED_SERIES: usize = 10_000;
+
 async fn writer_task(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
+    let mut cache = HierarchyCache::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -324,22 +335,31 @@ async fn writer_task(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
             }
         }
         let instances: Vec<&NewInstance> = batch.iter().map(|r| &r.instance).collect();
-        match write_batch(&pool, &instances).await {
+        if cache.len() > MAX_CACHED_SERIES {
+            cache.clear();
+        }
+        match write_batch(&pool, &instances, &mut cache).await {
             Ok(outcomes) => {
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = request.reply.send(Ok(outcome));
                 }
             }
             Err(batch_error) => {
+                // The rolled-back transaction may have created rows the
+                // cache now names.
+                cache.clear();
                 // One bad instance must not fail its neighbours: retry each
                 // alone, so only the one at fault gets the error.
                 if batch.len() > 1 {
                     tracing::warn!(error = %batch_error, size = batch.len(), "group commit failed; retrying one by one");
                 }
                 for request in batch {
-                    let result = write_batch(&pool, &[&request.instance])
+                    let result = write_batch(&pool, &[&request.instance], &mut cache)
                         .await
                         .map(|mut o| o.remove(0));
+                    if result.is_err() {
+                        cache.clear();
+                    }
                     let _ = request.reply.send(result);
                 }
             }
@@ -347,29 +367,57 @@ async fn writer_task(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
     }
 }
 
-async fn write_batch(pool: &AnyPool, batch: &[&NewInstance]) -> Result<Vec<StoreOutcome>, Error> {
+async fn write_batch(
+    pool: &AnyPool,
+    batch: &[&NewInstance],
+    cache: &mut HierarchyCache,
+) -> Result<Vec<StoreOutcome>, Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    let mut touched_series = BTreeSet::new();
-    let mut touched_studies = BTreeSet::new();
+    // Counts move by deltas, so concurrent writers (several node processes
+    // on one PostgreSQL) add up instead of overwriting each other.
+    let mut series_delta: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut study_delta: BTreeMap<i64, (i64, String)> = BTreeMap::new();
+    let mut new_hierarchy = BTreeSet::new();
     for instance in batch {
-        let (outcome, series_key, study_key) = write_one(&mut tx, instance).await?;
-        outcomes.push(outcome);
-        touched_series.insert(series_key);
-        touched_studies.insert(study_key);
+        let written = write_one(&mut tx, instance, cache).await?;
+        let added = i64::from(written.outcome == StoreOutcome::Stored);
+        *series_delta.entry(written.series_key).or_default() += added;
+        if written.outcome != StoreOutcome::Duplicate {
+            let entry = study_delta.entry(written.study_key).or_default();
+            entry.0 += added;
+            entry.1 = rfc3339(instance.received_at);
+        }
+        if written.hierarchy_written {
+            new_hierarchy.insert(written.study_key);
+        }
+        outcomes.push(written.outcome);
     }
-    for series_key in touched_series {
+    for (series_key, delta) in series_delta.into_iter().filter(|(_, d)| *d != 0) {
         sqlx::query(
             "UPDATE series SET number_of_series_related_instances = \
-             (SELECT COUNT(*) FROM instance WHERE series_key = $1 AND is_current = 1) \
-             WHERE series_key = $1",
+             number_of_series_related_instances + $2 WHERE series_key = $1",
         )
         .bind(series_key)
+        .bind(delta)
         .execute(&mut *tx)
         .await?;
     }
-    for study_key in touched_studies {
+    for (study_key, (delta, received_at)) in study_delta {
+        sqlx::query(
+            "UPDATE study SET number_of_study_related_instances = \
+             number_of_study_related_instances + $2, last_received_at = $3 WHERE study_key = $1",
+        )
+        .bind(study_key)
+        .bind(delta)
+        .bind(received_at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // A new series, or a series whose attributes changed, may change the
+    // study's series count and Modalities in Study.
+    for study_key in new_hierarchy {
         let modalities = sqlx::query(
             "SELECT DISTINCT modality FROM series WHERE study_key = $1 AND modality <> '' ORDER BY modality",
         )
@@ -382,10 +430,7 @@ async fn write_batch(pool: &AnyPool, batch: &[&NewInstance]) -> Result<Vec<Store
         .join("\\");
         sqlx::query(
             "UPDATE study SET modalities_in_study = $2, \
-             number_of_study_related_series = (SELECT COUNT(*) FROM series WHERE study_key = $1), \
-             number_of_study_related_instances = (SELECT COUNT(*) FROM instance i \
-               JOIN series se ON se.series_key = i.series_key \
-               WHERE se.study_key = $1 AND i.is_current = 1) \
+             number_of_study_related_series = (SELECT COUNT(*) FROM series WHERE study_key = $1) \
              WHERE study_key = $1",
         )
         .bind(study_key)
@@ -397,6 +442,43 @@ async fn write_batch(pool: &AnyPool, batch: &[&NewInstance]) -> Result<Vec<Store
     Ok(outcomes)
 }
 
+struct Written {
+    outcome: StoreOutcome,
+    series_key: i64,
+    study_key: i64,
+    /// Whether the patient/study/series rows were written (not skipped
+    /// thanks to the cache).
+    hierarchy_written: bool,
+}
+
+fn hierarchy_fingerprint(a: &InstanceAttributes) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        &a.patient_id,
+        &a.issuer_of_patient_id,
+        &a.patient_name,
+        &a.patient_birth_date,
+        &a.patient_sex,
+        &a.study_instance_uid,
+        &a.study_date,
+        &a.study_time,
+        &a.accession_number,
+        &a.study_id,
+        &a.referring_physician_name,
+        &a.study_description,
+    )
+        .hash(&mut h);
+    (
+        &a.modality,
+        a.series_number,
+        &a.series_description,
+        &a.body_part_examined,
+    )
+        .hash(&mut h);
+    h.finish()
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
@@ -404,10 +486,40 @@ fn rfc3339(t: SystemTime) -> String {
 async fn write_one(
     conn: &mut AnyConnection,
     instance: &NewInstance,
-) -> Result<(StoreOutcome, i64, i64), Error> {
+    cache: &mut HierarchyCache,
+) -> Result<Written, Error> {
     let a = &instance.attributes;
     let received_at = rfc3339(instance.received_at);
+    let fingerprint = hierarchy_fingerprint(a);
+    let (series_key, study_key, hierarchy_written) = match cache.get(&a.series_instance_uid) {
+        Some(&(series_key, study_key, known)) if known == fingerprint => {
+            (series_key, study_key, false)
+        }
+        _ => {
+            let (series_key, study_key) = write_hierarchy(conn, a, &received_at).await?;
+            cache.insert(
+                a.series_instance_uid.clone(),
+                (series_key, study_key, fingerprint),
+            );
+            (series_key, study_key, true)
+        }
+    };
+    let outcome = write_instance(conn, instance, series_key, &received_at).await?;
+    Ok(Written {
+        outcome,
+        series_key,
+        study_key,
+        hierarchy_written,
+    })
+}
 
+/// Upserts the patient, study and series rows; returns the series and
+/// study keys.
+async fn write_hierarchy(
+    conn: &mut AnyConnection,
+    a: &InstanceAttributes,
+    received_at: &str,
+) -> Result<(i64, i64), Error> {
     // Patient-level attributes follow the latest instance: corrections made
     // at the modality reach the index with the next instance sent.
     let patient_key: i64 = sqlx::query(
@@ -450,7 +562,7 @@ async fn write_one(
     .bind(&a.study_id)
     .bind(&a.referring_physician_name)
     .bind(&a.study_description)
-    .bind(&received_at)
+    .bind(received_at)
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)?;
@@ -474,7 +586,17 @@ async fn write_one(
     .fetch_one(&mut *conn)
     .await?
     .try_get(0)?;
+    Ok((series_key, study_key))
+}
 
+/// Adds the instance row, or makes a known version current again.
+async fn write_instance(
+    conn: &mut AnyConnection,
+    instance: &NewInstance,
+    series_key: i64,
+    received_at: &str,
+) -> Result<StoreOutcome, Error> {
+    let a = &instance.attributes;
     let hash_hex = instance.blob_hash.to_hex();
     let versions = sqlx::query(
         "SELECT blob_hash, version, is_current FROM instance WHERE sop_instance_uid = $1",
@@ -511,7 +633,7 @@ async fn write_one(
             )
             .bind(&a.sop_instance_uid)
             .bind(&hash_hex)
-            .bind(&received_at)
+            .bind(received_at)
             .fetch_one(&mut *conn)
             .await?;
             StoreOutcome::NewVersion {
@@ -541,7 +663,7 @@ async fn write_one(
             .bind(&hash_hex)
             .bind(instance.blob_size as i64)
             .bind(instance.calling_ae_title.as_deref())
-            .bind(&received_at)
+            .bind(received_at)
             .bind(version)
             .execute(&mut *conn)
             .await?;
@@ -552,5 +674,5 @@ async fn write_one(
             }
         }
     };
-    Ok((outcome, series_key, study_key))
+    Ok(outcome)
 }

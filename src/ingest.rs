@@ -44,9 +44,28 @@ pub struct Ingest {
     index: Index,
 }
 
+/// Data sets up to this size are collected in memory and checked, parsed
+/// and written in one step on one blocking thread; larger ones stream to a
+/// staging file as they arrive. It bounds an association's memory at this
+/// size (plus one PDU) while sparing most instances (a CT slice is 0.5 MB)
+/// the writer thread and the re-reading of their file.
+pub const IN_MEMORY_LIMIT: usize = 2 * 1024 * 1024;
+
+type Inspected = Result<part10::InstanceAttributes, part10::Error>;
+
+enum Body {
+    Memory(Vec<u8>),
+    Streaming(StagingWriter<Inspected>),
+    /// The staging writer stopped; the rest of the data set is dropped and
+    /// `finish` reports the writer's error.
+    Failed(StagingWriter<Inspected>),
+}
+
 /// An instance being received.
 pub struct Incoming {
-    writer: StagingWriter<Result<part10::InstanceAttributes, part10::Error>>,
+    prefix: Vec<u8>,
+    body: Body,
+    transfer_syntax_uid: Uid,
     sop_class_uid: Uid,
     sop_instance_uid: Uid,
     calling_ae_title: Option<String>,
@@ -54,10 +73,44 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Appends a fragment of the data set. `false` means the staging writer
-    /// failed; `Ingest::finish` then says why.
-    pub async fn write(&self, fragment: Vec<u8>) -> bool {
-        self.writer.write(fragment).await
+    /// Appends a fragment of the data set.
+    pub async fn write(&mut self, store: &BlobStore, fragment: Vec<u8>) {
+        let body = std::mem::replace(&mut self.body, Body::Memory(Vec::new()));
+        self.body = match body {
+            Body::Memory(mut buf) if buf.len() + fragment.len() <= IN_MEMORY_LIMIT => {
+                if buf.is_empty() {
+                    buf = fragment;
+                } else {
+                    buf.extend_from_slice(&fragment);
+                }
+                Body::Memory(buf)
+            }
+            Body::Memory(buf) => {
+                let meta_len = self.prefix.len() as u64;
+                let ts = self.transfer_syntax_uid.as_str().to_string();
+                // The structural check and the header parse run on the
+                // writer's thread right after the last byte.
+                let inspect = move |path: &std::path::Path| {
+                    part10::check_structure(path, meta_len, &ts)?;
+                    part10::read_attributes(path)
+                };
+                let writer = store.stage(self.prefix.clone(), inspect);
+                let body = if writer.write(buf).await && writer.write(fragment).await {
+                    Body::Streaming(writer)
+                } else {
+                    Body::Failed(writer)
+                };
+                body
+            }
+            Body::Streaming(writer) => {
+                if writer.write(fragment).await {
+                    Body::Streaming(writer)
+                } else {
+                    Body::Failed(writer)
+                }
+            }
+            failed @ Body::Failed(_) => failed,
+        };
     }
 }
 
@@ -85,16 +138,10 @@ impl Ingest {
     ) -> Incoming {
         let prefix =
             part10::file_meta_prefix(&sop_class_uid, &sop_instance_uid, &transfer_syntax_uid);
-        let meta_len = prefix.len() as u64;
-        let ts = transfer_syntax_uid.as_str().to_string();
-        // The structural check and the header parse run on the writer's
-        // thread right after the last byte: no extra hop per instance.
-        let inspect = move |path: &std::path::Path| {
-            part10::check_structure(path, meta_len, &ts)?;
-            part10::read_attributes(path)
-        };
         Incoming {
-            writer: self.store.stage(prefix, inspect),
+            prefix,
+            body: Body::Memory(Vec::new()),
+            transfer_syntax_uid,
             sop_class_uid,
             sop_instance_uid,
             calling_ae_title,
@@ -102,10 +149,31 @@ impl Ingest {
         }
     }
 
+    /// Appends a fragment of the data set to an incoming instance.
+    pub async fn write(&self, incoming: &mut Incoming, fragment: Vec<u8>) {
+        incoming.write(&self.store, fragment).await;
+    }
+
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
         let started = std::time::Instant::now();
-        let (staged, attributes) = incoming.writer.finish().await?;
+        let (staged, attributes) = match incoming.body {
+            Body::Memory(data_set) => {
+                let store = self.store.clone();
+                let prefix = incoming.prefix;
+                let ts = incoming.transfer_syntax_uid.as_str().to_string();
+                tokio::task::spawn_blocking(move || -> Result<_, Error> {
+                    part10::check_structure_bytes(&data_set, &ts).map_err(Error::Unreadable)?;
+                    let attributes = part10::read_attributes_bytes(&prefix, &data_set)
+                        .map_err(Error::Unreadable)?;
+                    let staged = store.stage_bytes(&[&prefix, &data_set])?;
+                    Ok((staged, Ok(attributes)))
+                })
+                .await
+                .map_err(|e| Error::Storage(storage::Error::Io(std::io::Error::other(e))))??
+            }
+            Body::Streaming(writer) | Body::Failed(writer) => writer.finish().await?,
+        };
         let staged_at = started.elapsed();
         let attributes = attributes.map_err(Error::Unreadable)?;
 
@@ -165,7 +233,9 @@ impl Ingest {
     /// Gives up on a data set (the peer aborted, or the request failed
     /// before its end): the staging file is removed.
     pub async fn abandon(&self, incoming: Incoming) {
-        // Dropping the staged result deletes its temporary file.
-        let _ = incoming.writer.finish().await;
+        if let Body::Streaming(writer) | Body::Failed(writer) = incoming.body {
+            // Dropping the staged result deletes its temporary file.
+            let _ = writer.finish().await;
+        }
     }
 }

@@ -229,6 +229,23 @@ pub fn check_structure(path: &Path, offset: u64, transfer_syntax_uid: &str) -> R
     }
     file.seek(io::SeekFrom::Start(offset))?;
     let reader = BufReader::with_capacity(64 * 1024, file);
+    check_structure_in(reader, total - offset, transfer_syntax_uid)
+}
+
+/// [`check_structure`] of a data set held in memory.
+pub fn check_structure_bytes(data_set: &[u8], transfer_syntax_uid: &str) -> Result<(), Error> {
+    check_structure_in(
+        io::Cursor::new(data_set),
+        data_set.len() as u64,
+        transfer_syntax_uid,
+    )
+}
+
+fn check_structure_in<R: BufRead + Seek>(
+    reader: R,
+    len: u64,
+    transfer_syntax_uid: &str,
+) -> Result<(), Error> {
     let ts = transfer_syntax_uid.trim_end_matches('\0');
     if DEFLATED.contains(&ts) {
         let inflated = BufReader::new(flate2::bufread::DeflateDecoder::new(reader));
@@ -248,7 +265,7 @@ pub fn check_structure(path: &Path, offset: u64, transfer_syntax_uid: &str) -> R
     };
     let mut source = Source {
         inner: reader,
-        remaining: Some(total - offset),
+        remaining: Some(len),
     };
     elements(&mut source, enc, false, 0)
 }
@@ -409,6 +426,22 @@ pub fn read_attributes(path: &Path) -> Result<InstanceAttributes, Error> {
         .read_until(READ_UNTIL)
         .open_file(path)
         .map_err(|e| Error::Undecodable(e.to_string()))?;
+    extract(&obj)
+}
+
+/// [`read_attributes`] of a Part-10 object held in memory as its file
+/// meta prefix (preamble included) and its data set.
+pub fn read_attributes_bytes(prefix: &[u8], data_set: &[u8]) -> Result<InstanceAttributes, Error> {
+    let after_preamble = prefix.get(128..).ok_or(Error::Truncated("no preamble"))?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .read_until(READ_UNTIL)
+        .from_reader(io::Read::chain(after_preamble, data_set))
+        .map_err(|e| Error::Undecodable(e.to_string()))?;
+    extract(&obj)
+}
+
+fn extract(obj: &dicom_object::DefaultDicomObject) -> Result<InstanceAttributes, Error> {
     let text = |tag: Tag| -> String {
         let Some(element) = obj.element_opt(tag).ok().flatten() else {
             return String::new();

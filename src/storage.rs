@@ -191,6 +191,29 @@ impl BlobStore {
         StagingWriter::start(self.staging_dir.clone(), prefix, inspect)
     }
 
+    /// Writes an object held in memory (`parts` in order) to the staging
+    /// area and hashes it. Blocking: call from a blocking thread.
+    pub fn stage_bytes(&self, parts: &[&[u8]]) -> Result<Staged, Error> {
+        let temp = tempfile::Builder::new()
+            .prefix("in-")
+            .suffix(".part")
+            .tempfile_in(&self.staging_dir)
+            .map_err(Error::Staging)?;
+        let (mut file, temp) = temp.into_parts();
+        let mut hasher = blake3::Hasher::new();
+        let mut len = 0u64;
+        for part in parts {
+            hasher.update(part);
+            file.write_all(part).map_err(Error::Staging)?;
+            len += part.len() as u64;
+        }
+        Ok(Staged {
+            hash: BlobHash::from_hash(hasher.finalize()),
+            len,
+            temp,
+        })
+    }
+
     /// Makes a staged object a blob. Returns once it is as durable as the
     /// configured durability promises.
     pub async fn publish(&self, staged: Staged) -> Result<(), Error> {

@@ -402,10 +402,10 @@ async fn on_pdv(
         }
         (State::Store(receiving), PDataValueType::Data) if receiving.pcid() == pcid => {
             if !value.is_last {
-                let receiving = receiving.append(value.data).await;
+                let receiving = receiving.append(&ctx.ingest, value.data).await;
                 return Ok(State::Store(receiving));
             }
-            let receiving = receiving.append(value.data).await;
+            let receiving = receiving.append(&ctx.ingest, value.data).await;
             let (pcid, response) = receiving.finish(&ctx.ingest, span).await;
             send_command(association, pcid, response).await?;
             Ok(State::Idle)

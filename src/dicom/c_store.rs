@@ -23,9 +23,6 @@ pub struct Receiving {
     pcid: u8,
     request: CommandSet,
     incoming: Incoming,
-    /// Set when the staging writer failed mid-stream: the rest of the data
-    /// set is read and dropped, and `finish` reports the writer's error.
-    writer_failed: bool,
 }
 
 fn refuse(request: &CommandSet, status: u16, comment: &str) -> Begin {
@@ -83,7 +80,6 @@ pub fn begin(
         pcid,
         request: request.clone(),
         incoming,
-        writer_failed: false,
     }))
 }
 
@@ -92,10 +88,8 @@ impl Receiving {
         self.pcid
     }
 
-    pub async fn append(mut self: Box<Self>, fragment: Vec<u8>) -> Box<Self> {
-        if !self.writer_failed && !self.incoming.write(fragment).await {
-            self.writer_failed = true;
-        }
+    pub async fn append(mut self: Box<Self>, ingest: &Ingest, fragment: Vec<u8>) -> Box<Self> {
+        ingest.write(&mut self.incoming, fragment).await;
         self
     }
 

@@ -11,7 +11,7 @@
 //! instances in one transaction (group commit): with several associations
 //! storing at once, they share the commit's fsync.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -375,45 +375,15 @@ async fn write_batch(
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    // Counts move by deltas, so concurrent writers (several node processes
-    // on one PostgreSQL) add up instead of overwriting each other.
-    let mut series_delta: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut study_delta: BTreeMap<i64, (i64, String)> = BTreeMap::new();
+    // Instance counts and last_received_at follow in triggers (migration
+    // 0002).
     let mut new_hierarchy = BTreeSet::new();
     for instance in batch {
         let written = write_one(&mut tx, instance, cache).await?;
-        let added = i64::from(written.outcome == StoreOutcome::Stored);
-        *series_delta.entry(written.series_key).or_default() += added;
-        if written.outcome != StoreOutcome::Duplicate {
-            let entry = study_delta.entry(written.study_key).or_default();
-            entry.0 += added;
-            entry.1 = rfc3339(instance.received_at);
-        }
         if written.hierarchy_written {
             new_hierarchy.insert(written.study_key);
         }
         outcomes.push(written.outcome);
-    }
-    for (series_key, delta) in series_delta.into_iter().filter(|(_, d)| *d != 0) {
-        sqlx::query(
-            "UPDATE series SET number_of_series_related_instances = \
-             number_of_series_related_instances + $2 WHERE series_key = $1",
-        )
-        .bind(series_key)
-        .bind(delta)
-        .execute(&mut *tx)
-        .await?;
-    }
-    for (study_key, (delta, received_at)) in study_delta {
-        sqlx::query(
-            "UPDATE study SET number_of_study_related_instances = \
-             number_of_study_related_instances + $2, last_received_at = $3 WHERE study_key = $1",
-        )
-        .bind(study_key)
-        .bind(delta)
-        .bind(received_at)
-        .execute(&mut *tx)
-        .await?;
     }
     // A new series, or a series whose attributes changed, may change the
     // study's series count and Modalities in Study.
@@ -444,7 +414,6 @@ async fn write_batch(
 
 struct Written {
     outcome: StoreOutcome,
-    series_key: i64,
     study_key: i64,
     /// Whether the patient/study/series rows were written (not skipped
     /// thanks to the cache).
@@ -507,7 +476,6 @@ async fn write_one(
     let outcome = write_instance(conn, instance, series_key, &received_at).await?;
     Ok(Written {
         outcome,
-        series_key,
         study_key,
         hierarchy_written,
     })
@@ -598,6 +566,30 @@ async fn write_instance(
 ) -> Result<StoreOutcome, Error> {
     let a = &instance.attributes;
     let hash_hex = instance.blob_hash.to_hex();
+    // The common case first, in one statement: a SOP Instance UID never
+    // seen becomes version 1, current. Any conflict (these bytes already
+    // held, or another current version) leaves the row out, and the full
+    // path below decides.
+    let inserted = sqlx::query(
+        "INSERT INTO instance (series_key, sop_instance_uid, sop_class_uid, instance_number, \
+           transfer_syntax_uid, blob_hash, blob_size, calling_ae_title, received_at, version, is_current) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, 1) \
+         ON CONFLICT DO NOTHING RETURNING instance_key",
+    )
+    .bind(series_key)
+    .bind(&a.sop_instance_uid)
+    .bind(&a.sop_class_uid)
+    .bind(a.instance_number)
+    .bind(&a.transfer_syntax_uid)
+    .bind(&hash_hex)
+    .bind(instance.blob_size as i64)
+    .bind(instance.calling_ae_title.as_deref())
+    .bind(received_at)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if inserted.is_some() {
+        return Ok(StoreOutcome::Stored);
+    }
     let versions = sqlx::query(
         "SELECT blob_hash, version, is_current FROM instance WHERE sop_instance_uid = $1",
     )

@@ -7,7 +7,8 @@
 #                     [--senders 1,4] [--corpus-dir DIR] [--work-dir DIR] [--out FILE]
 #
 # Environment: HUREN_BIN (default: <repo>/target/release/huren), DCMTK_BIN
-# (default /usr/bin), ORTHANC_BIN (default /usr/sbin/Orthanc), PYTHON (python3).
+# (default /usr/bin), ORTHANC_BIN (default /usr/sbin/Orthanc), PYTHON (python3),
+# SQLITE3 (default sqlite3; counts what huren stored).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -63,6 +64,7 @@ STORESCU="$DCMTK_BIN/storescu"
 ECHOSCU="$DCMTK_BIN/echoscu"
 ORTHANC_BIN="${ORTHANC_BIN:-/usr/sbin/Orthanc}"
 HUREN_BIN="${HUREN_BIN:-$repo/target/release/huren}"
+SQLITE3="${SQLITE3:-sqlite3}"
 # Debian's dcmtk leaves Nagle on: without this every C-STORE waits ~40 ms.
 export TCP_NODELAY=1
 
@@ -84,6 +86,10 @@ for s in "${servers[@]}"; do
     esac
 done
 [[ ${#active[@]} -gt 0 ]] || { echo "no server to measure" >&2; exit 1; }
+# huren's stored count is read from its SQLite index.
+if [[ " ${active[*]} " == *" huren-"* ]]; then
+    command -v "$SQLITE3" >/dev/null || { echo "missing $SQLITE3 (apt-get install sqlite3)" >&2; exit 1; }
+fi
 
 suffix=""; [[ $quick == 1 ]] && suffix="-quick"
 mkdir -p "$corpus_dir" "$work_dir"
@@ -212,6 +218,10 @@ stored_count() {
         orthanc) curl -sf "http://127.0.0.1:$http_port/statistics" \
                     | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])' \
                     2>/dev/null || echo "" ;;
+        # default SQLite index at <data-dir>/index.sqlite; "?" (a failed run)
+        # when it cannot be read
+        huren-*) "$SQLITE3" "$data/index.sqlite" \
+                    'select count(*) from instance where is_current = 1' 2>/dev/null || echo "?" ;;
         *) echo "" ;;
     esac
 }

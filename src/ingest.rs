@@ -95,12 +95,11 @@ impl Incoming {
                     part10::read_attributes(path)
                 };
                 let writer = store.stage(self.prefix.clone(), inspect);
-                let body = if writer.write(buf).await && writer.write(fragment).await {
+                if writer.write(buf).await && writer.write(fragment).await {
                     Body::Streaming(writer)
                 } else {
                     Body::Failed(writer)
-                };
-                body
+                }
             }
             Body::Streaming(writer) => {
                 if writer.write(fragment).await {

@@ -35,6 +35,7 @@ on_both_backends!(
     changed_instance_keeps_both_versions,
     bad_input_is_refused_and_the_node_keeps_serving,
     eight_parallel_storescu_senders,
+    large_instances_stream_to_storage,
 );
 
 /// Sends the samples with storescu, one run per transfer syntax (storescu
@@ -443,5 +444,52 @@ async fn eight_parallel_storescu_senders(backend: Backend) {
         node.ingest.index().all_instances().await.unwrap().len(),
         1600
     );
+    node.stop().await;
+}
+
+/// Instances above the in-memory limit stream through a staging file (and,
+/// on S3, a multipart upload); truncation is still caught, and refusing it
+/// leaves nothing behind.
+async fn large_instances_stream_to_storage(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let big = node.dir.path().join("big.dcm");
+    let made =
+        support::tool_async(vec!["big".into(), big.display().to_string(), "24".into()]).await;
+    let uid = made[0]["sop_instance_uid"].as_str().unwrap().to_string();
+    assert!(made[0]["bytes"].as_u64().unwrap() > 16 * 1024 * 1024);
+    let output = support::storescu(node.dicom_addr, vec![], vec![big.display().to_string()]).await;
+    assert!(output.status.success(), "{}", support::text(&output));
+    support::assert_stored(&node.ingest, &big, &uid).await;
+
+    let cut = node.dir.path().join("cut.dcm");
+    let made = support::tool_async(vec![
+        "big".into(),
+        cut.display().to_string(),
+        "6".into(),
+        "1000".into(),
+    ])
+    .await;
+    let cut_uid = made[0]["sop_instance_uid"].as_str().unwrap().to_string();
+    let lines = support::tool_async(vec![
+        "send".into(),
+        node.host(),
+        node.port().to_string(),
+        cut.display().to_string(),
+    ])
+    .await;
+    assert_eq!(lines[0]["status"], 0xC000, "{}", lines[0]);
+    assert!(
+        node.ingest
+            .index()
+            .instance_versions(&cut_uid)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(node.ingest.store().list().await.unwrap().len(), 1);
+    let staging = std::fs::read_dir(node.ingest.store().staging_dir())
+        .unwrap()
+        .count();
+    assert_eq!(staging, 0, "no staging file left behind");
     node.stop().await;
 }

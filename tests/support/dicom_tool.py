@@ -204,6 +204,33 @@ def gen(outdir, count, seed):
     out(study_instance_uid=study, count=int(count))
 
 
+def big(path, megabytes, truncate_by="0"):
+    """One multi-frame Secondary Capture instance of about MEGABYTES MB of
+    pixel data (written frame by frame, never whole in memory), optionally
+    with its last TRUNCATE_BY bytes cut off."""
+    frame = 512 * 512 * 2
+    frames = max(1, int(float(megabytes) * 1_000_000) // frame)
+    uid = generate_uid()
+    ds = small_image(uid, generate_uid(), generate_uid(), patient_id="BIG")
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 512, 512, frames
+    del ds.PixelData
+    head = encode(ds)
+    # Pixel Data (7FE0,0010) OW with its explicit length, then the frames.
+    length = frames * frame
+    element = b"\xe0\x7f\x10\x00OW\x00\x00" + length.to_bytes(4, "little")
+    write_part10(path, ds.SOPClassUID, uid, head + element)
+    with open(path, "ab") as f:
+        chunk = bytes(range(256)) * (frame // 256)
+        for _ in range(frames):
+            f.write(chunk)
+    cut = int(truncate_by)
+    if cut:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - cut)
+    out(file=str(path), sop_instance_uid=uid, bytes=os.path.getsize(path))
+
+
 def modify(src, dest):
     ds = dcmread(src)
     ds.StudyDescription = (str(ds.get("StudyDescription", "")) + " CORRECTED")[:64]
@@ -318,6 +345,8 @@ def main():
         echo(*args)
     elif cmd == "gen":
         gen(*args)
+    elif cmd == "big":
+        big(*args)
     elif cmd == "modify":
         modify(*args)
     elif cmd == "compare":

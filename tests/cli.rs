@@ -243,10 +243,7 @@ async fn verify_finds_corrupt_missing_and_orphaned_blobs_and_reindexes() {
 
     let blob_path = |h: &BlobHash| {
         let hex = h.to_hex();
-        data.join("blobs")
-            .join(&hex[..2])
-            .join(&hex[2..4])
-            .join(&hex)
+        data.join("blobs").join(&hex[..2]).join(&hex)
     };
     // Corrupt one blob, delete another, plant an orphan.
     let corrupt = blob_path(&rows[0].blob_hash);

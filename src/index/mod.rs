@@ -373,6 +373,23 @@ async fn write_batch(
     cache: &mut HierarchyCache,
 ) -> Result<Vec<StoreOutcome>, Error> {
     let mut conn = pool.acquire().await?;
+    // One instance of a series already written, as one sender makes them:
+    // the new-instance INSERT alone is atomic (its trigger runs in the
+    // same implicit transaction), so BEGIN and COMMIT, two more round trips
+    // to the database, are spared. Anything else takes the full path.
+    if let [instance] = batch
+        && let Some(&(series_key, _, known)) = cache.get(&instance.attributes.series_instance_uid)
+        && known == hierarchy_fingerprint(&instance.attributes)
+        && insert_new(
+            &mut conn,
+            instance,
+            series_key,
+            &rfc3339(instance.received_at),
+        )
+        .await?
+    {
+        return Ok(vec![StoreOutcome::Stored]);
+    }
     let mut tx = conn.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     // Instance counts and last_received_at follow in triggers (migration
@@ -564,32 +581,11 @@ async fn write_instance(
     series_key: i64,
     received_at: &str,
 ) -> Result<StoreOutcome, Error> {
-    let a = &instance.attributes;
-    let hash_hex = instance.blob_hash.to_hex();
-    // The common case first, in one statement: a SOP Instance UID never
-    // seen becomes version 1, current. Any conflict (these bytes already
-    // held, or another current version) leaves the row out, and the full
-    // path below decides.
-    let inserted = sqlx::query(
-        "INSERT INTO instance (series_key, sop_instance_uid, sop_class_uid, instance_number, \
-           transfer_syntax_uid, blob_hash, blob_size, calling_ae_title, received_at, version, is_current) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, 1) \
-         ON CONFLICT DO NOTHING RETURNING instance_key",
-    )
-    .bind(series_key)
-    .bind(&a.sop_instance_uid)
-    .bind(&a.sop_class_uid)
-    .bind(a.instance_number)
-    .bind(&a.transfer_syntax_uid)
-    .bind(&hash_hex)
-    .bind(instance.blob_size as i64)
-    .bind(instance.calling_ae_title.as_deref())
-    .bind(received_at)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if inserted.is_some() {
+    if insert_new(conn, instance, series_key, received_at).await? {
         return Ok(StoreOutcome::Stored);
     }
+    let a = &instance.attributes;
+    let hash_hex = instance.blob_hash.to_hex();
     let versions = sqlx::query(
         "SELECT blob_hash, version, is_current FROM instance WHERE sop_instance_uid = $1",
     )
@@ -667,4 +663,35 @@ async fn write_instance(
         }
     };
     Ok(outcome)
+}
+
+/// The common case in one statement: a SOP Instance UID never seen becomes
+/// version 1, current. Any conflict (these bytes already held, or another
+/// current version) leaves the row out and returns `false`, and the caller
+/// takes the version path.
+async fn insert_new(
+    conn: &mut AnyConnection,
+    instance: &NewInstance,
+    series_key: i64,
+    received_at: &str,
+) -> Result<bool, Error> {
+    let a = &instance.attributes;
+    let inserted = sqlx::query(
+        "INSERT INTO instance (series_key, sop_instance_uid, sop_class_uid, instance_number, \
+           transfer_syntax_uid, blob_hash, blob_size, calling_ae_title, received_at, version, is_current) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, 1) \
+         ON CONFLICT DO NOTHING RETURNING instance_key",
+    )
+    .bind(series_key)
+    .bind(&a.sop_instance_uid)
+    .bind(&a.sop_class_uid)
+    .bind(a.instance_number)
+    .bind(&a.transfer_syntax_uid)
+    .bind(instance.blob_hash.to_hex())
+    .bind(instance.blob_size as i64)
+    .bind(instance.calling_ae_title.as_deref())
+    .bind(received_at)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(inserted.is_some())
 }

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::index::{self, Index, NewInstance, StoreOutcome};
 use crate::part10;
-use crate::storage::{self, BlobStore, StagingWriter};
+use crate::storage::{self, BlobStore, InlineStage, StagingWriter};
 use crate::types::{BlobHash, Uid};
 
 /// Why an instance was not stored, in the node's own terms; each edge maps
@@ -44,21 +44,30 @@ pub struct Ingest {
     index: Index,
 }
 
-/// Data sets up to this size are collected in memory and checked, parsed
-/// and written in one step on one blocking thread; larger ones stream to a
-/// staging file as they arrive. It bounds an association's memory at this
-/// size (plus one PDU) while sparing most instances (a CT slice is 0.5 MB)
-/// the writer thread and the re-reading of their file.
+/// Data sets up to this size are also kept in memory while they are written
+/// to staging, so that checking and parsing them needs no re-reading; past
+/// it, writing moves to a dedicated thread (overlapping with receiving) and
+/// the check and parse read the staged file. It bounds an association's
+/// memory at this size plus one PDU; a CT slice (0.5 MB) stays under it.
 pub const IN_MEMORY_LIMIT: usize = 2 * 1024 * 1024;
 
 type Inspected = Result<part10::InstanceAttributes, part10::Error>;
 
 enum Body {
-    Memory(Vec<u8>),
+    /// No fragment yet.
+    Empty,
+    /// Written to staging from the association's own thread, fragment by
+    /// fragment as it arrives (while the peer is still sending), with a
+    /// copy in memory.
+    Inline {
+        stage: InlineStage,
+        copy: Vec<u8>,
+    },
     Streaming(StagingWriter<Inspected>),
     /// The staging writer stopped; the rest of the data set is dropped and
     /// `finish` reports the writer's error.
     Failed(StagingWriter<Inspected>),
+    FailedInline(storage::Error),
 }
 
 /// An instance being received.
@@ -74,28 +83,54 @@ pub struct Incoming {
 
 impl Incoming {
     /// Appends a fragment of the data set.
-    pub async fn write(&mut self, store: &BlobStore, fragment: Vec<u8>) {
-        let body = std::mem::replace(&mut self.body, Body::Memory(Vec::new()));
+    async fn write(&mut self, store: &BlobStore, fragment: Vec<u8>) {
+        let body = std::mem::replace(&mut self.body, Body::Empty);
         self.body = match body {
-            Body::Memory(mut buf) if buf.len() + fragment.len() <= IN_MEMORY_LIMIT => {
-                if buf.is_empty() {
-                    buf = fragment;
-                } else {
-                    buf.extend_from_slice(&fragment);
+            Body::Empty => match tokio::task::block_in_place(|| store.stage_inline(&self.prefix)) {
+                Ok(stage) => {
+                    let body = Body::Inline {
+                        stage,
+                        copy: Vec::new(),
+                    };
+                    Self::append(body, &self.prefix, &self.transfer_syntax_uid, fragment).await
                 }
-                Body::Memory(buf)
+                Err(e) => Body::FailedInline(e),
+            },
+            body => Self::append(body, &self.prefix, &self.transfer_syntax_uid, fragment).await,
+        };
+    }
+
+    async fn append(body: Body, prefix: &[u8], ts: &Uid, fragment: Vec<u8>) -> Body {
+        match body {
+            Body::Inline {
+                mut stage,
+                mut copy,
+            } if copy.len() + fragment.len() <= IN_MEMORY_LIMIT => {
+                // A 64 KiB write to the page cache and its hash: shorter than
+                // a hop to another thread would be.
+                match tokio::task::block_in_place(|| stage.write(&fragment)) {
+                    Ok(()) => {
+                        if copy.is_empty() {
+                            copy = fragment;
+                        } else {
+                            copy.extend_from_slice(&fragment);
+                        }
+                        Body::Inline { stage, copy }
+                    }
+                    Err(e) => Body::FailedInline(storage::Error::Staging(e)),
+                }
             }
-            Body::Memory(buf) => {
-                let meta_len = self.prefix.len() as u64;
-                let ts = self.transfer_syntax_uid.as_str().to_string();
+            Body::Inline { stage, .. } => {
+                let meta_len = prefix.len() as u64;
+                let ts = ts.as_str().to_string();
                 // The structural check and the header parse run on the
                 // writer's thread right after the last byte.
                 let inspect = move |path: &std::path::Path| {
                     part10::check_structure(path, meta_len, &ts)?;
                     part10::read_attributes(path)
                 };
-                let writer = store.stage(self.prefix.clone(), inspect);
-                if writer.write(buf).await && writer.write(fragment).await {
+                let writer = stage.into_writer(inspect);
+                if writer.write(fragment).await {
                     Body::Streaming(writer)
                 } else {
                     Body::Failed(writer)
@@ -108,8 +143,8 @@ impl Incoming {
                     Body::Failed(writer)
                 }
             }
-            failed @ Body::Failed(_) => failed,
-        };
+            other => other,
+        }
     }
 }
 
@@ -139,7 +174,7 @@ impl Ingest {
             part10::file_meta_prefix(&sop_class_uid, &sop_instance_uid, &transfer_syntax_uid);
         Incoming {
             prefix,
-            body: Body::Memory(Vec::new()),
+            body: Body::Empty,
             transfer_syntax_uid,
             sop_class_uid,
             sop_instance_uid,
@@ -157,20 +192,29 @@ impl Ingest {
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
         let started = std::time::Instant::now();
         let (staged, attributes) = match incoming.body {
-            Body::Memory(data_set) => {
-                let store = self.store.clone();
+            Body::Empty => {
                 let prefix = incoming.prefix;
                 let ts = incoming.transfer_syntax_uid.as_str().to_string();
-                tokio::task::spawn_blocking(move || -> Result<_, Error> {
-                    part10::check_structure_bytes(&data_set, &ts).map_err(Error::Unreadable)?;
-                    let attributes = part10::read_attributes_bytes(&prefix, &data_set)
-                        .map_err(Error::Unreadable)?;
-                    let staged = store.stage_bytes(&[&prefix, &data_set])?;
-                    Ok((staged, Ok(attributes)))
-                })
-                .await
-                .map_err(|e| Error::Storage(storage::Error::Io(std::io::Error::other(e))))??
+                tokio::task::block_in_place(|| -> Result<_, Error> {
+                    part10::check_structure_bytes(&[], &ts).map_err(Error::Unreadable)?;
+                    let attributes =
+                        part10::read_attributes_bytes(&prefix, &[]).map_err(Error::Unreadable)?;
+                    Ok((self.store.stage_inline(&prefix)?.finish(), Ok(attributes)))
+                })?
             }
+            Body::Inline { stage, copy } => {
+                let prefix = incoming.prefix;
+                let ts = incoming.transfer_syntax_uid.as_str().to_string();
+                // In place (block_in_place), not on the blocking pool: a
+                // thread hop per instance costs more than this step.
+                tokio::task::block_in_place(move || -> Result<_, Error> {
+                    part10::check_structure_bytes(&copy, &ts).map_err(Error::Unreadable)?;
+                    let attributes =
+                        part10::read_attributes_bytes(&prefix, &copy).map_err(Error::Unreadable)?;
+                    Ok((stage.finish(), Ok(attributes)))
+                })?
+            }
+            Body::FailedInline(e) => return Err(Error::Storage(e)),
             Body::Streaming(writer) | Body::Failed(writer) => writer.finish().await?,
         };
         let staged_at = started.elapsed();

@@ -185,40 +185,24 @@ impl BlobStore {
         }
     }
 
-    /// Starts writing a new object into the staging area from a dedicated
-    /// blocking thread; the caller feeds it fragments in order. Once the
-    /// last byte is written, `inspect` runs on the same thread with the
-    /// staged file's path (the file is still in the page cache, and no
-    /// further thread hop is paid); its result comes back from `finish`.
-    pub fn stage<T: Send + 'static>(
-        &self,
-        prefix: Vec<u8>,
-        inspect: impl FnOnce(&Path) -> T + Send + 'static,
-    ) -> StagingWriter<T> {
-        StagingWriter::start(self.staging_dir.clone(), prefix, inspect)
-    }
-
-    /// Writes an object held in memory (`parts` in order) to the staging
-    /// area and hashes it. Blocking: call from a blocking thread.
-    pub fn stage_bytes(&self, parts: &[&[u8]]) -> Result<Staged, Error> {
+    /// Starts a new object in the staging area, written from the calling
+    /// thread (blocking: call it in `block_in_place` or a blocking task) and
+    /// hashed as it goes. `prefix` is its first bytes.
+    pub fn stage_inline(&self, prefix: &[u8]) -> Result<InlineStage, Error> {
         let temp = tempfile::Builder::new()
             .prefix("in-")
             .suffix(".part")
             .tempfile_in(&self.staging_dir)
             .map_err(Error::Staging)?;
-        let (mut file, temp) = temp.into_parts();
-        let mut hasher = blake3::Hasher::new();
-        let mut len = 0u64;
-        for part in parts {
-            hasher.update(part);
-            file.write_all(part).map_err(Error::Staging)?;
-            len += part.len() as u64;
-        }
-        Ok(Staged {
-            hash: BlobHash::from_hash(hasher.finalize()),
-            len,
+        let (file, temp) = temp.into_parts();
+        let mut stage = InlineStage {
+            file,
             temp,
-        })
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        };
+        stage.write(prefix).map_err(Error::Staging)?;
+        Ok(stage)
     }
 
     /// Makes a staged object a blob. Returns once it is as durable as the
@@ -422,24 +406,65 @@ pub struct StagingWriter<T> {
 /// Fragments in flight between the association and its writer thread.
 const STAGING_QUEUE: usize = 16;
 
+/// An object being written into the staging area by its caller's thread.
+pub struct InlineStage {
+    file: std::fs::File,
+    temp: tempfile::TempPath,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl InlineStage {
+    /// Appends bytes (blocking).
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(bytes);
+        self.file.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The complete object. No flush is needed: every write went straight
+    /// to the operating system.
+    pub fn finish(self) -> Staged {
+        Staged {
+            hash: BlobHash::from_hash(self.hasher.finalize()),
+            len: self.len,
+            temp: self.temp,
+        }
+    }
+
+    /// Hands the rest of the object to a dedicated writer thread: for large
+    /// instances, writing then overlaps with receiving.
+    pub fn into_writer<T: Send + 'static>(
+        self,
+        inspect: impl FnOnce(&Path) -> T + Send + 'static,
+    ) -> StagingWriter<T> {
+        StagingWriter::start(self, inspect)
+    }
+}
+
 impl<T: Send + 'static> StagingWriter<T> {
     fn start(
-        dir: PathBuf,
-        prefix: Vec<u8>,
+        stage: InlineStage,
         inspect: impl FnOnce(&Path) -> T + Send + 'static,
     ) -> StagingWriter<T> {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STAGING_QUEUE);
         let handle = tokio::task::spawn_blocking(move || {
-            let temp = tempfile::Builder::new()
-                .prefix("in-")
-                .suffix(".part")
-                .tempfile_in(&dir)?;
-            let (file, temp) = temp.into_parts();
+            let InlineStage {
+                file,
+                temp,
+                mut hasher,
+                mut len,
+            } = stage;
             let mut writer = BufWriter::with_capacity(256 * 1024, file);
-            let mut hasher = blake3::Hasher::new();
-            let mut len = prefix.len() as u64;
-            hasher.update(&prefix);
-            writer.write_all(&prefix)?;
             while let Some(fragment) = rx.blocking_recv() {
                 hasher.update(&fragment);
                 writer.write_all(&fragment)?;

@@ -60,7 +60,8 @@ enum Body {
     /// fragment as it arrives (while the peer is still sending), with a
     /// copy in memory.
     Inline {
-        stage: InlineStage,
+        // Boxed: the hasher's state is kilobytes, the other variants words.
+        stage: Box<InlineStage>,
         copy: Vec<u8>,
     },
     Streaming(StagingWriter<Inspected>),
@@ -89,7 +90,7 @@ impl Incoming {
             Body::Empty => match tokio::task::block_in_place(|| store.stage_inline(&self.prefix)) {
                 Ok(stage) => {
                     let body = Body::Inline {
-                        stage,
+                        stage: Box::new(stage),
                         copy: Vec::new(),
                     };
                     Self::append(body, &self.prefix, &self.transfer_syntax_uid, fragment).await
@@ -129,7 +130,7 @@ impl Incoming {
                     part10::check_structure(path, meta_len, &ts)?;
                     part10::read_attributes(path)
                 };
-                let writer = stage.into_writer(inspect);
+                let writer = (*stage).into_writer(inspect);
                 if writer.write(fragment).await {
                     Body::Streaming(writer)
                 } else {
@@ -211,7 +212,7 @@ impl Ingest {
                     part10::check_structure_bytes(&copy, &ts).map_err(Error::Unreadable)?;
                     let attributes =
                         part10::read_attributes_bytes(&prefix, &copy).map_err(Error::Unreadable)?;
-                    Ok((stage.finish(), Ok(attributes)))
+                    Ok(((*stage).finish(), Ok(attributes)))
                 })?
             }
             Body::FailedInline(e) => return Err(Error::Storage(e)),

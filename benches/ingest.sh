@@ -111,6 +111,7 @@ cleanup() {
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
+    rm -rf "$work_dir/run-$stamp"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -234,8 +235,11 @@ measure() {
     files=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["files"])' "$corpus_dir/$corpus.json")
     bytes=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["bytes"])' "$corpus_dir/$corpus.json")
     local tag="$run-$corpus-$nsend-$name"
-    local rundir="$work_dir/run-$stamp"
-    rm -rf "$rundir"
+    # Every measurement gets its own directory, and none is deleted until the
+    # whole benchmark ends: ext4 skips inodes deleted in the last ~30 s when
+    # it allocates new ones (recently_deleted), so deleting a run's files
+    # would slow whichever server creates files next.
+    local rundir="$work_dir/run-$stamp/$tag"
     mkdir -p "$rundir/data"
     local status=ok secs=0 rss=0
     if ! start_server "$name" "$corpus" "$rundir/data" "$logs/$tag.server.log"; then
@@ -277,7 +281,6 @@ measure() {
         "$run" "$corpus" "$nsend" "$name" "$status" "$files" "$bytes" "$secs" "$rss" >>"$raw"
     printf 'ingest: run %s %-10s senders=%s %-14s %-12s %6ss  %s instances  peak RSS %s MB\n' \
         "$run" "$corpus" "$nsend" "$name" "$status" "$secs" "$files" "$(( rss / 1024 ))" >&2
-    rm -rf "$rundir"
     sync
 }
 

@@ -197,7 +197,7 @@ pub struct NodeArgs {
     pub max_associations: Option<usize>,
 
     /// Largest P-DATA-TF PDU a peer may send us; also bounds the memory one
-    /// association buffers [default: 65536]
+    /// association buffers [default: 131072, the most dcmtk sends]
     #[arg(long, env = "HUREN_MAX_PDU_LENGTH")]
     pub max_pdu_length: Option<u32>,
 
@@ -259,7 +259,7 @@ impl NodeConfig {
             data_dir,
             storage: StorageConfig::default(),
             max_associations: 64,
-            max_pdu_length: 65536,
+            max_pdu_length: 131072,
             artim_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             durability: Durability::Full,

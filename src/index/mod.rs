@@ -12,6 +12,7 @@
 //! storing at once, they share the commit's fsync.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -108,6 +109,11 @@ pub struct Index {
     pool: AnyPool,
     dialect: Dialect,
     writer: mpsc::Sender<WriteRequest>,
+    /// Held by whoever writes: the writer task for a batch, or a caller
+    /// taking the direct path. One writer at a time is what SQLite allows
+    /// anyway, and contending writers would wait in its busy handler's
+    /// sleeps instead of queueing here.
+    write_lock: Arc<tokio::sync::Mutex<HierarchyCache>>,
 }
 
 impl Index {
@@ -174,11 +180,13 @@ impl Index {
             Dialect::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
         }
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(writer_task(pool.clone(), rx));
+        let write_lock = Arc::new(tokio::sync::Mutex::new(HierarchyCache::new()));
+        tokio::spawn(writer_task(pool.clone(), rx, write_lock.clone()));
         Ok(Index {
             pool,
             dialect,
             writer: tx,
+            write_lock,
         })
     }
 
@@ -189,6 +197,26 @@ impl Index {
     /// Indexes an instance whose blob is already durable. Returns after the
     /// transaction holding it has committed.
     pub async fn store(&self, instance: NewInstance) -> Result<StoreOutcome, Error> {
+        // Direct path: nobody else is writing and the instance is new in a
+        // series already written; then one INSERT on the caller's task
+        // spares the two task hops through the writer. Under contention
+        // the writer task batches instead (group commit).
+        if let Ok(mut cache) = self.write_lock.try_lock()
+            && let Some(&(series_key, _, known)) =
+                cache.get(&instance.attributes.series_instance_uid)
+            && known == hierarchy_fingerprint(&instance.attributes)
+        {
+            let mut conn = self.pool.acquire().await?;
+            let received_at = rfc3339(instance.received_at);
+            match insert_new(&mut conn, &instance, series_key, &received_at).await {
+                Ok(true) => return Ok(StoreOutcome::Stored),
+                Ok(false) => {}
+                Err(e) => {
+                    cache.clear();
+                    return Err(e);
+                }
+            }
+        }
         let (reply, wait) = oneshot::channel();
         self.writer
             .send(WriteRequest { instance, reply })
@@ -324,9 +352,13 @@ type HierarchyCache = HashMap<String, (i64, i64, u64)>;
 /// Bounds the cache; clearing it costs a few upserts, never correctness.
 const MAX_CACHED_SERIES: usize = 10_000;
 
-async fn writer_task(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut cache = HierarchyCache::new();
+async fn writer_task(
+    pool: AnyPool,
+    mut rx: mpsc::Receiver<WriteRequest>,
+    write_lock: Arc<tokio::sync::Mutex<HierarchyCache>>,
+) {
     while let Some(first) = rx.recv().await {
+        let mut cache = write_lock.lock().await;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -338,7 +370,8 @@ async fn writer_task(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
         if cache.len() > MAX_CACHED_SERIES {
             cache.clear();
         }
-        match write_batch(&pool, &instances, &mut cache).await {
+        let cache = &mut *cache;
+        match write_batch(&pool, &instances, cache).await {
             Ok(outcomes) => {
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = request.reply.send(Ok(outcome));
@@ -354,7 +387,7 @@ async fn writer_task(pool: AnyPool, mut rx: mpsc::Receiver<WriteRequest>) {
                     tracing::warn!(error = %batch_error, size = batch.len(), "group commit failed; retrying one by one");
                 }
                 for request in batch {
-                    let result = write_batch(&pool, &[&request.instance], &mut cache)
+                    let result = write_batch(&pool, &[&request.instance], cache)
                         .await
                         .map(|mut o| o.remove(0));
                     if result.is_err() {

@@ -141,6 +141,8 @@ struct FileConfig {
     ae_title: Option<String>,
     dicom_listen: Option<SocketAddr>,
     http_listen: Option<SocketAddr>,
+    dicom_port: Option<u16>,
+    http_port: Option<u16>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     max_associations: Option<usize>,
@@ -175,6 +177,15 @@ pub struct NodeArgs {
     /// HTTP listen address (health, metrics; later DICOMweb) [default: 0.0.0.0:8080]
     #[arg(long, env = "HUREN_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+
+    /// DICOM port, keeping the listen address's IP (shorthand for
+    /// --dicom-listen 0.0.0.0:PORT)
+    #[arg(long, env = "HUREN_DICOM_PORT")]
+    pub dicom_port: Option<u16>,
+
+    /// HTTP port, keeping the listen address's IP
+    #[arg(long, env = "HUREN_HTTP_PORT")]
+    pub http_port: Option<u16>,
 
     /// Directory for the SQLite index, the local blob store and the staging
     /// area [default: ./huren-data]
@@ -320,6 +331,12 @@ impl NodeArgs {
         if let Some(addr) = self.http_listen.or(file.http_listen) {
             config.http_listen = addr;
         }
+        if let Some(port) = self.dicom_port.or(file.dicom_port) {
+            config.dicom_listen.set_port(port);
+        }
+        if let Some(port) = self.http_port.or(file.http_port) {
+            config.http_listen.set_port(port);
+        }
         if let Some(url) = self.database_url.clone().or(file.database_url) {
             config.database_url = url;
         }
@@ -421,11 +438,13 @@ root = "/srv/blobs"
         let args = NodeArgs {
             config: Some(path),
             ae_title: Some("FROMFLAG".into()),
+            dicom_port: Some(4242),
             ..NodeArgs::default()
         };
         let config = args.resolve().unwrap();
         assert_eq!(config.ae_title.as_str(), "FROMFLAG");
         assert_eq!(config.max_associations, 8);
+        assert_eq!(config.dicom_listen, "0.0.0.0:4242".parse().unwrap());
         assert_eq!(config.durability, Durability::Relaxed);
         assert_eq!(config.database_url, "sqlite:///srv/huren/index.sqlite");
         assert_eq!(

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::index::{self, Index, NewInstance, StoreOutcome};
 use crate::part10;
-use crate::storage::{self, BlobStore, InlineStage, StagingWriter};
+use crate::storage::{self, BlobStore, InlineStage, StagingWriter, run_short_blocking};
 use crate::types::{BlobHash, Uid};
 
 /// Why an instance was not stored, in the node's own terms; each edge maps
@@ -87,7 +87,7 @@ impl Incoming {
     async fn write(&mut self, store: &BlobStore, fragment: Vec<u8>) {
         let body = std::mem::replace(&mut self.body, Body::Empty);
         self.body = match body {
-            Body::Empty => match tokio::task::block_in_place(|| store.stage_inline(&self.prefix)) {
+            Body::Empty => match run_short_blocking(|| store.stage_inline(&self.prefix)) {
                 Ok(stage) => {
                     let body = Body::Inline {
                         stage: Box::new(stage),
@@ -107,9 +107,9 @@ impl Incoming {
                 mut stage,
                 mut copy,
             } if copy.len() + fragment.len() <= IN_MEMORY_LIMIT => {
-                // A 64 KiB write to the page cache and its hash: shorter than
-                // a hop to another thread would be.
-                match tokio::task::block_in_place(|| stage.write(&fragment)) {
+                // A fragment's write to the page cache and its hash: shorter
+                // than a hop to another thread would be.
+                match run_short_blocking(|| stage.write(&fragment)) {
                     Ok(()) => {
                         if copy.is_empty() {
                             copy = fragment;
@@ -196,7 +196,7 @@ impl Ingest {
             Body::Empty => {
                 let prefix = incoming.prefix;
                 let ts = incoming.transfer_syntax_uid.as_str().to_string();
-                tokio::task::block_in_place(|| -> Result<_, Error> {
+                run_short_blocking(|| -> Result<_, Error> {
                     part10::check_structure_bytes(&[], &ts).map_err(Error::Unreadable)?;
                     let attributes =
                         part10::read_attributes_bytes(&prefix, &[]).map_err(Error::Unreadable)?;
@@ -206,9 +206,9 @@ impl Ingest {
             Body::Inline { stage, copy } => {
                 let prefix = incoming.prefix;
                 let ts = incoming.transfer_syntax_uid.as_str().to_string();
-                // In place (block_in_place), not on the blocking pool: a
-                // thread hop per instance costs more than this step.
-                tokio::task::block_in_place(move || -> Result<_, Error> {
+                // On this thread (see run_short_blocking): a thread hop per
+                // instance costs more than this step.
+                run_short_blocking(move || -> Result<_, Error> {
                     part10::check_structure_bytes(&copy, &ts).map_err(Error::Unreadable)?;
                     let attributes =
                         part10::read_attributes_bytes(&prefix, &copy).map_err(Error::Unreadable)?;

@@ -160,6 +160,11 @@ impl Index {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute(synchronous).await?;
                             conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            // A checkpoint runs inside whichever commit crosses
+                            // the threshold, adding its writes and fsync to that
+                            // instance's acknowledgement; fewer, larger ones
+                            // (40 MB of WAL) cost the ingest path less.
+                            conn.execute("PRAGMA wal_autocheckpoint = 10000").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
                             Ok(())
                         })

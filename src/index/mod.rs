@@ -155,6 +155,11 @@ impl Index {
                 };
                 AnyPoolOptions::new()
                     .max_connections(4)
+                    // sqlx pings a connection before each acquire by default:
+                    // one more round trip per instance to the SQLite worker
+                    // thread. A broken connection surfaces as the query's own
+                    // error instead.
+                    .test_before_acquire(false)
                     .after_connect(move |conn, _| {
                         Box::pin(async move {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
@@ -175,6 +180,8 @@ impl Index {
             Dialect::Postgres => {
                 AnyPoolOptions::new()
                     .max_connections(16)
+                    // No ping per acquire: a network round trip per instance.
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(30))
                     .connect_with(options)
                     .await?

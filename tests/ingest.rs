@@ -72,12 +72,7 @@ async fn sample_studies_via_storescu(backend: Backend) {
     );
     for s in &samples {
         support::assert_stored(&node.ingest, &s.path, &s.sop_instance_uid).await;
-        let versions = node
-            .ingest
-            .index()
-            .instance_versions(&s.sop_instance_uid)
-            .await
-            .unwrap();
+        let versions = node.versions(&s.sop_instance_uid).await;
         assert_eq!(versions.len(), 1);
         let row = &versions[0];
         assert!(row.is_current);
@@ -220,7 +215,7 @@ async fn pydicom_test_set_via_storescu(backend: Backend) {
             continue;
         }
         let uid = l["sop_instance_uid"].as_str().unwrap();
-        let versions = node.ingest.index().instance_versions(uid).await.unwrap();
+        let versions = node.versions(uid).await;
         assert!(!versions.is_empty(), "{file} not stored");
         pairs.push_str(file);
         for v in versions {
@@ -284,12 +279,7 @@ async fn changed_instance_keeps_both_versions(backend: Backend) {
     .await;
     support::pynetdicom_send(&node, std::slice::from_ref(&changed)).await;
 
-    let versions = node
-        .ingest
-        .index()
-        .instance_versions(&sample.sop_instance_uid)
-        .await
-        .unwrap();
+    let versions = node.versions(&sample.sop_instance_uid).await;
     assert_eq!(versions.len(), 2, "{versions:?}");
     assert_ne!(versions[0].blob_hash, versions[1].blob_hash);
     assert!(
@@ -318,12 +308,7 @@ async fn changed_instance_keeps_both_versions(backend: Backend) {
 
     // Sending the first version again makes it current again; no new blob.
     support::pynetdicom_send(&node, std::slice::from_ref(&sample.path)).await;
-    let versions = node
-        .ingest
-        .index()
-        .instance_versions(&sample.sop_instance_uid)
-        .await
-        .unwrap();
+    let versions = node.versions(&sample.sop_instance_uid).await;
     assert_eq!(versions.len(), 2);
     assert!(versions[0].is_current && !versions[1].is_current);
     node.stop().await;
@@ -379,7 +364,7 @@ async fn bad_input_is_refused_and_the_node_keeps_serving(backend: Backend) {
     // Nothing of the refused instances is in the index or the store.
     for l in &lines {
         let uid = l["sop_instance_uid"].as_str().unwrap();
-        let versions = node.ingest.index().instance_versions(uid).await.unwrap();
+        let versions = node.versions(uid).await;
         let expected = usize::from(l["case"] == "good-after-bad");
         assert_eq!(versions.len(), expected, "{}", l["case"]);
     }
@@ -478,14 +463,7 @@ async fn large_instances_stream_to_storage(backend: Backend) {
     ])
     .await;
     assert_eq!(lines[0]["status"], 0xC000, "{}", lines[0]);
-    assert!(
-        node.ingest
-            .index()
-            .instance_versions(&cut_uid)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(node.versions(&cut_uid).await.is_empty());
     assert_eq!(node.ingest.store().list().await.unwrap().len(), 1);
     let staging = std::fs::read_dir(node.ingest.store().staging_dir())
         .unwrap()

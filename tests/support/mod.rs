@@ -101,6 +101,15 @@ impl TestNode {
         self.dicom_addr.ip().to_string()
     }
 
+    /// Every indexed version of a SOP Instance UID, oldest first.
+    pub async fn versions(&self, sop_instance_uid: &str) -> Vec<huren::index::InstanceRow> {
+        self.ingest
+            .index()
+            .instance_versions(sop_instance_uid)
+            .await
+            .unwrap()
+    }
+
     /// Stops accepting, lets associations finish, closes the index.
     /// Returns the node's directory, which lives as long as the caller
     /// keeps it.

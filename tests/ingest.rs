@@ -107,6 +107,25 @@ async fn sample_studies_via_storescu(backend: Backend) {
         node.ingest.index().count_current_instances().await.unwrap(),
         samples.len() as i64
     );
+    // Every blob is a Part-10 file a third-party parser accepts as such.
+    let out_dir = node.dir.path().join("blobs-out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let mut files = Vec::new();
+    for blob in node.ingest.store().list().await.unwrap() {
+        let path = out_dir.join(blob.hash.to_hex());
+        std::fs::write(&path, node.ingest.store().get(&blob.hash).await.unwrap()).unwrap();
+        files.push(path);
+    }
+    let dcmftest = std::process::Command::new("/usr/bin/dcmftest")
+        .args(&files)
+        .output()
+        .expect("run /usr/bin/dcmftest (Debian package dcmtk)");
+    let report = String::from_utf8_lossy(&dcmftest.stdout);
+    assert_eq!(
+        report.lines().filter(|l| l.starts_with("yes: ")).count(),
+        samples.len(),
+        "{report}"
+    );
     node.stop().await;
 }
 

@@ -298,3 +298,67 @@ async fn verify_finds_corrupt_missing_and_orphaned_blobs_and_reindexes() {
     }
     ingest.index().close().await;
 }
+
+/// SIGTERM mid-transfer: the node stops accepting, answers the C-STORE in
+/// flight, releases the association and exits 0; every instance the sender
+/// saw acknowledged is stored and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_request_in_flight() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let data_arg = data.display().to_string();
+    let files_dir = work.path().join("files");
+    support::tool_async(vec![
+        "gen".into(),
+        files_dir.display().to_string(),
+        "300".into(),
+        support::unique("term"),
+    ])
+    .await;
+    let mut files: Vec<_> = std::fs::read_dir(&files_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+
+    let mut node = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
+    let mut sender = Command::new(support::env("HUREN_TEST_PYTHON"))
+        .arg(support::repo_path("tests/support/dicom_tool.py"))
+        .args(["send-slow", "127.0.0.1", &node.dicom.port().to_string()])
+        .args(&files)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut acknowledged = Vec::new();
+    let mut signalled = false;
+    let lines = BufReader::new(sender.stdout.take().unwrap()).lines();
+    for line in lines.map_while(Result::ok) {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["status"] == 0 {
+            acknowledged.push(v["file"].as_str().unwrap().to_string());
+        }
+        if acknowledged.len() == 50 && !signalled {
+            unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) };
+            signalled = true;
+        }
+    }
+    let _ = sender.wait();
+    let status = node.child.wait().unwrap();
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+    assert!(acknowledged.len() >= 50);
+    assert!(
+        acknowledged.len() < files.len(),
+        "the node stopped taking instances"
+    );
+
+    let config = NodeConfig::defaults_in(&data);
+    let ingest = huren::node::open_ingest(&config).await.unwrap();
+    for file in &acknowledged {
+        let bytes = std::fs::read(file).unwrap();
+        support::assert_stored(&ingest, Path::new(file), &sop_instance_uid_of(&bytes)).await;
+    }
+    ingest.index().close().await;
+    let (ok, report) = verify(&data, &[]);
+    assert!(ok, "{report}");
+}

@@ -248,6 +248,8 @@ impl Ingest {
                 received_at: incoming.received_at,
             })
             .await?;
+        // Per-stage latency, the figures docs/benchmarks.md reasons from
+        // (HUREN_LOG=huren::ingest=trace).
         tracing::trace!(
             staged_us = staged_at.as_micros() as u64,
             published_us = published_at.as_micros() as u64,

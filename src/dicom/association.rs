@@ -173,8 +173,6 @@ pub async fn handle(
     };
     let calling_ae_title = association.peer_ae_title().trim().to_string();
     let span = tracing::info_span!("association", %peer, calling_ae_title = %calling_ae_title);
-    let _enter = span.enter();
-    drop(_enter);
     let contexts: HashMap<u8, Context> = association
         .presentation_contexts()
         .iter()

@@ -91,8 +91,46 @@ pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
     backend: Backend,
     staging_dir: PathBuf,
+    /// Picks the staging shard for the next object.
+    next_shard: std::sync::atomic::AtomicUsize,
     durability: Durability,
     syncer: Option<GroupSync>,
+}
+
+/// Staging files are spread over this many subdirectories: every create and
+/// rename takes its directory's lock, and with one staging directory
+/// concurrent associations queued on it (measured: 14% of the node's CPU
+/// time spinning on that lock with four senders).
+const STAGING_SHARDS: usize = 16;
+
+/// Staging files older than this when the store opens were left by a crash
+/// (no request takes an hour between its first and last byte being staged
+/// and the blob being published) and are removed.
+const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Creates the staging shards and removes stale staging files.
+fn prepare_staging(staging_dir: &Path) -> Result<(), Error> {
+    let mut removed = 0u64;
+    for shard in 0..STAGING_SHARDS {
+        let dir = staging_dir.join(format!("{shard:x}"));
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_STAGING);
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed staging files left by an earlier crash");
+    }
+    Ok(())
 }
 
 impl BlobStore {
@@ -108,6 +146,7 @@ impl BlobStore {
                 let root = root.clone().unwrap_or_else(|| data_dir.join("blobs"));
                 let staging_dir = root.join(STAGING_DIR);
                 std::fs::create_dir_all(&staging_dir)?;
+                prepare_staging(&staging_dir)?;
                 for dir in 0..=255u8 {
                     std::fs::create_dir_all(root.join(format!("{dir:02x}")))?;
                 }
@@ -120,6 +159,7 @@ impl BlobStore {
                 Ok(BlobStore {
                     store: Arc::new(store),
                     staging_dir: root.join(STAGING_DIR),
+                    next_shard: Default::default(),
                     backend: Backend::Local { root },
                     durability,
                     syncer,
@@ -158,10 +198,12 @@ impl BlobStore {
                 };
                 let staging_dir = data_dir.join("staging");
                 std::fs::create_dir_all(&staging_dir)?;
+                prepare_staging(&staging_dir)?;
                 Ok(BlobStore {
                     store,
                     backend: Backend::S3,
                     staging_dir,
+                    next_shard: Default::default(),
                     durability,
                     syncer: None,
                 })
@@ -192,7 +234,7 @@ impl BlobStore {
         let temp = tempfile::Builder::new()
             .prefix("in-")
             .suffix(".part")
-            .tempfile_in(&self.staging_dir)
+            .tempfile_in(self.next_staging_shard())
             .map_err(Error::Staging)?;
         let (file, temp) = temp.into_parts();
         let mut stage = InlineStage {
@@ -375,6 +417,29 @@ impl BlobStore {
     /// local store's blobs).
     pub fn staging_dir(&self) -> &Path {
         &self.staging_dir
+    }
+
+    fn next_staging_shard(&self) -> PathBuf {
+        let shard = self
+            .next_shard
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % STAGING_SHARDS;
+        self.staging_dir.join(format!("{shard:x}"))
+    }
+
+    /// Files in the staging area now: instances being received, or, after
+    /// a crash, left over until the next start.
+    pub fn staged_file_count(&self) -> std::io::Result<usize> {
+        let mut count = 0;
+        for entry in std::fs::read_dir(&self.staging_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                count += std::fs::read_dir(entry.path())?.count();
+            } else {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 }
 
@@ -562,6 +627,30 @@ pub fn run_short_blocking<T>(step: impl FnOnce() -> T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_removes_stale_staging_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig::Local { root: None };
+        let store = BlobStore::open(&config, dir.path(), Durability::Relaxed).unwrap();
+        let shard = store.staging_dir().join("3");
+        let stale = shard.join("in-stale.part");
+        let fresh = shard.join("in-fresh.part");
+        std::fs::write(&fresh, b"being received").unwrap();
+        let file = std::fs::File::create(&stale).unwrap();
+        file.set_modified(SystemTime::now() - 2 * STALE_STAGING)
+            .unwrap();
+        drop(file);
+        assert_eq!(store.staged_file_count().unwrap(), 2);
+        drop(store);
+        let store = BlobStore::open(&config, dir.path(), Durability::Relaxed).unwrap();
+        assert!(!stale.exists(), "a crash's leftover is removed");
+        assert!(
+            fresh.exists(),
+            "a file another process may be writing stays"
+        );
+        assert_eq!(store.staged_file_count().unwrap(), 1);
+    }
 
     #[test]
     fn keys_come_from_the_hash_alone() {

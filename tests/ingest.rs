@@ -388,9 +388,7 @@ async fn bad_input_is_refused_and_the_node_keeps_serving(backend: Backend) {
         assert_eq!(versions.len(), expected, "{}", l["case"]);
     }
     assert_eq!(node.ingest.store().list().await.unwrap().len(), 1);
-    let staging = std::fs::read_dir(node.ingest.store().staging_dir())
-        .unwrap()
-        .count();
+    let staging = node.ingest.store().staged_file_count().unwrap();
     assert_eq!(staging, 0, "no staging file left behind");
 
     // Other peers are still served.
@@ -484,9 +482,7 @@ async fn large_instances_stream_to_storage(backend: Backend) {
     assert_eq!(lines[0]["status"], 0xC000, "{}", lines[0]);
     assert!(node.versions(&cut_uid).await.is_empty());
     assert_eq!(node.ingest.store().list().await.unwrap().len(), 1);
-    let staging = std::fs::read_dir(node.ingest.store().staging_dir())
-        .unwrap()
-        .count();
+    let staging = node.ingest.store().staged_file_count().unwrap();
     assert_eq!(staging, 0, "no staging file left behind");
     node.stop().await;
 }

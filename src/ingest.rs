@@ -62,7 +62,9 @@ enum Body {
     Inline {
         // Boxed: the hasher's state is kilobytes, the other variants words.
         stage: Box<InlineStage>,
-        copy: Vec<u8>,
+        /// The fragments as received (not copied together).
+        copy: Vec<Vec<u8>>,
+        copied: usize,
     },
     Streaming(StagingWriter<Inspected>),
     /// The staging writer stopped; the rest of the data set is dropped and
@@ -92,6 +94,7 @@ impl Incoming {
                     let body = Body::Inline {
                         stage: Box::new(stage),
                         copy: Vec::new(),
+                        copied: 0,
                     };
                     Self::append(body, &self.prefix, &self.transfer_syntax_uid, fragment).await
                 }
@@ -106,17 +109,19 @@ impl Incoming {
             Body::Inline {
                 mut stage,
                 mut copy,
-            } if copy.len() + fragment.len() <= IN_MEMORY_LIMIT => {
+                copied,
+            } if copied + fragment.len() <= IN_MEMORY_LIMIT => {
                 // A fragment's write to the page cache and its hash: shorter
                 // than a hop to another thread would be.
                 match run_short_blocking(|| stage.write(&fragment)) {
                     Ok(()) => {
-                        if copy.is_empty() {
-                            copy = fragment;
-                        } else {
-                            copy.extend_from_slice(&fragment);
+                        let copied = copied + fragment.len();
+                        copy.push(fragment);
+                        Body::Inline {
+                            stage,
+                            copy,
+                            copied,
                         }
-                        Body::Inline { stage, copy }
                     }
                     Err(e) => Body::FailedInline(storage::Error::Staging(e)),
                 }
@@ -203,7 +208,7 @@ impl Ingest {
                     Ok((self.store.stage_inline(&prefix)?.finish(), Ok(attributes)))
                 })?
             }
-            Body::Inline { stage, copy } => {
+            Body::Inline { stage, copy, .. } => {
                 let prefix = incoming.prefix;
                 let ts = incoming.transfer_syntax_uid.as_str().to_string();
                 // On this thread (see run_short_blocking): a thread hop per

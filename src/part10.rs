@@ -233,12 +233,88 @@ pub fn check_structure(path: &Path, offset: u64, transfer_syntax_uid: &str) -> R
 }
 
 /// [`check_structure`] of a data set held in memory.
-pub fn check_structure_bytes(data_set: &[u8], transfer_syntax_uid: &str) -> Result<(), Error> {
-    check_structure_in(
-        io::Cursor::new(data_set),
-        data_set.len() as u64,
-        transfer_syntax_uid,
-    )
+pub fn check_structure_bytes(data_set: &[Vec<u8>], transfer_syntax_uid: &str) -> Result<(), Error> {
+    let reader = Chunks::new(data_set);
+    let len = reader.len;
+    check_structure_in(reader, len, transfer_syntax_uid)
+}
+
+/// A data set held as the fragments it arrived in, read as one stream:
+/// the fragments are kept as received rather than copied together.
+pub struct Chunks<'a> {
+    chunks: &'a [Vec<u8>],
+    /// Index of the current chunk and offset in it.
+    chunk: usize,
+    offset: usize,
+    pos: u64,
+    len: u64,
+}
+
+impl<'a> Chunks<'a> {
+    pub fn new(chunks: &'a [Vec<u8>]) -> Chunks<'a> {
+        let len = chunks.iter().map(|c| c.len() as u64).sum();
+        Chunks {
+            chunks,
+            chunk: 0,
+            offset: 0,
+            pos: 0,
+            len,
+        }
+    }
+}
+
+impl Read for Chunks<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Chunks<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.chunk < self.chunks.len() && self.offset >= self.chunks[self.chunk].len() {
+            self.chunk += 1;
+            self.offset = 0;
+        }
+        Ok(self
+            .chunks
+            .get(self.chunk)
+            .map_or(&[][..], |c| &c[self.offset..]))
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.offset += amt;
+        self.pos += amt as u64;
+    }
+}
+
+impl Seek for Chunks<'_> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            io::SeekFrom::Start(p) => p as i128,
+            io::SeekFrom::Current(d) => self.pos as i128 + d as i128,
+            io::SeekFrom::End(d) => self.len as i128 + d as i128,
+        };
+        if target < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before start",
+            ));
+        }
+        let target = (target as u64).min(self.len);
+        let (mut chunk, mut start) = (0, 0u64);
+        while chunk < self.chunks.len() && start + self.chunks[chunk].len() as u64 <= target {
+            start += self.chunks[chunk].len() as u64;
+            chunk += 1;
+        }
+        self.chunk = chunk;
+        self.offset = (target - start) as usize;
+        self.pos = target;
+        Ok(target)
+    }
 }
 
 fn check_structure_in<R: BufRead + Seek>(
@@ -431,12 +507,15 @@ pub fn read_attributes(path: &Path) -> Result<InstanceAttributes, Error> {
 
 /// [`read_attributes`] of a Part-10 object held in memory as its file
 /// meta prefix (preamble included) and its data set.
-pub fn read_attributes_bytes(prefix: &[u8], data_set: &[u8]) -> Result<InstanceAttributes, Error> {
+pub fn read_attributes_bytes(
+    prefix: &[u8],
+    data_set: &[Vec<u8>],
+) -> Result<InstanceAttributes, Error> {
     let after_preamble = prefix.get(128..).ok_or(Error::Truncated("no preamble"))?;
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .read_until(READ_UNTIL)
-        .from_reader(io::Read::chain(after_preamble, data_set))
+        .from_reader(io::Read::chain(after_preamble, Chunks::new(data_set)))
         .map_err(|e| Error::Undecodable(e.to_string()))?;
     extract(&obj)
 }
@@ -600,6 +679,32 @@ mod tests {
         out.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         out.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
         out
+    }
+
+    #[test]
+    fn chunks_read_and_seek_as_one_stream() {
+        let chunks = vec![b"abc".to_vec(), Vec::new(), b"defg".to_vec(), b"h".to_vec()];
+        let mut all = String::new();
+        Chunks::new(&chunks).read_to_string(&mut all).unwrap();
+        assert_eq!(all, "abcdefgh");
+        let mut r = Chunks::new(&chunks);
+        let cases: &[(io::SeekFrom, u64, &str)] = &[
+            (io::SeekFrom::Start(2), 2, "cdefgh"),
+            (io::SeekFrom::Start(3), 3, "defgh"),
+            (io::SeekFrom::End(-1), 7, "h"),
+            (io::SeekFrom::Start(8), 8, ""),
+        ];
+        for (to, pos, rest) in cases {
+            assert_eq!(r.seek(*to).unwrap(), *pos);
+            let mut out = String::new();
+            r.read_to_string(&mut out).unwrap();
+            assert_eq!(out, *rest, "{to:?}");
+        }
+        r.seek(io::SeekFrom::Start(1)).unwrap();
+        r.seek(io::SeekFrom::Current(4)).unwrap();
+        let mut one = [0u8; 1];
+        r.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"f");
     }
 
     #[test]

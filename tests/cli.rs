@@ -141,18 +141,34 @@ async fn environment_overrides_defaults() {
     node.child.wait().unwrap();
 }
 
-/// Acceptance 6: kill -9 mid-transfer; every acknowledged instance survives.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_instances_survive_kill_9() {
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let data_arg = data.display().to_string();
-    let files_dir = work.path().join("files");
+/// What the sender does once the node has been interrupted.
+#[derive(PartialEq)]
+enum Then {
+    /// Stop it: a killed node never answers, and the sender would wait out
+    /// its timeouts.
+    StopSender,
+    /// Let it report to its end: a node shutting down releases the
+    /// association, which the sender sees at once.
+    ReadToEnd,
+}
+
+/// Generates `count` instances under `work`, sends them one by one with
+/// pynetdicom to `node`, and runs `interrupt` on the node once `after`
+/// have been acknowledged. Returns the files the sender saw acknowledged
+/// and how many there were to send.
+async fn send_and_interrupt(
+    work: &Path,
+    node: &mut Process,
+    (count, after): (usize, usize),
+    interrupt: impl FnOnce(&mut Process),
+    then: Then,
+) -> (Vec<String>, usize) {
+    let files_dir = work.join("files");
     support::tool_async(vec![
         "gen".into(),
         files_dir.display().to_string(),
-        "400".into(),
-        support::unique("kill"),
+        count.to_string(),
+        support::unique("interrupt"),
     ])
     .await;
     let mut files: Vec<_> = std::fs::read_dir(&files_dir)
@@ -160,8 +176,6 @@ async fn acknowledged_instances_survive_kill_9() {
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-
-    let mut node = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
     let mut sender = Command::new(support::env("HUREN_TEST_PYTHON"))
         .arg(support::repo_path("tests/support/dicom_tool.py"))
         .args(["send-slow", "127.0.0.1", &node.dicom.port().to_string()])
@@ -171,25 +185,41 @@ async fn acknowledged_instances_survive_kill_9() {
         .spawn()
         .unwrap();
     let mut acknowledged = Vec::new();
+    let mut interrupt = Some(interrupt);
     let lines = BufReader::new(sender.stdout.take().unwrap()).lines();
     for line in lines.map_while(Result::ok) {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["status"] == 0 {
             acknowledged.push(v["file"].as_str().unwrap().to_string());
         }
-        if acknowledged.len() == 120 {
-            node.child.kill().unwrap(); // SIGKILL
-            node.child.wait().unwrap();
-            break;
+        if acknowledged.len() == after
+            && let Some(interrupt) = interrupt.take()
+        {
+            interrupt(node);
+            if then == Then::StopSender {
+                let _ = sender.kill();
+                break;
+            }
         }
     }
-    let _ = sender.kill();
     let _ = sender.wait();
-    assert_eq!(
-        acknowledged.len(),
-        120,
-        "the sender got 120 successes before the kill"
-    );
+    (acknowledged, files.len())
+}
+
+/// Acceptance 6: kill -9 mid-transfer; every acknowledged instance survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_instances_survive_kill_9() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let data_arg = data.display().to_string();
+    let mut node = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
+    let kill_9 = |node: &mut Process| {
+        node.child.kill().unwrap(); // SIGKILL
+        node.child.wait().unwrap();
+    };
+    let (acknowledged, _) =
+        send_and_interrupt(work.path(), &mut node, (400, 120), kill_9, Then::StopSender).await;
+    assert_eq!(acknowledged.len(), 120, "successes before the kill");
 
     // Restart on the same data and check every acknowledged instance.
     let node = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
@@ -307,48 +337,17 @@ async fn sigterm_finishes_the_request_in_flight() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     let data_arg = data.display().to_string();
-    let files_dir = work.path().join("files");
-    support::tool_async(vec![
-        "gen".into(),
-        files_dir.display().to_string(),
-        "300".into(),
-        support::unique("term"),
-    ])
-    .await;
-    let mut files: Vec<_> = std::fs::read_dir(&files_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-
     let mut node = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
-    let mut sender = Command::new(support::env("HUREN_TEST_PYTHON"))
-        .arg(support::repo_path("tests/support/dicom_tool.py"))
-        .args(["send-slow", "127.0.0.1", &node.dicom.port().to_string()])
-        .args(&files)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut acknowledged = Vec::new();
-    let mut signalled = false;
-    let lines = BufReader::new(sender.stdout.take().unwrap()).lines();
-    for line in lines.map_while(Result::ok) {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["status"] == 0 {
-            acknowledged.push(v["file"].as_str().unwrap().to_string());
-        }
-        if acknowledged.len() == 50 && !signalled {
-            unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) };
-            signalled = true;
-        }
-    }
-    let _ = sender.wait();
+    let sigterm = |node: &mut Process| {
+        unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) };
+    };
+    let (acknowledged, sent) =
+        send_and_interrupt(work.path(), &mut node, (300, 50), sigterm, Then::ReadToEnd).await;
     let status = node.child.wait().unwrap();
     assert!(status.success(), "clean exit after SIGTERM: {status:?}");
     assert!(acknowledged.len() >= 50);
     assert!(
-        acknowledged.len() < files.len(),
+        acknowledged.len() < sent,
         "the node stopped taking instances"
     );
 

@@ -197,17 +197,19 @@ impl Ingest {
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
         let started = std::time::Instant::now();
-        let (staged, attributes) = match incoming.body {
-            Body::Empty => {
-                let prefix = incoming.prefix;
-                let ts = incoming.transfer_syntax_uid.as_str().to_string();
-                run_short_blocking(|| -> Result<_, Error> {
-                    part10::check_structure_bytes(&[], &ts).map_err(Error::Unreadable)?;
-                    let attributes =
-                        part10::read_attributes_bytes(&prefix, &[]).map_err(Error::Unreadable)?;
-                    Ok((self.store.stage_inline(&prefix)?.finish(), Ok(attributes)))
-                })?
-            }
+        // A data set with no fragment at all goes the in-memory way too.
+        let body = match incoming.body {
+            Body::Empty => match run_short_blocking(|| self.store.stage_inline(&incoming.prefix)) {
+                Ok(stage) => Body::Inline {
+                    stage: Box::new(stage),
+                    copy: Vec::new(),
+                    copied: 0,
+                },
+                Err(e) => Body::FailedInline(e),
+            },
+            body => body,
+        };
+        let (staged, attributes) = match body {
             Body::Inline { stage, copy, .. } => {
                 let prefix = incoming.prefix;
                 let ts = incoming.transfer_syntax_uid.as_str().to_string();
@@ -222,6 +224,7 @@ impl Ingest {
             }
             Body::FailedInline(e) => return Err(Error::Storage(e)),
             Body::Streaming(writer) | Body::Failed(writer) => writer.finish().await?,
+            Body::Empty => unreachable!("replaced above"),
         };
         let staged_at = started.elapsed();
         let attributes = attributes.map_err(Error::Unreadable)?;

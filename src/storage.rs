@@ -93,7 +93,6 @@ pub struct BlobStore {
     staging_dir: PathBuf,
     /// Picks the staging shard for the next object.
     next_shard: std::sync::atomic::AtomicUsize,
-    durability: Durability,
     syncer: Option<GroupSync>,
 }
 
@@ -161,7 +160,6 @@ impl BlobStore {
                     staging_dir: root.join(STAGING_DIR),
                     next_shard: Default::default(),
                     backend: Backend::Local { root },
-                    durability,
                     syncer,
                 })
             }
@@ -204,7 +202,6 @@ impl BlobStore {
                     backend: Backend::S3,
                     staging_dir,
                     next_shard: Default::default(),
-                    durability,
                     syncer: None,
                 })
             }
@@ -314,35 +311,25 @@ impl BlobStore {
         Ok(())
     }
 
+    async fn fetch(&self, hash: &BlobHash) -> Result<object_store::GetResult, Error> {
+        self.store.get(&Self::key(hash)).await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => Error::NotFound(*hash),
+            other => Error::ObjectStore(other),
+        })
+    }
+
     /// Reads a whole blob and checks its hash. A mismatch is an error: a
     /// corrupt blob is never served.
     pub async fn get(&self, hash: &BlobHash) -> Result<Bytes, Error> {
-        let result = self
-            .store
-            .get(&Self::key(hash))
-            .await
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
-                other => Error::ObjectStore(other),
-            })?;
+        let result = self.fetch(hash).await?;
         let bytes = result.bytes().await?;
-        let actual = BlobHash::from_hash(blake3::hash(&bytes));
-        if actual != *hash {
-            return Err(Error::Corrupt { key: *hash, actual });
-        }
+        expect_hash(hash, blake3::hash(&bytes))?;
         Ok(bytes)
     }
 
     /// Streams a blob through the hasher without holding it; returns its size.
     pub async fn verify(&self, hash: &BlobHash) -> Result<u64, Error> {
-        let result = self
-            .store
-            .get(&Self::key(hash))
-            .await
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
-                other => Error::ObjectStore(other),
-            })?;
+        let result = self.fetch(hash).await?;
         let mut stream = result.into_stream();
         let mut hasher = blake3::Hasher::new();
         let mut size = 0u64;
@@ -351,10 +338,7 @@ impl BlobStore {
             size += chunk.len() as u64;
             hasher.update(&chunk);
         }
-        let actual = BlobHash::from_hash(hasher.finalize());
-        if actual != *hash {
-            return Err(Error::Corrupt { key: *hash, actual });
-        }
+        expect_hash(hash, hasher.finalize())?;
         Ok(size)
     }
 
@@ -362,14 +346,7 @@ impl BlobStore {
     /// re-read headers when the index is rebuilt.
     pub async fn copy_to_file(&self, hash: &BlobHash, dest: &Path) -> Result<(), Error> {
         use tokio::io::AsyncWriteExt;
-        let result = self
-            .store
-            .get(&Self::key(hash))
-            .await
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
-                other => Error::ObjectStore(other),
-            })?;
+        let result = self.fetch(hash).await?;
         let mut stream = result.into_stream();
         let mut hasher = blake3::Hasher::new();
         let mut file = tokio::fs::File::create(dest).await?;
@@ -379,10 +356,7 @@ impl BlobStore {
             file.write_all(&chunk).await?;
         }
         file.flush().await?;
-        let actual = BlobHash::from_hash(hasher.finalize());
-        if actual != *hash {
-            return Err(Error::Corrupt { key: *hash, actual });
-        }
+        expect_hash(hash, hasher.finalize())?;
         Ok(())
     }
 
@@ -407,10 +381,6 @@ impl BlobStore {
     pub async fn delete(&self, hash: &BlobHash) -> Result<(), Error> {
         self.store.delete(&Self::key(hash)).await?;
         Ok(())
-    }
-
-    pub fn durability(&self) -> Durability {
-        self.durability
     }
 
     /// Where temporary files for this store go (same file system as a
@@ -440,6 +410,16 @@ impl BlobStore {
             }
         }
         Ok(count)
+    }
+}
+
+/// A blob whose bytes do not hash to its key is corrupt: never served.
+fn expect_hash(key: &BlobHash, computed: blake3::Hash) -> Result<(), Error> {
+    let actual = BlobHash::from_hash(computed);
+    if actual == *key {
+        Ok(())
+    } else {
+        Err(Error::Corrupt { key: *key, actual })
     }
 }
 
@@ -485,14 +465,6 @@ impl InlineStage {
         self.file.write_all(bytes)?;
         self.len += bytes.len() as u64;
         Ok(())
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The complete object. No flush is needed: every write went straight

@@ -107,7 +107,6 @@ const MAX_BATCH: usize = 64;
 #[derive(Clone)]
 pub struct Index {
     pool: AnyPool,
-    dialect: Dialect,
     writer: mpsc::Sender<WriteRequest>,
     /// Held by whoever writes: the writer task for a batch, or a caller
     /// taking the direct path. One writer at a time is what SQLite allows
@@ -196,14 +195,9 @@ impl Index {
         tokio::spawn(writer_task(pool.clone(), rx, write_lock.clone()));
         Ok(Index {
             pool,
-            dialect,
             writer: tx,
             write_lock,
         })
-    }
-
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
     }
 
     /// Indexes an instance whose blob is already durable. Returns after the
@@ -418,23 +412,6 @@ async fn write_batch(
     cache: &mut HierarchyCache,
 ) -> Result<Vec<StoreOutcome>, Error> {
     let mut conn = pool.acquire().await?;
-    // One instance of a series already written, as one sender makes them:
-    // the new-instance INSERT alone is atomic (its trigger runs in the
-    // same implicit transaction), so BEGIN and COMMIT, two more round trips
-    // to the database, are spared. Anything else takes the full path.
-    if let [instance] = batch
-        && let Some(&(series_key, _, known)) = cache.get(&instance.attributes.series_instance_uid)
-        && known == hierarchy_fingerprint(&instance.attributes)
-        && insert_new(
-            &mut conn,
-            instance,
-            series_key,
-            &rfc3339(instance.received_at),
-        )
-        .await?
-    {
-        return Ok(vec![StoreOutcome::Stored]);
-    }
     let mut tx = conn.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     // Instance counts and last_received_at follow in triggers (migration

@@ -90,13 +90,7 @@ async fn sample_studies_via_storescu(backend: Backend) {
         *per_study.entry(s.study_instance_uid.as_str()).or_default() += 1;
     }
     for (study, count) in per_study {
-        let row = node
-            .ingest
-            .index()
-            .study(study)
-            .await
-            .unwrap()
-            .expect("study indexed");
+        let row = node.study(study).await;
         assert_eq!(
             row.number_of_study_related_instances, count as i64,
             "{study}"
@@ -142,13 +136,7 @@ async fn sample_studies_via_pynetdicom(backend: Backend) {
         .iter()
         .find(|s| s.path.to_string_lossy().contains("p1-ct-chest"))
         .unwrap();
-    let study = node
-        .ingest
-        .index()
-        .study(&p1.study_instance_uid)
-        .await
-        .unwrap()
-        .unwrap();
+    let study = node.study(&p1.study_instance_uid).await;
     assert!(
         study.patient_name.contains("张^三"),
         "{}",
@@ -312,13 +300,7 @@ async fn changed_instance_keeps_both_versions(backend: Backend) {
     }
     support::assert_stored(&node.ingest, &sample.path, &sample.sop_instance_uid).await;
     support::assert_stored(&node.ingest, &changed, &sample.sop_instance_uid).await;
-    let study = node
-        .ingest
-        .index()
-        .study(&sample.study_instance_uid)
-        .await
-        .unwrap()
-        .unwrap();
+    let study = node.study(&sample.study_instance_uid).await;
     assert!(study.study_description.ends_with("CORRECTED"));
     assert_eq!(
         study.number_of_study_related_instances, 1,

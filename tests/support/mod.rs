@@ -101,6 +101,16 @@ impl TestNode {
         self.dicom_addr.ip().to_string()
     }
 
+    /// The indexed study, which must exist.
+    pub async fn study(&self, study_instance_uid: &str) -> huren::index::StudyRow {
+        self.ingest
+            .index()
+            .study(study_instance_uid)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("study {study_instance_uid} not indexed"))
+    }
+
     /// Every indexed version of a SOP Instance UID, oldest first.
     pub async fn versions(&self, sop_instance_uid: &str) -> Vec<huren::index::InstanceRow> {
         self.ingest

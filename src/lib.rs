@@ -30,6 +30,7 @@ pub mod index;
 pub mod ingest;
 pub mod node;
 pub mod part10;
+pub mod query;
 pub mod storage;
 pub mod types;
 pub mod verify;

@@ -6,5 +6,6 @@
 mod cli;
 mod ingest;
 mod negotiation;
+mod query_retrieve;
 mod storage_config;
 mod support;

@@ -144,8 +144,9 @@ pub struct RemoteAe {
     pub ae_title: String,
     pub host: String,
     pub port: u16,
-    /// DICOM TLS to this AE. Not built yet: a config asking for it is
-    /// refused at start rather than silently sending in the clear.
+    /// Associations the node requests to this AE use DICOM TLS (PS3.15
+    /// B.1), verifying the AE's certificate against `tls_ca_file` and its
+    /// host name (or IP address).
     #[serde(default)]
     pub tls: bool,
     /// May this AE query (C-FIND) when `query_retrieve_access = "listed"`.
@@ -199,6 +200,9 @@ struct FileConfig {
     query_retrieve_access: Option<QueryRetrieveAccess>,
     max_query_matches: Option<usize>,
     case_insensitive_names: Option<bool>,
+    tls_ca_file: Option<PathBuf>,
+    tls_certificate_file: Option<PathBuf>,
+    tls_private_key_file: Option<PathBuf>,
 }
 
 /// Settings of `huren node` (and of the maintenance commands that open the
@@ -319,6 +323,13 @@ pub struct NodeConfig {
     pub query_retrieve_access: QueryRetrieveAccess,
     pub max_query_matches: usize,
     pub case_insensitive_names: bool,
+    /// DICOM TLS to remote AEs marked `tls`: the CA certificates (PEM) their
+    /// certificates must chain to, and optionally the node's own
+    /// certificate chain and private key (PEM) for peers that require
+    /// client authentication.
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_certificate_file: Option<PathBuf>,
+    pub tls_private_key_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -344,6 +355,9 @@ impl NodeConfig {
             query_retrieve_access: QueryRetrieveAccess::Any,
             max_query_matches: 10_000,
             case_insensitive_names: true,
+            tls_ca_file: None,
+            tls_certificate_file: None,
+            tls_private_key_file: None,
         }
     }
 
@@ -478,17 +492,34 @@ impl NodeArgs {
                     setting: "remote_ae.ae_title",
                     reason: e.to_string(),
                 })?;
-                if r.tls {
-                    return Err(ConfigError::Invalid {
-                        setting: "remote_ae.tls",
-                        reason: format!(
-                            "{}: DICOM TLS to remote AEs is not supported yet",
-                            r.ae_title
-                        ),
-                    });
-                }
             }
             config.remote_aes = remote;
+        }
+        config.tls_ca_file = file.tls_ca_file;
+        config.tls_certificate_file = file.tls_certificate_file;
+        config.tls_private_key_file = file.tls_private_key_file;
+        if let Some(r) = config.remote_aes.iter().find(|r| r.tls)
+            && config.tls_ca_file.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                setting: "tls_ca_file",
+                reason: format!(
+                    "remote AE {} uses TLS: tls_ca_file must name the CA certificates to verify it",
+                    r.ae_title
+                ),
+            });
+        }
+        if config.tls_certificate_file.is_some() != config.tls_private_key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                setting: "tls_certificate_file",
+                reason: "tls_certificate_file and tls_private_key_file go together".into(),
+            });
+        }
+        if config.remote_aes.iter().any(|r| r.tls) {
+            crate::dicom::tls::client_config(&config).map_err(|reason| ConfigError::Invalid {
+                setting: "tls_ca_file",
+                reason,
+            })?;
         }
         if let Some(access) = self.query_retrieve_access.or(file.query_retrieve_access) {
             config.query_retrieve_access = access;

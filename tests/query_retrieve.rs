@@ -519,9 +519,14 @@ struct StoreScp {
 
 impl StoreScp {
     fn start(ae_title: &str, accept_all: bool) -> StoreScp {
+        Self::start_with(ae_title, accept_all, &[])
+    }
+
+    fn start_with(ae_title: &str, accept_all: bool, extra: &[&str]) -> StoreScp {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new("/usr/bin/storescp");
+        cmd.args(extra);
         cmd.args(["-aet", ae_title, "+B", "-od"])
             .arg(dir.path())
             .env("TCP_NODELAY", "1")
@@ -1066,5 +1071,140 @@ async fn query_retrieve_access_listed() {
         &[k("QueryRetrieveLevel=STUDY"), k("StudyInstanceUID")],
     );
     assert_eq!(found.final_status(), 0x0124, "{}", found.log);
+    node.stop().await;
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with
+/// openssl; returns (ca.pem, server key, server cert).
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            support::text(&output)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=huren test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.key"),
+        dir.join("server.pem"),
+    )
+}
+
+/// C-MOVE to a destination the AE directory marks `tls`: the association
+/// is DICOM TLS, the destination's certificate verified against the
+/// configured CA; a destination whose certificate does not chain to it gets
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_move_over_dicom_tls() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, key, cert) = test_pki(pki.path());
+    let tls_args = [
+        "+tls",
+        key.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        "--ignore-peer-cert",
+    ];
+    let scp = StoreScp::start_with("TLSDEST", false, &tls_args);
+    // The same destination, but the node trusts another CA.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = test_pki(other.path());
+    let node = support::spawn_node_with(Backend::SqliteLocal, |c| {
+        let mut tls = scp.remote_ae("TLSDEST");
+        tls.tls = true;
+        c.remote_aes.push(tls);
+        c.tls_ca_file = Some(ca.clone());
+    })
+    .await;
+    let (_dir, studies) = stored_corpus(&node).await;
+    let s1 = studies.iter().find(|s| s.key == "S1").unwrap();
+    let movescu = |node: &TestNode| {
+        let output = Command::new("/usr/bin/movescu")
+            .args(["-v", "-S", "-aec", "HUREN", "-aem", "TLSDEST"])
+            .arg(node.host())
+            .arg(node.port().to_string())
+            .args(["-k", "QueryRetrieveLevel=STUDY"])
+            .arg("-k")
+            .arg(format!("StudyInstanceUID={}", s1.study_instance_uid))
+            .env("TCP_NODELAY", "1")
+            .output()
+            .unwrap();
+        support::text(&output)
+    };
+    let log = movescu(&node);
+    assert!(
+        log.contains("Received Final Move Response (Success)"),
+        "{log}"
+    );
+    assert_eq!(scp.received().len(), 5);
+    let dir = node.stop().await;
+
+    let mut config = support::test_config(Backend::SqliteLocal, dir.path()).await;
+    let mut tls = scp.remote_ae("TLSDEST");
+    tls.tls = true;
+    config.remote_aes.push(tls);
+    config.tls_ca_file = Some(other_ca);
+    let node = support::start_node(config, dir).await;
+    let log = movescu(&node);
+    assert!(!log.contains("(Success)"), "{log}");
+    assert_eq!(
+        scp.received().len(),
+        5,
+        "nothing sent to an unverified peer"
+    );
     node.stop().await;
 }

@@ -280,7 +280,7 @@ pub fn deliver_later(reports: Vec<Report>, calling_ae_title: &str, ctx: &DicomCo
             let mut delivered = false;
             // A few attempts: the modality may be between associations.
             for attempt in 0..3u32 {
-                match deliver(&report, &our_ae, &remote, config.max_pdu_length).await {
+                match deliver(&report, &our_ae, &remote, &config).await {
                     Ok(()) => {
                         delivered = true;
                         break;
@@ -304,12 +304,12 @@ async fn deliver(
     report: &Report,
     our_ae: &str,
     remote: &crate::config::RemoteAe,
-    max_pdu_length: u32,
+    config: &NodeConfig,
 ) -> Result<(), String> {
-    let mut association = ClientAssociationOptions::new()
+    let options = ClientAssociationOptions::new()
         .calling_ae_title(our_ae.to_string())
         .called_ae_title(remote.ae_title.clone())
-        .max_pdu_length(max_pdu_length)
+        .max_pdu_length(config.max_pdu_length)
         .connection_timeout(Duration::from_secs(10))
         .with_presentation_context(
             uids::STORAGE_COMMITMENT_PUSH_MODEL.to_string(),
@@ -320,41 +320,72 @@ async fn deliver(
         )
         // The node is the Storage Commitment SCP on an association it
         // requests: it asks for the SCP role only.
-        .with_role_selection(uids::STORAGE_COMMITMENT_PUSH_MODEL.to_string(), false, true)
-        .establish_async(format!("{}:{}", remote.host, remote.port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = association.inner_stream().set_nodelay(true);
+        .with_role_selection(uids::STORAGE_COMMITMENT_PUSH_MODEL.to_string(), false, true);
+    let address = format!("{}:{}", remote.host, remote.port);
+    if remote.tls {
+        let tls = super::tls::client_config(config)?;
+        let mut association = options
+            .tls_config(tls)
+            .server_name(&remote.host)
+            .establish_tls_async(address)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = association.inner_stream().get_ref().0.set_nodelay(true);
+        send_report(association, report).await
+    } else {
+        let mut association = options
+            .establish_async(address)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = association.inner_stream().set_nodelay(true);
+        send_report(association, report).await
+    }
+}
+
+/// Sends one report on an association the node requested and waits for
+/// its N-EVENT-REPORT-RSP.
+async fn send_report<S>(
+    mut association: dicom_ul::association::AsyncClientAssociation<S>,
+    report: &Report,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    use dicom_ul::association::AsyncAssociation;
     let Some(pc) = association
         .presentation_contexts()
         .iter()
         .find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
         .cloned()
     else {
-        let _ = association.abort().await;
+        let _ = AsyncAssociation::abort(association).await;
         return Err("the SCU accepted no Storage Commitment presentation context".into());
     };
     let ts = pc.transfer_syntax.trim_end_matches('\0').to_string();
     let data = report.data_set(&ts)?;
-    association
-        .send(&Pdu::PData {
+    AsyncAssociation::send(
+        &mut association,
+        &Pdu::PData {
             data: vec![PDataValue {
                 presentation_context_id: pc.id,
                 value_type: PDataValueType::Command,
                 is_last: true,
                 data: report.command(),
             }],
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     {
         use tokio::io::AsyncWriteExt;
-        let mut writer = association.send_pdata(pc.id);
+        let mut writer = AsyncAssociation::send_pdata(&mut association, pc.id);
         writer.write_all(&data).await.map_err(|e| e.to_string())?;
         writer.finish().await.map_err(|e| e.to_string())?;
     }
-    let response = association.receive().await.map_err(|e| e.to_string())?;
-    let _ = association.release().await;
+    let response = AsyncAssociation::receive(&mut association)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = AsyncAssociation::release(association).await;
     match response {
         Pdu::PData { data }
             if data

@@ -21,5 +21,6 @@ pub mod listener;
 pub mod retrieve;
 pub mod sop_classes;
 mod storage_sop_classes;
+pub mod tls;
 
 pub use association::DicomContext;

@@ -139,9 +139,10 @@ async fn prepare(
 }
 
 /// Sends a prepared data set on a presentation context.
-async fn send_payload<A>(association: &mut A, pcid: u8, payload: Payload) -> Result<(), Broken>
+async fn send_payload<S, A>(association: &mut A, pcid: u8, payload: Payload) -> Result<(), Broken>
 where
-    A: AsyncAssociation<TcpStream> + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    A: AsyncAssociation<S> + Send,
 {
     let broken = |e: std::io::Error| Broken(format!("sending a data set: {e}"));
     let mut writer = association.send_pdata(pcid);
@@ -185,7 +186,7 @@ fn convert(part10: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
 /// for the response a C-CANCEL for `cancel_message_id` (C-GET) sets
 /// `cancelled`.
 #[allow(clippy::too_many_arguments)]
-async fn sub_operation<A>(
+async fn sub_operation<S, A>(
     association: &mut A,
     offered: &[Offered],
     instance: &InstanceLocation,
@@ -197,7 +198,8 @@ async fn sub_operation<A>(
     span: &tracing::Span,
 ) -> Result<SubOutcome, Broken>
 where
-    A: AsyncAssociation<TcpStream> + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    A: AsyncAssociation<S> + Send,
 {
     let Some((pcid, convert_to)) = choose(offered, instance) else {
         tracing::warn!(
@@ -443,6 +445,7 @@ pub(super) async fn c_move(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), Strin
     let (progress_tx, mut progress_rx) = mpsc::channel::<SubOperations>(16);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(move_to(
+        op.ctx.config.clone(),
         destination.clone(),
         instances,
         op.ctx.ae_title.clone(),
@@ -546,6 +549,7 @@ fn proposals(instances: &[InstanceLocation]) -> Vec<(String, Vec<String>)> {
 
 #[allow(clippy::too_many_arguments)]
 async fn move_to(
+    config: std::sync::Arc<crate::config::NodeConfig>,
     destination: RemoteAe,
     instances: Vec<InstanceLocation>,
     our_ae_title: String,
@@ -569,17 +573,92 @@ async fn move_to(
         options = options.with_presentation_context(class, ts);
     }
     let address = format!("{}:{}", destination.host, destination.port);
-    let mut association = match options.establish_async(address.as_str()).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(parent: &span, destination = %destination.ae_title, %address, error = %e, "cannot associate with the move destination");
-            tally.fail_rest(&instances);
-            return tally;
-        }
+    let failed = |tally: &mut Tally, e: &dyn std::fmt::Display| {
+        tracing::warn!(parent: &span, destination = %destination.ae_title, %address, error = %e, "cannot associate with the move destination");
+        tally.fail_rest(&instances);
     };
-    // A C-STORE-RQ is a small PDU followed by the data set: with Nagle's
-    // algorithm each sub-operation would wait for a delayed ACK.
-    let _ = association.inner_stream().set_nodelay(true);
+    if destination.tls {
+        let tls = match super::tls::client_config(&config) {
+            Ok(t) => t,
+            Err(e) => {
+                failed(&mut tally, &e);
+                return tally;
+            }
+        };
+        match options
+            .tls_config(tls)
+            .server_name(&destination.host)
+            .establish_tls_async(address.as_str())
+            .await
+        {
+            Ok(mut association) => {
+                let _ = association_nodelay(association.inner_stream().get_ref().0);
+                transfer(
+                    association,
+                    &destination,
+                    &instances,
+                    &store,
+                    &originator,
+                    &progress,
+                    &cancel,
+                    &span,
+                    tally,
+                )
+                .await
+            }
+            Err(e) => {
+                failed(&mut tally, &e);
+                tally
+            }
+        }
+    } else {
+        match options.establish_async(address.as_str()).await {
+            Ok(mut association) => {
+                let _ = association_nodelay(association.inner_stream());
+                transfer(
+                    association,
+                    &destination,
+                    &instances,
+                    &store,
+                    &originator,
+                    &progress,
+                    &cancel,
+                    &span,
+                    tally,
+                )
+                .await
+            }
+            Err(e) => {
+                failed(&mut tally, &e);
+                tally
+            }
+        }
+    }
+}
+
+/// A C-STORE-RQ is a small PDU followed by the data set: with Nagle's
+/// algorithm each sub-operation would wait for a delayed ACK.
+fn association_nodelay(socket: &TcpStream) -> std::io::Result<()> {
+    socket.set_nodelay(true)
+}
+
+/// The sub-operations of a C-MOVE over the association to its destination.
+#[allow(clippy::too_many_arguments)]
+async fn transfer<S>(
+    mut association: dicom_ul::association::AsyncClientAssociation<S>,
+    destination: &RemoteAe,
+    instances: &[InstanceLocation],
+    store: &BlobStore,
+    originator: &(String, u16),
+    progress: &mpsc::Sender<SubOperations>,
+    cancel: &CancellationToken,
+    span: &tracing::Span,
+    mut tally: Tally,
+) -> Tally
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let span = span.clone();
     let offered: Vec<Offered> = association
         .presentation_contexts()
         .iter()
@@ -602,7 +681,7 @@ async fn move_to(
             &mut association,
             &offered,
             instance,
-            &store,
+            store,
             message_id,
             Some((&originator.0, originator.1)),
             None,
@@ -615,7 +694,7 @@ async fn move_to(
             Err(Broken(why)) => {
                 tracing::warn!(parent: &span, destination = %destination.ae_title, reason = %why, "association to the move destination broke");
                 tally.fail_rest(&instances[n..]);
-                let _ = association.abort().await;
+                let _ = AsyncAssociation::abort(association).await;
                 return tally;
             }
         }
@@ -623,7 +702,7 @@ async fn move_to(
             let _ = progress.send(tally.counts).await;
         }
     }
-    let _ = association.release().await;
+    let _ = AsyncAssociation::release(association).await;
     tally
 }
 

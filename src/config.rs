@@ -154,6 +154,70 @@ struct FileConfig {
     allowed_calling_ae_titles: Option<Vec<String>>,
     storage_config: Option<PathBuf>,
     storage: Option<StorageConfig>,
+    dicomweb: Option<DicomwebFileConfig>,
+}
+
+/// The `[dicomweb]` table of a TOML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DicomwebFileConfig {
+    open: Option<bool>,
+    max_request_bytes: Option<u64>,
+    cors_allowed_origins: Option<Vec<String>>,
+    #[serde(default)]
+    tokens: Vec<TokenConfig>,
+}
+
+/// What a DICOMweb bearer token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// QIDO-RS and WADO-RS (GET, HEAD).
+    Read,
+    /// STOW-RS (POST).
+    Write,
+}
+
+/// A DICOMweb bearer token as configured: only the SHA-256 of the token is
+/// kept (a config file or its backup never holds a usable secret). Tokens
+/// are random strings of at least 128 bits: a fast hash is enough for them,
+/// unlike passwords.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it; appears in the log, never the token.
+    pub name: String,
+    /// Lower-case hex SHA-256 of the token (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// DICOMweb (PS3.18) on the HTTP port, under `/dicom-web`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DicomwebConfig {
+    /// Serve DICOMweb without a token. Off by default: a node listens on
+    /// every interface and its studies are patient data; an open node logs
+    /// a warning at start.
+    pub open: bool,
+    /// Bearer tokens and their scopes.
+    pub tokens: Vec<TokenConfig>,
+    /// Largest STOW-RS request body; a larger announced Content-Length is
+    /// refused with 413 before a byte is read.
+    pub max_request_bytes: u64,
+    /// Origins (`https://viewer.example.org`, or `*`) a browser may call
+    /// DICOMweb from (CORS); empty means same origin only.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl Default for DicomwebConfig {
+    fn default() -> Self {
+        DicomwebConfig {
+            open: false,
+            tokens: Vec::new(),
+            max_request_bytes: 4 * 1024 * 1024 * 1024,
+            cors_allowed_origins: Vec::new(),
+        }
+    }
 }
 
 /// Settings of `huren node` (and of the maintenance commands that open the
@@ -236,6 +300,24 @@ pub struct NodeArgs {
     /// `AE@ip` [default: empty = any calling AE title]
     #[arg(long, env = "HUREN_ALLOWED_CALLING_AE_TITLES", value_delimiter = ',')]
     pub allowed_calling_ae_titles: Option<Vec<String>>,
+
+    /// Serve DICOMweb without a bearer token [default: false; tokens are
+    /// configured in the [dicomweb] table of the config file]
+    #[arg(long, env = "HUREN_DICOMWEB_OPEN")]
+    pub dicomweb_open: Option<bool>,
+
+    /// Largest STOW-RS request body in bytes [default: 4294967296]
+    #[arg(long, env = "HUREN_DICOMWEB_MAX_REQUEST_BYTES")]
+    pub dicomweb_max_request_bytes: Option<u64>,
+
+    /// Origins allowed to call DICOMweb from a browser (CORS), comma
+    /// separated, or `*` [default: none]
+    #[arg(
+        long,
+        env = "HUREN_DICOMWEB_CORS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub dicomweb_cors_allowed_origins: Option<Vec<String>>,
 }
 
 /// The resolved configuration every component reads.
@@ -255,6 +337,7 @@ pub struct NodeConfig {
     pub require_called_ae_title: bool,
     /// Empty means any calling AE title may associate.
     pub allowed_calling_ae_titles: Vec<AllowedPeer>,
+    pub dicomweb: DicomwebConfig,
 }
 
 impl NodeConfig {
@@ -276,6 +359,7 @@ impl NodeConfig {
             durability: Durability::Full,
             require_called_ae_title: false,
             allowed_calling_ae_titles: Vec::new(),
+            dicomweb: DicomwebConfig::default(),
         }
     }
 
@@ -397,6 +481,41 @@ impl NodeArgs {
                 .map(AllowedPeer::parse)
                 .collect::<Result<_, _>>()?;
         }
+        let web = file.dicomweb.unwrap_or_default();
+        if let Some(open) = self.dicomweb_open.or(web.open) {
+            config.dicomweb.open = open;
+        }
+        if let Some(n) = self.dicomweb_max_request_bytes.or(web.max_request_bytes) {
+            config.dicomweb.max_request_bytes = n;
+        }
+        if let Some(origins) = self
+            .dicomweb_cors_allowed_origins
+            .clone()
+            .or(web.cors_allowed_origins)
+        {
+            config.dicomweb.cors_allowed_origins = origins
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        for token in &web.tokens {
+            let valid = token.sha256.len() == 64
+                && token
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    setting: "dicomweb.tokens",
+                    reason: format!(
+                        "token {:?}: sha256 must be 64 lower-case hex digits",
+                        token.name
+                    ),
+                });
+            }
+        }
+        config.dicomweb.tokens = web.tokens;
         Ok(config)
     }
 }
@@ -459,6 +578,51 @@ root = "/srv/blobs"
         assert!(config.allowed_calling_ae_titles[0].admits("CT1", other));
         assert!(config.allowed_calling_ae_titles[1].admits("PACS", ip));
         assert!(!config.allowed_calling_ae_titles[1].admits("PACS", other));
+    }
+
+    #[test]
+    fn dicomweb_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huren.toml");
+        std::fs::write(
+            &path,
+            r#"
+[dicomweb]
+max_request_bytes = 1000
+cors_allowed_origins = ["https://viewer.example.org"]
+[[dicomweb.tokens]]
+name = "ohif"
+sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+scopes = ["read"]
+"#,
+        )
+        .unwrap();
+        let config = NodeArgs {
+            config: Some(path.clone()),
+            ..NodeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!config.dicomweb.open);
+        assert_eq!(config.dicomweb.max_request_bytes, 1000);
+        assert_eq!(config.dicomweb.tokens[0].scopes, vec![Scope::Read]);
+        assert_eq!(
+            config.dicomweb.cors_allowed_origins,
+            vec!["https://viewer.example.org"]
+        );
+        std::fs::write(
+            &path,
+            "[[dicomweb.tokens]]\nname = \"x\"\nsha256 = \"secret\"\nscopes = []\n",
+        )
+        .unwrap();
+        assert!(
+            NodeArgs {
+                config: Some(path),
+                ..NodeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl Node {
         let state = Arc::new(AppState {
             ae_title: config.ae_title.to_string(),
             ingest: ingest.clone(),
+            dicomweb: config.dicomweb.clone(),
         });
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");

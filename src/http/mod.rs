@@ -1,5 +1,9 @@
-//! The node's HTTP side. For now: health. DICOMweb, the JSON API and the
-//! page join here as one `router()` per resource.
+//! The node's HTTP side: health, and DICOMweb under `/dicom-web`
+//! ([`dicomweb`]). The JSON API and the page join here as one `router()`
+//! per resource.
+
+pub mod dicomweb;
+pub mod error;
 
 use std::sync::Arc;
 
@@ -12,18 +16,28 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::DicomwebConfig;
 use crate::ingest::Ingest;
 
 #[derive(Clone)]
 pub struct AppState {
     pub ae_title: String,
     pub ingest: Ingest,
+    pub dicomweb: DicomwebConfig,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let health = Router::new()
         .route("/health", get(health))
-        .with_state(state)
+        .with_state(state.clone());
+    health
+        .merge(dicomweb::router(
+            state.ingest.clone(),
+            state.dicomweb.clone(),
+        ))
+        // One span per request: errors logged while serving it carry its
+        // method and path.
+        .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
 /// 200 when the index answers, 503 otherwise; the body never carries

@@ -134,6 +134,47 @@ impl AllowedPeer {
     }
 }
 
+/// Another application entity the node knows by address: a workstation
+/// that queries, a C-MOVE destination, a modality awaiting storage
+/// commitment reports. The AE directory is the list of these
+/// (`[[remote_ae]]` tables in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteAe {
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+    /// DICOM TLS to this AE. Not built yet: a config asking for it is
+    /// refused at start rather than silently sending in the clear.
+    #[serde(default)]
+    pub tls: bool,
+    /// May this AE query (C-FIND) when `query_retrieve_access = "listed"`.
+    #[serde(default = "yes")]
+    pub may_query: bool,
+    /// May this AE retrieve (C-MOVE, C-GET) when `query_retrieve_access =
+    /// "listed"`.
+    #[serde(default = "yes")]
+    pub may_retrieve: bool,
+    /// May the node send instances to this AE as a C-MOVE destination.
+    #[serde(default = "yes")]
+    pub move_destination: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Who may query and retrieve, once admitted to an association.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QueryRetrieveAccess {
+    /// Any calling AE the association policy admits (the default: a
+    /// hospital network where the AE allow-list is the gate).
+    Any,
+    /// Only AEs in the AE directory with `may_query` / `may_retrieve`.
+    Listed,
+}
+
 /// The settings a TOML config file may hold. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,6 +195,10 @@ struct FileConfig {
     allowed_calling_ae_titles: Option<Vec<String>>,
     storage_config: Option<PathBuf>,
     storage: Option<StorageConfig>,
+    remote_ae: Option<Vec<RemoteAe>>,
+    query_retrieve_access: Option<QueryRetrieveAccess>,
+    max_query_matches: Option<usize>,
+    case_insensitive_names: Option<bool>,
     dicomweb: Option<DicomwebFileConfig>,
 }
 
@@ -301,6 +346,19 @@ pub struct NodeArgs {
     #[arg(long, env = "HUREN_ALLOWED_CALLING_AE_TITLES", value_delimiter = ',')]
     pub allowed_calling_ae_titles: Option<Vec<String>>,
 
+    /// Who may query and retrieve: `any` admitted calling AE, or only
+    /// `listed` AEs of the AE directory [default: any]
+    #[arg(long, env = "HUREN_QUERY_RETRIEVE_ACCESS", value_enum)]
+    pub query_retrieve_access: Option<QueryRetrieveAccess>,
+
+    /// Most matches one C-FIND or QIDO-RS query returns; past it the query
+    /// ends with status A700 (C-FIND) [default: 10000]
+    #[arg(long, env = "HUREN_MAX_QUERY_MATCHES")]
+    pub max_query_matches: Option<usize>,
+
+    /// Match person names regardless of case [default: true]
+    #[arg(long, env = "HUREN_CASE_INSENSITIVE_NAMES")]
+    pub case_insensitive_names: Option<bool>,
     /// Serve DICOMweb without a bearer token [default: false; tokens are
     /// configured in the [dicomweb] table of the config file]
     #[arg(long, env = "HUREN_DICOMWEB_OPEN")]
@@ -337,6 +395,11 @@ pub struct NodeConfig {
     pub require_called_ae_title: bool,
     /// Empty means any calling AE title may associate.
     pub allowed_calling_ae_titles: Vec<AllowedPeer>,
+    /// The AE directory.
+    pub remote_aes: Vec<RemoteAe>,
+    pub query_retrieve_access: QueryRetrieveAccess,
+    pub max_query_matches: usize,
+    pub case_insensitive_names: bool,
     pub dicomweb: DicomwebConfig,
 }
 
@@ -359,8 +422,19 @@ impl NodeConfig {
             durability: Durability::Full,
             require_called_ae_title: false,
             allowed_calling_ae_titles: Vec::new(),
+            remote_aes: Vec::new(),
+            query_retrieve_access: QueryRetrieveAccess::Any,
+            max_query_matches: 10_000,
+            case_insensitive_names: true,
             dicomweb: DicomwebConfig::default(),
         }
+    }
+
+    /// The directory entry of an AE title.
+    pub fn remote_ae(&self, ae_title: &str) -> Option<&RemoteAe> {
+        self.remote_aes
+            .iter()
+            .find(|r| r.ae_title.trim() == ae_title.trim())
     }
 
     /// The directory incoming instances are written to before they are
@@ -480,6 +554,33 @@ impl NodeArgs {
                 .filter(|s| !s.is_empty())
                 .map(AllowedPeer::parse)
                 .collect::<Result<_, _>>()?;
+        }
+        if let Some(remote) = file.remote_ae {
+            for r in &remote {
+                AeTitle::parse(&r.ae_title).map_err(|e| ConfigError::Invalid {
+                    setting: "remote_ae.ae_title",
+                    reason: e.to_string(),
+                })?;
+                if r.tls {
+                    return Err(ConfigError::Invalid {
+                        setting: "remote_ae.tls",
+                        reason: format!(
+                            "{}: DICOM TLS to remote AEs is not supported yet",
+                            r.ae_title
+                        ),
+                    });
+                }
+            }
+            config.remote_aes = remote;
+        }
+        if let Some(access) = self.query_retrieve_access.or(file.query_retrieve_access) {
+            config.query_retrieve_access = access;
+        }
+        if let Some(n) = self.max_query_matches.or(file.max_query_matches) {
+            config.max_query_matches = n.max(1);
+        }
+        if let Some(ci) = self.case_insensitive_names.or(file.case_insensitive_names) {
+            config.case_insensitive_names = ci;
         }
         let web = file.dicomweb.unwrap_or_default();
         if let Some(open) = self.dicomweb_open.or(web.open) {

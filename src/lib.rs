@@ -16,6 +16,8 @@
 //!   fsyncs on the local file system.
 //! - [`index`]: patients, studies, series, instances on SQLite or
 //!   PostgreSQL through one set of SQL, with a group-committing writer.
+//! - [`query`]: the one matcher C-FIND and QIDO-RS share: a level, keys in
+//!   DICOM matching syntax, matches streamed from the index.
 //! - [`http`]: health (and later DICOMweb and the JSON API).
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
@@ -30,6 +32,7 @@ pub mod index;
 pub mod ingest;
 pub mod node;
 pub mod part10;
+pub mod query;
 pub mod storage;
 pub mod types;
 pub mod verify;

@@ -133,6 +133,10 @@ async fn unsupported_presentation_contexts_are_rejected_in_negotiation() {
             vec!["1.2.840.10008.1.2.1"],
         )
         .with_presentation_context(uids::MR_IMAGE_STORAGE, vec!["1.2.3.4.5.6.7"])
+        .with_presentation_context(
+            uids::MODALITY_WORKLIST_INFORMATION_MODEL_FIND,
+            vec!["1.2.840.10008.1.2.1"],
+        )
         .with_presentation_context(uids::VERIFICATION, vec!["1.2.840.10008.1.2"])
         .establish_async(node.dicom_addr)
         .await
@@ -158,11 +162,15 @@ async fn unsupported_presentation_contexts_are_rejected_in_negotiation() {
                 "1.2.840.10008.1.2.4.70".to_string()
             ),
             (
+                uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND.to_string(),
+                "1.2.840.10008.1.2.1".to_string()
+            ),
+            (
                 uids::VERIFICATION.to_string(),
                 "1.2.840.10008.1.2".to_string()
             ),
         ],
-        "C-FIND (not offered yet) and an unknown transfer syntax are rejected"
+        "Modality Worklist (not offered) and an unknown transfer syntax are rejected"
     );
     association.release().await.unwrap();
     node.stop().await;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_dictionary_std::uids;
-use dicom_ul::association::server::{AccessControl, DefaultNegotiation};
+use dicom_ul::association::server::AccessControl;
 use dicom_ul::association::{Association, AsyncServerAssociation};
 use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
@@ -25,11 +25,35 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::dimse::{self, CommandSet, command_field, status};
-use super::{c_echo, c_store, sop_classes};
-use crate::config::{AllowedPeer, NodeConfig};
+use super::{c_echo, c_find, c_store, commitment, identifier, retrieve, sop_classes};
+use crate::config::{AllowedPeer, NodeConfig, QueryRetrieveAccess};
 use crate::ingest::Ingest;
+use crate::query::MatchOptions;
 
-type Options = ServerAssociationOptions<'static, PeerPolicy, DefaultNegotiation>;
+type Options = ServerAssociationOptions<'static, PeerPolicy, RoleNegotiation>;
+
+/// SCU/SCP role selection (PS3.7 D.3.3.4): a C-GET requestor asks for the
+/// SCP role of the storage SOP classes it wants to receive on the
+/// association; the node grants the roles asked for storage classes and
+/// answers nothing for the rest (default roles).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoleNegotiation;
+
+impl dicom_ul::association::server::Negotiation for RoleNegotiation {
+    fn negotiate_roles(
+        &self,
+        sop_class_uid: &str,
+        scu_role: bool,
+        scp_role: bool,
+    ) -> Option<dicom_ul::pdu::RequestorRoles> {
+        sop_classes::is_storage(sop_class_uid.trim_end_matches('\0')).then_some(
+            dicom_ul::pdu::RequestorRoles {
+                scu: scu_role,
+                scp: scp_role,
+            },
+        )
+    }
+}
 
 /// What every association of this node shares.
 pub struct DicomContext {
@@ -38,6 +62,8 @@ pub struct DicomContext {
     pub artim_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_associations: usize,
+    pub config: Arc<NodeConfig>,
+    pub match_options: MatchOptions,
     policy: PeerPolicy,
     options: Options,
 }
@@ -57,7 +83,12 @@ impl DicomContext {
             // else one PDU could make us buffer up to 4 GiB.
             .strict(true)
             .promiscuous(false)
-            .with_abstract_syntax(uids::VERIFICATION);
+            .with_negotiation(RoleNegotiation)
+            .with_abstract_syntax(uids::VERIFICATION)
+            .with_abstract_syntax(uids::STORAGE_COMMITMENT_PUSH_MODEL);
+        for sop_class in sop_classes::QUERY_RETRIEVE {
+            options = options.with_abstract_syntax(*sop_class);
+        }
         for sop_class in sop_classes::storage_sop_classes() {
             options = options.with_abstract_syntax(sop_class);
         }
@@ -71,6 +102,12 @@ impl DicomContext {
             artim_timeout: config.artim_timeout,
             idle_timeout: config.idle_timeout,
             max_associations: config.max_associations,
+            config: Arc::new(config.clone()),
+            match_options: MatchOptions {
+                case_insensitive_names: config.case_insensitive_names,
+                fuzzy_names: false,
+                max_matches: Some(config.max_query_matches),
+            },
             policy,
             options,
         }
@@ -83,6 +120,22 @@ impl DicomContext {
             ..self.policy.clone()
         };
         self.options.clone().ae_access_control(policy)
+    }
+
+    /// Whether a calling AE may query (`retrieve = false`) or retrieve.
+    pub fn may(&self, calling_ae_title: &str, retrieve: bool) -> bool {
+        match self.config.query_retrieve_access {
+            QueryRetrieveAccess::Any => true,
+            QueryRetrieveAccess::Listed => {
+                self.config.remote_ae(calling_ae_title).is_some_and(|r| {
+                    if retrieve {
+                        r.may_retrieve
+                    } else {
+                        r.may_query
+                    }
+                })
+            }
+        }
     }
 }
 
@@ -121,9 +174,9 @@ impl AccessControl for PeerPolicy {
 }
 
 /// An accepted presentation context.
-struct Context {
-    abstract_syntax: String,
-    transfer_syntax: String,
+pub(super) struct Context {
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
 }
 
 /// Where the P-DATA stream of the association stands.
@@ -137,6 +190,91 @@ enum State {
     /// Reading a data set that will not be used, before answering with a
     /// failure status (PS3.7 requires the data set to be received first).
     Discard { pcid: u8, response: Vec<u8> },
+    /// Collecting the identifier (or action information) of a C-FIND,
+    /// C-MOVE, C-GET or N-ACTION request.
+    Collect {
+        pcid: u8,
+        command: Box<CommandSet>,
+        bytes: Vec<u8>,
+    },
+}
+
+/// What an operation needs of its association.
+pub(super) struct Op<'a> {
+    pub association: &'a mut AsyncServerAssociation<TcpStream>,
+    pub pcid: u8,
+    pub command: &'a CommandSet,
+    pub context: &'a Context,
+    pub contexts: &'a HashMap<u8, Context>,
+    pub calling_ae_title: &'a str,
+    pub ctx: &'a DicomContext,
+    pub span: &'a tracing::Span,
+    /// Storage commitment reports sent on this association and not yet
+    /// acknowledged; delivered again over a new association if this one
+    /// ends first.
+    pub reports: &'a mut Vec<commitment::Report>,
+}
+
+impl Op<'_> {
+    pub async fn send(
+        &mut self,
+        command: Vec<u8>,
+        data_set: Option<Vec<u8>>,
+    ) -> Result<(), String> {
+        send_command(self.association, self.pcid, command).await?;
+        if let Some(data) = data_set {
+            send_data(self.association, self.pcid, data).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A PDU received while an operation runs.
+pub(super) enum During {
+    /// C-CANCEL-RQ for the operation's Message ID.
+    Cancel,
+    /// Another complete command (a C-STORE-RSP of a C-GET sub-operation).
+    Command { command: CommandSet },
+    /// A protocol violation or the end of the association.
+    End(String),
+}
+
+/// Classifies a PDU received while an operation is outstanding.
+pub(super) fn during(
+    received: Result<Pdu, dicom_ul::association::Error>,
+    message_id: u16,
+) -> During {
+    let pdu = match received {
+        Ok(pdu) => pdu,
+        Err(e) => return During::End(format!("while an operation was outstanding: {e}")),
+    };
+    match pdu {
+        Pdu::PData { mut data } if data.len() == 1 => {
+            let value = data.remove(0);
+            if value.value_type != PDataValueType::Command || !value.is_last {
+                return During::End("data while an operation was outstanding".into());
+            }
+            match CommandSet::parse(&value.data) {
+                Ok(c) if c.command_field() == command_field::C_CANCEL_RQ => {
+                    if c.u16(dicom_dictionary_std::tags::MESSAGE_ID_BEING_RESPONDED_TO)
+                        == Some(message_id)
+                    {
+                        During::Cancel
+                    } else {
+                        During::Command { command: c }
+                    }
+                }
+                Ok(c) => During::Command { command: c },
+                Err(e) => During::End(format!("unparseable command set: {e}")),
+            }
+        }
+        Pdu::AbortRQ { .. } => During::End("aborted by peer during an operation".into()),
+        Pdu::ReleaseRQ => During::End("release requested during an operation".into()),
+        other => During::End(format!(
+            "unexpected {} during an operation",
+            pdu_name(&other)
+        )),
+    }
 }
 
 /// Why the association ended; logged once.
@@ -215,72 +353,126 @@ async fn serve(
     span: &tracing::Span,
 ) -> End {
     let mut state = State::Idle;
+    let mut reports: Vec<commitment::Report> = Vec::new();
+    let end = serve_loop(
+        &mut association,
+        &mut state,
+        &mut reports,
+        contexts,
+        calling_ae_title,
+        ctx,
+        shutdown,
+        span,
+    )
+    .await;
+    abandon(&mut state, ctx).await;
+    if !reports.is_empty() {
+        // Reports the peer never acknowledged here go over a new
+        // association (PS3.4 J.3.3): a modality must hear the outcome.
+        commitment::deliver_later(std::mem::take(&mut reports), calling_ae_title, ctx);
+    }
+    match end {
+        Ending::Release => {
+            let _ = association.send(&Pdu::ReleaseRP).await;
+            End::Released
+        }
+        Ending::ReleaseForShutdown => {
+            let _ = tokio::time::timeout(Duration::from_secs(5), association.release()).await;
+            End::Shutdown
+        }
+        Ending::Abort(reason, why) => {
+            let _ = abort(association, reason).await;
+            End::Aborted(why)
+        }
+        Ending::AbortIdle(why) => {
+            let _ = association.abort().await;
+            End::Aborted(why)
+        }
+        Ending::Done(end) => end,
+    }
+}
+
+/// How the loop left the association.
+enum Ending {
+    Release,
+    ReleaseForShutdown,
+    Abort(AbortRQServiceProviderReason, String),
+    AbortIdle(String),
+    Done(End),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_loop(
+    association: &mut AsyncServerAssociation<TcpStream>,
+    state: &mut State,
+    reports: &mut Vec<commitment::Report>,
+    contexts: &HashMap<u8, Context>,
+    calling_ae_title: &str,
+    ctx: &DicomContext,
+    shutdown: &CancellationToken,
+    span: &tracing::Span,
+) -> Ending {
     loop {
         let idle = matches!(state, State::Idle);
         let received = tokio::select! {
             r = tokio::time::timeout(ctx.idle_timeout, association.receive()) => r,
             // Only between messages: a C-STORE in flight finishes and is
             // answered before the node lets go of the association.
-            _ = shutdown.cancelled(), if idle => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), association.release()).await;
-                return End::Shutdown;
-            }
+            _ = shutdown.cancelled(), if idle => return Ending::ReleaseForShutdown,
         };
         let pdu = match received {
-            Err(_) => {
-                abandon(&mut state, ctx).await;
-                let _ = association.abort().await;
-                return End::Aborted(format!("idle for {:?}", ctx.idle_timeout));
-            }
+            Err(_) => return Ending::AbortIdle(format!("idle for {:?}", ctx.idle_timeout)),
             Ok(Err(e)) => {
-                abandon(&mut state, ctx).await;
                 if is_closed(&e) {
-                    return End::Closed;
+                    return Ending::Done(End::Closed);
                 }
-                let _ = abort(association, AbortRQServiceProviderReason::UnrecognizedPdu).await;
-                return End::Aborted(e.to_string());
+                return Ending::Abort(AbortRQServiceProviderReason::UnrecognizedPdu, e.to_string());
             }
             Ok(Ok(pdu)) => pdu,
         };
         match pdu {
             Pdu::PData { data } => {
                 for value in data {
-                    match on_pdv(
-                        value,
-                        state,
+                    let current = std::mem::replace(state, State::Idle);
+                    let mut io = Io {
+                        association: &mut *association,
+                        reports: &mut *reports,
                         contexts,
                         calling_ae_title,
                         ctx,
-                        &mut association,
                         span,
-                    )
-                    .await
-                    {
-                        Ok(next) => state = next,
+                    };
+                    match on_pdv(value, current, &mut io).await {
+                        Ok(next) => *state = next,
                         Err(violation) => {
-                            let _ = abort(association, AbortRQServiceProviderReason::UnexpectedPdu)
-                                .await;
-                            return End::Aborted(violation);
+                            return Ending::Abort(
+                                AbortRQServiceProviderReason::UnexpectedPdu,
+                                violation,
+                            );
                         }
                     }
                 }
             }
-            Pdu::ReleaseRQ => {
-                abandon(&mut state, ctx).await;
-                let _ = association.send(&Pdu::ReleaseRP).await;
-                return End::Released;
-            }
-            Pdu::AbortRQ { .. } => {
-                abandon(&mut state, ctx).await;
-                return End::AbortedByPeer;
-            }
+            Pdu::ReleaseRQ => return Ending::Release,
+            Pdu::AbortRQ { .. } => return Ending::Done(End::AbortedByPeer),
             other => {
-                abandon(&mut state, ctx).await;
-                let _ = abort(association, AbortRQServiceProviderReason::UnexpectedPdu).await;
-                return End::Aborted(format!("unexpected PDU {}", pdu_name(&other)));
+                return Ending::Abort(
+                    AbortRQServiceProviderReason::UnexpectedPdu,
+                    format!("unexpected PDU {}", pdu_name(&other)),
+                );
             }
         }
     }
+}
+
+/// What the P-DATA handlers share for the life of the association.
+struct Io<'a> {
+    association: &'a mut AsyncServerAssociation<TcpStream>,
+    reports: &'a mut Vec<commitment::Report>,
+    contexts: &'a HashMap<u8, Context>,
+    calling_ae_title: &'a str,
+    ctx: &'a DicomContext,
+    span: &'a tracing::Span,
 }
 
 fn pdu_name(pdu: &Pdu) -> &'static str {
@@ -337,37 +529,40 @@ pub(super) async fn send_command(
         .map_err(|e| format!("cannot send response: {e}"))
 }
 
+/// Sends a data set on a presentation context, split into PDVs that fit
+/// the peer's maximum PDU length.
+pub(super) async fn send_data(
+    association: &mut AsyncServerAssociation<TcpStream>,
+    pcid: u8,
+    data: Vec<u8>,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut writer = association.send_pdata(pcid);
+    writer
+        .write_all(&data)
+        .await
+        .map_err(|e| format!("cannot send data set: {e}"))?;
+    writer
+        .finish()
+        .await
+        .map_err(|e| format!("cannot send data set: {e}"))
+}
+
 /// Advances the state with one presentation data value. An `Err` is a
 /// protocol violation that ends the association.
-async fn on_pdv(
-    value: PDataValue,
-    state: State,
-    contexts: &HashMap<u8, Context>,
-    calling_ae_title: &str,
-    ctx: &DicomContext,
-    association: &mut AsyncServerAssociation<TcpStream>,
-    span: &tracing::Span,
-) -> Result<State, String> {
+async fn on_pdv(value: PDataValue, state: State, io: &mut Io<'_>) -> Result<State, String> {
     let pcid = value.presentation_context_id;
-    let Some(context) = contexts.get(&pcid) else {
+    let ctx = io.ctx;
+    if !io.contexts.contains_key(&pcid) {
         return Err(format!(
             "data on presentation context {pcid}, which was not accepted"
         ));
-    };
+    }
     match (state, value.value_type) {
         (State::Idle, PDataValueType::Command) => {
             let bytes = value.data;
             if value.is_last {
-                on_command(
-                    pcid,
-                    &bytes,
-                    context,
-                    calling_ae_title,
-                    ctx,
-                    association,
-                    span,
-                )
-                .await
+                on_command(pcid, &bytes, io).await
             } else {
                 Ok(State::Command { pcid, bytes })
             }
@@ -384,16 +579,7 @@ async fn on_pdv(
                 return Err("command set larger than 64 KiB".into());
             }
             if value.is_last {
-                on_command(
-                    pcid,
-                    &bytes,
-                    context,
-                    calling_ae_title,
-                    ctx,
-                    association,
-                    span,
-                )
-                .await
+                on_command(pcid, &bytes, io).await
             } else {
                 Ok(State::Command { pcid, bytes })
             }
@@ -404,8 +590,8 @@ async fn on_pdv(
                 return Ok(State::Store(receiving));
             }
             let receiving = receiving.append(&ctx.ingest, value.data).await;
-            let (pcid, response) = receiving.finish(&ctx.ingest, span).await;
-            send_command(association, pcid, response).await?;
+            let (pcid, response) = receiving.finish(&ctx.ingest, io.span).await;
+            send_command(io.association, pcid, response).await?;
             Ok(State::Idle)
         }
         (
@@ -416,11 +602,33 @@ async fn on_pdv(
             PDataValueType::Data,
         ) if expected == pcid => {
             if value.is_last {
-                send_command(association, pcid, response).await?;
+                send_command(io.association, pcid, response).await?;
                 Ok(State::Idle)
             } else {
                 Ok(State::Discard { pcid, response })
             }
+        }
+        (
+            State::Collect {
+                pcid: expected,
+                command,
+                mut bytes,
+            },
+            PDataValueType::Data,
+        ) if expected == pcid => {
+            bytes.extend_from_slice(&value.data);
+            if bytes.len() > identifier::MAX_IDENTIFIER_LEN {
+                return Err("identifier larger than 1 MiB".into());
+            }
+            if !value.is_last {
+                return Ok(State::Collect {
+                    pcid,
+                    command,
+                    bytes,
+                });
+            }
+            run_operation(pcid, &command, &bytes, io).await?;
+            Ok(State::Idle)
         }
         (State::Store(receiving), _) => {
             receiving.abandon(&ctx.ingest).await;
@@ -437,21 +645,55 @@ async fn on_pdv(
     }
 }
 
-/// Dispatches a complete command set to its service.
-async fn on_command(
+/// Runs a C-FIND, C-MOVE, C-GET or N-ACTION whose data set has arrived.
+async fn run_operation(
     pcid: u8,
-    bytes: &[u8],
-    context: &Context,
-    calling_ae_title: &str,
-    ctx: &DicomContext,
-    association: &mut AsyncServerAssociation<TcpStream>,
-    span: &tracing::Span,
-) -> Result<State, String> {
+    command: &CommandSet,
+    data_set: &[u8],
+    io: &mut Io<'_>,
+) -> Result<(), String> {
+    let context = &io.contexts[&pcid];
+    let mut op = Op {
+        association: &mut *io.association,
+        pcid,
+        command,
+        context,
+        contexts: io.contexts,
+        calling_ae_title: io.calling_ae_title,
+        ctx: io.ctx,
+        span: io.span,
+        reports: &mut *io.reports,
+    };
+    match command.command_field() {
+        command_field::C_FIND_RQ => c_find::run(&mut op, data_set).await,
+        command_field::C_MOVE_RQ => retrieve::c_move(&mut op, data_set).await,
+        command_field::C_GET_RQ => retrieve::c_get(&mut op, data_set).await,
+        command_field::N_ACTION_RQ => commitment::n_action(&mut op, data_set).await,
+        other => Err(format!("no operation for command field {other:#06x}")),
+    }
+}
+
+/// Whether a request may be served on the presentation context it came on:
+/// its command must belong to the context's abstract syntax.
+fn context_serves(command_field: u16, abstract_syntax: &str) -> bool {
+    match command_field {
+        command_field::C_FIND_RQ => sop_classes::is_find(abstract_syntax),
+        command_field::C_MOVE_RQ => sop_classes::is_move(abstract_syntax),
+        command_field::C_GET_RQ => sop_classes::is_get(abstract_syntax),
+        command_field::N_ACTION_RQ => abstract_syntax == uids::STORAGE_COMMITMENT_PUSH_MODEL,
+        _ => false,
+    }
+}
+
+/// Dispatches a complete command set to its service.
+async fn on_command(pcid: u8, bytes: &[u8], io: &mut Io<'_>) -> Result<State, String> {
     let command = CommandSet::parse(bytes).map_err(|e| format!("unparseable command set: {e}"))?;
+    let context = &io.contexts[&pcid];
+    let ctx = io.ctx;
     match command.command_field() {
         command_field::C_ECHO_RQ => {
             let response = c_echo::handle(&command);
-            send_command(association, pcid, response).await?;
+            send_command(io.association, pcid, response).await?;
             Ok(State::Idle)
         }
         command_field::C_STORE_RQ => match c_store::begin(
@@ -459,27 +701,61 @@ async fn on_command(
             &command,
             &context.abstract_syntax,
             &context.transfer_syntax,
-            calling_ae_title,
+            io.calling_ae_title,
             &ctx.ingest,
-            span,
+            io.span,
         ) {
             c_store::Begin::Receive(receiving) => Ok(State::Store(receiving)),
             c_store::Begin::Refuse(response) if command.has_data_set() => {
                 Ok(State::Discard { pcid, response })
             }
             c_store::Begin::Refuse(response) => {
-                send_command(association, pcid, response).await?;
+                send_command(io.association, pcid, response).await?;
                 Ok(State::Idle)
             }
         },
-        // A C-CANCEL-RQ has no response; nothing of ours is cancellable
-        // once the data set has arrived.
+        field @ (command_field::C_FIND_RQ
+        | command_field::C_MOVE_RQ
+        | command_field::C_GET_RQ
+        | command_field::N_ACTION_RQ)
+            if context_serves(field, &context.abstract_syntax) =>
+        {
+            if command.has_data_set() {
+                Ok(State::Collect {
+                    pcid,
+                    command: Box::new(command),
+                    bytes: Vec::new(),
+                })
+            } else {
+                // Every one of these requests carries a data set (PS3.7
+                // 9.1.2, 9.1.3, 9.1.4, 10.1.4); without it there is nothing
+                // to match or act on.
+                let response = dimse::query_retrieve_response(
+                    &command,
+                    field | 0x8000,
+                    status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                    false,
+                    None,
+                    Some("request has no identifier"),
+                );
+                send_command(io.association, pcid, response).await?;
+                Ok(State::Idle)
+            }
+        }
+        // A C-CANCEL-RQ with nothing outstanding has nothing to cancel, and
+        // no response (PS3.7 9.3.2.3).
         command_field::C_CANCEL_RQ => Ok(State::Idle),
+        // The acknowledgement of a storage commitment report sent on this
+        // association.
+        command_field::N_EVENT_REPORT_RSP => {
+            commitment::acknowledged(&command, io.reports, io.span);
+            Ok(State::Idle)
+        }
         other => {
             // A service this node does not provide on this context: answer
             // it with the matching response type so the peer is not left
             // waiting, and keep the association.
-            tracing::info!(parent: span, command_field = other, "unrecognized operation");
+            tracing::info!(parent: io.span, command_field = other, "unrecognized operation");
             let response = dimse::response(
                 &command,
                 other | 0x8000,
@@ -489,7 +765,7 @@ async fn on_command(
             if command.has_data_set() {
                 Ok(State::Discard { pcid, response })
             } else {
-                send_command(association, pcid, response).await?;
+                send_command(io.association, pcid, response).await?;
                 Ok(State::Idle)
             }
         }

@@ -14,16 +14,25 @@ pub mod command_field {
     pub const C_STORE_RQ: u16 = 0x0001;
     pub const C_STORE_RSP: u16 = 0x8001;
     pub const C_GET_RQ: u16 = 0x0010;
+    pub const C_GET_RSP: u16 = 0x8010;
     pub const C_FIND_RQ: u16 = 0x0020;
+    pub const C_FIND_RSP: u16 = 0x8020;
     pub const C_MOVE_RQ: u16 = 0x0021;
+    pub const C_MOVE_RSP: u16 = 0x8021;
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
+    pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
+    pub const N_ACTION_RQ: u16 = 0x0130;
+    pub const N_ACTION_RSP: u16 = 0x8130;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
 
 /// Command Data Set Type value meaning "no data set follows" (PS3.7 E.1-1);
 /// any other value means one does.
 pub const NO_DATA_SET: u16 = 0x0101;
+/// The value this node sends when a data set follows.
+pub const DATA_SET_PRESENT: u16 = 0x0001;
 
 /// Largest command set accepted; real ones are a few hundred bytes, so a
 /// larger one is a broken or hostile peer, not a bigger request.
@@ -41,6 +50,26 @@ pub mod status {
     /// Unrecognized Operation (PS3.7 C.5.6): a DIMSE service this node does
     /// not provide on that presentation context.
     pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    /// Refused: Not Authorized (PS3.7 Annex C, a general status): the calling
+    /// AE may not query or retrieve, or not to that destination.
+    pub const NOT_AUTHORIZED: u16 = 0x0124;
+    /// Pending, all optional keys supported (PS3.4 C.4.1.1.4), and the
+    /// Pending of C-MOVE / C-GET sub-operations (C.4.2.1.5, C.4.3.1.4).
+    pub const PENDING: u16 = 0xFF00;
+    /// Pending, one or more optional keys were not supported (C.4.1.1.4).
+    pub const PENDING_OPTIONAL_KEYS_UNSUPPORTED: u16 = 0xFF01;
+    /// Cancel: matching or sub-operations terminated due to a C-CANCEL.
+    pub const CANCEL: u16 = 0xFE00;
+    /// Refused: Out of Resources, unable to perform sub-operations
+    /// (C-MOVE/C-GET 0xA702): no sub-operation could be performed.
+    pub const UNABLE_TO_PERFORM_SUB_OPERATIONS: u16 = 0xA702;
+    /// Refused: Move Destination unknown (C-MOVE 0xA801).
+    pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+    /// Identifier does not match SOP Class (Q/R 0xA900).
+    pub const IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
+    /// Warning: sub-operations complete, one or more failures or warnings
+    /// (C-MOVE/C-GET 0xB000).
+    pub const SUB_OPERATIONS_COMPLETE_WITH_FAILURES: u16 = 0xB000;
     /// Refused: Out of Resources (PS3.4 B.2.3, Storage 0xA7xx): the blob
     /// store or the index could not take the instance.
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
@@ -195,6 +224,58 @@ impl CommandSetBuilder {
         out.extend_from_slice(&self.body);
         out
     }
+}
+
+/// Sub-operation counts of C-MOVE and C-GET responses (PS3.7 C.4.2.1.5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubOperations {
+    pub remaining: u16,
+    pub completed: u16,
+    pub failed: u16,
+    pub warning: u16,
+}
+
+/// A C-FIND, C-MOVE or C-GET response.
+pub fn query_retrieve_response(
+    request: &CommandSet,
+    response_field: u16,
+    status: u16,
+    data_set_follows: bool,
+    counts: Option<SubOperations>,
+    error_comment: Option<&str>,
+) -> Vec<u8> {
+    let mut b = CommandSetBuilder::default();
+    if let Some(uid) = request.affected_sop_class_uid() {
+        b = b.ui(tags::AFFECTED_SOP_CLASS_UID, &uid);
+    }
+    b = b
+        .us(tags::COMMAND_FIELD, response_field)
+        .us(tags::MESSAGE_ID_BEING_RESPONDED_TO, request.message_id())
+        .us(
+            tags::COMMAND_DATA_SET_TYPE,
+            if data_set_follows {
+                DATA_SET_PRESENT
+            } else {
+                NO_DATA_SET
+            },
+        )
+        .us(tags::STATUS, status);
+    if let Some(comment) = error_comment {
+        let comment: String = comment.chars().filter(|c| *c != '\\').take(64).collect();
+        b = b.text(tags::ERROR_COMMENT, &comment);
+    }
+    if let Some(c) = counts {
+        // Remaining is only meaningful while sub-operations are pending
+        // (C.4.2.1.5); a final response leaves it out.
+        if status == status::PENDING {
+            b = b.us(tags::NUMBER_OF_REMAINING_SUBOPERATIONS, c.remaining);
+        }
+        b = b
+            .us(tags::NUMBER_OF_COMPLETED_SUBOPERATIONS, c.completed)
+            .us(tags::NUMBER_OF_FAILED_SUBOPERATIONS, c.failed)
+            .us(tags::NUMBER_OF_WARNING_SUBOPERATIONS, c.warning);
+    }
+    b.build()
 }
 
 /// A response to a request: a command set that never has a data set.

@@ -5,14 +5,20 @@
 //! - `association`: negotiation, AE-title policy, the P-DATA loop and the
 //!   dispatch to one file per service.
 //! - `dimse`: command sets, Message IDs and named statuses.
-//! - `c_echo`, `c_store`: the services.
+//! - `c_echo`, `c_store`, `c_find`, `retrieve` (C-MOVE, C-GET),
+//!   `commitment` (Storage Commitment Push Model): the services.
+//! - `identifier`: Q/R identifiers to and from the shared matcher's types.
 //! - `sop_classes`: which abstract syntaxes are accepted.
 
 pub mod association;
 pub mod c_echo;
+pub mod c_find;
 pub mod c_store;
+pub mod commitment;
 pub mod dimse;
+pub mod identifier;
 pub mod listener;
+pub mod retrieve;
 pub mod sop_classes;
 mod storage_sop_classes;
 

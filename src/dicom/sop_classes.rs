@@ -5,8 +5,46 @@
 
 pub use super::storage_sop_classes::STORAGE_SOP_CLASSES;
 
+use dicom_dictionary_std::uids;
+
 pub fn storage_sop_classes() -> impl Iterator<Item = &'static str> {
     STORAGE_SOP_CLASSES.iter().map(|(uid, _)| *uid)
+}
+
+pub fn is_storage(uid: &str) -> bool {
+    STORAGE_SOP_CLASSES.iter().any(|(u, _)| *u == uid)
+}
+
+/// The Query/Retrieve SOP classes (PS3.4 C.6): Patient Root and Study Root,
+/// each with FIND, MOVE and GET.
+pub const QUERY_RETRIEVE: &[&str] = &[
+    uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND,
+    uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE,
+    uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET,
+    uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND,
+    uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE,
+    uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET,
+];
+
+pub fn is_find(uid: &str) -> bool {
+    uid == uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND
+        || uid == uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND
+}
+
+pub fn is_move(uid: &str) -> bool {
+    uid == uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE
+        || uid == uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE
+}
+
+pub fn is_get(uid: &str) -> bool {
+    uid == uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET
+        || uid == uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET
+}
+
+/// Whether the information model is Study Root (where PATIENT is not a
+/// level).
+pub fn is_study_root(uid: &str) -> bool {
+    uid.starts_with("1.2.840.10008.5.1.4.1.2.2.")
 }
 
 #[cfg(test)]

@@ -107,6 +107,7 @@ const MAX_BATCH: usize = 64;
 #[derive(Clone)]
 pub struct Index {
     pool: AnyPool,
+    dialect: Dialect,
     writer: mpsc::Sender<WriteRequest>,
     /// Held by whoever writes: the writer task for a batch, or a caller
     /// taking the direct path. One writer at a time is what SQLite allows
@@ -195,6 +196,7 @@ impl Index {
         tokio::spawn(writer_task(pool.clone(), rx, write_lock.clone()));
         Ok(Index {
             pool,
+            dialect,
             writer: tx,
             write_lock,
         })
@@ -229,6 +231,15 @@ impl Index {
             .await
             .map_err(|_| Error::WriterStopped)?;
         wait.await.map_err(|_| Error::WriterStopped)?
+    }
+
+    /// The pool, for read-only queries of other modules (the matcher).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Checks that the database answers.

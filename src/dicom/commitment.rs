@@ -1,0 +1,376 @@
+//! Storage Commitment Push Model SCP (PS3.4 Annex J). A modality asks, by
+//! N-ACTION, whether the node has taken responsibility for a list of
+//! instances; the answer comes as an N-EVENT-REPORT listing those that are
+//! durable and whose blob verifies against its hash, and those that are
+//! not, with a reason. Modalities delete their copies on this answer, so an
+//! instance is reported committed only after its blob has been read back
+//! and hashed.
+//!
+//! The report goes on the requesting association when the SCU is still
+//! there; when that association ends before the SCU acknowledges the
+//! report, it goes over a new association to the SCU's address in the AE
+//! directory, the node proposing the SCP role (J.3.3).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use dicom_core::value::{DataSetSequence, PrimitiveValue};
+use dicom_core::{DataElement, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::InMemDicomObject;
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::{ClientAssociationOptions, Pdu};
+
+use super::association::{DicomContext, Op};
+use super::dimse::{self, CommandSet, CommandSetBuilder, command_field, status};
+use super::identifier;
+use crate::config::NodeConfig;
+use crate::ingest::Ingest;
+
+/// The well-known SOP Instance of the Storage Commitment Push Model.
+const WELL_KNOWN_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
+
+/// Failure Reasons (PS3.3 C.14.1.1).
+const PROCESSING_FAILURE: u16 = 0x0110;
+const NO_SUCH_OBJECT_INSTANCE: u16 = 0x0112;
+const CLASS_INSTANCE_CONFLICT: u16 = 0x0119;
+
+/// N-ACTION status: No such action type (PS3.7 Annex C, 0x0123).
+const NO_SUCH_ACTION: u16 = 0x0123;
+
+static NEXT_MESSAGE_ID: AtomicU16 = AtomicU16::new(1);
+
+/// The outcome of one requested instance.
+#[derive(Debug, Clone)]
+struct Outcome {
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    failure_reason: Option<u16>,
+}
+
+/// A commitment result waiting for its N-EVENT-REPORT-RSP.
+#[derive(Debug, Clone)]
+pub struct Report {
+    message_id: u16,
+    transaction_uid: String,
+    outcomes: Vec<Outcome>,
+}
+
+impl Report {
+    fn event_type(&self) -> u16 {
+        if self.outcomes.iter().all(|o| o.failure_reason.is_none()) {
+            1
+        } else {
+            2
+        }
+    }
+
+    fn command(&self) -> Vec<u8> {
+        CommandSetBuilder::default()
+            .ui(
+                tags::AFFECTED_SOP_CLASS_UID,
+                uids::STORAGE_COMMITMENT_PUSH_MODEL,
+            )
+            .us(tags::COMMAND_FIELD, command_field::N_EVENT_REPORT_RQ)
+            .us(tags::MESSAGE_ID, self.message_id)
+            .us(tags::COMMAND_DATA_SET_TYPE, dimse::DATA_SET_PRESENT)
+            .ui(tags::AFFECTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE)
+            .us(tags::EVENT_TYPE_ID, self.event_type())
+            .build()
+    }
+
+    /// The Event Information (PS3.4 J.3.3.1).
+    fn data_set(&self, transfer_syntax: &str) -> Result<Vec<u8>, String> {
+        let item = |o: &Outcome| {
+            let mut item = InMemDicomObject::new_empty();
+            item.put(DataElement::new(
+                tags::REFERENCED_SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from(o.sop_class_uid.as_str()),
+            ));
+            item.put(DataElement::new(
+                tags::REFERENCED_SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from(o.sop_instance_uid.as_str()),
+            ));
+            if let Some(reason) = o.failure_reason {
+                item.put(DataElement::new(
+                    tags::FAILURE_REASON,
+                    VR::US,
+                    PrimitiveValue::from(reason),
+                ));
+            }
+            item
+        };
+        let mut obj = InMemDicomObject::new_empty();
+        obj.put(DataElement::new(
+            tags::TRANSACTION_UID,
+            VR::UI,
+            PrimitiveValue::from(self.transaction_uid.as_str()),
+        ));
+        let committed: Vec<InMemDicomObject> = self
+            .outcomes
+            .iter()
+            .filter(|o| o.failure_reason.is_none())
+            .map(item)
+            .collect();
+        let failed: Vec<InMemDicomObject> = self
+            .outcomes
+            .iter()
+            .filter(|o| o.failure_reason.is_some())
+            .map(item)
+            .collect();
+        if !committed.is_empty() {
+            obj.put(DataElement::new(
+                tags::REFERENCED_SOP_SEQUENCE,
+                VR::SQ,
+                DataSetSequence::from(committed),
+            ));
+        }
+        if !failed.is_empty() {
+            obj.put(DataElement::new(
+                tags::FAILED_SOP_SEQUENCE,
+                VR::SQ,
+                DataSetSequence::from(failed),
+            ));
+        }
+        identifier::encode(&obj, transfer_syntax)
+    }
+}
+
+fn n_action_response(request: &CommandSet, code: u16) -> Vec<u8> {
+    let mut b = CommandSetBuilder::default()
+        .ui(
+            tags::AFFECTED_SOP_CLASS_UID,
+            uids::STORAGE_COMMITMENT_PUSH_MODEL,
+        )
+        .us(tags::COMMAND_FIELD, command_field::N_ACTION_RSP)
+        .us(tags::MESSAGE_ID_BEING_RESPONDED_TO, request.message_id())
+        .us(tags::COMMAND_DATA_SET_TYPE, dimse::NO_DATA_SET)
+        .us(tags::STATUS, code)
+        .ui(tags::AFFECTED_SOP_INSTANCE_UID, WELL_KNOWN_INSTANCE);
+    if code == status::SUCCESS {
+        b = b.us(tags::ACTION_TYPE_ID, 1);
+    }
+    b.build()
+}
+
+/// The Storage Commitment Request (action type 1).
+pub(super) async fn n_action(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+    let requested = op
+        .command
+        .string(tags::REQUESTED_SOP_INSTANCE_UID)
+        .unwrap_or_default();
+    if requested != WELL_KNOWN_INSTANCE {
+        let r = n_action_response(op.command, 0x0112);
+        return op.send(r, None).await;
+    }
+    if op.command.u16(tags::ACTION_TYPE_ID) != Some(1) {
+        let r = n_action_response(op.command, NO_SUCH_ACTION);
+        return op.send(r, None).await;
+    }
+    let Some((transaction_uid, requested)) =
+        identifier::decode(data_set, &op.context.transfer_syntax)
+            .ok()
+            .and_then(|obj| parse_request(&obj))
+    else {
+        tracing::info!(parent: op.span, "storage commitment request without Transaction UID or references");
+        let r = n_action_response(op.command, PROCESSING_FAILURE);
+        return op.send(r, None).await;
+    };
+    let r = n_action_response(op.command, status::SUCCESS);
+    op.send(r, None).await?;
+    let outcomes = check(&op.ctx.ingest, requested).await;
+    let report = Report {
+        message_id: NEXT_MESSAGE_ID.fetch_add(1, Ordering::Relaxed).max(1),
+        transaction_uid,
+        outcomes,
+    };
+    let committed = report
+        .outcomes
+        .iter()
+        .filter(|o| o.failure_reason.is_none())
+        .count();
+    tracing::info!(
+        parent: op.span,
+        transaction_uid = %report.transaction_uid,
+        committed,
+        failed = report.outcomes.len() - committed,
+        "storage commitment"
+    );
+    let data = report.data_set(&op.context.transfer_syntax)?;
+    let command = report.command();
+    op.reports.push(report);
+    op.send(command, Some(data)).await
+}
+
+fn parse_request(obj: &InMemDicomObject) -> Option<(String, Vec<(String, String)>)> {
+    let transaction_uid = identifier::text(obj, tags::TRANSACTION_UID);
+    if transaction_uid.is_empty() {
+        return None;
+    }
+    let items = obj.element(tags::REFERENCED_SOP_SEQUENCE).ok()?.items()?;
+    let refs = items
+        .iter()
+        .map(|item| {
+            (
+                identifier::text(item, tags::REFERENCED_SOP_CLASS_UID),
+                identifier::text(item, tags::REFERENCED_SOP_INSTANCE_UID),
+            )
+        })
+        .collect();
+    Some((transaction_uid, refs))
+}
+
+/// Checks each instance: indexed (so durable: the index only lists
+/// instances whose blob was flushed first), of the class claimed, and its
+/// blob reads back with the right hash.
+async fn check(ingest: &Ingest, requested: Vec<(String, String)>) -> Vec<Outcome> {
+    let mut out = Vec::with_capacity(requested.len());
+    for (sop_class_uid, sop_instance_uid) in requested {
+        let reason = match ingest.index().instance_versions(&sop_instance_uid).await {
+            Err(e) => {
+                tracing::error!(error = %e, "storage commitment: index lookup failed");
+                Some(PROCESSING_FAILURE)
+            }
+            Ok(versions) => match versions.into_iter().find(|v| v.is_current) {
+                None => Some(NO_SUCH_OBJECT_INSTANCE),
+                Some(v) if v.sop_class_uid != sop_class_uid => Some(CLASS_INSTANCE_CONFLICT),
+                Some(v) => match ingest.store().verify(&v.blob_hash).await {
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::error!(%sop_instance_uid, error = %e, "storage commitment: blob does not verify");
+                        Some(PROCESSING_FAILURE)
+                    }
+                },
+            },
+        };
+        out.push(Outcome {
+            sop_class_uid,
+            sop_instance_uid,
+            failure_reason: reason,
+        });
+    }
+    out
+}
+
+/// An N-EVENT-REPORT-RSP arrived on the association: that report is
+/// delivered.
+pub fn acknowledged(command: &CommandSet, reports: &mut Vec<Report>, span: &tracing::Span) {
+    let id = command.u16(tags::MESSAGE_ID_BEING_RESPONDED_TO);
+    let before = reports.len();
+    reports.retain(|r| Some(r.message_id) != id);
+    if reports.len() < before {
+        tracing::info!(parent: span, status = ?command.u16(tags::STATUS), "storage commitment report acknowledged");
+    }
+}
+
+/// Sends unacknowledged reports over a new association to the SCU.
+pub fn deliver_later(reports: Vec<Report>, calling_ae_title: &str, ctx: &DicomContext) {
+    let config: Arc<NodeConfig> = ctx.config.clone();
+    let our_ae = ctx.ae_title.clone();
+    let scu = calling_ae_title.to_string();
+    tokio::spawn(async move {
+        let Some(remote) = config.remote_ae(&scu).cloned() else {
+            tracing::error!(ae_title = %scu, "storage commitment report cannot be delivered: the AE title is not in the AE directory");
+            return;
+        };
+        for report in reports {
+            let mut delivered = false;
+            // A few attempts: the modality may be between associations.
+            for attempt in 0..3u32 {
+                match deliver(&report, &our_ae, &remote, config.max_pdu_length).await {
+                    Ok(()) => {
+                        delivered = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(ae_title = %scu, attempt, error = %e, "storage commitment report not delivered yet");
+                        tokio::time::sleep(Duration::from_secs(2u64.pow(attempt))).await;
+                    }
+                }
+            }
+            if delivered {
+                tracing::info!(ae_title = %scu, transaction_uid = %report.transaction_uid, "storage commitment report delivered on a new association");
+            } else {
+                tracing::error!(ae_title = %scu, transaction_uid = %report.transaction_uid, "storage commitment report could not be delivered");
+            }
+        }
+    });
+}
+
+async fn deliver(
+    report: &Report,
+    our_ae: &str,
+    remote: &crate::config::RemoteAe,
+    max_pdu_length: u32,
+) -> Result<(), String> {
+    let mut association = ClientAssociationOptions::new()
+        .calling_ae_title(our_ae.to_string())
+        .called_ae_title(remote.ae_title.clone())
+        .max_pdu_length(max_pdu_length)
+        .connection_timeout(Duration::from_secs(10))
+        .with_presentation_context(
+            uids::STORAGE_COMMITMENT_PUSH_MODEL.to_string(),
+            vec![
+                uids::EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+                uids::IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
+            ],
+        )
+        // The node is the Storage Commitment SCP on an association it
+        // requests: it asks for the SCP role only.
+        .with_role_selection(uids::STORAGE_COMMITMENT_PUSH_MODEL.to_string(), false, true)
+        .establish_async(format!("{}:{}", remote.host, remote.port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = association.inner_stream().set_nodelay(true);
+    let Some(pc) = association
+        .presentation_contexts()
+        .iter()
+        .find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .cloned()
+    else {
+        let _ = association.abort().await;
+        return Err("the SCU accepted no Storage Commitment presentation context".into());
+    };
+    let ts = pc.transfer_syntax.trim_end_matches('\0').to_string();
+    let data = report.data_set(&ts)?;
+    association
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc.id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: report.command(),
+            }],
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut writer = association.send_pdata(pc.id);
+        writer.write_all(&data).await.map_err(|e| e.to_string())?;
+        writer.finish().await.map_err(|e| e.to_string())?;
+    }
+    let response = association.receive().await.map_err(|e| e.to_string())?;
+    let _ = association.release().await;
+    match response {
+        Pdu::PData { data }
+            if data
+                .first()
+                .is_some_and(|v| v.value_type == PDataValueType::Command) =>
+        {
+            let command = CommandSet::parse(&data[0].data).map_err(|e| e.to_string())?;
+            if command.command_field() == command_field::N_EVENT_REPORT_RSP {
+                Ok(())
+            } else {
+                Err(format!(
+                    "unexpected response {:#06x}",
+                    command.command_field()
+                ))
+            }
+        }
+        _ => Err("no N-EVENT-REPORT-RSP".into()),
+    }
+}

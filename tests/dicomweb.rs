@@ -27,7 +27,11 @@ macro_rules! on_both_backends {
     };
 }
 
-on_both_backends!(stow_rs_then_qido_and_findscu);
+on_both_backends!(
+    stow_rs_then_qido_and_findscu,
+    qido_rs_finds_what_c_store_stored,
+    wado_rs_retrieves_byte_identical,
+);
 
 const MULTIPART_DICOM: &str = "multipart/related; type=\"application/dicom\"; boundary=XyZ";
 
@@ -156,6 +160,511 @@ async fn stow_rs_then_qido_and_findscu(backend: Backend) {
     }
     let row = node.study(&study).await;
     assert_eq!(row.number_of_study_related_instances, files.len() as i64);
+
+    // QIDO-RS (dicomweb-client) finds it, with the PN groups.
+    let found = dwc(
+        &node,
+        None,
+        &["search", "studies", &format!("StudyInstanceUID={study}")],
+    )
+    .await;
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        found[0]["00100010"]["Value"][0],
+        serde_json::json!({"Alphabetic": "Zhang^San", "Ideographic": "张^三"})
+    );
+    assert_eq!(found[0]["00201208"]["Value"][0], files.len());
+
+    // dcmtk's findscu finds it too (C-FIND over the same index).
+    let output = findscu(
+        &node,
+        &[
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={study}"),
+            "-k",
+            "PatientID",
+        ],
+    )
+    .await;
+    let text = support::text(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains(&study),
+        "findscu did not return the study: {text}"
+    );
+    assert!(text.contains("HUR-100001"), "{text}");
+    node.stop().await;
+}
+
+/// dcmtk's findscu (Study Root) against the node, verbose: the responses'
+/// identifiers are in its log.
+async fn findscu(node: &TestNode, keys: &[&str]) -> std::process::Output {
+    let keys: Vec<String> = keys.iter().map(|s| s.to_string()).collect();
+    let (host, port) = (node.host(), node.port().to_string());
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new("/usr/bin/findscu")
+            .env("TCP_NODELAY", "1")
+            .args(["-v", "-S", "-aet", "FINDSCU", "-aec", "HUREN"])
+            .args(&keys)
+            .arg(host)
+            .arg(port)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run /usr/bin/findscu (Debian package dcmtk)")
+    })
+    .await
+    .unwrap()
+}
+
+/// Stores every sample by C-STORE (pynetdicom).
+async fn c_store_samples(node: &TestNode) -> Vec<support::Sample> {
+    let samples = support::samples();
+    let files: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
+    support::pynetdicom_send(node, &files).await;
+    samples
+}
+
+fn uids(results: &[Value], key: &str) -> Vec<String> {
+    let mut out: Vec<String> = results
+        .iter()
+        .map(|r| r[key]["Value"][0].as_str().unwrap_or_default().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+/// QIDO-RS through dicomweb-client over what C-STORE stored: matching
+/// (same matcher as C-FIND), includefield, limit/offset, fuzzy matching,
+/// the retrieve URLs; bad parameters are 400.
+async fn qido_rs_finds_what_c_store_stored(backend: Backend) {
+    let node = spawn_open(backend).await;
+    let samples = c_store_samples(&node).await;
+    let mut studies: Vec<String> = samples
+        .iter()
+        .map(|s| s.study_instance_uid.clone())
+        .collect();
+    studies.sort();
+    studies.dedup();
+
+    let all = dwc(&node, None, &["search", "studies"]).await;
+    assert_eq!(uids(&all, "0020000D"), studies);
+    for r in &all {
+        let url = r["00081190"]["Value"][0].as_str().unwrap();
+        assert!(
+            url.ends_with(&format!(
+                "/dicom-web/studies/{}",
+                r["0020000D"]["Value"][0].as_str().unwrap()
+            )),
+            "{url}"
+        );
+        assert_eq!(r["00080061"]["vr"], "CS");
+        assert_eq!(r["00201206"]["vr"], "IS");
+    }
+
+    let ct = &samples[0];
+    let zhang = all
+        .iter()
+        .filter(|r| r["00100020"]["Value"][0] == "HUR-100001")
+        .count();
+    assert!(zhang >= 1);
+    let cases: Vec<(Vec<&str>, usize)> = vec![
+        (vec!["PatientID=HUR-100001"], zhang),
+        (vec!["PatientName=Zhang*"], zhang),
+        (vec!["PatientName=zhang^san"], zhang),
+        (
+            vec!["StudyDate=20240101-20241231"],
+            all.iter()
+                .filter(|r| {
+                    r["00080020"]["Value"][0]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with("2024"))
+                })
+                .count(),
+        ),
+        (
+            vec!["ModalitiesInStudy=CT"],
+            all.iter()
+                .filter(|r| {
+                    r["00080061"]["Value"]
+                        .as_array()
+                        .is_some_and(|m| m.contains(&Value::from("CT")))
+                })
+                .count(),
+        ),
+        (vec!["PatientID=NOBODY"], 0),
+        (vec!["limit=2"], 2.min(studies.len())),
+        (vec!["limit=2", "offset=1"], 2.min(studies.len() - 1)),
+        (vec!["offset=100"], 0),
+    ];
+    for (params, expected) in cases {
+        let mut args = vec!["search", "studies"];
+        args.extend(params.iter().copied());
+        let found = dwc(&node, None, &args).await;
+        assert_eq!(found.len(), expected, "{params:?}: {found:?}");
+    }
+    // Fuzzy matching: a name component given as a prefix.
+    let found = dwc(
+        &node,
+        None,
+        &["search", "studies", "--fuzzy", "PatientName=zha"],
+    )
+    .await;
+    assert_eq!(found.len(), zhang);
+    let found = dwc(&node, None, &["search", "studies", "PatientName=zha"]).await;
+    assert_eq!(found.len(), 0);
+
+    // includefield=all returns every attribute the index keeps.
+    let found = dwc(
+        &node,
+        None,
+        &[
+            "search",
+            "studies",
+            "PatientID=HUR-100001",
+            "includefield=all",
+        ],
+    )
+    .await;
+    assert!(
+        found[0].get("00081030").is_some(),
+        "StudyDescription: {}",
+        found[0]
+    );
+    // A requested attribute the index does not keep comes back empty.
+    let found = dwc(
+        &node,
+        None,
+        &[
+            "search",
+            "studies",
+            "PatientID=HUR-100001",
+            "includefield=PatientAge",
+        ],
+    )
+    .await;
+    assert_eq!(found[0]["00101010"], serde_json::json!({"vr": "AS"}));
+
+    // Series and instances, within a study and across studies.
+    let series = dwc(
+        &node,
+        None,
+        &["search", "series", "--study", &ct.study_instance_uid],
+    )
+    .await;
+    let expected_series: std::collections::BTreeSet<&str> = samples
+        .iter()
+        .filter(|s| s.study_instance_uid == ct.study_instance_uid)
+        .map(|s| s.path.parent().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(series.len(), expected_series.len());
+    let instances = dwc(
+        &node,
+        None,
+        &["search", "instances", "--study", &ct.study_instance_uid],
+    )
+    .await;
+    let mut expected: Vec<String> = samples
+        .iter()
+        .filter(|s| s.study_instance_uid == ct.study_instance_uid)
+        .map(|s| s.sop_instance_uid.clone())
+        .collect();
+    expected.sort();
+    assert_eq!(uids(&instances, "00080018"), expected);
+    let one_series = series[0]["0020000E"]["Value"][0].as_str().unwrap();
+    let in_series = dwc(
+        &node,
+        None,
+        &[
+            "search",
+            "instances",
+            "--study",
+            &ct.study_instance_uid,
+            "--series",
+            one_series,
+        ],
+    )
+    .await;
+    assert!(!in_series.is_empty() && in_series.len() < instances.len());
+    let everywhere = dwc(
+        &node,
+        None,
+        &[
+            "search",
+            "instances",
+            &format!("SOPInstanceUID={}", ct.sop_instance_uid),
+        ],
+    )
+    .await;
+    assert_eq!(everywhere.len(), 1);
+    let url = everywhere[0]["00081190"]["Value"][0].as_str().unwrap();
+    assert!(
+        url.ends_with(&format!("/instances/{}", ct.sop_instance_uid)),
+        "{url}"
+    );
+    let modality = dwc(&node, None, &["search", "series", "Modality=MR"]).await;
+    assert!(modality.iter().all(|s| s["00080060"]["Value"][0] == "MR"));
+
+    // Bad parameters: 400; XML only: 406.
+    for query in [
+        "NoSuchAttribute=1",
+        "limit=x",
+        "StudyDate=yesterday",
+        "fuzzymatching=maybe",
+    ] {
+        let response = client()
+            .get(format!("{}/studies?{query}", base(&node)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{query}");
+    }
+    let response = client()
+        .get(format!("{}/studies", base(&node)))
+        .header("Accept", "application/dicom+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 406);
+    node.stop().await;
+}
+
+/// The parts of a multipart/related response, with their Content-Type.
+async fn multipart_parts(response: reqwest::Response) -> Vec<(String, Vec<u8>)> {
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("multipart/related"),
+        "{content_type}"
+    );
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let mut multipart = multer::Multipart::new(response.bytes_stream(), boundary);
+    let mut parts = Vec::new();
+    while let Some(field) = multipart.next_field().await.unwrap() {
+        let ct = field
+            .content_type()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        parts.push((ct, field.bytes().await.unwrap().to_vec()));
+    }
+    parts
+}
+
+/// WADO-RS over what C-STORE stored: dicomweb-client retrieves each study
+/// (attributes and Pixel Data equal to the files sent), raw requests get
+/// each instance byte-identical to the stored blob; metadata, bulk data,
+/// frames, rendered and thumbnail; 404/406/400.
+async fn wado_rs_retrieves_byte_identical(backend: Backend) {
+    let node = spawn_open(backend).await;
+    let samples = c_store_samples(&node).await;
+    let mut studies: Vec<&str> = samples
+        .iter()
+        .map(|s| s.study_instance_uid.as_str())
+        .collect();
+    studies.sort();
+    studies.dedup();
+    for study in &studies {
+        let files: Vec<String> = samples
+            .iter()
+            .filter(|s| s.study_instance_uid == *study)
+            .map(|s| s.path.display().to_string())
+            .collect();
+        let mut args = vec!["retrieve-study", study];
+        args.extend(files.iter().map(String::as_str));
+        let got = dwc(&node, None, &args).await;
+        assert_eq!(got.len(), files.len(), "{study}");
+        for r in &got {
+            assert_eq!(r["known"], true, "{r}");
+            assert_eq!(r["differences"], serde_json::json!([]), "{r}");
+            assert_eq!(r["pixel_data_equal"], true, "{r}");
+        }
+
+        // Byte-identical: each part is the stored blob, whose data set is
+        // the file's as sent.
+        let response = client()
+            .get(format!("{}/studies/{study}", base(&node)))
+            .header(
+                "Accept",
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let parts = multipart_parts(response).await;
+        assert_eq!(parts.len(), files.len());
+        for (ct, bytes) in &parts {
+            assert!(ct.starts_with("application/dicom"), "{ct}");
+            let meta = dicom_object::meta::FileMetaTable::from_reader(&bytes[128..]).unwrap();
+            let sop = meta.media_storage_sop_instance_uid().trim_end_matches('\0');
+            let sample = samples.iter().find(|s| s.sop_instance_uid == sop).unwrap();
+            let row = node.versions(sop).await.pop().unwrap();
+            let blob = node.ingest.store().get(&row.blob_hash).await.unwrap();
+            assert_eq!(&blob[..], &bytes[..], "{sop}: not the stored blob");
+            let original = std::fs::read(&sample.path).unwrap();
+            assert_eq!(
+                support::comparable_data_set(bytes),
+                support::comparable_data_set(&original)
+            );
+        }
+
+        // Metadata: every inline attribute as in the file, bulk data as URIs.
+        let mut args = vec!["metadata", study];
+        args.extend(files.iter().map(String::as_str));
+        let got = dwc(&node, None, &args).await;
+        assert_eq!(got.len(), files.len());
+        for r in &got {
+            assert_eq!(r["known"], true, "{r}");
+            assert_eq!(r["differences"], serde_json::json!([]), "{r}");
+        }
+    }
+
+    // Frames, bulk data and rendering, per transfer syntax.
+    let by_ts = |ts: &str| {
+        samples
+            .iter()
+            .find(|s| s.transfer_syntax_uid == ts)
+            .unwrap()
+            .clone()
+    };
+    for ts in [
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.5",
+    ] {
+        let s = by_ts(ts);
+        let got = dwc(&node, None, &["frames", &s.path.display().to_string(), "1"]).await;
+        assert_eq!(got[0]["equal"], true, "{ts}: {}", got[0]);
+    }
+    for ts in ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50"] {
+        let s = by_ts(ts);
+        let path = s.path.display().to_string();
+        let png = dwc(&node, None, &["rendered", &path, "image/png"]).await;
+        assert_eq!(png[0]["magic"], "89504e47", "{ts}");
+        let jpeg = dwc(&node, None, &["rendered", &path, "image/jpeg"]).await;
+        assert!(
+            jpeg[0]["magic"].as_str().unwrap().starts_with("ffd8"),
+            "{ts}"
+        );
+    }
+    let ct = by_ts("1.2.840.10008.1.2.1");
+    let bytes = std::fs::read(&ct.path).unwrap();
+    let obj = dicom_object::OpenFileOptions::new()
+        .from_reader(&bytes[128..])
+        .unwrap();
+    let series = obj
+        .element(dicom_dictionary_std::tags::SERIES_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let instance_url = format!(
+        "{}/studies/{}/series/{series}/instances/{}",
+        base(&node),
+        ct.study_instance_uid,
+        ct.sop_instance_uid
+    );
+    let pixel_data = obj
+        .element(dicom_dictionary_std::tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .to_vec();
+    let response = client()
+        .get(format!("{instance_url}/bulkdata/7FE00010"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let parts = multipart_parts(response).await;
+    assert_eq!(parts[0].1, pixel_data);
+    // The instance's own first window (40/400) is applied by default; a
+    // window parameter replaces it.
+    let mut rendered = Vec::new();
+    for query in [
+        "",
+        "?window=40,400",
+        "?window=-600,1500",
+        "?window=-600,1500,SIGMOID",
+    ] {
+        let response = client()
+            .get(format!("{instance_url}/rendered{query}"))
+            .header("Accept", "image/png")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{query}");
+        rendered.push(response.bytes().await.unwrap());
+    }
+    assert!(
+        rendered[0] == rendered[1],
+        "default rendering is not the instance's window"
+    );
+    assert!(rendered[1] != rendered[2], "window parameter ignored");
+    assert!(rendered[2] != rendered[3], "window function ignored");
+    let response = client()
+        .get(format!("{instance_url}/thumbnail?viewport=32,32"))
+        .header("Accept", "image/png")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let png = response.bytes().await.unwrap();
+    // PNG IHDR width and height.
+    assert_eq!(&png[16..24], &[0, 0, 0, 32, 0, 0, 0, 32]);
+
+    // Errors.
+    let cases: Vec<(String, &str, u16)> = vec![
+        (format!("{}/studies/1.2.3.4.5.6.7", base(&node)), "*/*", 404),
+        (format!("{}/studies/not-a-uid", base(&node)), "*/*", 400),
+        (
+            format!("{}/studies/{}", base(&node), ct.study_instance_uid),
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.4.90",
+            406,
+        ),
+        (
+            format!("{}/studies/{}", base(&node), ct.study_instance_uid),
+            "application/zip",
+            406,
+        ),
+        (
+            format!("{}/studies/{}/metadata", base(&node), ct.study_instance_uid),
+            "application/dicom+xml",
+            406,
+        ),
+        (format!("{instance_url}/frames/99"), "*/*", 404),
+        (format!("{instance_url}/frames/0"), "*/*", 400),
+        (
+            format!("{instance_url}/frames/1"),
+            "multipart/related; type=\"image/jpeg\"",
+            406,
+        ),
+        (format!("{instance_url}/rendered"), "image/gif", 406),
+        (
+            format!("{instance_url}/rendered?window=1"),
+            "image/png",
+            400,
+        ),
+    ];
+    for (url, accept, expected) in cases {
+        let response = client()
+            .get(&url)
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), expected, "{url} {accept}");
+    }
     node.stop().await;
 }
 
@@ -371,9 +880,4 @@ async fn tokens_scopes_and_cors() {
             .contains_key("access-control-allow-origin")
     );
     node.stop().await;
-}
-
-#[allow(dead_code)]
-fn paths(samples: &[&support::Sample]) -> Vec<PathBuf> {
-    samples.iter().map(|s| s.path.clone()).collect()
 }

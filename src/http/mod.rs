@@ -24,6 +24,8 @@ pub struct AppState {
     pub ae_title: String,
     pub ingest: Ingest,
     pub dicomweb: DicomwebConfig,
+    /// The node's matching options, the ones C-FIND uses.
+    pub match_options: crate::query::MatchOptions,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -34,6 +36,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(dicomweb::router(
             state.ingest.clone(),
             state.dicomweb.clone(),
+            state.match_options,
         ))
         // One span per request: errors logged while serving it carry its
         // method and path.

@@ -149,6 +149,10 @@ def main():
                         if key not in bulk and "InlineBinary" not in item.get(key, {}):
                             diff.append(f"{key} bulk missing")
                         continue
+                    # PS3.18 F.2.5: no "Value" for an empty attribute
+                    # (pydicom writes an empty list for sequences).
+                    if value.get("Value") == []:
+                        value = {"vr": value["vr"]}
                     if item.get(key) != value:
                         diff.append(f"{key}: {item.get(key)} != {value}")
             out({"sop_instance_uid": sop, "known": orig is not None, "differences": diff, "bulk": bulk,

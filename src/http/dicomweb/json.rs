@@ -114,6 +114,12 @@ pub fn object_json(obj: &InMemDicomObject, bulk_base: Option<&str>) -> Value {
             DicomValue::Primitive(v) if is_bulk(tag, vr, v.calculate_byte_len()) => {
                 bulk(vr, tag, bulk_base)
             }
+            // dicom-json writes IS and DS as strings; PS3.18 F.2.3 wants
+            // JSON numbers.
+            DicomValue::Primitive(v) if matches!(vr, VR::IS | VR::DS) => {
+                let values: Vec<String> = v.to_multi_str().iter().map(|s| s.to_string()).collect();
+                element_json(vr, &values)
+            }
             DicomValue::Primitive(_) => {
                 dicom_json::to_value(element).unwrap_or_else(|_| attr(vr.to_string(), vec![]))
             }

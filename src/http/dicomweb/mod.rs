@@ -27,6 +27,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::DicomwebConfig;
 use crate::ingest::Ingest;
+use crate::query::MatchOptions;
 
 /// Where DICOMweb is mounted on the HTTP port.
 pub const BASE_PATH: &str = "/dicom-web";
@@ -34,9 +35,12 @@ pub const BASE_PATH: &str = "/dicom-web";
 pub struct DicomwebState {
     pub ingest: Ingest,
     pub config: DicomwebConfig,
+    /// The node's matching options (those of C-FIND); a request's
+    /// `fuzzymatching` turns on fuzzy names for that request.
+    pub match_options: MatchOptions,
 }
 
-pub fn router(ingest: Ingest, config: DicomwebConfig) -> Router {
+pub fn router(ingest: Ingest, config: DicomwebConfig, match_options: MatchOptions) -> Router {
     if config.open {
         tracing::warn!(
             "DICOMweb is open: anyone who reaches the HTTP port can search, retrieve and store without a token"
@@ -48,7 +52,11 @@ pub fn router(ingest: Ingest, config: DicomwebConfig) -> Router {
     }
     let tokens = Arc::new(auth::Tokens::new(&config));
     let cors = cors_layer(&config);
-    let state = Arc::new(DicomwebState { ingest, config });
+    let state = Arc::new(DicomwebState {
+        ingest,
+        config,
+        match_options,
+    });
     let study = "/studies/{study}";
     let series = "/studies/{study}/series/{series}";
     let instance = "/studies/{study}/series/{series}/instances/{instance}";

@@ -40,7 +40,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         // One span per request: errors logged while serving it carry its
         // method and path.
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+            ),
+        )
 }
 
 /// 200 when the index answers, 503 otherwise; the body never carries

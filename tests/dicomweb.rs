@@ -31,6 +31,7 @@ on_both_backends!(
     stow_rs_then_qido_and_findscu,
     qido_rs_finds_what_c_store_stored,
     wado_rs_retrieves_byte_identical,
+    large_instance_through_stow_and_wado,
 );
 
 const MULTIPART_DICOM: &str = "multipart/related; type=\"application/dicom\"; boundary=XyZ";
@@ -879,5 +880,121 @@ async fn tokens_scopes_and_cors() {
             .headers()
             .contains_key("access-control-allow-origin")
     );
+    node.stop().await;
+}
+
+/// An instance over the blob store's in-memory limit (8 MiB): STOW-RS with
+/// a chunked body streamed from the file, then WADO-RS from the verified
+/// file path: the instance byte for byte, its metadata, one frame.
+async fn large_instance_through_stow_and_wado(backend: Backend) {
+    use futures::StreamExt;
+    let node = spawn_open(backend).await;
+    let big = node.dir.path().join("big.dcm");
+    let made =
+        support::tool_async(vec!["big".into(), big.display().to_string(), "12".into()]).await;
+    let uid = made[0]["sop_instance_uid"].as_str().unwrap().to_string();
+    let file = tokio::fs::File::open(&big).await.unwrap();
+    let head = bytes::Bytes::from_static(b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n");
+    let tail = bytes::Bytes::from_static(b"\r\n--XyZ--\r\n");
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) })
+        .chain(tokio_util::io::ReaderStream::new(file))
+        .chain(futures::stream::once(async move { Ok(tail) }));
+    let response = client()
+        .post(format!("{}/studies", base(&node)))
+        .header("Content-Type", MULTIPART_DICOM)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(referenced(&body), vec![uid.clone()]);
+    support::assert_stored(&node.ingest, &big, &uid).await;
+
+    let row = node.versions(&uid).await.pop().unwrap();
+    let url = format!(
+        "{}/studies/{}/series/{}/instances/{uid}",
+        base(&node),
+        row.study_instance_uid,
+        row.series_instance_uid
+    );
+    let parts = multipart_parts(client().get(&url).send().await.unwrap()).await;
+    assert_eq!(parts.len(), 1);
+    let blob = node.ingest.store().get(&row.blob_hash).await.unwrap();
+    assert!(
+        parts[0].1 == blob[..],
+        "WADO-RS bytes are not the stored blob"
+    );
+
+    let meta: Value = serde_json::from_slice(
+        &client()
+            .get(format!("{url}/metadata"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let frames = meta[0]["00280008"]["Value"][0].as_u64().unwrap();
+    assert!(frames > 2);
+    assert_eq!(
+        meta[0]["7FE00010"]["BulkDataURI"],
+        format!("{url}/bulkdata/7FE00010")
+    );
+    let parts = multipart_parts(
+        client()
+            .get(format!("{url}/frames/2"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let pattern: Vec<u8> = (0..=255u8).collect::<Vec<u8>>().repeat(512 * 512 * 2 / 256);
+    assert!(parts[0].1 == pattern, "frame 2 is not the frame written");
+    assert_eq!(parts[0].0, "application/octet-stream");
+    node.stop().await;
+}
+
+/// A corrupt blob is never served: a 500 whose body says nothing of the
+/// node's insides (the first instance of a retrieval is verified before the
+/// response starts; a later one would cut the multipart body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blob_gives_a_generic_500() {
+    let node = spawn_open(Backend::SqliteLocal).await;
+    let sample = support::samples()
+        .into_iter()
+        .find(|s| s.transfer_syntax_uid == "1.2.840.10008.1.2.1")
+        .unwrap();
+    support::pynetdicom_send(&node, std::slice::from_ref(&sample.path)).await;
+    let row = node.versions(&sample.sop_instance_uid).await.pop().unwrap();
+    let path = node
+        .config
+        .data_dir
+        .join("blobs")
+        .join(huren::storage::BlobStore::key(&row.blob_hash).as_ref());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let url = format!(
+        "{}/studies/{}/series/{}/instances/{}",
+        base(&node),
+        row.study_instance_uid,
+        row.series_instance_uid,
+        row.sop_instance_uid
+    );
+    for resource in ["", "/frames/1", "/rendered", "/metadata"] {
+        let response = client()
+            .get(format!("{url}{resource}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 500, "{resource}");
+        let body = response.text().await.unwrap();
+        assert_eq!(body, r#"{"error":"internal error"}"#, "{resource}");
+    }
     node.stop().await;
 }

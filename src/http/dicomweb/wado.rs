@@ -137,7 +137,16 @@ async fn retrieve(
     let content_type = media::multipart_content_type("application/dicom", &boundary);
     let store = state.ingest.store().clone();
     let part_boundary = boundary.clone();
-    let parts = stream::iter(locations)
+    // The first instance is opened (fetched, verified) before the response
+    // starts, so that a request whose first blob is corrupt or missing gets
+    // a status instead of a cut body.
+    let mut locations = locations.into_iter();
+    let first_loc = locations.next().expect("locate returns at least one");
+    let first_blob = store
+        .open_verified(&first_loc.blob_hash, first_loc.blob_size)
+        .await?;
+    let first = stream::once(async move { (first_loc, Ok(first_blob)) });
+    let rest = stream::iter(locations)
         .map(move |loc| {
             let store = store.clone();
             async move {
@@ -145,7 +154,9 @@ async fn retrieve(
                 (loc, blob)
             }
         })
-        .buffered(PREFETCH)
+        .buffered(PREFETCH);
+    let parts = first
+        .chain(rest)
         .flat_map(move |(loc, blob)| -> ByteStream {
             match blob {
                 Ok(blob) => {
@@ -281,7 +292,14 @@ async fn metadata(
     let base = base_url(headers);
     let store = state.ingest.store().clone();
     let count = locations.len();
-    let items = stream::iter(locations.into_iter().enumerate())
+    // The first instance is read before the response starts (a status
+    // rather than a cut body when it cannot be).
+    let mut locations = locations.into_iter().enumerate();
+    let (i0, loc0) = locations.next().expect("locate returns at least one");
+    let obj0 = open_object(&store, &loc0, Some(tags::PIXEL_DATA)).await?;
+    let base0 = base.clone();
+    let first = stream::once(async move { (i0, loc0, Ok(obj0), base0) });
+    let rest = stream::iter(locations)
         .map(move |(i, loc)| {
             let store = store.clone();
             let base = base.clone();
@@ -290,7 +308,9 @@ async fn metadata(
                 (i, loc, obj, base)
             }
         })
-        .buffered(PREFETCH)
+        .buffered(PREFETCH);
+    let items = first
+        .chain(rest)
         .map(move |(i, loc, obj, base)| match obj {
             Ok(obj) => {
                 let url = instance_url(&base, &loc);

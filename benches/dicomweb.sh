@@ -140,7 +140,8 @@ PY
     printf '| files from disk, O_DIRECT (the disk) | %.0f | %.2f |\n' "$dd_" "$(echo "$wd / $dd_" | bc -l)"
     printf '| WADO-RS (curl, body discarded) | %.0f | |\n' "$wd"
     echo
-    echo "node peak RSS: ${rss} MB; raw runs (MB/s): warm ${disk_warm[*]}; direct ${disk_direct[*]}; WADO ${wado[*]}"
+    fmt() { for x in "$@"; do printf '%.0f ' "$x"; done; }
+    echo "node peak RSS: ${rss} MB; runs (MB/s): warm $(fmt "${disk_warm[@]}"); direct $(fmt "${disk_direct[@]}"); WADO-RS $(fmt "${wado[@]}")"
 fi
 
 if [[ ",$modes," == *",qido,"* ]]; then
@@ -158,5 +159,8 @@ if [[ ",$modes," == *",qido,"* ]]; then
     echo "$result" | "$PYTHON" -c '
 import json, sys
 for kind, r in json.load(sys.stdin).items():
-    print(f"| {kind} | {r[\"mean_matches\"]:.1f} | {r[\"cfind_p50\"]} | {r[\"qido_p50\"]} | {r[\"qido_p50\"] - r[\"cfind_p50\"]:+.2f} | {r[\"cfind_p99\"]} | {r[\"qido_p99\"]} |")'
+    d = r["qido_p50"] - r["cfind_p50"]
+    print("| %s | %.1f | %s | %s | %+.2f | %s | %s |" % (kind, r["mean_matches"], r["cfind_p50"], r["qido_p50"], d, r["cfind_p99"], r["qido_p99"]))'
+    echo
+    echo "raw: $result"
 fi

@@ -70,6 +70,15 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Responses stream in several writes (a QIDO-RS result array, WADO-RS
+    // parts): with Nagle's algorithm on, the last small write waits for the
+    // client's delayed ACK (~40 ms on loopback).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -442,6 +442,140 @@ pub fn frames_of(obj: &DefaultDicomObject) -> Result<Vec<Vec<u8>>, Error> {
     }
 }
 
+/// Counts the bytes read through it: where the pixel data starts.
+struct Counting<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: io::Read> io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Frames of native (uncompressed, little endian, not deflated) pixel data
+/// read straight from the verified blob: the header is parsed up to Pixel
+/// Data, then only the requested frames are read, so memory holds the
+/// frames asked for, never the whole instance. `None` when the instance is
+/// not of that kind (the caller parses it whole).
+async fn native_frames(
+    store: &BlobStore,
+    loc: &InstanceLocation,
+    numbers: Vec<usize>,
+) -> Result<Option<Vec<Vec<u8>>>, Error> {
+    let ts_uid = loc.transfer_syntax_uid.clone();
+    if !matches!(ts_uid.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1") {
+        return Ok(None);
+    }
+    let blob = store.open_verified(&loc.blob_hash, loc.blob_size).await?;
+    let reader: Box<dyn io::Read + Send> = match blob {
+        VerifiedBlob::Memory(bytes) => Box::new(io::Cursor::new(bytes)),
+        other => Box::new(tokio_util::io::SyncIoBridge::new(other.into_reader())),
+    };
+    let task = tokio::task::spawn_blocking(move || read_native_frames(reader, &ts_uid, &numbers));
+    match task.await {
+        Ok(Ok(frames)) => Ok(frames),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(Error::Internal(format!("frame task: {e}"))),
+    }
+}
+
+fn read_native_frames(
+    mut reader: Box<dyn io::Read + Send>,
+    ts_uid: &str,
+    numbers: &[usize],
+) -> Result<Option<Vec<Vec<u8>>>, Error> {
+    use dicom_core::Length;
+    use dicom_encoding::transfer_syntax::TransferSyntaxIndex as _;
+    use dicom_parser::dataset::{DataSetReader, DataToken};
+    use std::io::Read as _;
+    let internal = |e: &dyn std::fmt::Display| Error::Internal(format!("stored instance: {e}"));
+    let mut head = [0u8; 144];
+    reader.read_exact(&mut head).map_err(|e| internal(&e))?;
+    let meta_len =
+        crate::part10::file_meta_len(&head).ok_or_else(|| internal(&"not a Part-10 object"))?;
+    io::copy(
+        &mut io::Read::take(&mut reader, (meta_len - 144) as u64),
+        &mut io::sink(),
+    )
+    .map_err(|e| internal(&e))?;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(ts_uid)
+        .ok_or_else(|| internal(&"unknown transfer syntax"))?;
+    let mut counting = Counting {
+        inner: reader,
+        count: 0,
+    };
+    let (mut rows, mut columns, mut samples, mut bits, mut frames) = (0u64, 0u64, 1u64, 0u64, 1u64);
+    let mut pixel_len = None;
+    {
+        let tokens = DataSetReader::new_with_ts(&mut counting, ts).map_err(|e| internal(&e))?;
+        let mut depth = 0usize;
+        let mut current = None;
+        for token in tokens {
+            match token.map_err(|e| internal(&e))? {
+                DataToken::SequenceStart { .. } | DataToken::PixelSequenceStart => depth += 1,
+                DataToken::SequenceEnd => depth = depth.saturating_sub(1),
+                DataToken::ElementHeader(h) if depth == 0 && h.tag == tags::PIXEL_DATA => {
+                    pixel_len = match h.len {
+                        Length(n) if h.len.is_defined() => Some(u64::from(n)),
+                        _ => return Ok(None),
+                    };
+                    break;
+                }
+                DataToken::ElementHeader(h) if depth == 0 => current = Some(h.tag),
+                DataToken::PrimitiveValue(v) if depth == 0 => {
+                    let n = || v.to_int::<u64>().unwrap_or(0);
+                    match current.take() {
+                        Some(t) if t == tags::ROWS => rows = n(),
+                        Some(t) if t == tags::COLUMNS => columns = n(),
+                        Some(t) if t == tags::SAMPLES_PER_PIXEL => samples = n(),
+                        Some(t) if t == tags::BITS_ALLOCATED => bits = n(),
+                        Some(t) if t == tags::NUMBER_OF_FRAMES => frames = n().max(1),
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let Some(pixel_len) = pixel_len else {
+        return Err(Error::NotFound("pixel data"));
+    };
+    if bits == 0 || bits % 8 != 0 {
+        return Ok(None);
+    }
+    let frame_size = rows * columns * samples * (bits / 8);
+    if frame_size == 0 || frame_size * frames > pixel_len {
+        return Ok(None);
+    }
+    if numbers.iter().any(|n| *n as u64 > frames) {
+        return Err(Error::NotFound("frame"));
+    }
+    // Read in ascending order, answer in the order asked.
+    let mut order: Vec<usize> = numbers.to_vec();
+    order.sort_unstable();
+    order.dedup();
+    let mut read = std::collections::BTreeMap::new();
+    let mut position = 0u64; // within the pixel data
+    for n in order {
+        let start = (n as u64 - 1) * frame_size;
+        io::copy(
+            &mut io::Read::take(&mut counting, start - position),
+            &mut io::sink(),
+        )
+        .map_err(|e| internal(&e))?;
+        let mut frame = vec![0u8; frame_size as usize];
+        counting.read_exact(&mut frame).map_err(|e| internal(&e))?;
+        position = start + frame_size;
+        read.insert(n, frame);
+    }
+    Ok(Some(numbers.iter().map(|n| read[n].clone()).collect()))
+}
+
 /// `1,3,5` (1-based) as frame numbers.
 fn frame_list(s: &str) -> Result<Vec<usize>, Error> {
     s.split(',')
@@ -499,6 +633,9 @@ pub async fn frames(
         return Err(Error::NotAcceptable(format!(
             "frames of this instance are served as multipart/related; type=\"{part_type}\""
         )));
+    }
+    if let Some(frames) = native_frames(state.ingest.store(), &loc, numbers.clone()).await? {
+        return Ok(octet_parts(part_type, &loc.transfer_syntax_uid, frames));
     }
     let obj = open_object(state.ingest.store(), &loc, None).await?;
     let all = frames_of(&obj)?;
@@ -583,6 +720,77 @@ pub async fn bulkdata(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Part-10 object of three 2x2 8-bit frames: 1s, 2s and 3s.
+    fn three_frames() -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+        let mut obj = InMemDicomObject::new_empty();
+        let put = |obj: &mut InMemDicomObject, tag, vr, v: PrimitiveValue| {
+            obj.put(DataElement::new(tag, vr, v));
+        };
+        put(
+            &mut obj,
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.7.2".into(),
+        );
+        put(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4".into());
+        put(
+            &mut obj,
+            tags::SAMPLES_PER_PIXEL,
+            VR::US,
+            PrimitiveValue::from(1u16),
+        );
+        put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, "3".into());
+        put(&mut obj, tags::ROWS, VR::US, PrimitiveValue::from(2u16));
+        put(&mut obj, tags::COLUMNS, VR::US, PrimitiveValue::from(2u16));
+        put(
+            &mut obj,
+            tags::BITS_ALLOCATED,
+            VR::US,
+            PrimitiveValue::from(8u16),
+        );
+        let pixels: Vec<u8> = [1u8, 2, 3].iter().flat_map(|v| [*v; 4]).collect();
+        put(
+            &mut obj,
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::from(pixels),
+        );
+        let file = obj
+            .with_meta(
+                FileMetaTableBuilder::new()
+                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7.2")
+                    .media_storage_sop_instance_uid("1.2.3.4"),
+            )
+            .unwrap();
+        let mut out = Vec::new();
+        file.write_all(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn native_frames_are_read_without_the_rest() {
+        let bytes = three_frames();
+        let read = |numbers: &[usize]| {
+            read_native_frames(
+                Box::new(io::Cursor::new(bytes.clone())),
+                "1.2.840.10008.1.2.1",
+                numbers,
+            )
+        };
+        assert_eq!(
+            read(&[3, 1]).unwrap().unwrap(),
+            vec![vec![3u8; 4], vec![1u8; 4]]
+        );
+        assert_eq!(
+            read(&[2, 2]).unwrap().unwrap(),
+            vec![vec![2u8; 4], vec![2u8; 4]]
+        );
+        assert_eq!(read(&[4]).unwrap_err().status().as_u16(), 404);
+    }
 
     #[test]
     fn retrieve_negotiation() {

@@ -954,6 +954,21 @@ async fn large_instance_through_stow_and_wado(backend: Backend) {
     let pattern: Vec<u8> = (0..=255u8).collect::<Vec<u8>>().repeat(512 * 512 * 2 / 256);
     assert!(parts[0].1 == pattern, "frame 2 is not the frame written");
     assert_eq!(parts[0].0, "application/octet-stream");
+    // One frame of it rendered (only that frame is read).
+    let response = client()
+        .get(format!("{url}/frames/2/rendered"))
+        .header("Accept", "image/png")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(&response.bytes().await.unwrap()[..4], b"\x89PNG");
+    let response = client()
+        .get(format!("{url}/frames/{}/rendered", frames + 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
     node.stop().await;
 }
 

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use dicom_pixeldata::image::{DynamicImage, ImageFormat, codecs::jpeg::JpegEncoder};
 use dicom_pixeldata::{ConvertOptions, PixelDecoder, VoiLutFunction, VoiLutOption, WindowLevel};
 
-use super::wado::{locate, open_object_full};
+use super::wado::{locate, native_frames, open_object, open_object_full};
 use super::{DicomwebState, media};
 use crate::http::error::Error;
 
@@ -163,6 +163,44 @@ pub async fn frame_thumbnail(
     render(s, h, p, study, series, instance, frame, true).await
 }
 
+/// For native pixel data, the instance's header with only the one frame
+/// to render as its pixel data: a large multi-frame instance is not read
+/// whole. `None` for other transfer syntaxes.
+async fn single_native_frame(
+    store: &crate::storage::BlobStore,
+    loc: &crate::query::InstanceLocation,
+    frame: u32,
+) -> Result<Option<dicom_object::DefaultDicomObject>, Error> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let Some(mut frames) = native_frames(store, loc, vec![frame as usize]).await? else {
+        return Ok(None);
+    };
+    let mut obj = open_object(store, loc, Some(tags::PIXEL_DATA)).await?;
+    let bits = obj
+        .element(tags::BITS_ALLOCATED)
+        .ok()
+        .and_then(|e| e.to_int::<u16>().ok())
+        .unwrap_or(8);
+    let pixels = frames.remove(0);
+    let value = if bits > 8 {
+        let words = pixels
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect::<Vec<u16>>();
+        DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(words.into()))
+    } else {
+        DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels))
+    };
+    obj.put(value);
+    obj.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from("1"),
+    ));
+    Ok(Some(obj))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn render(
     State(state): State<Arc<DicomwebState>>,
@@ -178,7 +216,10 @@ async fn render(
     let loc = locate(&state, &study, Some(&series), Some(&instance))
         .await?
         .remove(0);
-    let obj = open_object_full(state.ingest.store(), &loc).await?;
+    let (obj, frame) = match single_native_frame(state.ingest.store(), &loc, frame).await? {
+        Some(obj) => (obj, 1),
+        None => (open_object_full(state.ingest.store(), &loc).await?, frame),
+    };
     let format = options.format;
     let encoded = tokio::task::spawn_blocking(move || encode(&obj, frame, &options))
         .await

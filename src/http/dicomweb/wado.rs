@@ -210,7 +210,7 @@ fn multipart_response(
 
 /// Parses a stored instance, up to (not including) `until` when given,
 /// reading the verified blob on a blocking thread.
-async fn open_object(
+pub async fn open_object(
     store: &BlobStore,
     loc: &InstanceLocation,
     until: Option<Tag>,
@@ -461,7 +461,7 @@ impl<R: io::Read> io::Read for Counting<R> {
 /// Data, then only the requested frames are read, so memory holds the
 /// frames asked for, never the whole instance. `None` when the instance is
 /// not of that kind (the caller parses it whole).
-async fn native_frames(
+pub async fn native_frames(
     store: &BlobStore,
     loc: &InstanceLocation,
     numbers: Vec<usize>,

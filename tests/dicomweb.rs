@@ -692,6 +692,13 @@ async fn stow_rs_bad_inputs() {
     assert_eq!(status, 409, "{body}");
     assert_eq!(failure_reasons(&body), vec![0xC000]);
 
+    // A part announcing a 4 GB file meta group: C000, not buffered.
+    let mut huge_meta = good_bytes.clone();
+    huge_meta[140..144].copy_from_slice(&u32::MAX.to_le_bytes());
+    let (status, body) = post_stow(&node, "/studies", multipart(&[&huge_meta])).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(failure_reasons(&body), vec![0xC000]);
+
     // A truncated part (cut in the middle of its pixel data): C000.
     let cut = &good_bytes[..good_bytes.len() - 1000];
     let (status, body) = post_stow(&node, "/studies", multipart(&[cut])).await;

@@ -31,6 +31,10 @@ use crate::types::Uid;
 /// find the Study and Series Instance UIDs of any sane header.
 const HEAD_LIMIT: usize = 64 * 1024;
 
+/// Largest file meta group taken (they are a few hundred bytes): a part
+/// announcing more is not read into memory in the hope of one.
+const MAX_META: usize = 64 * 1024;
+
 /// The fragment size handed to the ingest path (a C-STORE's PDU is
 /// similar).
 const FRAGMENT: usize = 128 * 1024;
@@ -176,12 +180,13 @@ async fn store_part(
     let mut head: Vec<u8> = Vec::new();
     let mut ended = false;
     loop {
-        if let Some(meta_len) = part10::file_meta_len(&head)
+        let meta_len = part10::file_meta_len(&head).filter(|l| *l <= MAX_META);
+        if let Some(meta_len) = meta_len
             && head.len() >= meta_len + HEAD_LIMIT
         {
             break;
         }
-        if head.len() >= 144 && part10::file_meta_len(&head).is_none() {
+        if head.len() >= 144 && meta_len.is_none() {
             break;
         }
         match field.chunk().await? {
@@ -303,7 +308,7 @@ async fn drain(field: &mut multer::Field<'_>) -> Result<(), multer::Error> {
 /// The file meta group's length, SOP Class, SOP Instance and transfer
 /// syntax UIDs, or `None` when the part is not a Part-10 file.
 fn read_meta(head: &[u8]) -> Option<(usize, Uid, Uid, Uid)> {
-    let meta_len = part10::file_meta_len(head)?;
+    let meta_len = part10::file_meta_len(head).filter(|l| *l <= MAX_META)?;
     if head.len() < meta_len {
         return None;
     }

@@ -7,24 +7,7 @@ use std::path::PathBuf;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{self, Backend, TestNode};
-
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite_local() {
-                    super::$name(crate::support::Backend::SqliteLocal).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_s3() {
-                    super::$name(crate::support::Backend::PostgresS3).await
-                }
-            }
-        )*
-    };
-}
+use crate::support::{self, Backend, TestNode, on_both_backends};
 
 on_both_backends!(
     sample_studies_via_storescu,

@@ -7,5 +7,6 @@ mod cli;
 mod dicomweb;
 mod ingest;
 mod negotiation;
+mod query_retrieve;
 mod storage_config;
 mod support;

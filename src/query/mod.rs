@@ -824,10 +824,12 @@ fn sql_condition(
 }
 
 /// Narrows the rows a person-name pattern can match, using the name
-/// indexes where the pattern allows. A pattern in ASCII without `=` starts
-/// the Alphabetic group, so its literal prefix bounds the stored value; any
-/// other pattern can match inside a later group, so only a substring test
-/// is possible.
+/// indexes where the pattern allows. A pattern in ASCII without `=` is
+/// matched against the Alphabetic group, which starts the stored value, so
+/// the literal prefix of its family name component bounds it; any other
+/// pattern can match inside a later group, so only a substring test is
+/// possible. (An ASCII pattern therefore does not find a name whose only
+/// Latin spelling is in the Phonetic group; conformance.md says so.)
 fn name_prefilter(
     expr: &str,
     pattern: &str,
@@ -851,13 +853,10 @@ fn name_prefilter(
             s.to_string()
         }
     };
-    let prefix = literal_prefix(pattern);
-    let prefix = if options.fuzzy_names {
-        // Fuzzy: the first component is itself a prefix.
-        prefix.split('^').next().unwrap_or("")
-    } else {
-        prefix
-    };
+    // Only the family name component is sure to start the stored value:
+    // component-wise matching lets later components sit anywhere.
+    let first_component = pattern.split('^').next().unwrap_or("");
+    let prefix = literal_prefix(first_component);
     if !prefix.is_empty() && prefix.is_ascii() && !pattern.contains('=') {
         let lo = fold(prefix);
         let hi = format!("{lo}\u{10FFFF}");

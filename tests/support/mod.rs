@@ -182,18 +182,43 @@ pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// Runs each test of a module once per backend pair: a test `name(backend)`
+/// becomes `name::sqlite_local` and `name::postgres_s3`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite_local() {
+                    super::$name(crate::support::Backend::SqliteLocal).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_s3() {
+                    super::$name(crate::support::Backend::PostgresS3).await
+                }
+            }
+        )*
+    };
+}
+pub(crate) use on_both_backends;
+
 /// Runs tests/support/dicom_tool.py (pynetdicom/pydicom) and returns its
 /// JSON lines. Fails the test when the tool fails.
 pub fn tool(args: &[&str]) -> Vec<Value> {
+    python_tool("dicom_tool.py", args)
+}
+
+/// Runs a Python tool of tests/support and returns its JSON lines.
+pub fn python_tool(script: &str, args: &[&str]) -> Vec<Value> {
     let output = Command::new(env("HUREN_TEST_PYTHON"))
-        .arg(repo_path("tests/support/dicom_tool.py"))
+        .arg(repo_path(&format!("tests/support/{script}")))
         .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("run dicom_tool.py");
     assert!(
         output.status.success(),
-        "dicom_tool.py {:?} failed: {}\n{}",
+        "{script} {:?} failed: {}\n{}",
         args.first(),
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)

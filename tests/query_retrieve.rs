@@ -1,0 +1,980 @@
+//! Query/retrieve with real peers: dcmtk's findscu, movescu (to dcmtk's
+//! storescp), getscu, and pynetdicom for C-CANCEL and storage commitment.
+//! The query tests run on both backend pairs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::support::{self, Backend, TestNode, on_both_backends};
+use huren::config::RemoteAe;
+
+/// One generated study of the query corpus (tests/support/qr_tool.py).
+#[derive(Debug, Clone)]
+struct CorpusStudy {
+    key: String,
+    study_instance_uid: String,
+    series: Vec<(String, String, usize)>,
+    files: Vec<PathBuf>,
+}
+
+fn corpus(dir: &Path) -> Vec<CorpusStudy> {
+    support::python_tool("qr_tool.py", &["corpus", dir.to_str().unwrap()])
+        .into_iter()
+        .map(|v| CorpusStudy {
+            key: v["key"].as_str().unwrap().to_string(),
+            study_instance_uid: v["study_instance_uid"].as_str().unwrap().to_string(),
+            series: v["series"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    (
+                        s["series_instance_uid"].as_str().unwrap().to_string(),
+                        s["modality"].as_str().unwrap().to_string(),
+                        s["count"].as_u64().unwrap() as usize,
+                    )
+                })
+                .collect(),
+            files: v["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| PathBuf::from(f.as_str().unwrap()))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Generates the corpus and stores it with storescu.
+async fn stored_corpus(node: &TestNode) -> (tempfile::TempDir, Vec<CorpusStudy>) {
+    let dir = tempfile::tempdir().unwrap();
+    let studies = corpus(dir.path());
+    let files: Vec<String> = studies
+        .iter()
+        .flat_map(|s| s.files.iter().map(|f| f.display().to_string()))
+        .collect();
+    let output = support::storescu(node.dicom_addr, Vec::new(), files).await;
+    assert!(output.status.success(), "{}", support::text(&output));
+    (dir, studies)
+}
+
+/// The result of one findscu run: the responses' identifiers (decoded by
+/// pydicom) and every DIMSE status it printed, the final one last.
+struct Found {
+    responses: Vec<BTreeMap<String, Value>>,
+    statuses: Vec<u16>,
+    log: String,
+}
+
+impl Found {
+    fn final_status(&self) -> u16 {
+        *self.statuses.last().expect("a final status")
+    }
+
+    fn values(&self, keyword: &str) -> BTreeSet<String> {
+        self.responses
+            .iter()
+            .map(|r| {
+                r.get(keyword)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+/// Runs findscu (`-S` Study Root or `-P` Patient Root) with keys given as
+/// raw bytes, so that a GB18030 value reaches the node as GB18030.
+fn findscu(node: &TestNode, model: &str, keys: &[Vec<u8>]) -> Found {
+    let out = tempfile::tempdir().unwrap();
+    let mut args: Vec<OsString> = vec![
+        "-d".into(),
+        model.into(),
+        "-X".into(),
+        "-od".into(),
+        out.path().into(),
+        "-aec".into(),
+        "HUREN".into(),
+        node.host().into(),
+        node.port().to_string().into(),
+    ];
+    for k in keys {
+        args.push("-k".into());
+        args.push(OsString::from_vec(k.clone()));
+    }
+    let output = Command::new("/usr/bin/findscu")
+        .args(&args)
+        .env("TCP_NODELAY", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = support::text(&output);
+    let statuses = log
+        .lines()
+        .filter_map(|l| l.split("DIMSE Status").nth(1))
+        .filter_map(|rest| {
+            let hex = rest.split("0x").nth(1)?;
+            u16::from_str_radix(&hex[..4], 16).ok()
+        })
+        .collect();
+    let responses = support::python_tool("qr_tool.py", &["dump", out.path().to_str().unwrap()])
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect();
+    Found {
+        responses,
+        statuses,
+        log,
+    }
+}
+
+fn k(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+/// `PatientName=<value>` with the value encoded in GB18030.
+fn gb18030_key(keyword: &str, value: &str) -> Vec<u8> {
+    let mut out = format!("{keyword}=").into_bytes();
+    let python = support::env("HUREN_TEST_PYTHON");
+    let encoded = Command::new(python)
+        .args([
+            "-c",
+            "import sys; sys.stdout.buffer.write(sys.argv[1].encode('gb18030'))",
+            value,
+        ])
+        .output()
+        .unwrap();
+    out.extend_from_slice(&encoded.stdout);
+    out
+}
+
+on_both_backends!(
+    c_find_matching_types,
+    c_find_levels_and_counts,
+    study_moved_and_fetched_byte_identical,
+    storage_commitment_reports,
+);
+
+/// Table-driven: each matching type of PS3.4 C.2.2.2, on the study level.
+async fn c_find_matching_types(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let (_dir, studies) = stored_corpus(&node).await;
+    let uid = |key: &str| {
+        studies
+            .iter()
+            .find(|s| s.key == key)
+            .unwrap()
+            .study_instance_uid
+            .clone()
+    };
+    let key_of: BTreeMap<String, String> = studies
+        .iter()
+        .map(|s| (s.study_instance_uid.clone(), s.key.clone()))
+        .collect();
+    // (case, keys, the studies expected)
+    type Case<'a> = (&'a str, Vec<Vec<u8>>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
+        ("single value", vec![k("PatientID=QR-001")], &["S1", "S2"]),
+        ("universal", vec![k("PatientID")], &["S1", "S2", "S3", "S4"]),
+        (
+            "wildcard *",
+            vec![k("PatientID=QR-00*")],
+            &["S1", "S2", "S3", "S4"],
+        ),
+        (
+            "wildcard ?",
+            vec![k("AccessionNumber=ACC?")],
+            &["S1", "S2", "S3"],
+        ),
+        ("case-sensitive text", vec![k("AccessionNumber=acc1")], &[]),
+        (
+            "date range",
+            vec![k("StudyDate=20240101-20240131")],
+            &["S1", "S4"],
+        ),
+        (
+            "open date range, from",
+            vec![k("StudyDate=20240301-")],
+            &["S2"],
+        ),
+        (
+            "open date range, to",
+            vec![k("StudyDate=-20231231")],
+            &["S3"],
+        ),
+        ("single date", vec![k("StudyDate=20240106")], &["S4"]),
+        ("time range", vec![k("StudyTime=0800-0900")], &["S1"]),
+        (
+            "time range to the minute",
+            vec![k("StudyTime=2200-2300")],
+            &["S4"],
+        ),
+        (
+            "list of UIDs",
+            vec![format!("StudyInstanceUID={}\\{}", uid("S1"), uid("S3")).into_bytes()],
+            &["S1", "S3"],
+        ),
+        (
+            "modalities in study",
+            vec![k("ModalitiesInStudy=MR")],
+            &["S2"],
+        ),
+        (
+            "modalities in study, list",
+            vec![k("ModalitiesInStudy=CT\\DX")],
+            &["S1", "S3", "S4"],
+        ),
+        (
+            "PN case-insensitive prefix",
+            vec![k("PatientName=wang*")],
+            &["S1", "S2"],
+        ),
+        (
+            "PN component-wise",
+            vec![k("PatientName=WANG^XIAO*")],
+            &["S1", "S2"],
+        ),
+        (
+            "PN family name only",
+            vec![k("PatientName=o'brien")],
+            &["S4"],
+        ),
+        ("PN given name only", vec![k("PatientName=^Na")], &["S3"]),
+        (
+            "PN ideographic, UTF-8 query",
+            vec![k("SpecificCharacterSet=ISO_IR 192"), k("PatientName=王*")],
+            &["S1", "S2"],
+        ),
+        (
+            "PN ideographic, GB18030 query",
+            vec![
+                k("SpecificCharacterSet=GB18030"),
+                gb18030_key("PatientName", "李^娜"),
+            ],
+            &["S3"],
+        ),
+        ("PN no match", vec![k("PatientName=Zhou*")], &[]),
+        (
+            "two keys",
+            vec![k("PatientID=QR-001"), k("ModalitiesInStudy=CT")],
+            &["S1"],
+        ),
+    ];
+    for (name, keys, expected) in cases {
+        let mut all = vec![k("QueryRetrieveLevel=STUDY"), k("StudyInstanceUID")];
+        all.extend(keys);
+        let found = findscu(&node, "-S", &all);
+        assert_eq!(found.final_status(), 0x0000, "{name}: {}", found.log);
+        let got: BTreeSet<String> = found
+            .values("StudyInstanceUID")
+            .iter()
+            .map(|u| key_of.get(u).cloned().unwrap_or_else(|| u.clone()))
+            .collect();
+        let expected: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+        assert_eq!(got, expected, "{name}");
+        // Every Pending response, then Success.
+        assert_eq!(found.statuses.len(), expected.len() + 1, "{name}");
+    }
+
+    // Names come back decoded as stored, in the character set the query
+    // used: GB18030 in, GB18030 out.
+    let found = findscu(
+        &node,
+        "-S",
+        &[
+            k("QueryRetrieveLevel=STUDY"),
+            k("SpecificCharacterSet=GB18030"),
+            gb18030_key("PatientName", "李*"),
+            k("StudyDescription"),
+        ],
+    );
+    assert_eq!(found.responses.len(), 1, "{}", found.log);
+    let r = &found.responses[0];
+    assert_eq!(r["SpecificCharacterSet"], "GB18030");
+    assert_eq!(r["PatientName"], "Li^Na=李^娜");
+    assert_eq!(r["StudyDescription"], "胸部正位");
+    assert_eq!(r["QueryRetrieveLevel"], "STUDY");
+    assert_eq!(r["RetrieveAETitle"], node.config.ae_title.as_str());
+    // A UTF-8 name asked for with the default character set comes back in
+    // UTF-8, declared.
+    let found = findscu(
+        &node,
+        "-S",
+        &[
+            k("QueryRetrieveLevel=STUDY"),
+            k("PatientID=QR-001"),
+            k("PatientName"),
+        ],
+    );
+    assert_eq!(found.responses.len(), 2);
+    for r in &found.responses {
+        assert_eq!(r["SpecificCharacterSet"], "ISO_IR 192");
+        assert_eq!(r["PatientName"], "Wang^Xiaoming=王^小明");
+    }
+    node.stop().await;
+}
+
+/// Every level, with the computed counts, in both information models.
+async fn c_find_levels_and_counts(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let (_dir, studies) = stored_corpus(&node).await;
+    let s1 = studies.iter().find(|s| s.key == "S1").unwrap();
+
+    let patients = findscu(
+        &node,
+        "-P",
+        &[
+            k("QueryRetrieveLevel=PATIENT"),
+            k("PatientID=QR-001"),
+            k("PatientName"),
+            k("PatientBirthDate"),
+            k("NumberOfPatientRelatedStudies"),
+            k("NumberOfPatientRelatedSeries"),
+            k("NumberOfPatientRelatedInstances"),
+        ],
+    );
+    assert_eq!(patients.final_status(), 0x0000, "{}", patients.log);
+    assert_eq!(patients.responses.len(), 1);
+    let p = &patients.responses[0];
+    assert_eq!(p["NumberOfPatientRelatedStudies"], "2");
+    assert_eq!(p["NumberOfPatientRelatedSeries"], "3");
+    assert_eq!(p["NumberOfPatientRelatedInstances"], "7");
+    assert_eq!(p["PatientBirthDate"], "19800101");
+
+    let study = findscu(
+        &node,
+        "-S",
+        &[
+            k("QueryRetrieveLevel=STUDY"),
+            format!("StudyInstanceUID={}", s1.study_instance_uid).into_bytes(),
+            k("ModalitiesInStudy"),
+            k("SOPClassesInStudy"),
+            k("NumberOfStudyRelatedSeries"),
+            k("NumberOfStudyRelatedInstances"),
+            k("InstanceAvailability"),
+            // Not kept by the index: returned empty (PS3.4 C.2.2.1.1).
+            k("InstitutionName"),
+        ],
+    );
+    assert_eq!(study.responses.len(), 1, "{}", study.log);
+    let r = &study.responses[0];
+    assert_eq!(r["ModalitiesInStudy"], "CT");
+    assert_eq!(r["SOPClassesInStudy"], "1.2.840.10008.5.1.4.1.1.2");
+    assert_eq!(r["NumberOfStudyRelatedSeries"], "2");
+    assert_eq!(r["NumberOfStudyRelatedInstances"], "5");
+    assert_eq!(r["InstanceAvailability"], "ONLINE");
+    assert_eq!(r["InstitutionName"], "");
+    // A key the index does not know: Pending 0xFF01, not 0xFF00.
+    assert_eq!(study.statuses[0], 0xFF01);
+
+    // Patient Root, STUDY level under the patient.
+    let studies_of_patient = findscu(
+        &node,
+        "-P",
+        &[
+            k("QueryRetrieveLevel=STUDY"),
+            k("PatientID=QR-001"),
+            k("StudyInstanceUID"),
+        ],
+    );
+    assert_eq!(studies_of_patient.responses.len(), 2);
+    assert_eq!(studies_of_patient.statuses[0], 0xFF00);
+
+    let series = findscu(
+        &node,
+        "-S",
+        &[
+            k("QueryRetrieveLevel=SERIES"),
+            format!("StudyInstanceUID={}", s1.study_instance_uid).into_bytes(),
+            k("SeriesInstanceUID"),
+            k("Modality"),
+            k("SeriesNumber"),
+            k("NumberOfSeriesRelatedInstances"),
+        ],
+    );
+    let got: BTreeSet<(String, String, String)> = series
+        .responses
+        .iter()
+        .map(|r| {
+            (
+                r["SeriesInstanceUID"].as_str().unwrap().to_string(),
+                r["Modality"].as_str().unwrap().to_string(),
+                r["NumberOfSeriesRelatedInstances"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, String, String)> = s1
+        .series
+        .iter()
+        .map(|(uid, modality, count)| (uid.clone(), modality.clone(), count.to_string()))
+        .collect();
+    assert_eq!(got, expected);
+
+    let (series_uid, _, count) = &s1.series[0];
+    let images = findscu(
+        &node,
+        "-S",
+        &[
+            k("QueryRetrieveLevel=IMAGE"),
+            format!("StudyInstanceUID={}", s1.study_instance_uid).into_bytes(),
+            format!("SeriesInstanceUID={series_uid}").into_bytes(),
+            k("SOPInstanceUID"),
+            k("SOPClassUID"),
+            k("InstanceNumber=2"),
+        ],
+    );
+    assert_eq!(images.final_status(), 0x0000);
+    assert_eq!(images.responses.len(), 1, "InstanceNumber=2 of {count}");
+    assert_eq!(images.responses[0]["InstanceNumber"], "2");
+    let all_images = findscu(
+        &node,
+        "-S",
+        &[
+            k("QueryRetrieveLevel=IMAGE"),
+            format!("SeriesInstanceUID={series_uid}").into_bytes(),
+            k("SOPInstanceUID"),
+        ],
+    );
+    assert_eq!(all_images.responses.len(), *count);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_find_refusals_limit_and_cancel() {
+    let node = support::spawn_node_with(Backend::SqliteLocal, |c| c.max_query_matches = 2).await;
+    let (_dir, _studies) = stored_corpus(&node).await;
+    let cases: Vec<(&str, Vec<Vec<u8>>, u16, usize)> = vec![
+        (
+            "invalid date",
+            vec![k("QueryRetrieveLevel=STUDY"), k("StudyDate=2024-13")],
+            0xA900,
+            0,
+        ),
+        ("no level", vec![k("PatientID=QR-001")], 0xA900, 0),
+        (
+            "PATIENT level in Study Root",
+            vec![k("QueryRetrieveLevel=PATIENT"), k("PatientID")],
+            0xA900,
+            0,
+        ),
+        (
+            "more matches than the maximum",
+            vec![k("QueryRetrieveLevel=STUDY"), k("StudyInstanceUID")],
+            0xA700,
+            2,
+        ),
+    ];
+    for (name, keys, status, matches) in cases {
+        let found = findscu(&node, "-S", &keys);
+        assert_eq!(found.final_status(), status, "{name}: {}", found.log);
+        assert_eq!(found.responses.len(), matches, "{name}");
+    }
+    let cancelled = support::python_tool(
+        "qr_tool.py",
+        &["find-cancel", &node.host(), &node.port().to_string()],
+    );
+    let statuses: Vec<u64> = cancelled[0]["statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    // Cancelled before all nine instances matched.
+    assert_eq!(statuses.last(), Some(&0xFE00), "{statuses:?}");
+    assert!(statuses.len() < 10, "{statuses:?}");
+    // The node keeps serving.
+    assert!(
+        support::echoscu(node.dicom_addr, &[])
+            .await
+            .status
+            .success()
+    );
+    node.stop().await;
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// dcmtk's storescp, writing what it receives bit-preserving.
+struct StoreScp {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl StoreScp {
+    fn start(ae_title: &str, accept_all: bool) -> StoreScp {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cmd = Command::new("/usr/bin/storescp");
+        cmd.args(["-aet", ae_title, "+B", "-od"])
+            .arg(dir.path())
+            .env("TCP_NODELAY", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if accept_all {
+            cmd.arg("+xa");
+        }
+        cmd.arg(port.to_string());
+        let child = cmd.spawn().unwrap();
+        // Ready when it accepts connections.
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        StoreScp { child, port, dir }
+    }
+
+    fn received(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn remote_ae(&self, ae_title: &str) -> RemoteAe {
+        RemoteAe {
+            ae_title: ae_title.into(),
+            host: "127.0.0.1".into(),
+            port: self.port,
+            tls: false,
+            may_query: true,
+            may_retrieve: true,
+            move_destination: true,
+        }
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The data set bytes of each received file, by SOP Instance UID.
+fn data_sets(files: &[PathBuf]) -> BTreeMap<String, Vec<u8>> {
+    files
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(f).unwrap();
+            let ds = support::data_set_bytes(&bytes).to_vec();
+            (sop_instance_uid_of(&bytes), ds)
+        })
+        .collect()
+}
+
+/// The Media Storage SOP Instance UID of a Part-10 file.
+fn sop_instance_uid_of(part10: &[u8]) -> String {
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Never)
+        .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+        .from_reader(&part10[128..])
+        .unwrap();
+    obj.meta()
+        .media_storage_sop_instance_uid()
+        .trim_end_matches('\0')
+        .to_string()
+}
+
+/// Acceptance 2 of the issue: stored with storescu, found at every level,
+/// moved with movescu to storescp, fetched with getscu, byte-identical.
+async fn study_moved_and_fetched_byte_identical(backend: Backend) {
+    let scp = StoreScp::start("DEST", false);
+    let node = support::spawn_node_with(backend, |c| {
+        c.remote_aes.push(scp.remote_ae("DEST"));
+    })
+    .await;
+    let (_dir, studies) = stored_corpus(&node).await;
+    let s1 = studies.iter().find(|s| s.key == "S1").unwrap();
+    // What the node holds, data set bytes by SOP Instance UID: the
+    // reference for byte identity (storescu re-encodes padding on the way
+    // in, so the node's bytes, not the source files, are what must arrive).
+    let mut stored = BTreeMap::new();
+    for file in &s1.files {
+        let uid = sop_instance_uid_of(&std::fs::read(file).unwrap());
+        let row = node.versions(&uid).await.pop().unwrap();
+        let blob = node.ingest.store().get(&row.blob_hash).await.unwrap();
+        stored.insert(uid, support::data_set_bytes(&blob).to_vec());
+    }
+    assert_eq!(stored.len(), 5);
+
+    let output = Command::new("/usr/bin/movescu")
+        .args(["-v", "-S", "-aec", "HUREN", "-aem", "DEST"])
+        .arg(node.host())
+        .arg(node.port().to_string())
+        .args(["-k", "QueryRetrieveLevel=STUDY"])
+        .arg("-k")
+        .arg(format!("StudyInstanceUID={}", s1.study_instance_uid))
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap();
+    let log = support::text(&output);
+    assert!(output.status.success(), "{log}");
+    assert!(
+        log.contains("Received Final Move Response (Success)"),
+        "{log}"
+    );
+    assert_eq!(log.matches("(Pending)").count(), 4, "{log}");
+    let moved = data_sets(&scp.received());
+    assert_eq!(moved, stored, "moved data sets are the stored bytes");
+
+    let get_dir = tempfile::tempdir().unwrap();
+    let output = Command::new("/usr/bin/getscu")
+        .args(["-v", "-S", "+B", "-aec", "HUREN", "-od"])
+        .arg(get_dir.path())
+        .arg(node.host())
+        .arg(node.port().to_string())
+        .args(["-k", "QueryRetrieveLevel=SERIES"])
+        .arg("-k")
+        .arg(format!("StudyInstanceUID={}", s1.study_instance_uid))
+        .arg("-k")
+        .arg(format!("SeriesInstanceUID={}", s1.series[0].0))
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap();
+    let log = support::text(&output);
+    assert!(output.status.success(), "{log}");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(get_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let fetched = data_sets(&files);
+    assert_eq!(fetched.len(), s1.series[0].2, "{log}");
+    for (uid, bytes) in &fetched {
+        assert_eq!(Some(bytes), stored.get(uid), "C-GET {uid}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_move_refusals_and_failed_sub_operations() {
+    // A destination that accepts only uncompressed transfer syntaxes.
+    let scp = StoreScp::start("PLAIN", false);
+    let node = support::spawn_node_with(Backend::SqliteLocal, |c| {
+        c.remote_aes.push(scp.remote_ae("PLAIN"));
+        let mut not_destination = scp.remote_ae("WSONLY");
+        not_destination.move_destination = false;
+        c.remote_aes.push(not_destination);
+    })
+    .await;
+    // The samples include JPEG baseline and JPEG 2000 instances: stored as
+    // sent, they cannot go to PLAIN.
+    let samples = support::samples();
+    support::pynetdicom_send(
+        &node,
+        &samples.iter().map(|s| s.path.clone()).collect::<Vec<_>>(),
+    )
+    .await;
+    let movescu = |dest: &str, keys: &[String]| {
+        let mut cmd = Command::new("/usr/bin/movescu");
+        cmd.args(["-d", "-S", "-aec", "HUREN", "-aem", dest])
+            .arg(node.host())
+            .arg(node.port().to_string())
+            .env("TCP_NODELAY", "1");
+        for key in keys {
+            cmd.arg("-k").arg(key);
+        }
+        let output = cmd.output().unwrap();
+        support::text(&output)
+    };
+    let statuses = |log: &str| -> Vec<u16> {
+        log.lines()
+            .filter_map(|l| l.split("DIMSE Status").nth(1))
+            .filter_map(|rest| u16::from_str_radix(&rest.split("0x").nth(1)?[..4], 16).ok())
+            .collect()
+    };
+    let study = samples
+        .iter()
+        .find(|s| s.transfer_syntax_uid == "1.2.840.10008.1.2.4.50")
+        .expect("a JPEG baseline sample");
+    let keys = vec![
+        "QueryRetrieveLevel=STUDY".to_string(),
+        format!("StudyInstanceUID={}", study.study_instance_uid),
+    ];
+    let log = movescu("NOWHERE", &keys);
+    assert_eq!(statuses(&log).last(), Some(&0xA801), "{log}");
+    let log = movescu("WSONLY", &keys);
+    assert_eq!(statuses(&log).last(), Some(&0xA801), "{log}");
+    let log = movescu("PLAIN", &["QueryRetrieveLevel=STUDY".to_string()]);
+    assert_eq!(statuses(&log).last(), Some(&0xA900), "no unique key: {log}");
+
+    let in_study: Vec<&support::Sample> = samples
+        .iter()
+        .filter(|s| s.study_instance_uid == study.study_instance_uid)
+        .collect();
+    let uncompressed = in_study
+        .iter()
+        .filter(|s| {
+            [
+                "1.2.840.10008.1.2",
+                "1.2.840.10008.1.2.1",
+                "1.2.840.10008.1.2.2",
+                "1.2.840.10008.1.2.1.99",
+            ]
+            .contains(&s.transfer_syntax_uid.as_str())
+        })
+        .count();
+    let log = movescu("PLAIN", &keys);
+    let last = *statuses(&log).last().unwrap();
+    let expected = if uncompressed == 0 { 0xA702 } else { 0xB000 };
+    assert_eq!(last, expected, "{log}");
+    // The uncompressed ones arrived (converted where PLAIN did not take
+    // the stored syntax); the compressed ones failed.
+    let arrived: BTreeSet<String> = data_sets(&scp.received()).into_keys().collect();
+    let expected_arrived: BTreeSet<String> = in_study
+        .iter()
+        .filter(|s| {
+            !s.transfer_syntax_uid.starts_with("1.2.840.10008.1.2.4")
+                && s.transfer_syntax_uid != "1.2.840.10008.1.2.5"
+        })
+        .map(|s| s.sop_instance_uid.clone())
+        .collect();
+    assert_eq!(arrived, expected_arrived, "{log}");
+    assert_eq!(scp.received().len(), uncompressed);
+    node.stop().await;
+}
+
+async fn storage_commitment_reports(backend: Backend) {
+    let listen_port = free_port();
+    let node = support::spawn_node_with(backend, |c| {
+        c.remote_aes.push(RemoteAe {
+            ae_title: "MODALITY".into(),
+            host: "127.0.0.1".into(),
+            port: listen_port,
+            tls: false,
+            may_query: true,
+            may_retrieve: true,
+            move_destination: true,
+        });
+    })
+    .await;
+    let (_dir, studies) = stored_corpus(&node).await;
+    let s4 = studies.iter().find(|s| s.key == "S4").unwrap();
+    let uid = sop_instance_uid_of(&std::fs::read(&s4.files[0]).unwrap());
+    let ct = "1.2.840.10008.5.1.4.1.1.2";
+    let pairs = serde_json::to_string(&vec![
+        vec![ct, uid.as_str()],
+        vec![ct, "1.2.3.999.1"],
+        vec!["1.2.840.10008.5.1.4.1.1.4", uid.as_str()],
+    ])
+    .unwrap();
+    let report = &support::python_tool(
+        "qr_tool.py",
+        &["commit", &node.host(), &node.port().to_string(), &pairs],
+    )[0];
+    assert_eq!(report["action_status"], 0);
+    assert_eq!(report["received"], true, "{report}");
+    assert_eq!(report["transaction_uid"], report["sent_transaction_uid"]);
+    assert_eq!(report["event_type"], 2);
+    assert_eq!(report["committed"], serde_json::json!([uid]));
+    assert_eq!(
+        report["failed"],
+        serde_json::json!([["1.2.3.999.1", 0x0112], [uid, 0x0119]])
+    );
+
+    // The SCU asks and releases at once, without waiting for the report:
+    // the report comes on a new association to its address in the AE
+    // directory, with the node as SCP.
+    let listener = Command::new(support::env("HUREN_TEST_PYTHON"))
+        .arg(support::repo_path("tests/support/qr_tool.py"))
+        .args(["receive-report", "MODALITY", &listen_port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_port(listen_port);
+    request_commitment_and_release(&node, &uid).await;
+    let output = tokio::task::spawn_blocking(move || listener.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["received"], true, "{report}");
+    assert_eq!(report["event_type"], 1);
+    assert_eq!(report["committed"], serde_json::json!([uid]));
+    assert_eq!(report["calling_ae_title"], node.config.ae_title.as_str());
+    node.stop().await;
+}
+
+fn wait_for_port(port: u16) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("nothing listens on port {port}");
+}
+
+/// A modality that sends its N-ACTION and, without waiting for anything,
+/// releases the association (dicom-ul as the SCU).
+async fn request_commitment_and_release(node: &TestNode, sop_instance_uid: &str) {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::{tags, uids};
+    use dicom_object::InMemDicomObject;
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
+    use dicom_ul::{ClientAssociationOptions, Pdu};
+
+    let mut association = ClientAssociationOptions::new()
+        .calling_ae_title("MODALITY")
+        .called_ae_title("HUREN")
+        .with_presentation_context(
+            uids::STORAGE_COMMITMENT_PUSH_MODEL,
+            vec![uids::EXPLICIT_VR_LITTLE_ENDIAN],
+        )
+        .establish_async(node.dicom_addr)
+        .await
+        .unwrap();
+    let pcid = association.presentation_contexts()[0].id;
+    let mut item = InMemDicomObject::new_empty();
+    item.put(DataElement::new(
+        tags::REFERENCED_SOP_CLASS_UID,
+        VR::UI,
+        PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2"),
+    ));
+    item.put(DataElement::new(
+        tags::REFERENCED_SOP_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(sop_instance_uid),
+    ));
+    let mut request = InMemDicomObject::new_empty();
+    request.put(DataElement::new(
+        tags::TRANSACTION_UID,
+        VR::UI,
+        PrimitiveValue::from("2.25.1234567"),
+    ));
+    request.put(DataElement::new(
+        tags::REFERENCED_SOP_SEQUENCE,
+        VR::SQ,
+        dicom_core::value::DataSetSequence::from(vec![item]),
+    ));
+    let mut data = Vec::new();
+    request
+        .write_dataset_with_ts(
+            &mut data,
+            &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+    // N-ACTION-RQ command set, implicit VR little endian, in tag order.
+    let mut command = Vec::new();
+    let mut element = |group: u16, elem: u16, value: &[u8]| {
+        command.extend_from_slice(&group.to_le_bytes());
+        command.extend_from_slice(&elem.to_le_bytes());
+        command.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        command.extend_from_slice(value);
+    };
+    let ui = |s: &str| {
+        let mut v = s.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        v
+    };
+    element(0x0000, 0x0003, &ui(uids::STORAGE_COMMITMENT_PUSH_MODEL));
+    element(0x0000, 0x0100, &0x0130u16.to_le_bytes());
+    element(0x0000, 0x0110, &9u16.to_le_bytes());
+    element(0x0000, 0x0800, &1u16.to_le_bytes());
+    element(0x0000, 0x1001, &ui("1.2.840.10008.1.20.1.1"));
+    element(0x0000, 0x1008, &1u16.to_le_bytes());
+    let mut with_length = Vec::new();
+    with_length.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0]);
+    with_length.extend_from_slice(&(command.len() as u32).to_le_bytes());
+    with_length.extend_from_slice(&command);
+    for (value_type, bytes) in [
+        (PDataValueType::Command, with_length),
+        (PDataValueType::Data, data),
+    ] {
+        association
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pcid,
+                    value_type,
+                    is_last: true,
+                    data: bytes,
+                }],
+            })
+            .await
+            .unwrap();
+    }
+    association.send(&Pdu::ReleaseRQ).await.unwrap();
+    // Whatever the node sends before its A-RELEASE-RP (the N-ACTION-RSP,
+    // the report) is read and not answered.
+    loop {
+        match association.receive().await.unwrap() {
+            Pdu::ReleaseRP => break,
+            Pdu::PData { .. } => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_commitment_never_reports_a_corrupt_blob() {
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let (_dir, studies) = stored_corpus(&node).await;
+    let s3 = studies.iter().find(|s| s.key == "S3").unwrap();
+    let uid = sop_instance_uid_of(&std::fs::read(&s3.files[0]).unwrap());
+    let row = node.versions(&uid).await.pop().unwrap();
+    // Flip a byte of the blob on disk.
+    let path = node
+        .config
+        .data_dir
+        .join("blobs")
+        .join(huren::storage::BlobStore::key(&row.blob_hash).as_ref());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&path, bytes).unwrap();
+    let pairs =
+        serde_json::to_string(&vec![vec![row.sop_class_uid.as_str(), uid.as_str()]]).unwrap();
+    let report = &support::python_tool(
+        "qr_tool.py",
+        &["commit", &node.host(), &node.port().to_string(), &pairs],
+    )[0];
+    assert_eq!(report["event_type"], 2, "{report}");
+    assert_eq!(report["failed"], serde_json::json!([[uid, 0x0110]]));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_retrieve_access_listed() {
+    let node = support::spawn_node_with(Backend::SqliteLocal, |c| {
+        c.query_retrieve_access = huren::config::QueryRetrieveAccess::Listed;
+        c.remote_aes.push(RemoteAe {
+            ae_title: "FINDSCU".into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: false,
+            may_query: false,
+            may_retrieve: false,
+            move_destination: false,
+        });
+    })
+    .await;
+    let found = findscu(
+        &node,
+        "-S",
+        &[k("QueryRetrieveLevel=STUDY"), k("StudyInstanceUID")],
+    );
+    assert_eq!(found.final_status(), 0x0124, "{}", found.log);
+    node.stop().await;
+}

@@ -558,6 +558,32 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
             "{ts}"
         );
     }
+    // Compressed frames as octets "as stored" (what OHIF asks for).
+    let jpeg = by_ts("1.2.840.10008.1.2.4.50");
+    let jpeg_row = node.versions(&jpeg.sop_instance_uid).await.pop().unwrap();
+    let response = client()
+        .get(format!(
+            "{}/studies/{}/series/{}/instances/{}/frames/1",
+            base(&node),
+            jpeg_row.study_instance_uid,
+            jpeg_row.series_instance_uid,
+            jpeg.sop_instance_uid
+        ))
+        .header(
+            "Accept",
+            "multipart/related; type=application/octet-stream; transfer-syntax=*",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let parts = multipart_parts(response).await;
+    assert_eq!(
+        parts[0].0,
+        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.50"
+    );
+    assert_eq!(&parts[0].1[..2], &[0xFF, 0xD8], "a JPEG stream");
+
     let ct = by_ts("1.2.840.10008.1.2.1");
     let bytes = std::fs::read(&ct.path).unwrap();
     let obj = dicom_object::OpenFileOptions::new()

@@ -611,6 +611,33 @@ fn accepts_part(range: &MediaType, part_type: &str, ts: &str) -> bool {
     type_ok && ts_ok
 }
 
+/// The part media type for frames (or pixel bulk data) stored in `ts`:
+/// their own media type (PS3.18 Table 8.7.3-2) when an Accept range takes
+/// it, or `application/octet-stream` when a range asks for octets with
+/// `transfer-syntax=*` (as stored, whatever the encoding: what OHIF asks
+/// for). Nothing is transcoded.
+fn negotiate_pixel_parts(headers: &HeaderMap, ts: &str) -> Result<&'static str, Error> {
+    let native = frame_media_type(ts).ok_or_else(|| {
+        Error::NotAcceptable(format!("frames of transfer syntax {ts} are not served"))
+    })?;
+    for range in media::accept(headers) {
+        if accepts_part(&range, native, ts) {
+            return Ok(native);
+        }
+        if range.admits("multipart/related")
+            && range.param("transfer-syntax") == Some("*")
+            && range.param("type").is_some_and(|t| {
+                MediaType::parse(t).is_some_and(|t| t.essence == "application/octet-stream")
+            })
+        {
+            return Ok("application/octet-stream");
+        }
+    }
+    Err(Error::NotAcceptable(format!(
+        "these frames are served as multipart/related; type=\"{native}\" (or type=\"application/octet-stream\"; transfer-syntax=*)"
+    )))
+}
+
 pub async fn frames(
     State(state): State<Arc<DicomwebState>>,
     Path((study, series, instance, frames)): Path<(String, String, String, String)>,
@@ -620,20 +647,7 @@ pub async fn frames(
     let loc = locate(&state, &study, Some(&series), Some(&instance))
         .await?
         .remove(0);
-    let part_type = frame_media_type(&loc.transfer_syntax_uid).ok_or_else(|| {
-        Error::NotAcceptable(format!(
-            "frames of transfer syntax {} are not served",
-            loc.transfer_syntax_uid
-        ))
-    })?;
-    if !media::accept(&headers)
-        .iter()
-        .any(|r| accepts_part(r, part_type, &loc.transfer_syntax_uid))
-    {
-        return Err(Error::NotAcceptable(format!(
-            "frames of this instance are served as multipart/related; type=\"{part_type}\""
-        )));
-    }
+    let part_type = negotiate_pixel_parts(&headers, &loc.transfer_syntax_uid)?;
     if let Some(frames) = native_frames(state.ingest.store(), &loc, numbers.clone()).await? {
         return Ok(octet_parts(part_type, &loc.transfer_syntax_uid, frames));
     }
@@ -679,24 +693,16 @@ pub async fn bulkdata(
     let loc = locate(&state, &study, Some(&series), Some(&instance))
         .await?
         .remove(0);
-    let obj = open_object(state.ingest.store(), &loc, None).await?;
     if tag == tags::PIXEL_DATA {
-        let part_type = frame_media_type(&loc.transfer_syntax_uid)
-            .ok_or_else(|| Error::NotAcceptable("pixel data of this transfer syntax".into()))?;
-        if !media::accept(&headers)
-            .iter()
-            .any(|r| accepts_part(r, part_type, &loc.transfer_syntax_uid))
-        {
-            return Err(Error::NotAcceptable(format!(
-                "pixel data is served as multipart/related; type=\"{part_type}\""
-            )));
-        }
+        let part_type = negotiate_pixel_parts(&headers, &loc.transfer_syntax_uid)?;
+        let obj = open_object(state.ingest.store(), &loc, None).await?;
         return Ok(octet_parts(
             part_type,
             &loc.transfer_syntax_uid,
             frames_of(&obj)?,
         ));
     }
+    let obj = open_object(state.ingest.store(), &loc, Some(tags::PIXEL_DATA)).await?;
     let element = obj.element(tag).map_err(|_| Error::NotFound("bulk data"))?;
     let bytes = match element.value() {
         DicomValue::Primitive(v) => v.to_bytes().into_owned(),

@@ -719,39 +719,101 @@ async fn c_move_refusals_and_failed_sub_operations() {
     let log = movescu("PLAIN", &["QueryRetrieveLevel=STUDY".to_string()]);
     assert_eq!(statuses(&log).last(), Some(&0xA900), "no unique key: {log}");
 
-    let in_study: Vec<&support::Sample> = samples
+    // Every sample study to PLAIN: uncompressed instances arrive (converted
+    // where PLAIN does not take the stored syntax, as with deflate), those
+    // dicom-pixeldata decodes arrive decompressed, the rest fail and are
+    // listed.
+    // (JPEG extended 12-bit is not: jpeg-decoder reads 8-bit only.)
+    let decodable = [
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.5",
+    ];
+    let uncompressed = [
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+    ];
+    let studies: BTreeSet<&str> = samples
         .iter()
-        .filter(|s| s.study_instance_uid == study.study_instance_uid)
+        .map(|s| s.study_instance_uid.as_str())
         .collect();
-    let uncompressed = in_study
-        .iter()
-        .filter(|s| {
-            [
-                "1.2.840.10008.1.2",
-                "1.2.840.10008.1.2.1",
-                "1.2.840.10008.1.2.2",
-                "1.2.840.10008.1.2.1.99",
-            ]
-            .contains(&s.transfer_syntax_uid.as_str())
-        })
-        .count();
-    let log = movescu("PLAIN", &keys);
-    let last = *statuses(&log).last().unwrap();
-    let expected = if uncompressed == 0 { 0xA702 } else { 0xB000 };
-    assert_eq!(last, expected, "{log}");
-    // The uncompressed ones arrived (converted where PLAIN did not take
-    // the stored syntax); the compressed ones failed.
-    let arrived: BTreeSet<String> = data_sets(&scp.received()).into_keys().collect();
-    let expected_arrived: BTreeSet<String> = in_study
-        .iter()
-        .filter(|s| {
-            !s.transfer_syntax_uid.starts_with("1.2.840.10008.1.2.4")
-                && s.transfer_syntax_uid != "1.2.840.10008.1.2.5"
-        })
-        .map(|s| s.sop_instance_uid.clone())
-        .collect();
-    assert_eq!(arrived, expected_arrived, "{log}");
-    assert_eq!(scp.received().len(), uncompressed);
+    for study in studies {
+        let before: BTreeSet<String> = data_sets(&scp.received()).into_keys().collect();
+        let log = movescu(
+            "PLAIN",
+            &[
+                "QueryRetrieveLevel=STUDY".to_string(),
+                format!("StudyInstanceUID={study}"),
+            ],
+        );
+        let in_study: Vec<&support::Sample> = samples
+            .iter()
+            .filter(|s| s.study_instance_uid == study)
+            .collect();
+        let expected: BTreeSet<String> = in_study
+            .iter()
+            .filter(|s| {
+                uncompressed.contains(&s.transfer_syntax_uid.as_str())
+                    || decodable.contains(&s.transfer_syntax_uid.as_str())
+            })
+            .map(|s| s.sop_instance_uid.clone())
+            .collect();
+        let arrived: BTreeSet<String> = data_sets(&scp.received())
+            .into_keys()
+            .filter(|u| !before.contains(u))
+            .collect();
+        assert_eq!(arrived, expected, "study {study}: {log}");
+        let status = *statuses(&log).last().unwrap();
+        let want = if expected.len() == in_study.len() {
+            0x0000
+        } else if expected.is_empty() {
+            0xA702
+        } else {
+            0xB000
+        };
+        assert_eq!(status, want, "study {study}: {log}");
+    }
+    // What arrived is uncompressed, with whole frames of pixel data.
+    for file in scp.received() {
+        let obj = dicom_object::open_file(&file).unwrap();
+        let ts = obj
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches('\0')
+            .to_string();
+        assert!(
+            uncompressed[..3].contains(&ts.as_str()),
+            "{} arrived as {ts}",
+            file.display()
+        );
+        let int = |tag| obj.element(tag).unwrap().to_int::<usize>().unwrap();
+        use dicom_dictionary_std::tags;
+        let frames = obj
+            .element_opt(tags::NUMBER_OF_FRAMES)
+            .unwrap()
+            .map(|e| e.to_int::<usize>().unwrap())
+            .unwrap_or(1);
+        let expected_len = int(tags::ROWS)
+            * int(tags::COLUMNS)
+            * int(tags::SAMPLES_PER_PIXEL)
+            * int(tags::BITS_ALLOCATED)
+            / 8
+            * frames;
+        let pixel_len = obj
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .len();
+        assert!(
+            pixel_len == expected_len || pixel_len == expected_len + 1,
+            "{}: {pixel_len} bytes of pixel data, {expected_len} expected",
+            file.display()
+        );
+    }
     node.stop().await;
 }
 
@@ -928,7 +990,7 @@ async fn request_commitment_and_release(node: &TestNode, sop_instance_uid: &str)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_commitment_never_reports_a_corrupt_blob() {
+async fn a_corrupt_blob_is_never_sent_nor_committed() {
     let node = support::spawn_node(Backend::SqliteLocal).await;
     let (_dir, studies) = stored_corpus(&node).await;
     let s3 = studies.iter().find(|s| s.key == "S3").unwrap();
@@ -952,6 +1014,34 @@ async fn storage_commitment_never_reports_a_corrupt_blob() {
     )[0];
     assert_eq!(report["event_type"], 2, "{report}");
     assert_eq!(report["failed"], serde_json::json!([[uid, 0x0110]]));
+    // C-GET of that study: the sub-operation fails before anything is
+    // sent; the association stays usable.
+    let get_dir = tempfile::tempdir().unwrap();
+    let output = Command::new("/usr/bin/getscu")
+        .args(["-d", "-S", "-aec", "HUREN", "-od"])
+        .arg(get_dir.path())
+        .arg(node.host())
+        .arg(node.port().to_string())
+        .args(["-k", "QueryRetrieveLevel=STUDY"])
+        .arg("-k")
+        .arg(format!("StudyInstanceUID={}", s3.study_instance_uid))
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap();
+    let log = support::text(&output);
+    let last_status = log
+        .lines()
+        .filter_map(|l| l.split("DIMSE Status").nth(1))
+        .filter_map(|rest| u16::from_str_radix(&rest.split("0x").nth(1)?[..4], 16).ok())
+        .next_back();
+    assert_eq!(last_status, Some(0xA702), "{log}");
+    assert_eq!(std::fs::read_dir(get_dir.path()).unwrap().count(), 0);
+    assert!(
+        support::echoscu(node.dicom_addr, &[])
+            .await
+            .status
+            .success()
+    );
     node.stop().await;
 }
 

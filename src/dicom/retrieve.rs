@@ -46,6 +46,15 @@ fn is_native(ts: &str) -> bool {
     NATIVE.contains(&ts)
 }
 
+/// Whether dicom-pixeldata can decode this encapsulated syntax (JPEG
+/// baseline, extended and lossless, RLE with the features built in).
+fn is_decodable(ts: &str) -> bool {
+    use dicom_encoding::TransferSyntaxIndex;
+    dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(ts)
+        .is_some_and(|t| t.is_encapsulated_pixel_data() && t.can_decode_all())
+}
+
 /// How an instance will be sent: on which context, and whether converted.
 fn choose(offered: &[Offered], instance: &InstanceLocation) -> Option<(u8, Option<String>)> {
     let for_class = || {
@@ -56,7 +65,7 @@ fn choose(offered: &[Offered], instance: &InstanceLocation) -> Option<(u8, Optio
     if let Some(o) = for_class().find(|o| o.transfer_syntax == instance.transfer_syntax_uid) {
         return Some((o.id, None));
     }
-    if is_native(&instance.transfer_syntax_uid) {
+    if is_native(&instance.transfer_syntax_uid) || is_decodable(&instance.transfer_syntax_uid) {
         // Prefer explicit VR little endian, then whatever native one was
         // accepted (the NATIVE order).
         for ts in NATIVE {
@@ -78,89 +87,98 @@ enum SubOutcome {
 /// Why the whole retrieval stopped.
 struct Broken(String);
 
-/// Reads a verified blob into the data set the sub-operation sends: as
-/// stored, or converted to another native transfer syntax.
-async fn send_instance<A>(
-    association: &mut A,
+/// The data set a sub-operation sends: streamed from the verified blob, or
+/// converted in memory.
+enum Payload {
+    Stream(crate::storage::VerifiedReader),
+    Converted(Vec<u8>),
+}
+
+/// Opens (and verifies) the blob and, when needed, converts it, before
+/// anything is sent: a blob that does not verify or cannot be converted
+/// fails its sub-operation and leaves the association clean.
+async fn prepare(
     store: &BlobStore,
-    pcid: u8,
     instance: &InstanceLocation,
     convert_to: Option<&str>,
-) -> Result<Result<(), String>, Broken>
+) -> Result<Payload, String> {
+    let blob = store
+        .open_verified(&instance.blob_hash, instance.blob_size)
+        .await
+        .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
+    let mut reader = blob.into_reader();
+    let mut head = vec![0u8; 144];
+    reader
+        .read_exact(&mut head)
+        .await
+        .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
+    let meta_len = crate::part10::file_meta_len(&head)
+        .ok_or_else(|| format!("blob {} has no file meta", instance.blob_hash))?;
+    let mut rest_of_meta = vec![0u8; meta_len.saturating_sub(head.len())];
+    reader
+        .read_exact(&mut rest_of_meta)
+        .await
+        .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
+    let Some(target) = convert_to else {
+        return Ok(Payload::Stream(reader));
+    };
+    // The whole object is needed to re-encode it (and to decode its pixel
+    // data).
+    let mut whole = head;
+    whole.extend_from_slice(&rest_of_meta);
+    reader
+        .read_to_end(&mut whole)
+        .await
+        .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
+    let source = instance.transfer_syntax_uid.clone();
+    let target = target.to_string();
+    tokio::task::spawn_blocking(move || convert(&whole, &source, &target))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(Payload::Converted)
+}
+
+/// Sends a prepared data set on a presentation context.
+async fn send_payload<A>(association: &mut A, pcid: u8, payload: Payload) -> Result<(), Broken>
 where
     A: AsyncAssociation<TcpStream> + Send,
 {
-    let blob = match store
-        .open_verified(&instance.blob_hash, instance.blob_size)
-        .await
-    {
-        Ok(b) => b,
-        Err(e) => return Ok(Err(format!("blob {}: {e}", instance.blob_hash))),
-    };
-    let mut reader = blob.into_reader();
-    let mut head = vec![0u8; 144];
-    if let Err(e) = reader.read_exact(&mut head).await {
-        return Ok(Err(format!("blob {}: {e}", instance.blob_hash)));
-    }
-    let Some(meta_len) = crate::part10::file_meta_len(&head) else {
-        return Ok(Err(format!("blob {} has no file meta", instance.blob_hash)));
-    };
-    let mut rest_of_meta = vec![0u8; meta_len - head.len()];
-    if let Err(e) = reader.read_exact(&mut rest_of_meta).await {
-        return Ok(Err(format!("blob {}: {e}", instance.blob_hash)));
-    }
-    match convert_to {
-        None => {
-            // As stored: streamed from the blob into P-DATA, never whole in
-            // memory.
-            let mut writer = association.send_pdata(pcid);
+    let broken = |e: std::io::Error| Broken(format!("sending a data set: {e}"));
+    let mut writer = association.send_pdata(pcid);
+    match payload {
+        // As stored: streamed from the blob into P-DATA, never whole in
+        // memory.
+        Payload::Stream(mut reader) => {
             tokio::io::copy(&mut reader, &mut writer)
                 .await
-                .map_err(|e| Broken(format!("sending a data set: {e}")))?;
-            writer
-                .finish()
-                .await
-                .map_err(|e| Broken(format!("sending a data set: {e}")))?;
+                .map_err(broken)?;
         }
-        Some(target) => {
-            let mut data = Vec::new();
-            if let Err(e) = reader.read_to_end(&mut data).await {
-                return Ok(Err(format!("blob {}: {e}", instance.blob_hash)));
-            }
-            let source = instance.transfer_syntax_uid.clone();
-            let target_uid = target.to_string();
-            let converted =
-                tokio::task::spawn_blocking(move || convert(&data, &source, &target_uid))
-                    .await
-                    .map_err(|e| Broken(e.to_string()))?;
-            let data = match converted {
-                Ok(d) => d,
-                Err(e) => return Ok(Err(e)),
-            };
-            let mut writer = association.send_pdata(pcid);
-            writer
-                .write_all(&data)
-                .await
-                .map_err(|e| Broken(format!("sending a data set: {e}")))?;
-            writer
-                .finish()
-                .await
-                .map_err(|e| Broken(format!("sending a data set: {e}")))?;
-        }
+        Payload::Converted(data) => writer.write_all(&data).await.map_err(broken)?,
     }
-    Ok(Ok(()))
+    writer.finish().await.map_err(broken)
 }
 
-/// Re-encodes a data set between uncompressed transfer syntaxes.
-fn convert(data_set: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
+/// Re-encodes a Part-10 object's data set in another (uncompressed)
+/// transfer syntax, decoding encapsulated pixel data with dicom-pixeldata.
+fn convert(part10: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
     use dicom_encoding::TransferSyntaxIndex;
+    use dicom_pixeldata::Transcode;
     use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-    let from_ts = TransferSyntaxRegistry
-        .get(from)
-        .ok_or_else(|| format!("unknown transfer syntax {from}"))?;
-    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(data_set, from_ts)
-        .map_err(|e| format!("cannot read the stored data set: {e}"))?;
-    identifier::encode(&obj, to).map_err(|e| format!("cannot convert to {to}: {e}"))
+    let to_ts = TransferSyntaxRegistry
+        .get(to)
+        .ok_or_else(|| format!("unknown transfer syntax {to}"))?;
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(part10)
+        .map_err(|e| format!("cannot read the stored object: {e}"))?;
+    if !is_native(from) {
+        obj.transcode(to_ts)
+            .map_err(|e| format!("cannot decompress {from} to {to}: {e}"))?;
+    }
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, to_ts)
+        .map_err(|e| format!("cannot convert to {to}: {e}"))?;
+    Ok(out)
 }
 
 /// One C-STORE sub-operation: request, data set, response. While waiting
@@ -203,8 +221,20 @@ where
             .text(tags::MOVE_ORIGINATOR_APPLICATION_ENTITY_TITLE, ae)
             .us(tags::MOVE_ORIGINATOR_MESSAGE_ID, id);
     }
-    // The blob is opened (and verified) before the request goes out, so a
-    // corrupt blob fails this sub-operation without sending anything.
+    let payload = match prepare(store, instance, convert_to.as_deref()).await {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::warn!(
+                parent: span,
+                sop_instance_uid = %instance.sop_instance_uid,
+                transfer_syntax = %instance.transfer_syntax_uid,
+                converting_to = convert_to.as_deref().unwrap_or("-"),
+                reason = %why,
+                "sub-operation failed before sending"
+            );
+            return Ok(SubOutcome::Failed);
+        }
+    };
     AsyncAssociation::send(
         association,
         &Pdu::PData {
@@ -218,14 +248,7 @@ where
     )
     .await
     .map_err(|e| Broken(format!("sending C-STORE-RQ: {e}")))?;
-    if let Err(why) =
-        send_instance(association, store, pcid, instance, convert_to.as_deref()).await?
-    {
-        // The request is out but no data set can follow: the association
-        // cannot be brought back to a clean state.
-        tracing::error!(parent: span, sop_instance_uid = %instance.sop_instance_uid, reason = %why, "sub-operation failed");
-        return Err(Broken(why));
-    }
+    send_payload(association, pcid, payload).await?;
     loop {
         match during(
             AsyncAssociation::receive(association).await,

@@ -1011,8 +1011,13 @@ fn build_sql(
         text.push_str(" WHERE ");
         text.push_str(&wheres.join(" AND "));
     }
-    // A stable order, so that QIDO-RS offset pages do not overlap.
-    text.push_str(&format!(" ORDER BY {key}"));
+    // A stable order when pages are asked for, so that QIDO-RS offset pages
+    // do not overlap. Without paging no order is imposed: the planner stays
+    // free to walk the most selective index (a date range, a name prefix)
+    // instead of the primary key.
+    if query.limit.is_some() || query.offset > 0 {
+        text.push_str(&format!(" ORDER BY {key}"));
+    }
     if exact_in_sql {
         let wanted = effective_limit(query, options);
         if let Some(limit) = wanted {

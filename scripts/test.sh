@@ -38,6 +38,7 @@ set -euo pipefail
 GARAGE_VERSION=2.5.0
 PYDICOM_VERSION=3.0.2
 PYNETDICOM_VERSION=3.0.4
+DICOMWEB_CLIENT_VERSION=0.61.2
 
 MODE="test"
 if [[ "${1:-}" == "--services" ]]; then
@@ -92,7 +93,7 @@ fi
 # Python venv with pydicom + pynetdicom.
 VENV="$HUREN_CACHE/venv"
 PY="$VENV/bin/python"
-if ! "$PY" -c 'import pydicom, pynetdicom' >/dev/null 2>&1; then
+if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client' >/dev/null 2>&1; then
     log "creating Python venv at $VENV"
     rm -rf "$VENV"
     if ! python3 -m venv "$VENV" >&2; then
@@ -103,8 +104,9 @@ if ! "$PY" -c 'import pydicom, pynetdicom' >/dev/null 2>&1; then
         "${SUDO[@]}" apt-get install -y -q python3-venv >&2
         python3 -m venv "$VENV" >&2
     fi
-    "$PY" -m pip install -q "pydicom==$PYDICOM_VERSION" "pynetdicom==$PYNETDICOM_VERSION" >&2
-    "$PY" -c 'import pydicom, pynetdicom' || die "pydicom/pynetdicom not importable in $VENV"
+    "$PY" -m pip install -q "pydicom==$PYDICOM_VERSION" "pynetdicom==$PYNETDICOM_VERSION" \
+        "dicomweb-client==$DICOMWEB_CLIENT_VERSION" >&2
+    "$PY" -c 'import pydicom, pynetdicom, dicomweb_client' || die "pydicom/pynetdicom/dicomweb-client not importable in $VENV"
 fi
 
 # Garage, built from crates.io.

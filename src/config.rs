@@ -203,6 +203,70 @@ struct FileConfig {
     tls_ca_file: Option<PathBuf>,
     tls_certificate_file: Option<PathBuf>,
     tls_private_key_file: Option<PathBuf>,
+    dicomweb: Option<DicomwebFileConfig>,
+}
+
+/// The `[dicomweb]` table of a TOML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DicomwebFileConfig {
+    open: Option<bool>,
+    max_request_bytes: Option<u64>,
+    cors_allowed_origins: Option<Vec<String>>,
+    #[serde(default)]
+    tokens: Vec<TokenConfig>,
+}
+
+/// What a DICOMweb bearer token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// QIDO-RS and WADO-RS (GET, HEAD).
+    Read,
+    /// STOW-RS (POST).
+    Write,
+}
+
+/// A DICOMweb bearer token as configured: only the SHA-256 of the token is
+/// kept (a config file or its backup never holds a usable secret). Tokens
+/// are random strings of at least 128 bits: a fast hash is enough for them,
+/// unlike passwords.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it; appears in the log, never the token.
+    pub name: String,
+    /// Lower-case hex SHA-256 of the token (`printf %s TOKEN | sha256sum`).
+    pub sha256: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// DICOMweb (PS3.18) on the HTTP port, under `/dicom-web`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DicomwebConfig {
+    /// Serve DICOMweb without a token. Off by default: a node listens on
+    /// every interface and its studies are patient data; an open node logs
+    /// a warning at start.
+    pub open: bool,
+    /// Bearer tokens and their scopes.
+    pub tokens: Vec<TokenConfig>,
+    /// Largest STOW-RS request body; a larger announced Content-Length is
+    /// refused with 413 before a byte is read.
+    pub max_request_bytes: u64,
+    /// Origins (`https://viewer.example.org`, or `*`) a browser may call
+    /// DICOMweb from (CORS); empty means same origin only.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl Default for DicomwebConfig {
+    fn default() -> Self {
+        DicomwebConfig {
+            open: false,
+            tokens: Vec::new(),
+            max_request_bytes: 4 * 1024 * 1024 * 1024,
+            cors_allowed_origins: Vec::new(),
+        }
+    }
 }
 
 /// Settings of `huren node` (and of the maintenance commands that open the
@@ -299,6 +363,23 @@ pub struct NodeArgs {
     /// Match person names regardless of case [default: true]
     #[arg(long, env = "HUREN_CASE_INSENSITIVE_NAMES")]
     pub case_insensitive_names: Option<bool>,
+    /// Serve DICOMweb without a bearer token [default: false; tokens are
+    /// configured in the [dicomweb] table of the config file]
+    #[arg(long, env = "HUREN_DICOMWEB_OPEN")]
+    pub dicomweb_open: Option<bool>,
+
+    /// Largest STOW-RS request body in bytes [default: 4294967296]
+    #[arg(long, env = "HUREN_DICOMWEB_MAX_REQUEST_BYTES")]
+    pub dicomweb_max_request_bytes: Option<u64>,
+
+    /// Origins allowed to call DICOMweb from a browser (CORS), comma
+    /// separated, or `*` [default: none]
+    #[arg(
+        long,
+        env = "HUREN_DICOMWEB_CORS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub dicomweb_cors_allowed_origins: Option<Vec<String>>,
 }
 
 /// The resolved configuration every component reads.
@@ -330,6 +411,7 @@ pub struct NodeConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_certificate_file: Option<PathBuf>,
     pub tls_private_key_file: Option<PathBuf>,
+    pub dicomweb: DicomwebConfig,
 }
 
 impl NodeConfig {
@@ -358,6 +440,7 @@ impl NodeConfig {
             tls_ca_file: None,
             tls_certificate_file: None,
             tls_private_key_file: None,
+            dicomweb: DicomwebConfig::default(),
         }
     }
 
@@ -530,6 +613,41 @@ impl NodeArgs {
         if let Some(ci) = self.case_insensitive_names.or(file.case_insensitive_names) {
             config.case_insensitive_names = ci;
         }
+        let web = file.dicomweb.unwrap_or_default();
+        if let Some(open) = self.dicomweb_open.or(web.open) {
+            config.dicomweb.open = open;
+        }
+        if let Some(n) = self.dicomweb_max_request_bytes.or(web.max_request_bytes) {
+            config.dicomweb.max_request_bytes = n;
+        }
+        if let Some(origins) = self
+            .dicomweb_cors_allowed_origins
+            .clone()
+            .or(web.cors_allowed_origins)
+        {
+            config.dicomweb.cors_allowed_origins = origins
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        for token in &web.tokens {
+            let valid = token.sha256.len() == 64
+                && token
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    setting: "dicomweb.tokens",
+                    reason: format!(
+                        "token {:?}: sha256 must be 64 lower-case hex digits",
+                        token.name
+                    ),
+                });
+            }
+        }
+        config.dicomweb.tokens = web.tokens;
         Ok(config)
     }
 }
@@ -592,6 +710,51 @@ root = "/srv/blobs"
         assert!(config.allowed_calling_ae_titles[0].admits("CT1", other));
         assert!(config.allowed_calling_ae_titles[1].admits("PACS", ip));
         assert!(!config.allowed_calling_ae_titles[1].admits("PACS", other));
+    }
+
+    #[test]
+    fn dicomweb_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huren.toml");
+        std::fs::write(
+            &path,
+            r#"
+[dicomweb]
+max_request_bytes = 1000
+cors_allowed_origins = ["https://viewer.example.org"]
+[[dicomweb.tokens]]
+name = "ohif"
+sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+scopes = ["read"]
+"#,
+        )
+        .unwrap();
+        let config = NodeArgs {
+            config: Some(path.clone()),
+            ..NodeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!config.dicomweb.open);
+        assert_eq!(config.dicomweb.max_request_bytes, 1000);
+        assert_eq!(config.dicomweb.tokens[0].scopes, vec![Scope::Read]);
+        assert_eq!(
+            config.dicomweb.cors_allowed_origins,
+            vec!["https://viewer.example.org"]
+        );
+        std::fs::write(
+            &path,
+            "[[dicomweb.tokens]]\nname = \"x\"\nsha256 = \"secret\"\nscopes = []\n",
+        )
+        .unwrap();
+        assert!(
+            NodeArgs {
+                config: Some(path),
+                ..NodeArgs::default()
+            }
+            .resolve()
+            .is_err()
+        );
     }
 
     #[test]

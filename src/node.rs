@@ -64,6 +64,12 @@ impl Node {
         let state = Arc::new(AppState {
             ae_title: config.ae_title.to_string(),
             ingest: ingest.clone(),
+            dicomweb: config.dicomweb.clone(),
+            match_options: crate::query::MatchOptions {
+                case_insensitive_names: config.case_insensitive_names,
+                fuzzy_names: false,
+                max_matches: Some(config.max_query_matches),
+            },
         });
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");

@@ -4,6 +4,7 @@
 //! prepares dcmtk and pynetdicom; see support/mod.rs.
 
 mod cli;
+mod dicomweb;
 mod ingest;
 mod negotiation;
 mod query_retrieve;

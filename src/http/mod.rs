@@ -1,5 +1,9 @@
-//! The node's HTTP side. For now: health. DICOMweb, the JSON API and the
-//! page join here as one `router()` per resource.
+//! The node's HTTP side: health, and DICOMweb under `/dicom-web`
+//! ([`dicomweb`]). The JSON API and the page join here as one `router()`
+//! per resource.
+
+pub mod dicomweb;
+pub mod error;
 
 use std::sync::Arc;
 
@@ -12,18 +16,35 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::DicomwebConfig;
 use crate::ingest::Ingest;
 
 #[derive(Clone)]
 pub struct AppState {
     pub ae_title: String,
     pub ingest: Ingest,
+    pub dicomweb: DicomwebConfig,
+    /// The node's matching options, the ones C-FIND uses.
+    pub match_options: crate::query::MatchOptions,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let health = Router::new()
         .route("/health", get(health))
-        .with_state(state)
+        .with_state(state.clone());
+    health
+        .merge(dicomweb::router(
+            state.ingest.clone(),
+            state.dicomweb.clone(),
+            state.match_options,
+        ))
+        // One span per request: errors logged while serving it carry its
+        // method and path.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+            ),
+        )
 }
 
 /// 200 when the index answers, 503 otherwise; the body never carries
@@ -49,6 +70,15 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Responses stream in several writes (a QIDO-RS result array, WADO-RS
+    // parts): with Nagle's algorithm on, the last small write waits for the
+    // client's delayed ACK (~40 ms on loopback).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

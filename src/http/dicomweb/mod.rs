@@ -1,0 +1,162 @@
+//! DICOMweb (PS3.18) under `/dicom-web`: QIDO-RS (search), WADO-RS
+//! (retrieve) and STOW-RS (store), over the same index and blob store as
+//! the DIMSE services.
+//!
+//! - `auth`: bearer tokens with read/write scopes (or an open node).
+//! - `media`: Content-Type and Accept, multipart/related writing.
+//! - `json`: the DICOM JSON model.
+//! - `stow`: STOW-RS into the ingest path C-STORE uses.
+//! - `qido`: QIDO-RS over `crate::query`, the matcher C-FIND uses.
+//! - `wado`: WADO-RS: instances, metadata, frames, bulk data, rendered.
+
+pub mod auth;
+pub mod json;
+pub mod media;
+pub mod qido;
+pub mod render;
+pub mod stow;
+pub mod wado;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::routing::get;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::DicomwebConfig;
+use crate::ingest::Ingest;
+use crate::query::MatchOptions;
+
+/// Where DICOMweb is mounted on the HTTP port.
+pub const BASE_PATH: &str = "/dicom-web";
+
+pub struct DicomwebState {
+    pub ingest: Ingest,
+    pub config: DicomwebConfig,
+    /// The node's matching options (those of C-FIND); a request's
+    /// `fuzzymatching` turns on fuzzy names for that request.
+    pub match_options: MatchOptions,
+}
+
+pub fn router(ingest: Ingest, config: DicomwebConfig, match_options: MatchOptions) -> Router {
+    if config.open {
+        tracing::warn!(
+            "DICOMweb is open: anyone who reaches the HTTP port can search, retrieve and store without a token"
+        );
+    } else if config.tokens.is_empty() {
+        tracing::warn!(
+            "DICOMweb has no tokens configured: every request gets 401 (add [[dicomweb.tokens]] or set dicomweb open)"
+        );
+    }
+    let tokens = Arc::new(auth::Tokens::new(&config));
+    let cors = cors_layer(&config);
+    let state = Arc::new(DicomwebState {
+        ingest,
+        config,
+        match_options,
+    });
+    let study = "/studies/{study}";
+    let series = "/studies/{study}/series/{series}";
+    let instance = "/studies/{study}/series/{series}/instances/{instance}";
+    let routes = Router::new()
+        .route("/studies", get(qido::studies).post(stow::store_any))
+        .route(study, get(wado::study).post(stow::store_in_study))
+        .route(&format!("{study}/metadata"), get(wado::study_metadata))
+        .route(&format!("{study}/series"), get(qido::study_series))
+        .route(&format!("{study}/instances"), get(qido::study_instances))
+        .route(series, get(wado::series))
+        .route(&format!("{series}/metadata"), get(wado::series_metadata))
+        .route(&format!("{series}/instances"), get(qido::series_instances))
+        .route(instance, get(wado::instance))
+        .route(
+            &format!("{instance}/metadata"),
+            get(wado::instance_metadata),
+        )
+        .route(&format!("{instance}/frames/{{frames}}"), get(wado::frames))
+        .route(&format!("{instance}/bulkdata/{{tag}}"), get(wado::bulkdata))
+        .route(
+            &format!("{instance}/rendered"),
+            get(render::instance_rendered),
+        )
+        .route(
+            &format!("{instance}/thumbnail"),
+            get(render::instance_thumbnail),
+        )
+        .route(
+            &format!("{instance}/frames/{{frames}}/rendered"),
+            get(render::frame_rendered),
+        )
+        .route(
+            &format!("{instance}/frames/{{frames}}/thumbnail"),
+            get(render::frame_thumbnail),
+        )
+        .route("/series", get(qido::all_series))
+        .route("/instances", get(qido::all_instances))
+        // STOW-RS bodies are streamed and limited by
+        // `max_request_bytes`, not axum's 2 MB default.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            tokens,
+            auth::require_token,
+        ))
+        .with_state(state);
+    let routes = match cors {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    Router::new().nest(BASE_PATH, routes)
+}
+
+/// CORS for browser viewers served from elsewhere; the preflight is
+/// answered before the token check (browsers send it without one).
+fn cors_layer(config: &DicomwebConfig) -> Option<CorsLayer> {
+    if config.cors_allowed_origins.is_empty() {
+        return None;
+    }
+    let origin = if config.cors_allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            config
+                .cors_allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::ACCEPT, header::CONTENT_TYPE])
+            .expose_headers([
+                header::CONTENT_TYPE,
+                header::CONTENT_LENGTH,
+                header::WARNING,
+            ])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
+}
+
+/// The absolute URL of the DICOMweb root as the client reached it (Host
+/// header; `X-Forwarded-Proto` when a TLS proxy is in front), for the
+/// retrieve URLs of QIDO-RS and STOW-RS responses.
+pub fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{host}{BASE_PATH}")
+}

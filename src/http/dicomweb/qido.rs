@@ -1,0 +1,363 @@
+//! QIDO-RS (PS3.18 §10.6): searches over `crate::query`, the one matcher
+//! C-FIND also uses. Query parameters become matching keys in DICOM
+//! matching syntax; results stream out as a DICOM JSON array as the index
+//! produces them.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query as UrlQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use serde_json::{Map, Value};
+
+use super::json::{DICOM_JSON, attr, element_json, tag_key};
+use super::{DicomwebState, base_url, media};
+use crate::http::error::Error;
+use crate::query::{self, Item, Level, Match, MatchOptions, Outcome, Query};
+
+type Params = UrlQuery<Vec<(String, String)>>;
+
+/// The attributes each level returns without `includefield` (PS3.18
+/// Tables 10.6.3-3 to -5, those the index keeps).
+const STUDY_DEFAULTS: &[Tag] = &[
+    tags::STUDY_DATE,
+    tags::STUDY_TIME,
+    tags::ACCESSION_NUMBER,
+    tags::MODALITIES_IN_STUDY,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_SEX,
+    tags::STUDY_INSTANCE_UID,
+    tags::STUDY_ID,
+    tags::NUMBER_OF_STUDY_RELATED_SERIES,
+    tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+];
+const SERIES_DEFAULTS: &[Tag] = &[
+    tags::STUDY_INSTANCE_UID,
+    tags::MODALITY,
+    tags::SERIES_DESCRIPTION,
+    tags::SERIES_NUMBER,
+    tags::SERIES_INSTANCE_UID,
+    tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
+];
+const INSTANCE_DEFAULTS: &[Tag] = &[
+    tags::STUDY_INSTANCE_UID,
+    tags::SERIES_INSTANCE_UID,
+    tags::SOP_CLASS_UID,
+    tags::SOP_INSTANCE_UID,
+    tags::INSTANCE_NUMBER,
+];
+
+pub async fn studies(
+    s: State<Arc<DicomwebState>>,
+    h: HeaderMap,
+    p: Params,
+) -> Result<Response, Error> {
+    search(s, h, p, Level::Study, None, None).await
+}
+
+pub async fn all_series(
+    s: State<Arc<DicomwebState>>,
+    h: HeaderMap,
+    p: Params,
+) -> Result<Response, Error> {
+    search(s, h, p, Level::Series, None, None).await
+}
+
+pub async fn all_instances(
+    s: State<Arc<DicomwebState>>,
+    h: HeaderMap,
+    p: Params,
+) -> Result<Response, Error> {
+    search(s, h, p, Level::Image, None, None).await
+}
+
+pub async fn study_series(
+    s: State<Arc<DicomwebState>>,
+    Path(study): Path<String>,
+    h: HeaderMap,
+    p: Params,
+) -> Result<Response, Error> {
+    search(s, h, p, Level::Series, Some(study), None).await
+}
+
+pub async fn study_instances(
+    s: State<Arc<DicomwebState>>,
+    Path(study): Path<String>,
+    h: HeaderMap,
+    p: Params,
+) -> Result<Response, Error> {
+    search(s, h, p, Level::Image, Some(study), None).await
+}
+
+pub async fn series_instances(
+    s: State<Arc<DicomwebState>>,
+    Path((study, series)): Path<(String, String)>,
+    h: HeaderMap,
+    p: Params,
+) -> Result<Response, Error> {
+    search(s, h, p, Level::Image, Some(study), Some(series)).await
+}
+
+/// A QIDO-RS request as the matcher's query.
+pub fn build_query(
+    node_options: MatchOptions,
+    level: Level,
+    study: Option<&str>,
+    series: Option<&str>,
+    params: &[(String, String)],
+) -> Result<(Query, MatchOptions), Error> {
+    let bad = |m: String| Error::BadRequest(m);
+    let mut query = Query::new(level);
+    let mut options = node_options;
+    let defaults = match level {
+        Level::Patient | Level::Study => STUDY_DEFAULTS,
+        Level::Series => SERIES_DEFAULTS,
+        Level::Image => INSTANCE_DEFAULTS,
+    };
+    for tag in defaults {
+        query.request(*tag);
+    }
+    // The identifiers the retrieve URLs are built from.
+    query.request(tags::STUDY_INSTANCE_UID);
+    if level >= Level::Series {
+        query.request(tags::SERIES_INSTANCE_UID);
+    }
+    if level == Level::Image {
+        query.request(tags::SOP_INSTANCE_UID);
+    }
+    if let Some(study) = study {
+        crate::types::Uid::parse(study).map_err(|e| bad(format!("Study Instance UID: {e}")))?;
+        query
+            .add_key(tags::STUDY_INSTANCE_UID, study)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if let Some(series) = series {
+        crate::types::Uid::parse(series).map_err(|e| bad(format!("Series Instance UID: {e}")))?;
+        query
+            .add_key(tags::SERIES_INSTANCE_UID, series)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    for (name, value) in params {
+        match name.as_str() {
+            "limit" => query.set_limit(
+                value
+                    .parse()
+                    .map_err(|_| bad(format!("limit={value}: not a number")))?,
+            ),
+            "offset" => query.set_offset(
+                value
+                    .parse()
+                    .map_err(|_| bad(format!("offset={value}: not a number")))?,
+            ),
+            "fuzzymatching" => {
+                options.fuzzy_names = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad(format!("fuzzymatching={value}: true or false"))),
+                }
+            }
+            "includefield" => {
+                for field in value.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+                    if field == "all" {
+                        query.request_all();
+                    } else {
+                        let tag = query::tag_from_keyword_or_hex(field).ok_or_else(|| {
+                            bad(format!("includefield={field}: unknown attribute"))
+                        })?;
+                        query.request(tag);
+                    }
+                }
+            }
+            // Parameters of other DICOMweb services that do not change a
+            // search.
+            "accept" | "charset" => {}
+            key => {
+                if key.contains('.') {
+                    return Err(bad(format!("{key}: sequence matching is not supported")));
+                }
+                let tag = query::tag_from_keyword_or_hex(key)
+                    .ok_or_else(|| bad(format!("{key}: unknown attribute or parameter")))?;
+                query.add_key(tag, value).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+    }
+    Ok((query, options))
+}
+
+async fn search(
+    State(state): State<Arc<DicomwebState>>,
+    headers: HeaderMap,
+    UrlQuery(params): Params,
+    level: Level,
+    study: Option<String>,
+    series: Option<String>,
+) -> Result<Response, Error> {
+    media::require_json(&headers)?;
+    let (query, options) = build_query(
+        state.match_options,
+        level,
+        study.as_deref(),
+        series.as_deref(),
+        &params,
+    )?;
+    let requested: Vec<Tag> = params
+        .iter()
+        .filter(|(k, _)| k == "includefield")
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(str::trim)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|f| query::tag_from_keyword_or_hex(&f))
+        .collect();
+    let base = base_url(&headers);
+    let mut rx = query::run(state.ingest.index(), query, options);
+
+    // The first item decides the status: a failure before any match is a
+    // 503, no match a 204.
+    let first = match rx.recv().await {
+        Some(Item::Match(m)) => m,
+        Some(Item::End(Outcome::Failed(e))) => {
+            return Err(Error::Unavailable(format!("query: {e}")));
+        }
+        Some(Item::End(_)) | None => return Ok(StatusCode::NO_CONTENT.into_response()),
+    };
+    let first_json = match_json(&first, level, &base, &requested);
+    let stream = futures::stream::unfold(
+        (rx, Some(first_json), false),
+        move |(mut rx, pending, done)| {
+            let base = base.clone();
+            let requested = requested.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                if let Some(first) = pending {
+                    let chunk = format!("[{first}");
+                    return Some((Ok::<_, std::io::Error>(chunk), (rx, None, false)));
+                }
+                match rx.recv().await {
+                    Some(Item::Match(m)) => {
+                        let chunk = format!(",{}", match_json(&m, level, &base, &requested));
+                        Some((Ok(chunk), (rx, None, false)))
+                    }
+                    Some(Item::End(Outcome::Failed(e))) => {
+                        // Headers are sent: the only honest signal left is
+                        // to cut the body (the client sees invalid JSON).
+                        tracing::error!(error = %e, "QIDO-RS query failed mid-stream");
+                        Some((Err(std::io::Error::other("query failed")), (rx, None, true)))
+                    }
+                    Some(Item::End(_)) | None => Some((Ok("]".to_string()), (rx, None, true))),
+                }
+            }
+        },
+    );
+    let mut response = Response::new(Body::from_stream(stream));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(DICOM_JSON));
+    Ok(response)
+}
+
+/// One match in the DICOM JSON model, with its retrieve URL and any
+/// requested attribute the index does not keep (empty).
+fn match_json(m: &Match, level: Level, base: &str, requested: &[Tag]) -> Value {
+    // Tag order (PS3.18 F.2.1 lists attributes in ascending tag order).
+    let mut map = std::collections::BTreeMap::new();
+    for e in &m.elements {
+        map.insert(tag_key(e.tag), element_json(e.vr, &e.values));
+    }
+    for tag in requested {
+        let key = tag_key(*tag);
+        map.entry(key).or_insert_with(|| {
+            let vr = dicom_core::dictionary::DataDictionary::by_tag(
+                &dicom_dictionary_std::StandardDataDictionary,
+                *tag,
+            )
+            .map(|e| dicom_core::dictionary::DataDictionaryEntry::vr(e).relaxed())
+            .unwrap_or(dicom_core::VR::UN);
+            attr(vr.to_string(), vec![])
+        });
+    }
+    let study = m.first(tags::STUDY_INSTANCE_UID);
+    let url = match level {
+        Level::Patient | Level::Study => format!("{base}/studies/{study}"),
+        Level::Series => format!(
+            "{base}/studies/{study}/series/{}",
+            m.first(tags::SERIES_INSTANCE_UID)
+        ),
+        Level::Image => format!(
+            "{base}/studies/{study}/series/{}/instances/{}",
+            m.first(tags::SERIES_INSTANCE_UID),
+            m.first(tags::SOP_INSTANCE_UID)
+        ),
+    };
+    map.insert(
+        tag_key(tags::RETRIEVE_URL),
+        attr("UR", vec![Value::from(url)]),
+    );
+    Value::Object(map.into_iter().collect::<Map<String, Value>>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parameters() {
+        let ok = [
+            p(&[("PatientName", "Zhang*"), ("limit", "10"), ("offset", "5")]),
+            p(&[("00100020", "HUR-1"), ("includefield", "all")]),
+            p(&[
+                ("StudyDate", "20240101-20241231"),
+                ("fuzzymatching", "true"),
+            ]),
+            p(&[("includefield", "PatientAge,00081030")]),
+            p(&[("ModalitiesInStudy", "CT\\MR")]),
+        ];
+        for params in ok {
+            assert!(
+                build_query(MatchOptions::default(), Level::Study, None, None, &params).is_ok(),
+                "{params:?}"
+            );
+        }
+        let bad = [
+            p(&[("limit", "ten")]),
+            p(&[("NoSuchAttribute", "x")]),
+            p(&[("includefield", "NoSuchAttribute")]),
+            p(&[("fuzzymatching", "maybe")]),
+            p(&[("ReferencedStudySequence.ReferencedSOPInstanceUID", "1.2")]),
+            p(&[("StudyInstanceUID", "1.2.*")]),
+            p(&[("StudyDate", "yesterday")]),
+        ];
+        for params in bad {
+            let e = build_query(MatchOptions::default(), Level::Study, None, None, &params)
+                .unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{params:?}");
+        }
+        assert!(
+            build_query(
+                MatchOptions::default(),
+                Level::Series,
+                Some("not a uid"),
+                None,
+                &[]
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,846 @@
+//! WADO-RS (PS3.18 §10.4): studies, series and instances as
+//! multipart/related of application/dicom, streamed from the blob store
+//! (each blob hash-verified before its first byte goes out, never a whole
+//! study in memory); metadata as DICOM JSON; frames and bulk data.
+//!
+//! Instances are found through `crate::query`, the matcher C-FIND and
+//! C-MOVE use. Nothing is transcoded: a transfer syntax other than the
+//! stored one is 406.
+
+use std::io;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
+use bytes::Bytes;
+use dicom_core::Tag;
+use dicom_core::value::Value as DicomValue;
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, OpenFileOptions, file::ReadPreamble};
+use futures::stream::{self, BoxStream, StreamExt};
+use serde_json::Value;
+
+use super::json::{DICOM_JSON, object_json};
+use super::media::{self, MediaType, PART_END};
+use super::{DicomwebState, base_url};
+use crate::http::error::Error;
+use crate::query::{self, InstanceLocation, Level, Query};
+use crate::storage::{BlobStore, VerifiedBlob};
+use crate::types::Uid;
+
+type ByteStream = BoxStream<'static, Result<Bytes, io::Error>>;
+
+/// Read size for blobs served from files (a verified blob over 8 MiB).
+const READ_CHUNK: usize = 256 * 1024;
+
+/// How many instances are opened (fetched and verified) ahead of the one
+/// being sent: hides a remote store's latency.
+const PREFETCH: usize = 2;
+
+/// The current instances under a study (and series, and instance), in
+/// series and instance order. 404 when there are none.
+pub async fn locate(
+    state: &DicomwebState,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Vec<InstanceLocation>, Error> {
+    let mut q = Query::new(Level::Image);
+    let keys = [
+        (tags::STUDY_INSTANCE_UID, Some(study), "study"),
+        (tags::SERIES_INSTANCE_UID, series, "series"),
+        (tags::SOP_INSTANCE_UID, instance, "instance"),
+    ];
+    for (tag, value, what) in keys {
+        q.request(tag);
+        if let Some(v) = value {
+            Uid::parse(v).map_err(|e| Error::BadRequest(format!("{what} UID: {e}")))?;
+            q.add_key(tag, v)
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
+        }
+    }
+    let matches = query::collect(state.ingest.index(), q)
+        .await
+        .map_err(|e| Error::Unavailable(format!("query: {e}")))?;
+    let found: Vec<InstanceLocation> = matches.into_iter().filter_map(|m| m.instance).collect();
+    if found.is_empty() {
+        return Err(Error::NotFound(match (series, instance) {
+            (_, Some(_)) => "instance",
+            (Some(_), None) => "series",
+            _ => "study",
+        }));
+    }
+    Ok(found)
+}
+
+pub async fn study(
+    State(state): State<Arc<DicomwebState>>,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    retrieve(&state, &headers, &study, None, None).await
+}
+
+pub async fn series(
+    State(state): State<Arc<DicomwebState>>,
+    Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    retrieve(&state, &headers, &study, Some(&series), None).await
+}
+
+pub async fn instance(
+    State(state): State<Arc<DicomwebState>>,
+    Path((study, series, instance)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    retrieve(&state, &headers, &study, Some(&series), Some(&instance)).await
+}
+
+/// Whether an Accept range takes `multipart/related; type="application/dicom"`
+/// with the given stored transfer syntaxes (no transcoding).
+fn accepts_dicom(range: &MediaType, transfer_syntaxes: &[&str]) -> bool {
+    let multipart = range.admits("multipart/related");
+    let part_ok = range
+        .param("type")
+        .is_none_or(|t| MediaType::parse(t).is_some_and(|t| t.admits("application/dicom")));
+    let ts_ok = match range.param("transfer-syntax") {
+        None | Some("*") => true,
+        Some(ts) => transfer_syntaxes.iter().all(|s| *s == ts),
+    };
+    multipart && part_ok && ts_ok
+}
+
+async fn retrieve(
+    state: &DicomwebState,
+    headers: &HeaderMap,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Response, Error> {
+    let locations = locate(state, study, series, instance).await?;
+    let stored: Vec<&str> = locations
+        .iter()
+        .map(|l| l.transfer_syntax_uid.as_str())
+        .collect();
+    if !media::accept(headers)
+        .iter()
+        .any(|r| accepts_dicom(r, &stored))
+    {
+        return Err(Error::NotAcceptable(
+            "instances are served as multipart/related; type=\"application/dicom\" in their stored transfer syntax".into(),
+        ));
+    }
+    let boundary = media::boundary();
+    let content_type = media::multipart_content_type("application/dicom", &boundary);
+    let store = state.ingest.store().clone();
+    let part_boundary = boundary.clone();
+    // The first instance is opened (fetched, verified) before the response
+    // starts, so that a request whose first blob is corrupt or missing gets
+    // a status instead of a cut body.
+    let mut locations = locations.into_iter();
+    let first_loc = locations.next().expect("locate returns at least one");
+    let first_blob = store
+        .open_verified(&first_loc.blob_hash, first_loc.blob_size)
+        .await?;
+    let first = stream::once(async move { (first_loc, Ok(first_blob)) });
+    let rest = stream::iter(locations)
+        .map(move |loc| {
+            let store = store.clone();
+            async move {
+                let blob = store.open_verified(&loc.blob_hash, loc.blob_size).await;
+                (loc, blob)
+            }
+        })
+        .buffered(PREFETCH);
+    let parts = first
+        .chain(rest)
+        .flat_map(move |(loc, blob)| -> ByteStream {
+            match blob {
+                Ok(blob) => {
+                    let head = media::part_head(
+                        &part_boundary,
+                        &format!(
+                            "application/dicom; transfer-syntax={}",
+                            loc.transfer_syntax_uid
+                        ),
+                        &[("Content-Length", blob.len().to_string())],
+                    );
+                    stream::once(async move { Ok(Bytes::from(head)) })
+                        .chain(blob_stream(blob))
+                        .chain(stream::once(async { Ok(Bytes::from_static(PART_END)) }))
+                        .boxed()
+                }
+                Err(e) => {
+                    // The response has started: cutting it is the only
+                    // signal left. The detail goes to the log.
+                    tracing::error!(sop_instance_uid = %loc.sop_instance_uid, error = %e, "WADO-RS: instance cannot be served");
+                    stream::once(async { Err(io::Error::other("instance unavailable")) }).boxed()
+                }
+            }
+        });
+    Ok(multipart_response(&content_type, &boundary, parts))
+}
+
+fn blob_stream(blob: VerifiedBlob) -> ByteStream {
+    match blob {
+        VerifiedBlob::Memory(bytes) => stream::once(async move { Ok(bytes) }).boxed(),
+        other => {
+            tokio_util::io::ReaderStream::with_capacity(other.into_reader(), READ_CHUNK).boxed()
+        }
+    }
+}
+
+fn multipart_response(
+    content_type: &str,
+    boundary: &str,
+    parts: impl futures::Stream<Item = Result<Bytes, io::Error>> + Send + 'static,
+) -> Response {
+    let closing = Bytes::from(media::closing(boundary));
+    let body = parts.chain(stream::once(async move { Ok(closing) }));
+    let mut response = Response::new(Body::from_stream(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).expect("ASCII content type"),
+    );
+    response
+}
+
+/// Parses a stored instance, up to (not including) `until` when given,
+/// reading the verified blob on a blocking thread.
+pub async fn open_object(
+    store: &BlobStore,
+    loc: &InstanceLocation,
+    until: Option<Tag>,
+) -> Result<DefaultDicomObject, Error> {
+    let blob = store.open_verified(&loc.blob_hash, loc.blob_size).await?;
+    let sop = loc.sop_instance_uid.clone();
+    let parse = move |reader: &mut dyn io::Read| {
+        let mut options = OpenFileOptions::new().read_preamble(ReadPreamble::Always);
+        if let Some(tag) = until {
+            options = options.read_until(tag);
+        }
+        options.from_reader(reader)
+    };
+    let result = match blob {
+        VerifiedBlob::Memory(bytes) => {
+            tokio::task::spawn_blocking(move || parse(&mut io::Cursor::new(bytes))).await
+        }
+        other => {
+            let mut bridge = tokio_util::io::SyncIoBridge::new(other.into_reader());
+            tokio::task::spawn_blocking(move || parse(&mut bridge)).await
+        }
+    };
+    result
+        .map_err(|e| Error::Internal(format!("parse task: {e}")))?
+        .map_err(|e| Error::Internal(format!("stored instance {sop} does not parse: {e}")))
+}
+
+/// The whole instance, pixel data included.
+pub async fn open_object_full(
+    store: &BlobStore,
+    loc: &InstanceLocation,
+) -> Result<DefaultDicomObject, Error> {
+    open_object(store, loc, None).await
+}
+
+fn instance_url(base: &str, loc: &InstanceLocation) -> String {
+    format!(
+        "{base}/studies/{}/series/{}/instances/{}",
+        loc.study_instance_uid, loc.series_instance_uid, loc.sop_instance_uid
+    )
+}
+
+pub async fn study_metadata(
+    State(state): State<Arc<DicomwebState>>,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    metadata(&state, &headers, &study, None, None).await
+}
+
+pub async fn series_metadata(
+    State(state): State<Arc<DicomwebState>>,
+    Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    metadata(&state, &headers, &study, Some(&series), None).await
+}
+
+pub async fn instance_metadata(
+    State(state): State<Arc<DicomwebState>>,
+    Path((study, series, instance)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    metadata(&state, &headers, &study, Some(&series), Some(&instance)).await
+}
+
+/// The metadata of each instance, as a DICOM JSON array streamed one
+/// instance at a time; bulk data (Pixel Data and binary values over 1 KiB)
+/// as BulkDataURI.
+async fn metadata(
+    state: &DicomwebState,
+    headers: &HeaderMap,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Response, Error> {
+    media::require_json(headers)?;
+    let locations = locate(state, study, series, instance).await?;
+    let base = base_url(headers);
+    let store = state.ingest.store().clone();
+    let count = locations.len();
+    // The first instance is read before the response starts (a status
+    // rather than a cut body when it cannot be).
+    let mut locations = locations.into_iter().enumerate();
+    let (i0, loc0) = locations.next().expect("locate returns at least one");
+    let obj0 = open_object(&store, &loc0, Some(tags::PIXEL_DATA)).await?;
+    let base0 = base.clone();
+    let first = stream::once(async move { (i0, loc0, Ok(obj0), base0) });
+    let rest = stream::iter(locations)
+        .map(move |(i, loc)| {
+            let store = store.clone();
+            let base = base.clone();
+            async move {
+                let obj = open_object(&store, &loc, Some(tags::PIXEL_DATA)).await;
+                (i, loc, obj, base)
+            }
+        })
+        .buffered(PREFETCH);
+    let items = first
+        .chain(rest)
+        .map(move |(i, loc, obj, base)| match obj {
+            Ok(obj) => {
+                let url = instance_url(&base, &loc);
+                let mut json = object_json(&obj, Some(&url));
+                // Parsing stopped before Pixel Data: an image's pixel data is
+                // announced as bulk data.
+                if obj.element(tags::ROWS).is_ok()
+                    && let Value::Object(map) = &mut json
+                {
+                    let vr = if obj
+                        .element(tags::BITS_ALLOCATED)
+                        .ok()
+                        .and_then(|e| e.to_int::<u16>().ok())
+                        .is_some_and(|b| b > 8)
+                        && is_native(&loc.transfer_syntax_uid)
+                    {
+                        "OW"
+                    } else {
+                        "OB"
+                    };
+                    map.insert(
+                        "7FE00010".into(),
+                        serde_json::json!({"vr": vr, "BulkDataURI": format!("{url}/bulkdata/7FE00010")}),
+                    );
+                }
+                let open = if i == 0 { "[" } else { "," };
+                let close = if i + 1 == count { "]" } else { "" };
+                Ok(Bytes::from(format!("{open}{json}{close}")))
+            }
+            Err(e) => {
+                tracing::error!(sop_instance_uid = %loc.sop_instance_uid, error = %e, "WADO-RS metadata: instance cannot be read");
+                Err(io::Error::other("instance unavailable"))
+            }
+        });
+    let mut response = Response::new(Body::from_stream(items));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(DICOM_JSON));
+    Ok(response)
+}
+
+/// Transfer syntaxes whose pixel data is native (not encapsulated).
+fn is_native(ts: &str) -> bool {
+    matches!(
+        ts,
+        "1.2.840.10008.1.2"
+            | "1.2.840.10008.1.2.1"
+            | "1.2.840.10008.1.2.1.99"
+            | "1.2.840.10008.1.2.2"
+    )
+}
+
+/// The media type of a frame in a transfer syntax (PS3.18 Table 8.7.3-2),
+/// as stored: native frames as application/octet-stream (little endian).
+pub fn frame_media_type(ts: &str) -> Option<&'static str> {
+    if is_native(ts) {
+        return Some("application/octet-stream");
+    }
+    Some(match ts {
+        "1.2.840.10008.1.2.4.50"
+        | "1.2.840.10008.1.2.4.51"
+        | "1.2.840.10008.1.2.4.57"
+        | "1.2.840.10008.1.2.4.70" => "image/jpeg",
+        "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81" => "image/jls",
+        "1.2.840.10008.1.2.4.90" | "1.2.840.10008.1.2.4.91" => "image/jp2",
+        "1.2.840.10008.1.2.4.92" | "1.2.840.10008.1.2.4.93" => "image/jpx",
+        "1.2.840.10008.1.2.4.201" | "1.2.840.10008.1.2.4.202" | "1.2.840.10008.1.2.4.203" => {
+            "image/jphc"
+        }
+        "1.2.840.10008.1.2.4.110" | "1.2.840.10008.1.2.4.111" | "1.2.840.10008.1.2.4.112" => {
+            "image/jxl"
+        }
+        "1.2.840.10008.1.2.5" => "image/dicom-rle",
+        _ => return None,
+    })
+}
+
+/// The frames of an instance's pixel data, as stored (one entry per
+/// frame; encapsulated fragments joined per frame).
+pub fn frames_of(obj: &DefaultDicomObject) -> Result<Vec<Vec<u8>>, Error> {
+    let pixel_data = obj
+        .element(tags::PIXEL_DATA)
+        .map_err(|_| Error::NotFound("pixel data"))?;
+    let count = obj
+        .element(tags::NUMBER_OF_FRAMES)
+        .ok()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .unwrap_or(1)
+        .max(1) as usize;
+    match pixel_data.value() {
+        DicomValue::PixelSequence(seq) => {
+            let fragments = seq.fragments();
+            let offsets = seq.offset_table();
+            if count == 1 {
+                Ok(vec![fragments.concat()])
+            } else if fragments.len() == count {
+                Ok(fragments.to_vec())
+            } else if offsets.len() == count {
+                // Basic Offset Table: byte offsets of each frame's first
+                // fragment item (8 bytes of item header each).
+                let mut frames = vec![Vec::new(); count];
+                let mut position = 0u64;
+                for fragment in fragments {
+                    let frame = offsets
+                        .iter()
+                        .rposition(|o| u64::from(*o) <= position)
+                        .unwrap_or(0);
+                    frames[frame].extend_from_slice(fragment);
+                    position += 8 + fragment.len() as u64;
+                }
+                Ok(frames)
+            } else {
+                Err(Error::NotAcceptable(
+                    "frames of this encapsulated pixel data cannot be told apart (no offset table)"
+                        .into(),
+                ))
+            }
+        }
+        DicomValue::Primitive(v) => {
+            let bytes = v.to_bytes();
+            let size = bytes.len() / count;
+            Ok(bytes
+                .chunks(size.max(1))
+                .take(count)
+                .map(<[u8]>::to_vec)
+                .collect())
+        }
+        DicomValue::Sequence(_) => Err(Error::Internal("Pixel Data is a sequence".into())),
+    }
+}
+
+/// Counts the bytes read through it: where the pixel data starts.
+struct Counting<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: io::Read> io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Frames of native (uncompressed, little endian, not deflated) pixel data
+/// read straight from the verified blob: the header is parsed up to Pixel
+/// Data, then only the requested frames are read, so memory holds the
+/// frames asked for, never the whole instance. `None` when the instance is
+/// not of that kind (the caller parses it whole).
+pub async fn native_frames(
+    store: &BlobStore,
+    loc: &InstanceLocation,
+    numbers: Vec<usize>,
+) -> Result<Option<Vec<Vec<u8>>>, Error> {
+    let ts_uid = loc.transfer_syntax_uid.clone();
+    if !matches!(ts_uid.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1") {
+        return Ok(None);
+    }
+    let blob = store.open_verified(&loc.blob_hash, loc.blob_size).await?;
+    let reader: Box<dyn io::Read + Send> = match blob {
+        VerifiedBlob::Memory(bytes) => Box::new(io::Cursor::new(bytes)),
+        other => Box::new(tokio_util::io::SyncIoBridge::new(other.into_reader())),
+    };
+    let task = tokio::task::spawn_blocking(move || read_native_frames(reader, &ts_uid, &numbers));
+    match task.await {
+        Ok(Ok(frames)) => Ok(frames),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(Error::Internal(format!("frame task: {e}"))),
+    }
+}
+
+fn read_native_frames(
+    mut reader: Box<dyn io::Read + Send>,
+    ts_uid: &str,
+    numbers: &[usize],
+) -> Result<Option<Vec<Vec<u8>>>, Error> {
+    use dicom_core::Length;
+    use dicom_encoding::transfer_syntax::TransferSyntaxIndex as _;
+    use dicom_parser::dataset::{DataSetReader, DataToken};
+    use std::io::Read as _;
+    let internal = |e: &dyn std::fmt::Display| Error::Internal(format!("stored instance: {e}"));
+    let mut head = [0u8; 144];
+    reader.read_exact(&mut head).map_err(|e| internal(&e))?;
+    let meta_len =
+        crate::part10::file_meta_len(&head).ok_or_else(|| internal(&"not a Part-10 object"))?;
+    io::copy(
+        &mut io::Read::take(&mut reader, (meta_len - 144) as u64),
+        &mut io::sink(),
+    )
+    .map_err(|e| internal(&e))?;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(ts_uid)
+        .ok_or_else(|| internal(&"unknown transfer syntax"))?;
+    let mut counting = Counting {
+        inner: reader,
+        count: 0,
+    };
+    let (mut rows, mut columns, mut samples, mut bits, mut frames) = (0u64, 0u64, 1u64, 0u64, 1u64);
+    let mut pixel_len = None;
+    {
+        let tokens = DataSetReader::new_with_ts(&mut counting, ts).map_err(|e| internal(&e))?;
+        let mut depth = 0usize;
+        let mut current = None;
+        for token in tokens {
+            match token.map_err(|e| internal(&e))? {
+                DataToken::SequenceStart { .. } | DataToken::PixelSequenceStart => depth += 1,
+                DataToken::SequenceEnd => depth = depth.saturating_sub(1),
+                DataToken::ElementHeader(h) if depth == 0 && h.tag == tags::PIXEL_DATA => {
+                    pixel_len = match h.len {
+                        Length(n) if h.len.is_defined() => Some(u64::from(n)),
+                        _ => return Ok(None),
+                    };
+                    break;
+                }
+                DataToken::ElementHeader(h) if depth == 0 => current = Some(h.tag),
+                DataToken::PrimitiveValue(v) if depth == 0 => {
+                    let n = || v.to_int::<u64>().unwrap_or(0);
+                    match current.take() {
+                        Some(t) if t == tags::ROWS => rows = n(),
+                        Some(t) if t == tags::COLUMNS => columns = n(),
+                        Some(t) if t == tags::SAMPLES_PER_PIXEL => samples = n(),
+                        Some(t) if t == tags::BITS_ALLOCATED => bits = n(),
+                        Some(t) if t == tags::NUMBER_OF_FRAMES => frames = n().max(1),
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let Some(pixel_len) = pixel_len else {
+        return Err(Error::NotFound("pixel data"));
+    };
+    if bits == 0 || bits % 8 != 0 {
+        return Ok(None);
+    }
+    let frame_size = rows * columns * samples * (bits / 8);
+    if frame_size == 0 || frame_size * frames > pixel_len {
+        return Ok(None);
+    }
+    if numbers.iter().any(|n| *n as u64 > frames) {
+        return Err(Error::NotFound("frame"));
+    }
+    // Read in ascending order, answer in the order asked.
+    let mut order: Vec<usize> = numbers.to_vec();
+    order.sort_unstable();
+    order.dedup();
+    let mut read = std::collections::BTreeMap::new();
+    let mut position = 0u64; // within the pixel data
+    for n in order {
+        let start = (n as u64 - 1) * frame_size;
+        io::copy(
+            &mut io::Read::take(&mut counting, start - position),
+            &mut io::sink(),
+        )
+        .map_err(|e| internal(&e))?;
+        let mut frame = vec![0u8; frame_size as usize];
+        counting.read_exact(&mut frame).map_err(|e| internal(&e))?;
+        position = start + frame_size;
+        read.insert(n, frame);
+    }
+    Ok(Some(numbers.iter().map(|n| read[n].clone()).collect()))
+}
+
+/// `1,3,5` (1-based) as frame numbers.
+fn frame_list(s: &str) -> Result<Vec<usize>, Error> {
+    s.split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    Error::BadRequest(format!(
+                        "frame list {s:?}: 1-based numbers, comma separated"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Whether an Accept range takes multipart/related parts of `part_type` in
+/// transfer syntax `ts`.
+fn accepts_part(range: &MediaType, part_type: &str, ts: &str) -> bool {
+    if !range.admits("multipart/related") {
+        return false;
+    }
+    let type_ok = range
+        .param("type")
+        .is_none_or(|t| MediaType::parse(t).is_some_and(|t| t.admits(part_type)));
+    let ts_ok = match range.param("transfer-syntax") {
+        None | Some("*") => true,
+        // Native frames go out as little endian octets: the explicit VR
+        // little endian transfer syntax names them.
+        Some(wanted) => wanted == ts || (is_native(ts) && wanted == "1.2.840.10008.1.2.1"),
+    };
+    type_ok && ts_ok
+}
+
+/// The part media type for frames (or pixel bulk data) stored in `ts`:
+/// their own media type (PS3.18 Table 8.7.3-2) when an Accept range takes
+/// it, or `application/octet-stream` when a range asks for octets with
+/// `transfer-syntax=*` (as stored, whatever the encoding: what OHIF asks
+/// for). Nothing is transcoded.
+fn negotiate_pixel_parts(headers: &HeaderMap, ts: &str) -> Result<&'static str, Error> {
+    let native = frame_media_type(ts).ok_or_else(|| {
+        Error::NotAcceptable(format!("frames of transfer syntax {ts} are not served"))
+    })?;
+    for range in media::accept(headers) {
+        if accepts_part(&range, native, ts) {
+            return Ok(native);
+        }
+        if range.admits("multipart/related")
+            && range.param("transfer-syntax") == Some("*")
+            && range.param("type").is_some_and(|t| {
+                MediaType::parse(t).is_some_and(|t| t.essence == "application/octet-stream")
+            })
+        {
+            return Ok("application/octet-stream");
+        }
+    }
+    Err(Error::NotAcceptable(format!(
+        "these frames are served as multipart/related; type=\"{native}\" (or type=\"application/octet-stream\"; transfer-syntax=*)"
+    )))
+}
+
+pub async fn frames(
+    State(state): State<Arc<DicomwebState>>,
+    Path((study, series, instance, frames)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let numbers = frame_list(&frames)?;
+    let loc = locate(&state, &study, Some(&series), Some(&instance))
+        .await?
+        .remove(0);
+    let part_type = negotiate_pixel_parts(&headers, &loc.transfer_syntax_uid)?;
+    if let Some(frames) = native_frames(state.ingest.store(), &loc, numbers.clone()).await? {
+        return Ok(octet_parts(part_type, &loc.transfer_syntax_uid, frames));
+    }
+    let obj = open_object(state.ingest.store(), &loc, None).await?;
+    let all = frames_of(&obj)?;
+    let mut selected = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        selected.push(all.get(n - 1).ok_or(Error::NotFound("frame"))?.clone());
+    }
+    Ok(octet_parts(part_type, &loc.transfer_syntax_uid, selected))
+}
+
+fn octet_parts(part_type: &str, ts: &str, parts: Vec<Vec<u8>>) -> Response {
+    let boundary = media::boundary();
+    let content_type = media::multipart_content_type(part_type, &boundary);
+    let part_content_type = if is_native(ts) {
+        part_type.to_string()
+    } else {
+        format!("{part_type}; transfer-syntax={ts}")
+    };
+    let mut chunks = Vec::with_capacity(parts.len() * 3);
+    for part in parts {
+        chunks.push(Ok(Bytes::from(media::part_head(
+            &boundary,
+            &part_content_type,
+            &[("Content-Length", part.len().to_string())],
+        ))));
+        chunks.push(Ok(Bytes::from(part)));
+        chunks.push(Ok(Bytes::from_static(PART_END)));
+    }
+    multipart_response(&content_type, &boundary, stream::iter(chunks))
+}
+
+/// A top-level element's value as bulk data (the BulkDataURI of the
+/// metadata); Pixel Data as its frames, one part each.
+pub async fn bulkdata(
+    State(state): State<Arc<DicomwebState>>,
+    Path((study, series, instance, tag)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let tag = query::tag_from_keyword_or_hex(&tag)
+        .ok_or_else(|| Error::BadRequest(format!("bulk data {tag:?}: not a tag")))?;
+    let loc = locate(&state, &study, Some(&series), Some(&instance))
+        .await?
+        .remove(0);
+    if tag == tags::PIXEL_DATA {
+        let part_type = negotiate_pixel_parts(&headers, &loc.transfer_syntax_uid)?;
+        let obj = open_object(state.ingest.store(), &loc, None).await?;
+        return Ok(octet_parts(
+            part_type,
+            &loc.transfer_syntax_uid,
+            frames_of(&obj)?,
+        ));
+    }
+    let obj = open_object(state.ingest.store(), &loc, Some(tags::PIXEL_DATA)).await?;
+    let element = obj.element(tag).map_err(|_| Error::NotFound("bulk data"))?;
+    let bytes = match element.value() {
+        DicomValue::Primitive(v) => v.to_bytes().into_owned(),
+        _ => return Err(Error::NotFound("bulk data")),
+    };
+    if !media::accept(&headers)
+        .iter()
+        .any(|r| accepts_part(r, "application/octet-stream", "1.2.840.10008.1.2.1"))
+    {
+        return Err(Error::NotAcceptable(
+            "bulk data is served as multipart/related; type=\"application/octet-stream\"".into(),
+        ));
+    }
+    Ok(octet_parts(
+        "application/octet-stream",
+        "1.2.840.10008.1.2.1",
+        vec![bytes],
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Part-10 object of three 2x2 8-bit frames: 1s, 2s and 3s.
+    fn three_frames() -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+        let mut obj = InMemDicomObject::new_empty();
+        let put = |obj: &mut InMemDicomObject, tag, vr, v: PrimitiveValue| {
+            obj.put(DataElement::new(tag, vr, v));
+        };
+        put(
+            &mut obj,
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.7.2".into(),
+        );
+        put(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4".into());
+        put(
+            &mut obj,
+            tags::SAMPLES_PER_PIXEL,
+            VR::US,
+            PrimitiveValue::from(1u16),
+        );
+        put(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, "3".into());
+        put(&mut obj, tags::ROWS, VR::US, PrimitiveValue::from(2u16));
+        put(&mut obj, tags::COLUMNS, VR::US, PrimitiveValue::from(2u16));
+        put(
+            &mut obj,
+            tags::BITS_ALLOCATED,
+            VR::US,
+            PrimitiveValue::from(8u16),
+        );
+        let pixels: Vec<u8> = [1u8, 2, 3].iter().flat_map(|v| [*v; 4]).collect();
+        put(
+            &mut obj,
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::from(pixels),
+        );
+        let file = obj
+            .with_meta(
+                FileMetaTableBuilder::new()
+                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7.2")
+                    .media_storage_sop_instance_uid("1.2.3.4"),
+            )
+            .unwrap();
+        let mut out = Vec::new();
+        file.write_all(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn native_frames_are_read_without_the_rest() {
+        let bytes = three_frames();
+        let read = |numbers: &[usize]| {
+            read_native_frames(
+                Box::new(io::Cursor::new(bytes.clone())),
+                "1.2.840.10008.1.2.1",
+                numbers,
+            )
+        };
+        assert_eq!(
+            read(&[3, 1]).unwrap().unwrap(),
+            vec![vec![3u8; 4], vec![1u8; 4]]
+        );
+        assert_eq!(
+            read(&[2, 2]).unwrap().unwrap(),
+            vec![vec![2u8; 4], vec![2u8; 4]]
+        );
+        assert_eq!(read(&[4]).unwrap_err().status().as_u16(), 404);
+    }
+
+    #[test]
+    fn retrieve_negotiation() {
+        let ts = ["1.2.840.10008.1.2.1"];
+        let cases = [
+            ("*/*", true),
+            ("multipart/related; type=\"application/dicom\"", true),
+            (
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+                true,
+            ),
+            (
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1",
+                true,
+            ),
+            (
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.4.50",
+                false,
+            ),
+            (
+                "multipart/related; type=\"application/octet-stream\"",
+                false,
+            ),
+            ("application/dicom+json", false),
+        ];
+        for (accept, ok) in cases {
+            let range = MediaType::parse(accept).unwrap();
+            assert_eq!(accepts_dicom(&range, &ts), ok, "{accept}");
+        }
+        assert_eq!(frame_list("1,3").unwrap(), vec![1, 3]);
+        assert!(frame_list("0").is_err());
+        assert!(frame_list("a").is_err());
+        assert_eq!(
+            frame_media_type("1.2.840.10008.1.2.4.50"),
+            Some("image/jpeg")
+        );
+        let range = MediaType::parse("multipart/related; type=\"*/*\"").unwrap();
+        assert!(accepts_part(&range, "image/jpeg", "1.2.840.10008.1.2.4.50"));
+        let range =
+            MediaType::parse("multipart/related; type=\"application/octet-stream\"").unwrap();
+        assert!(!accepts_part(
+            &range,
+            "image/jpeg",
+            "1.2.840.10008.1.2.4.50"
+        ));
+    }
+}

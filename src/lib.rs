@@ -9,7 +9,7 @@
 //! - [`dicom`]: the DICOM server (dicom-ul, async): accept loop, association
 //!   negotiation, DIMSE command sets, one module per service.
 //! - [`ingest`]: the one path by which an instance enters the node (C-STORE
-//!   now, STOW-RS later): stage while hashing, check, publish, index.
+//!   and STOW-RS): stage while hashing, check, publish, index.
 //! - [`part10`]: the node's deterministic file meta, the structural check of
 //!   a received data set, and the attributes the index keeps.
 //! - [`storage`]: blobs on object_store keyed by BLAKE3, group-committed
@@ -18,7 +18,8 @@
 //!   PostgreSQL through one set of SQL, with a group-committing writer.
 //! - [`query`]: the one matcher C-FIND and QIDO-RS share: a level, keys in
 //!   DICOM matching syntax, matches streamed from the index.
-//! - [`http`]: health (and later DICOMweb and the JSON API).
+//! - [`http`]: health and DICOMweb (QIDO-RS over [`query`], WADO-RS from
+//!   verified blobs, STOW-RS into [`ingest`]); the JSON API will join it.
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.

@@ -39,6 +39,10 @@ GARAGE_VERSION=2.5.0
 PYDICOM_VERSION=3.0.2
 PYNETDICOM_VERSION=3.0.4
 DICOMWEB_CLIENT_VERSION=0.61.2
+# Decoders for pydicom, so tests can compare the pixels of instances the
+# node decompressed with those of the JPEG originals.
+PYLIBJPEG_VERSION=2.1.0
+PYLIBJPEG_LIBJPEG_VERSION=2.5.0
 
 MODE="test"
 if [[ "${1:-}" == "--services" ]]; then
@@ -93,7 +97,7 @@ fi
 # Python venv with pydicom + pynetdicom.
 VENV="$HUREN_CACHE/venv"
 PY="$VENV/bin/python"
-if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client' >/dev/null 2>&1; then
+if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg' >/dev/null 2>&1; then
     log "creating Python venv at $VENV"
     rm -rf "$VENV"
     if ! python3 -m venv "$VENV" >&2; then
@@ -105,8 +109,9 @@ if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client' >/dev/null 2>&1; the
         python3 -m venv "$VENV" >&2
     fi
     "$PY" -m pip install -q "pydicom==$PYDICOM_VERSION" "pynetdicom==$PYNETDICOM_VERSION" \
-        "dicomweb-client==$DICOMWEB_CLIENT_VERSION" >&2
-    "$PY" -c 'import pydicom, pynetdicom, dicomweb_client' || die "pydicom/pynetdicom/dicomweb-client not importable in $VENV"
+        "dicomweb-client==$DICOMWEB_CLIENT_VERSION" "pylibjpeg==$PYLIBJPEG_VERSION" \
+        "pylibjpeg-libjpeg==$PYLIBJPEG_LIBJPEG_VERSION" >&2
+    "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg' || die "pydicom/pynetdicom/dicomweb-client/pylibjpeg not importable in $VENV"
 fi
 
 # Garage, built from crates.io.

@@ -14,6 +14,8 @@
 //!   a received data set, and the attributes the index keeps.
 //! - [`storage`]: blobs on object_store keyed by BLAKE3, group-committed
 //!   fsyncs on the local file system.
+//! - [`transcode`]: transfer syntax conversion on the way out (C-MOVE,
+//!   C-GET, WADO-RS), dicom-pixeldata for JPEG and RLE.
 //! - [`index`]: patients, studies, series, instances on SQLite or
 //!   PostgreSQL through one set of SQL, with a group-committing writer.
 //! - [`query`]: the one matcher C-FIND and QIDO-RS share: a level, keys in
@@ -35,5 +37,6 @@ pub mod node;
 pub mod part10;
 pub mod query;
 pub mod storage;
+pub mod transcode;
 pub mod types;
 pub mod verify;

@@ -478,7 +478,9 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
             .filter(|s| s.study_instance_uid == *study)
             .map(|s| s.path.display().to_string())
             .collect();
-        let mut args = vec!["retrieve-study", study];
+        // As stored (transfer-syntax=*): every attribute and Pixel Data
+        // equal to the files sent.
+        let mut args = vec!["retrieve-study", "--as-stored", study];
         args.extend(files.iter().map(String::as_str));
         let got = dwc(&node, None, &args).await;
         assert_eq!(got.len(), files.len(), "{study}");
@@ -486,6 +488,36 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
             assert_eq!(r["known"], true, "{r}");
             assert_eq!(r["differences"], serde_json::json!([]), "{r}");
             assert_eq!(r["pixel_data_equal"], true, "{r}");
+        }
+        // The client's default (no transfer-syntax): Explicit VR Little
+        // Endian (PS3.18's default) wherever the node can convert, the
+        // same pixels; JPEG 2000 and JPEG-LS stay as stored.
+        let mut args = vec!["retrieve-study", study];
+        args.extend(files.iter().map(String::as_str));
+        let got = dwc(&node, None, &args).await;
+        assert_eq!(got.len(), files.len(), "{study}");
+        for r in &got {
+            let original = r["original_transfer_syntax_uid"].as_str().unwrap();
+            let expected = if huren::transcode::can_convert(original, "1.2.840.10008.1.2.1") {
+                "1.2.840.10008.1.2.1"
+            } else {
+                original
+            };
+            assert_eq!(r["transfer_syntax_uid"], expected, "{r}");
+            assert_eq!(r["differences"], serde_json::json!([]), "{r}");
+            if expected == original {
+                assert_eq!(r["pixel_data_equal"], true, "{r}");
+            } else {
+                // Lossless syntaxes decode to the same pixels; JPEG
+                // baseline decoders may differ by a rounding step.
+                let tolerance = if original == "1.2.840.10008.1.2.4.50" {
+                    2
+                } else {
+                    0
+                };
+                let diff = r["pixel_max_diff"].as_i64();
+                assert!(diff.is_some_and(|d| (0..=tolerance).contains(&d)), "{r}");
+            }
         }
 
         // Byte-identical: each part is the stored blob, whose data set is

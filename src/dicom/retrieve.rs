@@ -32,28 +32,7 @@ struct Offered {
     transfer_syntax: String,
 }
 
-/// The uncompressed transfer syntaxes, between which the node converts
-/// when a destination does not accept the stored one.
-const NATIVE: &[&str] = &[
-    uids::EXPLICIT_VR_LITTLE_ENDIAN,
-    uids::IMPLICIT_VR_LITTLE_ENDIAN,
-    // Explicit VR Big Endian (retired, still sent by old modalities).
-    "1.2.840.10008.1.2.2",
-    uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-];
-
-fn is_native(ts: &str) -> bool {
-    NATIVE.contains(&ts)
-}
-
-/// Whether dicom-pixeldata can decode this encapsulated syntax (JPEG
-/// baseline, extended and lossless, RLE with the features built in).
-fn is_decodable(ts: &str) -> bool {
-    use dicom_encoding::TransferSyntaxIndex;
-    dicom_transfer_syntax_registry::TransferSyntaxRegistry
-        .get(ts)
-        .is_some_and(|t| t.is_encapsulated_pixel_data() && t.can_decode_all())
-}
+use crate::transcode::{NATIVE, is_decodable, is_native};
 
 /// How an instance will be sent: on which context, and whether converted.
 fn choose(offered: &[Offered], instance: &InstanceLocation) -> Option<(u8, Option<String>)> {
@@ -132,10 +111,12 @@ async fn prepare(
         .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
     let source = instance.transfer_syntax_uid.clone();
     let target = target.to_string();
-    tokio::task::spawn_blocking(move || convert(&whole, &source, &target))
-        .await
-        .map_err(|e| e.to_string())?
-        .map(Payload::Converted)
+    tokio::task::spawn_blocking(move || {
+        crate::transcode::convert_data_set(&whole, &source, &target)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map(Payload::Converted)
 }
 
 /// Sends a prepared data set on a presentation context.
@@ -157,29 +138,6 @@ where
         Payload::Converted(data) => writer.write_all(&data).await.map_err(broken)?,
     }
     writer.finish().await.map_err(broken)
-}
-
-/// Re-encodes a Part-10 object's data set in another (uncompressed)
-/// transfer syntax, decoding encapsulated pixel data with dicom-pixeldata.
-fn convert(part10: &[u8], from: &str, to: &str) -> Result<Vec<u8>, String> {
-    use dicom_encoding::TransferSyntaxIndex;
-    use dicom_pixeldata::Transcode;
-    use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-    let to_ts = TransferSyntaxRegistry
-        .get(to)
-        .ok_or_else(|| format!("unknown transfer syntax {to}"))?;
-    let mut obj = dicom_object::OpenFileOptions::new()
-        .read_preamble(dicom_object::file::ReadPreamble::Always)
-        .from_reader(part10)
-        .map_err(|e| format!("cannot read the stored object: {e}"))?;
-    if !is_native(from) {
-        obj.transcode(to_ts)
-            .map_err(|e| format!("cannot decompress {from} to {to}: {e}"))?;
-    }
-    let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, to_ts)
-        .map_err(|e| format!("cannot convert to {to}: {e}"))?;
-    Ok(out)
 }
 
 /// One C-STORE sub-operation: request, data set, response. While waiting

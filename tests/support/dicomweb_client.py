@@ -119,16 +119,41 @@ def main():
             out(r)
 
     elif command == "retrieve-study":
+        # --as-stored asks for transfer-syntax=*; without it the client's
+        # default applies (no transfer-syntax parameter: the server's
+        # default, Explicit VR Little Endian).
+        as_stored = bool(args) and args[0] == "--as-stored"
+        if as_stored:
+            args.pop(0)
         study = args.pop(0)
         want = originals(args)
-        for ds in client.retrieve_study(study):
+        media_types = (("application/dicom", "*"),) if as_stored else None
+        for ds in client.retrieve_study(study, media_types=media_types):
             orig = want.get(ds.SOPInstanceUID)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+            orig_ts = str(orig.file_meta.TransferSyntaxUID) if orig is not None else None
+            converted = orig is not None and ts != orig_ts
+            diff = differences(ds, orig) if orig is not None else []
+            max_diff = None
+            if converted:
+                # Pixel Data bytes differ by design; compare the decoded
+                # pixels instead.
+                diff = [d for d in diff if not d.startswith("(7FE0,0010)")]
+                try:
+                    import numpy as np
+                    a = ds.pixel_array.astype(np.int64)
+                    b = orig.pixel_array.astype(np.int64)
+                    max_diff = int(np.abs(a - b).max()) if a.shape == b.shape else -1
+                except Exception as e:  # no decoder for the original
+                    max_diff = f"not compared: {e}"
             out({
                 "sop_instance_uid": ds.SOPInstanceUID,
                 "known": orig is not None,
-                "differences": differences(ds, orig) if orig is not None else [],
+                "differences": diff,
                 "pixel_data_equal": orig is not None and ds.get("PixelData") == orig.get("PixelData"),
-                "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+                "transfer_syntax_uid": ts,
+                "original_transfer_syntax_uid": orig_ts,
+                "pixel_max_diff": max_diff,
             })
 
     elif command == "metadata":

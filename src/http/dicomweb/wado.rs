@@ -4,8 +4,10 @@
 //! study in memory); metadata as DICOM JSON; frames and bulk data.
 //!
 //! Instances are found through `crate::query`, the matcher C-FIND and
-//! C-MOVE use. Nothing is transcoded: a transfer syntax other than the
-//! stored one is 406.
+//! C-MOVE use. Instances go out as stored when the client accepts that
+//! (`transfer-syntax=*`, or the stored syntax); otherwise they are
+//! converted with `crate::transcode`, the same conversion C-MOVE uses; a
+//! syntax they cannot be converted to is 406.
 
 use std::io;
 use std::sync::Arc;
@@ -99,18 +101,104 @@ pub async fn instance(
     retrieve(&state, &headers, &study, Some(&series), Some(&instance)).await
 }
 
-/// Whether an Accept range takes `multipart/related; type="application/dicom"`
-/// with the given stored transfer syntaxes (no transcoding).
-fn accepts_dicom(range: &MediaType, transfer_syntaxes: &[&str]) -> bool {
-    let multipart = range.admits("multipart/related");
-    let part_ok = range
-        .param("type")
-        .is_none_or(|t| MediaType::parse(t).is_some_and(|t| t.admits("application/dicom")));
-    let ts_ok = match range.param("transfer-syntax") {
-        None | Some("*") => true,
-        Some(ts) => transfer_syntaxes.iter().all(|s| *s == ts),
+/// The transfer syntax a retrieve is served in (PS3.18 §8.7.3.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wanted {
+    /// `transfer-syntax=*`: each instance as stored.
+    AsStored,
+    /// A transfer syntax the client named: every instance in it (stored so,
+    /// or converted).
+    Syntax(String),
+    /// No transfer-syntax parameter: the media type's default, Explicit VR
+    /// Little Endian, for every instance that can be converted to it; an
+    /// instance that cannot (JPEG 2000, JPEG-LS...) goes as stored, its
+    /// part's Content-Type saying so, rather than failing the study.
+    Default,
+}
+
+impl Wanted {
+    /// The syntax to convert an instance to, if any.
+    fn target(&self, stored: &str) -> Option<String> {
+        let to = match self {
+            Wanted::AsStored => return None,
+            Wanted::Syntax(ts) => ts.as_str(),
+            Wanted::Default => crate::transcode::EXPLICIT_VR_LITTLE_ENDIAN,
+        };
+        (stored != to && crate::transcode::can_convert(stored, to)).then(|| to.to_string())
+    }
+}
+
+/// The first Accept range (by preference) that takes
+/// `multipart/related; type="application/dicom"` in a transfer syntax every
+/// instance can be served in.
+fn wanted(headers: &HeaderMap, stored: &[&str]) -> Option<Wanted> {
+    media::accept(headers).iter().find_map(|range| {
+        let multipart = range.admits("multipart/related");
+        let part_ok = range
+            .param("type")
+            .is_none_or(|t| MediaType::parse(t).is_some_and(|t| t.admits("application/dicom")));
+        if !(multipart && part_ok) {
+            return None;
+        }
+        match range.param("transfer-syntax") {
+            Some("*") => Some(Wanted::AsStored),
+            None => Some(Wanted::Default),
+            Some(ts) => stored
+                .iter()
+                .all(|s| crate::transcode::can_convert(s, ts))
+                .then(|| Wanted::Syntax(ts.to_string())),
+        }
+    })
+}
+
+/// An instance ready to be written as a part.
+enum Prepared {
+    Blob(VerifiedBlob),
+    Converted(Bytes, String),
+}
+
+/// Opens (and verifies) an instance's blob and converts it when the
+/// request wants another transfer syntax.
+async fn prepare(
+    store: &BlobStore,
+    loc: &InstanceLocation,
+    wanted: &Wanted,
+) -> Result<Prepared, Error> {
+    let blob = store.open_verified(&loc.blob_hash, loc.blob_size).await?;
+    let Some(target) = wanted.target(&loc.transfer_syntax_uid) else {
+        return Ok(Prepared::Blob(blob));
     };
-    multipart && part_ok && ts_ok
+    use tokio::io::AsyncReadExt;
+    let mut whole = Vec::with_capacity(blob.len() as usize);
+    blob.into_reader()
+        .read_to_end(&mut whole)
+        .await
+        .map_err(|e| Error::Internal(format!("reading blob {}: {e}", loc.blob_hash)))?;
+    let loc = loc.clone();
+    let converted = tokio::task::spawn_blocking(move || {
+        crate::transcode::convert_part10(
+            &whole,
+            &loc.sop_class_uid,
+            &loc.sop_instance_uid,
+            &loc.transfer_syntax_uid,
+            &target,
+        )
+        .map(|bytes| (bytes, target))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    match converted {
+        Ok((bytes, ts)) => Ok(Prepared::Converted(Bytes::from(bytes), ts)),
+        Err(why) => {
+            // Convertible by syntax but not this instance (an odd pixel
+            // encoding): served as stored, which the part's Content-Type
+            // states.
+            tracing::warn!(reason = %why, "WADO-RS: instance served in its stored transfer syntax");
+            Ok(Prepared::Blob(
+                store.open_verified(&loc.blob_hash, loc.blob_size).await?,
+            ))
+        }
+    }
 }
 
 async fn retrieve(
@@ -125,41 +213,37 @@ async fn retrieve(
         .iter()
         .map(|l| l.transfer_syntax_uid.as_str())
         .collect();
-    if !media::accept(headers)
-        .iter()
-        .any(|r| accepts_dicom(r, &stored))
-    {
+    let Some(wanted) = wanted(headers, &stored) else {
         return Err(Error::NotAcceptable(
-            "instances are served as multipart/related; type=\"application/dicom\" in their stored transfer syntax".into(),
+            "instances are served as multipart/related; type=\"application/dicom\", as stored (transfer-syntax=*) or in an uncompressed transfer syntax they can be converted to".into(),
         ));
-    }
+    };
     let boundary = media::boundary();
     let content_type = media::multipart_content_type("application/dicom", &boundary);
     let store = state.ingest.store().clone();
     let part_boundary = boundary.clone();
-    // The first instance is opened (fetched, verified) before the response
-    // starts, so that a request whose first blob is corrupt or missing gets
-    // a status instead of a cut body.
+    // The first instance is opened (fetched, verified, converted) before the
+    // response starts, so that a request whose first blob is corrupt or
+    // missing gets a status instead of a cut body.
     let mut locations = locations.into_iter();
     let first_loc = locations.next().expect("locate returns at least one");
-    let first_blob = store
-        .open_verified(&first_loc.blob_hash, first_loc.blob_size)
-        .await?;
-    let first = stream::once(async move { (first_loc, Ok(first_blob)) });
+    let first_ready = prepare(&store, &first_loc, &wanted).await?;
+    let first = stream::once(async move { (first_loc, Ok(first_ready)) });
     let rest = stream::iter(locations)
         .map(move |loc| {
             let store = store.clone();
+            let wanted = wanted.clone();
             async move {
-                let blob = store.open_verified(&loc.blob_hash, loc.blob_size).await;
-                (loc, blob)
+                let ready = prepare(&store, &loc, &wanted).await;
+                (loc, ready)
             }
         })
         .buffered(PREFETCH);
     let parts = first
         .chain(rest)
-        .flat_map(move |(loc, blob)| -> ByteStream {
-            match blob {
-                Ok(blob) => {
+        .flat_map(move |(loc, ready)| -> ByteStream {
+            match ready {
+                Ok(Prepared::Blob(blob)) => {
                     let head = media::part_head(
                         &part_boundary,
                         &format!(
@@ -172,6 +256,19 @@ async fn retrieve(
                         .chain(blob_stream(blob))
                         .chain(stream::once(async { Ok(Bytes::from_static(PART_END)) }))
                         .boxed()
+                }
+                Ok(Prepared::Converted(bytes, ts)) => {
+                    let head = media::part_head(
+                        &part_boundary,
+                        &format!("application/dicom; transfer-syntax={ts}"),
+                        &[("Content-Length", bytes.len().to_string())],
+                    );
+                    stream::iter([
+                        Ok(Bytes::from(head)),
+                        Ok(bytes),
+                        Ok(Bytes::from_static(PART_END)),
+                    ])
+                    .boxed()
                 }
                 Err(e) => {
                     // The response has started: cutting it is the only
@@ -800,32 +897,47 @@ mod tests {
 
     #[test]
     fn retrieve_negotiation() {
-        let ts = ["1.2.840.10008.1.2.1"];
-        let cases = [
-            ("*/*", true),
-            ("multipart/related; type=\"application/dicom\"", true),
+        let explicit = "1.2.840.10008.1.2.1";
+        let implicit = "1.2.840.10008.1.2";
+        let j2k = "1.2.840.10008.1.2.4.90";
+        let jpeg = "1.2.840.10008.1.2.4.50";
+        let dicom = "multipart/related; type=\"application/dicom\"";
+        let with_ts = |ts: &str| format!("{dicom}; transfer-syntax={ts}");
+        let cases: Vec<(String, Vec<&str>, Option<Wanted>)> = vec![
+            ("*/*".into(), vec![explicit], Some(Wanted::Default)),
+            (dicom.into(), vec![jpeg], Some(Wanted::Default)),
+            (with_ts("*"), vec![j2k], Some(Wanted::AsStored)),
             (
-                "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
-                true,
+                with_ts(explicit),
+                vec![explicit],
+                Some(Wanted::Syntax(explicit.into())),
             ),
+            // Converted: implicit to explicit, JPEG baseline decoded.
             (
-                "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1",
-                true,
+                with_ts(explicit),
+                vec![implicit, jpeg],
+                Some(Wanted::Syntax(explicit.into())),
             ),
+            // JPEG 2000 cannot be decoded; nothing is encoded to JPEG.
+            (with_ts(explicit), vec![j2k], None),
+            (with_ts(jpeg), vec![explicit], None),
+            (with_ts(jpeg), vec![jpeg], Some(Wanted::Syntax(jpeg.into()))),
             (
-                "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.4.50",
-                false,
+                "multipart/related; type=\"application/octet-stream\"".into(),
+                vec![explicit],
+                None,
             ),
-            (
-                "multipart/related; type=\"application/octet-stream\"",
-                false,
-            ),
-            ("application/dicom+json", false),
+            ("application/dicom+json".into(), vec![explicit], None),
         ];
-        for (accept, ok) in cases {
-            let range = MediaType::parse(accept).unwrap();
-            assert_eq!(accepts_dicom(&range, &ts), ok, "{accept}");
+        for (accept, stored, want) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCEPT, HeaderValue::from_str(&accept).unwrap());
+            assert_eq!(wanted(&headers, &stored), want, "{accept} {stored:?}");
         }
+        assert_eq!(Wanted::Default.target(implicit).as_deref(), Some(explicit));
+        assert_eq!(Wanted::Default.target(explicit), None);
+        assert_eq!(Wanted::Default.target(j2k), None);
+        assert_eq!(Wanted::AsStored.target(jpeg), None);
         assert_eq!(frame_list("1,3").unwrap(), vec![1, 3]);
         assert!(frame_list("0").is_err());
         assert!(frame_list("a").is_err());

@@ -775,16 +775,20 @@ fn sql_condition(
 ) -> Option<String> {
     let expr = a.expr(dialect);
     match (a.kind, c) {
+        // A correlated EXISTS rather than `IN (SELECT ...)`: with a
+        // selective key beside it (a date range) the planner drives from
+        // that key and probes series_modality_idx per study, instead of
+        // first collecting every study with a CT series.
         (Kind::Modalities, Condition::Single(v)) => {
             let p = sql.bind(Bind::Text(v.clone()));
             Some(format!(
-                "st.study_key IN (SELECT x.study_key FROM series x WHERE x.modality = {p})"
+                "EXISTS (SELECT 1 FROM series x WHERE x.modality = {p} AND x.study_key = st.study_key)"
             ))
         }
         (Kind::Modalities, Condition::List(vs)) => {
             let ps: Vec<String> = vs.iter().map(|v| sql.bind(Bind::Text(v.clone()))).collect();
             Some(format!(
-                "st.study_key IN (SELECT x.study_key FROM series x WHERE x.modality IN ({}))",
+                "EXISTS (SELECT 1 FROM series x WHERE x.modality IN ({}) AND x.study_key = st.study_key)",
                 ps.join(", ")
             ))
         }
@@ -823,13 +827,94 @@ fn sql_condition(
     }
 }
 
+/// The text every name a pattern matches starts with: its components
+/// joined by `^` while each is given in full (a component matched
+/// component-wise must equal the stored one), then the literal start of the
+/// next. An empty component (`^Na`, `Li^^M`) stops it: that component
+/// matches anything. Fuzzy matching makes every component a prefix, so
+/// only the first counts.
+fn name_literal_prefix(pattern: &str, fuzzy: bool) -> String {
+    let mut prefix = String::new();
+    for (i, component) in pattern.split('^').enumerate() {
+        let literal = literal_prefix(component);
+        if literal.is_empty() {
+            break;
+        }
+        if i > 0 {
+            prefix.push('^');
+        }
+        prefix.push_str(literal);
+        if fuzzy || literal.len() < component.len() {
+            break;
+        }
+    }
+    prefix
+}
+
+/// The case-folded forms a stored name starting with `prefix` can take in
+/// SQL: lower() folds ASCII (always) but, on SQLite and on PostgreSQL under
+/// the C ctype, leaves other letters as stored, so each non-ASCII cased
+/// letter may appear in either case. At most 8 forms: past the third such
+/// letter the prefix is cut, which only widens the prefilter.
+fn case_variants(prefix: &str) -> Vec<String> {
+    let mut variants = vec![String::new()];
+    for c in prefix.chars() {
+        if c.is_ascii() {
+            let c = c.to_ascii_lowercase();
+            variants.iter_mut().for_each(|v| v.push(c));
+        } else if c.is_lowercase() || c.is_uppercase() {
+            if variants.len() >= 8 {
+                break;
+            }
+            let lower: String = c.to_lowercase().collect();
+            let upper: String = c.to_uppercase().collect();
+            variants = variants
+                .into_iter()
+                .flat_map(|v| {
+                    let mut forms = vec![format!("{v}{lower}")];
+                    if upper != lower {
+                        forms.push(format!("{v}{upper}"));
+                    }
+                    forms
+                })
+                .collect();
+        } else {
+            variants.iter_mut().for_each(|v| v.push(c));
+        }
+    }
+    variants.dedup();
+    variants
+}
+
+/// Whether SQL can fold a character's case the way Rust does: SQLite's
+/// lower() folds ASCII only, and so does PostgreSQL's under the C ctype.
+fn foldable_in_sql(c: char) -> bool {
+    c.is_ascii() || !(c.is_lowercase() || c.is_uppercase())
+}
+
+/// The SQL expression for the second component group (Ideographic) and
+/// what follows it; the whole value when it has no `=`. An expression index
+/// of migration 0004 serves it for Patient's Name.
+fn second_group(expr: &str, dialect: Dialect) -> String {
+    match dialect {
+        Dialect::Sqlite => format!("substr({expr}, instr({expr}, '=') + 1)"),
+        Dialect::Postgres => {
+            format!("substr({expr}, strpos({expr}, '=') + 1) COLLATE \"C\"")
+        }
+    }
+}
+
 /// Narrows the rows a person-name pattern can match, using the name
-/// indexes where the pattern allows. A pattern in ASCII without `=` is
-/// matched against the Alphabetic group, which starts the stored value, so
-/// the literal prefix of its family name component bounds it; any other
-/// pattern can match inside a later group, so only a substring test is
-/// possible. (An ASCII pattern therefore does not find a name whose only
-/// Latin spelling is in the Phonetic group; conformance.md says so.)
+/// indexes where the pattern allows; the exact match is decided in Rust.
+///
+/// - The literal prefix of the pattern's family name component starts the
+///   Alphabetic group, which starts the stored value: a range on the
+///   (case-folded) value. Folding stops at the first non-ASCII cased
+///   letter, which SQL may fold differently: `Mü*` uses the range of `m`.
+/// - A prefix without any cased letter (Chinese, Japanese, Korean) may also
+///   start the Ideographic group: a second range on that group, OR-ed.
+/// - Anything else (a leading wildcard, a pattern with `=`): a substring
+///   test on the longest literal run, or no prefilter.
 fn name_prefilter(
     expr: &str,
     pattern: &str,
@@ -844,7 +929,10 @@ fn name_prefilter(
             Dialect::Postgres => format!("lower({expr}) COLLATE \"C\""),
         }
     } else {
-        expr.to_string()
+        match dialect {
+            Dialect::Sqlite => expr.to_string(),
+            Dialect::Postgres => format!("{expr} COLLATE \"C\""),
+        }
     };
     let fold = |s: &str| {
         if insensitive {
@@ -853,16 +941,35 @@ fn name_prefilter(
             s.to_string()
         }
     };
-    // Only the family name component is sure to start the stored value:
-    // component-wise matching lets later components sit anywhere.
-    let first_component = pattern.split('^').next().unwrap_or("");
-    let prefix = literal_prefix(first_component);
-    if !prefix.is_empty() && prefix.is_ascii() && !pattern.contains('=') {
-        let lo = fold(prefix);
-        let hi = format!("{lo}\u{10FFFF}");
-        let p1 = sql.bind(Bind::Text(lo));
+    let range = |column: &str, prefix: &str, sql: &mut Sql| {
+        let hi = format!("{prefix}\u{10FFFF}");
+        let p1 = sql.bind(Bind::Text(prefix.to_string()));
         let p2 = sql.bind(Bind::Text(hi));
-        return Some(format!("{column} >= {p1} AND {column} < {p2}"));
+        format!("({column} >= {p1} AND {column} < {p2})")
+    };
+    if !pattern.contains('=') {
+        let literal = name_literal_prefix(pattern, options.fuzzy_names);
+        if !literal.is_empty() {
+            let variants = if insensitive {
+                case_variants(&literal)
+            } else {
+                vec![literal.clone()]
+            };
+            let cased = literal
+                .chars()
+                .any(|c| c.is_lowercase() || c.is_uppercase());
+            let mut ranges: Vec<String> = variants.iter().map(|v| range(&column, v, sql)).collect();
+            if !cased && expr == "p.patient_name" {
+                // Chinese, Japanese, Korean: the Ideographic group too.
+                ranges.push(range(&second_group(expr, dialect), &literal, sql));
+            } else if !cased && !literal.is_ascii() {
+                // Could sit in a later group, which has no index here.
+                ranges.clear();
+            }
+            if !ranges.is_empty() {
+                return Some(format!("({})", ranges.join(" OR ")));
+            }
+        }
     }
     // The longest literal run must appear somewhere in the value.
     let longest = pattern
@@ -870,17 +977,7 @@ fn name_prefilter(
         .map(str::trim)
         .max_by_key(|s| s.chars().count())
         .unwrap_or("");
-    if longest.is_empty() {
-        return None;
-    }
-    // SQLite's lower() folds ASCII only: a literal with non-ASCII cased
-    // letters could differ in case from the stored name, so Rust decides.
-    if insensitive
-        && dialect == Dialect::Sqlite
-        && longest
-            .chars()
-            .any(|c| !c.is_ascii() && (c.is_lowercase() || c.is_uppercase()))
-    {
+    if longest.is_empty() || (insensitive && !longest.chars().all(foldable_in_sql)) {
         return None;
     }
     let p = sql.bind(Bind::Text(format!("%{}%", like_pattern(&fold(longest)))));
@@ -1204,6 +1301,27 @@ mod tests {
         let c = cond(tags::STUDY_TIME, "10").unwrap();
         assert!(value_matches(&c, "103000", false));
         assert!(!value_matches(&c, "110000", false));
+    }
+
+    #[test]
+    fn name_prefixes() {
+        let cases = [
+            ("Li^Shuh*", false, "Li^Shuh"),
+            ("Li", false, "Li"),
+            ("Li^Shuhua", false, "Li^Shuhua"),
+            ("^Na", false, ""),
+            ("Li^^Mid", false, "Li"),
+            ("*ming", false, ""),
+            ("Wa?g^X", false, "Wa"),
+            ("wa^xiao", true, "wa"),
+            ("王^小*", false, "王^小"),
+        ];
+        for (pattern, fuzzy, want) in cases {
+            assert_eq!(name_literal_prefix(pattern, fuzzy), want, "{pattern}");
+        }
+        assert_eq!(case_variants("López^M"), vec!["lópez^m", "lÓpez^m"]);
+        assert_eq!(case_variants("王^小"), vec!["王^小"]);
+        assert_eq!(case_variants("ÄÖÜß").len(), 8);
     }
 
     #[test]

@@ -216,16 +216,45 @@ pub(super) struct Op<'a> {
 }
 
 impl Op<'_> {
+    /// Sends a response (a command set and, for a Pending C-FIND, its
+    /// identifier). When both fit in one PDU of the peer's size they go as
+    /// one P-DATA-TF with two PDVs: one write per match instead of two, which
+    /// is most of the cost of a C-FIND returning thousands of matches.
     pub async fn send(
         &mut self,
         command: Vec<u8>,
         data_set: Option<Vec<u8>>,
     ) -> Result<(), String> {
-        send_command(self.association, self.pcid, command).await?;
-        if let Some(data) = data_set {
-            send_data(self.association, self.pcid, data).await?;
+        let Some(data) = data_set else {
+            return send_command(self.association, self.pcid, command).await;
+        };
+        // Each PDV adds a 6-byte header to its value (PS3.8 9.3.5.1).
+        let pdu_len = command.len() + data.len() + 12;
+        let peer_max = self.association.requestor_max_pdu_length() as usize;
+        if peer_max == 0 || pdu_len <= peer_max {
+            return self
+                .association
+                .send(&Pdu::PData {
+                    data: vec![
+                        PDataValue {
+                            presentation_context_id: self.pcid,
+                            value_type: PDataValueType::Command,
+                            is_last: true,
+                            data: command,
+                        },
+                        PDataValue {
+                            presentation_context_id: self.pcid,
+                            value_type: PDataValueType::Data,
+                            is_last: true,
+                            data,
+                        },
+                    ],
+                })
+                .await
+                .map_err(|e| format!("cannot send response: {e}"));
         }
-        Ok(())
+        send_command(self.association, self.pcid, command).await?;
+        send_data(self.association, self.pcid, data).await
     }
 }
 

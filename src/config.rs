@@ -165,6 +165,37 @@ fn yes() -> bool {
     true
 }
 
+impl RemoteAe {
+    /// `AE@host:port`, with the default permissions and no TLS.
+    pub fn parse(raw: &str) -> Result<RemoteAe, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            setting: "remote_aes",
+            reason: format!("{raw:?}: {reason} (expected AE@host:port)"),
+        };
+        let (ae_title, address) = raw.split_once('@').ok_or_else(|| invalid("no @".into()))?;
+        let (host, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("no :port".into()))?;
+        let port: u16 = port.parse().map_err(|e| invalid(format!("port: {e}")))?;
+        let ae_title = AeTitle::parse(ae_title).map_err(|e| invalid(e.to_string()))?;
+        if host.is_empty() {
+            return Err(invalid("no host".into()));
+        }
+        Ok(RemoteAe {
+            ae_title: ae_title.as_str().to_string(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            tls: false,
+            may_query: true,
+            may_retrieve: true,
+            move_destination: true,
+        })
+    }
+}
+
 /// Who may query and retrieve, once admitted to an association.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -363,6 +394,12 @@ pub struct NodeArgs {
     /// Match person names regardless of case [default: true]
     #[arg(long, env = "HUREN_CASE_INSENSITIVE_NAMES")]
     pub case_insensitive_names: Option<bool>,
+
+    /// AE directory entries, comma separated, each `AE@host:port`: added to
+    /// the config file's `[[remote_ae]]` tables (replacing one of the same
+    /// title), with the default permissions and no TLS
+    #[arg(long, env = "HUREN_REMOTE_AES", value_delimiter = ',')]
+    pub remote_aes: Option<Vec<String>>,
     /// Serve DICOMweb without a bearer token [default: false; tokens are
     /// configured in the [dicomweb] table of the config file]
     #[arg(long, env = "HUREN_DICOMWEB_OPEN")]
@@ -578,6 +615,15 @@ impl NodeArgs {
             }
             config.remote_aes = remote;
         }
+        for raw in self.remote_aes.iter().flatten() {
+            let raw = raw.trim();
+            if raw.is_empty() {
+                continue;
+            }
+            let remote = RemoteAe::parse(raw)?;
+            config.remote_aes.retain(|r| r.ae_title != remote.ae_title);
+            config.remote_aes.push(remote);
+        }
         config.tls_ca_file = file.tls_ca_file;
         config.tls_certificate_file = file.tls_certificate_file;
         config.tls_private_key_file = file.tls_private_key_file;
@@ -655,6 +701,38 @@ impl NodeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_aes_from_flags() {
+        let args = NodeArgs {
+            remote_aes: Some(vec![
+                "MOVESCU@127.0.0.1:11113".into(),
+                "WS1@ws1.local:104".into(),
+            ]),
+            ..NodeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.remote_aes.len(), 2);
+        let r = config.remote_ae("MOVESCU").unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.port, r.tls),
+            ("127.0.0.1", 11113, false)
+        );
+        assert!(r.move_destination && r.may_query && r.may_retrieve);
+        for bad in [
+            "NOAT",
+            "A@host",
+            "A@host:x",
+            "A@:104",
+            "WAY_TOO_LONG_AE_TITLE@h:1",
+        ] {
+            let args = NodeArgs {
+                remote_aes: Some(vec![bad.into()]),
+                ..NodeArgs::default()
+            };
+            assert!(args.resolve().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn defaults_need_no_file() {

@@ -141,6 +141,67 @@ async fn environment_overrides_defaults() {
     node.child.wait().unwrap();
 }
 
+/// The AE directory from the environment alone (`HUREN_REMOTE_AES`), as a
+/// tester with only the binary and dcmtk would set it: movescu moves a
+/// study to a storescp known by that variable, and to nowhere else (A801).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_destination_from_the_environment() {
+    let cwd = tempfile::tempdir().unwrap();
+    let received = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut scp = Command::new("/usr/bin/storescp")
+        .args(["-aet", "ENVDEST", "-od"])
+        .arg(received.path())
+        .arg(port.to_string())
+        .env("TCP_NODELAY", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let directory = format!("ENVDEST@127.0.0.1:{port}");
+    let mut node = spawn_binary(cwd.path(), &[], &[("HUREN_REMOTE_AES", &directory)]);
+    let sample = &support::samples()[0];
+    let stored = support::storescu(
+        node.dicom,
+        vec![support::storescu_option(&sample.transfer_syntax_uid).to_string()],
+        vec![sample.path.display().to_string()],
+    )
+    .await;
+    assert!(stored.status.success(), "{}", support::text(&stored));
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        tokio::task::yield_now().await;
+    }
+    let movescu = |destination: &str| {
+        let output = Command::new("/usr/bin/movescu")
+            .args(["-v", "-S", "-aec", "HUREN", "-aem", destination])
+            .arg(node.dicom.ip().to_string())
+            .arg(node.dicom.port().to_string())
+            .args(["-k", "QueryRetrieveLevel=STUDY"])
+            .arg("-k")
+            .arg(format!("StudyInstanceUID={}", sample.study_instance_uid))
+            .env("TCP_NODELAY", "1")
+            .output()
+            .unwrap();
+        support::text(&output)
+    };
+    let log = movescu("ENVDEST");
+    assert!(
+        log.contains("Received Final Move Response (Success)"),
+        "{log}"
+    );
+    assert!(std::fs::read_dir(received.path()).unwrap().count() >= 1);
+    let log = movescu("UNKNOWN");
+    assert!(log.contains("(Refused: MoveDestinationUnknown)"), "{log}");
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    scp.kill().unwrap();
+    scp.wait().unwrap();
+}
+
 /// What the sender does once the node has been interrupted.
 #[derive(PartialEq)]
 enum Then {

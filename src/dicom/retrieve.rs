@@ -402,18 +402,17 @@ pub(super) async fn c_move(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), Strin
     let total = instances.len();
     let (progress_tx, mut progress_rx) = mpsc::channel::<SubOperations>(16);
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(move_to(
-        op.ctx.config.clone(),
-        destination.clone(),
+    let task = tokio::spawn(move_to(MoveJob {
+        config: op.ctx.config.clone(),
+        destination: destination.clone(),
         instances,
-        op.ctx.ae_title.clone(),
-        op.ctx.ingest.store().clone(),
-        (op.calling_ae_title.to_string(), op.command.message_id()),
-        op.ctx.config.max_pdu_length,
-        progress_tx,
-        cancel.clone(),
-        op.span.clone(),
-    ));
+        our_ae_title: op.ctx.ae_title.clone(),
+        store: op.ctx.ingest.store().clone(),
+        originator: (op.calling_ae_title.to_string(), op.command.message_id()),
+        progress: progress_tx,
+        cancel: cancel.clone(),
+        span: op.span.clone(),
+    }));
     let message_id = op.command.message_id();
     let mut peer_gone: Option<String> = None;
     loop {
@@ -505,93 +504,81 @@ fn proposals(instances: &[InstanceLocation]) -> Vec<(String, Vec<String>)> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn move_to(
+/// What the C-MOVE task needs: where to, what, and how to report.
+struct MoveJob {
     config: std::sync::Arc<crate::config::NodeConfig>,
     destination: RemoteAe,
     instances: Vec<InstanceLocation>,
     our_ae_title: String,
     store: std::sync::Arc<BlobStore>,
+    /// Move Originator AE Title and Message ID.
     originator: (String, u16),
-    max_pdu_length: u32,
     progress: mpsc::Sender<SubOperations>,
     cancel: CancellationToken,
     span: tracing::Span,
-) -> Tally {
-    let mut tally = Tally::new(instances.len());
-    if instances.is_empty() {
+}
+
+async fn move_to(job: MoveJob) -> Tally {
+    let mut tally = Tally::new(job.instances.len());
+    if job.instances.is_empty() {
         return tally;
     }
+    let destination = &job.destination;
     let mut options = ClientAssociationOptions::new()
-        .calling_ae_title(our_ae_title)
+        .calling_ae_title(job.our_ae_title.clone())
         .called_ae_title(destination.ae_title.clone())
-        .max_pdu_length(max_pdu_length)
+        .max_pdu_length(job.config.max_pdu_length)
         .connection_timeout(Duration::from_secs(10));
-    for (class, ts) in proposals(&instances) {
+    for (class, ts) in proposals(&job.instances) {
         options = options.with_presentation_context(class, ts);
     }
     let address = format!("{}:{}", destination.host, destination.port);
-    let failed = |tally: &mut Tally, e: &dyn std::fmt::Display| {
-        tracing::warn!(parent: &span, destination = %destination.ae_title, %address, error = %e, "cannot associate with the move destination");
-        tally.fail_rest(&instances);
-    };
-    if destination.tls {
-        let tls = match super::tls::client_config(&config) {
-            Ok(t) => t,
-            Err(e) => {
-                failed(&mut tally, &e);
-                return tally;
-            }
-        };
-        match options
-            .tls_config(tls)
-            .server_name(&destination.host)
-            .establish_tls_async(address.as_str())
-            .await
-        {
-            Ok(mut association) => {
-                let _ = association_nodelay(association.inner_stream().get_ref().0);
-                transfer(
-                    association,
-                    &destination,
-                    &instances,
-                    &store,
-                    &originator,
-                    &progress,
-                    &cancel,
-                    &span,
-                    tally,
-                )
+    let established = if destination.tls {
+        match super::tls::client_config(&job.config) {
+            Ok(tls) => options
+                .tls_config(tls)
+                .server_name(&destination.host)
+                .establish_tls_async(address.as_str())
                 .await
-            }
-            Err(e) => {
-                failed(&mut tally, &e);
-                tally
-            }
+                .map(Established::Tls)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
         }
     } else {
-        match options.establish_async(address.as_str()).await {
-            Ok(mut association) => {
-                let _ = association_nodelay(association.inner_stream());
-                transfer(
-                    association,
-                    &destination,
-                    &instances,
-                    &store,
-                    &originator,
-                    &progress,
-                    &cancel,
-                    &span,
-                    tally,
-                )
-                .await
-            }
-            Err(e) => {
-                failed(&mut tally, &e);
-                tally
-            }
+        options
+            .establish_async(address.as_str())
+            .await
+            .map(Established::Plain)
+            .map_err(|e| e.to_string())
+    };
+    match established {
+        Ok(Established::Plain(mut association)) => {
+            let _ = association_nodelay(association.inner_stream());
+            transfer(association, &job, tally).await
+        }
+        Ok(Established::Tls(mut association)) => {
+            let _ = association_nodelay(association.inner_stream().get_ref().0);
+            transfer(association, &job, tally).await
+        }
+        Err(e) => {
+            tracing::warn!(parent: &job.span, destination = %destination.ae_title, %address, error = %e, "cannot associate with the move destination");
+            tally.fail_rest(&job.instances);
+            tally
         }
     }
+}
+
+/// The association to a move destination, in the clear or over TLS.
+// One value per C-MOVE, moved once into `transfer`: the size difference
+// between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Established {
+    Plain(dicom_ul::association::AsyncClientAssociation<TcpStream>),
+    Tls(
+        dicom_ul::association::AsyncClientAssociation<
+            dicom_ul::association::client::AsyncTlsStream,
+        >,
+    ),
 }
 
 /// A C-STORE-RQ is a small PDU followed by the data set: with Nagle's
@@ -601,22 +588,15 @@ fn association_nodelay(socket: &TcpStream) -> std::io::Result<()> {
 }
 
 /// The sub-operations of a C-MOVE over the association to its destination.
-#[allow(clippy::too_many_arguments)]
 async fn transfer<S>(
     mut association: dicom_ul::association::AsyncClientAssociation<S>,
-    destination: &RemoteAe,
-    instances: &[InstanceLocation],
-    store: &BlobStore,
-    originator: &(String, u16),
-    progress: &mpsc::Sender<SubOperations>,
-    cancel: &CancellationToken,
-    span: &tracing::Span,
+    job: &MoveJob,
     mut tally: Tally,
 ) -> Tally
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
-    let span = span.clone();
+    let (destination, instances, span) = (&job.destination, &job.instances, &job.span);
     let offered: Vec<Offered> = association
         .presentation_contexts()
         .iter()
@@ -630,7 +610,7 @@ where
     let mut message_id: u16 = 0;
     let mut never = false;
     for (n, instance) in instances.iter().enumerate() {
-        if cancel.is_cancelled() {
+        if job.cancel.is_cancelled() {
             tally.cancelled = true;
             break;
         }
@@ -639,25 +619,25 @@ where
             &mut association,
             &offered,
             instance,
-            store,
+            &job.store,
             message_id,
-            Some((&originator.0, originator.1)),
+            Some((&job.originator.0, job.originator.1)),
             None,
             &mut never,
-            &span,
+            span,
         )
         .await
         {
             Ok(outcome) => tally.record(instance, outcome),
             Err(Broken(why)) => {
-                tracing::warn!(parent: &span, destination = %destination.ae_title, reason = %why, "association to the move destination broke");
+                tracing::warn!(parent: span, destination = %destination.ae_title, reason = %why, "association to the move destination broke");
                 tally.fail_rest(&instances[n..]);
                 let _ = AsyncAssociation::abort(association).await;
                 return tally;
             }
         }
         if tally.counts.remaining > 0 {
-            let _ = progress.send(tally.counts).await;
+            let _ = job.progress.send(tally.counts).await;
         }
     }
     let _ = AsyncAssociation::release(association).await;

@@ -235,6 +235,68 @@ struct FileConfig {
     tls_certificate_file: Option<PathBuf>,
     tls_private_key_file: Option<PathBuf>,
     dicomweb: Option<DicomwebFileConfig>,
+    region: Option<RegionFileConfig>,
+}
+
+/// The `[region]` table of a TOML config file: how the node takes part in
+/// the regional registry. Secrets (the registry token, the region secret)
+/// are named by file, never written into the config itself.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionFileConfig {
+    registry_url: Option<String>,
+    hospital_id: Option<String>,
+    registry_token_file: Option<PathBuf>,
+    region_secret_file: Option<PathBuf>,
+    identifier_issuers: Option<Vec<String>>,
+    study_quiet_secs: Option<f64>,
+    publish_max_backoff_secs: Option<f64>,
+    directory_interval_secs: Option<f64>,
+}
+
+/// Settings of the node's part in the region (src/publish.rs).
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    /// Base URL of the regional registry (`https://registry.example/`).
+    pub registry_url: String,
+    /// This hospital's ID in the registry's directory (统一社会信用代码).
+    pub hospital_id: String,
+    /// The bearer token the registry issued to this hospital.
+    pub registry_token: String,
+    pub region_secret: crate::patient_key::RegionSecret,
+    /// Issuers of Patient ID whose IDs are cross-enterprise identifiers,
+    /// and of which document type: `RESIDENT_ID=RID` makes an
+    /// OtherPatientIDsSequence item (or the Patient ID itself) issued by
+    /// `RESIDENT_ID` a resident ID number.
+    pub identifier_issuers: Vec<(String, crate::patient_key::IdentifierType)>,
+    /// A study with no new instance for this long is complete.
+    pub study_quiet_time: Duration,
+    pub publish_batch_size: usize,
+    pub publish_max_backoff: Duration,
+    pub directory_interval: Duration,
+}
+
+impl RegionConfig {
+    pub fn identifier_type_of(&self, issuer: &str) -> Option<crate::patient_key::IdentifierType> {
+        let issuer = issuer.trim();
+        if issuer.is_empty() {
+            return None;
+        }
+        self.identifier_issuers
+            .iter()
+            .find(|(i, _)| i == issuer)
+            .map(|(_, t)| *t)
+    }
+}
+
+/// Reads a secret from a file (first line, blanks trimmed).
+fn read_secret(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| ConfigError::Invalid {
+            setting,
+            reason: format!("cannot read {}: {e}", path.display()),
+        })
 }
 
 /// The `[dicomweb]` table of a TOML config file.
@@ -318,7 +380,7 @@ pub struct NodeArgs {
     #[arg(long, env = "HUREN_DICOM_LISTEN")]
     pub dicom_listen: Option<SocketAddr>,
 
-    /// HTTP listen address (health, metrics; later DICOMweb) [default: 0.0.0.0:8080]
+    /// HTTP listen address (health, DICOMweb, the JSON API) [default: 0.0.0.0:8080]
     #[arg(long, env = "HUREN_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
 
@@ -417,6 +479,46 @@ pub struct NodeArgs {
         value_delimiter = ','
     )]
     pub dicomweb_cors_allowed_origins: Option<Vec<String>>,
+
+    /// Regional registry base URL; with it the node publishes its exam
+    /// index [default: none, the node stays local]
+    #[arg(long, env = "HUREN_REGISTRY_URL")]
+    pub registry_url: Option<String>,
+
+    /// This hospital's ID in the registry (统一社会信用代码)
+    #[arg(long, env = "HUREN_HOSPITAL_ID")]
+    pub hospital_id: Option<String>,
+
+    /// File holding the registry's token for this hospital (or the token
+    /// itself in HUREN_REGISTRY_TOKEN)
+    #[arg(long, env = "HUREN_REGISTRY_TOKEN_FILE")]
+    pub registry_token_file: Option<PathBuf>,
+
+    /// File holding the region's patient-key secret (or the secret itself
+    /// in HUREN_REGION_SECRET); never logged
+    #[arg(long, env = "HUREN_REGION_SECRET_FILE")]
+    pub region_secret_file: Option<PathBuf>,
+
+    /// Issuers of Patient ID that issue cross-enterprise identifiers,
+    /// comma separated, each ISSUER=TYPE with TYPE one of RID, PASSPORT,
+    /// HKMO, TW, MILITARY [default: none; mappings through the API only]
+    #[arg(long, env = "HUREN_IDENTIFIER_ISSUERS", value_delimiter = ',')]
+    pub identifier_issuers: Option<Vec<String>>,
+
+    /// Seconds without a new instance after which a study is complete and
+    /// published [default: 60]
+    #[arg(long, env = "HUREN_STUDY_QUIET_SECS")]
+    pub study_quiet_secs: Option<f64>,
+
+    /// Longest wait between retries while the registry is unreachable
+    /// [default: 300]
+    #[arg(long, env = "HUREN_PUBLISH_MAX_BACKOFF_SECS")]
+    pub publish_max_backoff_secs: Option<f64>,
+
+    /// Seconds between conditional GETs of the hospital directory
+    /// [default: 300]
+    #[arg(long, env = "HUREN_DIRECTORY_INTERVAL_SECS")]
+    pub directory_interval_secs: Option<f64>,
 }
 
 /// The resolved configuration every component reads.
@@ -449,6 +551,8 @@ pub struct NodeConfig {
     pub tls_certificate_file: Option<PathBuf>,
     pub tls_private_key_file: Option<PathBuf>,
     pub dicomweb: DicomwebConfig,
+    /// The node's part in the region; `None`: it stays local.
+    pub region: Option<RegionConfig>,
 }
 
 impl NodeConfig {
@@ -478,6 +582,7 @@ impl NodeConfig {
             tls_certificate_file: None,
             tls_private_key_file: None,
             dicomweb: DicomwebConfig::default(),
+            region: None,
         }
     }
 
@@ -694,7 +799,106 @@ impl NodeArgs {
             }
         }
         config.dicomweb.tokens = web.tokens;
+        config.region = self.resolve_region(file.region.unwrap_or_default())?;
         Ok(config)
+    }
+
+    fn resolve_region(&self, file: RegionFileConfig) -> Result<Option<RegionConfig>, ConfigError> {
+        let Some(registry_url) = self.registry_url.clone().or(file.registry_url) else {
+            return Ok(None);
+        };
+        let invalid = |setting: &'static str, reason: &str| ConfigError::Invalid {
+            setting,
+            reason: reason.to_string(),
+        };
+        if !(registry_url.starts_with("http://") || registry_url.starts_with("https://")) {
+            return Err(invalid("registry_url", "must be an http(s) URL"));
+        }
+        let hospital_id = self
+            .hospital_id
+            .clone()
+            .or(file.hospital_id)
+            .ok_or_else(|| invalid("hospital_id", "required with registry_url"))?;
+        let registry_token = match std::env::var("HUREN_REGISTRY_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => {
+                let path = self
+                    .registry_token_file
+                    .clone()
+                    .or(file.registry_token_file)
+                    .ok_or_else(|| {
+                        invalid(
+                            "registry_token_file",
+                            "required with registry_url (or HUREN_REGISTRY_TOKEN)",
+                        )
+                    })?;
+                read_secret("registry_token_file", &path)?
+            }
+        };
+        let secret = match std::env::var("HUREN_REGION_SECRET") {
+            Ok(s) if !s.trim().is_empty() => s,
+            _ => {
+                let path = self
+                    .region_secret_file
+                    .clone()
+                    .or(file.region_secret_file)
+                    .ok_or_else(|| {
+                        invalid(
+                            "region_secret_file",
+                            "required with registry_url (or HUREN_REGION_SECRET)",
+                        )
+                    })?;
+                read_secret("region_secret_file", &path)?
+            }
+        };
+        let region_secret = crate::patient_key::RegionSecret::from_secret(&secret)
+            .map_err(|reason| invalid("region_secret_file", &reason))?;
+        let mut identifier_issuers = Vec::new();
+        for raw in self
+            .identifier_issuers
+            .clone()
+            .or(file.identifier_issuers)
+            .unwrap_or_default()
+        {
+            let raw = raw.trim();
+            if raw.is_empty() {
+                continue;
+            }
+            let (issuer, kind) = raw
+                .rsplit_once('=')
+                .ok_or_else(|| invalid("identifier_issuers", "each entry is ISSUER=TYPE"))?;
+            let kind = crate::patient_key::IdentifierType::parse(kind).ok_or_else(|| {
+                invalid(
+                    "identifier_issuers",
+                    "TYPE is one of RID, PASSPORT, HKMO, TW, MILITARY",
+                )
+            })?;
+            identifier_issuers.push((issuer.trim().to_string(), kind));
+        }
+        let secs = |v: Option<f64>, default: f64| -> Duration {
+            Duration::from_secs_f64(v.filter(|s| s.is_finite() && *s >= 0.0).unwrap_or(default))
+        };
+        Ok(Some(RegionConfig {
+            registry_url,
+            hospital_id,
+            registry_token,
+            region_secret,
+            identifier_issuers,
+            study_quiet_time: secs(self.study_quiet_secs.or(file.study_quiet_secs), 60.0),
+            publish_batch_size: 500,
+            publish_max_backoff: secs(
+                self.publish_max_backoff_secs
+                    .or(file.publish_max_backoff_secs),
+                300.0,
+            )
+            .max(Duration::from_millis(100)),
+            directory_interval: secs(
+                self.directory_interval_secs
+                    .or(file.directory_interval_secs),
+                300.0,
+            )
+            .max(Duration::from_secs(1)),
+        }))
     }
 }
 

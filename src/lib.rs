@@ -20,8 +20,15 @@
 //!   PostgreSQL through one set of SQL, with a group-committing writer.
 //! - [`query`]: the one matcher C-FIND and QIDO-RS share: a level, keys in
 //!   DICOM matching syntax, matches streamed from the index.
-//! - [`http`]: health and DICOMweb (QIDO-RS over [`query`], WADO-RS from
-//!   verified blobs, STOW-RS into [`ingest`]); the JSON API will join it.
+//! - [`http`]: health, DICOMweb (QIDO-RS over [`query`], WADO-RS from
+//!   verified blobs, STOW-RS into [`ingest`]) and the node's JSON API.
+//! - [`patient_key`]: cross-enterprise identifiers (GB 11643) and the
+//!   keyed hash that is the only patient identity the registry sees.
+//! - [`publish`]: study stability, the transactional outbox, the publisher
+//!   and the directory poller: the node's side of the region.
+//! - [`registry`]: `huren registry` (hospital directory, study records,
+//!   consent, hash-chained audit) and the client nodes reach it with; the
+//!   contract is proto/huren.openapi.json.
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.
@@ -35,7 +42,10 @@ pub mod index;
 pub mod ingest;
 pub mod node;
 pub mod part10;
+pub mod patient_key;
+pub mod publish;
 pub mod query;
+pub mod registry;
 pub mod storage;
 pub mod transcode;
 pub mod types;

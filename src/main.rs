@@ -8,6 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use huren::config::NodeArgs;
 use huren::node::{self, Node};
+use huren::registry::RegistryArgs;
+use huren::registry::db::{AuditRecord, Db};
+use huren::registry::proto::{HospitalUpdate, Level, NewHospital, QcStatus};
 use huren::verify;
 
 /// huren: the imaging result-sharing node of a regional health cloud.
@@ -20,8 +23,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the hospital node: DICOM server (C-ECHO, C-STORE) and HTTP.
+    /// Run the hospital node: DICOM (C-ECHO, C-STORE, C-FIND, C-MOVE,
+    /// C-GET, Storage Commitment), DICOMweb, the JSON API, and publishing to
+    /// the regional registry when one is configured.
     Node(NodeArgs),
+    /// Run the regional registry (no subcommand), or administer it.
+    Registry(RegistryCommand),
     /// Check every indexed blob against its BLAKE3 key; report missing,
     /// corrupt and orphaned blobs. Exits 1 if any blob is missing or corrupt.
     Verify {
@@ -39,6 +46,105 @@ enum Command {
         /// does not name.
         #[arg(long)]
         reindex: bool,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct RegistryCommand {
+    #[command(subcommand)]
+    command: Option<RegistrySub>,
+    #[command(flatten)]
+    args: RegistryArgs,
+}
+
+#[derive(Subcommand)]
+enum RegistrySub {
+    /// The hospital directory: add, list and change hospitals.
+    Hospital {
+        #[command(subcommand)]
+        command: HospitalCommand,
+    },
+    /// The audit trail: verify its hash chain, list or export it.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct HospitalFields {
+    /// Name, e.g. 南京市第一医院
+    #[arg(long)]
+    name: Option<String>,
+    /// Level: 三级甲等 三级乙等 三级 二级甲等 二级乙等 二级 一级, or 3A 3B 3 2A 2B 2 1
+    #[arg(long)]
+    level: Option<String>,
+    /// Medical group or community memberships (repeat, or comma separated)
+    #[arg(long = "group", value_delimiter = ',')]
+    groups: Option<Vec<String>>,
+    /// A tertiary hospital that accepts lower-level results
+    #[arg(long)]
+    accepts_lower_level_results: Option<bool>,
+    /// QC status: pending, passed or failed
+    #[arg(long)]
+    qc_status: Option<String>,
+    /// DICOMweb base URL of the hospital's node
+    #[arg(long)]
+    dicomweb_base_url: Option<String>,
+    /// Write the issued token to this file (mode 600) instead of stdout
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum HospitalCommand {
+    /// Add a hospital; prints (or writes) its node's token, shown once.
+    Add {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Hospital ID (统一社会信用代码)
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        fields: HospitalFields,
+    },
+    /// List the directory as JSON lines.
+    List {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Change a hospital; --rotate-token issues a new token.
+    Set {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        fields: HospitalFields,
+        #[arg(long)]
+        rotate_token: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain; exit 1 naming the first changed, inserted or
+    /// deleted entry.
+    Verify {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Write the trail (or the entries after --after-seq) as JSON lines or
+    /// CSV.
+    Export {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// jsonl or csv
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        #[arg(long, default_value_t = 0)]
+        after_seq: i64,
     },
 }
 
@@ -82,6 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node.wait().await;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Registry(cmd) => registry(cmd).await,
         Command::Verify {
             node: args,
             remove_orphans,
@@ -132,6 +239,221 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn cli_audit(action: &'static str, detail: String) -> AuditRecord {
+    AuditRecord {
+        actor: "admin".into(),
+        user_id: format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        ),
+        action,
+        patient_key: None,
+        purpose: None,
+        records_returned: 0,
+        outcome: "ok".into(),
+        detail,
+    }
+}
+
+fn parse_fields(fields: &HospitalFields) -> anyhow::Result<HospitalUpdate> {
+    let level = match &fields.level {
+        Some(l) => Some(Level::parse(l).ok_or_else(|| {
+            anyhow::anyhow!("--level {l:?}: use 三级甲等 三级乙等 三级 二级甲等 二级乙等 二级 一级 or 3A 3B 3 2A 2B 2 1")
+        })?),
+        None => None,
+    };
+    let qc_status =
+        match &fields.qc_status {
+            Some(q) => Some(QcStatus::parse(q).ok_or_else(|| {
+                anyhow::anyhow!("--qc-status {q:?}: use pending, passed or failed")
+            })?),
+            None => None,
+        };
+    Ok(HospitalUpdate {
+        name: fields.name.clone(),
+        level,
+        groups: fields.groups.clone().map(|g| {
+            g.into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        }),
+        accepts_lower_level_results: fields.accepts_lower_level_results,
+        qc_status,
+        dicomweb_base_url: fields.dicomweb_base_url.clone(),
+        rotate_token: false,
+    })
+}
+
+fn give_token(token: &str, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match file {
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            writeln!(f, "{token}")?;
+            eprintln!("token written to {}", path.display());
+        }
+        None => println!("token: {token}"),
+    }
+    Ok(())
+}
+
+async fn registry(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
+    let Some(sub) = cmd.command else {
+        let args = cmd.args;
+        let listener = TcpListener::bind(args.listen())
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen()))?;
+        let shutdown = CancellationToken::new();
+        let mut server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { huren::registry::run(listener, &args, shutdown).await }
+        });
+        tokio::select! {
+            _ = wait_for_signal() => {
+                tracing::info!("registry shutting down");
+                shutdown.cancel();
+                (&mut server).await??;
+            }
+            result = &mut server => result??,
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    match sub {
+        RegistrySub::Hospital { command } => match command {
+            HospitalCommand::Add {
+                registry,
+                id,
+                fields,
+            } => {
+                let db = Db::open(&registry.database_url()).await?;
+                let u = parse_fields(&fields)?;
+                let new = NewHospital {
+                    hospital_id: id.trim().to_string(),
+                    name: u
+                        .name
+                        .clone()
+                        .ok_or_else(|| anyhow::anyhow!("--name is required"))?,
+                    level: u
+                        .level
+                        .ok_or_else(|| anyhow::anyhow!("--level is required"))?,
+                    groups: u.groups.clone().unwrap_or_default(),
+                    accepts_lower_level_results: u.accepts_lower_level_results.unwrap_or(false),
+                    qc_status: u.qc_status.unwrap_or(QcStatus::Passed),
+                    dicomweb_base_url: u.dicomweb_base_url.clone(),
+                };
+                let (token, sha) = huren::registry::server::new_hospital_token(&new.hospital_id);
+                let h = db
+                    .add_hospital(
+                        &new,
+                        &sha,
+                        cli_audit(
+                            "hospital_add",
+                            format!("hospital {} level {}", new.hospital_id, new.level.name()),
+                        ),
+                    )
+                    .await?;
+                println!("{}", serde_json::to_string(&h)?);
+                give_token(&token, fields.token_file.as_deref())?;
+                db.close().await;
+            }
+            HospitalCommand::List { registry } => {
+                let db = Db::open(&registry.database_url()).await?;
+                for h in db.hospitals().await? {
+                    println!("{}", serde_json::to_string(&h)?);
+                }
+                db.close().await;
+            }
+            HospitalCommand::Set {
+                registry,
+                id,
+                fields,
+                rotate_token,
+            } => {
+                let db = Db::open(&registry.database_url()).await?;
+                let mut u = parse_fields(&fields)?;
+                u.rotate_token = rotate_token;
+                let token = rotate_token.then(|| huren::registry::server::new_hospital_token(&id));
+                let h = db
+                    .update_hospital(
+                        &id,
+                        &u,
+                        token.as_ref().map(|(_, sha)| sha.as_str()),
+                        cli_audit(
+                            "hospital_set",
+                            format!("hospital {id}: {}", serde_json::to_string(&u)?),
+                        ),
+                    )
+                    .await?;
+                println!("{}", serde_json::to_string(&h)?);
+                if let Some((token, _)) = token {
+                    give_token(&token, fields.token_file.as_deref())?;
+                }
+                db.close().await;
+            }
+        },
+        RegistrySub::Audit { command } => match command {
+            AuditCommand::Verify { registry } => {
+                let db = Db::open(&registry.database_url()).await?;
+                let result = db.verify_audit().await?;
+                db.close().await;
+                return Ok(match result {
+                    Ok(n) => {
+                        println!("audit chain intact: {n} entries");
+                        ExitCode::SUCCESS
+                    }
+                    Err((seq, why)) => {
+                        println!("audit chain broken at entry {seq}: {why}");
+                        ExitCode::from(1)
+                    }
+                });
+            }
+            AuditCommand::Export {
+                registry,
+                format,
+                after_seq,
+            } => {
+                anyhow::ensure!(
+                    format == "jsonl" || format == "csv",
+                    "--format {format:?}: use jsonl or csv"
+                );
+                let db = Db::open(&registry.database_url()).await?;
+                let mut after = after_seq;
+                let mut out = std::io::stdout().lock();
+                use std::io::Write;
+                if format == "csv" {
+                    out.write_all(huren::registry::AUDIT_CSV_HEADER.as_bytes())?;
+                }
+                loop {
+                    let page = db.audit_page(after, 5000).await?;
+                    let text = if format == "csv" {
+                        huren::registry::audit_csv(&page.entries)
+                            .split_once('\n')
+                            .map(|(_, rest)| rest.to_string())
+                            .unwrap_or_default()
+                    } else {
+                        huren::registry::audit_jsonl(&page.entries)
+                    };
+                    out.write_all(text.as_bytes())?;
+                    match page.next_after_seq {
+                        Some(n) => after = n,
+                        None => break,
+                    }
+                }
+                db.close().await;
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn wait_for_signal() {

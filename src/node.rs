@@ -45,8 +45,11 @@ pub struct Node {
     pub ingest: Ingest,
     pub dicom_addr: std::net::SocketAddr,
     pub http_addr: std::net::SocketAddr,
+    /// The node's part in the region, when configured.
+    pub region: Option<Arc<crate::publish::Region>>,
     dicom_task: JoinHandle<()>,
     http_task: JoinHandle<std::io::Result<()>>,
+    region_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Node {
@@ -60,6 +63,20 @@ impl Node {
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let ctx = Arc::new(DicomContext::new(config, ingest.clone()));
+        let region = config.region.clone().map(|region| {
+            crate::publish::Region::new(ingest.index().clone(), ingest.store().clone(), region)
+        });
+        let region_tasks = match &region {
+            Some(r) => {
+                tracing::info!(
+                    hospital_id = %r.config().hospital_id,
+                    registry = %r.config().registry_url,
+                    "publishing to the regional registry"
+                );
+                r.spawn(shutdown.clone())
+            }
+            None => Vec::new(),
+        };
         let dicom_task = tokio::spawn(dicom::listener::run(dicom_listener, ctx, shutdown.clone()));
         let state = Arc::new(AppState {
             ae_title: config.ae_title.to_string(),
@@ -70,6 +87,7 @@ impl Node {
                 fuzzy_names: false,
                 max_matches: Some(config.max_query_matches),
             },
+            region: region.clone(),
         });
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
@@ -80,6 +98,8 @@ impl Node {
             http_addr,
             dicom_task,
             http_task,
+            region,
+            region_tasks,
         })
     }
 
@@ -90,6 +110,9 @@ impl Node {
             Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
             Err(e) => tracing::error!(error = %e, "HTTP server task failed"),
             Ok(Ok(())) => {}
+        }
+        for task in self.region_tasks {
+            let _ = task.await;
         }
         self.ingest.index().close().await;
     }

@@ -327,6 +327,19 @@ impl BlobStore {
         Ok(bytes)
     }
 
+    /// The first `len` bytes of a blob, NOT verified: only for reading header
+    /// attributes to describe a study (publication), never for serving.
+    /// `len` must not exceed the blob's size (the index knows it).
+    pub async fn get_prefix(&self, hash: &BlobHash, len: u64) -> Result<Bytes, Error> {
+        self.store
+            .get_range(&Self::key(hash), 0..len)
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
+                other => Error::ObjectStore(other),
+            })
+    }
+
     /// Streams a blob through the hasher without holding it; returns its size.
     pub async fn verify(&self, hash: &BlobHash) -> Result<u64, Error> {
         let result = self.fetch(hash).await?;

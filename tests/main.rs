@@ -8,5 +8,6 @@ mod dicomweb;
 mod ingest;
 mod negotiation;
 mod query_retrieve;
+mod region;
 mod storage_config;
 mod support;

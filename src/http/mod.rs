@@ -2,6 +2,7 @@
 //! ([`dicomweb`]). The JSON API and the page join here as one `router()`
 //! per resource.
 
+pub mod api;
 pub mod dicomweb;
 pub mod error;
 
@@ -26,6 +27,8 @@ pub struct AppState {
     pub dicomweb: DicomwebConfig,
     /// The node's matching options, the ones C-FIND uses.
     pub match_options: crate::query::MatchOptions,
+    /// The node's part in the region, when configured.
+    pub region: Option<Arc<crate::publish::Region>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -38,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.dicomweb.clone(),
             state.match_options,
         ))
+        .merge(api_router(&state))
         // One span per request: errors logged while serving it carry its
         // method and path.
         .layer(
@@ -45,6 +49,19 @@ pub fn router(state: Arc<AppState>) -> Router {
                 tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
             ),
         )
+}
+
+/// The JSON API behind the same bearer tokens as DICOMweb.
+fn api_router(state: &Arc<AppState>) -> Router {
+    let tokens = Arc::new(dicomweb::auth::Tokens::new(&state.dicomweb));
+    api::router(Arc::new(api::ApiState {
+        index: state.ingest.index().clone(),
+        region: state.region.clone(),
+    }))
+    .layer(axum::middleware::from_fn_with_state(
+        tokens,
+        api::require_token,
+    ))
 }
 
 /// 200 when the index answers, 503 otherwise; the body never carries

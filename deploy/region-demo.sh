@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# A region on one machine: a registry and two hospital nodes, each on its
+# embedded defaults (SQLite, local files) with its own ports and data
+# directory. Registers the hospitals, stores a CT study at hospital B with
+# dcmtk's storescu, maps the patient to a resident ID number through B's
+# API (as the hospital's master patient index would), waits for B to
+# publish, asks for the patient's priors from hospital A (a count only),
+# records the patient's consent at A, and shows B's study from A's node.
+# Exits 0 when every step worked. CI runs it (scripts/test.sh).
+#
+#   deploy/region-demo.sh [--keep]
+#
+# --keep leaves the processes running and prints how to reach them.
+# Environment: HUREN_BIN (default: target/debug/huren, built if missing),
+# STORESCU (default /usr/bin/storescu).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+target="${CARGO_TARGET_DIR:-$repo/target}"
+HUREN_BIN="${HUREN_BIN:-$target/debug/huren}"
+STORESCU="${STORESCU:-/usr/bin/storescu}"
+keep=0
+[[ "${1:-}" == "--keep" ]] && keep=1
+
+if [[ ! -x "$HUREN_BIN" ]]; then
+    (cd "$repo" && cargo build --bin huren >&2)
+fi
+[[ -x "$STORESCU" ]] || { echo "region-demo: $STORESCU missing (Debian package dcmtk)" >&2; exit 1; }
+
+work="$(mktemp -d /tmp/huren-region-demo.XXXXXX)"
+pids=()
+cleanup() {
+    local rc=$?
+    if ((keep == 0)); then
+        for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+        for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+        if ((rc != 0)); then
+            for f in "$work"/*.log; do echo "---- $f" >&2; tail -n 30 "$f" >&2; done
+        fi
+        rm -rf "$work"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+
+step() { printf '\n== %s\n' "$*"; }
+fail() { echo "region-demo: FAILED: $*" >&2; exit 1; }
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {'d': d}))" "$1"; }
+
+read -r REG_PORT A_HTTP A_DICOM B_HTTP B_DICOM < <(python3 -c '
+import socket
+ss = [socket.socket() for _ in range(5)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in ss])')
+REG="http://127.0.0.1:$REG_PORT"
+A="http://127.0.0.1:$A_HTTP"
+B="http://127.0.0.1:$B_HTTP"
+HOSP_A=91320100466000001A   # unified social credit codes (made up)
+HOSP_B=91320100466000002B
+
+wait_http() {  # URL what
+    for _ in $(seq 300); do
+        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    fail "$2 did not answer at $1"
+}
+
+step "registry on $REG (data in $work/registry)"
+"$HUREN_BIN" registry --listen "127.0.0.1:$REG_PORT" --data-dir "$work/registry" \
+    >"$work/registry.log" 2>&1 &
+pids+=($!)
+wait_http "$REG/health" registry
+
+step "hospitals registered with the admin CLI"
+"$HUREN_BIN" registry hospital add --data-dir "$work/registry" --id "$HOSP_A" \
+    --name "省人民医院 (A)" --level 三级甲等 --group 南京医联体 --token-file "$work/a.token"
+"$HUREN_BIN" registry hospital add --data-dir "$work/registry" --id "$HOSP_B" \
+    --name "县人民医院 (B)" --level 二级甲等 --group 南京医联体 --token-file "$work/b.token" \
+    --dicomweb-base-url "$B/dicom-web"
+"$HUREN_BIN" registry hospital list --data-dir "$work/registry"
+
+# The region's patient-key secret: every node has it, the registry never.
+python3 -c 'import secrets; print(secrets.token_hex(32))' >"$work/region.secret"
+chmod 600 "$work/region.secret"
+
+start_node() {  # name hospital http dicom ae
+    "$HUREN_BIN" node --data-dir "$work/$1" --ae-title "$5" \
+        --http-listen "127.0.0.1:$3" --dicom-listen "127.0.0.1:$4" \
+        --dicomweb-open true \
+        --registry-url "$REG" --hospital-id "$2" --registry-token-file "$work/$1.token" \
+        --region-secret-file "$work/region.secret" --identifier-issuers RESIDENT_ID=RID \
+        --study-quiet-secs 1 --directory-interval-secs 2 \
+        >"$work/$1.log" 2>&1 &
+    pids+=($!)
+    wait_http "http://127.0.0.1:$3/health" "node $1"
+}
+step "node A (DICOM $A_DICOM, HTTP $A_HTTP) and node B (DICOM $B_DICOM, HTTP $B_HTTP)"
+start_node a "$HOSP_A" "$A_HTTP" "$A_DICOM" HOSPA
+start_node b "$HOSP_B" "$B_HTTP" "$B_DICOM" HOSPB
+
+step "storescu: a CT chest study to hospital B"
+# One run per series: storescu proposes one transfer syntax per SOP Class in
+# a run, and the contrast series is JPEG Lossless (-xs proposes it).
+TCP_NODELAY=1 "$STORESCU" -aet MODALITY -aec HOSPB +sd +r 127.0.0.1 "$B_DICOM" \
+    "$repo/sample-dicom/p1-ct-chest-2024/1-chest-native" || fail "storescu"
+TCP_NODELAY=1 "$STORESCU" -aet MODALITY -aec HOSPB -xs +sd +r 127.0.0.1 "$B_DICOM" \
+    "$repo/sample-dicom/p1-ct-chest-2024/2-chest-contrast" || fail "storescu"
+STUDY=1.2.826.0.1.3680043.8.498.10592335490470898099914797295349891527  # sample-dicom/manifest.json
+
+step "B's master patient index maps local patient HUR-100001 to a resident ID number"
+curl -fsS -X POST "$B/api/v1/patient-identifiers" -H 'content-type: application/json' \
+    -d '{"patient_id": "HUR-100001", "issuer_of_patient_id": "HUREN-GENERAL", "identifier_type": "RID", "identifier": "11010519491231002X"}'
+echo
+curl -fsS -X PUT "$B/api/v1/studies/$STUDY/report" -H 'content-type: application/json' \
+    -d '{"report_status": "final", "report_issued_date": "2024-03-15"}' >/dev/null
+curl -fsS -X PUT "$B/api/v1/studies/$STUDY/qc" -H 'content-type: application/json' \
+    -d '{"qc_status": "passed"}' >/dev/null
+
+step "B publishes (quiet time 1 s)"
+published=0
+for _ in $(seq 600); do
+    status="$(curl -fsS "$B/api/v1/publication")"
+    if [[ "$(json 'd["published_studies"] >= 1 and d["backlog"] == 0' <<<"$status")" == True ]]; then
+        published=1; break
+    fi
+    sleep 0.1
+done
+((published)) || fail "B did not publish: $status"
+echo "$status"
+
+priors() {
+    curl -fsS -X POST "$A/api/v1/priors" -H 'content-type: application/json' -d '{
+        "patient": {"identifier_type": "RID", "identifier": "11010519491231002X"},
+        "purpose": "treatment", "user_id": "dr.wang"}'
+}
+step "A asks for the patient's priors without consent: a count, no records"
+answer="$(priors)"
+echo "$answer"
+[[ "$(json 'd["access"] == "none" and d["withheld_count"] == 1 and d["records"] == []' <<<"$answer")" == True ]] \
+    || fail "expected a count only"
+
+step "the patient authorises hospital A (doctor-assisted, 7 days)"
+expires="$(python3 -c 'import datetime as d; print((d.datetime.now(d.timezone.utc)+d.timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"))')"
+curl -fsS -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
+    \"patient\": {\"identifier_type\": \"RID\", \"identifier\": \"11010519491231002X\"},
+    \"method\": \"doctor_assisted\", \"recorded_by\": \"dr.wang\", \"state\": \"granted\",
+    \"expires_at\": \"$expires\"}"
+echo
+
+step "A asks again: hospital B's study"
+answer="$(priors)"
+python3 -m json.tool --no-ensure-ascii <<<"$answer"
+[[ "$(json 'd["access"] == "consent" and len(d["records"]) == 1' <<<"$answer")" == True ]] \
+    || fail "expected B's record"
+[[ "$(json 'd["records"][0]["hospital_id"]' <<<"$answer")" == "$HOSP_B" ]] || fail "wrong hospital"
+[[ "$(json 'd["records"][0]["record"]["study_instance_uid"]' <<<"$answer")" == "$STUDY" ]] || fail "wrong study"
+[[ "$(json 'd["records"][0]["record"]["qc_status"]' <<<"$answer")" == passed ]] || fail "QC not published"
+
+step "the registry's audit chain"
+"$HUREN_BIN" registry audit verify --data-dir "$work/registry" | tee "$work/verify.out"
+grep -q intact "$work/verify.out" || fail "audit chain"
+
+if ((keep)); then
+    cat <<MSG
+
+Running (pids ${pids[*]}), data in $work:
+  registry  $REG       (admin token: $work/registry/admin-token)
+  node A    $A  DICOM 127.0.0.1:$A_DICOM AE HOSPA
+  node B    $B  DICOM 127.0.0.1:$B_DICOM AE HOSPB
+Stop with: kill ${pids[*]}
+MSG
+fi
+echo
+echo "region-demo: every step worked"

@@ -1,0 +1,568 @@
+//! The node's JSON API under `/api/v1` (proto/huren.openapi.json, tag
+//! "node"): what the hospital's systems tell the node that DICOM does not
+//! carry (report issued, QC result, patient identifier mappings), the
+//! publisher's state, the study manifest peers verify against, and the
+//! region's answers (priors, consent) asked through this node.
+//!
+//! The same bearer tokens as DICOMweb: GET needs `read`, PUT and POST
+//! `write`. Errors are RFC 9457 problem+json. No request puts a patient
+//! identifier in a URL (URLs end up in logs): identifiers travel in bodies.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::index::Index;
+use crate::patient_key::{Identifier, IdentifierType};
+use crate::publish::{self, Region};
+use crate::registry::client;
+use crate::registry::proto::*;
+use crate::registry::server::problem;
+use crate::types::{BlobHash, Uid};
+
+pub struct ApiState {
+    pub index: Index,
+    pub region: Option<Arc<Region>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: malformed body or parameter.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 409: the node is not part of a region (no registry configured).
+    #[error("this node is not configured for a region (registry_url)")]
+    NoRegion,
+    /// 502: the registry answered with an error; its detail is passed on.
+    #[error("registry: {0}")]
+    Registry(String),
+    /// 503: the index or the registry cannot be reached.
+    #[error("service unavailable")]
+    Unavailable(String),
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Unavailable(format!("index: {e}"))
+    }
+}
+
+impl From<publish::Error> for ApiError {
+    fn from(e: publish::Error) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+impl From<client::Error> for ApiError {
+    fn from(e: client::Error) -> Self {
+        match e {
+            client::Error::Status { status, detail } if status < 500 => {
+                ApiError::Registry(format!("{status}: {detail}"))
+            }
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::NoRegion => (StatusCode::CONFLICT, "no-region"),
+            ApiError::Registry(_) => (StatusCode::BAD_GATEWAY, "registry-refused"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        if let ApiError::Unavailable(detail) = &self {
+            tracing::error!(%status, detail, "request failed");
+            return problem(status, kind, "service unavailable");
+        }
+        problem(status, kind, &self.to_string())
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/api/v1/patient-identifiers", post(put_identifier))
+        .route(
+            "/api/v1/studies/{study_instance_uid}/report",
+            put(put_report),
+        )
+        .route("/api/v1/studies/{study_instance_uid}/qc", put(put_qc))
+        .route(
+            "/api/v1/studies/{study_instance_uid}/retraction",
+            post(retract),
+        )
+        .route(
+            "/api/v1/studies/{study_instance_uid}/manifest",
+            get(manifest),
+        )
+        .route("/api/v1/publication", get(publication))
+        .route("/api/v1/publication/local-only", get(local_only))
+        .route("/api/v1/priors", post(priors))
+        .route("/api/v1/consents", post(add_consent))
+        .with_state(state)
+}
+
+/// JSON bodies with problem+json rejections.
+pub struct Body<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for Body<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => {
+                let status = match rejection.status() {
+                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+                    s => s,
+                };
+                Err(problem(status, "bad-request", &rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// The DICOMweb tokens, with refusals as problem+json like every answer of
+/// this API.
+pub async fn require_token(
+    State(tokens): State<Arc<crate::http::dicomweb::auth::Tokens>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let authorization = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match tokens.check(request.method(), authorization) {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            let status = e.status();
+            let kind = if status == StatusCode::UNAUTHORIZED {
+                "unauthorized"
+            } else {
+                "forbidden"
+            };
+            problem(status, kind, &e.to_string())
+        }
+    }
+}
+
+fn study_uid(raw: &str) -> Result<String, ApiError> {
+    Uid::parse(raw)
+        .map(|u| u.as_str().to_string())
+        .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a valid Study Instance UID")))
+}
+
+async fn study_exists(index: &Index, uid: &str) -> Result<(), ApiError> {
+    match index.study(uid).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ApiError::NotFound("study")),
+        Err(e) => Err(ApiError::Unavailable(e.to_string())),
+    }
+}
+
+fn region(state: &ApiState) -> Result<&Arc<Region>, ApiError> {
+    state.region.as_ref().ok_or(ApiError::NoRegion)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentifierMapping {
+    patient_id: String,
+    #[serde(default)]
+    issuer_of_patient_id: String,
+    identifier_type: IdentifierType,
+    identifier: String,
+}
+
+/// Records which cross-enterprise identifier a local Patient ID stands
+/// for; the patient's studies are published (again) under it.
+async fn put_identifier(
+    State(state): State<Arc<ApiState>>,
+    Body(m): Body<IdentifierMapping>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if m.patient_id.trim().is_empty() || m.patient_id.len() > 64 {
+        return Err(ApiError::BadRequest(
+            "patient_id must be 1 to 64 characters".into(),
+        ));
+    }
+    let identifier = Identifier::parse(m.identifier_type, &m.identifier).map_err(|e| {
+        // The number itself is never echoed back.
+        ApiError::BadRequest(format!("identifier refused ({}): {e}", e.code()))
+    })?;
+    let pool = state.index.pool();
+    sqlx::query(
+        "INSERT INTO patient_identifier (patient_id, issuer_of_patient_id, identifier_type, \
+         identifier, updated_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET \
+         identifier_type = excluded.identifier_type, identifier = excluded.identifier, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(m.patient_id.trim())
+    .bind(m.issuer_of_patient_id.trim())
+    .bind(identifier.kind().code())
+    .bind(identifier.number())
+    .bind(crate::registry::db::now_rfc3339())
+    .execute(pool)
+    .await?;
+    let studies = sqlx::query(
+        "SELECT st.study_instance_uid FROM study st JOIN patient p ON p.patient_key = st.patient_key \
+         WHERE p.patient_id = $1 AND p.issuer_of_patient_id = $2",
+    )
+    .bind(m.patient_id.trim())
+    .bind(m.issuer_of_patient_id.trim())
+    .fetch_all(pool)
+    .await?;
+    for s in &studies {
+        let uid: String = s.try_get(0)?;
+        publish::mark_changed(&state.index, &uid).await?;
+    }
+    Ok(Json(serde_json::json!({
+        "patient_id": m.patient_id.trim(),
+        "issuer_of_patient_id": m.issuer_of_patient_id.trim(),
+        "identifier_type": identifier.kind().code(),
+        "studies": studies.len(),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportChange {
+    report_status: ReportStatus,
+    /// YYYY-MM-DD; required unless the status is `none`.
+    report_issued_date: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QcChange {
+    qc_status: QcStatus,
+}
+
+/// A study's report and QC state, as the node's API returns it.
+#[derive(Debug, Serialize)]
+struct StudyReport {
+    study_instance_uid: String,
+    report_status: ReportStatus,
+    report_issued_date: Option<String>,
+    qc_status: QcStatus,
+}
+
+async fn read_report(index: &Index, uid: &str) -> Result<StudyReport, ApiError> {
+    let row = sqlx::query(
+        "SELECT report_status, report_issued_date, qc_status FROM study_report \
+         WHERE study_instance_uid = $1",
+    )
+    .bind(uid)
+    .fetch_optional(index.pool())
+    .await?;
+    Ok(match row {
+        Some(r) => StudyReport {
+            study_instance_uid: uid.to_string(),
+            report_status: ReportStatus::parse(&r.try_get::<String, _>(0)?)
+                .unwrap_or(ReportStatus::None),
+            report_issued_date: r.try_get(1)?,
+            qc_status: QcStatus::parse(&r.try_get::<String, _>(2)?).unwrap_or(QcStatus::Pending),
+        },
+        None => StudyReport {
+            study_instance_uid: uid.to_string(),
+            report_status: ReportStatus::None,
+            report_issued_date: None,
+            qc_status: QcStatus::Pending,
+        },
+    })
+}
+
+fn check_date(s: &str) -> Result<(), ApiError> {
+    let b = s.as_bytes();
+    let ok = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(
+            "report_issued_date must be YYYY-MM-DD".into(),
+        ))
+    }
+}
+
+async fn write_report(state: &ApiState, uid: &str, report: &StudyReport) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO study_report (study_instance_uid, report_status, report_issued_date, \
+         qc_status, updated_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (study_instance_uid) DO UPDATE SET report_status = excluded.report_status, \
+         report_issued_date = excluded.report_issued_date, qc_status = excluded.qc_status, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(uid)
+    .bind(report.report_status.as_str())
+    .bind(report.report_issued_date.clone())
+    .bind(report.qc_status.as_str())
+    .bind(crate::registry::db::now_rfc3339())
+    .execute(state.index.pool())
+    .await?;
+    publish::mark_changed(&state.index, uid).await?;
+    Ok(())
+}
+
+async fn put_report(
+    State(state): State<Arc<ApiState>>,
+    Path(uid): Path<String>,
+    Body(change): Body<ReportChange>,
+) -> Result<Json<StudyReport>, ApiError> {
+    let uid = study_uid(&uid)?;
+    study_exists(&state.index, &uid).await?;
+    match (&change.report_status, &change.report_issued_date) {
+        (ReportStatus::None, _) => {}
+        (_, Some(d)) => check_date(d)?,
+        (_, None) => {
+            return Err(ApiError::BadRequest(
+                "report_issued_date is required for an issued report".into(),
+            ));
+        }
+    }
+    let mut report = read_report(&state.index, &uid).await?;
+    report.report_status = change.report_status;
+    report.report_issued_date = match change.report_status {
+        ReportStatus::None => None,
+        _ => change.report_issued_date,
+    };
+    write_report(&state, &uid, &report).await?;
+    Ok(Json(report))
+}
+
+async fn put_qc(
+    State(state): State<Arc<ApiState>>,
+    Path(uid): Path<String>,
+    Body(change): Body<QcChange>,
+) -> Result<Json<StudyReport>, ApiError> {
+    let uid = study_uid(&uid)?;
+    study_exists(&state.index, &uid).await?;
+    let mut report = read_report(&state.index, &uid).await?;
+    report.qc_status = change.qc_status;
+    write_report(&state, &uid, &report).await?;
+    Ok(Json(report))
+}
+
+async fn retract(
+    State(state): State<Arc<ApiState>>,
+    Path(uid): Path<String>,
+) -> Result<Response, ApiError> {
+    let uid = study_uid(&uid)?;
+    let region = region(&state)?;
+    if region.retract(&uid).await? {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"study_instance_uid": uid, "state": "retracted"})),
+        )
+            .into_response())
+    } else {
+        Err(ApiError::NotFound("published study"))
+    }
+}
+
+/// One instance of a study manifest.
+#[derive(Debug, Serialize)]
+struct ManifestInstance {
+    sop_instance_uid: String,
+    blob_hash: String,
+    size: i64,
+}
+
+/// What a peer verifies a fetched study against: the instances and the
+/// content root the registry record carries.
+#[derive(Debug, Serialize)]
+struct StudyManifest {
+    study_instance_uid: String,
+    content_root: String,
+    instances: Vec<ManifestInstance>,
+}
+
+async fn manifest(
+    State(state): State<Arc<ApiState>>,
+    Path(uid): Path<String>,
+) -> Result<Json<StudyManifest>, ApiError> {
+    let uid = study_uid(&uid)?;
+    let rows = sqlx::query(
+        "SELECT i.sop_instance_uid, i.blob_hash, i.blob_size FROM instance i \
+         JOIN series se ON se.series_key = i.series_key JOIN study st ON st.study_key = se.study_key \
+         WHERE st.study_instance_uid = $1 AND i.is_current = 1 ORDER BY i.sop_instance_uid",
+    )
+    .bind(&uid)
+    .fetch_all(state.index.pool())
+    .await?;
+    if rows.is_empty() {
+        return Err(ApiError::NotFound("study"));
+    }
+    let mut instances = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let sop: String = r.try_get(0)?;
+        let hex: String = r.try_get(1)?;
+        let hash = BlobHash::parse(&hex)
+            .map_err(|_| ApiError::Unavailable(format!("index holds a bad hash {hex:?}")))?;
+        hashes.push((sop.clone(), hash));
+        instances.push(ManifestInstance {
+            sop_instance_uid: sop,
+            blob_hash: hex,
+            size: r.try_get(2)?,
+        });
+    }
+    Ok(Json(StudyManifest {
+        study_instance_uid: uid,
+        content_root: publish::content_root(hashes.iter().map(|(s, h)| (s.as_str(), h))),
+        instances,
+    }))
+}
+
+async fn publication(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match &state.region {
+        Some(region) => Ok(Json(region.status().await?)),
+        None => Ok(Json(serde_json::json!({ "enabled": false }))),
+    }
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<i64>,
+}
+
+async fn local_only(
+    State(state): State<Arc<ApiState>>,
+    Query(limit): Query<Limit>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let region = region(&state)?;
+    let studies = region
+        .local_only(limit.limit.unwrap_or(1000).clamp(1, 10_000))
+        .await?;
+    Ok(Json(serde_json::json!({
+        "studies": studies.into_iter().map(|(uid, reason)| serde_json::json!({
+            "study_instance_uid": uid, "reason": reason,
+        })).collect::<Vec<_>>()
+    })))
+}
+
+/// A patient as the hospital names them: a local Patient ID, or a
+/// cross-enterprise identifier.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatientRef {
+    pub patient_id: Option<String>,
+    #[serde(default)]
+    pub issuer_of_patient_id: String,
+    pub identifier_type: Option<IdentifierType>,
+    pub identifier: Option<String>,
+}
+
+async fn patient_key(region: &Region, patient: &PatientRef) -> Result<String, ApiError> {
+    match (
+        &patient.identifier_type,
+        &patient.identifier,
+        &patient.patient_id,
+    ) {
+        (Some(kind), Some(number), _) => {
+            let id = Identifier::parse(*kind, number).map_err(|e| {
+                ApiError::BadRequest(format!("identifier refused ({}): {e}", e.code()))
+            })?;
+            Ok(region.secret().patient_key(&id))
+        }
+        (None, None, Some(pid)) => region
+            .patient_key_of_local(pid.trim(), patient.issuer_of_patient_id.trim())
+            .await?
+            .map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "no valid cross-enterprise identifier for this patient ({}): {e}",
+                    e.code()
+                ))
+            }),
+        _ => Err(ApiError::BadRequest(
+            "give patient_id, or identifier_type and identifier".into(),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriorsRequest {
+    patient: PatientRef,
+    purpose: Purpose,
+    user_id: String,
+    items: Option<Vec<String>>,
+    since: Option<String>,
+    page_size: Option<u32>,
+    page_token: Option<String>,
+}
+
+/// The region's records of a patient, asked by this hospital.
+async fn priors(
+    State(state): State<Arc<ApiState>>,
+    Body(r): Body<PriorsRequest>,
+) -> Result<Json<PriorsAnswer>, ApiError> {
+    let region = region(&state)?;
+    let key = patient_key(region, &r.patient).await?;
+    let answer = region
+        .client()
+        .priors(&PriorsQuery {
+            patient_key: key,
+            items: r.items,
+            since: r.since,
+            purpose: r.purpose,
+            user_id: r.user_id,
+            page_size: r.page_size,
+            page_token: r.page_token,
+        })
+        .await?;
+    Ok(Json(answer))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsentRequest {
+    patient: PatientRef,
+    method: ConsentMethod,
+    recorded_by: String,
+    state: ConsentState,
+    expires_at: String,
+}
+
+/// Records at the registry a patient's authorisation for this hospital
+/// (doctor-assisted, or an SMS code confirmed at the desk).
+async fn add_consent(
+    State(state): State<Arc<ApiState>>,
+    Body(r): Body<ConsentRequest>,
+) -> Result<Response, ApiError> {
+    let region = region(&state)?;
+    let key = patient_key(region, &r.patient).await?;
+    let consent = region
+        .client()
+        .add_consent(&NewConsent {
+            patient_key: key,
+            hospital_id: region.config().hospital_id.clone(),
+            method: r.method,
+            recorded_by: r.recorded_by,
+            state: r.state,
+            expires_at: r.expires_at,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(consent)).into_response())
+}

@@ -1,0 +1,1159 @@
+//! Publishing the node's exam index to the regional registry.
+//!
+//! Three tasks, all stateless over the index so that several node processes
+//! on one PostgreSQL share the work:
+//!
+//! - the **stability worker** finds studies that have had no new instance
+//!   for the quiet time (or whose report, QC or patient identifier changed
+//!   through the node's API), describes each as a [`StudyRecord`] and, in
+//!   one transaction with a compare-and-set on the study's publication row,
+//!   writes it to the outbox with the next record version;
+//! - the **publisher** leases outbox rows in batches, sends them, and
+//!   deletes them once the registry has answered; the registry down for an
+//!   hour only grows the backlog (retries with exponential backoff), and a
+//!   replay is harmless (the registry keeps the highest version);
+//! - the **directory poller** keeps the registry's hospital directory with
+//!   conditional GETs.
+//!
+//! A study whose patient has no valid cross-enterprise identifier is never
+//! published: it stays local with the reason, counted on the node's API.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{InMemDicomObject, OpenFileOptions};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use tokio::sync::{Notify, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RegionConfig;
+use crate::index::Index;
+use crate::patient_key::{Identifier, IdentifierType, InvalidIdentifier, RegionSecret};
+use crate::registry::client::{self, RegistryClient};
+use crate::registry::proto::*;
+use crate::storage::BlobStore;
+use crate::types::BlobHash;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("index: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("index: {0}")]
+    Index(#[from] crate::index::Error),
+    #[error("blob store: {0}")]
+    Storage(#[from] crate::storage::Error),
+    #[error("outbox row {0} is malformed: {1}")]
+    BadOutboxRow(i64, String),
+}
+
+/// One outbox row's content.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OutboxItem {
+    Record(Box<StudyRecord>),
+    Retraction(Retraction),
+}
+
+/// The content root of a study: BLAKE3 over its current instances sorted
+/// by SOP Instance UID, each as the UID's bytes, a NUL, and the 32 bytes of
+/// the instance's BLAKE3 hash. A peer that fetches the study recomputes it
+/// from what it received and compares it with the published one.
+pub fn content_root<'a>(instances: impl IntoIterator<Item = (&'a str, &'a BlobHash)>) -> String {
+    let sorted: BTreeMap<&str, &BlobHash> = instances.into_iter().collect();
+    let mut hasher = blake3::Hasher::new();
+    for (uid, hash) in sorted {
+        hasher.update(uid.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(hash.as_bytes());
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// What the operator sees of the publisher (`GET /api/v1/publication`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PublisherStatus {
+    pub last_success_at: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Outbox rows the registry has answered for since this process
+    /// started.
+    pub delivered: u64,
+    pub directory_version: Option<String>,
+    pub hospitals_in_directory: usize,
+}
+
+/// The running publication machinery of one node process.
+pub struct Region {
+    index: Index,
+    store: Arc<BlobStore>,
+    config: RegionConfig,
+    secret: RegionSecret,
+    client: RegistryClient,
+    status: Mutex<PublisherStatus>,
+    wake: Notify,
+    directory: RwLock<Option<HospitalDirectory>>,
+    /// Distinguishes this process's outbox leases from another's.
+    lease_tag: String,
+}
+
+impl Region {
+    pub fn new(index: Index, store: Arc<BlobStore>, config: RegionConfig) -> Arc<Region> {
+        let client = RegistryClient::new(&config.registry_url, &config.registry_token);
+        let secret = config.region_secret.clone();
+        Arc::new(Region {
+            index,
+            store,
+            secret,
+            client,
+            status: Mutex::new(PublisherStatus::default()),
+            wake: Notify::new(),
+            directory: RwLock::new(None),
+            lease_tag: crate::registry::db::random_hex(6),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &RegionConfig {
+        &self.config
+    }
+
+    pub fn client(&self) -> &RegistryClient {
+        &self.client
+    }
+
+    pub fn secret(&self) -> &RegionSecret {
+        &self.secret
+    }
+
+    /// Starts the three tasks; they stop when `shutdown` fires.
+    pub fn spawn(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let a = self.clone();
+        let s = shutdown.clone();
+        let stability = tokio::spawn(async move { a.stability_loop(s).await });
+        let b = self.clone();
+        let s = shutdown.clone();
+        let publisher = tokio::spawn(async move { b.publisher_loop(s).await });
+        let c = self.clone();
+        let directory = tokio::spawn(async move { c.directory_loop(shutdown).await });
+        vec![stability, publisher, directory]
+    }
+
+    pub async fn directory(&self) -> Option<HospitalDirectory> {
+        self.directory.read().await.clone()
+    }
+
+    // -------------------------------------------------------------- stability
+
+    async fn stability_loop(&self, shutdown: CancellationToken) {
+        let interval = (self.config.study_quiet_time / 4)
+            .clamp(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match self.scan_once().await {
+                Ok(n) if n > 0 => {
+                    self.wake.notify_one();
+                    // More may be waiting: scan again at once.
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "study stability scan failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Evaluates the studies that are due; returns how many outbox rows it
+    /// wrote.
+    pub async fn scan_once(&self) -> Result<usize, Error> {
+        let cutoff = rfc3339(SystemTime::now() - self.config.study_quiet_time);
+        let rows = sqlx::query(
+            "SELECT st.study_instance_uid, st.last_received_at, sp.changes, \
+             sp.evaluated_changes, sp.evaluated_received_at, sp.record_version, sp.state, \
+             sp.fingerprint FROM study st \
+             LEFT JOIN study_publication sp ON sp.study_instance_uid = st.study_instance_uid \
+             WHERE st.last_received_at <= $1 AND st.number_of_study_related_instances > 0 \
+             AND (sp.study_instance_uid IS NULL \
+                  OR (sp.state <> 'retracted' AND (sp.changes <> sp.evaluated_changes \
+                      OR sp.evaluated_received_at <> st.last_received_at))) \
+             LIMIT 200",
+        )
+        .bind(&cutoff)
+        .fetch_all(self.index.pool())
+        .await?;
+        let mut written = 0;
+        for row in rows {
+            let snapshot = Snapshot {
+                study_instance_uid: row.try_get(0)?,
+                last_received_at: row.try_get(1)?,
+                existing: match row.try_get::<Option<i64>, _>(2)? {
+                    None => None,
+                    Some(changes) => Some(Existing {
+                        changes,
+                        evaluated_received_at: row.try_get(4)?,
+                        record_version: row.try_get(5)?,
+                        state: row.try_get(6)?,
+                        fingerprint: row.try_get(7)?,
+                    }),
+                },
+            };
+            match self.evaluate(&snapshot).await {
+                Ok(true) => written += 1,
+                Ok(false) => {}
+                Err(error) => tracing::error!(
+                    %error,
+                    study_instance_uid = %snapshot.study_instance_uid,
+                    "cannot describe study for publication"
+                ),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Describes one study and moves its publication row; returns whether
+    /// an outbox row was written.
+    async fn evaluate(&self, snap: &Snapshot) -> Result<bool, Error> {
+        let pool = self.index.pool();
+        let Some(study) = sqlx::query(
+            "SELECT st.study_key, st.study_date, st.study_time, p.patient_id, \
+             p.issuer_of_patient_id FROM study st JOIN patient p ON p.patient_key = st.patient_key \
+             WHERE st.study_instance_uid = $1",
+        )
+        .bind(&snap.study_instance_uid)
+        .fetch_optional(pool)
+        .await?
+        else {
+            return Ok(false);
+        };
+        let study_key: i64 = study.try_get(0)?;
+        let study_date: String = study.try_get(1)?;
+        let study_time: String = study.try_get(2)?;
+        let patient_id: String = study.try_get(3)?;
+        let issuer: String = study.try_get(4)?;
+
+        let series_rows = sqlx::query(
+            "SELECT series_key, modality, body_part_examined FROM series WHERE study_key = $1",
+        )
+        .bind(study_key)
+        .fetch_all(pool)
+        .await?;
+        let instance_rows = sqlx::query(
+            "SELECT i.sop_instance_uid, i.blob_hash, i.blob_size, i.series_key FROM instance i \
+             JOIN series se ON se.series_key = i.series_key \
+             WHERE se.study_key = $1 AND i.is_current = 1",
+        )
+        .bind(study_key)
+        .fetch_all(pool)
+        .await?;
+        let mut instances = Vec::with_capacity(instance_rows.len());
+        for r in &instance_rows {
+            let hex: String = r.try_get(1)?;
+            let hash = BlobHash::parse(&hex).map_err(|_| crate::index::Error::BadHash(hex))?;
+            instances.push((
+                r.try_get::<String, _>(0)?,
+                hash,
+                r.try_get::<i64, _>(2)?,
+                r.try_get::<i64, _>(3)?,
+            ));
+        }
+        let mut modalities = BTreeSet::new();
+        let mut body_parts = BTreeSet::new();
+        let mut headers = Vec::new();
+        let mut series_with_instances = 0;
+        for s in &series_rows {
+            let series_key: i64 = s.try_get(0)?;
+            let modality: String = s.try_get(1)?;
+            let body_part: String = s.try_get(2)?;
+            // The series' first instance (by SOP Instance UID) speaks for
+            // the series' header attributes.
+            let Some(first) = instances
+                .iter()
+                .filter(|i| i.3 == series_key)
+                .min_by(|a, b| a.0.cmp(&b.0))
+            else {
+                continue;
+            };
+            series_with_instances += 1;
+            if !modality.is_empty() {
+                modalities.insert(modality);
+            }
+            if !body_part.is_empty() {
+                body_parts.insert(body_part);
+            }
+            headers.push(self.read_header(&first.1, first.2 as u64).await?);
+        }
+        let summary = summarise(&headers);
+
+        let identifier = self
+            .identifier(&patient_id, &issuer, headers.first())
+            .await?;
+        let report = sqlx::query(
+            "SELECT report_status, report_issued_date, qc_status FROM study_report \
+             WHERE study_instance_uid = $1",
+        )
+        .bind(&snap.study_instance_uid)
+        .fetch_optional(pool)
+        .await?;
+        let (report_status, report_issued_date, qc_status) = match report {
+            Some(r) => (
+                ReportStatus::parse(&r.try_get::<String, _>(0)?).unwrap_or(ReportStatus::None),
+                r.try_get::<Option<String>, _>(1)?,
+                QcStatus::parse(&r.try_get::<String, _>(2)?).unwrap_or(QcStatus::Pending),
+            ),
+            None => (ReportStatus::None, None, QcStatus::Pending),
+        };
+
+        let root = content_root(instances.iter().map(|i| (i.0.as_str(), &i.1)));
+        let changes = snap.existing.as_ref().map_or(0, |e| e.changes);
+        let version = snap.existing.as_ref().map_or(0, |e| e.record_version);
+        let was_published = snap
+            .existing
+            .as_ref()
+            .is_some_and(|e| e.state == "published");
+
+        let (state, reason, outbox) = match identifier {
+            Err(invalid) => {
+                // A study that was published and has lost its identifier
+                // (a mapping corrected at the hospital) is withdrawn.
+                let outbox = was_published.then(|| {
+                    OutboxItem::Retraction(Retraction {
+                        study_instance_uid: snap.study_instance_uid.clone(),
+                        record_version: version + 1,
+                    })
+                });
+                ("local_only", Some(invalid.code()), outbox)
+            }
+            Ok(identifier) => {
+                let mut record = StudyRecord {
+                    study_instance_uid: snap.study_instance_uid.clone(),
+                    record_version: 0,
+                    patient_key: self.secret.patient_key(&identifier),
+                    items: Vec::new(),
+                    modalities: modalities.into_iter().collect(),
+                    body_parts: body_parts.into_iter().collect(),
+                    contrast: summary.contrast,
+                    laterality: summary.laterality,
+                    view_positions: summary.view_positions,
+                    study_date: dicom_date(&study_date),
+                    study_time: dicom_time(&study_time),
+                    report_status,
+                    report_issued_date,
+                    qc_status,
+                    images_available: !instances.is_empty(),
+                    number_of_series: series_with_instances,
+                    number_of_instances: instances.len() as i64,
+                    bytes: instances.iter().map(|i| i.2).sum(),
+                    content_root: root.clone(),
+                };
+                let fingerprint = record_fingerprint(&record);
+                let unchanged = was_published
+                    && snap.existing.as_ref().map(|e| e.fingerprint.as_str())
+                        == Some(fingerprint.as_str());
+                if unchanged {
+                    ("published", None, None)
+                } else {
+                    record.record_version = version + 1;
+                    (
+                        "published",
+                        None,
+                        Some(OutboxItem::Record(Box::new(record))),
+                    )
+                }
+            }
+        };
+        let fingerprint = match &outbox {
+            Some(OutboxItem::Record(r)) => record_fingerprint(r),
+            _ => snap
+                .existing
+                .as_ref()
+                .map(|e| e.fingerprint.clone())
+                .unwrap_or_default(),
+        };
+        let new_version = if outbox.is_some() {
+            version + 1
+        } else {
+            version
+        };
+        let now = now();
+
+        let mut tx = pool.begin().await?;
+        let moved = match &snap.existing {
+            None => sqlx::query(
+                "INSERT INTO study_publication (study_instance_uid, evaluated_received_at, \
+                 changes, evaluated_changes, state, reason, record_version, fingerprint, \
+                 content_root, updated_at) VALUES ($1, $2, 0, 0, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (study_instance_uid) DO NOTHING",
+            )
+            .bind(&snap.study_instance_uid)
+            .bind(&snap.last_received_at)
+            .bind(state)
+            .bind(reason)
+            .bind(new_version)
+            .bind(&fingerprint)
+            .bind(&root)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected(),
+            Some(e) => sqlx::query(
+                "UPDATE study_publication SET evaluated_received_at = $2, evaluated_changes = $3, \
+                 state = $4, reason = $5, record_version = $6, fingerprint = $7, \
+                 content_root = $8, updated_at = $9 \
+                 WHERE study_instance_uid = $1 AND changes = $3 AND record_version = $10 \
+                 AND evaluated_received_at = $11",
+            )
+            .bind(&snap.study_instance_uid)
+            .bind(&snap.last_received_at)
+            .bind(changes)
+            .bind(state)
+            .bind(reason)
+            .bind(new_version)
+            .bind(&fingerprint)
+            .bind(&root)
+            .bind(&now)
+            .bind(e.record_version)
+            .bind(&e.evaluated_received_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected(),
+        };
+        if moved == 0 {
+            // Another process evaluated it first, or the API changed it
+            // since we read it: the next scan sees the current state.
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if let Some(item) = &outbox {
+            sqlx::query(
+                "INSERT INTO publication_outbox (study_instance_uid, record_version, body, \
+                 created_at, attempts, lease_until, dead) VALUES ($1, $2, $3, $4, 0, '', 0)",
+            )
+            .bind(&snap.study_instance_uid)
+            .bind(new_version)
+            .bind(serde_json::to_string(item).expect("outbox item serialises"))
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        if let Some(reason) = reason {
+            tracing::info!(
+                study_instance_uid = %snap.study_instance_uid,
+                reason,
+                "study stays local: no valid cross-enterprise identifier"
+            );
+        }
+        Ok(outbox.is_some())
+    }
+
+    /// Reads the header of one instance: the first 256 KiB usually hold it;
+    /// if not, the whole (verified) blob.
+    async fn read_header(&self, hash: &BlobHash, size: u64) -> Result<SeriesHeader, Error> {
+        const PREFIX: u64 = 256 * 1024;
+        let prefix = self.store.get_prefix(hash, size.min(PREFIX)).await?;
+        if let Some(h) = parse_header(&prefix) {
+            return Ok(h);
+        }
+        let whole = self.store.get(hash).await?;
+        Ok(parse_header(&whole).unwrap_or_default())
+    }
+
+    /// The patient's cross-enterprise identifier: a mapping the hospital's
+    /// systems gave through the API first (the master patient index is
+    /// authoritative), then an OtherPatientIDsSequence item, then the
+    /// Patient ID itself, each where its issuer is configured as one.
+    async fn identifier(
+        &self,
+        patient_id: &str,
+        issuer: &str,
+        header: Option<&SeriesHeader>,
+    ) -> Result<Result<Identifier, InvalidIdentifier>, Error> {
+        let mapped = sqlx::query(
+            "SELECT identifier_type, identifier FROM patient_identifier \
+             WHERE patient_id = $1 AND issuer_of_patient_id = $2",
+        )
+        .bind(patient_id)
+        .bind(issuer)
+        .fetch_optional(self.index.pool())
+        .await?;
+        if let Some(r) = mapped {
+            let kind: String = r.try_get(0)?;
+            let number: String = r.try_get(1)?;
+            let Some(kind) = IdentifierType::parse(&kind) else {
+                return Ok(Err(InvalidIdentifier::DocumentFormat));
+            };
+            return Ok(Identifier::parse(kind, &number));
+        }
+        let mut first_error = None;
+        if let Some(h) = header {
+            for (id, id_issuer) in &h.other_patient_ids {
+                if let Some(kind) = self.config.identifier_type_of(id_issuer) {
+                    match Identifier::parse(kind, id) {
+                        Ok(i) => return Ok(Ok(i)),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(kind) = self.config.identifier_type_of(issuer) {
+            match Identifier::parse(kind, patient_id) {
+                Ok(i) => return Ok(Ok(i)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Ok(Err(first_error.unwrap_or(InvalidIdentifier::Missing)))
+    }
+
+    /// The patient key of a local patient, from the same sources as
+    /// publication uses (mapping, then a header of one of their instances).
+    pub async fn patient_key_of_local(
+        &self,
+        patient_id: &str,
+        issuer: &str,
+    ) -> Result<Result<String, InvalidIdentifier>, Error> {
+        let instance = sqlx::query(
+            "SELECT i.blob_hash, i.blob_size FROM instance i \
+             JOIN series se ON se.series_key = i.series_key \
+             JOIN study st ON st.study_key = se.study_key \
+             JOIN patient p ON p.patient_key = st.patient_key \
+             WHERE p.patient_id = $1 AND p.issuer_of_patient_id = $2 AND i.is_current = 1 LIMIT 1",
+        )
+        .bind(patient_id)
+        .bind(issuer)
+        .fetch_optional(self.index.pool())
+        .await?;
+        let header = match instance {
+            Some(r) => {
+                let hex: String = r.try_get(0)?;
+                let hash = BlobHash::parse(&hex).map_err(|_| crate::index::Error::BadHash(hex))?;
+                Some(
+                    self.read_header(&hash, r.try_get::<i64, _>(1)? as u64)
+                        .await?,
+                )
+            }
+            None => None,
+        };
+        Ok(self
+            .identifier(patient_id, issuer, header.as_ref())
+            .await?
+            .map(|id| self.secret.patient_key(&id)))
+    }
+
+    // -------------------------------------------------------------- publisher
+
+    async fn publisher_loop(&self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self.publish_once().await {
+                Ok(0) => {
+                    backoff = Duration::from_millis(500);
+                    // Rows written by another node process wake nobody
+                    // here: poll as well.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+                Ok(_) => backoff = Duration::from_millis(500),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "publication to the registry failed");
+                    {
+                        let mut s = self.status.lock().expect("status lock");
+                        s.last_error = Some(error.to_string());
+                        s.last_error_at = Some(now());
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.publish_max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Sends one leased batch; returns how many rows the registry answered
+    /// for, or the transient error that left them in the outbox.
+    pub async fn publish_once(&self) -> Result<usize, client::Error> {
+        let batch = match self.lease_batch().await {
+            Ok(b) => b,
+            Err(e) => return Err(client::Error::Unreachable(format!("outbox: {e}"))),
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let request = request_of(&batch);
+        match self
+            .client
+            .publish(&self.config.hospital_id, &request)
+            .await
+        {
+            Ok(_) => {
+                self.delete_rows(&batch).await;
+                self.note_success(batch.len());
+                Ok(batch.len())
+            }
+            Err(
+                e @ client::Error::Status {
+                    status: 400 | 409 | 413 | 422,
+                    ..
+                },
+            ) => {
+                // The registry refuses something in the batch itself: send
+                // row by row, so that one bad row does not hold up the rest.
+                tracing::warn!(error = %e, rows = batch.len(), "batch refused; sending row by row");
+                let mut answered = 0;
+                for row in &batch {
+                    let one = std::slice::from_ref(row);
+                    match self
+                        .client
+                        .publish(&self.config.hospital_id, &request_of(one))
+                        .await
+                    {
+                        Ok(_) => {
+                            self.delete_rows(one).await;
+                            answered += 1;
+                        }
+                        Err(client::Error::Status { status, detail })
+                            if matches!(status, 400 | 409 | 413 | 422) =>
+                        {
+                            tracing::error!(
+                                seq = row.seq,
+                                study_instance_uid = %row.study_instance_uid,
+                                status,
+                                detail,
+                                "registry refused a record; kept as dead in the outbox"
+                            );
+                            let _ = sqlx::query(
+                                "UPDATE publication_outbox SET dead = 1, last_error = $2 WHERE seq = $1",
+                            )
+                            .bind(row.seq)
+                            .bind(format!("{status}: {detail}"))
+                            .execute(self.index.pool())
+                            .await;
+                            answered += 1;
+                        }
+                        Err(other) => {
+                            self.release_rows(&batch, &other.to_string()).await;
+                            return Err(other);
+                        }
+                    }
+                }
+                self.note_success(answered);
+                Ok(answered)
+            }
+            Err(e) => {
+                self.release_rows(&batch, &e.to_string()).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn note_success(&self, rows: usize) {
+        let mut s = self.status.lock().expect("status lock");
+        s.last_success_at = Some(now());
+        s.delivered += rows as u64;
+        tracing::debug!(rows, "published to the registry");
+    }
+
+    /// Leases up to a batch of rows no other process holds. The lease time
+    /// check sits in the outer WHERE too: under PostgreSQL's READ
+    /// COMMITTED, a second process whose subquery picked the same rows
+    /// re-checks them after the first commits and skips them.
+    async fn lease_batch(&self) -> Result<Vec<OutboxRow>, Error> {
+        let now = now();
+        let until = format!(
+            "{}#{}",
+            rfc3339(SystemTime::now() + Duration::from_secs(120)),
+            self.lease_tag
+        );
+        sqlx::query(
+            "UPDATE publication_outbox SET lease_until = $1, attempts = attempts + 1 \
+             WHERE dead = 0 AND lease_until < $2 AND seq IN (SELECT seq FROM publication_outbox \
+             WHERE dead = 0 AND lease_until < $2 ORDER BY seq LIMIT $3)",
+        )
+        .bind(&until)
+        .bind(&now)
+        .bind(self.config.publish_batch_size as i64)
+        .execute(self.index.pool())
+        .await?;
+        let rows = sqlx::query(
+            "SELECT seq, study_instance_uid, body FROM publication_outbox \
+             WHERE lease_until = $1 ORDER BY seq",
+        )
+        .bind(&until)
+        .fetch_all(self.index.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get(0)?;
+                let body: String = r.try_get(2)?;
+                Ok(OutboxRow {
+                    seq,
+                    study_instance_uid: r.try_get(1)?,
+                    item: serde_json::from_str(&body)
+                        .map_err(|e| Error::BadOutboxRow(seq, e.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_rows(&self, rows: &[OutboxRow]) {
+        for chunk in rows.chunks(200) {
+            // One statement per chunk; the seqs are integers we read.
+            let list = chunk
+                .iter()
+                .map(|r| r.seq.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!("DELETE FROM publication_outbox WHERE seq IN ({list})");
+            if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(self.index.pool())
+                .await
+            {
+                // The rows will be sent again when their lease ends: a
+                // replay the registry answers `unchanged`.
+                tracing::error!(%error, "cannot delete delivered outbox rows");
+            }
+        }
+    }
+
+    async fn release_rows(&self, rows: &[OutboxRow], error: &str) {
+        for r in rows {
+            let _ = sqlx::query(
+                "UPDATE publication_outbox SET lease_until = '', last_error = $2 WHERE seq = $1",
+            )
+            .bind(r.seq)
+            .bind(error)
+            .execute(self.index.pool())
+            .await;
+        }
+    }
+
+    // -------------------------------------------------------------- directory
+
+    async fn directory_loop(&self, shutdown: CancellationToken) {
+        loop {
+            let etag = self
+                .directory
+                .read()
+                .await
+                .as_ref()
+                .map(|d| d.version.clone());
+            match self.client.directory(etag.as_deref()).await {
+                Ok(Some(directory)) => {
+                    tracing::info!(
+                        version = %directory.version,
+                        hospitals = directory.hospitals.len(),
+                        "hospital directory updated"
+                    );
+                    {
+                        let mut s = self.status.lock().expect("status lock");
+                        s.directory_version = Some(directory.version.clone());
+                        s.hospitals_in_directory = directory.hospitals.len();
+                    }
+                    *self.directory.write().await = Some(directory);
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "cannot pull the hospital directory"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.directory_interval) => {}
+            }
+        }
+    }
+
+    // -------------------------------------------------------------- status
+
+    pub async fn status(&self) -> Result<serde_json::Value, Error> {
+        let pool = self.index.pool();
+        let count = |sql: &'static str| async move {
+            let row = sqlx::query(sql).fetch_one(pool).await?;
+            Ok::<i64, Error>(row.try_get(0)?)
+        };
+        let backlog = count("SELECT COUNT(*) FROM publication_outbox WHERE dead = 0").await?;
+        let dead = count("SELECT COUNT(*) FROM publication_outbox WHERE dead = 1").await?;
+        let published =
+            count("SELECT COUNT(*) FROM study_publication WHERE state = 'published'").await?;
+        let reasons = sqlx::query(
+            "SELECT reason, COUNT(*) FROM study_publication WHERE state = 'local_only' GROUP BY reason",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut local_only = serde_json::Map::new();
+        for r in reasons {
+            let reason: Option<String> = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            local_only.insert(reason.unwrap_or_default(), n.into());
+        }
+        let s = self.status.lock().expect("status lock").clone();
+        Ok(serde_json::json!({
+            "enabled": true,
+            "hospital_id": self.config.hospital_id,
+            "registry_url": self.config.registry_url,
+            "backlog": backlog,
+            "dead": dead,
+            "published_studies": published,
+            "local_only": local_only,
+            "last_success_at": s.last_success_at,
+            "last_error": s.last_error,
+            "last_error_at": s.last_error_at,
+            "delivered": s.delivered,
+            "directory_version": s.directory_version,
+            "hospitals_in_directory": s.hospitals_in_directory,
+        }))
+    }
+
+    /// Studies kept local and why (no identifiers or names: UIDs only).
+    pub async fn local_only(&self, limit: i64) -> Result<Vec<(String, String)>, Error> {
+        let rows = sqlx::query(
+            "SELECT study_instance_uid, reason FROM study_publication WHERE state = 'local_only' \
+             ORDER BY study_instance_uid LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.index.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Asks the stability worker to evaluate a study again (report, QC,
+    /// retraction); the row is created if the study was not yet evaluated.
+    pub async fn note_change(&self, study_instance_uid: &str) -> Result<(), Error> {
+        mark_changed(&self.index, study_instance_uid).await?;
+        Ok(())
+    }
+
+    /// Withdraws a study from the registry: a retraction with the next
+    /// version goes to the outbox, and the study is not published again
+    /// automatically.
+    pub async fn retract(&self, study_instance_uid: &str) -> Result<bool, Error> {
+        let pool = self.index.pool();
+        let now = now();
+        let mut tx = pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE study_publication SET record_version = record_version + 1, \
+             state = 'retracted', updated_at = $2 \
+             WHERE study_instance_uid = $1 AND state <> 'retracted' RETURNING record_version",
+        )
+        .bind(study_instance_uid)
+        .bind(&now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        let version: i64 = row.try_get(0)?;
+        let item = OutboxItem::Retraction(Retraction {
+            study_instance_uid: study_instance_uid.to_string(),
+            record_version: version,
+        });
+        sqlx::query(
+            "INSERT INTO publication_outbox (study_instance_uid, record_version, body, \
+             created_at, attempts, lease_until, dead) VALUES ($1, $2, $3, $4, 0, '', 0)",
+        )
+        .bind(study_instance_uid)
+        .bind(version)
+        .bind(serde_json::to_string(&item).expect("outbox item serialises"))
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.wake.notify_one();
+        Ok(true)
+    }
+}
+
+/// Bumps a study's change counter (creating its publication row), so that
+/// the stability worker evaluates it again.
+pub async fn mark_changed(index: &Index, study_instance_uid: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO study_publication (study_instance_uid, evaluated_received_at, changes, \
+         evaluated_changes, state, reason, record_version, fingerprint, content_root, updated_at) \
+         VALUES ($1, '', 1, 0, 'pending', NULL, 0, '', NULL, $2) \
+         ON CONFLICT (study_instance_uid) DO UPDATE SET \
+         changes = study_publication.changes + 1, updated_at = excluded.updated_at",
+    )
+    .bind(study_instance_uid)
+    .bind(now())
+    .execute(index.pool())
+    .await?;
+    Ok(())
+}
+
+struct Snapshot {
+    study_instance_uid: String,
+    last_received_at: String,
+    existing: Option<Existing>,
+}
+
+struct Existing {
+    changes: i64,
+    evaluated_received_at: String,
+    record_version: i64,
+    state: String,
+    fingerprint: String,
+}
+
+struct OutboxRow {
+    seq: i64,
+    study_instance_uid: String,
+    item: OutboxItem,
+}
+
+fn request_of(rows: &[OutboxRow]) -> PublishRequest {
+    let mut request = PublishRequest::default();
+    for r in rows {
+        match &r.item {
+            OutboxItem::Record(rec) => request.records.push((**rec).clone()),
+            OutboxItem::Retraction(ret) => request.retractions.push(ret.clone()),
+        }
+    }
+    request
+}
+
+fn record_fingerprint(record: &StudyRecord) -> String {
+    let mut r = record.clone();
+    r.record_version = 0;
+    blake3::hash(
+        serde_json::to_string(&r)
+            .expect("record serialises")
+            .as_bytes(),
+    )
+    .to_hex()
+    .to_string()
+}
+
+/// DICOM DA (YYYYMMDD) → YYYY-MM-DD; anything else → none.
+fn dicom_date(s: &str) -> Option<String> {
+    let s = s.trim();
+    (s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| format!("{}-{}-{}", &s[..4], &s[4..6], &s[6..]))
+}
+
+/// DICOM TM (HHMMSS[.F]) → HH:MM:SS; anything shorter than HHMMSS → none.
+fn dicom_time(s: &str) -> Option<String> {
+    let s = s.trim();
+    let b = s.as_bytes();
+    (b.len() >= 6 && b[..6].iter().all(u8::is_ascii_digit))
+        .then(|| format!("{}:{}:{}", &s[..2], &s[2..4], &s[4..6]))
+}
+
+/// The header attributes of one series' first instance that a record
+/// needs and the index does not keep.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesHeader {
+    /// (Patient ID, Issuer of Patient ID) of each OtherPatientIDsSequence
+    /// item.
+    pub other_patient_ids: Vec<(String, String)>,
+    pub image_type: String,
+    pub contrast_agent: bool,
+    pub contrast_route: String,
+    pub laterality: String,
+    pub image_laterality: String,
+    pub view_position: String,
+}
+
+/// Stops before Pixel Data and whatever follows (group 0x0041 on, as the
+/// index reader does).
+const HEADER_UNTIL: Tag = Tag(0x0041, 0x0000);
+
+fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
+    let after_preamble = bytes.get(128..)?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .read_until(HEADER_UNTIL)
+        .from_reader(after_preamble)
+        .ok()?;
+    let text = |o: &InMemDicomObject, tag: Tag| -> String {
+        o.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_matches(['\0', ' ']).to_string())
+            .unwrap_or_default()
+    };
+    let mut h = SeriesHeader::default();
+    if let Ok(Some(seq)) = obj.element_opt(tags::OTHER_PATIENT_I_DS_SEQUENCE)
+        && let Some(items) = seq.items()
+    {
+        for item in items {
+            h.other_patient_ids.push((
+                text(item, tags::PATIENT_ID),
+                text(item, tags::ISSUER_OF_PATIENT_ID),
+            ));
+        }
+    }
+    h.image_type = text(&obj, tags::IMAGE_TYPE);
+    let agent = text(&obj, tags::CONTRAST_BOLUS_AGENT);
+    let agent_seq = obj
+        .element_opt(tags::CONTRAST_BOLUS_AGENT_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items().map(|i| !i.is_empty()))
+        .unwrap_or(false);
+    h.contrast_agent = !agent.is_empty() || agent_seq;
+    h.contrast_route = text(&obj, tags::CONTRAST_BOLUS_ROUTE).to_ascii_uppercase();
+    h.laterality = text(&obj, tags::LATERALITY).to_ascii_uppercase();
+    h.image_laterality = text(&obj, tags::IMAGE_LATERALITY).to_ascii_uppercase();
+    h.view_position = text(&obj, tags::VIEW_POSITION).to_ascii_uppercase();
+    Some(h)
+}
+
+struct Summary {
+    contrast: Contrast,
+    laterality: Vec<Laterality>,
+    view_positions: Vec<String>,
+}
+
+/// Contrast is series-level: a series is enhanced when a contrast agent is
+/// recorded and its route is not oral (oral contrast alone does not make an
+/// enhanced scan; recognition-facts.md). Localizers (ImageType LOCALIZER)
+/// are neither plain nor enhanced series of the exam.
+fn summarise(headers: &[SeriesHeader]) -> Summary {
+    let mut plain = false;
+    let mut enhanced = false;
+    let mut laterality = BTreeSet::new();
+    let mut views = BTreeSet::new();
+    for h in headers {
+        if h.image_type.to_ascii_uppercase().contains("LOCALIZER") {
+            continue;
+        }
+        if h.contrast_agent && !h.contrast_route.contains("ORAL") {
+            enhanced = true;
+        } else {
+            plain = true;
+        }
+        for l in [&h.laterality, &h.image_laterality] {
+            match l.as_str() {
+                "L" => {
+                    laterality.insert(Laterality::Left);
+                }
+                "R" => {
+                    laterality.insert(Laterality::Right);
+                }
+                "B" => {
+                    laterality.insert(Laterality::Both);
+                }
+                _ => {}
+            }
+        }
+        if !h.view_position.is_empty() {
+            views.insert(h.view_position.clone());
+        }
+    }
+    Summary {
+        contrast: match (plain, enhanced) {
+            (true, true) => Contrast::PlainAndEnhanced,
+            (false, true) => Contrast::Enhanced,
+            _ => Contrast::None,
+        },
+        laterality: laterality.into_iter().collect(),
+        view_positions: views.into_iter().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_root_is_order_free_and_changes_with_any_instance() {
+        let h1 = BlobHash::from_hash(blake3::hash(b"one"));
+        let h2 = BlobHash::from_hash(blake3::hash(b"two"));
+        let a = content_root([("1.2.3", &h1), ("1.2.4", &h2)]);
+        let b = content_root([("1.2.4", &h2), ("1.2.3", &h1)]);
+        assert_eq!(a, b);
+        assert_ne!(a, content_root([("1.2.3", &h1)]));
+        assert_ne!(a, content_root([("1.2.3", &h2), ("1.2.4", &h1)]));
+        // UID boundaries are unambiguous: "1.2" + "3.4" is not "1.23" + ".4".
+        assert_ne!(
+            content_root([("1.2", &h1), ("3.4", &h2)]),
+            content_root([("1.23", &h1), (".4", &h2)])
+        );
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn dates_and_times() {
+        assert_eq!(dicom_date("20250131").as_deref(), Some("2025-01-31"));
+        assert_eq!(dicom_date(""), None);
+        assert_eq!(dicom_date("2025-01-31"), None);
+        assert_eq!(dicom_time("101502.123").as_deref(), Some("10:15:02"));
+        assert_eq!(dicom_time("1015"), None);
+    }
+
+    #[test]
+    fn contrast_and_sides() {
+        let h = |agent: bool, route: &str, image_type: &str, lat: &str| SeriesHeader {
+            contrast_agent: agent,
+            contrast_route: route.into(),
+            image_type: image_type.into(),
+            laterality: lat.into(),
+            ..SeriesHeader::default()
+        };
+        let cases: &[(&[SeriesHeader], Contrast)] = &[
+            (
+                &[h(false, "", "ORIGINAL\\PRIMARY\\AXIAL", "")],
+                Contrast::None,
+            ),
+            (
+                &[h(false, "", "ORIGINAL", ""), h(true, "IV", "ORIGINAL", "")],
+                Contrast::PlainAndEnhanced,
+            ),
+            (
+                &[h(true, "INTRAVENOUS", "ORIGINAL", "")],
+                Contrast::Enhanced,
+            ),
+            (&[h(true, "ORAL", "ORIGINAL", "")], Contrast::None),
+            (
+                &[
+                    h(false, "", "ORIGINAL\\PRIMARY\\LOCALIZER", ""),
+                    h(true, "", "ORIGINAL", ""),
+                ],
+                Contrast::Enhanced,
+            ),
+        ];
+        for (headers, expected) in cases {
+            assert_eq!(summarise(headers).contrast, *expected, "{headers:?}");
+        }
+        let s = summarise(&[h(false, "", "", "L"), h(false, "", "", "R")]);
+        assert_eq!(s.laterality, vec![Laterality::Left, Laterality::Right]);
+    }
+}

@@ -1,0 +1,138 @@
+//! The node's client of the registry: the same [`proto`] types the server
+//! takes, so the two cannot drift apart without the contract test seeing it.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use super::proto::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No answer (connection refused, timeout): worth retrying.
+    #[error("registry unreachable: {0}")]
+    Unreachable(String),
+    /// An answer with an error status; `detail` is the problem's detail.
+    #[error("registry answered {status}: {detail}")]
+    Status { status: u16, detail: String },
+    #[error("registry answer not understood: {0}")]
+    Decode(String),
+}
+
+impl Error {
+    /// Whether trying again later may succeed: the registry down or
+    /// overloaded, not a request it refused.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unreachable(_) | Error::Decode(_) => true,
+            Error::Status { status, .. } => *status >= 500 || *status == 429,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl RegistryClient {
+    pub fn new(base_url: &str, token: &str) -> RegistryClient {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            // The registry is reached directly; a proxy from the
+            // environment would see every pseudonymous query.
+            .no_proxy()
+            .build()
+            .expect("HTTP client builds");
+        RegistryClient {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, Error> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Error::Unreachable(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| Error::Unreachable(e.to_string()))?;
+        if !status.is_success() {
+            let detail = serde_json::from_slice::<Problem>(&bytes)
+                .map(|p| p.detail)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
+            return Err(Error::Status {
+                status: status.as_u16(),
+                detail,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))
+    }
+
+    pub async fn publish(
+        &self,
+        hospital_id: &str,
+        request: &PublishRequest,
+    ) -> Result<PublishResponse, Error> {
+        self.send(
+            self.http
+                .post(self.url(&format!("/v1/hospitals/{hospital_id}/records")))
+                .json(request),
+        )
+        .await
+    }
+
+    pub async fn priors(&self, query: &PriorsQuery) -> Result<PriorsAnswer, Error> {
+        self.send(self.http.post(self.url("/v1/priors/query")).json(query))
+            .await
+    }
+
+    pub async fn add_consent(&self, consent: &NewConsent) -> Result<Consent, Error> {
+        self.send(self.http.post(self.url("/v1/consents")).json(consent))
+            .await
+    }
+
+    /// The directory, unless it still has the version `etag` names (`None`
+    /// then: 304 Not Modified).
+    pub async fn directory(&self, etag: Option<&str>) -> Result<Option<HospitalDirectory>, Error> {
+        let mut request = self
+            .http
+            .get(self.url("/v1/hospitals"))
+            .bearer_auth(&self.token);
+        if let Some(etag) = etag {
+            request = request.header(reqwest::header::IF_NONE_MATCH, format!("\"{etag}\""));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Error::Unreachable(e.to_string()))?;
+        match response.status() {
+            StatusCode::NOT_MODIFIED => Ok(None),
+            s if s.is_success() => response
+                .json()
+                .await
+                .map(Some)
+                .map_err(|e| Error::Decode(e.to_string())),
+            s => Err(Error::Status {
+                status: s.as_u16(),
+                detail: response.text().await.unwrap_or_default(),
+            }),
+        }
+    }
+}

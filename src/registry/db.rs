@@ -1,0 +1,978 @@
+//! The registry's database: SQLite (embedded default) or PostgreSQL (a
+//! region, several registry processes), through sqlx's `Any` driver with
+//! one set of SQL, as the node's index does.
+//!
+//! Every write that the audit trail must show happens in the same
+//! transaction as its audit entries: a publication that committed is
+//! audited, and an audit entry never describes something that rolled back.
+
+use std::time::{Duration, SystemTime};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+
+use super::proto::*;
+use crate::patient_key::is_patient_key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("registry database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("registry migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database URL {0:?} is neither sqlite:// nor postgres://")]
+    UnsupportedUrl(String),
+    /// A request the caller can fix; the message says what is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0} exists already")]
+    Conflict(&'static str),
+    #[error("stored row is malformed: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+/// An entry to append to the audit trail (seq, time and hashes are the
+/// trail's).
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub actor: String,
+    pub user_id: String,
+    pub action: &'static str,
+    pub patient_key: Option<String>,
+    pub purpose: Option<String>,
+    pub records_returned: i64,
+    pub outcome: String,
+    pub detail: String,
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+/// Parses an RFC 3339 time (`Z` offset) into the one form the database
+/// keeps, so that text comparison is time comparison.
+pub fn normalise_time(s: &str) -> Result<String> {
+    let t = humantime::parse_rfc3339_weak(s.trim())
+        .map_err(|e| Error::Invalid(format!("{s:?} is not an RFC 3339 UTC time: {e}")))?;
+    Ok(humantime::format_rfc3339_micros(t).to_string())
+}
+
+fn check_date(field: &str, s: &str) -> Result<()> {
+    let b = s.as_bytes();
+    let ok = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("{field} must be YYYY-MM-DD")))
+    }
+}
+
+fn check_patient_key(key: &str) -> Result<()> {
+    if is_patient_key(key) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(
+            "patient_key must be 64 lower-case hex digits".into(),
+        ))
+    }
+}
+
+fn check_text(field: &str, s: &str, max: usize) -> Result<()> {
+    if s.trim().is_empty() || s.len() > max || s.chars().any(char::is_control) {
+        Err(Error::Invalid(format!(
+            "{field} must be 1 to {max} bytes of printable text"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_uid(s: &str) -> Result<()> {
+    if crate::types::Uid::parse(s).is_err() {
+        return Err(Error::Invalid(format!(
+            "{s:?} is not a valid Study Instance UID"
+        )));
+    }
+    Ok(())
+}
+
+/// The one URL checker: a node's DICOMweb base URL must be http(s).
+fn check_url(s: &str) -> Result<()> {
+    if (s.starts_with("https://") || s.starts_with("http://")) && s.len() <= 2048 {
+        Ok(())
+    } else {
+        Err(Error::Invalid(
+            "dicomweb_base_url must be an http(s) URL".into(),
+        ))
+    }
+}
+
+impl Db {
+    pub async fn open(url: &str) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let sqlite = if let Some(rest) = url.strip_prefix("sqlite:") {
+            if let Some(path) = rest.trim_start_matches("//").split('?').next()
+                && let Some(parent) = std::path::Path::new(path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            true
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            false
+        } else {
+            return Err(Error::UnsupportedUrl(url.to_string()));
+        };
+        let mut url = url.to_string();
+        if sqlite && !url.contains("mode=") {
+            url.push_str(if url.contains('?') {
+                "&mode=rwc"
+            } else {
+                "?mode=rwc"
+            });
+        }
+        let options: AnyConnectOptions = url.parse()?;
+        let pool = if sqlite {
+            AnyPoolOptions::new()
+                .max_connections(4)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        Ok(())
+                    })
+                })
+                .connect_with(options)
+                .await?
+        } else {
+            AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options)
+                .await?
+        };
+        if sqlite {
+            sqlx::migrate!("migrations/registry/sqlite")
+                .run(&pool)
+                .await?;
+        } else {
+            sqlx::migrate!("migrations/registry/postgres")
+                .run(&pool)
+                .await?;
+        }
+        Ok(Db { pool })
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ------------------------------------------------------------ hospitals
+
+    pub async fn add_hospital(
+        &self,
+        h: &NewHospital,
+        token_sha256: &str,
+        audit: AuditRecord,
+    ) -> Result<Hospital> {
+        check_hospital_id(&h.hospital_id)?;
+        check_text("name", &h.name, 200)?;
+        for g in &h.groups {
+            check_text("groups", g, 200)?;
+        }
+        if let Some(url) = &h.dicomweb_base_url {
+            check_url(url)?;
+        }
+        let now = now_rfc3339();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO hospital (hospital_id, name, level_rank, groups, \
+             accepts_lower_level_results, qc_status, dicomweb_base_url, token_sha256, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) \
+             ON CONFLICT (hospital_id) DO NOTHING",
+        )
+        .bind(&h.hospital_id)
+        .bind(&h.name)
+        .bind(h.level.rank())
+        .bind(serde_json::to_string(&h.groups).expect("strings serialise"))
+        .bind(i64::from(h.accepts_lower_level_results))
+        .bind(h.qc_status.as_str())
+        .bind(h.dicomweb_base_url.clone())
+        .bind(token_sha256)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(Error::Conflict("hospital"));
+        }
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        self.hospital(&h.hospital_id)
+            .await?
+            .ok_or(Error::NotFound("hospital"))
+    }
+
+    /// Applies an update; `token_sha256` replaces the token when given.
+    pub async fn update_hospital(
+        &self,
+        hospital_id: &str,
+        u: &HospitalUpdate,
+        token_sha256: Option<&str>,
+        audit: AuditRecord,
+    ) -> Result<Hospital> {
+        let mut h = self
+            .hospital(hospital_id)
+            .await?
+            .ok_or(Error::NotFound("hospital"))?;
+        if let Some(name) = &u.name {
+            check_text("name", name, 200)?;
+            h.name = name.clone();
+        }
+        if let Some(level) = u.level {
+            h.level = level;
+        }
+        if let Some(groups) = &u.groups {
+            for g in groups {
+                check_text("groups", g, 200)?;
+            }
+            h.groups = groups.clone();
+        }
+        if let Some(flag) = u.accepts_lower_level_results {
+            h.accepts_lower_level_results = flag;
+        }
+        if let Some(qc) = u.qc_status {
+            h.qc_status = qc;
+        }
+        if let Some(url) = &u.dicomweb_base_url {
+            if url.is_empty() {
+                h.dicomweb_base_url = None;
+            } else {
+                check_url(url)?;
+                h.dicomweb_base_url = Some(url.clone());
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE hospital SET name = $2, level_rank = $3, groups = $4, \
+             accepts_lower_level_results = $5, qc_status = $6, dicomweb_base_url = $7, \
+             token_sha256 = COALESCE($8, token_sha256), updated_at = $9 WHERE hospital_id = $1",
+        )
+        .bind(hospital_id)
+        .bind(&h.name)
+        .bind(h.level.rank())
+        .bind(serde_json::to_string(&h.groups).expect("strings serialise"))
+        .bind(i64::from(h.accepts_lower_level_results))
+        .bind(h.qc_status.as_str())
+        .bind(h.dicomweb_base_url.clone())
+        .bind(token_sha256.map(str::to_string))
+        .bind(now_rfc3339())
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(h)
+    }
+
+    pub async fn hospital(&self, hospital_id: &str) -> Result<Option<Hospital>> {
+        let row = sqlx::query(HOSPITAL_SELECT_ONE)
+            .bind(hospital_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| hospital_row(&r)).transpose()
+    }
+
+    pub async fn hospitals(&self) -> Result<Vec<Hospital>> {
+        let rows = sqlx::query(HOSPITAL_SELECT_ALL)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(hospital_row).collect()
+    }
+
+    /// The stored token hash of a hospital, for authentication.
+    pub async fn hospital_token_sha256(&self, hospital_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT token_sha256 FROM hospital WHERE hospital_id = $1")
+            .bind(hospital_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    // ------------------------------------------------------------ records
+
+    /// Upserts records and applies retractions of one hospital, in one
+    /// transaction with one audit entry per record. A version not newer
+    /// than the stored one changes nothing (a replay after a lost answer,
+    /// or an outbox drained twice) and answers `unchanged`.
+    pub async fn publish(
+        &self,
+        hospital_id: &str,
+        user_id: &str,
+        request: &PublishRequest,
+    ) -> Result<Vec<PublishResult>> {
+        for r in &request.records {
+            check_uid(&r.study_instance_uid)?;
+            check_patient_key(&r.patient_key)?;
+            if r.record_version < 1 {
+                return Err(Error::Invalid("record_version must be at least 1".into()));
+            }
+            if let Some(d) = &r.study_date {
+                check_date("study_date", d)?;
+            }
+            if let Some(d) = &r.report_issued_date {
+                check_date("report_issued_date", d)?;
+            }
+            if !is_patient_key(&r.content_root) {
+                return Err(Error::Invalid(
+                    "content_root must be 64 lower-case hex digits".into(),
+                ));
+            }
+        }
+        for r in &request.retractions {
+            check_uid(&r.study_instance_uid)?;
+            if r.record_version < 1 {
+                return Err(Error::Invalid("record_version must be at least 1".into()));
+            }
+        }
+        let now = now_rfc3339();
+        let mut results = Vec::with_capacity(request.records.len() + request.retractions.len());
+        let mut audit = Vec::with_capacity(results.capacity());
+        let mut tx = self.pool.begin().await?;
+        for r in &request.records {
+            let applied = sqlx::query(
+                "INSERT INTO study_record (hospital_id, study_instance_uid, record_version, \
+                 patient_key, study_date, retracted, published_at, record) \
+                 VALUES ($1, $2, $3, $4, $5, 0, $6, $7) \
+                 ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
+                 record_version = excluded.record_version, patient_key = excluded.patient_key, \
+                 study_date = excluded.study_date, retracted = 0, \
+                 published_at = excluded.published_at, record = excluded.record \
+                 WHERE study_record.record_version < excluded.record_version",
+            )
+            .bind(hospital_id)
+            .bind(&r.study_instance_uid)
+            .bind(r.record_version)
+            .bind(&r.patient_key)
+            .bind(r.study_date.clone())
+            .bind(&now)
+            .bind(serde_json::to_string(r).expect("record serialises"))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+            let outcome = if applied {
+                PublishOutcome::Applied
+            } else {
+                PublishOutcome::Unchanged
+            };
+            audit.push(AuditRecord {
+                actor: hospital_id.to_string(),
+                user_id: user_id.to_string(),
+                action: "publish",
+                patient_key: Some(r.patient_key.clone()),
+                purpose: None,
+                records_returned: 0,
+                outcome: outcome_str(outcome).into(),
+                detail: format!(
+                    "study {} version {}",
+                    r.study_instance_uid, r.record_version
+                ),
+            });
+            results.push(PublishResult {
+                study_instance_uid: r.study_instance_uid.clone(),
+                record_version: r.record_version,
+                outcome,
+            });
+        }
+        for r in &request.retractions {
+            // A retraction of a study the registry never saw leaves a
+            // tombstone, so that an older version arriving late cannot
+            // bring the study back.
+            let previous = sqlx::query(
+                "SELECT patient_key FROM study_record \
+                 WHERE hospital_id = $1 AND study_instance_uid = $2",
+            )
+            .bind(hospital_id)
+            .bind(&r.study_instance_uid)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| row.try_get::<String, _>(0))
+            .transpose()?;
+            let applied = sqlx::query(
+                "INSERT INTO study_record (hospital_id, study_instance_uid, record_version, \
+                 patient_key, study_date, retracted, published_at, record) \
+                 VALUES ($1, $2, $3, '', NULL, 1, $4, 'null') \
+                 ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
+                 record_version = excluded.record_version, retracted = 1, \
+                 published_at = excluded.published_at \
+                 WHERE study_record.record_version < excluded.record_version",
+            )
+            .bind(hospital_id)
+            .bind(&r.study_instance_uid)
+            .bind(r.record_version)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+            let outcome = if applied {
+                PublishOutcome::Applied
+            } else {
+                PublishOutcome::Unchanged
+            };
+            audit.push(AuditRecord {
+                actor: hospital_id.to_string(),
+                user_id: user_id.to_string(),
+                action: "retract",
+                patient_key: previous.filter(|k| !k.is_empty()),
+                purpose: None,
+                records_returned: 0,
+                outcome: outcome_str(outcome).into(),
+                detail: format!(
+                    "study {} version {}",
+                    r.study_instance_uid, r.record_version
+                ),
+            });
+            results.push(PublishResult {
+                study_instance_uid: r.study_instance_uid.clone(),
+                record_version: r.record_version,
+                outcome,
+            });
+        }
+        append_audit(&mut tx, &audit).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// One record, retracted or not (admin and tests).
+    pub async fn record(
+        &self,
+        hospital_id: &str,
+        study_instance_uid: &str,
+    ) -> Result<Option<RegistryRecord>> {
+        let row = sqlx::query(
+            "SELECT hospital_id, published_at, retracted, record FROM study_record \
+             WHERE hospital_id = $1 AND study_instance_uid = $2 AND record <> 'null'",
+        )
+        .bind(hospital_id)
+        .bind(study_instance_uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| record_row(&r)).transpose()
+    }
+
+    /// The priors query, with the consent rule and its audit entry.
+    pub async fn priors(&self, asking_hospital: &str, q: &PriorsQuery) -> Result<PriorsAnswer> {
+        check_patient_key(&q.patient_key)?;
+        check_text("user_id", &q.user_id, 128)?;
+        if let Some(since) = &q.since {
+            check_date("since", since)?;
+        }
+        let page_size = q.page_size.unwrap_or(100).clamp(1, 1000) as usize;
+        let offset: usize = match &q.page_token {
+            Some(t) => t
+                .parse()
+                .map_err(|_| Error::Invalid("page_token is not one this registry issued".into()))?,
+            None => 0,
+        };
+        let now = now_rfc3339();
+        // Newest first; records without a study date last.
+        let rows = sqlx::query(
+            "SELECT hospital_id, published_at, retracted, record FROM study_record \
+             WHERE patient_key = $1 AND retracted = 0 AND (study_date >= $2 OR $2 IS NULL) \
+             ORDER BY (study_date IS NULL), study_date DESC, hospital_id, study_instance_uid",
+        )
+        .bind(&q.patient_key)
+        .bind(q.since.clone())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut all = rows.iter().map(record_row).collect::<Result<Vec<_>>>()?;
+        if let Some(items) = &q.items {
+            all.retain(|r| r.record.items.iter().any(|i| items.contains(&i.code)));
+        }
+        let consent_state = self
+            .consent_state(&q.patient_key, asking_hospital, &now)
+            .await?;
+        let access = if consent_state == Some(ConsentState::Granted) {
+            AccessBasis::Consent
+        } else if q.purpose == Purpose::Emergency {
+            AccessBasis::BreakTheGlass
+        } else {
+            AccessBasis::None
+        };
+        let mut withheld_count = 0;
+        if access == AccessBasis::None {
+            let before = all.len();
+            all.retain(|r| r.hospital_id == asking_hospital);
+            withheld_count = (before - all.len()) as i64;
+        }
+        let total = all.len();
+        let records: Vec<RegistryRecord> = all.into_iter().skip(offset).take(page_size).collect();
+        let next_page_token =
+            (offset + records.len() < total).then(|| (offset + records.len()).to_string());
+        let outcome = match access {
+            AccessBasis::Consent => "ok",
+            AccessBasis::BreakTheGlass => "break_the_glass",
+            AccessBasis::None => "count_only",
+        };
+        let mut tx = self.pool.begin().await?;
+        append_audit(
+            &mut tx,
+            &[AuditRecord {
+                actor: asking_hospital.to_string(),
+                user_id: q.user_id.clone(),
+                action: "priors_query",
+                patient_key: Some(q.patient_key.clone()),
+                purpose: Some(q.purpose.as_str().to_string()),
+                records_returned: records.len() as i64,
+                outcome: outcome.to_string(),
+                detail: format!("withheld {withheld_count}"),
+            }],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(PriorsAnswer {
+            patient_key: q.patient_key.clone(),
+            access,
+            consent_state,
+            records,
+            withheld_count,
+            next_page_token,
+        })
+    }
+
+    // ------------------------------------------------------------ consent
+
+    /// The state of the newest consent of a patient for a hospital.
+    async fn consent_state(
+        &self,
+        patient_key: &str,
+        hospital_id: &str,
+        now: &str,
+    ) -> Result<Option<ConsentState>> {
+        let row = sqlx::query(
+            "SELECT state, expires_at FROM consent WHERE patient_key = $1 AND hospital_id = $2 \
+             ORDER BY created_at DESC, consent_id DESC LIMIT 1",
+        )
+        .bind(patient_key)
+        .bind(hospital_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let state: String = r.try_get(0)?;
+            let expires_at: String = r.try_get(1)?;
+            effective_state(&state, &expires_at, now)
+        })
+        .transpose()
+    }
+
+    pub async fn add_consent(&self, c: &NewConsent, audit: AuditRecord) -> Result<Consent> {
+        check_patient_key(&c.patient_key)?;
+        check_text("recorded_by", &c.recorded_by, 128)?;
+        if !matches!(c.state, ConsentState::Pending | ConsentState::Granted) {
+            return Err(Error::Invalid("a new consent is pending or granted".into()));
+        }
+        let expires_at = normalise_time(&c.expires_at)?;
+        if self.hospital(&c.hospital_id).await?.is_none() {
+            return Err(Error::NotFound("hospital"));
+        }
+        let consent_id = random_hex(16);
+        let now = now_rfc3339();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO consent (consent_id, patient_key, hospital_id, method, recorded_by, \
+             state, expires_at, created_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$8)",
+        )
+        .bind(&consent_id)
+        .bind(&c.patient_key)
+        .bind(&c.hospital_id)
+        .bind(c.method.as_str())
+        .bind(&c.recorded_by)
+        .bind(c.state.as_str())
+        .bind(&expires_at)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        self.consent(&consent_id)
+            .await?
+            .ok_or(Error::NotFound("consent"))
+    }
+
+    pub async fn consent(&self, consent_id: &str) -> Result<Option<Consent>> {
+        let row = sqlx::query(CONSENT_SELECT_ONE)
+            .bind(consent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let now = now_rfc3339();
+        row.map(|r| consent_row(&r, &now)).transpose()
+    }
+
+    pub async fn consents(
+        &self,
+        patient_key: &str,
+        hospital_id: Option<&str>,
+    ) -> Result<Vec<Consent>> {
+        check_patient_key(patient_key)?;
+        let rows = sqlx::query(CONSENT_SELECT_BY_PATIENT)
+            .bind(patient_key)
+            .bind(hospital_id.map(str::to_string))
+            .fetch_all(&self.pool)
+            .await?;
+        let now = now_rfc3339();
+        rows.iter().map(|r| consent_row(r, &now)).collect()
+    }
+
+    /// Confirms a pending consent or revokes one. A revoked consent stays
+    /// revoked; an expired one cannot be granted again (record a new one).
+    pub async fn change_consent(
+        &self,
+        consent_id: &str,
+        change: &ConsentChange,
+        audit: AuditRecord,
+    ) -> Result<Consent> {
+        check_text("recorded_by", &change.recorded_by, 128)?;
+        let current = self
+            .consent(consent_id)
+            .await?
+            .ok_or(Error::NotFound("consent"))?;
+        let allowed = matches!(
+            (current.state, change.state),
+            (ConsentState::Pending, ConsentState::Granted)
+                | (
+                    ConsentState::Pending | ConsentState::Granted,
+                    ConsentState::Revoked
+                )
+        );
+        if !allowed {
+            return Err(Error::Invalid(format!(
+                "a {} consent cannot become {}",
+                current.state.as_str(),
+                change.state.as_str()
+            )));
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE consent SET state = $2, recorded_by = $3, updated_at = $4 WHERE consent_id = $1",
+        )
+        .bind(consent_id)
+        .bind(change.state.as_str())
+        .bind(&change.recorded_by)
+        .bind(now_rfc3339())
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        self.consent(consent_id)
+            .await?
+            .ok_or(Error::NotFound("consent"))
+    }
+
+    // ------------------------------------------------------------ audit
+
+    /// Appends entries in a transaction of their own (refusals, admin
+    /// reads).
+    pub async fn audit(&self, entries: &[AuditRecord]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        append_audit(&mut tx, entries).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn audit_page(&self, after_seq: i64, limit: i64) -> Result<AuditPage> {
+        let limit = limit.clamp(1, 10_000);
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, user_id, action, patient_key, purpose, records_returned, \
+             outcome, detail, prev_hash, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after_seq)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut entries = rows.iter().map(audit_row).collect::<Result<Vec<_>>>()?;
+        let more = entries.len() as i64 > limit;
+        entries.truncate(limit as usize);
+        let next_after_seq = if more {
+            entries.last().map(|e| e.seq)
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            entries,
+            next_after_seq,
+        })
+    }
+
+    /// Walks the whole chain. Returns the number of entries checked, or the
+    /// first broken one and why.
+    pub async fn verify_audit(&self) -> Result<Result<i64, (i64, String)>> {
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let head_seq: i64 = head.try_get(0)?;
+        let head_hash: String = head.try_get(1)?;
+        let mut prev_hash = ZERO_HASH.to_string();
+        let mut expected_seq = 1;
+        let mut after = 0;
+        loop {
+            let page = self.audit_page(after, 5000).await?;
+            for e in &page.entries {
+                if e.seq != expected_seq {
+                    return Ok(Err((
+                        expected_seq,
+                        format!("entry {expected_seq} is missing (next is {})", e.seq),
+                    )));
+                }
+                if e.prev_hash != prev_hash {
+                    return Ok(Err((
+                        e.seq,
+                        "prev_hash does not match the entry before it".into(),
+                    )));
+                }
+                if entry_hash(e) != e.hash {
+                    return Ok(Err((
+                        e.seq,
+                        "contents do not match the entry's hash (altered)".into(),
+                    )));
+                }
+                prev_hash = e.hash.clone();
+                expected_seq += 1;
+            }
+            match page.next_after_seq {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        let last = expected_seq - 1;
+        if last != head_seq || prev_hash != head_hash {
+            return Ok(Err((
+                head_seq,
+                format!(
+                    "the chain ends at entry {last} but its head records entry {head_seq}: entries were removed from the end"
+                ),
+            )));
+        }
+        Ok(Ok(last))
+    }
+}
+
+fn outcome_str(o: PublishOutcome) -> &'static str {
+    match o {
+        PublishOutcome::Applied => "applied",
+        PublishOutcome::Unchanged => "unchanged",
+    }
+}
+
+pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The hash of an entry: BLAKE3 over a JSON array of its fields (JSON, so
+/// that no field's content can shift a boundary) and the previous hash.
+pub fn entry_hash(e: &AuditEntry) -> String {
+    let canonical = serde_json::to_string(&(
+        e.seq,
+        &e.at,
+        &e.actor,
+        &e.user_id,
+        &e.action,
+        &e.patient_key,
+        &e.purpose,
+        e.records_returned,
+        &e.outcome,
+        &e.detail,
+        &e.prev_hash,
+    ))
+    .expect("plain values serialise");
+    blake3::hash(canonical.as_bytes()).to_hex().to_string()
+}
+
+/// Appends to the chain inside the caller's transaction. The UPDATE of the
+/// head row comes first: it takes the row lock (PostgreSQL) or the write
+/// lock (SQLite) that keeps two appenders from forking the chain.
+pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let head = sqlx::query("UPDATE audit_head SET seq = seq + $1 WHERE id = 1 RETURNING seq, hash")
+        .bind(entries.len() as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+    let last_seq: i64 = head.try_get(0)?;
+    let mut prev_hash: String = head.try_get(1)?;
+    let at = now_rfc3339();
+    let first_seq = last_seq - entries.len() as i64 + 1;
+    for (seq, r) in (first_seq..).zip(entries) {
+        let mut e = AuditEntry {
+            seq,
+            at: at.clone(),
+            actor: r.actor.clone(),
+            user_id: r.user_id.clone(),
+            action: r.action.to_string(),
+            patient_key: r.patient_key.clone(),
+            purpose: r.purpose.clone(),
+            records_returned: r.records_returned,
+            outcome: r.outcome.clone(),
+            detail: r.detail.clone(),
+            prev_hash: prev_hash.clone(),
+            hash: String::new(),
+        };
+        e.hash = entry_hash(&e);
+        sqlx::query(
+            "INSERT INTO audit (seq, at, actor, user_id, action, patient_key, purpose, \
+             records_returned, outcome, detail, prev_hash, hash) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+        )
+        .bind(e.seq)
+        .bind(&e.at)
+        .bind(&e.actor)
+        .bind(&e.user_id)
+        .bind(&e.action)
+        .bind(e.patient_key.clone())
+        .bind(e.purpose.clone())
+        .bind(e.records_returned)
+        .bind(&e.outcome)
+        .bind(&e.detail)
+        .bind(&e.prev_hash)
+        .bind(&e.hash)
+        .execute(&mut *tx)
+        .await?;
+        prev_hash = e.hash;
+    }
+    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
+        .bind(&prev_hash)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random source works");
+    hex::encode(buf)
+}
+
+/// A unified social credit code is 18 characters of digits and upper-case
+/// letters; other registrations (test regions, foreign-funded hospitals)
+/// are allowed as long as they are plain identifiers.
+fn check_hospital_id(id: &str) -> Result<()> {
+    if !id.is_empty()
+        && id.len() <= 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Ok(())
+    } else {
+        Err(Error::Invalid(
+            "hospital_id must be 1 to 32 upper-case letters, digits or '-' (统一社会信用代码)"
+                .into(),
+        ))
+    }
+}
+
+fn effective_state(state: &str, expires_at: &str, now: &str) -> Result<ConsentState> {
+    let state = ConsentState::parse(state)
+        .ok_or_else(|| Error::Corrupt(format!("consent state {state:?}")))?;
+    Ok(match state {
+        ConsentState::Granted | ConsentState::Pending if expires_at <= now => ConsentState::Expired,
+        s => s,
+    })
+}
+
+const HOSPITAL_SELECT_ALL: &str = "SELECT hospital_id, name, level_rank, groups, \
+     accepts_lower_level_results, qc_status, dicomweb_base_url FROM hospital ORDER BY hospital_id";
+const HOSPITAL_SELECT_ONE: &str = "SELECT hospital_id, name, level_rank, groups, \
+     accepts_lower_level_results, qc_status, dicomweb_base_url FROM hospital WHERE hospital_id = $1";
+
+fn hospital_row(r: &sqlx::any::AnyRow) -> Result<Hospital> {
+    let rank: i64 = r.try_get(2)?;
+    let groups: String = r.try_get(3)?;
+    let qc: String = r.try_get(5)?;
+    Ok(Hospital {
+        hospital_id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        level: Level::from_rank(rank).ok_or_else(|| Error::Corrupt(format!("level {rank}")))?,
+        groups: serde_json::from_str(&groups).map_err(|e| Error::Corrupt(e.to_string()))?,
+        accepts_lower_level_results: r.try_get::<i64, _>(4)? != 0,
+        qc_status: QcStatus::parse(&qc).ok_or_else(|| Error::Corrupt(format!("qc {qc}")))?,
+        dicomweb_base_url: r.try_get(6)?,
+    })
+}
+
+fn record_row(r: &sqlx::any::AnyRow) -> Result<RegistryRecord> {
+    let record: String = r.try_get(3)?;
+    Ok(RegistryRecord {
+        hospital_id: r.try_get(0)?,
+        published_at: r.try_get(1)?,
+        retracted: r.try_get::<i64, _>(2)? != 0,
+        record: serde_json::from_str(&record).map_err(|e| Error::Corrupt(e.to_string()))?,
+    })
+}
+
+const CONSENT_SELECT_ONE: &str = "SELECT consent_id, patient_key, hospital_id, method, \
+     recorded_by, state, expires_at, created_at, updated_at FROM consent WHERE consent_id = $1";
+const CONSENT_SELECT_BY_PATIENT: &str = "SELECT consent_id, patient_key, hospital_id, method, \
+     recorded_by, state, expires_at, created_at, updated_at FROM consent \
+     WHERE patient_key = $1 AND (hospital_id = $2 OR $2 IS NULL) ORDER BY created_at, consent_id";
+
+fn consent_row(r: &sqlx::any::AnyRow, now: &str) -> Result<Consent> {
+    let method: String = r.try_get(3)?;
+    let state: String = r.try_get(5)?;
+    let expires_at: String = r.try_get(6)?;
+    Ok(Consent {
+        consent_id: r.try_get(0)?,
+        patient_key: r.try_get(1)?,
+        hospital_id: r.try_get(2)?,
+        method: serde_json::from_value(serde_json::Value::String(method.clone()))
+            .map_err(|_| Error::Corrupt(format!("consent method {method}")))?,
+        recorded_by: r.try_get(4)?,
+        state: effective_state(&state, &expires_at, now)?,
+        expires_at,
+        created_at: r.try_get(7)?,
+        updated_at: r.try_get(8)?,
+    })
+}
+
+fn audit_row(r: &sqlx::any::AnyRow) -> Result<AuditEntry> {
+    Ok(AuditEntry {
+        seq: r.try_get(0)?,
+        at: r.try_get(1)?,
+        actor: r.try_get(2)?,
+        user_id: r.try_get(3)?,
+        action: r.try_get(4)?,
+        patient_key: r.try_get(5)?,
+        purpose: r.try_get(6)?,
+        records_returned: r.try_get(7)?,
+        outcome: r.try_get(8)?,
+        detail: r.try_get(9)?,
+        prev_hash: r.try_get(10)?,
+        hash: r.try_get(11)?,
+    })
+}
+
+/// A connection for the CLI's direct checks (tests alter rows through it).
+pub async fn connect(url: &str) -> Result<AnyConnection> {
+    sqlx::any::install_default_drivers();
+    Ok(AnyConnection::connect(url).await?)
+}

@@ -1,0 +1,203 @@
+//! `huren registry`: the regional registry, and the client nodes use to
+//! reach it.
+//!
+//! - [`proto`]: the bodies of the contract (proto/huren.openapi.json).
+//! - [`db`]: hospitals, study records, consents and the hash-chained audit
+//!   trail on SQLite or PostgreSQL.
+//! - [`server`]: the `/v1` HTTP API.
+//! - [`client`]: what a node uses to publish, pull the directory and ask
+//!   for priors.
+//!
+//! The registry keeps no state outside its database, so several processes
+//! on one PostgreSQL serve one region.
+
+pub mod client;
+pub mod db;
+pub mod proto;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use proto::AuditEntry;
+use server::RegistryState;
+
+/// Settings of `huren registry`; each also from the environment.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryArgs {
+    /// HTTP listen address [default: 0.0.0.0:8090]
+    #[arg(long, env = "HUREN_REGISTRY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory of the embedded SQLite database and the generated admin
+    /// token [default: ./huren-registry-data]
+    #[arg(long, env = "HUREN_REGISTRY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// sqlite://path or postgres://user:pass@host/db [default:
+    /// sqlite://<data_dir>/registry.sqlite]
+    #[arg(long, env = "HUREN_REGISTRY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// File holding the admin token. Without it (and without
+    /// HUREN_REGISTRY_ADMIN_TOKEN) the first start writes a random one to
+    /// <data_dir>/admin-token, readable by its owner only.
+    #[arg(long, env = "HUREN_REGISTRY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Largest request body in bytes (a publication batch of 500 records is
+    /// about 400 KB) [default: 8388608]
+    #[arg(long, env = "HUREN_REGISTRY_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+}
+
+impl RegistryArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("huren-registry-data"))
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.data_dir().join("registry.sqlite").display()
+            )
+        })
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or_else(|| "0.0.0.0:8090".parse().expect("valid default"))
+    }
+
+    /// The admin token: from the environment, the named file, or the
+    /// generated file in the data directory.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        if let Ok(token) = std::env::var("HUREN_REGISTRY_ADMIN_TOKEN")
+            && !token.trim().is_empty()
+        {
+            return Ok(token.trim().to_string());
+        }
+        let path = match &self.admin_token_file {
+            Some(p) => p.clone(),
+            None => {
+                let p = self.data_dir().join("admin-token");
+                if !p.exists() {
+                    write_secret_file(&p, &db::random_hex(32))?;
+                    tracing::info!(path = %p.display(), "generated the registry admin token");
+                }
+                p
+            }
+        };
+        let token = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read the admin token {}: {e}", path.display()))?;
+        let token = token.trim().to_string();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "the admin token in {} is shorter than 16 characters",
+            path.display()
+        );
+        Ok(token)
+    }
+}
+
+fn write_secret_file(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{content}")?;
+    Ok(())
+}
+
+/// Opens the database and serves until `shutdown` fires. The caller binds
+/// the listener (main from config, tests on port 0).
+pub async fn run(
+    listener: TcpListener,
+    args: &RegistryArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let db = db::Db::open(&args.database_url()).await?;
+    let token = args.admin_token()?;
+    let state = Arc::new(RegistryState {
+        db: db.clone(),
+        admin_token_sha256: Sha256::digest(token.as_bytes()).into(),
+        max_request_bytes: args.max_request_bytes.unwrap_or(8 << 20),
+    });
+    tracing::info!("registry HTTP listening on {}", listener.local_addr()?);
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, server::router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    db.close().await;
+    Ok(())
+}
+
+/// Audit entries as JSON lines, one object a line.
+pub fn audit_jsonl(entries: &[AuditEntry]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        out.push_str(&serde_json::to_string(e).expect("entry serialises"));
+        out.push('\n');
+    }
+    out
+}
+
+pub const AUDIT_CSV_HEADER: &str = "seq,at,actor,user_id,action,patient_key,purpose,records_returned,outcome,detail,prev_hash,hash\n";
+
+/// Audit entries as RFC 4180 CSV with a header line.
+pub fn audit_csv(entries: &[AuditEntry]) -> String {
+    fn field(out: &mut String, s: &str) {
+        if s.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&s.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(s);
+        }
+    }
+    let mut out = String::from(AUDIT_CSV_HEADER);
+    for e in entries {
+        let seq = e.seq.to_string();
+        let n = e.records_returned.to_string();
+        let fields = [
+            seq.as_str(),
+            &e.at,
+            &e.actor,
+            &e.user_id,
+            &e.action,
+            e.patient_key.as_deref().unwrap_or(""),
+            e.purpose.as_deref().unwrap_or(""),
+            &n,
+            &e.outcome,
+            &e.detail,
+            &e.prev_hash,
+            &e.hash,
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            field(&mut out, f);
+        }
+        out.push('\n');
+    }
+    out
+}

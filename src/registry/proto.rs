@@ -1,0 +1,509 @@
+//! The bodies of the node↔registry contract, as Rust types. proto/huren.openapi.json
+//! is the source of truth: the contract test (tests/region.rs) validates
+//! every body these types produce, on both sides, against its schemas, so a
+//! field added here and not there fails CI.
+
+use serde::{Deserialize, Serialize};
+
+/// Hospital levels (医院等级), highest first. Ordered: `a > b` means `a` is
+/// the higher level. The order follows the national grading; "三级" and
+/// "二级" without a grade sit below the graded hospitals of their class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Level {
+    #[serde(rename = "一级")]
+    Primary,
+    #[serde(rename = "二级")]
+    Secondary,
+    #[serde(rename = "二级乙等")]
+    SecondaryB,
+    #[serde(rename = "二级甲等")]
+    SecondaryA,
+    #[serde(rename = "三级")]
+    Tertiary,
+    #[serde(rename = "三级乙等")]
+    TertiaryB,
+    #[serde(rename = "三级甲等")]
+    TertiaryA,
+}
+
+impl Level {
+    pub const ALL: [Level; 7] = [
+        Level::TertiaryA,
+        Level::TertiaryB,
+        Level::Tertiary,
+        Level::SecondaryA,
+        Level::SecondaryB,
+        Level::Secondary,
+        Level::Primary,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::TertiaryA => "三级甲等",
+            Level::TertiaryB => "三级乙等",
+            Level::Tertiary => "三级",
+            Level::SecondaryA => "二级甲等",
+            Level::SecondaryB => "二级乙等",
+            Level::Secondary => "二级",
+            Level::Primary => "一级",
+        }
+    }
+
+    /// ASCII aliases for the command line: 3A 3B 3 2A 2B 2 1.
+    pub fn alias(self) -> &'static str {
+        match self {
+            Level::TertiaryA => "3A",
+            Level::TertiaryB => "3B",
+            Level::Tertiary => "3",
+            Level::SecondaryA => "2A",
+            Level::SecondaryB => "2B",
+            Level::Secondary => "2",
+            Level::Primary => "1",
+        }
+    }
+
+    /// The database keeps the rank (1 = 一级 … 7 = 三级甲等), so that SQL
+    /// can compare levels.
+    pub fn rank(self) -> i64 {
+        self as i64 + 1
+    }
+
+    pub fn from_rank(rank: i64) -> Option<Level> {
+        Level::ALL.into_iter().find(|l| l.rank() == rank)
+    }
+
+    pub fn parse(s: &str) -> Option<Level> {
+        let s = s.trim();
+        Level::ALL
+            .into_iter()
+            .find(|l| l.name() == s || l.alias().eq_ignore_ascii_case(s))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QcStatus {
+    Pending,
+    Passed,
+    Failed,
+}
+
+impl QcStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QcStatus::Pending => "pending",
+            QcStatus::Passed => "passed",
+            QcStatus::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<QcStatus> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+/// One hospital of the directory, as every node may read it (no
+/// credentials).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hospital {
+    /// The unified social credit code (统一社会信用代码), 18 characters.
+    pub hospital_id: String,
+    pub name: String,
+    pub level: Level,
+    /// Medical groups (医联体) and county medical communities (医共体).
+    pub groups: Vec<String>,
+    /// A tertiary hospital that opted in to accept lower-level results
+    /// when their quality suffices (Jiangsu, 苏卫医政〔2022〕18号).
+    pub accepts_lower_level_results: bool,
+    pub qc_status: QcStatus,
+    /// The DICOMweb base URL of its node (peer retrieval).
+    pub dicomweb_base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HospitalDirectory {
+    /// Content hash of the directory; also the response's ETag.
+    pub version: String,
+    pub hospitals: Vec<Hospital>,
+}
+
+/// An admin's request to add a hospital.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewHospital {
+    pub hospital_id: String,
+    pub name: String,
+    pub level: Level,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub accepts_lower_level_results: bool,
+    #[serde(default = "default_qc")]
+    pub qc_status: QcStatus,
+    #[serde(default)]
+    pub dicomweb_base_url: Option<String>,
+}
+
+fn default_qc() -> QcStatus {
+    QcStatus::Passed
+}
+
+/// An admin's change to a hospital: absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HospitalUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<Level>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepts_lower_level_results: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qc_status: Option<QcStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicomweb_base_url: Option<String>,
+    /// Issue a new token; the old one stops working at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotate_token: bool,
+}
+
+/// A hospital as the admin API returns it; `token` only when one was just
+/// issued (it is never stored in the clear, so it cannot be shown again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HospitalAdmin {
+    pub hospital: Hospital,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Contrast {
+    /// No series with a contrast agent given intravascularly.
+    None,
+    /// Every (non-localizer) series with contrast.
+    Enhanced,
+    /// Plain and enhanced series in one study (平扫+增强).
+    PlainAndEnhanced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Laterality {
+    #[serde(rename = "L")]
+    Left,
+    #[serde(rename = "R")]
+    Right,
+    /// Both sides in one image or series (DICOM's `B`).
+    #[serde(rename = "B")]
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportStatus {
+    /// No report yet.
+    None,
+    Preliminary,
+    Final,
+    Amended,
+}
+
+impl ReportStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportStatus::None => "none",
+            ReportStatus::Preliminary => "preliminary",
+            ReportStatus::Final => "final",
+            ReportStatus::Amended => "amended",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ReportStatus> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+/// A recognition item a study is, with the side where the item needs one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordItem {
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub laterality: Option<Laterality>,
+}
+
+/// What a node publishes about one study. No name, birth date or raw ID:
+/// the patient is a [`crate::patient_key`] key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyRecord {
+    pub study_instance_uid: String,
+    /// Monotonic per (hospital, study): the registry keeps the highest.
+    pub record_version: i64,
+    pub patient_key: String,
+    /// Recognition items (empty until the study is classified).
+    pub items: Vec<RecordItem>,
+    pub modalities: Vec<String>,
+    pub body_parts: Vec<String>,
+    pub contrast: Contrast,
+    pub laterality: Vec<Laterality>,
+    /// ViewPosition of radiographs (PA, AP, LL, RL, …).
+    pub view_positions: Vec<String>,
+    /// YYYY-MM-DD, when the study has a valid StudyDate.
+    pub study_date: Option<String>,
+    /// HH:MM:SS, when the study has a valid StudyTime.
+    pub study_time: Option<String>,
+    pub report_status: ReportStatus,
+    /// YYYY-MM-DD.
+    pub report_issued_date: Option<String>,
+    pub qc_status: QcStatus,
+    pub images_available: bool,
+    pub number_of_series: i64,
+    pub number_of_instances: i64,
+    pub bytes: i64,
+    /// BLAKE3 over the study's sorted (SOP Instance UID, instance hash)
+    /// list; see [`crate::publish::content_root`].
+    pub content_root: String,
+}
+
+/// A study withdrawn by its hospital (deleted, or merged into another).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retraction {
+    pub study_instance_uid: String,
+    pub record_version: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    #[serde(default)]
+    pub records: Vec<StudyRecord>,
+    #[serde(default)]
+    pub retractions: Vec<Retraction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishOutcome {
+    /// The registry now holds this version.
+    Applied,
+    /// The registry holds this version or a newer one already: a replay.
+    Unchanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishResult {
+    pub study_instance_uid: String,
+    pub record_version: i64,
+    pub outcome: PublishOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishResponse {
+    pub results: Vec<PublishResult>,
+}
+
+/// A record as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryRecord {
+    pub hospital_id: String,
+    pub published_at: String,
+    pub retracted: bool,
+    pub record: StudyRecord,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// Care of the patient by the asking hospital: needs consent.
+    Treatment,
+    /// Break-the-glass: allowed without consent, flagged in the audit.
+    Emergency,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Treatment => "treatment",
+            Purpose::Emergency => "emergency",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorsQuery {
+    pub patient_key: String,
+    /// Only records of these item codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<String>>,
+    /// Only studies on or after this date (YYYY-MM-DD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    pub purpose: Purpose,
+    /// The doctor (or system user) at the asking hospital, for the audit.
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_token: Option<String>,
+}
+
+/// On what grounds other hospitals' records were (or were not) shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessBasis {
+    Consent,
+    BreakTheGlass,
+    /// Neither: other hospitals' records are only counted.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorsAnswer {
+    pub patient_key: String,
+    pub access: AccessBasis,
+    /// The asking hospital's consent for this patient, when one exists.
+    pub consent_state: Option<ConsentState>,
+    pub records: Vec<RegistryRecord>,
+    /// Other hospitals' records that match but are not shown (no access).
+    pub withheld_count: i64,
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentMethod {
+    /// QR code scanned in the provincial health app.
+    QrCode,
+    SmsCode,
+    DoctorAssisted,
+}
+
+impl ConsentMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentMethod::QrCode => "qr_code",
+            ConsentMethod::SmsCode => "sms_code",
+            ConsentMethod::DoctorAssisted => "doctor_assisted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentState {
+    Pending,
+    Granted,
+    Expired,
+    Revoked,
+}
+
+impl ConsentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentState::Pending => "pending",
+            ConsentState::Granted => "granted",
+            ConsentState::Expired => "expired",
+            ConsentState::Revoked => "revoked",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ConsentState> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewConsent {
+    pub patient_key: String,
+    /// The hospital the patient authorises to see their records.
+    pub hospital_id: String,
+    pub method: ConsentMethod,
+    /// Who recorded it (a user ID at the hospital, or the health app).
+    pub recorded_by: String,
+    /// `pending` (waiting for the patient's SMS code, say) or `granted`.
+    pub state: ConsentState,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentChange {
+    /// `granted` (a pending consent confirmed) or `revoked`.
+    pub state: ConsentState,
+    pub recorded_by: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consent {
+    pub consent_id: String,
+    pub patient_key: String,
+    pub hospital_id: String,
+    pub method: ConsentMethod,
+    pub recorded_by: String,
+    /// The state now: a granted consent past its expiry reads `expired`.
+    pub state: ConsentState,
+    pub expires_at: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentList {
+    pub consents: Vec<Consent>,
+}
+
+/// One entry of the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEntry {
+    pub seq: i64,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// The acting hospital, or `admin`.
+    pub actor: String,
+    /// The user ID the node passed, or the admin's name.
+    pub user_id: String,
+    pub action: String,
+    pub patient_key: Option<String>,
+    pub purpose: Option<String>,
+    pub records_returned: i64,
+    /// `ok`, `denied`, `break_the_glass`, `unchanged`, …
+    pub outcome: String,
+    pub detail: String,
+    /// BLAKE3 of the previous entry (hex), all zeros for the first.
+    pub prev_hash: String,
+    /// BLAKE3 of this entry's fields and `prev_hash`.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `after_seq` for the next page; absent on the last page.
+    pub next_after_seq: Option<i64>,
+}
+
+/// RFC 9457 problem details: every error of the registry and of the node's
+/// JSON API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+}

@@ -1,0 +1,531 @@
+//! The registry's HTTP API (`/v1/...`), as proto/huren.openapi.json
+//! describes it. Every error is RFC 9457 problem+json; a 5xx says nothing
+//! about the registry's insides (the detail is logged inside the request's
+//! span).
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::db::{self, AuditRecord, Db};
+use super::proto::*;
+
+pub struct RegistryState {
+    pub db: Db,
+    /// SHA-256 of the admin token.
+    pub admin_token_sha256: [u8; 32],
+    pub max_request_bytes: usize,
+}
+
+/// The registry's one error type; each variant is one status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body or a parameter is malformed; the detail says how.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no token, or one the registry does not know.
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    /// 403: the token may not do this (another hospital's records, an
+    /// admin action).
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 409: the thing to create exists.
+    #[error("{0} exists already")]
+    Conflict(&'static str),
+    /// 503: the database cannot be reached; detail logged, not sent.
+    #[error("service unavailable")]
+    Unavailable(String),
+}
+
+impl From<db::Error> for ApiError {
+    fn from(e: db::Error) -> Self {
+        match e {
+            db::Error::Invalid(m) => ApiError::BadRequest(m),
+            db::Error::NotFound(what) => ApiError::NotFound(what),
+            db::Error::Conflict(what) => ApiError::Conflict(what),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        if let ApiError::Unavailable(detail) = &self {
+            tracing::error!(%status, detail, "request failed");
+        } else {
+            tracing::debug!(%status, error = %self, "request refused");
+        }
+        problem(status, kind, &self.to_string())
+    }
+}
+
+/// An RFC 9457 problem response.
+pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
+    let body = Problem {
+        kind: format!("https://huren.dev/problems/{kind}"),
+        title: status.canonical_reason().unwrap_or("error").to_string(),
+        status: status.as_u16(),
+        detail: detail.to_string(),
+    };
+    let mut response = (
+        status,
+        serde_json::to_string(&body).expect("problem serialises"),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"huren-registry\""),
+        );
+    }
+    response
+}
+
+/// Who is calling: the region's admin, or one hospital's node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Hospital(String),
+}
+
+impl Caller {
+    fn actor(&self) -> String {
+        match self {
+            Caller::Admin => "admin".into(),
+            Caller::Hospital(id) => id.clone(),
+        }
+    }
+}
+
+/// Hospital tokens are `HOSPITAL_ID.SECRET`: the ID finds the one stored
+/// hash, compared in constant time; the admin token is compared the same
+/// way. Only hashes are stored.
+async fn authenticate(state: &RegistryState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (kind, token) = v.trim().split_once(' ')?;
+            kind.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .ok_or(ApiError::Unauthorized)?;
+    let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    if bool::from(hash.ct_eq(&state.admin_token_sha256)) {
+        return Ok(Caller::Admin);
+    }
+    let (hospital_id, _) = presented.split_once('.').ok_or(ApiError::Unauthorized)?;
+    let stored = state
+        .db
+        .hospital_token_sha256(hospital_id)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    let mut known = [0u8; 32];
+    hex::decode_to_slice(&stored, &mut known).map_err(|_| ApiError::Unauthorized)?;
+    if bool::from(hash.ct_eq(&known)) {
+        Ok(Caller::Hospital(hospital_id.to_string()))
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// The user at the calling node, for the audit (`X-Huren-User`).
+fn user_id(headers: &HeaderMap, caller: &Caller) -> String {
+    headers
+        .get("x-huren-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| match caller {
+            Caller::Admin => "admin".into(),
+            Caller::Hospital(_) => "node".into(),
+        })
+}
+
+fn require_admin(caller: &Caller) -> Result<(), ApiError> {
+    match caller {
+        Caller::Admin => Ok(()),
+        Caller::Hospital(_) => Err(ApiError::Forbidden("this needs the admin token".into())),
+    }
+}
+
+/// JSON bodies: a malformed body is a 400 problem, not axum's plain text.
+struct Body<T>(T);
+
+impl<S, T> axum::extract::FromRequest<S> for Body<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too-large"
+                } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                    "unsupported-media-type"
+                } else {
+                    "bad-request"
+                };
+                let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    status
+                };
+                Err(problem(status, kind, &rejection.body_text()))
+            }
+        }
+    }
+}
+
+pub fn router(state: Arc<RegistryState>) -> Router {
+    let limit = state.max_request_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/hospitals", get(directory).post(add_hospital))
+        .route("/v1/hospitals/{hospital_id}", patch(update_hospital))
+        .route("/v1/hospitals/{hospital_id}/records", post(publish))
+        .route(
+            "/v1/hospitals/{hospital_id}/records/{study_instance_uid}",
+            get(record),
+        )
+        .route("/v1/priors/query", post(priors))
+        .route("/v1/consents", get(consents).post(add_consent))
+        .route("/v1/consents/{consent_id}/state", post(change_consent))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such resource") })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+            ),
+        )
+        .with_state(state)
+}
+
+async fn health(State(state): State<Arc<RegistryState>>) -> Response {
+    match state.db.ping().await {
+        Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(e) => ApiError::Unavailable(e.to_string()).into_response(),
+    }
+}
+
+/// The directory, with an ETag so nodes poll it with conditional GETs.
+async fn directory(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate(&state, &headers).await?;
+    let hospitals = state.db.hospitals().await?;
+    let version = blake3::hash(
+        serde_json::to_string(&hospitals)
+            .expect("hospitals serialise")
+            .as_bytes(),
+    )
+    .to_hex()
+    .to_string();
+    let etag = format!("\"{version}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok((
+        [(header::ETAG, etag)],
+        Json(HospitalDirectory { version, hospitals }),
+    )
+        .into_response())
+}
+
+/// A new hospital token: `HOSPITAL_ID.` and 256 random bits.
+pub fn new_hospital_token(hospital_id: &str) -> (String, String) {
+    let token = format!("{hospital_id}.{}", db::random_hex(32));
+    let sha = hex::encode(Sha256::digest(token.as_bytes()));
+    (token, sha)
+}
+
+async fn add_hospital(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Body(new): Body<NewHospital>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    require_admin(&caller)?;
+    let (token, sha) = new_hospital_token(&new.hospital_id);
+    let audit = AuditRecord {
+        actor: caller.actor(),
+        user_id: user_id(&headers, &caller),
+        action: "hospital_add",
+        patient_key: None,
+        purpose: None,
+        records_returned: 0,
+        outcome: "ok".into(),
+        detail: format!("hospital {} level {}", new.hospital_id, new.level.name()),
+    };
+    let hospital = state.db.add_hospital(&new, &sha, audit).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(HospitalAdmin {
+            hospital,
+            token: Some(token),
+        }),
+    )
+        .into_response())
+}
+
+async fn update_hospital(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Path(hospital_id): Path<String>,
+    Body(update): Body<HospitalUpdate>,
+) -> Result<Json<HospitalAdmin>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    require_admin(&caller)?;
+    let token = update
+        .rotate_token
+        .then(|| new_hospital_token(&hospital_id));
+    let audit = AuditRecord {
+        actor: caller.actor(),
+        user_id: user_id(&headers, &caller),
+        action: "hospital_set",
+        patient_key: None,
+        purpose: None,
+        records_returned: 0,
+        outcome: "ok".into(),
+        detail: format!(
+            "hospital {hospital_id}: {}",
+            serde_json::to_string(&update).expect("update serialises")
+        ),
+    };
+    let hospital = state
+        .db
+        .update_hospital(
+            &hospital_id,
+            &update,
+            token.as_ref().map(|(_, sha)| sha.as_str()),
+            audit,
+        )
+        .await?;
+    Ok(Json(HospitalAdmin {
+        hospital,
+        token: token.map(|(t, _)| t),
+    }))
+}
+
+async fn publish(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Path(hospital_id): Path<String>,
+    Body(request): Body<PublishRequest>,
+) -> Result<Json<PublishResponse>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let user = user_id(&headers, &caller);
+    if caller != Caller::Hospital(hospital_id.clone()) {
+        // A token publishes for its own hospital only; the attempt is kept.
+        state
+            .db
+            .audit(&[AuditRecord {
+                actor: caller.actor(),
+                user_id: user,
+                action: "publish",
+                patient_key: None,
+                purpose: None,
+                records_returned: 0,
+                outcome: "denied".into(),
+                detail: format!(
+                    "tried to publish {} records and {} retractions for hospital {hospital_id}",
+                    request.records.len(),
+                    request.retractions.len()
+                ),
+            }])
+            .await?;
+        tracing::warn!(actor = %caller.actor(), target = %hospital_id, "publication for another hospital refused");
+        return Err(ApiError::Forbidden(
+            "a hospital publishes only its own records".into(),
+        ));
+    }
+    let results = state.db.publish(&hospital_id, &user, &request).await?;
+    Ok(Json(PublishResponse { results }))
+}
+
+async fn record(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Path((hospital_id, study_instance_uid)): Path<(String, String)>,
+) -> Result<Json<RegistryRecord>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    if caller != Caller::Admin && caller != Caller::Hospital(hospital_id.clone()) {
+        return Err(ApiError::Forbidden(
+            "another hospital's record is read through the priors query".into(),
+        ));
+    }
+    state
+        .db
+        .record(&hospital_id, &study_instance_uid)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("record"))
+}
+
+async fn priors(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Body(query): Body<PriorsQuery>,
+) -> Result<Json<PriorsAnswer>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let Caller::Hospital(hospital_id) = caller else {
+        return Err(ApiError::Forbidden(
+            "the priors query is asked by a hospital for its patient".into(),
+        ));
+    };
+    Ok(Json(state.db.priors(&hospital_id, &query).await?))
+}
+
+async fn add_consent(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Body(new): Body<NewConsent>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    if caller != Caller::Admin && caller != Caller::Hospital(new.hospital_id.clone()) {
+        return Err(ApiError::Forbidden(
+            "a hospital records consents given to itself only".into(),
+        ));
+    }
+    let audit = AuditRecord {
+        actor: caller.actor(),
+        user_id: new.recorded_by.clone(),
+        action: "consent_add",
+        patient_key: Some(new.patient_key.clone()),
+        purpose: None,
+        records_returned: 0,
+        outcome: new.state.as_str().into(),
+        detail: format!(
+            "for hospital {} by {} until {}",
+            new.hospital_id,
+            new.method.as_str(),
+            new.expires_at
+        ),
+    };
+    let consent = state.db.add_consent(&new, audit).await?;
+    Ok((StatusCode::CREATED, Json(consent)).into_response())
+}
+
+#[derive(Deserialize)]
+struct ConsentFilter {
+    patient_key: String,
+    hospital_id: Option<String>,
+}
+
+async fn consents(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Query(filter): Query<ConsentFilter>,
+) -> Result<Json<ConsentList>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    // A hospital sees the consents given to it, never another's.
+    let hospital = match &caller {
+        Caller::Admin => filter.hospital_id.clone(),
+        Caller::Hospital(id) => Some(id.clone()),
+    };
+    let consents = state
+        .db
+        .consents(&filter.patient_key, hospital.as_deref())
+        .await?;
+    Ok(Json(ConsentList { consents }))
+}
+
+async fn change_consent(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Path(consent_id): Path<String>,
+    Body(change): Body<ConsentChange>,
+) -> Result<Json<Consent>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let current = state
+        .db
+        .consent(&consent_id)
+        .await?
+        .ok_or(ApiError::NotFound("consent"))?;
+    if caller != Caller::Admin && caller != Caller::Hospital(current.hospital_id.clone()) {
+        return Err(ApiError::NotFound("consent"));
+    }
+    let audit = AuditRecord {
+        actor: caller.actor(),
+        user_id: change.recorded_by.clone(),
+        action: "consent_change",
+        patient_key: Some(current.patient_key.clone()),
+        purpose: None,
+        records_returned: 0,
+        outcome: change.state.as_str().into(),
+        detail: format!("consent {consent_id} for hospital {}", current.hospital_id),
+    };
+    Ok(Json(
+        state.db.change_consent(&consent_id, &change, audit).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    after_seq: Option<i64>,
+    limit: Option<i64>,
+    /// json (default), jsonl or csv.
+    format: Option<String>,
+}
+
+async fn audit(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Query(params): Query<AuditParams>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    require_admin(&caller)?;
+    let page = state
+        .db
+        .audit_page(params.after_seq.unwrap_or(0), params.limit.unwrap_or(1000))
+        .await?;
+    match params.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(page).into_response()),
+        "jsonl" => Ok((
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            super::audit_jsonl(&page.entries),
+        )
+            .into_response()),
+        "csv" => Ok((
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            super::audit_csv(&page.entries),
+        )
+            .into_response()),
+        other => Err(ApiError::BadRequest(format!(
+            "format {other:?}: use json, jsonl or csv"
+        ))),
+    }
+}

@@ -26,6 +26,8 @@
 //!   keyed hash that is the only patient identity the registry sees.
 //! - [`publish`]: study stability, the transactional outbox, the publisher
 //!   and the directory poller: the node's side of the region.
+//! - [`recognition`]: the mutual-recognition list, classification of a
+//!   study into items, and the duplicate-exam check (pure code).
 //! - [`registry`]: `huren registry` (hospital directory, study records,
 //!   consent, hash-chained audit) and the client nodes reach it with; the
 //!   contract is proto/huren.openapi.json.
@@ -45,6 +47,7 @@ pub mod part10;
 pub mod patient_key;
 pub mod publish;
 pub mod query;
+pub mod recognition;
 pub mod registry;
 pub mod storage;
 pub mod transcode;

@@ -252,6 +252,9 @@ struct RegionFileConfig {
     study_quiet_secs: Option<f64>,
     publish_max_backoff_secs: Option<f64>,
     directory_interval_secs: Option<f64>,
+    recognition_list_file: Option<PathBuf>,
+    cfind_regional_priors: Option<bool>,
+    ohif_url: Option<String>,
 }
 
 /// Settings of the node's part in the region (src/publish.rs).
@@ -274,6 +277,14 @@ pub struct RegionConfig {
     pub publish_batch_size: usize,
     pub publish_max_backoff: Duration,
     pub directory_interval: Duration,
+    /// A recognition list file to use instead of the registry's (a node
+    /// testing a list before the region publishes it).
+    pub recognition_list_file: Option<PathBuf>,
+    /// Study-level C-FIND for a patient also returns the recognised
+    /// regional priors the registry shows this hospital.
+    pub cfind_regional_priors: bool,
+    /// An OHIF viewer's base URL: prior links open there.
+    pub ohif_url: Option<String>,
 }
 
 impl RegionConfig {
@@ -519,6 +530,22 @@ pub struct NodeArgs {
     /// [default: 300]
     #[arg(long, env = "HUREN_DIRECTORY_INTERVAL_SECS")]
     pub directory_interval_secs: Option<f64>,
+
+    /// Recognition list file to use instead of the registry's [default:
+    /// the registry's, cached in <data_dir>/recognition-list.toml]
+    #[arg(long, env = "HUREN_RECOGNITION_LIST")]
+    pub recognition_list: Option<PathBuf>,
+
+    /// Study-level C-FIND for a patient also returns recognised regional
+    /// priors (marked with their institution, this node's AE as
+    /// RetrieveAETitle) [default: false]
+    #[arg(long, env = "HUREN_CFIND_REGIONAL_PRIORS")]
+    pub cfind_regional_priors: Option<bool>,
+
+    /// OHIF viewer base URL for the links to prior images [default: the
+    /// node's own DICOMweb]
+    #[arg(long, env = "HUREN_OHIF_URL")]
+    pub ohif_url: Option<String>,
 }
 
 /// The resolved configuration every component reads.
@@ -898,6 +925,12 @@ impl NodeArgs {
                 300.0,
             )
             .max(Duration::from_secs(1)),
+            recognition_list_file: self.recognition_list.clone().or(file.recognition_list_file),
+            cfind_regional_priors: self
+                .cfind_regional_priors
+                .or(file.cfind_regional_priors)
+                .unwrap_or(false),
+            ohif_url: self.ohif_url.clone().or(file.ohif_url),
         }))
     }
 }

@@ -27,6 +27,8 @@ pub enum StartError {
     Storage(#[from] storage::Error),
     #[error("index: {0}")]
     Index(#[from] index::Error),
+    #[error("recognition list: {0}")]
+    Recognition(String),
 }
 
 /// Opens the blob store and the index the configuration names.
@@ -63,9 +65,18 @@ impl Node {
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let ctx = Arc::new(DicomContext::new(config, ingest.clone()));
-        let region = config.region.clone().map(|region| {
-            crate::publish::Region::new(ingest.index().clone(), ingest.store().clone(), region)
-        });
+        let region = match config.region.clone() {
+            Some(region) => Some(
+                crate::publish::Region::new(
+                    ingest.index().clone(),
+                    ingest.store().clone(),
+                    region,
+                    &config.data_dir,
+                )
+                .map_err(StartError::Recognition)?,
+            ),
+            None => None,
+        };
         let region_tasks = match &region {
             Some(r) => {
                 tracing::info!(

@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RegionConfig;
 use crate::index::Index;
 use crate::patient_key::{Identifier, IdentifierType, InvalidIdentifier, RegionSecret};
+use crate::recognition::classify::{SeriesAttributes, StudyAttributes, classify};
+use crate::recognition::list::RecognitionList;
 use crate::registry::client::{self, RegistryClient};
 use crate::registry::proto::*;
 use crate::storage::BlobStore;
@@ -57,6 +59,8 @@ pub enum Error {
 enum OutboxItem {
     Record(Box<StudyRecord>),
     Retraction(Retraction),
+    /// A duplicate-exam warning or decision, for the region's statistics.
+    Event(RecognitionEvent),
 }
 
 /// The content root of a study: BLAKE3 over its current instances sorted
@@ -107,13 +111,40 @@ pub struct Region {
     directory: RwLock<Option<HospitalDirectory>>,
     /// Distinguishes this process's outbox leases from another's.
     lease_tag: String,
+    /// The active recognition list (pulled from the registry, or the
+    /// configured file); `None` until one is known.
+    list: std::sync::RwLock<Option<Arc<RecognitionList>>>,
+    /// Where the pulled list is cached between starts.
+    list_cache: std::path::PathBuf,
 }
 
 impl Region {
-    pub fn new(index: Index, store: Arc<BlobStore>, config: RegionConfig) -> Arc<Region> {
+    /// Loads the recognition list from the configured file (an invalid one
+    /// is an error: the operator named it) or from the cache of the last
+    /// pulled one (an invalid cache is ignored: the registry sends a new
+    /// one).
+    pub fn new(
+        index: Index,
+        store: Arc<BlobStore>,
+        config: RegionConfig,
+        data_dir: &std::path::Path,
+    ) -> Result<Arc<Region>, String> {
         let client = RegistryClient::new(&config.registry_url, &config.registry_token);
         let secret = config.region_secret.clone();
-        Arc::new(Region {
+        let list_cache = data_dir.join("recognition-list.toml");
+        let list = match &config.recognition_list_file {
+            Some(path) => Some(Arc::new(crate::recognition::load(path)?)),
+            None => std::fs::read_to_string(&list_cache)
+                .ok()
+                .and_then(|text| RecognitionList::parse(&text).ok())
+                .map(Arc::new),
+        };
+        if let Some(l) = &list {
+            tracing::info!(version = %l.meta.version, content_hash = %l.content_hash, items = l.items.len(), "recognition list active");
+        }
+        Ok(Arc::new(Region {
+            list: std::sync::RwLock::new(list),
+            list_cache,
             index,
             store,
             secret,
@@ -123,7 +154,49 @@ impl Region {
             directory: RwLock::new(None),
             lease_tag: crate::registry::db::random_hex(6),
             config,
-        })
+        }))
+    }
+
+    pub fn list(&self) -> Option<Arc<RecognitionList>> {
+        self.list.read().expect("list lock").clone()
+    }
+
+    /// Activates a list pulled from the registry: validated first (an
+    /// invalid list never replaces the active one), cached, and every study
+    /// marked for re-classification under it.
+    async fn activate_pulled_list(&self, text: &str) {
+        let list = match RecognitionList::parse(text) {
+            Ok(l) => l,
+            Err(errors) => {
+                tracing::error!(
+                    errors = %errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+                    "the registry's recognition list is invalid; the active list stays"
+                );
+                return;
+            }
+        };
+        if self.list().is_some_and(|l| l.content_hash == list.content_hash) {
+            return;
+        }
+        let tmp = self.list_cache.with_extension("toml.part");
+        if let Err(error) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.list_cache)) {
+            tracing::warn!(%error, "cannot cache the recognition list");
+        }
+        tracing::info!(version = %list.meta.version, content_hash = %list.content_hash, items = list.items.len(), "recognition list activated");
+        *self.list.write().expect("list lock") = Some(Arc::new(list));
+        if let Err(error) = sqlx::query(
+            "UPDATE study_publication SET changes = changes + 1 \
+             WHERE state IN ('published', 'local_only')",
+        )
+        .execute(self.index.pool())
+        .await
+        {
+            tracing::error!(%error, "cannot mark studies for re-classification");
+        }
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     pub fn config(&self) -> &RegionConfig {
@@ -279,6 +352,7 @@ impl Region {
         let mut modalities = BTreeSet::new();
         let mut body_parts = BTreeSet::new();
         let mut headers = Vec::new();
+        let mut series_attributes = Vec::new();
         let mut series_with_instances = 0;
         for s in &series_rows {
             let series_key: i64 = s.try_get(0)?;
@@ -294,15 +368,63 @@ impl Region {
                 continue;
             };
             series_with_instances += 1;
+            let header = self.read_header(&first.1, first.2 as u64).await?;
+            series_attributes.push(SeriesAttributes {
+                modality: modality.clone(),
+                sop_class_uid: header.sop_class_uid.clone(),
+                body_part_examined: body_part.clone(),
+                series_description: header.series_description.clone(),
+                protocol_name: header.protocol_name.clone(),
+                image_type: header.image_type.clone(),
+                contrast_agent: header.contrast_agent,
+                contrast_route: header.contrast_route.clone(),
+                laterality: if header.laterality.is_empty() {
+                    header.image_laterality.clone()
+                } else {
+                    header.laterality.clone()
+                },
+                view_position: header.view_position.clone(),
+                codes: header.series_codes.clone(),
+            });
             if !modality.is_empty() {
                 modalities.insert(modality);
             }
             if !body_part.is_empty() {
                 body_parts.insert(body_part);
             }
-            headers.push(self.read_header(&first.1, first.2 as u64).await?);
+            headers.push(header);
         }
         let summary = summarise(&headers);
+        let (items, unclassified) = match self.list() {
+            Some(list) => {
+                let first = headers.first().cloned().unwrap_or_default();
+                let mut codes: Vec<String> =
+                    headers.iter().flat_map(|h| h.study_codes.clone()).collect();
+                codes.sort();
+                codes.dedup();
+                let c = classify(
+                    &list,
+                    &StudyAttributes {
+                        study_description: first.study_description,
+                        requested_procedure_description: first.requested_procedure_description,
+                        codes,
+                        series: series_attributes,
+                        hospital_id: Some(self.config.hospital_id.clone()),
+                    },
+                );
+                (
+                    c.items
+                        .into_iter()
+                        .map(|i| RecordItem {
+                            code: i.code,
+                            laterality: i.laterality,
+                        })
+                        .collect(),
+                    c.unclassified,
+                )
+            }
+            None => (Vec::new(), Some("no_recognition_list".to_string())),
+        };
 
         let identifier = self
             .identifier(&patient_id, &issuer, headers.first())
@@ -331,6 +453,7 @@ impl Region {
             .as_ref()
             .is_some_and(|e| e.state == "published");
 
+        let mut published_record: Option<StudyRecord> = None;
         let (state, reason, outbox) = match identifier {
             Err(invalid) => {
                 // A study that was published and has lost its identifier
@@ -348,7 +471,7 @@ impl Region {
                     study_instance_uid: snap.study_instance_uid.clone(),
                     record_version: 0,
                     patient_key: self.secret.patient_key(&identifier),
-                    items: Vec::new(),
+                    items,
                     modalities: modalities.into_iter().collect(),
                     body_parts: body_parts.into_iter().collect(),
                     contrast: summary.contrast,
@@ -369,6 +492,8 @@ impl Region {
                 let unchanged = was_published
                     && snap.existing.as_ref().map(|e| e.fingerprint.as_str())
                         == Some(fingerprint.as_str());
+                record.record_version = version;
+                published_record = Some(record.clone());
                 if unchanged {
                     ("published", None, None)
                 } else {
@@ -395,13 +520,22 @@ impl Region {
             version
         };
         let now = now();
+        let record_json = published_record.map(|mut r| {
+            r.record_version = new_version;
+            serde_json::to_string(&r).expect("record serialises")
+        });
+        let patient_key = record_json
+            .as_ref()
+            .and_then(|j| serde_json::from_str::<StudyRecord>(j).ok())
+            .map(|r| r.patient_key);
 
         let mut tx = pool.begin().await?;
         let moved = match &snap.existing {
             None => sqlx::query(
                 "INSERT INTO study_publication (study_instance_uid, evaluated_received_at, \
                  changes, evaluated_changes, state, reason, record_version, fingerprint, \
-                 content_root, updated_at) VALUES ($1, $2, 0, 0, $3, $4, $5, $6, $7, $8) \
+                 content_root, updated_at, record, unclassified, patient_key) \
+                 VALUES ($1, $2, 0, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
                  ON CONFLICT (study_instance_uid) DO NOTHING",
             )
             .bind(&snap.study_instance_uid)
@@ -412,13 +546,17 @@ impl Region {
             .bind(&fingerprint)
             .bind(&root)
             .bind(&now)
+            .bind(record_json.clone())
+            .bind(unclassified.clone())
+            .bind(patient_key.clone())
             .execute(&mut *tx)
             .await?
             .rows_affected(),
             Some(e) => sqlx::query(
                 "UPDATE study_publication SET evaluated_received_at = $2, evaluated_changes = $3, \
                  state = $4, reason = $5, record_version = $6, fingerprint = $7, \
-                 content_root = $8, updated_at = $9 \
+                 content_root = $8, updated_at = $9, record = $12, unclassified = $13, \
+                 patient_key = $14 \
                  WHERE study_instance_uid = $1 AND changes = $3 AND record_version = $10 \
                  AND evaluated_received_at = $11",
             )
@@ -433,6 +571,9 @@ impl Region {
             .bind(&now)
             .bind(e.record_version)
             .bind(&e.evaluated_received_at)
+            .bind(record_json.clone())
+            .bind(unclassified.clone())
+            .bind(patient_key.clone())
             .execute(&mut *tx)
             .await?
             .rows_affected(),
@@ -610,12 +751,7 @@ impl Region {
         if batch.is_empty() {
             return Ok(0);
         }
-        let request = request_of(&batch);
-        match self
-            .client
-            .publish(&self.config.hospital_id, &request)
-            .await
-        {
+        match self.send(&batch).await {
             Ok(_) => {
                 self.delete_rows(&batch).await;
                 self.note_success(batch.len());
@@ -633,11 +769,7 @@ impl Region {
                 let mut answered = 0;
                 for row in &batch {
                     let one = std::slice::from_ref(row);
-                    match self
-                        .client
-                        .publish(&self.config.hospital_id, &request_of(one))
-                        .await
-                    {
+                    match self.send(one).await {
                         Ok(_) => {
                             self.delete_rows(one).await;
                             answered += 1;
@@ -675,6 +807,43 @@ impl Region {
                 Err(e)
             }
         }
+    }
+
+    /// Sends outbox rows: records and retractions in one publication,
+    /// events in one report. Both are idempotent at the registry.
+    async fn send(&self, rows: &[OutboxRow]) -> Result<(), client::Error> {
+        let request = request_of(rows);
+        if !request.records.is_empty() || !request.retractions.is_empty() {
+            self.client
+                .publish(&self.config.hospital_id, &request)
+                .await?;
+        }
+        let events: Vec<RecognitionEvent> = rows
+            .iter()
+            .filter_map(|r| match &r.item {
+                OutboxItem::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect();
+        if !events.is_empty() {
+            self.client.events(&RecognitionEvents { events }).await?;
+        }
+        Ok(())
+    }
+
+    /// Queues a warning or decision for the registry's statistics: through
+    /// the outbox, so that the registry being down loses none.
+    pub async fn enqueue_event(&self, event: RecognitionEvent) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO publication_outbox (study_instance_uid, record_version, body, \
+             created_at, attempts, lease_until, dead) VALUES ('', 0, $1, $2, 0, '', 0)",
+        )
+        .bind(serde_json::to_string(&OutboxItem::Event(event)).expect("event serialises"))
+        .bind(now())
+        .execute(self.index.pool())
+        .await?;
+        self.wake.notify_one();
+        Ok(())
     }
 
     fn note_success(&self, rows: usize) {
@@ -785,6 +954,17 @@ impl Region {
                 Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "cannot pull the hospital directory"),
             }
+            if self.config.recognition_list_file.is_none() {
+                let etag = self.list().map(|l| l.content_hash.clone());
+                match self.client.recognition_list(etag.as_deref()).await {
+                    Ok(Some((_, text))) => self.activate_pulled_list(&text).await,
+                    Ok(None) => {}
+                    Err(client::Error::Status { status: 404, .. }) => {
+                        tracing::debug!("the registry has no recognition list yet")
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot pull the recognition list"),
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.config.directory_interval) => {}
@@ -815,8 +995,25 @@ impl Region {
             let n: i64 = r.try_get(1)?;
             local_only.insert(reason.unwrap_or_default(), n.into());
         }
+        let rows = sqlx::query(
+            "SELECT unclassified, COUNT(*) FROM study_publication \
+             WHERE unclassified IS NOT NULL AND state = 'published' GROUP BY unclassified",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut unclassified = serde_json::Map::new();
+        for r in rows {
+            let reason: String = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            unclassified.insert(reason, n.into());
+        }
+        let list = self.list().map(|l| {
+            serde_json::json!({"version": l.meta.version, "content_hash": l.content_hash, "items": l.items.len()})
+        });
         let s = self.status.lock().expect("status lock").clone();
         Ok(serde_json::json!({
+            "unclassified": unclassified,
+            "recognition_list": list,
             "enabled": true,
             "hospital_id": self.config.hospital_id,
             "registry_url": self.config.registry_url,
@@ -943,6 +1140,7 @@ fn request_of(rows: &[OutboxRow]) -> PublishRequest {
         match &r.item {
             OutboxItem::Record(rec) => request.records.push((**rec).clone()),
             OutboxItem::Retraction(ret) => request.retractions.push(ret.clone()),
+            OutboxItem::Event(_) => {}
         }
     }
     request
@@ -982,6 +1180,17 @@ pub struct SeriesHeader {
     /// (Patient ID, Issuer of Patient ID) of each OtherPatientIDsSequence
     /// item.
     pub other_patient_ids: Vec<(String, String)>,
+    pub sop_class_uid: String,
+    pub study_description: String,
+    pub series_description: String,
+    pub protocol_name: String,
+    pub requested_procedure_description: String,
+    /// Code values of the study-level code sequences (ProcedureCodeSequence,
+    /// RequestedProcedureCodeSequence, RequestAttributesSequence's
+    /// ScheduledProtocolCodeSequence).
+    pub study_codes: Vec<String>,
+    /// PerformedProtocolCodeSequence.
+    pub series_codes: Vec<String>,
     pub image_type: String,
     pub contrast_agent: bool,
     pub contrast_route: String,
@@ -1001,13 +1210,42 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
         .read_until(HEADER_UNTIL)
         .from_reader(after_preamble)
         .ok()?;
-    let text = |o: &InMemDicomObject, tag: Tag| -> String {
+    let raw = |o: &InMemDicomObject, tag: Tag| -> String {
         o.element_opt(tag)
             .ok()
             .flatten()
             .and_then(|e| e.to_str().ok())
             .map(|s| s.trim_matches(['\0', ' ']).to_string())
             .unwrap_or_default()
+    };
+    let charset = raw(&obj, tags::SPECIFIC_CHARACTER_SET);
+    // Chinese text under a wrong or missing Specific Character Set is
+    // repaired here, once, for everything downstream.
+    let text = |o: &InMemDicomObject, tag: Tag| -> String {
+        crate::recognition::classify::repair_text(&raw(o, tag), &charset)
+    };
+    let codes_of = |o: &InMemDicomObject, seq: Tag, out: &mut Vec<String>| {
+        if let Ok(Some(e)) = o.element_opt(seq)
+            && let Some(items) = e.items()
+        {
+            for item in items {
+                let v = text(item, tags::CODE_VALUE);
+                if !v.is_empty() {
+                    out.push(v);
+                }
+                // RequestAttributesSequence nests the scheduled protocol.
+                if let Ok(Some(inner)) = item.element_opt(tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE)
+                    && let Some(inner_items) = inner.items()
+                {
+                    for i in inner_items {
+                        let v = text(i, tags::CODE_VALUE);
+                        if !v.is_empty() {
+                            out.push(v);
+                        }
+                    }
+                }
+            }
+        }
     };
     let mut h = SeriesHeader::default();
     if let Ok(Some(seq)) = obj.element_opt(tags::OTHER_PATIENT_I_DS_SEQUENCE)
@@ -1021,6 +1259,19 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
         }
     }
     h.image_type = text(&obj, tags::IMAGE_TYPE);
+    h.sop_class_uid = raw(&obj, tags::SOP_CLASS_UID);
+    h.study_description = text(&obj, tags::STUDY_DESCRIPTION);
+    h.series_description = text(&obj, tags::SERIES_DESCRIPTION);
+    h.protocol_name = text(&obj, tags::PROTOCOL_NAME);
+    h.requested_procedure_description = text(&obj, tags::REQUESTED_PROCEDURE_DESCRIPTION);
+    for seq in [
+        tags::PROCEDURE_CODE_SEQUENCE,
+        tags::REQUESTED_PROCEDURE_CODE_SEQUENCE,
+        tags::REQUEST_ATTRIBUTES_SEQUENCE,
+    ] {
+        codes_of(&obj, seq, &mut h.study_codes);
+    }
+    codes_of(&obj, tags::PERFORMED_PROTOCOL_CODE_SEQUENCE, &mut h.series_codes);
     let agent = text(&obj, tags::CONTRAST_BOLUS_AGENT);
     let agent_seq = obj
         .element_opt(tags::CONTRAST_BOLUS_AGENT_SEQUENCE)

@@ -379,6 +379,9 @@ pub fn region_config(registry_url: &str, hospital_id: &str, token: &str) -> Regi
         publish_batch_size: 500,
         publish_max_backoff: Duration::from_millis(400),
         directory_interval: Duration::from_secs(1),
+        recognition_list_file: None,
+        cfind_regional_priors: false,
+        ohif_url: None,
     }
 }
 

@@ -20,6 +20,7 @@ use sqlx::Row;
 
 use crate::index::Index;
 use crate::patient_key::{Identifier, IdentifierType};
+use crate::priors::{self, PatientRef};
 use crate::publish::{self, Region};
 use crate::registry::client;
 use crate::registry::proto::*;
@@ -42,6 +43,9 @@ pub enum ApiError {
     /// 409: the node is not part of a region (no registry configured).
     #[error("this node is not configured for a region (registry_url)")]
     NoRegion,
+    /// 503: no recognition list is active yet (none pulled, none configured).
+    #[error("no recognition list is active yet")]
+    NoList,
     /// 502: the registry answered with an error; its detail is passed on.
     #[error("registry: {0}")]
     Registry(String),
@@ -79,6 +83,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ApiError::NoRegion => (StatusCode::CONFLICT, "no-region"),
+            ApiError::NoList => (StatusCode::SERVICE_UNAVAILABLE, "no-recognition-list"),
             ApiError::Registry(_) => (StatusCode::BAD_GATEWAY, "registry-refused"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
@@ -110,6 +115,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/publication/local-only", get(local_only))
         .route("/api/v1/priors", post(priors))
         .route("/api/v1/consents", post(add_consent))
+        .route("/api/v1/recognition/check", post(recognition_check))
+        .route("/api/v1/recognition/decisions", post(recognition_decision))
+        .route("/api/v1/recognition/statistics", get(recognition_statistics))
+        .route("/api/v1/recognition/list", get(recognition_list))
         .with_state(state)
 }
 
@@ -462,42 +471,21 @@ async fn local_only(
     })))
 }
 
-/// A patient as the hospital names them: a local Patient ID, or a
-/// cross-enterprise identifier.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PatientRef {
-    pub patient_id: Option<String>,
-    #[serde(default)]
-    pub issuer_of_patient_id: String,
-    pub identifier_type: Option<IdentifierType>,
-    pub identifier: Option<String>,
+async fn patient_key(region: &Region, patient: &PatientRef) -> Result<String, ApiError> {
+    priors::resolve_patient(region, patient)
+        .await?
+        .map_err(|why| ApiError::BadRequest(format!("no valid cross-enterprise identifier: {why}")))
 }
 
-async fn patient_key(region: &Region, patient: &PatientRef) -> Result<String, ApiError> {
-    match (
-        &patient.identifier_type,
-        &patient.identifier,
-        &patient.patient_id,
-    ) {
-        (Some(kind), Some(number), _) => {
-            let id = Identifier::parse(*kind, number).map_err(|e| {
-                ApiError::BadRequest(format!("identifier refused ({}): {e}", e.code()))
-            })?;
-            Ok(region.secret().patient_key(&id))
+impl From<priors::Error> for ApiError {
+    fn from(e: priors::Error) -> Self {
+        match e {
+            priors::Error::Invalid(m) => ApiError::BadRequest(m),
+            priors::Error::NotFound(what) => ApiError::NotFound(what),
+            priors::Error::NoList => ApiError::NoList,
+            priors::Error::Registry(m) => ApiError::Registry(m),
+            priors::Error::Index(m) => ApiError::Unavailable(m),
         }
-        (None, None, Some(pid)) => region
-            .patient_key_of_local(pid.trim(), patient.issuer_of_patient_id.trim())
-            .await?
-            .map_err(|e| {
-                ApiError::BadRequest(format!(
-                    "no valid cross-enterprise identifier for this patient ({}): {e}",
-                    e.code()
-                ))
-            }),
-        _ => Err(ApiError::BadRequest(
-            "give patient_id, or identifier_type and identifier".into(),
-        )),
     }
 }
 
@@ -565,4 +553,61 @@ async fn add_consent(
         })
         .await?;
     Ok((StatusCode::CREATED, Json(consent)).into_response())
+}
+
+/// The duplicate-exam check (proto: RecognitionCheck).
+async fn recognition_check(
+    State(state): State<Arc<ApiState>>,
+    Body(request): Body<priors::CheckRequest>,
+) -> Result<Json<priors::CheckAnswer>, ApiError> {
+    let region = region(&state)?;
+    Ok(Json(priors::run_check(region, &request).await?))
+}
+
+async fn recognition_decision(
+    State(state): State<Arc<ApiState>>,
+    Body(request): Body<priors::DecisionRequest>,
+) -> Result<Json<priors::DecisionRecorded>, ApiError> {
+    let region = region(&state)?;
+    Ok(Json(priors::decide(region, &request).await?))
+}
+
+#[derive(Deserialize)]
+struct Month {
+    month: Option<String>,
+}
+
+/// This hospital's warnings and decisions per month and item.
+async fn recognition_statistics(
+    State(state): State<Arc<ApiState>>,
+    Query(m): Query<Month>,
+) -> Result<Json<Statistics>, ApiError> {
+    let region = region(&state)?;
+    if let Some(month) = &m.month
+        && chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").is_err()
+    {
+        return Err(ApiError::BadRequest("month must be YYYY-MM".into()));
+    }
+    Ok(Json(Statistics {
+        rows: priors::statistics(region, m.month.as_deref()).await?,
+    }))
+}
+
+/// The active recognition list: its version, items and reasons.
+async fn recognition_list(State(state): State<Arc<ApiState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let region = region(&state)?;
+    let list = region.list().ok_or(ApiError::NoList)?;
+    Ok(Json(serde_json::json!({
+        "version": list.meta.version,
+        "content_hash": list.content_hash,
+        "region": list.meta.region,
+        "mark": list.meta.mark,
+        "items": list.items.iter().map(|i| serde_json::json!({
+            "code": i.code, "name_zh": i.name_zh, "name_en": i.name_en, "modality": i.modality,
+            "body_part": i.body_part, "contrast": i.contrast, "laterality": i.laterality,
+            "projections": i.projections, "window_days": i.window_days,
+            "window_is_default": i.window_is_default, "mark": list.mark_of(i),
+        })).collect::<Vec<_>>(),
+        "reasons": list.reasons,
+    })))
 }

@@ -108,6 +108,64 @@ impl RegistryClient {
             .await
     }
 
+    pub async fn events(&self, events: &RecognitionEvents) -> Result<EventsAccepted, Error> {
+        self.send(
+            self.http
+                .post(self.url("/v1/recognition/events"))
+                .json(events),
+        )
+        .await
+    }
+
+    pub async fn statistics(&self, month: Option<&str>) -> Result<Statistics, Error> {
+        // Months are YYYY-MM: nothing to escape.
+        let url = match month {
+            Some(m) => self.url(&format!("/v1/recognition/statistics?month={m}")),
+            None => self.url("/v1/recognition/statistics"),
+        };
+        self.send(self.http.get(url)).await
+    }
+
+    /// The active recognition list's text and content hash, unless it is
+    /// still the one `etag` names (`None`: 304 Not Modified).
+    pub async fn recognition_list(
+        &self,
+        etag: Option<&str>,
+    ) -> Result<Option<(String, String)>, Error> {
+        let mut request = self
+            .http
+            .get(self.url("/v1/recognition-list"))
+            .bearer_auth(&self.token);
+        if let Some(etag) = etag {
+            request = request.header(reqwest::header::IF_NONE_MATCH, format!("\"{etag}\""));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Error::Unreachable(e.to_string()))?;
+        match response.status() {
+            StatusCode::NOT_MODIFIED => Ok(None),
+            s if s.is_success() => {
+                let etag = response
+                    .headers()
+                    .get(reqwest::header::ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_string();
+                let text = response
+                    .text()
+                    .await
+                    .map_err(|e| Error::Unreachable(e.to_string()))?;
+                Ok(Some((etag, text)))
+            }
+            s => Err(Error::Status {
+                status: s.as_u16(),
+                detail: response.text().await.unwrap_or_default(),
+            }),
+        }
+    }
+
     /// The directory, unless it still has the version `etag` names (`None`
     /// then: 304 Not Modified).
     pub async fn directory(&self, etag: Option<&str>) -> Result<Option<HospitalDirectory>, Error> {

@@ -690,6 +690,167 @@ impl Db {
             .ok_or(Error::NotFound("consent"))
     }
 
+    // ------------------------------------------------------------ recognition
+
+    /// Validates and activates a recognition list; an invalid list is
+    /// refused with every error and the active list stays.
+    pub async fn activate_list(&self, text: &str, by: &str) -> Result<ListActivated> {
+        let list = crate::recognition::list::RecognitionList::parse(text).map_err(|errors| {
+            Error::Invalid(
+                errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        })?;
+        let now = now_rfc3339();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO recognition_list (content_hash, version, text, activated_at, activated_by) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (content_hash) DO UPDATE SET \
+             activated_at = excluded.activated_at, activated_by = excluded.activated_by",
+        )
+        .bind(&list.content_hash)
+        .bind(&list.meta.version)
+        .bind(text)
+        .bind(&now)
+        .bind(by)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(
+            &mut tx,
+            &[AuditRecord {
+                actor: "admin".into(),
+                user_id: by.to_string(),
+                action: "recognition_list_activate",
+                patient_key: None,
+                purpose: None,
+                records_returned: 0,
+                outcome: "ok".into(),
+                detail: format!(
+                    "list {} ({} items) {}",
+                    list.meta.version,
+                    list.items.len(),
+                    list.content_hash
+                ),
+            }],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ListActivated {
+            version: list.meta.version.clone(),
+            content_hash: list.content_hash.clone(),
+            items: list.items.len() as i64,
+            activated_at: now,
+        })
+    }
+
+    /// The active list: (content hash, text).
+    pub async fn active_list(&self) -> Result<Option<(String, String)>> {
+        let row = sqlx::query(
+            "SELECT content_hash, text FROM recognition_list \
+             ORDER BY activated_at DESC, content_hash LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
+    /// Records events of one hospital; replays (same event ID) are ignored.
+    pub async fn add_events(&self, hospital_id: &str, events: &[RecognitionEvent]) -> Result<i64> {
+        let mut accepted = 0;
+        let mut tx = self.pool.begin().await?;
+        for e in events {
+            check_text("event_id", &e.event_id, 64)?;
+            check_text("item_code", &e.item_code, 64)?;
+            let at = normalise_time(&e.at)?;
+            let t = humantime::parse_rfc3339_weak(&e.at).map_err(|e| Error::Invalid(e.to_string()))?;
+            let month = (chrono::DateTime::<chrono::Utc>::from(t) + chrono::Duration::hours(8))
+                .format("%Y-%m")
+                .to_string();
+            accepted += sqlx::query(
+                "INSERT INTO recognition_event (event_id, hospital_id, check_id, kind, item_code, \
+                 reason_code, non_recognition, list_version, month, at, user_id) \
+                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(&e.event_id)
+            .bind(hospital_id)
+            .bind(&e.check_id)
+            .bind(e.kind.as_str())
+            .bind(&e.item_code)
+            .bind(e.reason_code.clone())
+            .bind(i64::from(e.non_recognition))
+            .bind(&e.list_version)
+            .bind(month)
+            .bind(at)
+            .bind(&e.user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected() as i64;
+        }
+        tx.commit().await?;
+        Ok(accepted)
+    }
+
+    /// Warnings, accepted and repeated (by reason) per month, hospital and
+    /// item; each filter optional.
+    pub async fn statistics(
+        &self,
+        month: Option<&str>,
+        hospital_id: Option<&str>,
+        item_code: Option<&str>,
+    ) -> Result<Vec<StatisticsRow>> {
+        let rows = sqlx::query(
+            "SELECT month, hospital_id, item_code, kind, reason_code, non_recognition, COUNT(*) \
+             FROM recognition_event WHERE (month = $1 OR $1 IS NULL) \
+             AND (hospital_id = $2 OR $2 IS NULL) AND (item_code = $3 OR $3 IS NULL) \
+             GROUP BY month, hospital_id, item_code, kind, reason_code, non_recognition \
+             ORDER BY month, hospital_id, item_code",
+        )
+        .bind(month.map(str::to_string))
+        .bind(hospital_id.map(str::to_string))
+        .bind(item_code.map(str::to_string))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<StatisticsRow> = Vec::new();
+        for r in rows {
+            let (m, h, i): (String, String, String) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let kind: String = r.try_get(3)?;
+            let reason: Option<String> = r.try_get(4)?;
+            let non_recognition = r.try_get::<i64, _>(5)? != 0;
+            let n: i64 = r.try_get(6)?;
+            if out.last().is_none_or(|l| (&l.month, &l.hospital_id, &l.item_code) != (&m, &h, &i)) {
+                out.push(StatisticsRow {
+                    month: m,
+                    hospital_id: h,
+                    item_code: i,
+                    warnings: 0,
+                    accepted: 0,
+                    repeated: 0,
+                    non_recognition: 0,
+                    repeated_by_reason: Default::default(),
+                });
+            }
+            let row = out.last_mut().expect("pushed above");
+            match kind.as_str() {
+                "warning" => row.warnings += n,
+                "accepted" => row.accepted += n,
+                _ => {
+                    row.repeated += n;
+                    if non_recognition {
+                        row.non_recognition += n;
+                    }
+                    *row
+                        .repeated_by_reason
+                        .entry(reason.unwrap_or_default())
+                        .or_default() += n;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     // ------------------------------------------------------------ audit
 
     /// Appends entries in a transaction of their own (refusals, admin

@@ -507,3 +507,87 @@ pub struct Problem {
     pub status: u16,
     pub detail: String,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A duplicate-exam warning was shown.
+    Warning,
+    /// The doctor accepted the prior: the order was dropped.
+    Accepted,
+    /// The doctor repeated the exam, with a reason.
+    Repeated,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Warning => "warning",
+            EventKind::Accepted => "accepted",
+            EventKind::Repeated => "repeated",
+        }
+    }
+}
+
+/// A warning or a decision, reported by the node to the registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecognitionEvent {
+    /// Unique; a replay of the same event is ignored.
+    pub event_id: String,
+    pub check_id: String,
+    pub kind: EventKind,
+    pub item_code: String,
+    pub reason_code: Option<String>,
+    /// Repeated for a reason that counts as non-recognition (not 98/99).
+    pub non_recognition: bool,
+    /// Content hash of the list the check was computed under.
+    pub list_version: String,
+    /// RFC 3339.
+    pub at: String,
+    pub user_id: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecognitionEvents {
+    pub events: Vec<RecognitionEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsAccepted {
+    pub accepted: i64,
+}
+
+/// The active recognition list, as activated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListActivated {
+    pub version: String,
+    pub content_hash: String,
+    pub items: i64,
+    pub activated_at: String,
+}
+
+/// Counts of one hospital, item and month.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatisticsRow {
+    /// YYYY-MM (Asia/Shanghai).
+    pub month: String,
+    pub hospital_id: String,
+    pub item_code: String,
+    pub warnings: i64,
+    pub accepted: i64,
+    pub repeated: i64,
+    /// Repeats for reasons that count as non-recognition.
+    pub non_recognition: i64,
+    pub repeated_by_reason: std::collections::BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Statistics {
+    pub rows: Vec<StatisticsRow>,
+}

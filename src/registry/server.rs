@@ -219,6 +219,9 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .route("/v1/consents", get(consents).post(add_consent))
         .route("/v1/consents/{consent_id}/state", post(change_consent))
         .route("/v1/audit", get(audit))
+        .route("/v1/recognition-list", get(get_list).put(put_list))
+        .route("/v1/recognition/events", post(add_events))
+        .route("/v1/recognition/statistics", get(statistics))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such resource") })
         .layer(DefaultBodyLimit::max(limit))
         .layer(
@@ -528,4 +531,91 @@ async fn audit(
             "format {other:?}: use json, jsonl or csv"
         ))),
     }
+}
+
+/// The active recognition list as its TOML text; the ETag is its content
+/// hash, so nodes poll with conditional GETs.
+async fn get_list(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate(&state, &headers).await?;
+    let (hash, text) = state
+        .db
+        .active_list()
+        .await?
+        .ok_or(ApiError::NotFound("recognition list"))?;
+    let etag = format!("\"{hash}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok((
+        [
+            (header::ETAG, etag),
+            (header::CONTENT_TYPE, "application/toml; charset=utf-8".to_string()),
+        ],
+        text,
+    )
+        .into_response())
+}
+
+/// Activates a new list (admin). An invalid list is refused with every
+/// error (line and field) and the active list stays.
+async fn put_list(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    text: String,
+) -> Result<Json<ListActivated>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    require_admin(&caller)?;
+    Ok(Json(
+        state
+            .db
+            .activate_list(&text, &user_id(&headers, &caller))
+            .await?,
+    ))
+}
+
+async fn add_events(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Body(events): Body<RecognitionEvents>,
+) -> Result<Json<EventsAccepted>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let Caller::Hospital(hospital_id) = caller else {
+        return Err(ApiError::Forbidden(
+            "events are reported by a hospital's node".into(),
+        ));
+    };
+    let accepted = state.db.add_events(&hospital_id, &events.events).await?;
+    Ok(Json(EventsAccepted { accepted }))
+}
+
+#[derive(Deserialize)]
+struct StatisticsFilter {
+    month: Option<String>,
+    hospital_id: Option<String>,
+    item_code: Option<String>,
+}
+
+/// Statistics for the region (admin) or for the asking hospital.
+async fn statistics(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Query(f): Query<StatisticsFilter>,
+) -> Result<Json<Statistics>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let hospital = match &caller {
+        Caller::Admin => f.hospital_id.clone(),
+        Caller::Hospital(id) => Some(id.clone()),
+    };
+    let rows = state
+        .db
+        .statistics(f.month.as_deref(), hospital.as_deref(), f.item_code.as_deref())
+        .await?;
+    Ok(Json(Statistics { rows }))
 }

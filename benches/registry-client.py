@@ -326,6 +326,7 @@ def cmd_drain(a) -> int:
     first_answer = first_progress = None
     start_backlog = None
     last = {}
+    timeline = []  # (seconds since t0, backlog), about once a second
     deadline = a.t0 + a.timeout
     while time.time() < deadline:
         try:
@@ -344,13 +345,15 @@ def cmd_drain(a) -> int:
                 start_backlog = last["backlog"]
             if first_progress is None and last["backlog"] < start_backlog:
                 first_progress = now
+            if not timeline or now - a.t0 - timeline[-1][0] >= 1 or last["backlog"] == 0:
+                timeline.append((round(now - a.t0, 2), last["backlog"]))
             if last["backlog"] == 0:
                 out = {"api_up_s": round(first_answer - a.t0, 3),
                        "first_progress_s": round((first_progress or now) - a.t0, 3),
                        "drained_s": round(now - a.t0, 3),
                        "backlog_at_first_answer": start_backlog,
                        "dead": last.get("dead"), "delivered": last.get("delivered"),
-                       "last_error": last.get("last_error")}
+                       "last_error": last.get("last_error"), "timeline": timeline}
                 print(json.dumps(out))
                 return 0 if not last.get("dead") else 1
         time.sleep(0.1)

@@ -29,6 +29,12 @@ enum Command {
     Node(NodeArgs),
     /// Run the regional registry (no subcommand), or administer it.
     Registry(RegistryCommand),
+    /// The mutual-recognition list: validate it, classify studies with it,
+    /// import a region's CSV table.
+    Recognition {
+        #[command(subcommand)]
+        command: RecognitionCommand,
+    },
     /// Check every indexed blob against its BLAKE3 key; report missing,
     /// corrupt and orphaned blobs. Exits 1 if any blob is missing or corrupt.
     Verify {
@@ -59,7 +65,35 @@ struct RegistryCommand {
 }
 
 #[derive(Subcommand)]
+enum RecognitionCommand {
+    /// Validate a list; prints every error with its line and field, exit 1
+    /// if any.
+    CheckList { file: std::path::PathBuf },
+    /// Classify Part-10 files (directories recursively, grouped by Study
+    /// Instance UID): one JSON object per study.
+    Classify {
+        /// The list [default: deploy/recognition/jiangsu-example.toml]
+        #[arg(long)]
+        list: Option<std::path::PathBuf>,
+        /// The hospital whose local code table applies
+        #[arg(long)]
+        hospital_id: Option<String>,
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
+    /// Convert a region's CSV table into [[item]] tables (stdout).
+    ImportCsv { file: std::path::PathBuf },
+}
+
+#[derive(Subcommand)]
 enum RegistrySub {
+    /// Activate a recognition list (validated first; an invalid list is
+    /// refused and the active one stays).
+    RecognitionList {
+        #[command(flatten)]
+        registry: RegistryArgs,
+        file: std::path::PathBuf,
+    },
     /// The hospital directory: add, list and change hospitals.
     Hospital {
         #[command(subcommand)]
@@ -189,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Registry(cmd) => registry(cmd).await,
+        Command::Recognition { command } => recognition(command),
         Command::Verify {
             node: args,
             remove_orphans,
@@ -237,6 +272,50 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+    }
+}
+
+fn recognition(command: RecognitionCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        RecognitionCommand::CheckList { file } => match huren::recognition::load(&file) {
+            Ok(list) => {
+                println!(
+                    "{}: valid: version {}, {} items, {} rules, {} reasons, content hash {}",
+                    file.display(),
+                    list.meta.version,
+                    list.items.len(),
+                    list.rules.len(),
+                    list.reasons.len(),
+                    list.content_hash
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                println!("{errors}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        RecognitionCommand::ImportCsv { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            print!("{}", huren::recognition::import_csv(&text).map_err(anyhow::Error::msg)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        RecognitionCommand::Classify {
+            list,
+            hospital_id,
+            paths,
+        } => {
+            let path = list.unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("deploy/recognition/jiangsu-example.toml")
+            });
+            let list = huren::recognition::load(&path).map_err(anyhow::Error::msg)?;
+            for line in huren::publish::classify_files(&list, hospital_id.as_deref(), &paths)? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -329,6 +408,25 @@ async fn registry(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     match sub {
+        RegistrySub::RecognitionList { registry, file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let db = Db::open(&registry.database_url()).await?;
+            let by = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+            let result = db.activate_list(&text, &by).await;
+            db.close().await;
+            match result {
+                Ok(activated) => println!("{}", serde_json::to_string(&activated)?),
+                Err(huren::registry::db::Error::Invalid(errors)) => {
+                    for e in errors.lines() {
+                        println!("{}:{e}", file.display());
+                    }
+                    println!("not activated: the active list stays");
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         RegistrySub::Hospital { command } => match command {
             HospitalCommand::Add {
                 registry,

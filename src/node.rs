@@ -64,7 +64,6 @@ impl Node {
         let ingest = open_ingest(config).await?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
-        let ctx = Arc::new(DicomContext::new(config, ingest.clone()));
         let region = match config.region.clone() {
             Some(region) => Some(
                 crate::publish::Region::new(
@@ -77,6 +76,9 @@ impl Node {
             ),
             None => None,
         };
+        let mut dicom_context = DicomContext::new(config, ingest.clone());
+        dicom_context.region = region.clone();
+        let ctx = Arc::new(dicom_context);
         let region_tasks = match &region {
             Some(r) => {
                 tracing::info!(

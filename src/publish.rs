@@ -369,23 +369,7 @@ impl Region {
             };
             series_with_instances += 1;
             let header = self.read_header(&first.1, first.2 as u64).await?;
-            series_attributes.push(SeriesAttributes {
-                modality: modality.clone(),
-                sop_class_uid: header.sop_class_uid.clone(),
-                body_part_examined: body_part.clone(),
-                series_description: header.series_description.clone(),
-                protocol_name: header.protocol_name.clone(),
-                image_type: header.image_type.clone(),
-                contrast_agent: header.contrast_agent,
-                contrast_route: header.contrast_route.clone(),
-                laterality: if header.laterality.is_empty() {
-                    header.image_laterality.clone()
-                } else {
-                    header.laterality.clone()
-                },
-                view_position: header.view_position.clone(),
-                codes: header.series_codes.clone(),
-            });
+            series_attributes.push(self::series_attributes(&header, &modality, &body_part));
             if !modality.is_empty() {
                 modalities.insert(modality);
             }
@@ -397,20 +381,13 @@ impl Region {
         let summary = summarise(&headers);
         let (items, unclassified) = match self.list() {
             Some(list) => {
-                let first = headers.first().cloned().unwrap_or_default();
-                let mut codes: Vec<String> =
-                    headers.iter().flat_map(|h| h.study_codes.clone()).collect();
-                codes.sort();
-                codes.dedup();
                 let c = classify(
                     &list,
-                    &StudyAttributes {
-                        study_description: first.study_description,
-                        requested_procedure_description: first.requested_procedure_description,
-                        codes,
-                        series: series_attributes,
-                        hospital_id: Some(self.config.hospital_id.clone()),
-                    },
+                    &study_attributes(
+                        &headers,
+                        series_attributes,
+                        Some(self.config.hospital_id.clone()),
+                    ),
                 );
                 (
                     c.items
@@ -1191,6 +1168,10 @@ pub struct SeriesHeader {
     pub study_codes: Vec<String>,
     /// PerformedProtocolCodeSequence.
     pub series_codes: Vec<String>,
+    pub modality: String,
+    pub body_part_examined: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
     pub image_type: String,
     pub contrast_agent: bool,
     pub contrast_route: String,
@@ -1260,6 +1241,10 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     }
     h.image_type = text(&obj, tags::IMAGE_TYPE);
     h.sop_class_uid = raw(&obj, tags::SOP_CLASS_UID);
+    h.modality = raw(&obj, tags::MODALITY).to_ascii_uppercase();
+    h.body_part_examined = text(&obj, tags::BODY_PART_EXAMINED);
+    h.study_instance_uid = raw(&obj, tags::STUDY_INSTANCE_UID);
+    h.series_instance_uid = raw(&obj, tags::SERIES_INSTANCE_UID);
     h.study_description = text(&obj, tags::STUDY_DESCRIPTION);
     h.series_description = text(&obj, tags::SERIES_DESCRIPTION);
     h.protocol_name = text(&obj, tags::PROTOCOL_NAME);
@@ -1285,6 +1270,117 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     h.image_laterality = text(&obj, tags::IMAGE_LATERALITY).to_ascii_uppercase();
     h.view_position = text(&obj, tags::VIEW_POSITION).to_ascii_uppercase();
     Some(h)
+}
+
+/// The series attributes the classifier takes, from a header and the
+/// index's modality and body part.
+fn series_attributes(header: &SeriesHeader, modality: &str, body_part: &str) -> SeriesAttributes {
+    SeriesAttributes {
+        modality: modality.to_string(),
+        sop_class_uid: header.sop_class_uid.clone(),
+        body_part_examined: body_part.to_string(),
+        series_description: header.series_description.clone(),
+        protocol_name: header.protocol_name.clone(),
+        image_type: header.image_type.clone(),
+        contrast_agent: header.contrast_agent,
+        contrast_route: header.contrast_route.clone(),
+        laterality: if header.laterality.is_empty() {
+            header.image_laterality.clone()
+        } else {
+            header.laterality.clone()
+        },
+        view_position: header.view_position.clone(),
+        codes: header.series_codes.clone(),
+    }
+}
+
+/// The study attributes of a study's series headers (first one per
+/// series).
+fn study_attributes(
+    headers: &[SeriesHeader],
+    series: Vec<SeriesAttributes>,
+    hospital_id: Option<String>,
+) -> StudyAttributes {
+    let first = headers.first().cloned().unwrap_or_default();
+    let mut codes: Vec<String> = headers.iter().flat_map(|h| h.study_codes.clone()).collect();
+    codes.sort();
+    codes.dedup();
+    StudyAttributes {
+        study_description: first.study_description,
+        requested_procedure_description: first.requested_procedure_description,
+        codes,
+        series,
+        hospital_id,
+    }
+}
+
+/// `huren recognition classify`: Part-10 files (directories recursively)
+/// grouped by Study Instance UID, one JSON line per study.
+pub fn classify_files(
+    list: &RecognitionList,
+    hospital_id: Option<&str>,
+    paths: &[std::path::PathBuf],
+) -> std::io::Result<Vec<String>> {
+    fn walk(p: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> std::io::Result<()> {
+        if p.is_dir() {
+            let mut entries: Vec<_> = std::fs::read_dir(p)?.collect::<Result<_, _>>()?;
+            entries.sort_by_key(|e| e.path());
+            for e in entries {
+                walk(&e.path(), out)?;
+            }
+        } else {
+            out.push(p.to_path_buf());
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for p in paths {
+        walk(p, &mut files)?;
+    }
+    // Study → series → first header.
+    let mut studies: BTreeMap<String, BTreeMap<String, SeriesHeader>> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f)?;
+        match parse_header(&bytes) {
+            Some(h) if !h.study_instance_uid.is_empty() => {
+                studies
+                    .entry(h.study_instance_uid.clone())
+                    .or_default()
+                    .entry(h.series_instance_uid.clone())
+                    .or_insert(h);
+            }
+            _ => skipped.push(f),
+        }
+    }
+    let mut out = Vec::new();
+    for (uid, series) in studies {
+        let headers: Vec<SeriesHeader> = series.into_values().collect();
+        let attrs: Vec<SeriesAttributes> = headers
+            .iter()
+            .map(|h| series_attributes(h, &h.modality, &h.body_part_examined))
+            .collect();
+        let c = classify(
+            list,
+            &study_attributes(&headers, attrs, hospital_id.map(str::to_string)),
+        );
+        out.push(
+            serde_json::json!({
+                "study_instance_uid": uid,
+                "items": c.items,
+                "unclassified": c.unclassified,
+                "list_version": list.content_hash,
+            })
+            .to_string(),
+        );
+    }
+    for f in skipped {
+        out.push(
+            serde_json::json!({"file": f.display().to_string(), "error": "not a DICOM Part-10 file with a Study Instance UID"})
+                .to_string(),
+        );
+    }
+    Ok(out)
 }
 
 struct Summary {

@@ -64,6 +64,8 @@ pub struct DicomContext {
     pub max_associations: usize,
     pub config: Arc<NodeConfig>,
     pub match_options: MatchOptions,
+    /// The node's part in the region: regional priors in C-FIND answers.
+    pub region: Option<Arc<crate::publish::Region>>,
     policy: PeerPolicy,
     options: Options,
 }
@@ -108,6 +110,7 @@ impl DicomContext {
                 fuzzy_names: false,
                 max_matches: Some(config.max_query_matches),
             },
+            region: None,
             policy,
             options,
         }

@@ -68,6 +68,7 @@ pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> 
     let mut matches = query::run(op.ctx.ingest.index(), query, op.ctx.match_options);
     let message_id = op.command.message_id();
     let mut sent = 0usize;
+    let mut local_studies = std::collections::BTreeSet::new();
     loop {
         // Wait for the next match and, at the same time, for a C-CANCEL.
         // Both waits are cancel-safe: dicom-ul keeps a partly read PDU in
@@ -79,6 +80,11 @@ pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> 
         };
         match event {
             Ok(Some(Item::Match(m))) => {
+                if level == Level::Study
+                    && let Some(e) = m.get(dicom_dictionary_std::tags::STUDY_INSTANCE_UID)
+                {
+                    local_studies.extend(e.values.iter().cloned());
+                }
                 let response = identifier::response(&request, &m, &op.ctx.ae_title);
                 let bytes = match identifier::encode(&response, &op.context.transfer_syntax) {
                     Ok(b) => b,
@@ -100,6 +106,20 @@ pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> 
                 sent += 1;
             }
             Ok(Some(Item::End(outcome))) => {
+                if matches!(outcome, Outcome::Complete) && level == Level::Study {
+                    for bytes in regional_priors(op, &request, &local_studies).await {
+                        let r = dimse::query_retrieve_response(
+                            op.command,
+                            command_field::C_FIND_RSP,
+                            pending,
+                            true,
+                            None,
+                            None,
+                        );
+                        op.send(r, Some(bytes)).await?;
+                        sent += 1;
+                    }
+                }
                 let (code, comment) = match outcome {
                     Outcome::Complete => (status::SUCCESS, None),
                     Outcome::LimitReached => {
@@ -144,4 +164,92 @@ pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> 
             Err(During::End(why)) => return Err(why),
         }
     }
+}
+
+/// Recognised regional priors of the queried patient that this node does
+/// not hold, when the node is configured to show them: asked of the
+/// registry for this hospital (consent rules apply), encoded as study-level
+/// matches. A failure costs the workstation only the regional part.
+async fn regional_priors(
+    op: &Op<'_>,
+    request: &dicom_object::InMemDicomObject,
+    local_studies: &std::collections::BTreeSet<String>,
+) -> Vec<Vec<u8>> {
+    use dicom_dictionary_std::tags;
+    let Some(region) = op.ctx.region.as_ref() else {
+        return Vec::new();
+    };
+    if !region.config().cfind_regional_priors {
+        return Vec::new();
+    }
+    let patient_id = identifier::text(request, tags::PATIENT_ID);
+    if patient_id.is_empty() || patient_id.contains(['*', '?', '\\']) {
+        return Vec::new();
+    }
+    let patient = crate::priors::PatientRef {
+        patient_id: Some(patient_id),
+        issuer_of_patient_id: identifier::text(request, tags::ISSUER_OF_PATIENT_ID),
+        ..Default::default()
+    };
+    let key = match crate::priors::resolve_patient(region, &patient).await {
+        Ok(Ok(key)) => key,
+        _ => return Vec::new(),
+    };
+    let user = format!("ae:{}", op.calling_ae_title.trim());
+    let answer = match crate::priors::priors(
+        region,
+        &key,
+        crate::registry::proto::Purpose::Treatment,
+        &user,
+    )
+    .await
+    {
+        Ok((answer, true)) => answer,
+        Ok((_, false)) | Err(_) => {
+            tracing::warn!(parent: op.span, "regional priors unavailable for C-FIND");
+            return Vec::new();
+        }
+    };
+    let list = region.list();
+    let directory = region.directory().await;
+    let own = &region.config().hospital_id;
+    let mut out = Vec::new();
+    for r in answer.records {
+        if &r.hospital_id == own
+            || r.record.items.is_empty()
+            || local_studies.contains(&r.record.study_instance_uid)
+        {
+            continue;
+        }
+        let institution = directory
+            .as_ref()
+            .and_then(|d| d.hospitals.iter().find(|h| h.hospital_id == r.hospital_id))
+            .map(|h| h.name.clone())
+            .unwrap_or_else(|| r.hospital_id.clone());
+        let description = r
+            .record
+            .items
+            .iter()
+            .map(|i| {
+                let item = list.as_ref().and_then(|l| l.item(&i.code).map(|it| (l.mark_of(it).to_string(), it.name_zh.clone())));
+                match item {
+                    Some((mark, name)) => format!("{mark} {name}"),
+                    None => i.code.clone(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let response = identifier::regional_response(
+            request,
+            &r.record,
+            &institution,
+            &description,
+            &op.ctx.ae_title,
+        );
+        match identifier::encode(&response, &op.context.transfer_syntax) {
+            Ok(bytes) => out.push(bytes),
+            Err(e) => tracing::error!(parent: op.span, error = %e, "cannot encode a regional prior"),
+        }
+    }
+    out
 }

@@ -205,3 +205,61 @@ pub fn response(request: &InMemDicomObject, m: &Match, ae_title: &str) -> InMemD
     }
     out
 }
+
+/// A study-level response for a regional prior held at another hospital:
+/// the keys the request asked for that a registry record carries, the
+/// source institution in InstitutionName, this node as RetrieveAETitle.
+/// InstanceAvailability is UNAVAILABLE: this node does not hold the
+/// instances (peer retrieval fetches them on demand once it is built).
+pub fn regional_response(
+    request: &InMemDicomObject,
+    record: &crate::registry::proto::StudyRecord,
+    institution: &str,
+    description: &str,
+    ae_title: &str,
+) -> InMemDicomObject {
+    let mut out = InMemDicomObject::new_empty();
+    let put = |out: &mut InMemDicomObject, tag: Tag, vr: VR, v: &str| {
+        out.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+    };
+    put(&mut out, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
+    put(&mut out, tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY");
+    put(&mut out, tags::RETRIEVE_AE_TITLE, VR::AE, ae_title);
+    put(&mut out, tags::INSTITUTION_NAME, VR::LO, institution);
+    let date = record.study_date.as_deref().unwrap_or("").replace('-', "");
+    let time = record.study_time.as_deref().unwrap_or("").replace(':', "");
+    for element in request.iter() {
+        let tag = element.tag();
+        let value: Option<String> = match tag {
+            t if t == tags::STUDY_INSTANCE_UID => Some(record.study_instance_uid.clone()),
+            t if t == tags::STUDY_DATE => Some(date.clone()),
+            t if t == tags::STUDY_TIME => Some(time.clone()),
+            t if t == tags::MODALITIES_IN_STUDY => Some(record.modalities.join("\\")),
+            t if t == tags::NUMBER_OF_STUDY_RELATED_SERIES => Some(record.number_of_series.to_string()),
+            t if t == tags::NUMBER_OF_STUDY_RELATED_INSTANCES => {
+                Some(record.number_of_instances.to_string())
+            }
+            t if t == tags::STUDY_DESCRIPTION => Some(description.to_string()),
+            t if t == tags::INSTANCE_AVAILABILITY => Some("UNAVAILABLE".into()),
+            // The patient as the workstation named them.
+            t if t == tags::PATIENT_ID || t == tags::ISSUER_OF_PATIENT_ID => Some(text(request, t)),
+            t if t == tags::QUERY_RETRIEVE_LEVEL
+                || t == tags::SPECIFIC_CHARACTER_SET
+                || t == tags::RETRIEVE_AE_TITLE
+                || t == tags::INSTITUTION_NAME =>
+            {
+                continue;
+            }
+            _ => None,
+        };
+        match value {
+            Some(v) if !v.is_empty() => {
+                out.put(DataElement::new(tag, element.vr(), PrimitiveValue::from(v)));
+            }
+            _ => {
+                out.put(DataElement::new(tag, element.vr(), PrimitiveValue::Empty));
+            }
+        }
+    }
+    out
+}

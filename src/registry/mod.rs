@@ -55,6 +55,11 @@ pub struct RegistryArgs {
     /// about 400 KB) [default: 8388608]
     #[arg(long, env = "HUREN_REGISTRY_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
+
+    /// Recognition list to activate at start (validated; an invalid list is
+    /// logged with every error and the active one stays)
+    #[arg(long, env = "HUREN_REGISTRY_RECOGNITION_LIST")]
+    pub recognition_list: Option<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -133,6 +138,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let db = db::Db::open(&args.database_url()).await?;
     let token = args.admin_token()?;
+    if let Some(path) = &args.recognition_list {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        match db.activate_list(&text, "startup").await {
+            Ok(a) => tracing::info!(version = %a.version, content_hash = %a.content_hash, items = a.items, "recognition list active"),
+            Err(db::Error::Invalid(errors)) => tracing::error!(
+                file = %path.display(),
+                errors = %errors.replace('\n', "; "),
+                "recognition list refused; the active list stays"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
     let state = Arc::new(RegistryState {
         db: db.clone(),
         admin_token_sha256: Sha256::digest(token.as_bytes()).into(),

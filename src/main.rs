@@ -299,7 +299,10 @@ fn recognition(command: RecognitionCommand) -> anyhow::Result<ExitCode> {
         RecognitionCommand::ImportCsv { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            print!("{}", huren::recognition::import_csv(&text).map_err(anyhow::Error::msg)?);
+            print!(
+                "{}",
+                huren::recognition::import_csv(&text).map_err(anyhow::Error::msg)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         RecognitionCommand::Classify {
@@ -412,7 +415,10 @@ async fn registry(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let db = Db::open(&registry.database_url()).await?;
-            let by = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+            let by = format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+            );
             let result = db.activate_list(&text, &by).await;
             db.close().await;
             match result {

@@ -58,8 +58,15 @@ pub struct PatientRef {
 }
 
 /// The patient key, or why the identity cannot be verified.
-pub async fn resolve_patient(region: &Region, patient: &PatientRef) -> Result<Result<String, String>, Error> {
-    match (&patient.identifier_type, &patient.identifier, &patient.patient_id) {
+pub async fn resolve_patient(
+    region: &Region,
+    patient: &PatientRef,
+) -> Result<Result<String, String>, Error> {
+    match (
+        &patient.identifier_type,
+        &patient.identifier,
+        &patient.patient_id,
+    ) {
         (Some(kind), Some(number), _) => Ok(Identifier::parse(*kind, number)
             .map(|id| region.secret().patient_key(&id))
             .map_err(|e| format!("{} ({e})", e.code()))),
@@ -221,7 +228,9 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
     let list = region.list().ok_or(Error::NoList)?;
     let doctor = request.ordering_doctor.trim();
     if doctor.is_empty() || doctor.len() > 128 {
-        return Err(Error::Invalid("ordering_doctor must be 1 to 128 characters".into()));
+        return Err(Error::Invalid(
+            "ordering_doctor must be 1 to 128 characters".into(),
+        ));
     }
     let ordered = request.order.item(&list).map_err(Error::Invalid)?;
     let as_of = match &request.as_of {
@@ -255,9 +264,12 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         .iter()
         .map(|r| Prior {
             hospital_id: r.hospital_id.clone(),
-            hospital: directory
-                .as_ref()
-                .and_then(|d| d.hospitals.iter().find(|h| h.hospital_id == r.hospital_id).cloned()),
+            hospital: directory.as_ref().and_then(|d| {
+                d.hospitals
+                    .iter()
+                    .find(|h| h.hospital_id == r.hospital_id)
+                    .cloned()
+            }),
             record: r.record.clone(),
         })
         .collect();
@@ -281,7 +293,10 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         .chain(&result.other_qualifying)
         .chain(&result.not_counted)
     {
-        links.insert(p.study_instance_uid.clone(), link(region, &p.study_instance_uid));
+        links.insert(
+            p.study_instance_uid.clone(),
+            link(region, &p.study_instance_uid),
+        );
     }
     let out = CheckAnswer {
         check_id: check_id.clone(),
@@ -409,7 +424,11 @@ pub async fn decide(region: &Arc<Region>, d: &DecisionRequest) -> Result<Decisio
             (Some(code.to_string()), reason.counts_as_non_recognition)
         }
     };
-    let free_text = d.free_text.as_deref().map(str::trim).filter(|t| !t.is_empty());
+    let free_text = d
+        .free_text
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
     if free_text.is_some_and(|t| t.len() > 2000) {
         return Err(Error::Invalid("free_text is limited to 2000 bytes".into()));
     }
@@ -475,7 +494,10 @@ pub async fn statistics(region: &Region, month: Option<&str>) -> Result<Vec<Stat
         let decision: Option<String> = r.try_get(3)?;
         let reason: Option<String> = r.try_get(4)?;
         let n: i64 = r.try_get(5)?;
-        if out.last().is_none_or(|l| (&l.month, &l.item_code) != (&m, &item)) {
+        if out
+            .last()
+            .is_none_or(|l| (&l.month, &l.item_code) != (&m, &item))
+        {
             out.push(StatisticsRow {
                 month: m,
                 hospital_id: region.config().hospital_id.clone(),
@@ -502,7 +524,9 @@ pub async fn statistics(region: &Region, month: Option<&str>) -> Result<Vec<Stat
                 if counts {
                     row.non_recognition += n;
                 }
-                *row.repeated_by_reason.entry(reason.unwrap_or_default()).or_default() += n;
+                *row.repeated_by_reason
+                    .entry(reason.unwrap_or_default())
+                    .or_default() += n;
             }
             _ => {}
         }

@@ -175,11 +175,16 @@ impl Region {
                 return;
             }
         };
-        if self.list().is_some_and(|l| l.content_hash == list.content_hash) {
+        if self
+            .list()
+            .is_some_and(|l| l.content_hash == list.content_hash)
+        {
             return;
         }
         let tmp = self.list_cache.with_extension("toml.part");
-        if let Err(error) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.list_cache)) {
+        if let Err(error) =
+            std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.list_cache))
+        {
             tracing::warn!(%error, "cannot cache the recognition list");
         }
         tracing::info!(version = %list.meta.version, content_hash = %list.content_hash, items = list.items.len(), "recognition list activated");
@@ -1256,7 +1261,11 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     ] {
         codes_of(&obj, seq, &mut h.study_codes);
     }
-    codes_of(&obj, tags::PERFORMED_PROTOCOL_CODE_SEQUENCE, &mut h.series_codes);
+    codes_of(
+        &obj,
+        tags::PERFORMED_PROTOCOL_CODE_SEQUENCE,
+        &mut h.series_codes,
+    );
     let agent = text(&obj, tags::CONTRAST_BOLUS_AGENT);
     let agent_seq = obj
         .element_opt(tags::CONTRAST_BOLUS_AGENT_SEQUENCE)

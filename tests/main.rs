@@ -8,6 +8,7 @@ mod dicomweb;
 mod ingest;
 mod negotiation;
 mod query_retrieve;
+mod recognition;
 mod region;
 mod storage_config;
 mod support;

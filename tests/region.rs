@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{self, Backend, TestNode, python_tool, repo_path, storescu};
 
-const SECRET: &str = "region-secret-for-the-test-suite-0001";
+pub const SECRET: &str = "region-secret-for-the-test-suite-0001";
 /// GB 11643's own example number.
-const RID: &str = "11010519491231002X";
-const ADMIN_TOKEN: &str = "admin-token-for-the-test-suite-0001";
+pub const RID: &str = "11010519491231002X";
+pub const ADMIN_TOKEN: &str = "admin-token-for-the-test-suite-0001";
 
 // ------------------------------------------------------------------ registry
 
@@ -517,6 +517,26 @@ impl Api {
         )
     }
 
+    /// A request with a text body (the recognition list is TOML).
+    pub async fn call_text(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base))
+            .header("x-test", "1")
+            .header("content-type", "application/toml")
+            .body(body.to_string());
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
     pub async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let (status, v) = self.call(method, path, body).await;
         assert!(
@@ -527,7 +547,7 @@ impl Api {
     }
 }
 
-async fn add_hospital(admin: &Api, id: &str, level: &str, node_url: Option<&str>) -> String {
+pub async fn add_hospital(admin: &Api, id: &str, level: &str, node_url: Option<&str>) -> String {
     let (status, v) = admin
         .call(
             "POST",
@@ -542,7 +562,7 @@ async fn add_hospital(admin: &Api, id: &str, level: &str, node_url: Option<&str>
     v["token"].as_str().unwrap().to_string()
 }
 
-async fn record_at(registry: &Api, hospital: &str, uid: &str) -> Option<Value> {
+pub async fn record_at(registry: &Api, hospital: &str, uid: &str) -> Option<Value> {
     let (status, v) = registry
         .call(
             "GET",
@@ -554,7 +574,7 @@ async fn record_at(registry: &Api, hospital: &str, uid: &str) -> Option<Value> {
 }
 
 /// Waits until the registry holds `uid` of `hospital` at `version` or later.
-async fn wait_record(registry: &Api, hospital: &str, uid: &str, version: i64) -> Value {
+pub async fn wait_record(registry: &Api, hospital: &str, uid: &str, version: i64) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let r = record_at(registry, hospital, uid).await;
@@ -570,7 +590,7 @@ async fn wait_record(registry: &Api, hospital: &str, uid: &str, version: i64) ->
 }
 
 /// Waits until the node has evaluated every change of a study.
-async fn wait_evaluated(node: &TestNode, uid: &str) {
+pub async fn wait_evaluated(node: &TestNode, uid: &str) {
     let url = node.config.database_url.clone();
     let uid = uid.to_string();
     wait_until("study evaluated", || {

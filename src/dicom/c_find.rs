@@ -231,7 +231,10 @@ async fn regional_priors(
             .items
             .iter()
             .map(|i| {
-                let item = list.as_ref().and_then(|l| l.item(&i.code).map(|it| (l.mark_of(it).to_string(), it.name_zh.clone())));
+                let item = list.as_ref().and_then(|l| {
+                    l.item(&i.code)
+                        .map(|it| (l.mark_of(it).to_string(), it.name_zh.clone()))
+                });
                 match item {
                     Some((mark, name)) => format!("{mark} {name}"),
                     None => i.code.clone(),
@@ -248,7 +251,9 @@ async fn regional_priors(
         );
         match identifier::encode(&response, &op.context.transfer_syntax) {
             Ok(bytes) => out.push(bytes),
-            Err(e) => tracing::error!(parent: op.span, error = %e, "cannot encode a regional prior"),
+            Err(e) => {
+                tracing::error!(parent: op.span, error = %e, "cannot encode a regional prior")
+            }
         }
     }
     out

@@ -235,7 +235,9 @@ pub fn regional_response(
             t if t == tags::STUDY_DATE => Some(date.clone()),
             t if t == tags::STUDY_TIME => Some(time.clone()),
             t if t == tags::MODALITIES_IN_STUDY => Some(record.modalities.join("\\")),
-            t if t == tags::NUMBER_OF_STUDY_RELATED_SERIES => Some(record.number_of_series.to_string()),
+            t if t == tags::NUMBER_OF_STUDY_RELATED_SERIES => {
+                Some(record.number_of_series.to_string())
+            }
             t if t == tags::NUMBER_OF_STUDY_RELATED_INSTANCES => {
                 Some(record.number_of_instances.to_string())
             }

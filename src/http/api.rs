@@ -117,7 +117,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/consents", post(add_consent))
         .route("/api/v1/recognition/check", post(recognition_check))
         .route("/api/v1/recognition/decisions", post(recognition_decision))
-        .route("/api/v1/recognition/statistics", get(recognition_statistics))
+        .route(
+            "/api/v1/recognition/statistics",
+            get(recognition_statistics),
+        )
         .route("/api/v1/recognition/list", get(recognition_list))
         .with_state(state)
 }
@@ -594,7 +597,9 @@ async fn recognition_statistics(
 }
 
 /// The active recognition list: its version, items and reasons.
-async fn recognition_list(State(state): State<Arc<ApiState>>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn recognition_list(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let region = region(&state)?;
     let list = region.list().ok_or(ApiError::NoList)?;
     Ok(Json(serde_json::json!({

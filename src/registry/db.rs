@@ -765,7 +765,8 @@ impl Db {
             check_text("event_id", &e.event_id, 64)?;
             check_text("item_code", &e.item_code, 64)?;
             let at = normalise_time(&e.at)?;
-            let t = humantime::parse_rfc3339_weak(&e.at).map_err(|e| Error::Invalid(e.to_string()))?;
+            let t =
+                humantime::parse_rfc3339_weak(&e.at).map_err(|e| Error::Invalid(e.to_string()))?;
             let month = (chrono::DateTime::<chrono::Utc>::from(t) + chrono::Duration::hours(8))
                 .format("%Y-%m")
                 .to_string();
@@ -820,7 +821,10 @@ impl Db {
             let reason: Option<String> = r.try_get(4)?;
             let non_recognition = r.try_get::<i64, _>(5)? != 0;
             let n: i64 = r.try_get(6)?;
-            if out.last().is_none_or(|l| (&l.month, &l.hospital_id, &l.item_code) != (&m, &h, &i)) {
+            if out
+                .last()
+                .is_none_or(|l| (&l.month, &l.hospital_id, &l.item_code) != (&m, &h, &i))
+            {
                 out.push(StatisticsRow {
                     month: m,
                     hospital_id: h,
@@ -841,8 +845,7 @@ impl Db {
                     if non_recognition {
                         row.non_recognition += n;
                     }
-                    *row
-                        .repeated_by_reason
+                    *row.repeated_by_reason
                         .entry(reason.unwrap_or_default())
                         .or_default() += n;
                 }

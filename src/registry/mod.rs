@@ -142,7 +142,9 @@ pub async fn run(
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         match db.activate_list(&text, "startup").await {
-            Ok(a) => tracing::info!(version = %a.version, content_hash = %a.content_hash, items = a.items, "recognition list active"),
+            Ok(a) => {
+                tracing::info!(version = %a.version, content_hash = %a.content_hash, items = a.items, "recognition list active")
+            }
             Err(db::Error::Invalid(errors)) => tracing::error!(
                 file = %path.display(),
                 errors = %errors.replace('\n', "; "),

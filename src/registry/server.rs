@@ -556,7 +556,10 @@ async fn get_list(
     Ok((
         [
             (header::ETAG, etag),
-            (header::CONTENT_TYPE, "application/toml; charset=utf-8".to_string()),
+            (
+                header::CONTENT_TYPE,
+                "application/toml; charset=utf-8".to_string(),
+            ),
         ],
         text,
     )
@@ -615,7 +618,11 @@ async fn statistics(
     };
     let rows = state
         .db
-        .statistics(f.month.as_deref(), hospital.as_deref(), f.item_code.as_deref())
+        .statistics(
+            f.month.as_deref(),
+            hospital.as_deref(),
+            f.item_code.as_deref(),
+        )
         .await?;
     Ok(Json(Statistics { rows }))
 }

@@ -1,0 +1,393 @@
+//! Recognition end to end: the registry serves the list, nodes pull it and
+//! classify what they publish; the duplicate-exam check at hospital A warns
+//! of a CT chest held at hospital B (window edges, other modality,
+//! emergency), the doctor's decision is recorded and counted at the node
+//! and at the registry; without the registry the node answers from its own
+//! priors; a study-level C-FIND at A shows the regional prior.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::region::{
+    ADMIN_TOKEN, Api, RID, make_study, region_config, spawn_registry, store, wait_record,
+    wait_until,
+};
+use crate::support::{self, Backend, python_tool, repo_path};
+
+const HOSP_A: &str = "HOSPA0000000000001";
+const HOSP_B: &str = "HOSPB0000000000002";
+
+fn shanghai_today() -> chrono::NaiveDate {
+    (chrono::Utc::now() + chrono::Duration::hours(8)).date_naive()
+}
+
+fn ymd(d: chrono::NaiveDate) -> String {
+    d.format("%Y-%m-%d").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_exam_warning_end_to_end() {
+    let registry = spawn_registry(Backend::SqliteLocal).await;
+    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let list_text =
+        std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
+
+    // An invalid list is refused with its errors; the valid one activates.
+    let (status, problem) = admin
+        .call_text(
+            "PUT",
+            "/v1/recognition-list",
+            &list_text.replacen("window_days = 30", "window_days = 0", 1),
+        )
+        .await;
+    assert_eq!(status, 400, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("window_days"),
+        "{problem}"
+    );
+    let (status, activated) = admin
+        .call_text("PUT", "/v1/recognition-list", &list_text)
+        .await;
+    assert_eq!(status, 200, "{activated}");
+    let hash = activated["content_hash"].as_str().unwrap().to_string();
+    let (status, _) = admin
+        .call_text("PUT", "/v1/recognition-list", "[list]\nversion = 1\n")
+        .await;
+    assert_eq!(status, 400);
+
+    let mut tokens = Vec::new();
+    for (id, level) in [(HOSP_A, "三级甲等"), (HOSP_B, "二级甲等")] {
+        let (status, v) = admin
+            .call(
+                "POST",
+                "/v1/hospitals",
+                Some(json!({"hospital_id": id, "name": format!("医院{id}"), "level": level})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+        tokens.push(v["token"].as_str().unwrap().to_string());
+    }
+    let (token_a, token_b) = (tokens[0].clone(), tokens[1].clone());
+    let url = registry.url();
+    let node_b = support::spawn_node_with(Backend::SqliteLocal, {
+        let (url, token_b) = (url.clone(), token_b.clone());
+        move |c| {
+            c.dicomweb.open = true;
+            c.region = Some(region_config(&url, HOSP_B, &token_b));
+        }
+    })
+    .await;
+    let node_a = support::spawn_node_with(Backend::SqliteLocal, {
+        let (url, token_a) = (url.clone(), token_a.clone());
+        move |c| {
+            c.dicomweb.open = true;
+            let mut region = region_config(&url, HOSP_A, &token_a);
+            region.cfind_regional_priors = true;
+            c.region = Some(region);
+        }
+    })
+    .await;
+    let api_a = Api::new(&format!("http://{}", node_a.http_addr), None);
+    let api_b = Api::new(&format!("http://{}", node_b.http_addr), None);
+    for api in [&api_a, &api_b] {
+        wait_until("node pulled the list", || {
+            let api = api.clone();
+            let hash = hash.clone();
+            async move {
+                let (status, v) = api.call("GET", "/api/v1/recognition/list", None).await;
+                status == 200 && v["content_hash"] == hash.as_str()
+            }
+        })
+        .await;
+    }
+
+    // A CT chest (plain + enhanced) at B, reported three days ago, QC passed.
+    let work = tempfile::tempdir().unwrap();
+    let ct = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "rec-ct",
+        &["--resident-id", RID],
+    );
+    store(&node_b, &ct.files).await;
+    let uid = ct.study_instance_uid.clone();
+    let report_date = shanghai_today() - chrono::Duration::days(3);
+    api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/report"),
+            Some(json!({"report_status": "final", "report_issued_date": ymd(report_date)})),
+        )
+        .await;
+    api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/qc"),
+            Some(json!({"qc_status": "passed"})),
+        )
+        .await;
+    let reg_b = Api::new(&registry.url(), Some(&token_b));
+    wait_until("classified, reported, QC-passed record", || {
+        let reg_b = reg_b.clone();
+        let uid = uid.clone();
+        async move {
+            let r = wait_record(&reg_b, HOSP_B, &uid, 1).await;
+            r["record"]["qc_status"] == "passed" && r["record"]["report_status"] == "final"
+        }
+    })
+    .await;
+    let rec = wait_record(&reg_b, HOSP_B, &uid, 1).await;
+    assert_eq!(
+        rec["record"]["items"],
+        json!([{"code": "CT-0301-03"}]),
+        "{rec}"
+    );
+    assert_eq!(rec["record"]["contrast"], "plain_and_enhanced");
+
+    // Consent for A; then A's check for a plain chest CT warns.
+    let tomorrow =
+        humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(86400))
+            .to_string();
+    api_a
+        .ok("POST", "/api/v1/consents", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "method": "qr_code", "recorded_by": "dr.zhao", "state": "granted", "expires_at": tomorrow})))
+        .await;
+    let check = |order: Value, encounter: &'static str, as_of: Option<String>| {
+        let api_a = api_a.clone();
+        async move {
+            let mut body = json!({
+                "patient": {"identifier_type": "RID", "identifier": RID},
+                "order": order, "ordering_doctor": "dr.zhao", "encounter": encounter,
+            });
+            if let Some(d) = as_of {
+                body["as_of"] = json!(d);
+            }
+            api_a
+                .ok("POST", "/api/v1/recognition/check", Some(body))
+                .await
+        }
+    };
+    let warn = check(json!({"item_code": "CT-0301-01"}), "outpatient", None).await;
+    assert_eq!(warn["outcome"], "warn", "{warn}");
+    assert_eq!(warn["registry_reached"], true);
+    assert_eq!(warn["list_version"], hash.as_str());
+    let cited = &warn["cited"];
+    assert_eq!(cited["hospital_id"], HOSP_B);
+    assert_eq!(cited["hospital_level"], "二级甲等");
+    assert_eq!(cited["study_instance_uid"], uid.as_str());
+    assert_eq!(cited["days_ago"], 3);
+    assert_eq!(cited["window_days"], 30);
+    assert_eq!(cited["window_basis"], "report_issued_date");
+    assert_eq!(cited["item_code"], "CT-0301-03");
+    assert_eq!(cited["mark"], "苏HR");
+    assert_eq!(cited["images_available"], true);
+    assert!(
+        cited["eligibility"].as_str().unwrap().contains("二级甲等"),
+        "{cited}"
+    );
+    assert_eq!(warn["links"][&uid], format!("/ui/studies/{uid}"));
+    // By attributes instead of an item code.
+    let by_attrs = check(
+        json!({"modality": "CT", "body_part": "CHEST", "contrast": "enhanced"}),
+        "inpatient",
+        None,
+    )
+    .await;
+    assert_eq!(by_attrs["outcome"], "warn");
+    assert_eq!(by_attrs["ordered_item"]["code"], "CT-0301-02");
+    // Window edges: W days after the report is in, W+1 out.
+    let edge = check(
+        json!({"item_code": "CT-0301-01"}),
+        "outpatient",
+        Some(ymd(report_date + chrono::Duration::days(30))),
+    )
+    .await;
+    assert_eq!(edge["outcome"], "warn");
+    let out = check(
+        json!({"item_code": "CT-0301-01"}),
+        "outpatient",
+        Some(ymd(report_date + chrono::Duration::days(31))),
+    )
+    .await;
+    assert_eq!(out["outcome"], "no_warn");
+    assert_eq!(out["not_counted"][0]["reason"], "out_of_window");
+    // Another modality: no warning, the reason given.
+    let mr = check(json!({"item_code": "MR-0101-01"}), "outpatient", None).await;
+    assert_eq!(mr["outcome"], "no_warn");
+    assert_eq!(mr["not_counted"][0]["reason"], "different_modality");
+    // Emergency: shown, not warned.
+    let er = check(json!({"item_code": "CT-0301-01"}), "emergency", None).await;
+    assert_eq!(er["outcome"], "info");
+    assert!(
+        er["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("emergency_info_only"))
+    );
+    // An invalid ID: identity unverified, never an error.
+    let (code, bad) = api_a
+        .call("POST", "/api/v1/recognition/check", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": "110105194912310021"},
+            "order": {"item_code": "CT-0301-01"}, "ordering_doctor": "dr.zhao", "encounter": "outpatient"})))
+        .await;
+    assert_eq!(code, 200, "{bad}");
+    assert_eq!(bad["reasons"], json!(["identity_unverified"]));
+    let (code, _) = api_a
+        .call("POST", "/api/v1/recognition/check", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "order": {"item_code": "NOPE"}, "ordering_doctor": "dr.zhao", "encounter": "outpatient"})))
+        .await;
+    assert_eq!(code, 400);
+
+    // The decision: repeated for reason 01; a second decision is refused.
+    let decided = api_a
+        .ok(
+            "POST",
+            "/api/v1/recognition/decisions",
+            Some(json!({
+            "check_id": warn["check_id"], "decision": "repeated", "reason_code": "01",
+            "free_text": "病情变化，需复查", "doctor": "dr.zhao"})),
+        )
+        .await;
+    assert_eq!(decided["non_recognition"], true);
+    let (code, _) = api_a
+        .call(
+            "POST",
+            "/api/v1/recognition/decisions",
+            Some(json!({
+            "check_id": warn["check_id"], "decision": "accepted", "doctor": "dr.zhao"})),
+        )
+        .await;
+    assert_eq!(code, 400);
+    let (code, _) = api_a
+        .call("POST", "/api/v1/recognition/decisions", Some(json!({
+            "check_id": by_attrs["check_id"], "decision": "repeated", "reason_code": "77", "doctor": "dr.zhao"})))
+        .await;
+    assert_eq!(code, 400);
+    api_a
+        .ok(
+            "POST",
+            "/api/v1/recognition/decisions",
+            Some(json!({
+            "check_id": by_attrs["check_id"], "decision": "accepted", "doctor": "dr.zhao"})),
+        )
+        .await;
+    let month = shanghai_today().format("%Y-%m").to_string();
+    let stats = api_a
+        .ok(
+            "GET",
+            &format!("/api/v1/recognition/statistics?month={month}"),
+            None,
+        )
+        .await;
+    let row = |stats: &Value, item: &str| {
+        stats["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["item_code"] == item)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let plain = row(&stats, "CT-0301-01");
+    assert_eq!(plain["warnings"], 2, "{stats}"); // outpatient and the W edge; not W+1, not emergency
+    assert_eq!(plain["repeated"], 1);
+    assert_eq!(plain["repeated_by_reason"]["01"], 1);
+    assert_eq!(row(&stats, "CT-0301-02")["accepted"], 1);
+    // The registry counts them once the outbox delivered them.
+    wait_until("registry statistics", || {
+        let admin = admin.clone();
+        let month = month.clone();
+        async move {
+            let s = admin
+                .ok(
+                    "GET",
+                    &format!("/v1/recognition/statistics?month={month}"),
+                    None,
+                )
+                .await;
+            let r = s["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["item_code"] == "CT-0301-01")
+                .cloned();
+            r.is_some_and(|r| {
+                r["warnings"] == 2
+                    && r["repeated"] == 1
+                    && r["non_recognition"] == 1
+                    && r["hospital_id"] == HOSP_A
+            })
+        }
+    })
+    .await;
+
+    // A study-level C-FIND at A for its local patient ID shows B's prior.
+    api_a
+        .ok(
+            "POST",
+            "/api/v1/patient-identifiers",
+            Some(json!({"patient_id": "A-000123", "identifier_type": "RID", "identifier": RID})),
+        )
+        .await;
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new("/usr/bin/findscu")
+        .env("TCP_NODELAY", "1")
+        .args(["-S", "-X", "-od"])
+        .arg(out.path())
+        .args([
+            "-aec",
+            "HUREN",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientID=A-000123",
+            "-k",
+            "StudyInstanceUID",
+            "-k",
+            "StudyDate",
+            "-k",
+            "ModalitiesInStudy",
+            "-k",
+            "StudyDescription",
+            "-k",
+            "NumberOfStudyRelatedInstances",
+        ])
+        .arg(node_a.host())
+        .arg(node_a.port().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", support::text(&output));
+    let found = python_tool("qr_tool.py", &["dump", out.path().to_str().unwrap()]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["StudyInstanceUID"], uid.as_str());
+    assert_eq!(found[0]["InstitutionName"], format!("医院{HOSP_B}"));
+    assert_eq!(found[0]["RetrieveAETitle"], "HUREN");
+    assert_eq!(found[0]["ModalitiesInStudy"], "CT");
+    assert_eq!(found[0]["NumberOfStudyRelatedInstances"], "12");
+    assert!(
+        found[0]["StudyDescription"]
+            .as_str()
+            .unwrap()
+            .contains("苏HR"),
+        "{found:?}"
+    );
+
+    // The registry down: B's own check answers from B's priors.
+    let (_, _dir, _db) = registry.stop().await;
+    let degraded = api_b
+        .ok("POST", "/api/v1/recognition/check", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "order": {"item_code": "CT-0301-01"}, "ordering_doctor": "dr.qian", "encounter": "outpatient"})))
+        .await;
+    assert_eq!(degraded["registry_reached"], false, "{degraded}");
+    assert_eq!(degraded["outcome"], "warn");
+    assert_eq!(degraded["cited"]["hospital_id"], HOSP_B);
+    assert_eq!(degraded["cited"]["eligibility"], "同一医院 (same hospital)");
+    node_a.stop().await;
+    node_b.stop().await;
+}

@@ -6,6 +6,10 @@
 # API (as the hospital's master patient index would), waits for B to
 # publish, asks for the patient's priors from hospital A (a count only),
 # records the patient's consent at A, and shows B's study from A's node.
+# Then asks A's node whether a plain chest CT for the patient would be a
+# repeat: the duplicate-exam warning cites B's study (the region's
+# recognition list, deploy/recognition/jiangsu-example.toml, is activated at
+# the registry's start).
 # Exits 0 when every step worked. CI runs it (scripts/test.sh).
 #
 #   deploy/region-demo.sh [--keep]
@@ -69,6 +73,7 @@ wait_http() {  # URL what
 
 step "registry on $REG (data in $work/registry)"
 "$HUREN_BIN" registry --listen "127.0.0.1:$REG_PORT" --data-dir "$work/registry" \
+    --recognition-list "$repo/deploy/recognition/jiangsu-example.toml" \
     >"$work/registry.log" 2>&1 &
 pids+=($!)
 wait_http "$REG/health" registry
@@ -113,8 +118,11 @@ step "B's master patient index maps local patient HUR-100001 to a resident ID nu
 curl -fsS -X POST "$B/api/v1/patient-identifiers" -H 'content-type: application/json' \
     -d '{"patient_id": "HUR-100001", "issuer_of_patient_id": "HUREN-GENERAL", "identifier_type": "RID", "identifier": "11010519491231002X"}'
 echo
+# Reported two days ago (Asia/Shanghai), so that the prior is inside its
+# validity window.
+reported="$(python3 -c 'import datetime as d; print((d.datetime.now(d.timezone.utc)+d.timedelta(hours=8)-d.timedelta(days=2)).strftime("%Y-%m-%d"))')"
 curl -fsS -X PUT "$B/api/v1/studies/$STUDY/report" -H 'content-type: application/json' \
-    -d '{"report_status": "final", "report_issued_date": "2024-03-15"}' >/dev/null
+    -d "{\"report_status\": \"final\", \"report_issued_date\": \"$reported\"}" >/dev/null
 curl -fsS -X PUT "$B/api/v1/studies/$STUDY/qc" -H 'content-type: application/json' \
     -d '{"qc_status": "passed"}' >/dev/null
 
@@ -157,6 +165,18 @@ python3 -m json.tool --no-ensure-ascii <<<"$answer"
 [[ "$(json 'd["records"][0]["hospital_id"]' <<<"$answer")" == "$HOSP_B" ]] || fail "wrong hospital"
 [[ "$(json 'd["records"][0]["record"]["study_instance_uid"]' <<<"$answer")" == "$STUDY" ]] || fail "wrong study"
 [[ "$(json 'd["records"][0]["record"]["qc_status"]' <<<"$answer")" == passed ]] || fail "QC not published"
+
+step "A's doctor is about to order a plain chest CT: the duplicate-exam check"
+for _ in $(seq 300); do
+    curl -fsS -o /dev/null "$A/api/v1/recognition/list" 2>/dev/null && break
+    sleep 0.1
+done
+warning="$(curl -fsS -X POST "$A/api/v1/recognition/check" -H 'content-type: application/json' -d '{
+    "patient": {"identifier_type": "RID", "identifier": "11010519491231002X"},
+    "order": {"item_code": "CT-0301-01"}, "ordering_doctor": "dr.wang", "encounter": "outpatient"}')"
+python3 -m json.tool --no-ensure-ascii <<<"$warning"
+[[ "$(json 'd["outcome"]' <<<"$warning")" == warn ]] || fail "expected a duplicate-exam warning"
+[[ "$(json 'd["cited"]["hospital_id"]' <<<"$warning")" == "$HOSP_B" ]] || fail "the warning cites the wrong hospital"
 
 step "the registry's audit chain"
 "$HUREN_BIN" registry audit verify --data-dir "$work/registry" | tee "$work/verify.out"

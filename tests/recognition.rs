@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::region::{
-    ADMIN_TOKEN, Api, RID, make_study, region_config, spawn_registry, store, wait_record,
+    ADMIN_TOKEN, Api, Contract, RID, Recorder, make_study, start_proxy, region_config, spawn_registry, store, wait_record,
     wait_until,
 };
 use crate::support::{self, Backend, python_tool, repo_path};
@@ -30,7 +30,11 @@ fn ymd(d: chrono::NaiveDate) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_exam_warning_end_to_end() {
     let registry = spawn_registry(Backend::SqliteLocal).await;
-    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    // Every exchange goes through recording proxies and is checked against
+    // proto/ at the end.
+    let recorder = Recorder::default();
+    let reg_url = start_proxy(registry.url(), recorder.clone(), true).await;
+    let admin = Api::new(&reg_url, Some(ADMIN_TOKEN));
     let list_text =
         std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
 
@@ -70,7 +74,7 @@ async fn duplicate_exam_warning_end_to_end() {
         tokens.push(v["token"].as_str().unwrap().to_string());
     }
     let (token_a, token_b) = (tokens[0].clone(), tokens[1].clone());
-    let url = registry.url();
+    let url = reg_url.clone();
     let node_b = support::spawn_node_with(Backend::SqliteLocal, {
         let (url, token_b) = (url.clone(), token_b.clone());
         move |c| {
@@ -89,8 +93,14 @@ async fn duplicate_exam_warning_end_to_end() {
         }
     })
     .await;
-    let api_a = Api::new(&format!("http://{}", node_a.http_addr), None);
-    let api_b = Api::new(&format!("http://{}", node_b.http_addr), None);
+    let api_a = Api::new(
+        &start_proxy(format!("http://{}", node_a.http_addr), recorder.clone(), false).await,
+        None,
+    );
+    let api_b = Api::new(
+        &start_proxy(format!("http://{}", node_b.http_addr), recorder.clone(), false).await,
+        None,
+    );
     for api in [&api_a, &api_b] {
         wait_until("node pulled the list", || {
             let api = api.clone();
@@ -128,7 +138,7 @@ async fn duplicate_exam_warning_end_to_end() {
             Some(json!({"qc_status": "passed"})),
         )
         .await;
-    let reg_b = Api::new(&registry.url(), Some(&token_b));
+    let reg_b = Api::new(&reg_url, Some(&token_b));
     wait_until("classified, reported, QC-passed record", || {
         let reg_b = reg_b.clone();
         let uid = uid.clone();
@@ -376,6 +386,9 @@ async fn duplicate_exam_warning_end_to_end() {
             .contains("苏HR"),
         "{found:?}"
     );
+
+    // The contract of the recognition operations.
+    Contract::load().check_all(&recorder.all(), &["recognition", "node-recognition"]);
 
     // The registry down: B's own check answers from B's priors.
     let (_, _dir, _db) = registry.stop().await;

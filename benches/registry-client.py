@@ -27,6 +27,11 @@ client with nothing else in flight.
   outbox   --db index.sqlite --records N --patients P
            Writes N publication_outbox rows (body {"record": StudyRecord},
            record_version 1, unique UIDs) into a stopped node's SQLite index.
+  disk     --dir DIR [--count 2000]
+           WAL-like flush latency of the disk under DIR: 8 kB writes at
+           successive offsets of a preallocated 16 MB file, each followed by
+           fdatasync (PostgreSQL's default wal_sync_method on Linux); prints
+           p50/p90/p99/max in ms.
   drain    --port P --t0 EPOCH [--timeout S]
            Polls the node's GET /api/v1/publication every 0.1 s until its
            backlog is 0; prints when the API first answered, when the
@@ -360,6 +365,28 @@ def cmd_drain(a) -> int:
     raise SystemExit(f"drain: backlog not 0 after {a.timeout} s: {last}")
 
 
+def cmd_disk(a) -> int:
+    import os
+    path = os.path.join(a.dir, f"wal-probe-{os.getpid()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        size = 16 << 20
+        os.write(fd, b"\0" * size)
+        os.fsync(fd)
+        block = os.urandom(8192)
+        times = []
+        for i in range(a.count):
+            t0 = time.perf_counter()
+            os.pwrite(fd, block, (i * 8192) % size)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    print(json.dumps(stats_ms(times)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -386,12 +413,16 @@ def main() -> int:
     p.add_argument("--records", type=int, required=True)
     p.add_argument("--patients", type=int, required=True)
     p.add_argument("--seed", type=int, default=3)
+    p = sub.add_parser("disk")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--count", type=int, default=2000)
     p = sub.add_parser("drain")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--t0", type=float, required=True)
     p.add_argument("--timeout", type=float, default=3600)
     a = ap.parse_args()
-    return {"priors": cmd_priors, "publish": cmd_publish, "outbox": cmd_outbox, "drain": cmd_drain}[a.cmd](a)
+    return {"priors": cmd_priors, "publish": cmd_publish, "outbox": cmd_outbox, "drain": cmd_drain,
+            "disk": cmd_disk}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #
 #   benches/registry.sh [--records N] [--queries Q] [--publish N] [--backlog N]
 #                       [--runs R] [--gen-jobs J] [--work-dir DIR] [--out FILE]
-#                       [--no-docs] [--keep]
+#                       [--no-docs] [--keep] [--quiet-wait S] [--pg-stats]
 #
 #   --records N   study records generated in SQL before the measurements
 #                 (default 10,000,000; ~N/3 patients, 1-5 studies each)
@@ -17,9 +17,15 @@
 #   --gen-jobs J  parallel psql sessions generating records (default nproc)
 #   --work-dir    default /tmp/huren-registry-bench; the run's PostgreSQL
 #                 cluster and node data live in DIR/run-<stamp> and are
-#                 removed at the end unless --keep
+#                 removed at the end unless --keep (which keeps them)
 #   --out FILE    the report (default benches/results/registry-<date>-<time>.md)
 #   --no-docs     do not write the "## Registry" section of docs/benchmarks.md
+#   --quiet-wait S  before the measurements, wait up to S seconds for the
+#                 1-minute load average to fall below 0.7 (a shared machine;
+#                 default 0: do not wait); the report gives the load averages
+#   --pg-stats    diagnostic: load pg_stat_statements and report, per phase,
+#                 the statements' calls and execution time inside PostgreSQL
+#                 (adds a little overhead; the report says so)
 #
 # Steps: a throwaway PostgreSQL cluster (fsync, synchronous_commit and
 # full_page_writes ON: every publication and every audited query is a
@@ -40,6 +46,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 command_line="benches/registry.sh$(printf ' %q' "$@")"
+[[ -z "${HUREN_BIN:-}" ]] || command_line="HUREN_BIN=$HUREN_BIN $command_line"
 
 records=10000000
 queries=1000
@@ -51,6 +58,8 @@ work_dir="${HUREN_BENCH_WORK:-/tmp/huren-registry-bench}"
 out_file=""
 write_docs=1
 keep=0
+pg_stats=0
+quiet_wait=0
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
@@ -65,13 +74,15 @@ while [[ $# -gt 0 ]]; do
         --work-dir) work_dir="$2"; shift ;;
         --out) out_file="$2"; shift ;;
         --no-docs) write_docs=0 ;;
+        --pg-stats) pg_stats=1 ;;
+        --quiet-wait) quiet_wait="$2"; shift ;;
         --keep) keep=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
     esac
     shift
 done
-for v in records queries publish backlog runs gen_jobs; do
+for v in records queries publish backlog runs gen_jobs quiet_wait; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "--${v/_/-} must be a number" >&2; exit 2; }
 done
 (( records >= 15 && queries >= 1 && runs >= 1 && gen_jobs >= 1 )) ||
@@ -162,6 +173,7 @@ pg_settings="-c listen_addresses=127.0.0.1 -p $pg_port -c unix_socket_directorie
  -c max_wal_size=16GB -c min_wal_size=2GB -c checkpoint_timeout=30min\
  -c checkpoint_completion_target=0.9 -c random_page_cost=1.1 -c effective_io_concurrency=100\
  -c max_parallel_maintenance_workers=$(nproc) -c max_connections=100"
+(( pg_stats == 0 )) || pg_settings+=" -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000"
 as_pg "$PG_BIN/pg_ctl" -D "$pg_data" -l "$run/pg/log" -W -t 120 start -o "$pg_settings" >/dev/null
 for _ in $(seq 1 200); do "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 0.1; done
 "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "PostgreSQL did not start"; cat "$run/pg/log" >&2; exit 1; }
@@ -169,14 +181,20 @@ psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U p
 psql -d postgres -c 'CREATE DATABASE registry'
 db_url="postgres://postgres@127.0.0.1:$pg_port/registry"
 q() { psql -d registry -Atc "$1"; }
+(( pg_stats == 0 )) || q 'CREATE EXTENSION pg_stat_statements' >/dev/null
+# stats_reset / stats_dump PHASE: statement times inside PostgreSQL (--pg-stats)
+stats_reset() { (( pg_stats == 0 )) || q 'SELECT pg_stat_statements_reset()' >/dev/null; }
+stats_dump() {
+    (( pg_stats == 0 )) && return 0
+    q "SELECT calls, round(total_exec_time::numeric, 1), round(mean_exec_time::numeric, 4),
+              left(regexp_replace(query, '\s+', ' ', 'g'), 110)
+       FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'registry')
+         AND query NOT LIKE '%pg_stat_statements%'
+       ORDER BY total_exec_time DESC LIMIT 10" >"$run/pgstats-$1.txt"
+}
 pg_version=$("$PG_BIN/postgres" --version)
 
-# WAL flush latency of this disk (8 kB write + fdatasync, PostgreSQL's
-# default wal_sync_method on Linux): the floor under every durable commit.
-as_pg "$PG_BIN/pg_test_fsync" -s 1 -f "$run/pg/fsync-test" >"$logs/pg_test_fsync.log" 2>&1 || true
-rm -f "$run/pg/fsync-test"
-fdatasync_us=$(awk '/one 8kB write/ { one = 1 } one && $1 == "fdatasync" { print $(NF - 1); exit }' "$logs/pg_test_fsync.log")
-log "PostgreSQL on 127.0.0.1:$pg_port; 8 kB write + fdatasync: ${fdatasync_us:-?} µs"
+log "PostgreSQL on 127.0.0.1:$pg_port"
 
 # ------------------------------------------------------------ hospitals
 "$HUREN_BIN" registry hospital add --database-url "$db_url" --id "$HOSP_A" --name 医院A --level 3A \
@@ -251,24 +269,37 @@ curl -sf "http://127.0.0.1:$reg_port/health" >/dev/null || { log "registry did n
 log "registry on 127.0.0.1:$reg_port"
 
 # ------------------------------------------------------------ priors
+if (( quiet_wait > 0 )); then
+    deadline=$(( $(date +%s) + quiet_wait ))
+    until awk '{ exit !($1 < 0.7) }' /proc/loadavg || (( $(date +%s) >= deadline )); do sleep 5; done
+    log "load average $(cut -d' ' -f1-3 /proc/loadavg) (waited up to $quiet_wait s for < 0.7)"
+fi
+# WAL-like flush latency of this disk (8 kB write + fdatasync, PostgreSQL's
+# default wal_sync_method on Linux): the floor under every durable commit.
+disk_json=$("$PYTHON" "$CLIENT" disk --dir "$run")
+log "disk: 8 kB write + fdatasync: $disk_json"
 loads="before priors: $(cut -d' ' -f1-3 /proc/loadavg)"
+stats_reset
 log "priors: $runs × $queries queries"
 "$PYTHON" "$CLIENT" priors --port "$reg_port" --token-file "$run/token-a" --patients "$patients" \
     --queries "$queries" --runs "$runs" >"$run/priors.json" 2>"$logs/priors.log" ||
     { cat "$logs/priors.log" >&2; log "priors failed (or answers wrong: $run/priors.json)"; exit 1; }
 cat "$logs/priors.log" >&2
 loads+="; after priors: $(cut -d' ' -f1-3 /proc/loadavg)"
+stats_dump priors
 
 # ------------------------------------------------------------ publish
 publish_runs=0
 if (( publish > 0 )); then
     log "publish: $runs × $publish records"
+    stats_reset
     "$PYTHON" "$CLIENT" publish --port "$reg_port" --token-file "$run/token-a" --hospital "$HOSP_A" \
         --patients "$patients" --records "$publish" --runs "$runs" >"$run/publish.json" 2>"$logs/publish.log" ||
         { cat "$logs/publish.log" >&2; exit 1; }
     cat "$logs/publish.log" >&2
     publish_runs=$runs
     loads+="; after publish: $(cut -d' ' -f1-3 /proc/loadavg)"
+    stats_dump publish
     got=$(q "SELECT count(*) FROM study_record WHERE hospital_id = '$HOSP_A' AND study_instance_uid LIKE '1.2.826.0.1.3680043.10.543.2.%'")
     (( got == publish * runs )) || { log "registry holds $got published records, expected $(( publish * runs ))"; exit 1; }
 else
@@ -296,6 +327,7 @@ if (( backlog > 0 )); then
         >"$run/outbox-fill.json"
     sync
     log "node: draining $backlog outbox rows"
+    stats_reset
     t_node0=$(now)
     node_start --registry-url "http://127.0.0.1:$reg_port" --hospital-id "$HOSP_B" \
         --registry-token-file "$run/token-b" --region-secret-file "$run/region-secret"
@@ -303,6 +335,7 @@ if (( backlog > 0 )); then
         { cat "$logs/drain.log" "$run/drain.json" >&2; tail -n 20 "$logs/node.log" >&2; exit 1; }
     stop_pid "$node_pid"; node_pid=""
     loads+="; after the drain: $(cut -d' ' -f1-3 /proc/loadavg)"
+    stats_dump drain
     got=$(q "SELECT count(*) FROM study_record WHERE hospital_id = '$HOSP_B' AND study_instance_uid LIKE '1.2.826.0.1.3680043.10.543.3.%'")
     (( got == backlog )) || { log "registry holds $got of the node's $backlog records"; exit 1; }
     log "node: $(cat "$run/drain.json")"
@@ -331,20 +364,22 @@ dirty=$(git -C "$repo" status --porcelain -- src tests migrations proto Cargo.to
 bin_time=$(date -u -r "$HUREN_BIN" +%Y-%m-%dT%H:%MZ)
 mkdir -p "$repo/benches/results"
 [[ -n "$out_file" ]] || out_file="$repo/benches/results/registry-$stamp.md"
-export R_CMD="$command_line" R_REV="$rev" R_DIRTY="$dirty" R_BIN="$HUREN_BIN" R_BIN_TIME="$bin_time" \
-    R_PG="$pg_version" R_PG_SETTINGS="$pg_settings" R_FDATASYNC="${fdatasync_us:-?}" \
+export R_CMD="$command_line" R_REV="$rev" R_DIRTY="$dirty" R_BIN="$HUREN_BIN" R_BIN_TIME="$bin_time" R_BIN_SHA="$(sha256sum "$HUREN_BIN" | cut -d' ' -f1)" \
+    R_PG="$pg_version" R_PG_SETTINGS="$pg_settings" R_DISK="$disk_json" \
     R_RECORDS="$records" R_N="$n_records" R_PATIENTS="$patients" R_CONSENTS="$n_consents" R_JOBS="$gen_jobs" \
     R_GEN_ROWS="$gen_rows_s" R_GEN_INDEX="$gen_index_s" R_GEN_CONSENT="$gen_consent_s" \
     R_GEN_VACUUM="$gen_vacuum_s" R_GEN_TOTAL="$gen_total_s" R_SIZES_GEN="$sizes_after_gen" \
     R_SIZES_END="$sizes_end" R_PLAN="$plan" R_QUERIES="$queries" R_PUBLISH="$publish" R_BACKLOG="$backlog" \
     R_RUNS="$runs" R_VERIFY="$verify_out" R_VERIFY_S="$verify_s" R_ENTRIES="${audit_entries:-}" \
     R_EXPECTED="$expected_entries" R_RSS="$reg_rss_mb" R_RUN="$run" R_OUT="$out_file" \
-    R_DOCS="$write_docs" R_REPO="$repo" R_LOAD="$loads"
+    R_DOCS="$write_docs" R_REPO="$repo" R_LOAD="$loads" R_PG_STATS="$pg_stats"
     R_DOCS_FILE="${HUREN_BENCH_DOCS:-$repo/docs/benchmarks.md}"
 export R_DOCS_FILE
 "$PYTHON" - <<'EOF'
 import json, os, platform, re, subprocess
 E = os.environ
+disk = json.loads(E["R_DISK"])
+flush = f"p50 {disk['p50_ms']} ms, p99 {disk['p99_ms']} ms, max {disk['max_ms']} ms"
 run = E["R_RUN"]
 pri = json.load(open(f"{run}/priors.json"))
 pub = json.load(open(f"{run}/publish.json"))
@@ -366,7 +401,8 @@ intact = "intact" in E["R_VERIFY"]
 entries = int(E["R_ENTRIES"]) if E["R_ENTRIES"] else None
 expected = int(E["R_EXPECTED"])
 dirty = int(E["R_DIRTY"])
-commit = E["R_REV"] + (f" plus uncommitted changes ({dirty} paths under src/ tests/ migrations/ proto/ Cargo.*)" if dirty else "")
+commit = E["R_REV"] + (f" (the working tree had {dirty} uncommitted paths under src/ tests/ migrations/ proto/ "
+                        f"Cargo.* during the run; the binary was built from the working tree)" if dirty else "")
 date_utc = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()
 yes = lambda ok: "**met**" if ok else "**not met**"
 
@@ -376,8 +412,8 @@ w(f"# Registry benchmark {date_utc}")
 w("")
 w(f"- command: `{E['R_CMD']}`")
 w(f"- machine: {ncpu} cores ({cpu}), {mem:.0f} GiB, kernel {platform.release()}; 8 kB write + fdatasync on the "
-  f"PostgreSQL data disk: {E['R_FDATASYNC']} µs (pg_test_fsync)")
-w(f"- huren: `{E['R_BIN']}` (built {E['R_BIN_TIME']}), commit {commit}")
+  f"PostgreSQL data disk (a WAL flush; {disk['n']:,} times, just before the priors runs): {flush}")
+w(f"- huren: `{E['R_BIN']}` (built {E['R_BIN_TIME']}, sha256 {E['R_BIN_SHA'][:16]}…); HEAD {commit}")
 pg_set = " ".join(x.strip() for x in E["R_PG_SETTINGS"].split(" -c ")[1:]
                   if not x.startswith(("listen_addresses", "unix_socket")))
 w(f"- {E['R_PG']}, throwaway cluster on loopback; settings: `{pg_set}` "
@@ -447,6 +483,9 @@ if dr:
     w(f"| the backlog first fell | {dr['first_progress_s']} |")
     w(f"| backlog 0 | **{dr['drained_s']}** |")
     w("")
+    w("Backlog over time (s since the node's start, rows left): "
+      + ", ".join(f"{t} s {b:,}" for t, b in dr.get("timeline", [])))
+    w("")
     w(f"**{drain_rate:,} records/s** from the node's start ({drain_rate_net:,} records/s from its API answering); "
       f"dead rows: {dr['dead']}; the registry holds all {backlog:,}.")
     w("")
@@ -458,6 +497,27 @@ w(f"`huren registry audit verify` after the run ({E['R_VERIFY_S']} s): `{E['R_VE
 w("")
 w(f"Registry peak RSS: {E['R_RSS']} MB.")
 w("")
+if E["R_PG_STATS"] == "1":
+    w("## Inside PostgreSQL (--pg-stats)")
+    w("")
+    w("This run loaded pg_stat_statements (a little overhead on every statement). Per phase, the statements "
+      "with the most execution time inside PostgreSQL. COMMIT's WAL flush is not in these figures (it happens after the statement "
+      "is counted); the rest of a request's time is that flush, round trips, the registry's own work, "
+      "HTTP and the client.")
+    for phase in ("priors", "publish", "drain"):
+        f = f"{run}/pgstats-{phase}.txt"
+        if not os.path.exists(f):
+            continue
+        rows = [l.split("|", 3) for l in open(f).read().splitlines() if l.strip()]
+        total = sum(float(r[1]) for r in rows)
+        w("")
+        w(f"{phase} (top {len(rows)} statements, {total:,.0f} ms in all):")
+        w("")
+        w("| calls | total ms | mean ms | statement |")
+        w("|---|---|---|---|")
+        for c, t, m, qy in rows:
+            w(f"| {int(c):,} | {float(t):,.0f} | {m} | `{qy.replace('|', '/')}` |")
+    w("")
 w("## Targets")
 w("")
 w("| target | measured | |")
@@ -484,7 +544,7 @@ if E["R_DOCS"] == "1":
     d("## Registry")
     d("")
     d(f"`huren registry` on PostgreSQL with {n:,} study records: priors query latency, publish throughput, "
-      f"a node draining its outbox, and the audit chain afterwards. Measured {date_utc} at commit {commit}; "
+      f"a node draining its outbox, and the audit chain afterwards. Measured {date_utc}, HEAD {commit}; "
       f"the script's report with every run is [`{os.path.basename(E['R_OUT'])}`]({rel}).")
     d("")
     d("```sh")
@@ -492,8 +552,8 @@ if E["R_DOCS"] == "1":
     d(E["R_CMD"])
     d("```")
     d("")
-    d(f"Machine: {ncpu} cores, {mem:.0f} GiB; 8 kB write + fdatasync on the data disk "
-      f"{E['R_FDATASYNC']} µs. {E['R_PG']}, throwaway cluster on loopback with fsync, synchronous_commit "
+    d(f"Machine: {ncpu} cores, {mem:.0f} GiB; 8 kB write + fdatasync on the data disk (a WAL flush) "
+      f"{flush}. {E['R_PG']}, throwaway cluster on loopback with fsync, synchronous_commit "
       "and full_page_writes **on**: every publication batch and every audited priors query is a durable "
       "commit, and that is part of what is measured (shared_buffers 1/6 of RAM, max_wal_size 16 GB, "
       "checkpoint_timeout 30 min; the rest in the report).")
@@ -525,8 +585,8 @@ if E["R_DOCS"] == "1":
       f"every answer come after). GET /health on the same connection (the server's `SELECT 1`, no audit "
       f"write) takes p50 {h['p50_ms']} ms: that is client, HTTP and one database round trip, so the rest of a "
       f"priors query's {med['p50_ms']} ms is the server's work: token lookup, records and consent SELECTs, and "
-      f"the audit append (UPDATE of the chain head, INSERT, UPDATE, COMMIT with a WAL flush of "
-      f"~{E['R_FDATASYNC']} µs on this disk), one round trip each.")
+      f"the audit append (UPDATE of the chain head, INSERT, UPDATE, COMMIT with a WAL flush, "
+      f"p50 {disk['p50_ms']} ms and p99 {disk['p99_ms']} ms on this disk), one round trip each.")
     d("- Publishing: bodies are serialised before the clock starts, so the figure is the registry's (parse, "
       "validate, 500 upserts + 500 audit entries in one transaction) plus the transfer over loopback.")
     if dr:

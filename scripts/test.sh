@@ -43,6 +43,9 @@ DICOMWEB_CLIENT_VERSION=0.61.2
 # node decompressed with those of the JPEG originals.
 PYLIBJPEG_VERSION=2.1.0
 PYLIBJPEG_LIBJPEG_VERSION=2.5.0
+# The doctor's page is tested in Debian's chromium, driven by Playwright
+# (its own browser download is never used: no `playwright install`).
+PLAYWRIGHT_VERSION=1.49.1
 
 MODE="test"
 if [[ "${1:-}" == "--services" ]]; then
@@ -71,6 +74,8 @@ pkg_installed() {
 missing=()
 # dpkg, not `command -v`: PATH may hold same-named shims for dcmtk tools.
 pkg_installed dcmtk || missing+=(dcmtk)
+pkg_installed chromium || missing+=(chromium)
+pkg_installed fonts-noto-cjk || missing+=(fonts-noto-cjk)
 if ! pkg_installed postgresql || ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)
 fi
@@ -97,7 +102,7 @@ fi
 # Python venv with pydicom + pynetdicom.
 VENV="$HUREN_CACHE/venv"
 PY="$VENV/bin/python"
-if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg' >/dev/null 2>&1; then
+if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg, playwright' >/dev/null 2>&1; then
     log "creating Python venv at $VENV"
     rm -rf "$VENV"
     if ! python3 -m venv "$VENV" >&2; then
@@ -110,8 +115,8 @@ if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg' 
     fi
     "$PY" -m pip install -q "pydicom==$PYDICOM_VERSION" "pynetdicom==$PYNETDICOM_VERSION" \
         "dicomweb-client==$DICOMWEB_CLIENT_VERSION" "pylibjpeg==$PYLIBJPEG_VERSION" \
-        "pylibjpeg-libjpeg==$PYLIBJPEG_LIBJPEG_VERSION" >&2
-    "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg' || die "pydicom/pynetdicom/dicomweb-client/pylibjpeg not importable in $VENV"
+        "pylibjpeg-libjpeg==$PYLIBJPEG_LIBJPEG_VERSION" "playwright==$PLAYWRIGHT_VERSION" >&2
+    "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg, playwright' || die "pydicom/pynetdicom/dicomweb-client/pylibjpeg/playwright not importable in $VENV"
 fi
 
 # Garage, built from crates.io.

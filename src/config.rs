@@ -255,6 +255,9 @@ struct RegionFileConfig {
     recognition_list_file: Option<PathBuf>,
     cfind_regional_priors: Option<bool>,
     ohif_url: Option<String>,
+    peer_parallel: Option<usize>,
+    peer_cache_budget_bytes: Option<u64>,
+    prefetch_priors: Option<bool>,
 }
 
 /// Settings of the node's part in the region (src/publish.rs).
@@ -285,6 +288,13 @@ pub struct RegionConfig {
     pub cfind_regional_priors: bool,
     /// An OHIF viewer's base URL: prior links open there.
     pub ohif_url: Option<String>,
+    /// Instances fetched from a peer at once.
+    pub peer_parallel: usize,
+    /// Bytes of cached peer studies kept; least recently used evicted past it.
+    pub peer_cache_budget_bytes: u64,
+    /// An order-time check that finds recognised priors at other hospitals
+    /// starts fetching them at once.
+    pub prefetch_priors: bool,
 }
 
 impl RegionConfig {
@@ -546,6 +556,21 @@ pub struct NodeArgs {
     /// node's own DICOMweb]
     #[arg(long, env = "HUREN_OHIF_URL")]
     pub ohif_url: Option<String>,
+
+    /// Instances fetched from a peer node at once [default: 4]
+    #[arg(long, env = "HUREN_PEER_PARALLEL")]
+    pub peer_parallel: Option<usize>,
+
+    /// Bytes of studies fetched from peers kept as a cache; the least
+    /// recently used are evicted past it, the hospital's own never
+    /// [default: 107374182400]
+    #[arg(long, env = "HUREN_PEER_CACHE_BUDGET_BYTES")]
+    pub peer_cache_budget_bytes: Option<u64>,
+
+    /// Start fetching recognised priors from other hospitals as soon as an
+    /// order-time check finds them [default: false]
+    #[arg(long, env = "HUREN_PREFETCH_PRIORS")]
+    pub prefetch_priors: Option<bool>,
 }
 
 /// The resolved configuration every component reads.
@@ -931,6 +956,19 @@ impl NodeArgs {
                 .or(file.cfind_regional_priors)
                 .unwrap_or(false),
             ohif_url: self.ohif_url.clone().or(file.ohif_url),
+            peer_parallel: self
+                .peer_parallel
+                .or(file.peer_parallel)
+                .unwrap_or(4)
+                .clamp(1, 64),
+            peer_cache_budget_bytes: self
+                .peer_cache_budget_bytes
+                .or(file.peer_cache_budget_bytes)
+                .unwrap_or(100 << 30),
+            prefetch_priors: self
+                .prefetch_priors
+                .or(file.prefetch_priors)
+                .unwrap_or(false),
         }))
     }
 }

@@ -28,6 +28,13 @@ pub enum Error {
     Storage(#[from] storage::Error),
     #[error("index: {0}")]
     Index(#[from] index::Error),
+    /// A peer's instance whose bytes do not hash to what its manifest
+    /// promised: nothing was stored.
+    #[error("instance hashes to {actual}, not the expected {expected}")]
+    HashMismatch {
+        expected: BlobHash,
+        actual: BlobHash,
+    },
 }
 
 /// The result of a stored instance.
@@ -196,6 +203,25 @@ impl Ingest {
 
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
+        self.finish_checked(incoming, None).await
+    }
+
+    /// Completes a data set that must hash to `expected` (an instance
+    /// fetched from a peer): checked before the blob is published or
+    /// indexed, so a mismatch stores nothing.
+    pub async fn finish_expecting(
+        &self,
+        incoming: Incoming,
+        expected: BlobHash,
+    ) -> Result<Stored, Error> {
+        self.finish_checked(incoming, Some(expected)).await
+    }
+
+    async fn finish_checked(
+        &self,
+        incoming: Incoming,
+        expected: Option<BlobHash>,
+    ) -> Result<Stored, Error> {
         let started = std::time::Instant::now();
         // A data set with no fragment at all goes the in-memory way too.
         let body = match incoming.body {
@@ -244,6 +270,15 @@ impl Ingest {
 
         let hash = staged.hash;
         let size = staged.len;
+        if let Some(expected) = expected
+            && expected != hash
+        {
+            // Dropping `staged` removes the staging file.
+            return Err(Error::HashMismatch {
+                expected,
+                actual: hash,
+            });
+        }
         self.store.publish(staged).await?;
         let published_at = started.elapsed();
         let outcome = self

@@ -24,6 +24,9 @@
 //!   verified blobs, STOW-RS into [`ingest`]) and the node's JSON API.
 //! - [`patient_key`]: cross-enterprise identifiers (GB 11643) and the
 //!   keyed hash that is the only patient identity the registry sees.
+//! - [`peer`]: fetching a prior study from another hospital's node under a
+//!   registry grant, verified against its published content root; the cache
+//!   of such studies.
 //! - [`priors`]: a patient's priors (degraded to the node's own when the
 //!   registry is unreachable), the duplicate-exam check, decisions and
 //!   statistics: what the JSON API and the doctor's page share.
@@ -48,6 +51,7 @@ pub mod ingest;
 pub mod node;
 pub mod part10;
 pub mod patient_key;
+pub mod peer;
 pub mod priors;
 pub mod publish;
 pub mod query;

@@ -53,6 +53,31 @@ enum Command {
         #[arg(long)]
         reindex: bool,
     },
+    /// Doctor accounts of the node's page (/ui).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a doctor's account. The password is read from --password-file
+    /// or the environment variable HUREN_USER_PASSWORD (never a flag: a
+    /// command line is visible to every user of the machine); at least 8
+    /// characters.
+    Add {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The user ID the doctor signs in with (letters, digits, . _ - @)
+        user_id: String,
+        /// The name the page shows, e.g. 李医生
+        #[arg(long)]
+        name: String,
+        /// A file whose first line is the password
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -206,6 +231,40 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::User {
+            command:
+                UserCommand::Add {
+                    node: args,
+                    user_id,
+                    name,
+                    password_file,
+                },
+        } => {
+            let password = match &password_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+                None => std::env::var("HUREN_USER_PASSWORD").map_err(|_| {
+                    anyhow::anyhow!("give the password with --password-file or HUREN_USER_PASSWORD")
+                })?,
+            };
+            anyhow::ensure!(
+                password.chars().count() >= huren::http::page::auth::MIN_PASSWORD_CHARS,
+                "the password must have at least {} characters",
+                huren::http::page::auth::MIN_PASSWORD_CHARS
+            );
+            let config = args.resolve()?;
+            let ingest = node::open_ingest(&config).await?;
+            let result =
+                huren::http::page::add_user(ingest.index(), &user_id, &name, &password).await;
+            ingest.index().close().await;
+            result?;
+            println!("user {} added", user_id.trim());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Node(args) => {
             let config = args.resolve()?;
             let dicom = TcpListener::bind(config.dicom_listen)

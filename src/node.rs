@@ -76,6 +76,9 @@ impl Node {
             ),
             None => None,
         };
+        if let Some(r) = &region {
+            r.set_ingest(ingest.clone());
+        }
         let mut dicom_context = DicomContext::new(config, ingest.clone());
         dicom_context.region = region.clone();
         let ctx = Arc::new(dicom_context);

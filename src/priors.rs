@@ -80,6 +80,24 @@ pub async fn resolve_patient(
     }
 }
 
+/// Remembers who holds each regional prior of an answer: a C-MOVE or
+/// C-GET of it later knows where to fetch it.
+pub async fn remember_holders(region: &Region, answer: &PriorsAnswer) {
+    let own = &region.config().hospital_id;
+    for r in answer.records.iter().filter(|r| &r.hospital_id != own) {
+        let _ = sqlx::query(
+            "INSERT INTO regional_prior (study_instance_uid, hospital_id, seen_at) \
+             VALUES ($1, $2, $3) ON CONFLICT (study_instance_uid) DO UPDATE SET \
+             hospital_id = excluded.hospital_id, seen_at = excluded.seen_at",
+        )
+        .bind(&r.record.study_instance_uid)
+        .bind(&r.hospital_id)
+        .bind(crate::registry::db::now_rfc3339())
+        .execute(region.index().pool())
+        .await;
+    }
+}
+
 /// The region's records of a patient for this hospital; when the registry
 /// cannot be reached, this node's own published records (and `false`).
 pub async fn priors(
@@ -98,7 +116,10 @@ pub async fn priors(
         page_token: None,
     };
     match region.client().priors(&query).await {
-        Ok(answer) => Ok((answer, true)),
+        Ok(answer) => {
+            remember_holders(region, &answer).await;
+            Ok((answer, true))
+        }
         Err(client::Error::Status { status, detail }) if status < 500 => {
             Err(Error::Registry(format!("{status}: {detail}")))
         }
@@ -342,6 +363,24 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
     .bind(serde_json::to_string(&out).expect("answer serialises"))
     .execute(region.index().pool())
     .await?;
+    // Prefetch: the recognised priors held elsewhere start coming now, so
+    // that the images are here when the doctor opens them.
+    if region.config().prefetch_priors
+        && let Some(ingest) = region.ingest()
+    {
+        let own = &region.config().hospital_id;
+        for p in out.cited.iter().chain(&out.other_qualifying) {
+            if &p.hospital_id != own {
+                crate::peer::prefetch(
+                    region.clone(),
+                    ingest.clone(),
+                    p.hospital_id.clone(),
+                    p.study_instance_uid.clone(),
+                    format!("check {check_id}"),
+                );
+            }
+        }
+    }
     if out.outcome == check::Outcome::Warn {
         region
             .enqueue_event(RecognitionEvent {

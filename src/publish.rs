@@ -116,6 +116,13 @@ pub struct Region {
     list: std::sync::RwLock<Option<Arc<RecognitionList>>>,
     /// Where the pulled list is cached between starts.
     list_cache: std::path::PathBuf,
+    /// The HTTP client for peer nodes.
+    peer_http: reqwest::Client,
+    /// The ingest path, for studies fetched from peers.
+    ingest: std::sync::OnceLock<crate::ingest::Ingest>,
+    /// Grants confirmed by the registry (token SHA-256 → grant), so that a
+    /// peer's many instance requests cost one confirmation.
+    grants: Mutex<std::collections::HashMap<String, GrantConfirmed>>,
 }
 
 impl Region {
@@ -145,6 +152,14 @@ impl Region {
         Ok(Arc::new(Region {
             list: std::sync::RwLock::new(list),
             list_cache,
+            peer_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .no_proxy()
+                .build()
+                .expect("HTTP client builds"),
+            grants: Mutex::new(std::collections::HashMap::new()),
+            ingest: std::sync::OnceLock::new(),
             index,
             store,
             secret,
@@ -155,6 +170,47 @@ impl Region {
             lease_tag: crate::registry::db::random_hex(6),
             config,
         }))
+    }
+
+    /// Set once by the node at start (the ingest path is opened with the
+    /// store and index the region shares).
+    pub fn set_ingest(&self, ingest: crate::ingest::Ingest) {
+        let _ = self.ingest.set(ingest);
+    }
+
+    pub fn ingest(&self) -> Option<&crate::ingest::Ingest> {
+        self.ingest.get()
+    }
+
+    pub fn peer_http(&self) -> reqwest::Client {
+        self.peer_http.clone()
+    }
+
+    /// A grant a peer presents, confirmed by the registry (cached until it
+    /// expires); the first confirmation is recorded in the peer audit.
+    pub async fn verify_grant(&self, token: &str) -> Option<GrantConfirmed> {
+        use sha2::Digest;
+        let key = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+        let now = now();
+        if let Some(g) = self.grants.lock().expect("grants lock").get(&key).cloned()
+            && g.expires_at > now
+        {
+            return Some(g);
+        }
+        match self.client.verify_grant(token).await {
+            Ok(g) => {
+                crate::peer::audit_served(self, &g).await;
+                self.grants
+                    .lock()
+                    .expect("grants lock")
+                    .insert(key, g.clone());
+                Some(g)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "a peer's grant was not confirmed");
+                None
+            }
+        }
     }
 
     pub fn list(&self) -> Option<Arc<RecognitionList>> {
@@ -271,6 +327,8 @@ impl Region {
              sp.fingerprint FROM study st \
              LEFT JOIN study_publication sp ON sp.study_instance_uid = st.study_instance_uid \
              WHERE st.last_received_at <= $1 AND st.number_of_study_related_instances > 0 \
+             AND NOT EXISTS (SELECT 1 FROM cached_study c \
+                             WHERE c.study_instance_uid = st.study_instance_uid) \
              AND (sp.study_instance_uid IS NULL \
                   OR (sp.state <> 'retracted' AND (sp.changes <> sp.evaluated_changes \
                       OR sp.evaluated_received_at <> st.last_received_at))) \

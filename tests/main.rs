@@ -7,6 +7,8 @@ mod cli;
 mod dicomweb;
 mod ingest;
 mod negotiation;
+mod page;
+mod peer;
 mod query_retrieve;
 mod recognition;
 mod region;

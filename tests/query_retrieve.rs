@@ -511,14 +511,14 @@ fn free_port() -> u16 {
 }
 
 /// dcmtk's storescp, writing what it receives bit-preserving.
-struct StoreScp {
+pub struct StoreScp {
     child: std::process::Child,
     port: u16,
     dir: tempfile::TempDir,
 }
 
 impl StoreScp {
-    fn start(ae_title: &str, accept_all: bool) -> StoreScp {
+    pub fn start(ae_title: &str, accept_all: bool) -> StoreScp {
         Self::start_with(ae_title, accept_all, &[])
     }
 
@@ -547,7 +547,7 @@ impl StoreScp {
         StoreScp { child, port, dir }
     }
 
-    fn received(&self) -> Vec<PathBuf> {
+    pub fn received(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -556,7 +556,7 @@ impl StoreScp {
         files
     }
 
-    fn remote_ae(&self, ae_title: &str) -> RemoteAe {
+    pub fn remote_ae(&self, ae_title: &str) -> RemoteAe {
         RemoteAe {
             ae_title: ae_title.into(),
             host: "127.0.0.1".into(),

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::region::{
-    ADMIN_TOKEN, Api, Contract, RID, Recorder, make_study, start_proxy, region_config, spawn_registry, store, wait_record,
-    wait_until,
+    ADMIN_TOKEN, Api, Contract, RID, Recorder, make_study, region_config, spawn_registry,
+    start_proxy, store, wait_record, wait_until,
 };
 use crate::support::{self, Backend, python_tool, repo_path};
 
@@ -94,11 +94,21 @@ async fn duplicate_exam_warning_end_to_end() {
     })
     .await;
     let api_a = Api::new(
-        &start_proxy(format!("http://{}", node_a.http_addr), recorder.clone(), false).await,
+        &start_proxy(
+            format!("http://{}", node_a.http_addr),
+            recorder.clone(),
+            false,
+        )
+        .await,
         None,
     );
     let api_b = Api::new(
-        &start_proxy(format!("http://{}", node_b.http_addr), recorder.clone(), false).await,
+        &start_proxy(
+            format!("http://{}", node_b.http_addr),
+            recorder.clone(),
+            false,
+        )
+        .await,
         None,
     );
     for api in [&api_a, &api_b] {

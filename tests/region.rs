@@ -378,15 +378,24 @@ impl Contract {
     pub fn check_all(&self, exchanges: &[Exchange], tags: &[&str]) {
         let mut exercised = BTreeSet::new();
         for e in exchanges {
-            let op = self.check(e).unwrap_or_else(|err| panic!("contract: {err}"));
+            let op = self
+                .check(e)
+                .unwrap_or_else(|err| panic!("contract: {err}"));
             if e.status < 300 || e.status == 304 {
                 exercised.insert(op);
             }
         }
         // /health is asked outside the proxies.
         exercised.insert("get /health".into());
-        let missing: Vec<_> = self.operations(tags).difference(&exercised).cloned().collect();
-        assert!(missing.is_empty(), "operations never exercised: {missing:?}");
+        let missing: Vec<_> = self
+            .operations(tags)
+            .difference(&exercised)
+            .cloned()
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "operations never exercised: {missing:?}"
+        );
     }
 }
 
@@ -406,6 +415,9 @@ pub fn region_config(registry_url: &str, hospital_id: &str, token: &str) -> Regi
         recognition_list_file: None,
         cfind_regional_priors: false,
         ohif_url: None,
+        peer_parallel: 4,
+        peer_cache_budget_bytes: 1 << 30,
+        prefetch_priors: false,
     }
 }
 

@@ -150,6 +150,8 @@ pub fn status_for(error: &ingest::Error) -> u16 {
         ingest::Error::SopClassMismatch { .. } => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
         ingest::Error::SopInstanceMismatch { .. } => status::CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
         ingest::Error::Storage(_) | ingest::Error::Index(_) => status::OUT_OF_RESOURCES,
+        // Only peer fetches name an expected hash; C-STORE never does.
+        ingest::Error::HashMismatch { .. } => status::CANNOT_UNDERSTAND,
     }
 }
 

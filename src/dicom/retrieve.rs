@@ -312,6 +312,43 @@ async fn plan(
     }
     let query = identifier::retrieve_query(&request)
         .map_err(|e| refuse(status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, &e))?;
+    // A regional prior this node does not hold yet is fetched from the
+    // hospital that holds it first; the workstation need not know.
+    let study_instance_uid = identifier::text(&request, tags::STUDY_INSTANCE_UID);
+    if let Some(region) = op.ctx.region.as_ref()
+        && !study_instance_uid.is_empty()
+        && !study_instance_uid.contains('\\')
+    {
+        match crate::peer::regional_holder(&op.ctx.ingest, &study_instance_uid).await {
+            Ok(Some(holding)) => {
+                let user = format!("ae:{}", op.calling_ae_title.trim());
+                match crate::peer::fetch_study(
+                    region,
+                    &op.ctx.ingest,
+                    &holding,
+                    &study_instance_uid,
+                    crate::registry::proto::Purpose::Treatment,
+                    &user,
+                    Some(format!("retrieve by {user}")),
+                )
+                .await
+                {
+                    Ok(r) => {
+                        tracing::info!(parent: op.span, fetched = r.fetched, present = r.already_present, hospital = %holding, "regional prior fetched for a retrieve")
+                    }
+                    Err(e) => {
+                        tracing::warn!(parent: op.span, error = %e, "regional prior could not be fetched");
+                        return Err(refuse(
+                            status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                            "the regional prior could not be fetched from the hospital that holds it",
+                        ));
+                    }
+                }
+            }
+            Ok(None) => crate::peer::touch(&op.ctx.ingest, &study_instance_uid).await,
+            Err(e) => tracing::warn!(parent: op.span, error = %e, "regional prior lookup failed"),
+        }
+    }
     let matches = query::collect(op.ctx.ingest.index(), query)
         .await
         .map_err(|e| {

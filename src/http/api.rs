@@ -30,6 +30,8 @@ use crate::types::{BlobHash, Uid};
 pub struct ApiState {
     pub index: Index,
     pub region: Option<Arc<Region>>,
+    /// Peer fetches store through the one ingest path.
+    pub ingest: crate::ingest::Ingest,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,12 @@ pub enum ApiError {
     /// 409: the node is not part of a region (no registry configured).
     #[error("this node is not configured for a region (registry_url)")]
     NoRegion,
+    /// 502: the peer node did not serve the study.
+    #[error("peer: {0}")]
+    Peer(String),
+    /// 502: a peer's study failed verification; nothing unverified kept.
+    #[error("integrity: {0}")]
+    Integrity(String),
     /// 503: no recognition list is active yet (none pulled, none configured).
     #[error("no recognition list is active yet")]
     NoList,
@@ -85,6 +93,8 @@ impl IntoResponse for ApiError {
             ApiError::NoRegion => (StatusCode::CONFLICT, "no-region"),
             ApiError::NoList => (StatusCode::SERVICE_UNAVAILABLE, "no-recognition-list"),
             ApiError::Registry(_) => (StatusCode::BAD_GATEWAY, "registry-refused"),
+            ApiError::Integrity(_) => (StatusCode::BAD_GATEWAY, "integrity"),
+            ApiError::Peer(_) => (StatusCode::BAD_GATEWAY, "peer"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         if let ApiError::Unavailable(detail) = &self {
@@ -115,6 +125,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/publication/local-only", get(local_only))
         .route("/api/v1/priors", post(priors))
         .route("/api/v1/consents", post(add_consent))
+        .route("/api/v1/peer/fetch", post(peer_fetch))
+        .route("/api/v1/peer/audit", get(peer_audit))
         .route("/api/v1/recognition/check", post(recognition_check))
         .route("/api/v1/recognition/decisions", post(recognition_decision))
         .route(
@@ -155,6 +167,13 @@ pub async fn require_token(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if request
+        .extensions()
+        .get::<crate::http::GrantAccess>()
+        .is_some()
+    {
+        return next.run(request).await;
+    }
     let authorization = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -391,30 +410,14 @@ async fn retract(
     }
 }
 
-/// One instance of a study manifest.
-#[derive(Debug, Serialize)]
-struct ManifestInstance {
-    sop_instance_uid: String,
-    blob_hash: String,
-    size: i64,
-}
-
-/// What a peer verifies a fetched study against: the instances and the
-/// content root the registry record carries.
-#[derive(Debug, Serialize)]
-struct StudyManifest {
-    study_instance_uid: String,
-    content_root: String,
-    instances: Vec<ManifestInstance>,
-}
-
 async fn manifest(
     State(state): State<Arc<ApiState>>,
     Path(uid): Path<String>,
 ) -> Result<Json<StudyManifest>, ApiError> {
     let uid = study_uid(&uid)?;
     let rows = sqlx::query(
-        "SELECT i.sop_instance_uid, i.blob_hash, i.blob_size FROM instance i \
+        "SELECT i.sop_instance_uid, i.blob_hash, i.blob_size, se.series_instance_uid, \
+         i.sop_class_uid, i.transfer_syntax_uid FROM instance i \
          JOIN series se ON se.series_key = i.series_key JOIN study st ON st.study_key = se.study_key \
          WHERE st.study_instance_uid = $1 AND i.is_current = 1 ORDER BY i.sop_instance_uid",
     )
@@ -434,6 +437,9 @@ async fn manifest(
         hashes.push((sop.clone(), hash));
         instances.push(ManifestInstance {
             sop_instance_uid: sop,
+            series_instance_uid: r.try_get(3)?,
+            sop_class_uid: r.try_get(4)?,
+            transfer_syntax_uid: r.try_get(5)?,
             blob_hash: hex,
             size: r.try_get(2)?,
         });
@@ -523,6 +529,7 @@ async fn priors(
             page_token: r.page_token,
         })
         .await?;
+    priors::remember_holders(region, &answer).await;
     Ok(Json(answer))
 }
 
@@ -615,4 +622,69 @@ async fn recognition_list(
         })).collect::<Vec<_>>(),
         "reasons": list.reasons,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerFetchRequest {
+    hospital_id: String,
+    study_instance_uid: String,
+    purpose: Purpose,
+    user_id: String,
+    #[serde(default)]
+    reference: Option<String>,
+}
+
+/// Fetches a regional prior from the node that holds it (missing
+/// instances only, verified).
+async fn peer_fetch(
+    State(state): State<Arc<ApiState>>,
+    Body(r): Body<PeerFetchRequest>,
+) -> Result<Json<crate::peer::FetchReport>, ApiError> {
+    let region = region(&state)?;
+    crate::peer::fetch_study(
+        region,
+        &state.ingest,
+        &r.hospital_id,
+        &r.study_instance_uid,
+        r.purpose,
+        &r.user_id,
+        r.reference,
+    )
+    .await
+    .map(Json)
+    .map_err(|e| match e {
+        crate::peer::Error::Refused(m) => ApiError::Registry(format!("403: {m}")),
+        crate::peer::Error::NoPeer(h) => {
+            ApiError::BadRequest(format!("hospital {h} has no node URL in the directory"))
+        }
+        crate::peer::Error::Integrity(m) => ApiError::Integrity(m),
+        // The peer node failing (down, refusing) is a gateway error the
+        // caller may retry; its detail is the peer's, not ours.
+        crate::peer::Error::Peer(m) => ApiError::Peer(m),
+        other => ApiError::Unavailable(other.to_string()),
+    })
+}
+
+/// The studies this node fetched from and served to peers.
+async fn peer_audit(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = sqlx::query(
+        "SELECT seq, at, action, peer_hospital_id, study_instance_uid, purpose, user_id, grant_id, \
+         detail FROM peer_audit ORDER BY seq",
+    )
+    .fetch_all(state.index.pool())
+    .await?;
+    let mut entries = Vec::new();
+    for r in rows {
+        entries.push(serde_json::json!({
+            "seq": r.try_get::<i64, _>(0)?, "at": r.try_get::<String, _>(1)?,
+            "action": r.try_get::<String, _>(2)?, "peer_hospital_id": r.try_get::<String, _>(3)?,
+            "study_instance_uid": r.try_get::<String, _>(4)?, "purpose": r.try_get::<String, _>(5)?,
+            "user_id": r.try_get::<String, _>(6)?, "grant_id": r.try_get::<Option<String>, _>(7)?,
+            "detail": r.try_get::<String, _>(8)?,
+        }));
+    }
+    Ok(Json(serde_json::json!({ "entries": entries })))
 }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod dicomweb;
 pub mod error;
+pub mod page;
 
 use std::sync::Arc;
 
@@ -42,6 +43,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.match_options,
         ))
         .merge(api_router(&state))
+        .merge(page::router(&state))
+        // A peer node presenting a registry grant may GET the study the
+        // grant names (its manifest and its instances), and nothing else.
+        .layer(axum::middleware::from_fn_with_state(
+            state.region.clone(),
+            grant_access,
+        ))
         // One span per request: errors logged while serving it carry its
         // method and path.
         .layer(
@@ -51,12 +59,65 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
 }
 
+/// A request admitted under a peer's registry grant.
+#[derive(Clone)]
+pub struct GrantAccess(pub crate::registry::proto::GrantConfirmed);
+
+async fn grant_access(
+    State(region): State<Option<Arc<crate::publish::Region>>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let token = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+        .filter(|t| t.starts_with("hg."));
+    if let Some(token) = token {
+        use crate::registry::server::problem;
+        let Some(region) = region else {
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this node takes no grants",
+            );
+        };
+        let Some(grant) = region.verify_grant(&token).await else {
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the grant is not valid for this hospital (expired, unknown, or for another)",
+            );
+        };
+        let path = request.uri().path();
+        let study = path
+            .strip_prefix("/dicom-web/studies/")
+            .or_else(|| path.strip_prefix("/api/v1/studies/"))
+            .and_then(|rest| rest.split('/').next());
+        let allowed = request.method() == axum::http::Method::GET
+            && study == Some(grant.study_instance_uid.as_str())
+            && (path.starts_with("/dicom-web/") || path.ends_with("/manifest"));
+        if !allowed {
+            return problem(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a grant admits GET of its own study only",
+            );
+        }
+        request.extensions_mut().insert(GrantAccess(grant));
+    }
+    next.run(request).await
+}
+
 /// The JSON API behind the same bearer tokens as DICOMweb.
 fn api_router(state: &Arc<AppState>) -> Router {
     let tokens = Arc::new(dicomweb::auth::Tokens::new(&state.dicomweb));
     api::router(Arc::new(api::ApiState {
         index: state.ingest.index().clone(),
         region: state.region.clone(),
+        ingest: state.ingest.clone(),
     }))
     .layer(axum::middleware::from_fn_with_state(
         tokens,

@@ -108,6 +108,22 @@ impl RegistryClient {
             .await
     }
 
+    pub async fn grant(&self, request: &GrantRequest) -> Result<Grant, Error> {
+        self.send(self.http.post(self.url("/v1/grants")).json(request))
+            .await
+    }
+
+    pub async fn verify_grant(&self, token: &str) -> Result<GrantConfirmed, Error> {
+        self.send(
+            self.http
+                .post(self.url("/v1/grants/verify"))
+                .json(&GrantVerify {
+                    token: token.to_string(),
+                }),
+        )
+        .await
+    }
+
     pub async fn events(&self, events: &RecognitionEvents) -> Result<EventsAccepted, Error> {
         self.send(
             self.http

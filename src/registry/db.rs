@@ -690,6 +690,152 @@ impl Db {
             .ok_or(Error::NotFound("consent"))
     }
 
+    // ------------------------------------------------------------ grants
+
+    /// Issues a grant for `asking` to fetch a study held at another
+    /// hospital, under the consent rule of the priors query: a granted,
+    /// unexpired consent of the study's patient for `asking`, or an
+    /// emergency (break-the-glass, flagged). Audited either way.
+    pub async fn issue_grant(
+        &self,
+        asking: &str,
+        r: &GrantRequest,
+    ) -> Result<Result<Grant, String>> {
+        check_uid(&r.study_instance_uid)?;
+        check_text("user_id", &r.user_id, 128)?;
+        let row = sqlx::query(
+            "SELECT patient_key, record FROM study_record WHERE hospital_id = $1 \
+             AND study_instance_uid = $2 AND retracted = 0",
+        )
+        .bind(&r.holding_hospital_id)
+        .bind(&r.study_instance_uid)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(Error::NotFound("record"))?;
+        let patient_key: String = row.try_get(0)?;
+        let record: StudyRecord = serde_json::from_str(&row.try_get::<String, _>(1)?)
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let now = now_rfc3339();
+        let consent = self.consent_state(&patient_key, asking, &now).await?;
+        let outcome = if consent == Some(ConsentState::Granted) {
+            "ok"
+        } else if r.purpose == Purpose::Emergency {
+            "break_the_glass"
+        } else {
+            "denied"
+        };
+        let mut audit = AuditRecord {
+            actor: asking.to_string(),
+            user_id: r.user_id.clone(),
+            action: "grant_issue",
+            patient_key: Some(patient_key.clone()),
+            purpose: Some(r.purpose.as_str().to_string()),
+            records_returned: 0,
+            outcome: outcome.to_string(),
+            detail: format!(
+                "study {} at {} for {}; reference {}",
+                r.study_instance_uid,
+                r.holding_hospital_id,
+                asking,
+                r.reference.as_deref().unwrap_or("-")
+            ),
+        };
+        if outcome == "denied" {
+            self.audit(&[audit]).await?;
+            return Ok(Err(
+                "no granted consent of this patient for the asking hospital".into(),
+            ));
+        }
+        let grant_id = random_hex(16);
+        let token = format!("hg.{}", random_hex(32));
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+        let expires_at =
+            humantime::format_rfc3339_micros(SystemTime::now() + Duration::from_secs(15 * 60))
+                .to_string();
+        audit.detail = format!("grant {grant_id}: {}", audit.detail);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO grant_token (token_sha256, grant_id, requesting_hospital_id, \
+             holding_hospital_id, study_instance_uid, patient_key, purpose, user_id, reference, \
+             created_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+        )
+        .bind(&sha)
+        .bind(&grant_id)
+        .bind(asking)
+        .bind(&r.holding_hospital_id)
+        .bind(&r.study_instance_uid)
+        .bind(&patient_key)
+        .bind(r.purpose.as_str())
+        .bind(&r.user_id)
+        .bind(r.reference.clone())
+        .bind(&now)
+        .bind(&expires_at)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(Ok(Grant {
+            grant_id,
+            token,
+            holding_hospital_id: r.holding_hospital_id.clone(),
+            study_instance_uid: r.study_instance_uid.clone(),
+            content_root: record.content_root,
+            purpose: r.purpose,
+            expires_at,
+        }))
+    }
+
+    /// Confirms a grant to the hospital that holds its study (audited: the
+    /// retrieval is linked to the grant and so to its reference).
+    pub async fn verify_grant(&self, holding: &str, token: &str) -> Result<Option<GrantConfirmed>> {
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+        let row = sqlx::query(
+            "SELECT grant_id, requesting_hospital_id, holding_hospital_id, study_instance_uid, \
+             patient_key, purpose, user_id, expires_at FROM grant_token WHERE token_sha256 = $1",
+        )
+        .bind(&sha)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let holding_id: String = row.try_get(2)?;
+        let expires_at: String = row.try_get(7)?;
+        if holding_id != holding || expires_at <= now_rfc3339() {
+            return Ok(None);
+        }
+        let purpose: String = row.try_get(5)?;
+        let confirmed = GrantConfirmed {
+            grant_id: row.try_get(0)?,
+            requesting_hospital_id: row.try_get(1)?,
+            study_instance_uid: row.try_get(3)?,
+            purpose: if purpose == "emergency" {
+                Purpose::Emergency
+            } else {
+                Purpose::Treatment
+            },
+            user_id: row.try_get(6)?,
+            expires_at,
+        };
+        self.audit(&[AuditRecord {
+            actor: holding.to_string(),
+            user_id: "node".into(),
+            action: "grant_verify",
+            patient_key: Some(row.try_get(4)?),
+            purpose: Some(purpose.clone()),
+            records_returned: 0,
+            outcome: if purpose == "emergency" {
+                "break_the_glass".into()
+            } else {
+                "ok".into()
+            },
+            detail: format!(
+                "grant {} for {}: study {}",
+                confirmed.grant_id, confirmed.requesting_hospital_id, confirmed.study_instance_uid
+            ),
+        }])
+        .await?;
+        Ok(Some(confirmed))
+    }
+
     // ------------------------------------------------------------ recognition
 
     /// Validates and activates a recognition list; an invalid list is

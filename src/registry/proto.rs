@@ -591,3 +591,70 @@ pub struct StatisticsRow {
 pub struct Statistics {
     pub rows: Vec<StatisticsRow>,
 }
+
+/// Hospital A asks to fetch one study held at hospital B.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    pub holding_hospital_id: String,
+    pub study_instance_uid: String,
+    pub purpose: Purpose,
+    pub user_id: String,
+    /// The check (check_id) or query that led to the retrieval.
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+/// A short-lived grant: A presents `token` to B as a bearer token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub grant_id: String,
+    pub token: String,
+    pub holding_hospital_id: String,
+    pub study_instance_uid: String,
+    /// The published content root A verifies B's manifest against.
+    pub content_root: String,
+    pub purpose: Purpose,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantVerify {
+    pub token: String,
+}
+
+/// What the registry confirms to the holding hospital about a grant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfirmed {
+    pub grant_id: String,
+    pub requesting_hospital_id: String,
+    pub study_instance_uid: String,
+    pub purpose: Purpose,
+    pub user_id: String,
+    pub expires_at: String,
+}
+
+/// One instance of a study manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestInstance {
+    pub sop_instance_uid: String,
+    pub series_instance_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax_uid: String,
+    pub blob_hash: String,
+    pub size: i64,
+}
+
+/// What a peer verifies a fetched study against: the current instances
+/// with their hashes, and the content root the registry record carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyManifest {
+    pub study_instance_uid: String,
+    pub content_root: String,
+    pub instances: Vec<ManifestInstance>,
+}

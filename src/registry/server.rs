@@ -221,6 +221,8 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/recognition-list", get(get_list).put(put_list))
         .route("/v1/recognition/events", post(add_events))
+        .route("/v1/grants", post(issue_grant))
+        .route("/v1/grants/verify", post(verify_grant))
         .route("/v1/recognition/statistics", get(statistics))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such resource") })
         .layer(DefaultBodyLimit::max(limit))
@@ -625,4 +627,43 @@ async fn statistics(
         )
         .await?;
     Ok(Json(Statistics { rows }))
+}
+
+/// A grant to fetch one study from the hospital that holds it (peer
+/// retrieval); 403 without consent or break-the-glass.
+async fn issue_grant(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Body(request): Body<GrantRequest>,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let Caller::Hospital(asking) = caller else {
+        return Err(ApiError::Forbidden(
+            "grants are asked by a hospital's node".into(),
+        ));
+    };
+    match state.db.issue_grant(&asking, &request).await? {
+        Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
+        Err(why) => Err(ApiError::Forbidden(why)),
+    }
+}
+
+/// The holding hospital confirms a grant presented to it.
+async fn verify_grant(
+    State(state): State<Arc<RegistryState>>,
+    headers: HeaderMap,
+    Body(request): Body<GrantVerify>,
+) -> Result<Json<GrantConfirmed>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    let Caller::Hospital(holding) = caller else {
+        return Err(ApiError::Forbidden(
+            "grants are verified by the holding hospital".into(),
+        ));
+    };
+    state
+        .db
+        .verify_grant(&holding, &request.token)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("valid grant for this hospital"))
 }

@@ -1,0 +1,563 @@
+//! Every word of the page, in both languages, in one place. Templates name
+//! them as `t.key`; a test checks that every key a template uses is here.
+//! Placeholders (`{n}`) are filled in the template with `replace`.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    Zh,
+    En,
+}
+
+impl Lang {
+    pub fn code(self) -> &'static str {
+        match self {
+            Lang::Zh => "zh",
+            Lang::En => "en",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Lang> {
+        match s.trim() {
+            "zh" | "zh-CN" | "zh-cn" => Some(Lang::Zh),
+            "en" => Some(Lang::En),
+            _ => None,
+        }
+    }
+
+    pub fn other(self) -> Lang {
+        match self {
+            Lang::Zh => Lang::En,
+            Lang::En => Lang::Zh,
+        }
+    }
+}
+
+/// (key, 中文, English).
+const STRINGS: &[(&str, &str, &str)] = &[
+    // Frame.
+    (
+        "app_title",
+        "影像检查结果互认 · 医生工作台",
+        "Imaging result recognition · doctor's page",
+    ),
+    ("lang_switch", "English", "中文"),
+    ("signed_in_as", "当前医生", "Signed in as"),
+    ("sign_out", "退出登录", "Sign out"),
+    ("current_patient", "当前患者", "Current patient"),
+    ("new_patient", "查找其他患者", "Find another patient"),
+    ("back_to_patient", "返回患者页面", "Back to the patient"),
+    (
+        "no_phi_note",
+        "患者标识只保存在服务器端会话中，不出现在网址和日志里；每次查看都记入审计。",
+        "The patient's identifier stays in your server-side session, never in a URL or a log; every look is audited.",
+    ),
+    // Sign-in.
+    ("login_title", "医生登录", "Doctor sign-in"),
+    ("user_id", "用户名", "User ID"),
+    ("password", "密码", "Password"),
+    ("sign_in", "登录", "Sign in"),
+    (
+        "login_failed",
+        "用户名或密码错误。",
+        "Wrong user ID or password.",
+    ),
+    // No region, errors.
+    (
+        "no_region_title",
+        "本节点未加入区域影像平台",
+        "This node is not part of a region",
+    ),
+    (
+        "no_region_text",
+        "节点没有配置区域登记中心（registry_url），无法查询和互认其他医院的检查结果。请联系信息科。",
+        "The node has no regional registry configured (registry_url): other hospitals' exams cannot be looked up or recognised. Ask the IT department.",
+    ),
+    (
+        "error_title",
+        "无法完成请求",
+        "The request could not be completed",
+    ),
+    (
+        "forbidden",
+        "表单已失效（缺少或错误的安全令牌）。请刷新页面后重试。",
+        "The form has expired (missing or wrong security token). Reload the page and try again.",
+    ),
+    (
+        "unavailable",
+        "服务暂时不可用，请稍后重试。",
+        "The service is unavailable; try again later.",
+    ),
+    ("not_found", "未找到。", "Not found."),
+    ("bad_request", "请求有误：", "Bad request: "),
+    (
+        "no_list",
+        "区域互认项目清单尚未生效，暂不能进行互认检查。",
+        "No recognition list is active yet: orders cannot be checked.",
+    ),
+    (
+        "registry_refused",
+        "区域平台拒绝了查询：",
+        "The regional registry refused the query: ",
+    ),
+    ("no_patient", "请先查找患者。", "Find a patient first."),
+    // Find a patient.
+    ("find_title", "查找患者", "Find a patient"),
+    ("by_rid", "身份证号", "Resident ID number (身份证号)"),
+    ("by_pid", "本院患者ID", "Local Patient ID"),
+    (
+        "issuer",
+        "患者ID签发机构（可选）",
+        "Issuer of Patient ID (optional)",
+    ),
+    ("find_button", "查询", "Find"),
+    (
+        "continue_patient",
+        "继续查看当前患者",
+        "Continue with the current patient",
+    ),
+    (
+        "err_empty_rid",
+        "请输入身份证号。",
+        "Enter the resident ID number.",
+    ),
+    (
+        "err_empty_pid",
+        "请输入本院患者ID。",
+        "Enter the local Patient ID.",
+    ),
+    (
+        "id_check_digit",
+        "身份证号校验位错误，请核对。",
+        "The resident ID number's check digit is wrong: check the number.",
+    ),
+    (
+        "id_identifier_format",
+        "证件号码格式不正确。",
+        "The identifier's format is wrong.",
+    ),
+    (
+        "id_no_identifier",
+        "该患者在本院没有可跨院核验的证件号。",
+        "This patient has no cross-enterprise identifier at this hospital.",
+    ),
+    // Timeline.
+    (
+        "timeline_title",
+        "既往影像检查（本院及区域）",
+        "Prior imaging exams (this hospital and the region)",
+    ),
+    (
+        "identity_unverified",
+        "患者身份无法跨院核验：",
+        "The patient's identity cannot be verified across hospitals: ",
+    ),
+    (
+        "identity_unverified_tail",
+        "只显示本院的检查，互认检查不会提示。",
+        "Only this hospital's exams are shown and the order check gives no warning.",
+    ),
+    (
+        "registry_unreachable",
+        "未能连接区域平台：只显示本院已发布的检查。",
+        "The regional registry could not be reached: only this hospital's published exams are shown.",
+    ),
+    (
+        "withheld",
+        "另有 {n} 项其他医院的检查需患者授权后才能查看。",
+        "{n} exams at other hospitals need the patient's consent.",
+    ),
+    (
+        "access_consent",
+        "患者已授权本院查看其他医院的检查。",
+        "The patient has consented to this hospital seeing other hospitals' exams.",
+    ),
+    (
+        "access_break_the_glass",
+        "紧急查看（破窗）：未经授权查看，已审计。",
+        "Break-the-glass access: shown without consent, audited.",
+    ),
+    (
+        "no_priors",
+        "没有找到既往影像检查。",
+        "No prior imaging exams found.",
+    ),
+    ("col_date", "检查日期", "Study date"),
+    ("col_item", "检查项目", "Exam"),
+    ("col_hospital", "检查医院", "Hospital"),
+    ("col_report", "报告", "Report"),
+    ("col_qc", "质控", "QC"),
+    ("col_status", "互认状态", "Recognition"),
+    ("col_open", "影像", "Images"),
+    ("this_hospital", "本院", "this hospital"),
+    ("report_none", "无报告", "No report"),
+    ("report_preliminary", "初步报告", "Preliminary"),
+    ("report_final", "正式报告", "Final"),
+    ("report_amended", "修订报告", "Amended"),
+    ("qc_passed", "质控合格", "Passed"),
+    ("qc_pending", "待质控", "Pending"),
+    ("qc_failed", "质控不合格", "Failed"),
+    ("classified", "已归入互认项目", "Recognised item"),
+    ("unclassified", "未归入互认项目", "Not a recognised item"),
+    (
+        "local_only",
+        "仅本院（未发布到区域平台）",
+        "This hospital only (not published to the region)",
+    ),
+    (
+        "images_unavailable",
+        "影像不可调阅",
+        "Images not retrievable",
+    ),
+    ("open", "查看", "Open"),
+    (
+        "series_instances",
+        "{s} 个序列，{i} 幅图像",
+        "{s} series, {i} images",
+    ),
+    // The order check.
+    ("check_title", "开单前互认检查", "Check an order"),
+    ("item", "检查项目", "Exam item"),
+    ("choose", "请选择", "Choose"),
+    ("laterality", "侧别", "Side"),
+    (
+        "laterality_hint",
+        "仅分左右侧的项目需要",
+        "only for exams of one side",
+    ),
+    ("side_none", "不适用", "n/a"),
+    ("side_L", "左侧", "Left"),
+    ("side_R", "右侧", "Right"),
+    ("side_B", "双侧", "Both"),
+    ("needs_side", "（需选侧别）", " (side needed)"),
+    ("encounter", "就诊类型", "Encounter"),
+    ("enc_outpatient", "门诊", "Outpatient"),
+    ("enc_inpatient", "住院", "Inpatient"),
+    ("enc_emergency", "急诊", "Emergency"),
+    (
+        "btg",
+        "紧急查看（破窗）：未经患者授权查看其他医院的结果，将被审计",
+        "Break the glass: see other hospitals' results without consent (audited)",
+    ),
+    (
+        "check_button",
+        "检查是否可互认",
+        "Check for a recent similar exam",
+    ),
+    (
+        "err_side_needed",
+        "该项目需要选择侧别。",
+        "This exam needs the side.",
+    ),
+    ("err_no_item", "请选择检查项目。", "Choose an exam item."),
+    // The check's answer.
+    ("result_title", "互认检查结果", "Order check result"),
+    ("ordered", "本次开单", "Ordered"),
+    (
+        "warn_title",
+        "该患者近期做过类似检查",
+        "This patient recently had a similar exam",
+    ),
+    (
+        "warn_text",
+        "下列检查结果在互认有效期内，可代替本次检查。请与患者沟通后选择处理意见。",
+        "The exam below is within its recognition window and can stand in for this order. Talk to the patient, then record your decision.",
+    ),
+    (
+        "no_warn_title",
+        "未发现可互认的近期检查",
+        "No recent exam to recognise",
+    ),
+    (
+        "no_warn_text",
+        "可以按原计划开单。",
+        "The order may go ahead.",
+    ),
+    (
+        "info_title",
+        "急诊：既往结果仅供参考",
+        "Emergency: prior results for information only",
+    ),
+    ("evidence", "可互认的检查", "The recognisable exam"),
+    ("hospital", "检查医院", "Hospital"),
+    ("level", "医院等级", "Level"),
+    ("study_date", "检查日期", "Study date"),
+    ("report_date", "报告日期", "Report issued"),
+    ("days_ago", "距今", "Days ago"),
+    ("days", "{n} 天", "{n} days"),
+    ("window", "互认有效期", "Recognition window"),
+    (
+        "window_from_report_issued_date",
+        "自报告日期起算",
+        "counted from the report date",
+    ),
+    (
+        "window_from_study_date",
+        "自检查日期起算",
+        "counted from the study date",
+    ),
+    ("window_default", "区域默认值", "regional default"),
+    ("mark", "互认标识", "Mark"),
+    ("eligibility", "互认依据", "Eligibility rule"),
+    ("open_images", "查看影像", "Open the images"),
+    (
+        "other_qualifying",
+        "其他可互认的检查",
+        "Other qualifying exams",
+    ),
+    ("not_counted", "不计入互认的检查", "Exams that do not count"),
+    ("reason", "原因", "Reason"),
+    (
+        "nc_out_of_window",
+        "超出互认有效期",
+        "Outside the recognition window",
+    ),
+    (
+        "nc_ineligible_hospital",
+        "该医院的结果不在本院互认范围内",
+        "That hospital's results are not recognised here",
+    ),
+    (
+        "nc_qc_failed",
+        "质控未通过或尚待质控",
+        "QC failed or still pending",
+    ),
+    (
+        "nc_no_consent",
+        "未获患者授权",
+        "No consent from the patient",
+    ),
+    (
+        "nc_images_unavailable",
+        "影像不可调阅",
+        "Images not retrievable",
+    ),
+    (
+        "nc_different_modality",
+        "检查类型不同",
+        "Different modality",
+    ),
+    (
+        "nc_different_region",
+        "检查部位不同",
+        "Different body region",
+    ),
+    (
+        "nc_contrast_not_satisfied",
+        "平扫/增强方式不满足本次开单",
+        "Contrast does not satisfy the order",
+    ),
+    ("nc_different_laterality", "侧别不同", "Other side"),
+    (
+        "nc_view_not_satisfied",
+        "投照体位不满足本次开单",
+        "Views do not satisfy the order",
+    ),
+    (
+        "nc_prior_unclassified",
+        "未归入互认项目",
+        "Not a recognised item",
+    ),
+    ("r_no_prior", "没有既往检查。", "No prior exam."),
+    (
+        "r_identity_unverified",
+        "患者身份无法跨院核验：不作互认提示。",
+        "The patient's identity cannot be verified: no warning is given.",
+    ),
+    (
+        "r_emergency_info_only",
+        "急诊患者：既往结果仅供参考，不作互认提示。",
+        "Emergency: priors are shown for information, never as a warning.",
+    ),
+    (
+        "r_no_consent",
+        "部分其他医院的检查因未获患者授权未能参与判断。",
+        "Some exams at other hospitals were not considered: no consent.",
+    ),
+    ("list_version", "互认项目清单", "Recognition list"),
+    (
+        "registry_not_reached_check",
+        "未能连接区域平台：只根据本院的检查判断。",
+        "The regional registry could not be reached: only this hospital's exams were considered.",
+    ),
+    // The decision.
+    ("decision_title", "处理意见", "Your decision"),
+    (
+        "accept",
+        "采纳既往结果（撤销本次开单）",
+        "Accept the prior result (drop this order)",
+    ),
+    ("repeat", "仍需重新检查", "Repeat the exam"),
+    ("repeat_reason", "重新检查的理由", "Reason for repeating"),
+    ("free_text", "补充说明（可选）", "Note (optional)"),
+    ("submit", "提交", "Submit"),
+    (
+        "err_no_decision",
+        "请选择处理意见。",
+        "Choose accept or repeat.",
+    ),
+    (
+        "err_no_reason",
+        "选择\u{201c}仍需重新检查\u{201d}时必须选择理由。",
+        "A repeat needs a reason.",
+    ),
+    (
+        "err_decided",
+        "该检查已有处理意见。",
+        "This check has a decision already.",
+    ),
+    ("decided_title", "处理意见已记录", "Decision recorded"),
+    (
+        "decided_accepted",
+        "已采纳既往结果，本次开单已撤销。",
+        "The prior result was accepted; this order is dropped.",
+    ),
+    (
+        "decided_repeated",
+        "已记录重新检查。理由：",
+        "The repeat was recorded. Reason: ",
+    ),
+    (
+        "non_recognition_yes",
+        "计入\u{201c}未互认\u{201d}统计。",
+        "Counted as non-recognition.",
+    ),
+    (
+        "non_recognition_no",
+        "不计入\u{201c}未互认\u{201d}统计。",
+        "Not counted as non-recognition.",
+    ),
+    ("check_id", "检查记录号", "Check ID"),
+    // A study.
+    ("study_title", "检查详情", "Study"),
+    ("study_uid", "检查实例UID", "Study Instance UID"),
+    ("modalities", "检查类型", "Modalities"),
+    ("description", "检查描述", "Description"),
+    ("accession", "检查号", "Accession number"),
+    ("series", "序列", "Series"),
+    ("series_number", "序列号", "No."),
+    ("body_part", "部位", "Body part"),
+    ("instances", "图像", "Images"),
+    ("instance_number", "图像号", "No."),
+    ("sop_class", "SOP 类", "SOP Class"),
+    ("size", "大小（字节）", "Size (bytes)"),
+    ("publication", "区域发布", "Publication"),
+    ("pub_pending", "待发布", "pending"),
+    (
+        "pub_published",
+        "已发布到区域平台",
+        "published to the region",
+    ),
+    (
+        "pub_local_only",
+        "仅本院（无可核验的证件号）",
+        "this hospital only (no verifiable identifier)",
+    ),
+    ("pub_retracted", "已撤回", "retracted"),
+    (
+        "held_elsewhere",
+        "本院未保存该检查。影像保存在：",
+        "This node does not hold the study. It is held by:",
+    ),
+    (
+        "held_elsewhere_hint",
+        "请通过区域影像平台或该医院调阅影像。",
+        "Open the images through the regional viewer or at that hospital.",
+    ),
+    (
+        "study_unknown",
+        "本院未保存该检查，当前患者的区域记录中也没有。",
+        "This node does not hold the study, and the current patient's regional records do not name it.",
+    ),
+];
+
+/// The strings of one language, by key.
+pub fn strings(lang: Lang) -> &'static BTreeMap<&'static str, &'static str> {
+    static ZH: OnceLock<BTreeMap<&str, &str>> = OnceLock::new();
+    static EN: OnceLock<BTreeMap<&str, &str>> = OnceLock::new();
+    match lang {
+        Lang::Zh => ZH.get_or_init(|| STRINGS.iter().map(|s| (s.0, s.1)).collect()),
+        Lang::En => EN.get_or_init(|| STRINGS.iter().map(|s| (s.0, s.2)).collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_and_filled() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (key, zh, en) in STRINGS {
+            assert!(seen.insert(*key), "duplicate key {key}");
+            assert!(!zh.is_empty() && !en.is_empty(), "{key} is empty");
+        }
+    }
+
+    /// Every `t.key` and `t["prefix_" ~ …]` of every template exists.
+    #[test]
+    fn templates_use_known_keys() {
+        let zh = strings(Lang::Zh);
+        for (name, source) in super::super::TEMPLATES {
+            let mut rest = *source;
+            while let Some(i) = rest.find("t.") {
+                let before = rest[..i].chars().last();
+                rest = &rest[i + 2..];
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                    continue;
+                }
+                let key: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(zh.contains_key(key.as_str()), "{name}: unknown key t.{key}");
+            }
+        }
+        // Keys built from enum values (not_counted reasons, report and QC
+        // states, check reasons, sides, encounters).
+        for prefix_values in [
+            (
+                "nc_",
+                &[
+                    "out_of_window",
+                    "ineligible_hospital",
+                    "qc_failed",
+                    "no_consent",
+                    "images_unavailable",
+                    "different_modality",
+                    "different_region",
+                    "contrast_not_satisfied",
+                    "different_laterality",
+                    "view_not_satisfied",
+                    "prior_unclassified",
+                ][..],
+            ),
+            ("report_", &["none", "preliminary", "final", "amended"][..]),
+            ("qc_", &["passed", "pending", "failed"][..]),
+            (
+                "r_",
+                &[
+                    "no_prior",
+                    "identity_unverified",
+                    "emergency_info_only",
+                    "no_consent",
+                ][..],
+            ),
+            ("side_", &["L", "R", "B"][..]),
+            ("enc_", &["outpatient", "inpatient", "emergency"][..]),
+            (
+                "pub_",
+                &["pending", "published", "local_only", "retracted"][..],
+            ),
+            ("window_from_", &["report_issued_date", "study_date"][..]),
+        ] {
+            for v in prefix_values.1 {
+                let key = format!("{}{v}", prefix_values.0);
+                assert!(zh.contains_key(key.as_str()), "missing key {key}");
+            }
+        }
+        assert_eq!(strings(Lang::En).len(), zh.len());
+    }
+}

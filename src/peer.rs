@@ -1,0 +1,582 @@
+//! Peer retrieval: this node fetches a prior study held at another
+//! hospital's node, verified byte for byte, and serves it like a local one.
+//!
+//! 1. The registry issues a short-lived grant (consent or break-the-glass
+//!    checked and audited there, linked to the check that led to it) and the
+//!    study's published content root.
+//! 2. The holding node serves the study manifest and the instances (WADO-RS
+//!    with `transfer-syntax=*`: the stored bytes) to a request carrying the
+//!    grant, after confirming it with the registry.
+//! 3. This node checks that the manifest hashes to the published content
+//!    root, fetches only the instances it does not hold with the same hash,
+//!    and ingests each through the one ingest path with the expected hash:
+//!    a mismatch stores nothing. The study is kept as a cached copy (never
+//!    published as this hospital's), evicted least recently used past the
+//!    budget.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::ingest::{self, Ingest};
+use crate::publish::{self, Region};
+use crate::registry::client;
+use crate::registry::proto::*;
+use crate::types::{BlobHash, Uid};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("hospital {0} has no DICOMweb base URL in the directory")]
+    NoPeer(String),
+    /// The registry refused the grant (no consent, no such record).
+    #[error("registry refused access: {0}")]
+    Refused(String),
+    /// The peer's answers do not match what it published: nothing
+    /// unverified was kept.
+    #[error("integrity: {0}")]
+    Integrity(String),
+    #[error("peer: {0}")]
+    Peer(String),
+    #[error("registry: {0}")]
+    Registry(String),
+    #[error("index: {0}")]
+    Index(String),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Index(e.to_string())
+    }
+}
+
+impl From<client::Error> for Error {
+    fn from(e: client::Error) -> Self {
+        match e {
+            client::Error::Status { status, detail } if status == 403 || status == 404 => {
+                Error::Refused(detail)
+            }
+            other => Error::Registry(other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchReport {
+    pub study_instance_uid: String,
+    pub hospital_id: String,
+    pub instances: usize,
+    /// Instances this fetch transferred.
+    pub fetched: usize,
+    /// Instances already held with the same hash: not transferred.
+    pub already_present: usize,
+    pub bytes_fetched: u64,
+    pub grant_id: String,
+    /// Caches evicted to stay within the budget.
+    pub evicted: Vec<String>,
+}
+
+fn now() -> String {
+    crate::registry::db::now_rfc3339()
+}
+
+/// The node part of a DICOMweb base URL (`…/dicom-web` → `…`), where the
+/// JSON API lives.
+fn api_base(dicomweb_base_url: &str) -> String {
+    let base = dicomweb_base_url.trim_end_matches('/');
+    base.strip_suffix("/dicom-web").unwrap_or(base).to_string()
+}
+
+/// Fetches a study held at `holding` (missing instances only), verified
+/// against the content root the registry published. `reference` is the
+/// check or query that led here (the registry's audit links them).
+pub async fn fetch_study(
+    region: &Arc<Region>,
+    ingest: &Ingest,
+    holding: &str,
+    study_instance_uid: &str,
+    purpose: Purpose,
+    user_id: &str,
+    reference: Option<String>,
+) -> Result<FetchReport, Error> {
+    let uid = Uid::parse(study_instance_uid)
+        .map_err(|_| Error::Peer(format!("{study_instance_uid:?} is not a UID")))?;
+    let hospital = region
+        .directory()
+        .await
+        .and_then(|d| d.hospitals.into_iter().find(|h| h.hospital_id == holding))
+        .ok_or_else(|| Error::NoPeer(holding.to_string()))?;
+    let base = hospital
+        .dicomweb_base_url
+        .clone()
+        .ok_or_else(|| Error::NoPeer(holding.to_string()))?;
+    let grant = region
+        .client()
+        .grant(&GrantRequest {
+            holding_hospital_id: holding.to_string(),
+            study_instance_uid: uid.as_str().to_string(),
+            purpose,
+            user_id: user_id.to_string(),
+            reference,
+        })
+        .await?;
+    let http = region.peer_http();
+    let manifest: StudyManifest = {
+        let url = format!(
+            "{}/api/v1/studies/{}/manifest",
+            api_base(&base),
+            uid.as_str()
+        );
+        let response = http
+            .get(&url)
+            .bearer_auth(&grant.token)
+            .send()
+            .await
+            .map_err(|e| Error::Peer(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(Error::Peer(format!("manifest: {}", response.status())));
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| Error::Peer(e.to_string()))?
+    };
+    let mut hashes = Vec::with_capacity(manifest.instances.len());
+    for i in &manifest.instances {
+        let h = BlobHash::parse(&i.blob_hash)
+            .map_err(|_| Error::Integrity(format!("manifest hash {:?}", i.blob_hash)))?;
+        hashes.push((i.sop_instance_uid.clone(), h));
+    }
+    let root = publish::content_root(hashes.iter().map(|(s, h)| (s.as_str(), h)));
+    if root != grant.content_root || manifest.content_root != grant.content_root {
+        tracing::error!(
+            hospital = holding,
+            study_instance_uid = uid.as_str(),
+            published = %grant.content_root,
+            manifest = %root,
+            "INTEGRITY: the peer's manifest does not match the content root it published"
+        );
+        audit(
+            region,
+            "integrity_error",
+            holding,
+            uid.as_str(),
+            purpose,
+            user_id,
+            &grant.grant_id,
+            "manifest does not hash to the published content root",
+        )
+        .await;
+        return Err(Error::Integrity(
+            "the peer's manifest does not hash to its published content root".into(),
+        ));
+    }
+    // Only what is missing: an instance held with the same hash costs
+    // nothing (an interrupted fetch resumes here).
+    let mut missing = Vec::new();
+    for (i, (_, hash)) in manifest.instances.iter().zip(&hashes) {
+        let held = ingest
+            .index()
+            .instance_versions(&i.sop_instance_uid)
+            .await
+            .map_err(|e| Error::Index(e.to_string()))?
+            .iter()
+            .any(|v| v.is_current && v.blob_hash == *hash);
+        if !held {
+            missing.push((i.clone(), *hash));
+        }
+    }
+    let already_present = manifest.instances.len() - missing.len();
+    // Marked as a cached copy before the first instance arrives, so that
+    // the stability worker never takes it for this hospital's exam.
+    let total_bytes: i64 = manifest.instances.iter().map(|i| i.size).sum();
+    let t = now();
+    sqlx::query(
+        "INSERT INTO cached_study (study_instance_uid, hospital_id, content_root, bytes, \
+         fetched_at, last_access) VALUES ($1, $2, $3, $4, $5, $5) \
+         ON CONFLICT (study_instance_uid) DO UPDATE SET content_root = excluded.content_root, \
+         bytes = excluded.bytes, fetched_at = excluded.fetched_at, last_access = excluded.last_access",
+    )
+    .bind(uid.as_str())
+    .bind(holding)
+    .bind(&grant.content_root)
+    .bind(total_bytes)
+    .bind(&t)
+    .execute(ingest.index().pool())
+    .await?;
+
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        region.config().peer_parallel.max(1),
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (instance, hash) in missing {
+        let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+        let http = http.clone();
+        let ingest = ingest.clone();
+        let url = format!(
+            "{}/studies/{}/series/{}/instances/{}",
+            base.trim_end_matches('/'),
+            uid.as_str(),
+            instance.series_instance_uid,
+            instance.sop_instance_uid
+        );
+        let token = grant.token.clone();
+        let holding = holding.to_string();
+        tasks.spawn(async move {
+            let _permit = permit;
+            // A failure is retried once; a second one fails the fetch.
+            let mut last = None;
+            for _ in 0..2 {
+                match fetch_instance(&http, &ingest, &url, &token, &instance, hash, &holding).await {
+                    Ok(size) => return Ok(size),
+                    Err(e) => {
+                        tracing::warn!(error = %e, sop_instance_uid = %instance.sop_instance_uid, "peer instance fetch failed");
+                        last = Some(e);
+                    }
+                }
+            }
+            Err(last.expect("two attempts"))
+        });
+    }
+    let mut fetched = 0;
+    let mut bytes = 0u64;
+    let mut failure = None;
+    while let Some(done) = tasks.join_next().await {
+        match done.map_err(|e| Error::Peer(e.to_string()))? {
+            Ok(size) => {
+                fetched += 1;
+                bytes += size;
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failure {
+        audit(
+            region,
+            "fetch_failed",
+            holding,
+            uid.as_str(),
+            purpose,
+            user_id,
+            &grant.grant_id,
+            &format!("{fetched} fetched, {already_present} present; {e}"),
+        )
+        .await;
+        if matches!(e, Error::Integrity(_)) {
+            tracing::error!(hospital = holding, study_instance_uid = uid.as_str(), error = %e, "INTEGRITY: a peer instance failed verification");
+        }
+        return Err(e);
+    }
+    audit(
+        region,
+        "fetched",
+        holding,
+        uid.as_str(),
+        purpose,
+        user_id,
+        &grant.grant_id,
+        &format!("{fetched} instances fetched ({bytes} bytes), {already_present} already present"),
+    )
+    .await;
+    let evicted = evict(region, ingest, Some(uid.as_str())).await?;
+    Ok(FetchReport {
+        study_instance_uid: uid.as_str().to_string(),
+        hospital_id: holding.to_string(),
+        instances: manifest.instances.len(),
+        fetched,
+        already_present,
+        bytes_fetched: bytes,
+        grant_id: grant.grant_id,
+        evicted,
+    })
+}
+
+/// One instance by WADO-RS (`transfer-syntax=*`), streamed through the
+/// ingest path with its expected hash. Returns its size.
+async fn fetch_instance(
+    http: &reqwest::Client,
+    ingest: &Ingest,
+    url: &str,
+    token: &str,
+    instance: &ManifestInstance,
+    expected: BlobHash,
+    holding: &str,
+) -> Result<u64, Error> {
+    let response = http
+        .get(url)
+        .bearer_auth(token)
+        .header(
+            reqwest::header::ACCEPT,
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .send()
+        .await
+        .map_err(|e| Error::Peer(e.to_string()))?;
+    if !response.status().is_success() {
+        return Err(Error::Peer(format!("{url}: {}", response.status())));
+    }
+    let boundary = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| {
+            // multer's own parser takes multipart/form-data only.
+            ct.split(';').find_map(|p| {
+                let (k, v) = p.trim().split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("boundary")
+                    .then(|| v.trim().trim_matches('"').to_string())
+            })
+        })
+        .ok_or_else(|| Error::Peer("no multipart boundary".into()))?;
+    let mut multipart = multer::Multipart::new(response.bytes_stream(), boundary);
+    let mut field = multipart
+        .next_field()
+        .await
+        .map_err(|e| Error::Peer(e.to_string()))?
+        .ok_or_else(|| Error::Peer("empty multipart answer".into()))?;
+    let parse =
+        |s: &str| Uid::parse(s).map_err(|_| Error::Integrity(format!("manifest UID {s:?}")));
+    let mut incoming = ingest.begin(
+        parse(&instance.sop_class_uid)?,
+        parse(&instance.sop_instance_uid)?,
+        parse(&instance.transfer_syntax_uid)?,
+        Some(format!("peer:{holding}")),
+    );
+    // The part is the peer's Part-10 object: its file meta (written the
+    // same deterministic way as ours) is skipped, the data set streamed.
+    let mut head = Vec::new();
+    let mut meta_done = false;
+    loop {
+        let chunk = match field.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                ingest.abandon(incoming).await;
+                return Err(Error::Peer(e.to_string()));
+            }
+        };
+        if meta_done {
+            ingest.write(&mut incoming, chunk.to_vec()).await;
+            continue;
+        }
+        head.extend_from_slice(&chunk);
+        if let Some(n) = crate::part10::file_meta_len(&head)
+            && head.len() >= n
+        {
+            meta_done = true;
+            let rest = head.split_off(n);
+            if !rest.is_empty() {
+                ingest.write(&mut incoming, rest).await;
+            }
+        } else if head.len() > 1 << 20 {
+            ingest.abandon(incoming).await;
+            return Err(Error::Integrity(
+                "no Part-10 file meta in the peer's part".into(),
+            ));
+        }
+    }
+    if !meta_done {
+        ingest.abandon(incoming).await;
+        return Err(Error::Integrity("truncated part".into()));
+    }
+    drop(field);
+    match ingest.finish_expecting(incoming, expected).await {
+        Ok(stored) => Ok(stored.size),
+        Err(ingest::Error::HashMismatch { expected, actual }) => Err(Error::Integrity(format!(
+            "instance {} hashes to {actual}, the manifest says {expected}",
+            instance.sop_instance_uid
+        ))),
+        Err(e) => Err(Error::Peer(e.to_string())),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn audit(
+    region: &Region,
+    action: &str,
+    peer: &str,
+    uid: &str,
+    purpose: Purpose,
+    user_id: &str,
+    grant_id: &str,
+    detail: &str,
+) {
+    if let Err(error) = sqlx::query(
+        "INSERT INTO peer_audit (at, action, peer_hospital_id, study_instance_uid, purpose, \
+         user_id, grant_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(now())
+    .bind(action)
+    .bind(peer)
+    .bind(uid)
+    .bind(purpose.as_str())
+    .bind(user_id)
+    .bind(grant_id)
+    .bind(detail)
+    .execute(region.index().pool())
+    .await
+    {
+        tracing::error!(%error, "cannot write the peer audit");
+    }
+}
+
+/// The holding side: records that a study was served to a peer under a
+/// grant (once per grant).
+pub async fn audit_served(region: &Region, g: &GrantConfirmed) {
+    audit(
+        region,
+        "served",
+        &g.requesting_hospital_id,
+        &g.study_instance_uid,
+        g.purpose,
+        &g.user_id,
+        &g.grant_id,
+        if g.purpose == Purpose::Emergency {
+            "served under break-the-glass"
+        } else {
+            "served under consent"
+        },
+    )
+    .await;
+}
+
+/// Evicts cached studies, least recently used first, until the cache fits
+/// its budget. Only rows of `cached_study` are candidates: the hospital's
+/// own studies are never touched; a blob another row still names stays.
+pub async fn evict(
+    region: &Region,
+    ingest: &Ingest,
+    keep: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let pool = ingest.index().pool();
+    let budget = region.config().peer_cache_budget_bytes as i64;
+    let mut evicted = Vec::new();
+    loop {
+        let total: i64 = sqlx::query("SELECT COALESCE(SUM(bytes), 0) FROM cached_study")
+            .fetch_one(pool)
+            .await?
+            .try_get(0)?;
+        if total <= budget {
+            return Ok(evicted);
+        }
+        let Some(row) = sqlx::query(
+            "SELECT study_instance_uid FROM cached_study WHERE study_instance_uid <> $1 \
+             ORDER BY last_access, study_instance_uid LIMIT 1",
+        )
+        .bind(keep.unwrap_or(""))
+        .fetch_optional(pool)
+        .await?
+        else {
+            return Ok(evicted);
+        };
+        let uid: String = row.try_get(0)?;
+        let hashes: Vec<String> = sqlx::query(
+            "SELECT DISTINCT i.blob_hash FROM instance i JOIN series se ON se.series_key = i.series_key \
+             JOIN study st ON st.study_key = se.study_key WHERE st.study_instance_uid = $1",
+        )
+        .bind(&uid)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM instance WHERE series_key IN (SELECT se.series_key FROM series se \
+             JOIN study st ON st.study_key = se.study_key WHERE st.study_instance_uid = $1)",
+        )
+        .bind(&uid)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM series WHERE study_key IN (SELECT study_key FROM study WHERE study_instance_uid = $1)",
+        )
+        .bind(&uid)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM study WHERE study_instance_uid = $1")
+            .bind(&uid)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM cached_study WHERE study_instance_uid = $1")
+            .bind(&uid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        for hex in hashes {
+            let still_named = sqlx::query("SELECT 1 FROM instance WHERE blob_hash = $1 LIMIT 1")
+                .bind(&hex)
+                .fetch_optional(pool)
+                .await?
+                .is_some();
+            if !still_named && let Ok(hash) = BlobHash::parse(&hex) {
+                let _ = ingest.store().delete(&hash).await;
+            }
+        }
+        tracing::info!(study_instance_uid = %uid, "evicted a cached peer study");
+        evicted.push(uid);
+    }
+}
+
+/// The holding hospital of a regional prior this node has been told of,
+/// when the study is not held here.
+pub async fn regional_holder(ingest: &Ingest, uid: &str) -> Result<Option<String>, Error> {
+    if ingest
+        .index()
+        .study(uid)
+        .await
+        .map_err(|e| Error::Index(e.to_string()))?
+        .is_some()
+    {
+        return Ok(None);
+    }
+    Ok(
+        sqlx::query("SELECT hospital_id FROM regional_prior WHERE study_instance_uid = $1")
+            .bind(uid)
+            .fetch_optional(ingest.index().pool())
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?,
+    )
+}
+
+/// Marks a cached study as used (the eviction order).
+pub async fn touch(ingest: &Ingest, uid: &str) {
+    let _ = sqlx::query("UPDATE cached_study SET last_access = $2 WHERE study_instance_uid = $1")
+        .bind(uid)
+        .bind(now())
+        .execute(ingest.index().pool())
+        .await;
+}
+
+/// Starts fetching in the background (prefetch at order time); errors are
+/// logged.
+pub fn prefetch(
+    region: Arc<Region>,
+    ingest: Ingest,
+    holding: String,
+    uid: String,
+    reference: String,
+) {
+    tokio::spawn(async move {
+        match fetch_study(
+            &region,
+            &ingest,
+            &holding,
+            &uid,
+            Purpose::Treatment,
+            "prefetch",
+            Some(reference),
+        )
+        .await
+        {
+            Ok(r) => {
+                tracing::info!(study_instance_uid = %uid, fetched = r.fetched, "prefetched a prior")
+            }
+            Err(e) => tracing::warn!(study_instance_uid = %uid, error = %e, "prefetch failed"),
+        }
+    });
+}

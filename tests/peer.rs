@@ -1,0 +1,412 @@
+//! Peer retrieval with three processes' worth of servers (a registry, node
+//! A, node B; real stores): consent refused, break-the-glass flagged in all
+//! three audit trails, byte-identical WADO-RS at A, nothing fetched twice, a
+//! C-MOVE at A that fetches a regional prior on demand, an interrupted fetch
+//! resumed, a tampered study refused, and the cache budget.
+
+use std::process::Command;
+use std::time::Duration;
+
+use huren::config::{Scope, TokenConfig};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::query_retrieve::StoreScp;
+use crate::region::{
+    ADMIN_TOKEN, Api, RID, make_study, region_config, spawn_registry, store, wait_record,
+    wait_until,
+};
+use crate::support::{self, Backend};
+
+const HOSP_A: &str = "HOSPA0000000000001";
+const HOSP_B: &str = "HOSPB0000000000002";
+const B_API_TOKEN: &str = "node-b-api-token-for-the-tests-0001";
+
+/// The parts of a multipart/related answer.
+async fn parts(response: reqwest::Response) -> Vec<Vec<u8>> {
+    let ct = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let boundary = ct
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let mut m = multer::Multipart::new(response.bytes_stream(), boundary);
+    let mut out = Vec::new();
+    while let Some(f) = m.next_field().await.unwrap() {
+        out.push(f.bytes().await.unwrap().to_vec());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_fetch_end_to_end() {
+    let registry = spawn_registry(Backend::SqliteLocal).await;
+    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let mut tokens = Vec::new();
+    for (id, level) in [(HOSP_A, "三级甲等"), (HOSP_B, "二级甲等")] {
+        let v = admin
+            .ok(
+                "POST",
+                "/v1/hospitals",
+                Some(json!({"hospital_id": id, "name": format!("医院{id}"), "level": level})),
+            )
+            .await;
+        tokens.push(v["token"].as_str().unwrap().to_string());
+    }
+    let (token_a, token_b) = (tokens[0].clone(), tokens[1].clone());
+    let url = registry.url();
+    // B's DICOMweb and API are closed: a token of its own systems, or a
+    // registry grant.
+    let node_b = support::spawn_node_with(Backend::SqliteLocal, {
+        let (url, token_b) = (url.clone(), token_b.clone());
+        move |c| {
+            c.dicomweb.open = false;
+            c.dicomweb.tokens = vec![TokenConfig {
+                name: "b-systems".into(),
+                sha256: hex::encode(Sha256::digest(B_API_TOKEN.as_bytes())),
+                scopes: vec![Scope::Read, Scope::Write],
+            }];
+            c.region = Some(region_config(&url, HOSP_B, &token_b));
+        }
+    })
+    .await;
+    admin
+        .ok(
+            "PATCH",
+            &format!("/v1/hospitals/{HOSP_B}"),
+            Some(json!({"dicomweb_base_url": format!("http://{}/dicom-web", node_b.http_addr)})),
+        )
+        .await;
+    let scp = StoreScp::start("DEST", true);
+    let node_a = support::spawn_node_with(Backend::SqliteLocal, {
+        let (url, token_a) = (url.clone(), token_a.clone());
+        let dest = scp.remote_ae("DEST");
+        move |c| {
+            c.dicomweb.open = true;
+            c.remote_aes = vec![dest];
+            let mut region = region_config(&url, HOSP_A, &token_a);
+            region.peer_parallel = 2;
+            // Room for about one sample study: the older cache goes.
+            region.peer_cache_budget_bytes = 400_000;
+            c.region = Some(region);
+        }
+    })
+    .await;
+    let api_a = Api::new(&format!("http://{}", node_a.http_addr), None);
+    let api_b = Api::new(&format!("http://{}", node_b.http_addr), Some(B_API_TOKEN));
+    // A started after B's URL was set: its first directory has it.
+    wait_until("A knows B's node", || {
+        let api_a = api_a.clone();
+        async move {
+            let s = api_a.ok("GET", "/api/v1/publication", None).await;
+            s["hospitals_in_directory"] == 2 && s["directory_version"].is_string()
+        }
+    })
+    .await;
+
+    // A CT study at B.
+    let work = tempfile::tempdir().unwrap();
+    let ct = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "peer-ct",
+        &["--resident-id", RID],
+    );
+    store(&node_b, &ct.files).await;
+    let uid = ct.study_instance_uid.clone();
+    let reg_b = Api::new(&url, Some(&token_b));
+    let published = wait_record(&reg_b, HOSP_B, &uid, 1).await;
+
+    // No consent: the registry refuses the grant; B refuses a request
+    // without one.
+    let fetch = |uid: String, purpose: &'static str| {
+        let api_a = api_a.clone();
+        async move {
+            api_a
+                .call(
+                    "POST",
+                    "/api/v1/peer/fetch",
+                    Some(json!({
+                    "hospital_id": HOSP_B, "study_instance_uid": uid, "purpose": purpose,
+                    "user_id": "dr.sun", "reference": "check-123"})),
+                )
+                .await
+        }
+    };
+    let (code, refused) = fetch(uid.clone(), "treatment").await;
+    assert_eq!(code, 502, "{refused}");
+    assert!(
+        refused["detail"].as_str().unwrap().contains("403"),
+        "{refused}"
+    );
+    let plain = reqwest::get(format!(
+        "http://{}/dicom-web/studies/{uid}",
+        node_b.http_addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(plain.status(), 401);
+    let (code, _) = Api::new(&format!("http://{}", node_b.http_addr), Some("hg.forged"))
+        .call("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
+        .await;
+    assert_eq!(code, 401);
+
+    // Break-the-glass: fetched, verified, flagged in all three trails.
+    let (code, report) = fetch(uid.clone(), "emergency").await;
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["instances"], 12);
+    assert_eq!(report["fetched"], 12);
+    assert_eq!(report["already_present"], 0);
+    let (_, again) = fetch(uid.clone(), "emergency").await;
+    assert_eq!(
+        (again["fetched"].as_i64(), again["already_present"].as_i64()),
+        (Some(0), Some(12))
+    );
+    let audit = admin.ok("GET", "/v1/audit?limit=10000", None).await["entries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let issued: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["action"] == "grant_issue")
+        .collect();
+    assert_eq!(issued[0]["outcome"], "denied");
+    assert_eq!(issued[1]["outcome"], "break_the_glass");
+    assert!(
+        issued[1]["detail"].as_str().unwrap().contains("check-123"),
+        "{:?}",
+        issued[1]
+    );
+    assert_eq!(issued[1]["user_id"], "dr.sun");
+    assert!(audit.iter().any(|e| e["action"] == "grant_verify"
+        && e["outcome"] == "break_the_glass"
+        && e["actor"] == HOSP_B));
+    let a_audit = api_a.ok("GET", "/api/v1/peer/audit", None).await;
+    assert!(
+        a_audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "fetched"
+                && e["purpose"] == "emergency"
+                && e["peer_hospital_id"] == HOSP_B)
+    );
+    let b_audit = api_b.ok("GET", "/api/v1/peer/audit", None).await;
+    assert!(
+        b_audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "served"
+                && e["purpose"] == "emergency"
+                && e["peer_hospital_id"] == HOSP_A)
+    );
+
+    // WADO-RS at A with transfer-syntax=*: the bytes B stored.
+    let manifest = api_b
+        .ok("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
+        .await;
+    assert_eq!(
+        manifest["content_root"],
+        published["record"]["content_root"]
+    );
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://{}/dicom-web/studies/{uid}",
+            node_a.http_addr
+        ))
+        .header(
+            "accept",
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut at_a: Vec<String> = parts(response)
+        .await
+        .iter()
+        .map(|p| blake3::hash(p).to_hex().to_string())
+        .collect();
+    at_a.sort();
+    let mut at_b: Vec<String> = manifest["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["blob_hash"].as_str().unwrap().to_string())
+        .collect();
+    at_b.sort();
+    assert_eq!(at_a, at_b);
+    for hash in &at_b {
+        let h = huren::types::BlobHash::parse(hash).unwrap();
+        assert_eq!(
+            node_a.ingest.store().get(&h).await.unwrap(),
+            node_b.ingest.store().get(&h).await.unwrap()
+        );
+    }
+
+    // Consent, then a C-MOVE at A of a regional prior A does not hold: A
+    // fetches it from B and sends it on.
+    let tomorrow =
+        humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(86400))
+            .to_string();
+    api_a
+        .ok("POST", "/api/v1/consents", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "method": "doctor_assisted", "recorded_by": "dr.sun", "state": "granted", "expires_at": tomorrow})))
+        .await;
+    let head = make_study(
+        work.path(),
+        "p1-ct-head-2019",
+        "peer-head",
+        &["--resident-id", RID],
+    );
+    store(&node_b, &head.files).await;
+    wait_record(&reg_b, HOSP_B, &head.study_instance_uid, 1).await;
+    let priors = api_a
+        .ok("POST", "/api/v1/priors", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID}, "purpose": "treatment", "user_id": "dr.sun"})))
+        .await;
+    assert_eq!(priors["records"].as_array().unwrap().len(), 2);
+    let output = Command::new("/usr/bin/movescu")
+        .args(["-v", "-S", "-aec", "HUREN", "-aem", "DEST"])
+        .arg(node_a.host())
+        .arg(node_a.port().to_string())
+        .args(["-k", "QueryRetrieveLevel=STUDY"])
+        .arg("-k")
+        .arg(format!("StudyInstanceUID={}", head.study_instance_uid))
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", support::text(&output));
+    assert_eq!(scp.received().len(), 10, "{}", support::text(&output));
+    // The cache budget: the CT (older) was evicted, the head study stays;
+    // a study of A's own is never a candidate.
+    let own = make_study(
+        work.path(),
+        "p3-dx-chest-2025",
+        "peer-own",
+        &["--resident-id", RID],
+    );
+    store(&node_a, &own.files).await;
+    let gone = node_a.ingest.index().study(&uid).await.unwrap();
+    assert!(gone.is_none(), "the older cached study was not evicted");
+    assert!(
+        node_a
+            .ingest
+            .index()
+            .study(&head.study_instance_uid)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        node_a
+            .ingest
+            .index()
+            .study(&own.study_instance_uid)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let h = huren::types::BlobHash::parse(&at_b[0]).unwrap();
+    assert!(
+        node_a.ingest.store().get(&h).await.is_err(),
+        "an evicted blob stays"
+    );
+
+    // A tampered study at B (one instance's index row pointing at another
+    // instance's blob: B serves verified but wrong content): A refuses it.
+    let b_db = node_b.config.database_url.clone();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&b_db)
+        .await
+        .unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.sop_instance_uid, i.blob_hash FROM instance i JOIN series se ON se.series_key = i.series_key \
+         JOIN study st ON st.study_key = se.study_key WHERE st.study_instance_uid = $1 ORDER BY i.sop_instance_uid",
+    )
+    .bind(&uid)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE instance SET blob_hash = $1 WHERE sop_instance_uid = $2")
+        .bind(&rows[1].1)
+        .bind(&rows[0].0)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (code, integrity) = fetch(uid.clone(), "treatment").await;
+    assert_eq!(code, 502, "{integrity}");
+    assert!(
+        integrity["detail"].as_str().unwrap().contains("integrity"),
+        "{integrity}"
+    );
+    assert!(
+        node_a.ingest.index().study(&uid).await.unwrap().is_none(),
+        "nothing tampered stored"
+    );
+    let a_audit = api_a.ok("GET", "/api/v1/peer/audit", None).await;
+    assert!(
+        a_audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "integrity_error")
+    );
+    // Repaired at B: the fetch succeeds again.
+    sqlx::query("UPDATE instance SET blob_hash = $1 WHERE sop_instance_uid = $2")
+        .bind(&rows[0].1)
+        .bind(&rows[0].0)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+
+    // Interrupted: B stops while A fetches, then comes back; the second
+    // fetch takes only what the first did not.
+    let knee = make_study(
+        work.path(),
+        "p2-mr-knee-2025",
+        "peer-knee",
+        &["--resident-id", RID],
+    );
+    store(&node_b, &knee.files).await;
+    wait_record(&reg_b, HOSP_B, &knee.study_instance_uid, 1).await;
+    let first = tokio::spawn(fetch(knee.study_instance_uid.clone(), "treatment"));
+    let a_index = node_a.ingest.index().clone();
+    let knee_uid = knee.study_instance_uid.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while a_index.study(&knee_uid).await.unwrap().is_none()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut b_config = node_b.config.clone();
+    b_config.dicom_listen = node_b.dicom_addr;
+    b_config.http_listen = node_b.http_addr;
+    let b_dir = node_b.stop().await;
+    let (code, first) = first.await.unwrap();
+    let stored_first = a_index
+        .study(&knee_uid)
+        .await
+        .unwrap()
+        .map_or(0, |s| s.number_of_study_related_instances);
+    let node_b = support::start_node(b_config, b_dir).await;
+    let (code2, second) = fetch(knee.study_instance_uid.clone(), "treatment").await;
+    assert_eq!(code2, 200, "{second}");
+    assert_eq!(second["instances"], 8);
+    assert_eq!(
+        second["already_present"].as_i64(),
+        Some(stored_first),
+        "first: {code} {first}"
+    );
+    assert_eq!(second["fetched"].as_i64(), Some(8 - stored_first));
+
+    node_a.stop().await;
+    node_b.stop().await;
+    registry.stop().await;
+}

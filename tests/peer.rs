@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::query_retrieve::StoreScp;
 use crate::region::{
-    ADMIN_TOKEN, Api, RID, make_study, region_config, spawn_registry, store, wait_record,
+    ADMIN_TOKEN, Api, Contract, RID, Recorder, make_study, start_proxy, region_config, spawn_registry, store, wait_record,
     wait_until,
 };
 use crate::support::{self, Backend};
@@ -58,7 +58,10 @@ async fn peer_fetch_end_to_end() {
         tokens.push(v["token"].as_str().unwrap().to_string());
     }
     let (token_a, token_b) = (tokens[0].clone(), tokens[1].clone());
-    let url = registry.url();
+    // Both nodes reach the registry, and the test reaches A's API, through
+    // recording proxies: the exchanges are checked against proto/.
+    let recorder = Recorder::default();
+    let url = start_proxy(registry.url(), recorder.clone(), true).await;
     // B's DICOMweb and API are closed: a token of its own systems, or a
     // registry grant.
     let node_b = support::spawn_node_with(Backend::SqliteLocal, {
@@ -96,7 +99,10 @@ async fn peer_fetch_end_to_end() {
         }
     })
     .await;
-    let api_a = Api::new(&format!("http://{}", node_a.http_addr), None);
+    let api_a = Api::new(
+        &start_proxy(format!("http://{}", node_a.http_addr), recorder.clone(), false).await,
+        None,
+    );
     let api_b = Api::new(&format!("http://{}", node_b.http_addr), Some(B_API_TOKEN));
     // A started after B's URL was set: its first directory has it.
     wait_until("A knows B's node", || {
@@ -406,6 +412,7 @@ async fn peer_fetch_end_to_end() {
     );
     assert_eq!(second["fetched"].as_i64(), Some(8 - stored_first));
 
+    Contract::load().check_all(&recorder.all(), &["peer"]);
     node_a.stop().await;
     node_b.stop().await;
     registry.stop().await;

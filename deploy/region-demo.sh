@@ -10,6 +10,9 @@
 # repeat: the duplicate-exam warning cites B's study (the region's
 # recognition list, deploy/recognition/jiangsu-example.toml, is activated at
 # the registry's start).
+# Finally a workstation at A opens B's study through A's own node with
+# dcmtk's movescu: A fetches it from B (verified against the content root B
+# published) and sends it on to a storescp.
 # Exits 0 when every step worked. CI runs it (scripts/test.sh).
 #
 #   deploy/region-demo.sh [--keep]
@@ -52,9 +55,9 @@ step() { printf '\n== %s\n' "$*"; }
 fail() { echo "region-demo: FAILED: $*" >&2; exit 1; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {'d': d}))" "$1"; }
 
-read -r REG_PORT A_HTTP A_DICOM B_HTTP B_DICOM < <(python3 -c '
+read -r REG_PORT A_HTTP A_DICOM B_HTTP B_DICOM SCP_PORT < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(5)]
+ss = [socket.socket() for _ in range(6)]
 for s in ss: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in ss])')
 REG="http://127.0.0.1:$REG_PORT"
@@ -97,6 +100,7 @@ start_node() {  # name hospital http dicom ae
         --registry-url "$REG" --hospital-id "$2" --registry-token-file "$work/$1.token" \
         --region-secret-file "$work/region.secret" --identifier-issuers RESIDENT_ID=RID \
         --study-quiet-secs 1 --directory-interval-secs 2 \
+        --remote-aes "VIEWER@127.0.0.1:$SCP_PORT" \
         >"$work/$1.log" 2>&1 &
     pids+=($!)
     wait_http "http://127.0.0.1:$3/health" "node $1"
@@ -112,6 +116,12 @@ TCP_NODELAY=1 "$STORESCU" -aet MODALITY -aec HOSPB +sd +r 127.0.0.1 "$B_DICOM" \
     "$repo/sample-dicom/p1-ct-chest-2024/1-chest-native" || fail "storescu"
 TCP_NODELAY=1 "$STORESCU" -aet MODALITY -aec HOSPB -xs +sd +r 127.0.0.1 "$B_DICOM" \
     "$repo/sample-dicom/p1-ct-chest-2024/2-chest-contrast" || fail "storescu"
+step "storescu: the patient's older CT head study to hospital B"
+TCP_NODELAY=1 "$STORESCU" -aet MODALITY -aec HOSPB +sd +r 127.0.0.1 "$B_DICOM" \
+    "$repo/sample-dicom/p1-ct-head-2019/1-head-brain" || fail "storescu"
+TCP_NODELAY=1 "$STORESCU" -aet MODALITY -aec HOSPB -xb +sd +r 127.0.0.1 "$B_DICOM" \
+    "$repo/sample-dicom/p1-ct-head-2019/2-head-bone" || fail "storescu"
+HEAD=1.2.826.0.1.3680043.8.498.27626167968449838318346654095265863116  # sample-dicom/manifest.json
 STUDY=1.2.826.0.1.3680043.8.498.10592335490470898099914797295349891527  # sample-dicom/manifest.json
 
 step "B's master patient index maps local patient HUR-100001 to a resident ID number"
@@ -130,7 +140,7 @@ step "B publishes (quiet time 1 s)"
 published=0
 for _ in $(seq 600); do
     status="$(curl -fsS "$B/api/v1/publication")"
-    if [[ "$(json 'd["published_studies"] >= 1 and d["backlog"] == 0' <<<"$status")" == True ]]; then
+    if [[ "$(json 'd["published_studies"] >= 2 and d["backlog"] == 0' <<<"$status")" == True ]]; then
         published=1; break
     fi
     sleep 0.1
@@ -146,7 +156,7 @@ priors() {
 step "A asks for the patient's priors without consent: a count, no records"
 answer="$(priors)"
 echo "$answer"
-[[ "$(json 'd["access"] == "none" and d["withheld_count"] == 1 and d["records"] == []' <<<"$answer")" == True ]] \
+[[ "$(json 'd["access"] == "none" and d["withheld_count"] == 2 and d["records"] == []' <<<"$answer")" == True ]] \
     || fail "expected a count only"
 
 step "the patient authorises hospital A (doctor-assisted, 7 days)"
@@ -157,10 +167,10 @@ curl -fsS -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
     \"expires_at\": \"$expires\"}"
 echo
 
-step "A asks again: hospital B's study"
+step "A asks again: hospital B's studies"
 answer="$(priors)"
 python3 -m json.tool --no-ensure-ascii <<<"$answer"
-[[ "$(json 'd["access"] == "consent" and len(d["records"]) == 1' <<<"$answer")" == True ]] \
+[[ "$(json 'd["access"] == "consent" and len(d["records"]) == 2' <<<"$answer")" == True ]] \
     || fail "expected B's record"
 [[ "$(json 'd["records"][0]["hospital_id"]' <<<"$answer")" == "$HOSP_B" ]] || fail "wrong hospital"
 [[ "$(json 'd["records"][0]["record"]["study_instance_uid"]' <<<"$answer")" == "$STUDY" ]] || fail "wrong study"
@@ -177,6 +187,22 @@ warning="$(curl -fsS -X POST "$A/api/v1/recognition/check" -H 'content-type: app
 python3 -m json.tool --no-ensure-ascii <<<"$warning"
 [[ "$(json 'd["outcome"]' <<<"$warning")" == warn ]] || fail "expected a duplicate-exam warning"
 [[ "$(json 'd["cited"]["hospital_id"]' <<<"$warning")" == "$HOSP_B" ]] || fail "the warning cites the wrong hospital"
+
+step "a workstation at A opens B's CT head study with movescu (A fetches it from B, verified)"
+STORESCP="${STORESCP:-/usr/bin/storescp}"
+mkdir -p "$work/viewer"
+TCP_NODELAY=1 "$STORESCP" -aet VIEWER +xa -od "$work/viewer" "$SCP_PORT" >"$work/storescp.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $SCP_PORT), 0.2)" 2>/dev/null && break
+    sleep 0.05
+done
+TCP_NODELAY=1 /usr/bin/movescu -S -aet VIEWER -aec HOSPA -aem VIEWER 127.0.0.1 "$A_DICOM" \
+    -k QueryRetrieveLevel=STUDY -k "StudyInstanceUID=$HEAD" || fail "movescu"
+received="$(find "$work/viewer" -type f | wc -l)"
+echo "the workstation received $received instances of B's study through A"
+[[ "$received" == 10 ]] || fail "expected 10 instances at the workstation, got $received"
+curl -fsS "$A/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | head -30
 
 step "the registry's audit chain"
 "$HUREN_BIN" registry audit verify --data-dir "$work/registry" | tee "$work/verify.out"

@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 
 use crate::query_retrieve::StoreScp;
 use crate::region::{
-    ADMIN_TOKEN, Api, Contract, RID, Recorder, make_study, start_proxy, region_config, spawn_registry, store, wait_record,
-    wait_until,
+    ADMIN_TOKEN, Api, Contract, RID, Recorder, make_study, region_config, spawn_registry,
+    start_proxy, store, wait_record, wait_until,
 };
 use crate::support::{self, Backend};
 
@@ -100,7 +100,12 @@ async fn peer_fetch_end_to_end() {
     })
     .await;
     let api_a = Api::new(
-        &start_proxy(format!("http://{}", node_a.http_addr), recorder.clone(), false).await,
+        &start_proxy(
+            format!("http://{}", node_a.http_addr),
+            recorder.clone(),
+            false,
+        )
+        .await,
         None,
     );
     let api_b = Api::new(&format!("http://{}", node_b.http_addr), Some(B_API_TOKEN));

@@ -24,7 +24,7 @@ use crate::priors::{self, PatientRef};
 use crate::publish::{self, Region};
 use crate::registry::client;
 use crate::registry::proto::*;
-use crate::registry::server::problem;
+use crate::registry::server::{Body, problem};
 use crate::types::{BlobHash, Uid};
 
 pub struct ApiState {
@@ -135,29 +135,6 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/api/v1/recognition/list", get(recognition_list))
         .with_state(state)
-}
-
-/// JSON bodies with problem+json rejections.
-pub struct Body<T>(pub T);
-
-impl<S, T> axum::extract::FromRequest<S> for Body<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = Response;
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rejection) => {
-                let status = match rejection.status() {
-                    StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
-                    s => s,
-                };
-                Err(problem(status, "bad-request", &rejection.body_text()))
-            }
-        }
-    }
 }
 
 /// The DICOMweb tokens, with refusals as problem+json like every answer of
@@ -319,20 +296,8 @@ async fn read_report(index: &Index, uid: &str) -> Result<StudyReport, ApiError> 
 }
 
 fn check_date(s: &str) -> Result<(), ApiError> {
-    let b = s.as_bytes();
-    let ok = b.len() == 10
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(
-            "report_issued_date must be YYYY-MM-DD".into(),
-        ))
-    }
+    crate::registry::db::check_date("report_issued_date", s)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 async fn write_report(state: &ApiState, uid: &str, report: &StudyReport) -> Result<(), ApiError> {

@@ -66,7 +66,7 @@ pub fn normalise_time(s: &str) -> Result<String> {
     Ok(humantime::format_rfc3339_micros(t).to_string())
 }
 
-fn check_date(field: &str, s: &str) -> Result<()> {
+pub(crate) fn check_date(field: &str, s: &str) -> Result<()> {
     let b = s.as_bytes();
     let ok = b.len() == 10
         && b[4] == b'-'

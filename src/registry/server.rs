@@ -112,6 +112,15 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// Whose records a listing covers: the admin's choice, or always the
+    /// calling hospital's own (never another's).
+    fn scope(&self, requested: Option<String>) -> Option<String> {
+        match self {
+            Caller::Admin => requested,
+            Caller::Hospital(id) => Some(id.clone()),
+        }
+    }
+
     fn actor(&self) -> String {
         match self {
             Caller::Admin => "admin".into(),
@@ -172,8 +181,9 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
-/// JSON bodies: a malformed body is a 400 problem, not axum's plain text.
-struct Body<T>(T);
+/// JSON bodies: a malformed body is a 400 problem, not axum's plain text
+/// (the node's JSON API takes its bodies the same way).
+pub struct Body<T>(pub T);
 
 impl<S, T> axum::extract::FromRequest<S> for Body<T>
 where
@@ -256,11 +266,7 @@ async fn directory(
     .to_hex()
     .to_string();
     let etag = format!("\"{version}\"");
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
-    {
+    if not_modified(&headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     Ok((
@@ -268,6 +274,14 @@ async fn directory(
         Json(HospitalDirectory { version, hospitals }),
     )
         .into_response())
+}
+
+/// Whether a conditional GET names the current ETag.
+fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
 }
 
 /// A new hospital token: `HOSPITAL_ID.` and 256 random bits.
@@ -457,10 +471,7 @@ async fn consents(
 ) -> Result<Json<ConsentList>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
     // A hospital sees the consents given to it, never another's.
-    let hospital = match &caller {
-        Caller::Admin => filter.hospital_id.clone(),
-        Caller::Hospital(id) => Some(id.clone()),
-    };
+    let hospital = caller.scope(filter.hospital_id.clone());
     let consents = state
         .db
         .consents(&filter.patient_key, hospital.as_deref())
@@ -548,11 +559,7 @@ async fn get_list(
         .await?
         .ok_or(ApiError::NotFound("recognition list"))?;
     let etag = format!("\"{hash}\"");
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
-    {
+    if not_modified(&headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     Ok((
@@ -614,10 +621,7 @@ async fn statistics(
     Query(f): Query<StatisticsFilter>,
 ) -> Result<Json<Statistics>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
-    let hospital = match &caller {
-        Caller::Admin => f.hospital_id.clone(),
-        Caller::Hospital(id) => Some(id.clone()),
-    };
+    let hospital = caller.scope(f.hospital_id.clone());
     let rows = state
         .db
         .statistics(

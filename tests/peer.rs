@@ -417,6 +417,46 @@ async fn peer_fetch_end_to_end() {
     );
     assert_eq!(second["fetched"].as_i64(), Some(8 - stored_first));
 
+    // WADO-RS at A of a regional prior A does not hold: fetched, then served.
+    let dx = make_study(
+        work.path(),
+        "p3-dx-chest-2023",
+        "peer-dx",
+        &["--resident-id", RID],
+    );
+    store(&node_b, &dx.files).await;
+    wait_record(&reg_b, HOSP_B, &dx.study_instance_uid, 1).await;
+    api_a
+        .ok("POST", "/api/v1/priors", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID}, "purpose": "treatment", "user_id": "dr.sun"})))
+        .await;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://{}/dicom-web/studies/{}",
+            node_a.http_addr, dx.study_instance_uid
+        ))
+        .header(
+            "accept",
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let got = parts(response).await;
+    let dx_manifest = api_b
+        .ok(
+            "GET",
+            &format!("/api/v1/studies/{}/manifest", dx.study_instance_uid),
+            None,
+        )
+        .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        blake3::hash(&got[0]).to_hex().to_string(),
+        dx_manifest["instances"][0]["blob_hash"].as_str().unwrap()
+    );
+
     Contract::load().check_all(&recorder.all(), &["peer"]);
     node_a.stop().await;
     node_b.stop().await;

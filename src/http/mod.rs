@@ -41,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.ingest.clone(),
             state.dicomweb.clone(),
             state.match_options,
+            state.region.clone(),
         ))
         .merge(api_router(&state))
         .merge(page::router(&state))

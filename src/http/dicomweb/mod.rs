@@ -38,9 +38,17 @@ pub struct DicomwebState {
     /// The node's matching options (those of C-FIND); a request's
     /// `fuzzymatching` turns on fuzzy names for that request.
     pub match_options: MatchOptions,
+    /// The node's part in the region: a retrieve of a regional prior not
+    /// held here fetches it from the hospital that holds it first.
+    pub region: Option<Arc<crate::publish::Region>>,
 }
 
-pub fn router(ingest: Ingest, config: DicomwebConfig, match_options: MatchOptions) -> Router {
+pub fn router(
+    ingest: Ingest,
+    config: DicomwebConfig,
+    match_options: MatchOptions,
+    region: Option<Arc<crate::publish::Region>>,
+) -> Router {
     if config.open {
         tracing::warn!(
             "DICOMweb is open: anyone who reaches the HTTP port can search, retrieve and store without a token"
@@ -56,6 +64,7 @@ pub fn router(ingest: Ingest, config: DicomwebConfig, match_options: MatchOption
         ingest,
         config,
         match_options,
+        region,
     });
     let study = "/studies/{study}";
     let series = "/studies/{study}/series/{series}";

@@ -101,6 +101,34 @@ pub async fn instance(
     retrieve(&state, &headers, &study, Some(&series), Some(&instance)).await
 }
 
+/// A regional prior this node does not hold yet (it has been told who holds
+/// it) is fetched from that hospital's node, verified, before it is served;
+/// the viewer need not know it came from elsewhere.
+async fn fetch_if_regional(state: &DicomwebState, study: &str) -> Result<(), Error> {
+    let Some(region) = &state.region else {
+        return Ok(());
+    };
+    match crate::peer::regional_holder(&state.ingest, study).await {
+        Ok(Some(holding)) => crate::peer::fetch_study(
+            region,
+            &state.ingest,
+            &holding,
+            study,
+            crate::registry::proto::Purpose::Treatment,
+            "dicomweb",
+            Some("WADO-RS retrieve".into()),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::Unavailable(format!("regional prior could not be fetched: {e}"))),
+        Ok(None) => {
+            crate::peer::touch(&state.ingest, study).await;
+            Ok(())
+        }
+        Err(e) => Err(Error::Unavailable(e.to_string())),
+    }
+}
+
 /// The transfer syntax a retrieve is served in (PS3.18 §8.7.3.5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Wanted {
@@ -208,6 +236,7 @@ async fn retrieve(
     series: Option<&str>,
     instance: Option<&str>,
 ) -> Result<Response, Error> {
+    fetch_if_regional(state, study).await?;
     let locations = locate(state, study, series, instance).await?;
     let stored: Vec<&str> = locations
         .iter()

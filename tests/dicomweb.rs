@@ -1078,3 +1078,32 @@ async fn corrupt_blob_gives_a_generic_500() {
     }
     node.stop().await;
 }
+
+/// dicomweb-client's `store_instances` of data sets built in memory: pydicom
+/// writes them without preamble and `DICM` (and Orthanc and dcmtk take
+/// them); the node stores each as a proper Part-10 file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stow_rs_takes_data_sets_built_in_memory() {
+    let node = spawn_open(Backend::SqliteLocal).await;
+    let lines = dwc(&node, None, &["store-memory", "2"]).await;
+    let response = &lines[0];
+    assert!(
+        response.get("00081198").is_none(),
+        "failed parts: {response}"
+    );
+    assert_eq!(
+        response["00081199"]["Value"].as_array().unwrap().len(),
+        2,
+        "{response}"
+    );
+    for uid in lines[1]["sop_instance_uids"].as_array().unwrap() {
+        let row = node
+            .versions(uid.as_str().unwrap())
+            .await
+            .pop()
+            .expect("stored");
+        let blob = node.ingest.store().get(&row.blob_hash).await.unwrap();
+        assert_eq!(&blob[128..132], b"DICM", "stored as Part-10");
+        assert_eq!(row.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2");
+    }
+}

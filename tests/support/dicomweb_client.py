@@ -15,6 +15,11 @@ Usage: dicomweb_client.py URL [--token T] COMMAND ARGS...
   frames FILE FRAME...               WADO-RS frames of FILE's instance,
                                      compared with FILE's frames
   rendered FILE MEDIA_TYPE           WADO-RS rendered; prints size and magic
+  store-memory COUNT                 STOW-RS of COUNT CT data sets built in
+                                     memory (dicomweb-client writes them
+                                     with pydicom's dcmwrite defaults: no
+                                     preamble, no DICM); prints the response
+                                     and then their SOP Instance UIDs
 """
 
 import hashlib
@@ -88,6 +93,39 @@ def main():
         datasets = [pydicom.dcmread(p) for p in args]
         result = client.store_instances(datasets, study_instance_uid=study)
         out(result.to_json_dict())
+
+    elif command == "store-memory":
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+        study, series = generate_uid(), generate_uid()
+        datasets = []
+        for i in range(int(args.pop(0))):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID = study
+            ds.SeriesInstanceUID = series
+            ds.PatientID = "MEM-0001"
+            ds.PatientName = "Memory^Made"
+            ds.Modality = "CT"
+            ds.InstanceNumber = i + 1
+            ds.Rows = ds.Columns = 2
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.BitsAllocated = ds.BitsStored = 16
+            ds.HighBit = 15
+            ds.PixelRepresentation = 0
+            ds.PixelData = bytes(8)
+            datasets.append(ds)
+        result = client.store_instances(datasets)
+        out(result.to_json_dict())
+        out({"sop_instance_uids": [str(d.SOPInstanceUID) for d in datasets]})
 
     elif command == "search":
         level = args.pop(0)

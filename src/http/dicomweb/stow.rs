@@ -186,7 +186,9 @@ async fn store_part(
         {
             break;
         }
-        if head.len() >= 144 && meta_len.is_none() {
+        // Not a Part-10 file (no preamble): a file meta group alone, or a
+        // bare data set; read enough to find its UIDs.
+        if meta_len.is_none() && head.len() >= HEAD_LIMIT {
             break;
         }
         match field.chunk().await? {
@@ -197,8 +199,15 @@ async fn store_part(
             }
         }
     }
-    let Some(meta) = read_meta(&head) else {
-        tracing::info!(bytes = head.len(), "STOW-RS part is not a Part-10 file");
+    let part_ts = field.content_type().and_then(|ct| {
+        ct.get_param("transfer-syntax")
+            .map(|v| v.as_str().to_string())
+    });
+    let Some(meta) = read_meta(&head).or_else(|| read_headless(&head, part_ts.as_deref())) else {
+        tracing::info!(
+            bytes = head.len(),
+            "STOW-RS part is neither a Part-10 file nor a DICOM data set"
+        );
         drain(&mut field).await?;
         return Ok(failed(status::CANNOT_UNDERSTAND));
     };
@@ -322,8 +331,67 @@ fn read_meta(head: &[u8]) -> Option<(usize, Uid, Uid, Uid)> {
     ))
 }
 
+/// A part without the Part-10 preamble: what pydicom's `dcmwrite` writes
+/// without `enforce_file_format` (dicomweb-client's `store_instances` of a
+/// data set built in memory): a file meta group with no preamble, `DICM`
+/// or group length, then the data set; or a bare data set whose transfer
+/// syntax the part's media type names (Explicit VR Little Endian when it
+/// does not, PS3.18 §8.7.3.5.2). The instance is stored as a proper Part-10
+/// file with the node's own meta group, like a C-STORE. `None` when the
+/// bytes are not DICOM.
+fn read_headless(head: &[u8], part_ts: Option<&str>) -> Option<(usize, Uid, Uid, Uid)> {
+    let mut class = None;
+    let mut instance = None;
+    let mut ts = None;
+    let mut offset = 0usize;
+    // Group 0002 elements, explicit VR little endian (PS3.10 §7.1).
+    while head.len() >= offset + 8 && head[offset..offset + 2] == [0x02, 0x00] {
+        let element = u16::from_le_bytes([head[offset + 2], head[offset + 3]]);
+        let vr = &head[offset + 4..offset + 6];
+        let (header, len) = if matches!(vr, b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN") {
+            let b = head.get(offset + 8..offset + 12)?;
+            (12, u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        } else {
+            (
+                8,
+                u16::from_le_bytes([head[offset + 6], head[offset + 7]]) as usize,
+            )
+        };
+        let value = head.get(offset + header..offset + header + len)?;
+        let text = || {
+            String::from_utf8_lossy(value)
+                .trim_end_matches(['\0', ' '])
+                .to_string()
+        };
+        match element {
+            0x0002 => class = Some(text()),
+            0x0003 => instance = Some(text()),
+            0x0010 => ts = Some(text()),
+            _ => {}
+        }
+        offset += header + len;
+        if offset > MAX_META {
+            return None;
+        }
+    }
+    let ts = ts
+        .or_else(|| part_ts.map(str::to_string))
+        .unwrap_or_else(|| "1.2.840.10008.1.2.1".to_string());
+    let ids = header_uids(&head[offset..], &ts);
+    let class = class.or(ids.sop_class)?;
+    let instance = instance.or(ids.sop_instance)?;
+    Some((
+        offset,
+        Uid::parse(&class).ok()?,
+        Uid::parse(&instance).ok()?,
+        Uid::parse(&ts).ok()?,
+    ))
+}
+
 #[derive(Debug, Default, PartialEq)]
 struct HeaderUids {
+    sop_class: Option<String>,
+    sop_instance: Option<String>,
     study: Option<String>,
     series: Option<String>,
     /// The parse went past (0020,000E): absent UIDs are really absent.
@@ -373,6 +441,8 @@ fn header_uids(data_set_start: &[u8], ts_uid: &str) -> HeaderUids {
             DataToken::PrimitiveValue(v) if depth == 0 => {
                 let value = || v.to_str().trim_end_matches(['\0', ' ']).to_string();
                 match current.take() {
+                    Some(t) if t == tags::SOP_CLASS_UID => out.sop_class = Some(value()),
+                    Some(t) if t == tags::SOP_INSTANCE_UID => out.sop_instance = Some(value()),
                     Some(t) if t == tags::STUDY_INSTANCE_UID => out.study = Some(value()),
                     Some(t) if t == tags::SERIES_INSTANCE_UID => {
                         out.series = Some(value());

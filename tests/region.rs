@@ -1427,6 +1427,24 @@ async fn two_registries_on_one_postgres() {
     for t in tasks {
         t.await.unwrap();
     }
+    // One request with two versions of a new study and a replay of a
+    // published one: the newer version applies, the rest are unchanged.
+    let mut v2 = fake_record(&key, 5000);
+    v2["record_version"] = json!(2);
+    let v = Api::new(&one.url(), Some(&token))
+        .ok(
+            "POST",
+            "/v1/hospitals/HOSPC0000000000003/records",
+            Some(json!({"records": [fake_record(&key, 5000), v2, fake_record(&key, 0)]})),
+        )
+        .await;
+    let outcomes: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["unchanged", "applied", "unchanged"]);
     let p = Api::new(&two.url(), Some(&token))
         .ok("POST", "/v1/priors/query", Some(json!({"patient_key": key, "purpose": "treatment", "user_id": "u", "page_size": 150})))
         .await;
@@ -1435,12 +1453,12 @@ async fn two_registries_on_one_postgres() {
     let p2 = Api::new(&one.url(), Some(&token))
         .ok("POST", "/v1/priors/query", Some(json!({"patient_key": key, "purpose": "treatment", "user_id": "u", "page_size": 1000, "page_token": next})))
         .await;
-    assert_eq!(p2["records"].as_array().unwrap().len(), 250);
+    assert_eq!(p2["records"].as_array().unwrap().len(), 251);
     assert!(p2["next_page_token"].is_null());
     let (code, out) = huren(&["registry", "audit", "verify", "--database-url", &db]);
     assert_eq!(code, 0, "{out}");
-    // 1 hospital_add + 400 publications + 2 queries.
-    assert!(out.contains("403 entries"), "{out}");
+    // 1 hospital_add + 400 + 3 publications + 2 queries.
+    assert!(out.contains("406 entries"), "{out}");
     one.stop().await;
     two.stop().await;
 }

@@ -359,29 +359,77 @@ impl Db {
         let mut results = Vec::with_capacity(request.records.len() + request.retractions.len());
         let mut audit = Vec::with_capacity(results.capacity());
         let mut tx = self.pool.begin().await?;
+        // Multi-row upserts: a batch of 500 is a handful of statements, not
+        // 500 round trips. Within one statement a study may appear once (a
+        // row cannot be updated twice by one statement): the highest
+        // version of each study goes in, a lower one of the same request is
+        // older and so `unchanged`, as it would be one at a time.
+        let mut highest: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
         for r in &request.records {
-            let applied = sqlx::query(
+            let v = highest
+                .entry(r.study_instance_uid.as_str())
+                .or_insert(r.record_version);
+            *v = (*v).max(r.record_version);
+        }
+        let mut sent = std::collections::HashSet::new();
+        let to_write: Vec<&StudyRecord> = request
+            .records
+            .iter()
+            .filter(|r| {
+                highest[r.study_instance_uid.as_str()] == r.record_version
+                    && sent.insert(r.study_instance_uid.as_str())
+            })
+            .collect();
+        let mut applied: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for chunk in to_write.chunks(200) {
+            let mut sql = String::from(
                 "INSERT INTO study_record (hospital_id, study_instance_uid, record_version, \
-                 patient_key, study_date, retracted, published_at, record) \
-                 VALUES ($1, $2, $3, $4, $5, 0, $6, $7) \
-                 ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
+                 patient_key, study_date, retracted, published_at, record) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 7;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, 0, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                ));
+            }
+            sql.push_str(
+                " ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
                  record_version = excluded.record_version, patient_key = excluded.patient_key, \
                  study_date = excluded.study_date, retracted = 0, \
                  published_at = excluded.published_at, record = excluded.record \
-                 WHERE study_record.record_version < excluded.record_version",
-            )
-            .bind(hospital_id)
-            .bind(&r.study_instance_uid)
-            .bind(r.record_version)
-            .bind(&r.patient_key)
-            .bind(r.study_date.clone())
-            .bind(&now)
-            .bind(serde_json::to_string(r).expect("record serialises"))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
-            let outcome = if applied {
+                 WHERE study_record.record_version < excluded.record_version \
+                 RETURNING study_instance_uid",
+            );
+            // Placeholders only: every value is bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(hospital_id)
+                    .bind(&r.study_instance_uid)
+                    .bind(r.record_version)
+                    .bind(&r.patient_key)
+                    .bind(r.study_date.clone())
+                    .bind(&now)
+                    .bind(serde_json::to_string(r).expect("record serialises"));
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                applied.insert(row.try_get(0)?);
+            }
+        }
+        for r in &request.records {
+            let outcome = if highest[r.study_instance_uid.as_str()] == r.record_version
+                && applied.contains(&r.study_instance_uid)
+            {
                 PublishOutcome::Applied
             } else {
                 PublishOutcome::Unchanged
@@ -1132,6 +1180,7 @@ pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Re
     let mut prev_hash: String = head.try_get(1)?;
     let at = now_rfc3339();
     let first_seq = last_seq - entries.len() as i64 + 1;
+    let mut chained = Vec::with_capacity(entries.len());
     for (seq, r) in (first_seq..).zip(entries) {
         let mut e = AuditEntry {
             seq,
@@ -1148,26 +1197,43 @@ pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Re
             hash: String::new(),
         };
         e.hash = entry_hash(&e);
-        sqlx::query(
+        prev_hash = e.hash.clone();
+        chained.push(e);
+    }
+    // Multi-row inserts (a publication batch appends 500 entries).
+    for chunk in chained.chunks(400) {
+        let mut sql = String::from(
             "INSERT INTO audit (seq, at, actor, user_id, action, patient_key, purpose, \
-             records_returned, outcome, detail, prev_hash, hash) \
-             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
-        )
-        .bind(e.seq)
-        .bind(&e.at)
-        .bind(&e.actor)
-        .bind(&e.user_id)
-        .bind(&e.action)
-        .bind(e.patient_key.clone())
-        .bind(e.purpose.clone())
-        .bind(e.records_returned)
-        .bind(&e.outcome)
-        .bind(&e.detail)
-        .bind(&e.prev_hash)
-        .bind(&e.hash)
-        .execute(&mut *tx)
-        .await?;
-        prev_hash = e.hash;
+             records_returned, outcome, detail, prev_hash, hash) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let b = i * 12;
+            let placeholders: Vec<String> = (1..=12).map(|k| format!("${}", b + k)).collect();
+            sql.push('(');
+            sql.push_str(&placeholders.join(","));
+            sql.push(')');
+        }
+        // Placeholders only: every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for e in chunk {
+            q = q
+                .bind(e.seq)
+                .bind(&e.at)
+                .bind(&e.actor)
+                .bind(&e.user_id)
+                .bind(&e.action)
+                .bind(e.patient_key.clone())
+                .bind(e.purpose.clone())
+                .bind(e.records_returned)
+                .bind(&e.outcome)
+                .bind(&e.detail)
+                .bind(&e.prev_hash)
+                .bind(&e.hash);
+        }
+        q.execute(&mut *tx).await?;
     }
     sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
         .bind(&prev_hash)

@@ -205,6 +205,31 @@ pub async fn fetch_study(
     .execute(ingest.index().pool())
     .await?;
 
+    let mut fetched = 0;
+    let mut bytes = 0u64;
+    let mut failure = None;
+    // Nothing held yet (the common case): the whole study in one WADO-RS
+    // response, each part verified as it completes, the commits of several
+    // instances in flight at once (they share the group commit's flush).
+    // What fails there is fetched again one by one below.
+    if already_present == 0 && missing.len() > 1 {
+        let study_url = format!("{}/studies/{}", base.trim_end_matches('/'), uid.as_str());
+        let expected: std::collections::HashMap<String, (ManifestInstance, BlobHash)> = missing
+            .iter()
+            .map(|(i, h)| (i.sop_instance_uid.clone(), (i.clone(), *h)))
+            .collect();
+        let (done, stream_bytes, stream_error) =
+            fetch_stream(&http, ingest, &study_url, &grant.token, &expected, holding).await;
+        if let Some(e) = stream_error {
+            tracing::warn!(error = %e, done = done.len(), "study stream from the peer failed; fetching the rest one by one");
+            if matches!(e, Error::Integrity(_)) {
+                failure = Some(e);
+            }
+        }
+        fetched += done.len();
+        bytes += stream_bytes;
+        missing.retain(|(i, _)| !done.contains(&i.sop_instance_uid));
+    }
     let limit = Arc::new(tokio::sync::Semaphore::new(
         region.config().peer_parallel.max(1),
     ));
@@ -238,9 +263,6 @@ pub async fn fetch_study(
             Err(last.expect("two attempts"))
         });
     }
-    let mut fetched = 0;
-    let mut bytes = 0u64;
-    let mut failure = None;
     while let Some(done) = tasks.join_next().await {
         match done.map_err(|e| Error::Peer(e.to_string()))? {
             Ok(size) => {
@@ -291,6 +313,154 @@ pub async fn fetch_study(
         grant_id: grant.grant_id,
         evicted,
     })
+}
+
+/// A whole study by one WADO-RS request (`transfer-syntax=*`): each part
+/// is matched to its manifest entry by the SOP Instance UID of its file
+/// meta and ingested with the expected hash; up to eight commits in flight.
+/// Returns the instances stored, their bytes, and the error that stopped
+/// the stream, if any.
+async fn fetch_stream(
+    http: &reqwest::Client,
+    ingest: &Ingest,
+    url: &str,
+    token: &str,
+    expected: &std::collections::HashMap<String, (ManifestInstance, BlobHash)>,
+    holding: &str,
+) -> (std::collections::HashSet<String>, u64, Option<Error>) {
+    let mut done = std::collections::HashSet::new();
+    let mut bytes = 0u64;
+    let mut finishing = tokio::task::JoinSet::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(8));
+    let result: Result<(), Error> = async {
+        let response = http
+            .get(url)
+            .bearer_auth(token)
+            .header(
+                reqwest::header::ACCEPT,
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+            )
+            .send()
+            .await
+            .map_err(|e| Error::Peer(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(Error::Peer(format!("{url}: {}", response.status())));
+        }
+        let boundary = boundary_of(&response)?;
+        let mut multipart = multer::Multipart::new(response.bytes_stream(), boundary);
+        while let Some(mut field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| Error::Peer(e.to_string()))?
+        {
+            // The head: the part's file meta names the instance.
+            let mut head = Vec::new();
+            let meta_len = loop {
+                if let Some(n) = crate::part10::file_meta_len(&head)
+                    && head.len() >= n
+                {
+                    break n;
+                }
+                if head.len() > 1 << 20 {
+                    return Err(Error::Integrity("no Part-10 file meta in a part".into()));
+                }
+                match field
+                    .chunk()
+                    .await
+                    .map_err(|e| Error::Peer(e.to_string()))?
+                {
+                    Some(c) => head.extend_from_slice(&c),
+                    None => return Err(Error::Integrity("truncated part".into())),
+                }
+            };
+            let meta = dicom_object::meta::FileMetaTable::from_reader(&head[128..meta_len])
+                .map_err(|e| Error::Integrity(format!("part file meta: {e}")))?;
+            let sop = meta
+                .media_storage_sop_instance_uid()
+                .trim_end_matches(['\0', ' '])
+                .to_string();
+            let Some((instance, hash)) = expected.get(&sop) else {
+                return Err(Error::Integrity(format!(
+                    "the peer sent instance {sop}, which its manifest does not list"
+                )));
+            };
+            let parse = |s: &str| {
+                Uid::parse(s).map_err(|_| Error::Integrity(format!("manifest UID {s:?}")))
+            };
+            let mut incoming = ingest.begin(
+                parse(&instance.sop_class_uid)?,
+                parse(&instance.sop_instance_uid)?,
+                parse(&instance.transfer_syntax_uid)?,
+                Some(format!("peer:{holding}")),
+            );
+            let rest = head.split_off(meta_len);
+            if !rest.is_empty() {
+                ingest.write(&mut incoming, rest).await;
+            }
+            loop {
+                match field.chunk().await {
+                    Ok(Some(c)) => ingest.write(&mut incoming, c.to_vec()).await,
+                    Ok(None) => break,
+                    Err(e) => {
+                        ingest.abandon(incoming).await;
+                        return Err(Error::Peer(e.to_string()));
+                    }
+                }
+            }
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
+            let ingest = ingest.clone();
+            let hash = *hash;
+            finishing.spawn(async move {
+                let _permit = permit;
+                (sop, ingest.finish_expecting(incoming, hash).await)
+            });
+        }
+        Ok(())
+    }
+    .await;
+    let mut error = result.err();
+    while let Some(joined) = finishing.join_next().await {
+        match joined {
+            Ok((sop, Ok(stored))) => {
+                bytes += stored.size;
+                done.insert(sop);
+            }
+            Ok((sop, Err(ingest::Error::HashMismatch { expected, actual }))) => {
+                error.get_or_insert(Error::Integrity(format!(
+                    "instance {sop} hashes to {actual}, the manifest says {expected}"
+                )));
+            }
+            Ok((_, Err(e))) => {
+                error.get_or_insert(Error::Peer(e.to_string()));
+            }
+            Err(e) => {
+                error.get_or_insert(Error::Peer(e.to_string()));
+            }
+        }
+    }
+    (done, bytes, error)
+}
+
+/// The boundary of a multipart/related answer (multer's own parser takes
+/// multipart/form-data only).
+fn boundary_of(response: &reqwest::Response) -> Result<String, Error> {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| {
+            ct.split(';').find_map(|p| {
+                let (k, v) = p.trim().split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("boundary")
+                    .then(|| v.trim().trim_matches('"').to_string())
+            })
+        })
+        .ok_or_else(|| Error::Peer("no multipart boundary".into()))
 }
 
 /// One instance by WADO-RS (`transfer-syntax=*`), streamed through the

@@ -20,9 +20,10 @@
 #                 removed at the end unless --keep (which keeps them)
 #   --out FILE    the report (default benches/results/registry-<date>-<time>.md)
 #   --no-docs     do not write the "## Registry" section of docs/benchmarks.md
-#   --quiet-wait S  before the measurements, wait up to S seconds for the
-#                 1-minute load average to fall below 0.7 (a shared machine;
-#                 default 0: do not wait); the report gives the load averages
+#   --quiet-wait S  before each measurement (priors, publish, drain), wait up
+#                 to S seconds for the 1-minute load average to fall below 0.7
+#                 (a shared machine; default 0: do not wait); the report
+#                 gives the load averages before and after each
 #   --pg-stats    diagnostic: load pg_stat_statements and report, per phase,
 #                 the statements' calls and execution time inside PostgreSQL
 #                 (adds a little overhead; the report says so)
@@ -269,11 +270,14 @@ curl -sf "http://127.0.0.1:$reg_port/health" >/dev/null || { log "registry did n
 log "registry on 127.0.0.1:$reg_port"
 
 # ------------------------------------------------------------ priors
-if (( quiet_wait > 0 )); then
-    deadline=$(( $(date +%s) + quiet_wait ))
+wait_quiet() { # before each measurement (--quiet-wait)
+    (( quiet_wait > 0 )) || return 0
+    local deadline=$(( $(date +%s) + quiet_wait )) t0
+    t0=$(date +%s)
     until awk '{ exit !($1 < 0.7) }' /proc/loadavg || (( $(date +%s) >= deadline )); do sleep 5; done
-    log "load average $(cut -d' ' -f1-3 /proc/loadavg) (waited up to $quiet_wait s for < 0.7)"
-fi
+    log "load average $(cut -d' ' -f1-3 /proc/loadavg) after waiting $(( $(date +%s) - t0 )) s (up to $quiet_wait s for < 0.7)"
+}
+wait_quiet
 # WAL-like flush latency of this disk (8 kB write + fdatasync, PostgreSQL's
 # default wal_sync_method on Linux): the floor under every durable commit.
 disk_json=$("$PYTHON" "$CLIENT" disk --dir "$run")
@@ -291,6 +295,8 @@ stats_dump priors
 # ------------------------------------------------------------ publish
 publish_runs=0
 if (( publish > 0 )); then
+    wait_quiet
+    loads+="; before publish: $(cut -d' ' -f1-3 /proc/loadavg)"
     log "publish: $runs × $publish records"
     stats_reset
     "$PYTHON" "$CLIENT" publish --port "$reg_port" --token-file "$run/token-a" --hospital "$HOSP_A" \
@@ -326,6 +332,8 @@ if (( backlog > 0 )); then
     "$PYTHON" "$CLIENT" outbox --db "$node_dir/index.sqlite" --records "$backlog" --patients "$patients" \
         >"$run/outbox-fill.json"
     sync
+    wait_quiet
+    loads+="; before the drain: $(cut -d' ' -f1-3 /proc/loadavg)"
     log "node: draining $backlog outbox rows"
     stats_reset
     t_node0=$(now)
@@ -420,7 +428,8 @@ w(f"- {E['R_PG']}, throwaway cluster on loopback; settings: `{pg_set}` "
   f"(fsync, synchronous_commit and full_page_writes on: every publication batch and every audited query is a "
   f"durable commit)")
 w(f"- client: {pri['client']}")
-w(f"- load average (1/5/15 min) {E['R_LOAD']}; other processes were not stopped")
+w(f"- load average (1/5/15 min) {E['R_LOAD']}; other processes were not stopped"
+  + (f" (with --quiet-wait each measurement first waited, for at most the time given, for a 1-minute load average below 0.7)" if "--quiet-wait" in E["R_CMD"] else ""))
 w("")
 w("## Data")
 w("")

@@ -11,9 +11,11 @@
 #                 queried patients' records (about 3 each) and filler
 #                 records of other patients (3 each)
 #   --checks C    checks per run (default 1,000), random queried patients
-#   --patients Q  queried patients (default 1,000): valid resident ID
-#                 numbers (GB 11643), their patient keys computed as the
-#                 node computes them (keyed BLAKE3 under the region secret)
+#   --patients Q  queried patients (default 100,000, at most N/10): valid
+#                 resident ID numbers (GB 11643), their patient keys
+#                 computed as the node computes them (keyed BLAKE3 under
+#                 the region secret); with many, most checks ask for a
+#                 patient no earlier check asked for
 #   --runs R      runs (default 3); the report gives every run and the median
 #   --gen-jobs J  parallel psql sessions writing the filler (default nproc)
 #   --work-dir    default /tmp/huren-check-bench; the run's PostgreSQL
@@ -56,7 +58,7 @@ command_line="benches/check.sh"
 
 records=1000000
 checks=1000
-patients_q=1000
+patients_q=""
 runs=3
 gen_jobs=$(nproc)
 work_dir="${HUREN_BENCH_WORK:-/tmp/huren-check-bench}"
@@ -80,6 +82,7 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
+if [[ -z "$patients_q" ]]; then patients_q=$(( records / 10 )); (( patients_q <= 100000 )) || patients_q=100000; fi
 for v in records checks patients_q runs gen_jobs; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "--${v%_q} must be a number" >&2; exit 2; }
 done

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Peer retrieval benchmark: hospital A's node fetches a CT study held at
 # hospital B's node (POST /api/v1/peer/fetch: registry grant, manifest
-# checked against the published content root, every instance fetched by
-# WADO-RS and ingested through the one ingest path with its expected hash),
+# checked against the published content root, the instances fetched by
+# WADO-RS (one request each up to 9ba512f; since 69a2d63 a study with
+# nothing held comes in one response) and ingested through the one ingest
+# path with their expected hashes),
 # against two anchors measured in the same run, interleaved: a plain
 # WADO-RS download of the same study from B with curl (bytes discarded),
 # and a `cp -r` of B's blob files + `sync`; for diagnosis also the
@@ -442,7 +444,9 @@ w("## What differs")
 w("")
 w("- The fetch is end to end at node A: a grant from the registry (consent checked, audited, a durable commit), "
   "B confirming the grant with the registry, the manifest checked against the content root B published, then "
-  "one WADO-RS request per instance (--peer-parallel at once), each streamed through A's ingest path: the "
+  "the instances by WADO-RS (up to 9ba512f one request per instance, --peer-parallel at once; since 69a2d63 a "
+  "study with nothing held in one response, parts verified as they complete), each streamed through A's "
+  "ingest path: the "
   "Part-10 parsed and indexed, the blob staged, its BLAKE3 checked against the manifest's hash before it is "
   "renamed into the store, and one SQLite commit per instance. With --durability full (the default) each "
   "instance waits for the blob store's group sync (syncfs of the file system, shared by the instances in "

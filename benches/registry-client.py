@@ -285,12 +285,12 @@ def cmd_publish(a) -> int:
             times.append(secs)
         wall = time.perf_counter() - t0
         s = stats_ms(times)
-        run = {"run": r + 1, "records": a.records, "seconds": round(wall, 3),
+        run = {"run": a.run_base + r, "records": a.records, "seconds": round(wall, 3),
                "records_per_s": round(a.records / wall), "batches": len(bodies),
                "batch_bytes_mean": round(sum(len(b) for _, b in bodies) / len(bodies)),
                "batch_latency": s}
         runs.append(run)
-        print(f"publish run {r + 1}: {a.records} records in {wall:.2f} s = {run['records_per_s']}/s "
+        print(f"publish run {a.run_base + r}: {a.records} records in {wall:.2f} s = {run['records_per_s']}/s "
               f"(batch p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms)", file=sys.stderr)
     print(json.dumps({
         "client": f"Python {sys.version.split()[0]} http.client, 1 keep-alive connection, sequential",

@@ -101,6 +101,10 @@ HOSP_B=HOSPB0000000000002
 [[ -x "$PG_BIN/initdb" ]] || { echo "registry: no PostgreSQL under $PG_BIN" >&2; exit 1; }
 command -v curl >/dev/null || { echo "registry: needs curl" >&2; exit 1; }
 
+exec 3>&2
+# the repository as the run starts (the binary may have been built from it)
+rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')
+dirty=$(git -C "$repo" status --porcelain -- src tests migrations proto Cargo.toml Cargo.lock 2>/dev/null | wc -l)
 stamp=$(date +%Y%m%d-%H%M%S)
 run="$work_dir/run-$stamp"
 logs="$run/logs"
@@ -125,8 +129,13 @@ stop_pid() { # PID: TERM, then KILL after 30 s
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
+# run_child CMD...: runs CMD as a child and waits for it, so that a signal to this
+# script is handled at once (bash defers traps while a foreground command
+# runs); returns CMD's status.
+run_child() { "$@" & wait $!; }
 cleanup() {
-    local rc=$?
+    local rc=$? j
+    for j in $(jobs -p); do kill -TERM "$j" 2>/dev/null || true; done
     stop_pid "$node_pid"; node_pid=""
     stop_pid "$reg_pid"; reg_pid=""
     if [[ -n "$pg_data" ]]; then
@@ -134,7 +143,8 @@ cleanup() {
             as_pg "$PG_BIN/pg_ctl" -D "$pg_data" -m immediate stop >/dev/null 2>&1 || true
     fi
     if [[ $keep == 0 ]]; then rm -rf "$run/pg" "$run/node"; fi
-    (( rc == 0 )) || log "failed (exit $rc); logs in $logs"
+    # fd 3: the script's stderr (a trap can run inside a redirected command)
+    (( rc == 0 )) || echo "registry: failed (exit $rc); logs in $logs" >&3
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -174,7 +184,8 @@ pg_settings="-c listen_addresses=127.0.0.1 -p $pg_port -c unix_socket_directorie
  -c max_wal_size=16GB -c min_wal_size=2GB -c checkpoint_timeout=30min\
  -c checkpoint_completion_target=0.9 -c random_page_cost=1.1 -c effective_io_concurrency=100\
  -c max_parallel_maintenance_workers=$(nproc) -c max_connections=100"
-(( pg_stats == 0 )) || pg_settings+=" -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000"
+(( pg_stats == 0 )) || pg_settings+=" -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000\
+ -c track_wal_io_timing=on -c log_min_duration_statement=5 -c log_parameter_max_length=0"
 as_pg "$PG_BIN/pg_ctl" -D "$pg_data" -l "$run/pg/log" -W -t 120 start -o "$pg_settings" >/dev/null
 for _ in $(seq 1 200); do "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 0.1; done
 "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "PostgreSQL did not start"; cat "$run/pg/log" >&2; exit 1; }
@@ -183,19 +194,45 @@ psql -d postgres -c 'CREATE DATABASE registry'
 db_url="postgres://postgres@127.0.0.1:$pg_port/registry"
 q() { psql -d registry -Atc "$1"; }
 (( pg_stats == 0 )) || q 'CREATE EXTENSION pg_stat_statements' >/dev/null
-# stats_reset / stats_dump PHASE: statement times inside PostgreSQL (--pg-stats)
-stats_reset() { (( pg_stats == 0 )) || q 'SELECT pg_stat_statements_reset()' >/dev/null; }
+# pgsnap: WAL full-page images, WAL bytes, blocks the registry database read
+# from outside shared_buffers (page cache or disk). Backends report their
+# counters when idle, within 10 s: a snapshot is taken 11 s after a phase.
+pgsnap() { q "SELECT wal_fpi, wal_bytes, (SELECT blks_read FROM pg_stat_database WHERE datname = 'registry') FROM pg_stat_wal"; }
+pgdelta() { # SNAP_BEFORE SNAP_AFTER -> JSON
+    "$PYTHON" -c 'import json, sys
+a, b = ([float(x) for x in s.split("|")] for s in sys.argv[1:3])
+print(json.dumps({"wal_fpi": int(b[0] - a[0]), "wal_mb": round((b[1] - a[1]) / 1e6, 1), "blks_read": int(b[2] - a[2])}))' "$1" "$2"
+}
+page_cache() { awk '/^(Cached|Shmem):/ { v[$1] = $2 } END { printf "%.1f", (v["Cached:"] - v["Shmem:"]) / 1048576 }' /proc/meminfo; }
+# stats_reset / stats_dump PHASE (--pg-stats): statement times inside
+# PostgreSQL, WAL syncs and their time, and the slices of the PostgreSQL log
+# (statements of 5 ms or more) and of the registry's log (every request's
+# latency) written during the phase.
+stats_reset() {
+    (( pg_stats == 0 )) && return 0
+    q 'SELECT pg_stat_statements_reset()' >/dev/null
+    wal_sync0=$(q 'SELECT wal_sync, wal_sync_time FROM pg_stat_wal')
+    pglog_off=$(stat -c %s "$run/pg/log"); reglog_off=$(stat -c %s "$logs/registry.log")
+}
 stats_dump() {
     (( pg_stats == 0 )) && return 0
     q "SELECT calls, round(total_exec_time::numeric, 1), round(mean_exec_time::numeric, 4),
-              left(regexp_replace(query, '\s+', ' ', 'g'), 110)
+              round(max_exec_time::numeric, 2), left(regexp_replace(query, '\s+', ' ', 'g'), 110)
        FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = 'registry')
-         AND query NOT LIKE '%pg_stat_statements%'
+         AND query NOT LIKE '%pg_stat%'
        ORDER BY total_exec_time DESC LIMIT 10" >"$run/pgstats-$1.txt"
+    echo "$wal_sync0|$(q 'SELECT wal_sync, wal_sync_time FROM pg_stat_wal')" >"$run/walsync-$1.txt"
+    tail -c +$(( pglog_off + 1 )) "$run/pg/log" >"$run/slow-pg-$1.log"
+    tail -c +$(( reglog_off + 1 )) "$logs/registry.log" >"$run/reg-$1.log"
 }
 pg_version=$("$PG_BIN/postgres" --version)
 
 log "PostgreSQL on 127.0.0.1:$pg_port"
+# A VM may reclaim cold page-cache pages by itself (DAMON "pageout"): say so.
+damon=$(for d in /sys/kernel/mm/damon/admin/kdamonds/[0-9]*; do
+            [[ -r "$d/state" ]] || continue
+            echo "kdamond $(basename "$d") $(cat "$d/state") (schemes: $(cat "$d"/contexts/*/schemes/*/action 2>/dev/null | sort -u | xargs))"
+        done 2>/dev/null | tr '\n' ';' || true)
 
 # ------------------------------------------------------------ hospitals
 "$HUREN_BIN" registry hospital add --database-url "$db_url" --id "$HOSP_A" --name 医院A --level 3A \
@@ -237,11 +274,11 @@ for pid in "${pids[@]}"; do wait "$pid" || fail=1; done
 (( fail == 0 )) || { cat "$logs"/gen-*.log >&2; exit 1; }
 t_gen1=$(now)
 printf '%s\n' "$restore_sql" >"$logs/restore.sql"
-psql -d registry -f "$logs/restore.sql"
+run_child psql -d registry -f "$logs/restore.sql"
 t_gen2=$(now)
-psql -d registry -v what=consents -v lo=1 -v hi="$patients" -v hosp_a="$HOSP_A" -v hosp_b="$HOSP_B" -f "$GEN_SQL"
+run_child psql -d registry -v what=consents -v lo=1 -v hi="$patients" -v hosp_a="$HOSP_A" -v hosp_b="$HOSP_B" -f "$GEN_SQL"
 t_gen3=$(now)
-psql -d registry -c 'VACUUM (ANALYZE) study_record' -c 'VACUUM (ANALYZE) consent' -c 'CHECKPOINT'
+run_child psql -d registry -c 'VACUUM (ANALYZE) study_record' -c 'VACUUM (ANALYZE) consent' -c 'CHECKPOINT'
 t_gen4=$(now)
 n_records=$(q "SELECT count(*) FROM study_record")
 n_consents=$(q "SELECT count(*) FROM consent")
@@ -258,7 +295,9 @@ plan=$(q "EXPLAIN SELECT hospital_id, published_at, retracted, record FROM study
 # ------------------------------------------------------------ registry
 reg_port=$(free_port)
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$run/admin-token"
-"$HUREN_BIN" registry --listen "127.0.0.1:$reg_port" --database-url "$db_url" \
+reg_log_filter=info
+(( pg_stats == 0 )) || reg_log_filter="info,tower_http=debug"  # every request's latency
+HUREN_LOG=$reg_log_filter "$HUREN_BIN" registry --listen "127.0.0.1:$reg_port" --database-url "$db_url" \
     --admin-token-file "$run/admin-token" --data-dir "$run/registry-data" >"$logs/registry.log" 2>&1 &
 reg_pid=$!
 for _ in $(seq 1 600); do
@@ -283,26 +322,47 @@ wait_quiet
 disk_json=$("$PYTHON" "$CLIENT" disk --dir "$run")
 log "disk: 8 kB write + fdatasync: $disk_json"
 loads="before priors: $(cut -d' ' -f1-3 /proc/loadavg)"
+cache_before_priors=$(page_cache)
+snap=$(pgsnap)
 stats_reset
 log "priors: $runs × $queries queries"
-"$PYTHON" "$CLIENT" priors --port "$reg_port" --token-file "$run/token-a" --patients "$patients" \
+run_child "$PYTHON" "$CLIENT" priors --port "$reg_port" --token-file "$run/token-a" --patients "$patients" \
     --queries "$queries" --runs "$runs" >"$run/priors.json" 2>"$logs/priors.log" ||
     { cat "$logs/priors.log" >&2; log "priors failed (or answers wrong: $run/priors.json)"; exit 1; }
 cat "$logs/priors.log" >&2
 loads+="; after priors: $(cut -d' ' -f1-3 /proc/loadavg)"
+sleep 11; snap2=$(pgsnap); pg_priors=$(pgdelta "$snap" "$snap2")
 stats_dump priors
 
 # ------------------------------------------------------------ publish
 publish_runs=0
+pg_drain='{}'
 if (( publish > 0 )); then
     wait_quiet
     loads+="; before publish: $(cut -d' ' -f1-3 /proc/loadavg)"
     log "publish: $runs × $publish records"
     stats_reset
-    "$PYTHON" "$CLIENT" publish --port "$reg_port" --token-file "$run/token-a" --hospital "$HOSP_A" \
-        --patients "$patients" --records "$publish" --runs "$runs" >"$run/publish.json" 2>"$logs/publish.log" ||
-        { cat "$logs/publish.log" >&2; exit 1; }
-    cat "$logs/publish.log" >&2
+    # one client per run, so that each run's WAL and read counters are its own
+    : >"$run/publish-runs.jsonl"
+    snap=$(pgsnap)
+    for (( r = 1; r <= runs; r++ )); do
+        run_child "$PYTHON" "$CLIENT" publish --port "$reg_port" --token-file "$run/token-a" --hospital "$HOSP_A" \
+            --patients "$patients" --records "$publish" --runs 1 --run-base "$r" --seed "$(( 100 + r ))" \
+            >"$run/publish-$r.json" 2>>"$logs/publish.log" || { cat "$logs/publish.log" >&2; exit 1; }
+        tail -n 1 "$logs/publish.log" >&2
+        sleep 11; snap2=$(pgsnap)
+        "$PYTHON" -c 'import json, sys
+o = json.load(open(sys.argv[1])); o["runs"][0]["pg"] = json.loads(sys.argv[2]); print(json.dumps(o))' \
+            "$run/publish-$r.json" "$(pgdelta "$snap" "$snap2")" >>"$run/publish-runs.jsonl"
+        snap=$snap2
+    done
+    "$PYTHON" -c 'import json, statistics, sys
+parts = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+runs = [p["runs"][0] for p in parts]
+print(json.dumps({"client": parts[0]["client"], "batch": parts[0]["batch"], "runs": runs,
+                  "median_records_per_s": round(statistics.median(r["records_per_s"] for r in runs)),
+                  "connections_opened": sum(p["connections_opened"] for p in parts)}))' \
+        "$run/publish-runs.jsonl" >"$run/publish.json"
     publish_runs=$runs
     loads+="; after publish: $(cut -d' ' -f1-3 /proc/loadavg)"
     stats_dump publish
@@ -329,20 +389,22 @@ if (( backlog > 0 )); then
     wait_log "$node_pid" "$logs/node.log" "HTTP listening on 127.0.0.1:$node_http" 120 ||
         { log "node did not start"; tail -n 20 "$logs/node.log" >&2; exit 1; }
     stop_pid "$node_pid"; node_pid=""
-    "$PYTHON" "$CLIENT" outbox --db "$node_dir/index.sqlite" --records "$backlog" --patients "$patients" \
+    run_child "$PYTHON" "$CLIENT" outbox --db "$node_dir/index.sqlite" --records "$backlog" --patients "$patients" \
         >"$run/outbox-fill.json"
     sync
     wait_quiet
     loads+="; before the drain: $(cut -d' ' -f1-3 /proc/loadavg)"
     log "node: draining $backlog outbox rows"
     stats_reset
+    snap=$(pgsnap)
     t_node0=$(now)
     node_start --registry-url "http://127.0.0.1:$reg_port" --hospital-id "$HOSP_B" \
         --registry-token-file "$run/token-b" --region-secret-file "$run/region-secret"
-    "$PYTHON" "$CLIENT" drain --port "$node_http" --t0 "$t_node0" >"$run/drain.json" 2>"$logs/drain.log" ||
+    run_child "$PYTHON" "$CLIENT" drain --port "$node_http" --t0 "$t_node0" >"$run/drain.json" 2>"$logs/drain.log" ||
         { cat "$logs/drain.log" "$run/drain.json" >&2; tail -n 20 "$logs/node.log" >&2; exit 1; }
     stop_pid "$node_pid"; node_pid=""
     loads+="; after the drain: $(cut -d' ' -f1-3 /proc/loadavg)"
+    sleep 11; snap2=$(pgsnap); pg_drain=$(pgdelta "$snap" "$snap2")
     stats_dump drain
     got=$(q "SELECT count(*) FROM study_record WHERE hospital_id = '$HOSP_B' AND study_instance_uid LIKE '1.2.826.0.1.3680043.10.543.3.%'")
     (( got == backlog )) || { log "registry holds $got of the node's $backlog records"; exit 1; }
@@ -367,8 +429,6 @@ sizes_end=$(q "SELECT pg_size_pretty(pg_total_relation_size('study_record')), pg
     pg_size_pretty(pg_database_size('registry'))" | tr '|' ';')
 
 # ------------------------------------------------------------ report
-rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')
-dirty=$(git -C "$repo" status --porcelain -- src tests migrations proto Cargo.toml Cargo.lock 2>/dev/null | wc -l)
 bin_time=$(date -u -r "$HUREN_BIN" +%Y-%m-%dT%H:%MZ)
 mkdir -p "$repo/benches/results"
 [[ -n "$out_file" ]] || out_file="$repo/benches/results/registry-$stamp.md"
@@ -380,7 +440,8 @@ export R_CMD="$command_line" R_REV="$rev" R_DIRTY="$dirty" R_BIN="$HUREN_BIN" R_
     R_SIZES_END="$sizes_end" R_PLAN="$plan" R_QUERIES="$queries" R_PUBLISH="$publish" R_BACKLOG="$backlog" \
     R_RUNS="$runs" R_VERIFY="$verify_out" R_VERIFY_S="$verify_s" R_ENTRIES="${audit_entries:-}" \
     R_EXPECTED="$expected_entries" R_RSS="$reg_rss_mb" R_RUN="$run" R_OUT="$out_file" \
-    R_DOCS="$write_docs" R_REPO="$repo" R_LOAD="$loads" R_PG_STATS="$pg_stats"
+    R_DOCS="$write_docs" R_REPO="$repo" R_LOAD="$loads" R_PG_STATS="$pg_stats" \
+    R_PG_PRIORS="$pg_priors" R_PG_DRAIN="$pg_drain" R_CACHE="$cache_before_priors" R_DAMON="$damon"
     R_DOCS_FILE="${HUREN_BENCH_DOCS:-$repo/docs/benchmarks.md}"
 export R_DOCS_FILE
 "$PYTHON" - <<'EOF'
@@ -409,8 +470,8 @@ intact = "intact" in E["R_VERIFY"]
 entries = int(E["R_ENTRIES"]) if E["R_ENTRIES"] else None
 expected = int(E["R_EXPECTED"])
 dirty = int(E["R_DIRTY"])
-commit = E["R_REV"] + (f" (the working tree had {dirty} uncommitted paths under src/ tests/ migrations/ proto/ "
-                        f"Cargo.* during the run; the binary was built from the working tree)" if dirty else "")
+commit = E["R_REV"] + (f" (when the run started the working tree had {dirty} uncommitted paths under src/ tests/ migrations/ proto/ "
+                        f"Cargo.*; a binary built from the working tree includes them)" if dirty else "")
 date_utc = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()
 yes = lambda ok: "**met**" if ok else "**not met**"
 
@@ -421,12 +482,15 @@ w("")
 w(f"- command: `{E['R_CMD']}`")
 w(f"- machine: {ncpu} cores ({cpu}), {mem:.0f} GiB, kernel {platform.release()}; 8 kB write + fdatasync on the "
   f"PostgreSQL data disk (a WAL flush; {disk['n']:,} times, just before the priors runs): {flush}")
-w(f"- huren: `{E['R_BIN']}` (built {E['R_BIN_TIME']}, sha256 {E['R_BIN_SHA'][:16]}…); HEAD {commit}")
+w(f"- huren: `{E['R_BIN']}` (file modified {E['R_BIN_TIME']}, sha256 {E['R_BIN_SHA'][:16]}…); HEAD {commit}")
 pg_set = " ".join(x.strip() for x in E["R_PG_SETTINGS"].split(" -c ")[1:]
                   if not x.startswith(("listen_addresses", "unix_socket")))
 w(f"- {E['R_PG']}, throwaway cluster on loopback; settings: `{pg_set}` "
   f"(fsync, synchronous_commit and full_page_writes on: every publication batch and every audited query is a "
   f"durable commit)")
+damon = E["R_DAMON"].strip("; ") or "none"
+w(f"- memory: page cache (file pages, shared_buffers not counted) {E['R_CACHE']} GiB just before the priors "
+  f"runs; DAMON on this kernel: {damon}")
 w(f"- client: {pri['client']}")
 w(f"- load average (1/5/15 min) {E['R_LOAD']}; other processes were not stopped"
   + (f" (with --quiet-wait each measurement first waited, for at most the time given, for a 1-minute load average below 0.7)" if "--quiet-wait" in E["R_CMD"] else ""))
@@ -460,6 +524,10 @@ for r in pri["runs"]:
 w(f"| **median** | **{med['p50_ms']}** | **{med['p90_ms']}** | **{med['p99_ms']}** | {med['max_ms']} | {med['mean_ms']} | | | | |")
 h = pri["health_floor"]
 w("")
+pgp = json.loads(E["R_PG_PRIORS"])
+w(f"During the priors phase (warm-up, /health and all runs): {pgp['blks_read']:,} blocks read from outside "
+  f"shared_buffers, {pgp['wal_mb']} MB of WAL with {pgp['wal_fpi']:,} full-page images.")
+w("")
 w(f"Floor: GET /health (the server's `SELECT 1`, no audit) on the same connection: p50 {h['p50_ms']} ms, "
   f"p99 {h['p99_ms']} ms ({h['n']} requests). {pri['warmup']} unmeasured warm-up queries before run 1. "
   f"Answers checked against the generated layout: {pri['check_errors']} wrong.")
@@ -467,16 +535,21 @@ w("")
 if pub:
     w(f"## Publish (POST /v1/hospitals/{{id}}/records), {int(E['R_PUBLISH']):,} new records per run, batches of {pub['batch']}")
     w("")
-    w("One batch = one transaction: 500 upserts and 500 audit entries, one commit. Bodies built before the "
+    w("One batch = one transaction: 500 records upserted and 500 audit entries appended, one commit. Bodies built before the "
       "clock starts; the client parses each answer and checks that every record is `applied`.")
     w("")
-    w("| run | seconds | records/s | batch p50 ms | batch p99 ms | batch max ms | body KB (mean) |")
-    w("|---|---|---|---|---|---|---|")
+    w("| run | seconds | records/s | batch p50 ms | batch p99 ms | batch max ms | body KB (mean) | WAL MB | full-page images | blocks read |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     for r in pub["runs"]:
         b = r["batch_latency"]
+        g = r.get("pg", {})
         w(f"| {r['run']} | {r['seconds']} | {r['records_per_s']:,} | {b['p50_ms']} | {b['p99_ms']} | {b['max_ms']} | "
-          f"{r['batch_bytes_mean'] / 1000:.0f} |")
-    w(f"| **median** | | **{pub_rate:,}** | | | | |")
+          f"{r['batch_bytes_mean'] / 1000:.0f} | {g.get('wal_mb', '–')} | {g.get('wal_fpi', 0):,} | {g.get('blks_read', 0):,} |")
+    w(f"| **median** | | **{pub_rate:,}** | | | | | | | |")
+    w("")
+    w("WAL MB, full-page images (the first change of a page after a checkpoint writes the whole 8 kB page "
+      "to the WAL) and blocks read from outside shared_buffers: PostgreSQL's counters (pg_stat_wal, "
+      "pg_stat_database) over the run, read 11 s after it.")
     w("")
 if dr:
     w(f"## Node outbox drain, {backlog:,} rows")
@@ -495,7 +568,14 @@ if dr:
     w("Backlog over time (s since the node's start, rows left): "
       + ", ".join(f"{t} s {b:,}" for t, b in dr.get("timeline", [])))
     w("")
-    w(f"**{drain_rate:,} records/s** from the node's start ({drain_rate_net:,} records/s from its API answering); "
+    pgd = json.loads(E["R_PG_DRAIN"])
+    if pgd:
+        w(f"PostgreSQL during the drain: {pgd['wal_mb']} MB of WAL with {pgd['wal_fpi']:,} full-page images, "
+          f"{pgd['blks_read']:,} blocks read from outside shared_buffers.")
+        w("")
+    net = (f"{drain_rate_net:,} records/s from its API answering" if drain_rate_net
+           else "the backlog was empty when its API first answered")
+    w(f"**{drain_rate:,} records/s** from the node's start ({net}); "
       f"dead rows: {dr['dead']}; the registry holds all {backlog:,}.")
     w("")
 w("## Audit")
@@ -509,23 +589,53 @@ w("")
 if E["R_PG_STATS"] == "1":
     w("## Inside PostgreSQL (--pg-stats)")
     w("")
-    w("This run loaded pg_stat_statements (a little overhead on every statement). Per phase, the statements "
-      "with the most execution time inside PostgreSQL. COMMIT's WAL flush is not in these figures (it happens after the statement "
-      "is counted); the rest of a request's time is that flush, round trips, the registry's own work, "
-      "HTTP and the client.")
+    w("This run loaded pg_stat_statements, timed WAL syncs (track_wal_io_timing), logged statements of 5 ms "
+      "or more (log_min_duration_statement) and had the registry log every request's latency "
+      "(tower_http=debug, whole milliseconds): a little overhead everywhere, so its figures are not the "
+      "headline ones. Per phase, the statements with the most execution time inside PostgreSQL. "
+      "COMMIT's WAL flush is not in these statement figures (it happens after the statement is counted): "
+      "the WAL sync line gives it.")
     for phase in ("priors", "publish", "drain"):
         f = f"{run}/pgstats-{phase}.txt"
         if not os.path.exists(f):
             continue
-        rows = [l.split("|", 3) for l in open(f).read().splitlines() if l.strip()]
+        rows = [l.split("|", 4) for l in open(f).read().splitlines() if l.strip()]
         total = sum(float(r[1]) for r in rows)
         w("")
         w(f"{phase} (top {len(rows)} statements, {total:,.0f} ms in all):")
         w("")
-        w("| calls | total ms | mean ms | statement |")
-        w("|---|---|---|---|")
-        for c, t, m, qy in rows:
-            w(f"| {int(c):,} | {float(t):,.0f} | {m} | `{qy.replace('|', '/')}` |")
+        w("| calls | total ms | mean ms | max ms | statement |")
+        w("|---|---|---|---|---|")
+        for c, t, m, mx, qy in rows:
+            w(f"| {int(c):,} | {float(t):,.0f} | {m} | {mx} | `{qy.replace('|', '/')}` |")
+        ws = [float(x) for x in open(f"{run}/walsync-{phase}.txt").read().strip().split("|")]
+        syncs, sync_ms = ws[2] - ws[0], ws[3] - ws[1]
+        if syncs:
+            w("")
+            w(f"WAL syncs: {syncs:,.0f}, {sync_ms:,.0f} ms in all, {sync_ms / syncs:.3f} ms each on average.")
+        slow = {}
+        for line in open(f"{run}/slow-pg-{phase}.log", errors="replace"):
+            m = re.search(r"duration: ([0-9.]+) ms\s+(?:execute|statement|bind|parse)[^:]*:\s*(.*)", line)
+            if m and "pg_stat" not in m.group(2):
+                k = re.sub(r"\s+", " ", m.group(2))[:70]
+                slow.setdefault(k, []).append(float(m.group(1)))
+        if slow:
+            w("")
+            w("Statements of 5 ms or more (PostgreSQL log): " + "; ".join(
+                f"`{k}` ×{len(v)} (max {max(v):.0f} ms)" for k, v in sorted(slow.items(), key=lambda kv: -len(kv[1]))))
+        lat = {}
+        for line in open(f"{run}/reg-{phase}.log", errors="replace"):
+            m = re.search(r"uri=(\S+).*finished processing request.*latency=(\d+) ms", line)
+            if m:
+                lat.setdefault(m.group(1), []).append(int(m.group(2)))
+        for uri, v in sorted(lat.items()):
+            if len(v) < 10:
+                continue
+            v.sort()
+            over5 = sum(1 for x in v if x >= 5)
+            w("")
+            w(f"Registry-side latency of {uri} ({len(v):,} requests, whole ms): p50 {v[len(v) // 2]}, "
+              f"p99 {v[int(len(v) * 0.99) - 1]}, max {v[-1]}; {over5:,} of 5 ms or more.")
     w("")
 w("## Targets")
 w("")
@@ -550,8 +660,6 @@ if E["R_DOCS"] == "1":
     rel = os.path.relpath(E["R_OUT"], os.path.dirname(docs))
     D = []
     d = D.append
-    d("## Registry")
-    d("")
     d(f"`huren registry` on PostgreSQL with {n:,} study records: priors query latency, publish throughput, "
       f"a node draining its outbox, and the audit chain afterwards. Measured {date_utc}, HEAD {commit}; "
       f"the script's report with every run is [`{os.path.basename(E['R_OUT'])}`]({rel}).")
@@ -597,7 +705,7 @@ if E["R_DOCS"] == "1":
       f"the audit append (UPDATE of the chain head, INSERT, UPDATE, COMMIT with a WAL flush, "
       f"p50 {disk['p50_ms']} ms and p99 {disk['p99_ms']} ms on this disk), one round trip each.")
     d("- Publishing: bodies are serialised before the clock starts, so the figure is the registry's (parse, "
-      "validate, 500 upserts + 500 audit entries in one transaction) plus the transfer over loopback.")
+      "validate, upsert 500 records and append 500 audit entries in one transaction) plus the transfer over loopback.")
     if dr:
         d(f"- The outbox drain figure includes the node's start ({dr['api_up_s']} s until its API "
           f"answered); it is one node, batches of 500, each leased, sent, and deleted from its SQLite "
@@ -606,18 +714,42 @@ if E["R_DOCS"] == "1":
       "row and holds its lock until COMMIT, so audited writes are serialised by design and several "
       "clients would queue behind one another's commits), a real network or TLS, several registry "
       "processes on one database, the SQLite registry, priors with `items`/`since` filters or paging, "
-      f"a cold cache (the database, {E['R_SIZES_END'].split(';')[2]} at the end, is smaller than the "
-      f"machine's {mem:.0f} GiB, and was written and vacuumed just before the measurements), and long-running "
-      "load with autovacuum and checkpoints (a CHECKPOINT ran just before the measurements). The generated "
+      f"a deliberately cold cache (the database, {E['R_SIZES_END'].split(';')[2]} at the end, is smaller than "
+      f"the machine's {mem:.0f} GiB and was written and vacuumed just before the measurements, but the page "
+      f"cache held {E['R_CACHE']} GiB of file pages before the priors runs; DAMON: {damon}), and long-running "
+      "load with autovacuum and checkpoints (a CHECKPOINT ended the generation, so the first writes to each "
+      "page afterwards carry full-page images; the report counts them). The generated "
       "records have no audit entries; patient keys are SHA-256 stand-ins of the nodes' keyed BLAKE3 "
       "(same 64-hex shape).")
-    section = "\n".join(D) + "\n"
+    # Only the part between the markers is the script's: anything else in
+    # the section (subsections, notes) and every other section stay as
+    # they are. Without markers: the text from the "## Registry" heading to
+    # the next heading; without the heading: a new section at the end.
+    begin = "<!-- benches/registry.sh writes from here to the end marker; edits in between are overwritten -->"
+    end = "<!-- end of what benches/registry.sh writes -->"
+    block = begin + "\n" + "\n".join(D) + "\n" + end + "\n"
     text = open(docs).read()
-    m = re.search(r"(?m)^## Registry\s*$", text)
-    if m:
-        text = text[:m.start()].rstrip("\n") + "\n\n" + section
+    i = text.find(begin)
+    j = text.find(end, i + 1) if i >= 0 else -1
+    if i >= 0 and j >= 0:
+        rest = text[j + len(end):].lstrip("\n")
+        text = text[:i] + block + ("\n" + rest if rest else "")
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        m = re.search(r"(?m)^## Registry[ \t]*\n", text)
+        if m:
+            # the next heading outside a fenced code block ends the old text
+            pos, cut, fence = m.end(), len(text), False
+            for line in text[m.end():].splitlines(keepends=True):
+                if line.startswith("```"):
+                    fence = not fence
+                elif not fence and re.match(r"#{1,6} \S", line):
+                    cut = pos
+                    break
+                pos += len(line)
+            rest = text[cut:]
+            text = text[:m.end()] + "\n" + block + ("\n" + rest if rest else "")
+        else:
+            text = text.rstrip("\n") + "\n\n## Registry\n\n" + block
     open(docs, "w").write(text)
     print(f"wrote the Registry section of {docs}")
 EOF

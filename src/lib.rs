@@ -53,6 +53,7 @@ pub mod part10;
 pub mod patient_key;
 pub mod peer;
 pub mod priors;
+pub mod progress;
 pub mod publish;
 pub mod query;
 pub mod recognition;

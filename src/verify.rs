@@ -11,12 +11,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use thiserror::Error;
 
 use crate::index::{self, NewInstance};
 use crate::ingest::Ingest;
 use crate::part10;
+use crate::progress::Progress;
 use crate::storage;
 use crate::types::BlobHash;
 
@@ -82,35 +82,30 @@ pub async fn run(ingest: &Ingest, options: &Options) -> Result<Report, Error> {
 
     let referenced = index.blob_hashes().await?;
     let bar = if options.progress {
-        let bar = ProgressBar::new(referenced.len() as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} blobs {binary_bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar
+        Progress::new("verify", referenced.len() as u64, "blobs")
     } else {
-        ProgressBar::hidden()
+        Progress::hidden()
     };
     for hash in &referenced {
         if !in_store.contains(hash) {
             report.missing.push(*hash);
-            bar.inc(1);
+            bar.inc(1, 0);
             continue;
         }
         match store.verify(hash).await {
             Ok(size) => {
                 report.blobs_checked += 1;
                 report.bytes_checked += size;
+                bar.inc(1, size);
+                continue;
             }
             Err(storage::Error::NotFound(_)) => report.missing.push(*hash),
             Err(storage::Error::Corrupt { .. }) => report.corrupt.push(*hash),
             Err(e) => return Err(e.into()),
         }
-        bar.inc(1);
+        bar.inc(1, 0);
     }
-    bar.finish_and_clear();
+    bar.finish();
 
     let now = SystemTime::now();
     for blob in &listed {

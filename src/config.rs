@@ -222,6 +222,7 @@ struct FileConfig {
     max_pdu_length: Option<u32>,
     artim_timeout_secs: Option<u64>,
     idle_timeout_secs: Option<u64>,
+    flush_interval_secs: Option<u64>,
     durability: Option<Durability>,
     require_called_ae_title: Option<bool>,
     allowed_calling_ae_titles: Option<Vec<String>>,
@@ -449,6 +450,13 @@ pub struct NodeArgs {
     #[arg(long, env = "HUREN_IDLE_TIMEOUT_SECS")]
     pub idle_timeout_secs: Option<u64>,
 
+    /// Seconds between the background flushes of local blob storage: they
+    /// let the node forget which index rows a crash could leave without a
+    /// blob (full durability), and bound what a power loss can take
+    /// (relaxed) [default: 10]
+    #[arg(long, env = "HUREN_FLUSH_INTERVAL_SECS")]
+    pub flush_interval_secs: Option<u64>,
+
     /// When C-STORE success is sent: `full` (after fsync and index commit)
     /// or `relaxed` (once the OS has the bytes) [default: full]
     #[arg(long, env = "HUREN_DURABILITY", value_enum)]
@@ -586,6 +594,8 @@ pub struct NodeConfig {
     pub max_pdu_length: u32,
     pub artim_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Background flush of local blob storage (crate::recovery).
+    pub flush_interval: Duration,
     pub durability: Durability,
     pub require_called_ae_title: bool,
     /// Empty means any calling AE title may associate.
@@ -623,6 +633,7 @@ impl NodeConfig {
             max_pdu_length: 131072,
             artim_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            flush_interval: Duration::from_secs(10),
             durability: Durability::Full,
             require_called_ae_title: false,
             allowed_calling_ae_titles: Vec::new(),
@@ -741,6 +752,9 @@ impl NodeArgs {
         }
         if let Some(secs) = self.idle_timeout_secs.or(file.idle_timeout_secs) {
             config.idle_timeout = Duration::from_secs(secs.max(1));
+        }
+        if let Some(secs) = self.flush_interval_secs.or(file.flush_interval_secs) {
+            config.flush_interval = Duration::from_secs(secs.max(1));
         }
         if let Some(durability) = self.durability.or(file.durability) {
             config.durability = durability;

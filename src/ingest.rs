@@ -49,6 +49,22 @@ pub struct Stored {
 pub struct Ingest {
     store: Arc<BlobStore>,
     index: Index,
+    order: AckOrder,
+}
+
+/// What an acknowledgement waits for after the blob is published (renamed
+/// into place on local files, PUT on S3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckOrder {
+    /// The index commit only: relaxed durability, or S3 (a completed PUT is
+    /// durable; the commit is flushed by the database).
+    NoFlush,
+    /// Full durability, local files, SQLite: commit without fsync, then one
+    /// syncfs for blob and index together.
+    FlushAfterCommit,
+    /// Full durability, local files, PostgreSQL: the commit and the blob's
+    /// syncfs side by side.
+    FlushBesideCommit,
 }
 
 /// Data sets up to this size are also kept in memory while they are written
@@ -163,7 +179,16 @@ impl Incoming {
 
 impl Ingest {
     pub fn new(store: Arc<BlobStore>, index: Index) -> Ingest {
-        Ingest { store, index }
+        let order = match (store.ack_waits_for_flush(), index.dialect()) {
+            (false, _) => AckOrder::NoFlush,
+            (true, crate::index::Dialect::Sqlite) => AckOrder::FlushAfterCommit,
+            (true, crate::index::Dialect::Postgres) => AckOrder::FlushBesideCommit,
+        };
+        Ingest {
+            store,
+            index,
+            order,
+        }
     }
 
     pub fn store(&self) -> &Arc<BlobStore> {
@@ -281,16 +306,34 @@ impl Ingest {
         }
         self.store.publish(staged).await?;
         let published_at = started.elapsed();
-        let outcome = self
-            .index
-            .store(NewInstance {
-                attributes,
-                blob_hash: hash,
-                blob_size: size,
-                calling_ae_title: incoming.calling_ae_title,
-                received_at: incoming.received_at,
-            })
-            .await?;
+        let instance = NewInstance {
+            attributes,
+            blob_hash: hash,
+            blob_size: size,
+            calling_ae_title: incoming.calling_ae_title,
+            received_at: incoming.received_at,
+        };
+        let outcome = match self.order {
+            AckOrder::NoFlush => self.index.store(instance).await?,
+            // One syncfs covers the blob and the WAL frames the commit just
+            // wrote: it must start after the commit.
+            AckOrder::FlushAfterCommit => {
+                let outcome = self.index.store(instance).await?;
+                self.store.flush().await?;
+                outcome
+            }
+            // PostgreSQL flushes its own commit; the blob's flush runs at
+            // the same time. A crash between the two leaves a row whose blob
+            // may be gone: the journal of migration 0009 names it for
+            // crate::recovery.
+            AckOrder::FlushBesideCommit => {
+                let (outcome, flushed) =
+                    tokio::join!(self.index.store(instance), self.store.flush());
+                let outcome = outcome?;
+                flushed?;
+                outcome
+            }
+        };
         // Per-stage latency, the figures docs/benchmarks.md reasons from
         // (HUREN_LOG=huren::ingest=trace).
         tracing::trace!(

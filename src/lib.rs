@@ -57,6 +57,7 @@ pub mod progress;
 pub mod publish;
 pub mod query;
 pub mod recognition;
+pub mod recovery;
 pub mod registry;
 pub mod storage;
 pub mod transcode;

@@ -9,10 +9,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::NodeConfig;
+use crate::config::{Durability, NodeConfig};
 use crate::dicom::{self, DicomContext};
 use crate::http::{self, AppState};
-use crate::index::{self, Index};
+use crate::index::{self, CommitSync, Index};
 use crate::ingest::Ingest;
 use crate::storage::{self, BlobStore};
 
@@ -29,6 +29,8 @@ pub enum StartError {
     Index(#[from] index::Error),
     #[error("recognition list: {0}")]
     Recognition(String),
+    #[error("recovery at start: {0}")]
+    Recovery(String),
 }
 
 /// Opens the blob store and the index the configuration names.
@@ -38,8 +40,31 @@ pub async fn open_ingest(config: &NodeConfig) -> Result<Ingest, StartError> {
         source,
     })?;
     let store = BlobStore::open(&config.storage, &config.data_dir, config.durability)?;
-    let index = Index::open(&config.database_url, config.durability).await?;
+    // Full durability on local files with a SQLite index: one syncfs covers
+    // the blob and the index's WAL, so commits need no fsync of their own
+    // (crate::ingest orders the steps, crate::recovery repairs what a crash
+    // between commit and flush can leave).
+    let sqlite_path = sqlite_file(&config.database_url);
+    let commit_sync = match (&sqlite_path, config.durability) {
+        (Some(path), Durability::Full) if store.ack_waits_for_flush() => {
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let dir = dir.unwrap_or(std::path::Path::new("."));
+            std::fs::create_dir_all(dir).map_err(storage::Error::Io)?;
+            store.flush_also(dir)?;
+            CommitSync::Deferred
+        }
+        (_, Durability::Full) => CommitSync::EveryCommit,
+        (_, Durability::Relaxed) => CommitSync::Deferred,
+    };
+    let index = Index::open(&config.database_url, commit_sync).await?;
     Ok(Ingest::new(Arc::new(store), index))
+}
+
+/// The database file of a `sqlite:` URL.
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let path = rest.trim_start_matches("//").split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
 }
 
 /// A running node.
@@ -52,6 +77,7 @@ pub struct Node {
     dicom_task: JoinHandle<()>,
     http_task: JoinHandle<std::io::Result<()>>,
     region_tasks: Vec<JoinHandle<()>>,
+    sweeper: JoinHandle<()>,
 }
 
 impl Node {
@@ -62,6 +88,13 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
         let ingest = open_ingest(config).await?;
+        // Before the first association is accepted: the listeners' sockets
+        // are bound, but nothing is read from them until the tasks below.
+        crate::recovery::recover(&ingest)
+            .await
+            .map_err(|e| StartError::Recovery(e.to_string()))?;
+        let sweeper =
+            crate::recovery::spawn_sweeper(ingest.clone(), config.flush_interval, shutdown.clone());
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let region = match config.region.clone() {
@@ -116,6 +149,7 @@ impl Node {
             http_task,
             region,
             region_tasks,
+            sweeper,
         })
     }
 
@@ -129,6 +163,10 @@ impl Node {
         }
         for task in self.region_tasks {
             let _ = task.await;
+        }
+        let _ = self.sweeper.await;
+        if let Err(e) = crate::recovery::sweep(&self.ingest).await {
+            tracing::warn!(error = %e, "final flush at stop failed; the next start checks the rows");
         }
         self.ingest.index().close().await;
     }

@@ -93,7 +93,12 @@ pub struct BlobStore {
     staging_dir: PathBuf,
     /// Picks the staging shard for the next object.
     next_shard: std::sync::atomic::AtomicUsize,
+    /// Local file system only: the flush acknowledgements wait for (full
+    /// durability) and the periodic one of crate::recovery.
     syncer: Option<GroupSync>,
+    /// Whether an acknowledgement waits for a flush (full durability on
+    /// local files; S3's completed PUT is durable by itself).
+    ack_waits_for_flush: bool,
 }
 
 /// Staging files are spread over this many subdirectories: every create and
@@ -151,16 +156,13 @@ impl BlobStore {
                 }
                 let root = root.canonicalize()?;
                 let store = LocalFileSystem::new_with_prefix(&root)?;
-                let syncer = match durability {
-                    Durability::Full => Some(GroupSync::start(&root)?),
-                    Durability::Relaxed => None,
-                };
                 Ok(BlobStore {
                     store: Arc::new(store),
                     staging_dir: root.join(STAGING_DIR),
                     next_shard: Default::default(),
+                    syncer: Some(GroupSync::start(&root)?),
                     backend: Backend::Local { root },
-                    syncer,
+                    ack_waits_for_flush: durability == Durability::Full,
                 })
             }
             StorageConfig::S3 {
@@ -203,6 +205,7 @@ impl BlobStore {
                     staging_dir,
                     next_shard: Default::default(),
                     syncer: None,
+                    ack_waits_for_flush: false,
                 })
             }
         }
@@ -244,8 +247,35 @@ impl BlobStore {
         Ok(stage)
     }
 
-    /// Makes a staged object a blob. Returns once it is as durable as the
-    /// configured durability promises.
+    /// Whether acknowledging a published blob must wait for [`Self::flush`]
+    /// (full durability on local files).
+    pub fn ack_waits_for_flush(&self) -> bool {
+        self.ack_waits_for_flush
+    }
+
+    /// Makes the file system holding `path` part of every flush, when it is
+    /// not the blob root's: the SQLite index beside the blobs is then made
+    /// durable by the same syncfs(2) as the blob (one flush per
+    /// acknowledgement instead of two).
+    pub fn flush_also(&self, path: &Path) -> Result<(), Error> {
+        if let Some(syncer) = &self.syncer {
+            syncer.cover(path)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every blob published before the call is on stable
+    /// storage: the next group-committed syncfs(2) on local files (one
+    /// flush serves every caller waiting when it starts), nothing on S3.
+    pub async fn flush(&self) -> Result<(), Error> {
+        match &self.syncer {
+            Some(syncer) => syncer.sync().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Makes a staged object a blob: a rename on local files (durable only
+    /// after [`Self::flush`]), a completed PUT on S3 (durable at once).
     pub async fn publish(&self, staged: Staged) -> Result<(), Error> {
         let key = Self::key(&staged.hash);
         match &self.backend {
@@ -270,9 +300,6 @@ impl BlobStore {
                         Err(e) => Err(Error::Io(e.error)),
                     }
                 })?;
-                if let Some(syncer) = &self.syncer {
-                    syncer.sync().await?;
-                }
                 Ok(())
             }
             Backend::S3 => {
@@ -435,9 +462,14 @@ impl BlobStore {
         Ok(out)
     }
 
+    /// Removes a blob; one already gone is `NotFound` (S3 answers a DELETE
+    /// of a missing key with success, so there it is `Ok`).
     pub async fn delete(&self, hash: &BlobHash) -> Result<(), Error> {
-        self.store.delete(&Self::key(hash)).await?;
-        Ok(())
+        match self.store.delete(&Self::key(hash)).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::NotFound(*hash)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Where temporary files for this store go (same file system as a
@@ -650,15 +682,19 @@ impl<T: Send + 'static> StagingWriter<T> {
 /// on stable storage wait for the next `syncfs(2)`, and one call covers every
 /// caller that was waiting when it started. With several associations
 /// storing at once, each pays a fraction of one flush instead of several
-/// fsyncs of its own.
+/// fsyncs of its own. Covers the blob root's file system and any other
+/// added with `cover` (the SQLite index's, when it lives elsewhere).
 struct GroupSync {
     tx: std::sync::mpsc::Sender<oneshot::Sender<std::io::Result<()>>>,
+    /// One open directory per file system to flush, distinct by device.
+    file_systems: Arc<std::sync::Mutex<Vec<(u64, std::fs::File)>>>,
 }
 
 impl GroupSync {
     fn start(root: &Path) -> std::io::Result<GroupSync> {
-        let dir = std::fs::File::open(root)?;
+        let file_systems = Arc::new(std::sync::Mutex::new(Vec::<(u64, std::fs::File)>::new()));
         let (tx, rx) = std::sync::mpsc::channel::<oneshot::Sender<std::io::Result<()>>>();
+        let shared = file_systems.clone();
         std::thread::Builder::new()
             .name("huren-syncfs".into())
             .spawn(move || {
@@ -666,10 +702,14 @@ impl GroupSync {
                 while let Ok(first) = rx.recv() {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
-                    // SAFETY: syncfs only reads the descriptor, which `dir`
-                    // keeps open for the life of this thread.
-                    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-                    let err = (rc != 0).then(std::io::Error::last_os_error);
+                    let mut err = None;
+                    for (_, dir) in shared.lock().expect("syncfs list").iter() {
+                        // SAFETY: syncfs only reads the descriptor, which the
+                        // list keeps open.
+                        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                            err = Some(std::io::Error::last_os_error());
+                        }
+                    }
                     for reply in waiting {
                         let result = match &err {
                             None => Ok(()),
@@ -679,7 +719,20 @@ impl GroupSync {
                     }
                 }
             })?;
-        Ok(GroupSync { tx })
+        let sync = GroupSync { tx, file_systems };
+        sync.cover(root)?;
+        Ok(sync)
+    }
+
+    fn cover(&self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::fs::File::open(path)?;
+        let dev = dir.metadata()?.dev();
+        let mut list = self.file_systems.lock().expect("syncfs list");
+        if !list.iter().any(|(d, _)| *d == dev) {
+            list.push((dev, dir));
+        }
+        Ok(())
     }
 
     async fn sync(&self) -> Result<(), Error> {

@@ -15,13 +15,13 @@ use crate::support::{self, Backend};
 const HUREN: &str = env!("CARGO_BIN_EXE_huren");
 
 /// A `huren node` process and the addresses it logged.
-struct Process {
-    child: Child,
-    dicom: std::net::SocketAddr,
-    http: std::net::SocketAddr,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) dicom: std::net::SocketAddr,
+    pub(crate) http: std::net::SocketAddr,
 }
 
-fn spawn_binary(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Process {
+pub(crate) fn spawn_binary(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Process {
     let mut child = Command::new(HUREN)
         .arg("node")
         .args([
@@ -87,7 +87,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
-fn verify(data_dir: &Path, extra: &[&str]) -> (bool, String) {
+pub(crate) fn verify(data_dir: &Path, extra: &[&str]) -> (bool, String) {
     let out = Command::new(HUREN)
         .arg("verify")
         .arg("--data-dir")
@@ -305,7 +305,7 @@ async fn acknowledged_instances_survive_kill_9() {
 }
 
 /// The SOP Instance UID in a file's meta group (what the test wrote).
-fn sop_instance_uid_of(bytes: &[u8]) -> String {
+pub(crate) fn sop_instance_uid_of(bytes: &[u8]) -> String {
     let meta = &bytes[132..support::data_set_bytes_offset(bytes)];
     let needle = [0x02u8, 0x00, 0x03, 0x00, b'U', b'I'];
     let at = meta.windows(6).position(|w| w == needle).unwrap();

@@ -5,6 +5,7 @@
 
 mod cli;
 mod dicomweb;
+mod durability;
 mod ingest;
 mod negotiation;
 mod page;

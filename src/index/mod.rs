@@ -20,9 +20,11 @@ use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Durability;
 use crate::part10::InstanceAttributes;
 use crate::types::BlobHash;
+
+mod unsynced;
+pub use unsynced::UnsyncedInstance;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -44,7 +46,20 @@ pub enum Dialect {
     Postgres,
 }
 
-/// An instance whose blob is durable, ready to be indexed.
+/// Whether a SQLite commit flushes its WAL itself (PostgreSQL's commits
+/// always reach its own stable storage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitSync {
+    /// synchronous=FULL: every commit fsyncs the WAL.
+    EveryCommit,
+    /// synchronous=NORMAL: commits are written, not flushed; the caller
+    /// flushes (full durability: the syncfs that also covers the blob) or
+    /// accepts losing the last commits on power loss (relaxed).
+    Deferred,
+}
+
+/// An instance whose blob is published (see crate::ingest for when it is
+/// also flushed), ready to be indexed.
 #[derive(Debug, Clone)]
 pub struct NewInstance {
     pub attributes: InstanceAttributes,
@@ -118,7 +133,7 @@ pub struct Index {
 
 impl Index {
     /// Connects, applies the embedded migrations and starts the writer.
-    pub async fn open(url: &str, durability: Durability) -> Result<Index, Error> {
+    pub async fn open(url: &str, commit_sync: CommitSync) -> Result<Index, Error> {
         sqlx::any::install_default_drivers();
         let (dialect, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
             // Create the file on first start: no set-up step for the default.
@@ -146,12 +161,13 @@ impl Index {
         let pool = match dialect {
             Dialect::Sqlite => {
                 // WAL lets readers (C-FIND, verify) run while the writer
-                // commits. synchronous=FULL fsyncs the WAL at each commit,
-                // which the ack promise needs; NORMAL survives a process crash
-                // but may lose the last commits on power loss.
-                let synchronous = match durability {
-                    Durability::Full => "PRAGMA synchronous = FULL",
-                    Durability::Relaxed => "PRAGMA synchronous = NORMAL",
+                // commits. synchronous=FULL fsyncs the WAL at each commit;
+                // NORMAL survives a process crash but may lose the last
+                // commits on power loss unless something else flushes the
+                // WAL (the blob store's syncfs, see CommitSync).
+                let synchronous = match commit_sync {
+                    CommitSync::EveryCommit => "PRAGMA synchronous = FULL",
+                    CommitSync::Deferred => "PRAGMA synchronous = NORMAL",
                 };
                 AnyPoolOptions::new()
                     .max_connections(4)
@@ -202,8 +218,9 @@ impl Index {
         })
     }
 
-    /// Indexes an instance whose blob is already durable. Returns after the
-    /// transaction holding it has committed.
+    /// Indexes an instance whose blob is published. Returns after the
+    /// transaction holding it has committed (see [`CommitSync`] for when
+    /// that commit is also flushed).
     pub async fn store(&self, instance: NewInstance) -> Result<StoreOutcome, Error> {
         // Direct path: nobody else is writing and the instance is new in a
         // series already written; then one INSERT on the caller's task

@@ -161,15 +161,18 @@ stop_server() {
     server_pid=""
 }
 
-# start_server NAME CORPUS DATADIR LOG -> sets server_pid, dicom_port, http_port
+# start_server NAME CORPUS DATADIR LOG SENDERS -> sets server_pid, dicom_port, http_port
 start_server() {
-    local name=$1 corpus=$2 data=$3 log=$4
+    local name=$1 corpus=$2 data=$3 log=$4 nsend=$5
     read -r dicom_port http_port < <(free_ports)
     case "$name" in
         storescp)
             local extra=()
             [[ "$corpus" == big* ]] && extra+=(--bit-preserving)
-            # single process: associations are served one after the other
+            # With several senders, one process per association (how dcmtk
+            # serves concurrent senders); a single process would serve them
+            # one after the other and understate dcmtk.
+            [[ "$nsend" -gt 1 ]] && extra+=(--fork)
             "$STORESCP" -od "$data" "${extra[@]}" "$dicom_port" >"$log" 2>&1 &
             server_pid=$!
             wait_echo "$dicom_port" 30 ;;
@@ -242,7 +245,7 @@ measure() {
     local rundir="$work_dir/run-$stamp/$tag"
     mkdir -p "$rundir/data"
     local status=ok secs=0 rss=0
-    if ! start_server "$name" "$corpus" "$rundir/data" "$logs/$tag.server.log"; then
+    if ! start_server "$name" "$corpus" "$rundir/data" "$logs/$tag.server.log" "$nsend"; then
         status=start-failed
     else
         local t0 t1 k fail=0

@@ -245,7 +245,18 @@ measure() {
     local rundir="$work_dir/run-$stamp/$tag"
     mkdir -p "$rundir/data"
     local status=ok secs=0 rss=0
-    if ! start_server "$name" "$corpus" "$rundir/data" "$logs/$tag.server.log" "$nsend"; then
+    local started=0 attempt
+    # A port found free can be taken by another process before the server
+    # binds it (other work on the machine): try again on fresh ports.
+    for attempt in 1 2 3; do
+        if start_server "$name" "$corpus" "$rundir/data" "$logs/$tag.server.log" "$nsend"; then
+            started=1
+            break
+        fi
+        stop_server
+        grep -q "Address already in use" "$logs/$tag.server.log" 2>/dev/null || break
+    done
+    if [[ $started == 0 ]]; then
         status=start-failed
     else
         local t0 t1 k fail=0
@@ -304,8 +315,8 @@ done
 
 # ---------------------------------------------------------------- report
 if [[ -z "$out_file" ]]; then
-    out_file="$here/results-$(date +%Y-%m-%d).md"
-    [[ -e "$out_file" ]] && out_file="$here/results-$(date +%Y-%m-%d-%H%M%S).md"
+    out_file="$here/results/results-$(date +%Y-%m-%d).md"
+    [[ -e "$out_file" ]] && out_file="$here/results/results-$(date +%Y-%m-%d-%H%M%S).md"
 fi
 
 versions() {

@@ -242,8 +242,8 @@ stop "$huren_pid"; huren_pid=""; stop "$orthanc_pid"; orthanc_pid=""
 
 # ------------------------------------------------------------ report
 if [[ -z "$out_file" ]]; then
-    out_file="$here/results-query-move-$(date +%Y-%m-%d).md"
-    [[ -e "$out_file" ]] && out_file="$here/results-query-move-$(date +%Y-%m-%d-%H%M%S).md"
+    out_file="$here/results/results-query-move-$(date +%Y-%m-%d).md"
+    [[ -e "$out_file" ]] && out_file="$here/results/results-query-move-$(date +%Y-%m-%d-%H%M%S).md"
 fi
 {
     echo "# C-MOVE benchmark $(date -u +%Y-%m-%dT%H:%MZ)"

@@ -352,8 +352,8 @@ fi  # not --report-from
 
 # ------------------------------------------------------------ report
 if [[ -z "$out_file" ]]; then
-    out_file="$here/results-query-$(date +%Y-%m-%d).md"
-    [[ -e "$out_file" ]] && out_file="$here/results-query-$(date +%Y-%m-%d-%H%M%S).md"
+    out_file="$here/results/results-query-$(date +%Y-%m-%d).md"
+    [[ -e "$out_file" ]] && out_file="$here/results/results-query-$(date +%Y-%m-%d-%H%M%S).md"
 fi
 {
     echo "# Query benchmark $(date -u +%Y-%m-%dT%H:%MZ)"

@@ -281,6 +281,10 @@ impl Ingest {
         }
         self.store.publish(staged).await?;
         let published_at = started.elapsed();
+        let audited = expected
+            .is_none()
+            .then(|| crate::audit::StoredInstance::of(&attributes))
+            .flatten();
         let outcome = self
             .index
             .store(NewInstance {
@@ -291,6 +295,9 @@ impl Ingest {
                 received_at: incoming.received_at,
             })
             .await?;
+        if let Some(a) = audited {
+            a.record(&outcome)
+        }
         // Per-stage latency, the figures docs/benchmarks.md reasons from
         // (HUREN_LOG=huren::ingest=trace).
         tracing::trace!(

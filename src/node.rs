@@ -29,6 +29,8 @@ pub enum StartError {
     Index(#[from] index::Error),
     #[error("recognition list: {0}")]
     Recognition(String),
+    #[error("audit log: {0}")]
+    Audit(String),
 }
 
 /// Opens the blob store and the index the configuration names.
@@ -52,6 +54,7 @@ pub struct Node {
     dicom_task: JoinHandle<()>,
     http_task: JoinHandle<std::io::Result<()>>,
     region_tasks: Vec<JoinHandle<()>>,
+    audit: crate::audit::Audit,
 }
 
 impl Node {
@@ -62,6 +65,7 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
         let ingest = open_ingest(config).await?;
+        let audit = crate::audit::Audit::open(config).map_err(StartError::Audit)?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let region = match config.region.clone() {
@@ -81,6 +85,7 @@ impl Node {
         }
         let mut dicom_context = DicomContext::new(config, ingest.clone());
         dicom_context.region = region.clone();
+        dicom_context.audit = audit.clone();
         let ctx = Arc::new(dicom_context);
         let region_tasks = match &region {
             Some(r) => {
@@ -104,10 +109,12 @@ impl Node {
                 max_matches: Some(config.max_query_matches),
             },
             region: region.clone(),
+            audit: audit.clone(),
         });
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
         tracing::info!("HTTP listening on {http_addr}");
+        audit.application_start();
         Ok(Node {
             ingest,
             dicom_addr,
@@ -116,6 +123,7 @@ impl Node {
             http_task,
             region,
             region_tasks,
+            audit,
         })
     }
 
@@ -130,6 +138,7 @@ impl Node {
         for task in self.region_tasks {
             let _ = task.await;
         }
+        self.audit.application_stop().await;
         self.ingest.index().close().await;
     }
 }

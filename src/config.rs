@@ -1179,6 +1179,15 @@ scopes = ["read"]
                 allowed_calling_ae_titles: Some(vec!["CT1@not-an-ip".into()]),
                 ..NodeArgs::default()
             },
+            NodeArgs {
+                audit_syslog_tls: Some("collector-without-port".into()),
+                audit_syslog_ca_file: Some("ca.pem".into()),
+                ..NodeArgs::default()
+            },
+            NodeArgs {
+                audit_syslog_tls: Some("collector:6514".into()),
+                ..NodeArgs::default()
+            },
         ];
         for args in cases {
             assert!(args.resolve().is_err(), "{args:?}");

@@ -23,6 +23,7 @@ use crate::region::{ADMIN_TOKEN, Api, spawn_region_node, spawn_registry, wait_un
 use crate::support::{self, Backend, repo_path};
 
 const TOKEN: &str = "audit-test-read-token-0123456789";
+const WRITE_TOKEN: &str = "audit-test-write-token-012345678";
 const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 
 support::on_both_backends!(dicom_and_dicomweb_are_audited);
@@ -251,6 +252,11 @@ async fn dicom_and_dicomweb_are_audited(backend: Backend) {
             name: "viewer".into(),
             sha256: token_sha,
             scopes: vec![huren::config::Scope::Read],
+        });
+        c.dicomweb.tokens.push(huren::config::TokenConfig {
+            name: "modality".into(),
+            sha256: hex::encode(sha2::Sha256::digest(WRITE_TOKEN.as_bytes())),
+            scopes: vec![huren::config::Scope::Read, huren::config::Scope::Write],
         });
     })
     .await;
@@ -490,6 +496,54 @@ async fn dicom_and_dicomweb_are_audited(backend: Backend) {
     assert_eq!(
         alert.participant("anonymous").attr("UserIsRequestor"),
         "false"
+    );
+
+    // STOW-RS: the viewer's token may not store (403, Security Alert); the
+    // modality's stores another patient's instance (Instances Transferred).
+    let knee = support::samples()
+        .into_iter()
+        .find(|s| s.path.to_string_lossy().contains("p2-mr-knee-2025"))
+        .unwrap();
+    let mut body = b"--audit\r\nContent-Type: application/dicom\r\n\r\n".to_vec();
+    body.extend(std::fs::read(&knee.path).unwrap());
+    body.extend(b"\r\n--audit--\r\n");
+    let stow = |token: &'static str| {
+        http.post(format!("{base}/studies"))
+            .bearer_auth(token)
+            .header(
+                "content-type",
+                "multipart/related; type=\"application/dicom\"; boundary=audit",
+            )
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(stow(TOKEN).await.unwrap().status(), 403);
+    let restricted = expect(&log, "Security Alert for the missing scope", |m| {
+        m.event_id() == "110113" && m.event_types() == ["110132"]
+    })
+    .await;
+    assert_eq!(
+        restricted
+            .participant("token:viewer")
+            .attr("UserIsRequestor"),
+        "false"
+    );
+    assert_eq!(stow(WRITE_TOKEN).await.unwrap().status(), 200);
+    let stowed = expect(&log, "Instances Transferred for STOW-RS", |m| {
+        m.event_id() == "110104"
+            && m.all("ActiveParticipant")
+                .iter()
+                .any(|p| p.attr("UserID") == "token:modality")
+    })
+    .await;
+    assert_eq!(stowed.action(), "C");
+    assert_eq!(
+        stowed.objects("1")[0].attr("ParticipantObjectID"),
+        "HUR-100002"
+    );
+    assert_eq!(
+        stowed.objects("3")[0].attr("ParticipantObjectID"),
+        knee.study_instance_uid
     );
 
     // An AE title the node does not know: A-ASSOCIATE-RJ and a Security Alert.

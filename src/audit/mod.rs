@@ -522,11 +522,24 @@ struct PatientTransfer {
 }
 
 /// A retrieval whose Begin Transferring message went out; `transferred`
-/// reports its end.
+/// reports its end. Dropped without it (the requestor's association broke
+/// during a C-GET), it reports the transfer as failed, so that no Begin
+/// Transferring goes without its Instances Transferred.
 pub struct Transfer {
     audit: Audit,
     participants: Vec<Participant>,
     patients: Vec<PatientTransfer>,
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        if !self.patients.is_empty() {
+            self.report(
+                Outcome::SeriousFailure,
+                Some("the association ended before the sub-operations completed".into()),
+            );
+        }
+    }
 }
 
 /// Groups instances by study, then studies by patient (from the index).
@@ -629,16 +642,14 @@ impl Transfer {
     /// DICOM Instances Transferred (A.5.3.7) once the sub-operations have
     /// ended: R (the node is the sender); Minor failure when some failed,
     /// Serious when none completed.
-    pub fn transferred(self, completed: u16, failed: u16, warning: u16) {
+    pub fn transferred(mut self, completed: u16, failed: u16, warning: u16) {
         let (outcome, description) = if failed == 0 {
             (Outcome::Success, None)
-        } else if completed + warning > 0 {
+        } else if completed > 0 || warning > 0 {
+            let total = u32::from(completed) + u32::from(warning) + u32::from(failed);
             (
                 Outcome::MinorFailure,
-                Some(format!(
-                    "{failed} of {} sub-operations failed",
-                    completed + warning + failed
-                )),
+                Some(format!("{failed} of {total} sub-operations failed")),
             )
         } else {
             (
@@ -646,7 +657,11 @@ impl Transfer {
                 Some(format!("all {failed} sub-operations failed")),
             )
         };
-        for p in self.patients {
+        self.report(outcome, description);
+    }
+
+    fn report(&mut self, outcome: Outcome, description: Option<String>) {
+        for p in std::mem::take(&mut self.patients) {
             let mut m = self.audit.message(
                 event::INSTANCES_TRANSFERRED,
                 Action::Read,

@@ -122,19 +122,8 @@ impl Syslog {
     /// file has it) and counts the drop.
     pub fn send(&self, xml: &str) {
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(queue) = queue.as_ref() else { return };
-        if queue.try_send(xml.to_string()).is_err() {
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            // The first drop and then every thousandth: a log line per
-            // message would flood the log exactly when the collector is
-            // already in trouble.
-            if n == 1 || n.is_multiple_of(1000) {
-                tracing::warn!(
-                    dropped = n,
-                    queue = SYSLOG_QUEUE,
-                    "audit syslog queue full: messages dropped (they are in the local audit log)"
-                );
-            }
+        if let Some(queue) = queue.as_ref() {
+            offer(queue, &self.dropped, xml);
         }
     }
 
@@ -164,6 +153,25 @@ impl Syslog {
             }
         }
     }
+}
+
+/// Puts a message on the queue, or counts it as dropped when the queue is
+/// full (or the task has ended). Returns whether it was queued.
+fn offer(queue: &mpsc::Sender<String>, dropped: &AtomicU64, xml: &str) -> bool {
+    if queue.try_send(xml.to_string()).is_ok() {
+        return true;
+    }
+    let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+    // The first drop and then every thousandth: a log line per message
+    // would flood the log exactly when the collector is already in trouble.
+    if n == 1 || n.is_multiple_of(1000) {
+        tracing::warn!(
+            dropped = n,
+            queue = SYSLOG_QUEUE,
+            "audit syslog queue full: messages dropped (they are in the local audit log)"
+        );
+    }
+    false
 }
 
 fn client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
@@ -287,6 +295,20 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let dropped = AtomicU64::new(0);
+        let queued: Vec<bool> = (0..5)
+            .map(|n| offer(&tx, &dropped, &n.to_string()))
+            .collect();
+        assert_eq!(queued, [true, true, false, false, false]);
+        assert_eq!(dropped.load(Ordering::Relaxed), 3);
+        // The oldest are kept, in order.
+        assert_eq!(rx.recv().await.as_deref(), Some("0"));
+        assert_eq!(rx.recv().await.as_deref(), Some("1"));
+    }
 
     #[test]
     fn frames_count_octets() {

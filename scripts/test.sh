@@ -76,6 +76,8 @@ missing=()
 pkg_installed dcmtk || missing+=(dcmtk)
 pkg_installed chromium || missing+=(chromium)
 pkg_installed fonts-noto-cjk || missing+=(fonts-noto-cjk)
+# tests/audit.rs validates audit messages against PS3.15's RELAX NG Compact schema.
+pkg_installed jing || missing+=(jing)
 if ! pkg_installed postgresql || ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)
 fi

@@ -237,6 +237,9 @@ struct FileConfig {
     tls_private_key_file: Option<PathBuf>,
     dicomweb: Option<DicomwebFileConfig>,
     region: Option<RegionFileConfig>,
+    audit_log: Option<PathBuf>,
+    audit_syslog_tls: Option<String>,
+    audit_syslog_ca_file: Option<PathBuf>,
 }
 
 /// The `[region]` table of a TOML config file: how the node takes part in
@@ -579,6 +582,20 @@ pub struct NodeArgs {
     /// order-time check finds them [default: false]
     #[arg(long, env = "HUREN_PREFETCH_PRIORS")]
     pub prefetch_priors: Option<bool>,
+
+    /// DICOM audit messages (PS3.15 A.5), one XML message per line, appended
+    /// [default: <data_dir>/audit.log]
+    #[arg(long, env = "HUREN_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+
+    /// Also send audit messages to this syslog collector over TLS
+    /// (RFC 5424/5425), `host:port` [default: none]
+    #[arg(long, env = "HUREN_AUDIT_SYSLOG_TLS")]
+    pub audit_syslog_tls: Option<String>,
+
+    /// CA certificates (PEM) the syslog collector's certificate must chain to
+    #[arg(long, env = "HUREN_AUDIT_SYSLOG_CA_FILE")]
+    pub audit_syslog_ca_file: Option<PathBuf>,
 }
 
 /// The resolved configuration every component reads.
@@ -615,6 +632,12 @@ pub struct NodeConfig {
     pub dicomweb: DicomwebConfig,
     /// The node's part in the region; `None`: it stays local.
     pub region: Option<RegionConfig>,
+    /// The DICOM audit log (PS3.15 A.5); `None`: `<data_dir>/audit.log`.
+    pub audit_log: Option<PathBuf>,
+    /// A syslog collector (`host:port`) that also receives every audit
+    /// message, over TLS verified against `audit_syslog_ca_file`.
+    pub audit_syslog_tls: Option<String>,
+    pub audit_syslog_ca_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -646,6 +669,9 @@ impl NodeConfig {
             tls_private_key_file: None,
             dicomweb: DicomwebConfig::default(),
             region: None,
+            audit_log: None,
+            audit_syslog_tls: None,
+            audit_syslog_ca_file: None,
         }
     }
 
@@ -866,6 +892,30 @@ impl NodeArgs {
         }
         config.dicomweb.tokens = web.tokens;
         config.region = self.resolve_region(file.region.unwrap_or_default())?;
+        config.audit_log = self.audit_log.clone().or(file.audit_log);
+        config.audit_syslog_tls = self.audit_syslog_tls.clone().or(file.audit_syslog_tls);
+        config.audit_syslog_ca_file = self
+            .audit_syslog_ca_file
+            .clone()
+            .or(file.audit_syslog_ca_file);
+        if let Some(address) = &config.audit_syslog_tls {
+            if !address
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
+                return Err(ConfigError::Invalid {
+                    setting: "audit_syslog_tls",
+                    reason: format!("{address:?}: expected host:port"),
+                });
+            }
+            if config.audit_syslog_ca_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    setting: "audit_syslog_ca_file",
+                    reason: "audit_syslog_tls needs the CA certificates to verify the collector"
+                        .into(),
+                });
+            }
+        }
         Ok(config)
     }
 
@@ -1141,6 +1191,15 @@ scopes = ["read"]
             },
             NodeArgs {
                 allowed_calling_ae_titles: Some(vec!["CT1@not-an-ip".into()]),
+                ..NodeArgs::default()
+            },
+            NodeArgs {
+                audit_syslog_tls: Some("collector-without-port".into()),
+                audit_syslog_ca_file: Some("ca.pem".into()),
+                ..NodeArgs::default()
+            },
+            NodeArgs {
+                audit_syslog_tls: Some("collector:6514".into()),
                 ..NodeArgs::default()
             },
         ];

@@ -306,6 +306,10 @@ impl Ingest {
         }
         self.store.publish(staged).await?;
         let published_at = started.elapsed();
+        let audited = expected
+            .is_none()
+            .then(|| crate::audit::StoredInstance::of(&attributes))
+            .flatten();
         let instance = NewInstance {
             attributes,
             blob_hash: hash,
@@ -334,6 +338,9 @@ impl Ingest {
                 outcome
             }
         };
+        if let Some(a) = audited {
+            a.record(&outcome)
+        }
         // Per-stage latency, the figures docs/benchmarks.md reasons from
         // (HUREN_LOG=huren::ingest=trace).
         tracing::trace!(

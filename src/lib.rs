@@ -40,9 +40,12 @@
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.
+//! - [`audit`]: DICOM audit messages (PS3.15 A.5) to an append-only file
+//!   and, optionally, a syslog collector over TLS.
 //!
 //! See docs/ARCHITECTURE.md for the path of one instance.
 
+pub mod audit;
 pub mod config;
 pub mod dicom;
 pub mod http;

@@ -31,6 +31,8 @@ pub enum StartError {
     Recognition(String),
     #[error("recovery at start: {0}")]
     Recovery(String),
+    #[error("audit log: {0}")]
+    Audit(String),
 }
 
 /// Opens the blob store and the index the configuration names.
@@ -78,6 +80,7 @@ pub struct Node {
     http_task: JoinHandle<std::io::Result<()>>,
     region_tasks: Vec<JoinHandle<()>>,
     sweeper: JoinHandle<()>,
+    audit: crate::audit::Audit,
 }
 
 impl Node {
@@ -95,6 +98,7 @@ impl Node {
             .map_err(|e| StartError::Recovery(e.to_string()))?;
         let sweeper =
             crate::recovery::spawn_sweeper(ingest.clone(), config.flush_interval, shutdown.clone());
+        let audit = crate::audit::Audit::open(config).map_err(StartError::Audit)?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let region = match config.region.clone() {
@@ -114,6 +118,7 @@ impl Node {
         }
         let mut dicom_context = DicomContext::new(config, ingest.clone());
         dicom_context.region = region.clone();
+        dicom_context.audit = audit.clone();
         let ctx = Arc::new(dicom_context);
         let region_tasks = match &region {
             Some(r) => {
@@ -137,10 +142,12 @@ impl Node {
                 max_matches: Some(config.max_query_matches),
             },
             region: region.clone(),
+            audit: audit.clone(),
         });
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
         tracing::info!("HTTP listening on {http_addr}");
+        audit.application_start();
         Ok(Node {
             ingest,
             dicom_addr,
@@ -150,6 +157,7 @@ impl Node {
             region,
             region_tasks,
             sweeper,
+            audit,
         })
     }
 
@@ -168,6 +176,7 @@ impl Node {
         if let Err(e) = crate::recovery::sweep(&self.ingest).await {
             tracing::warn!(error = %e, "final flush at stop failed; the next start checks the rows");
         }
+        self.audit.application_stop().await;
         self.ingest.index().close().await;
     }
 }

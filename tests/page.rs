@@ -90,7 +90,7 @@ fn form_body(pairs: &[(&str, &str)]) -> String {
 
 /// Signs in with plain HTTP; returns the status, the session cookie
 /// (`name=value`), every Set-Cookie and the body.
-async fn sign_in(
+pub async fn sign_in(
     http: &reqwest::Client,
     base: &str,
     user: &str,

@@ -66,6 +66,7 @@ pub struct DicomContext {
     pub match_options: MatchOptions,
     /// The node's part in the region: regional priors in C-FIND answers.
     pub region: Option<Arc<crate::publish::Region>>,
+    pub audit: crate::audit::Audit,
     policy: PeerPolicy,
     options: Options,
 }
@@ -111,6 +112,7 @@ impl DicomContext {
                 max_matches: Some(config.max_query_matches),
             },
             region: None,
+            audit: crate::audit::Audit::disabled(),
             policy,
             options,
         }
@@ -161,8 +163,11 @@ impl AccessControl for PeerPolicy {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
+        crate::audit::association_requested(calling_ae_title, called_ae_title);
         if self.require_called_ae_title && called_ae_title.trim() != this_ae_title {
-            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+            return Err(crate::audit::association_refused(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            ));
         }
         if !self.allowed.is_empty()
             && !self
@@ -170,7 +175,9 @@ impl AccessControl for PeerPolicy {
                 .iter()
                 .any(|a| a.admits(calling_ae_title, self.peer))
         {
-            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+            return Err(crate::audit::association_refused(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            ));
         }
         Ok(())
     }

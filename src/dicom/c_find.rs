@@ -18,7 +18,14 @@ pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> 
             comment,
         )
     };
-    if !op.ctx.may(op.calling_ae_title, false) {
+    let allowed = op.ctx.may(op.calling_ae_title, false);
+    crate::audit::dicom_query(
+        &op.context.abstract_syntax,
+        &op.context.transfer_syntax,
+        data_set,
+        allowed,
+    );
+    if !allowed {
         tracing::warn!(parent: op.span, "C-FIND refused: calling AE may not query");
         let r = reply(
             status::NOT_AUTHORIZED,

@@ -48,7 +48,13 @@ pub async fn run(listener: TcpListener, ctx: Arc<DicomContext>, shutdown: Cancel
                 let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
-                    association::handle(socket, peer, ctx, shutdown).await;
+                    let audit = ctx.audit.clone();
+                    crate::audit::association(
+                        audit,
+                        peer,
+                        association::handle(socket, peer, ctx, shutdown),
+                    )
+                    .await;
                     drop(permit);
                 });
             }

@@ -435,6 +435,12 @@ pub(super) async fn c_move(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), Strin
         Ok(i) => i,
         Err(r) => return op.send(r, None).await,
     };
+    let audited = crate::audit::begin_transferring(
+        op.ctx.ingest.index(),
+        Some((destination.ae_title.as_str(), destination.host.as_str())),
+        &instances,
+    )
+    .await;
     let started = std::time::Instant::now();
     let total = instances.len();
     let (progress_tx, mut progress_rx) = mpsc::channel::<SubOperations>(16);
@@ -489,6 +495,13 @@ pub(super) async fn c_move(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), Strin
     // The sub-operations have really ended (the task owns the association
     // to the destination and releases it before returning).
     let tally = task.await.map_err(|e| format!("C-MOVE task failed: {e}"))?;
+    if let Some(a) = audited {
+        a.transferred(
+            tally.counts.completed,
+            tally.counts.failed,
+            tally.counts.warning,
+        )
+    }
     tracing::info!(
         parent: op.span,
         destination = %destination.ae_title,
@@ -700,6 +713,7 @@ pub(super) async fn c_get(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String
         Ok(i) => i,
         Err(r) => return op.send(r, None).await,
     };
+    let audited = crate::audit::begin_transferring(op.ctx.ingest.index(), None, &instances).await;
     let started = std::time::Instant::now();
     let offered: Vec<Offered> = op
         .contexts
@@ -763,6 +777,13 @@ pub(super) async fn c_get(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
         "C-GET"
     );
+    if let Some(a) = audited {
+        a.transferred(
+            tally.counts.completed,
+            tally.counts.failed,
+            tally.counts.warning,
+        )
+    }
     let (command, data) = final_response(op, field, &tally);
     op.send(command, data).await
 }

@@ -30,6 +30,7 @@ pub struct AppState {
     pub match_options: crate::query::MatchOptions,
     /// The node's part in the region, when configured.
     pub region: Option<Arc<crate::publish::Region>>,
+    pub audit: crate::audit::Audit,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -37,14 +38,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .with_state(state.clone());
     health
-        .merge(dicomweb::router(
-            state.ingest.clone(),
-            state.dicomweb.clone(),
-            state.match_options,
-            state.region.clone(),
+        .merge(crate::audit::dicomweb_layer(
+            &state.audit,
+            &state.dicomweb,
+            state.ingest.index(),
+            dicomweb::router(
+                state.ingest.clone(),
+                state.dicomweb.clone(),
+                state.match_options,
+                state.region.clone(),
+            ),
         ))
         .merge(api_router(&state))
-        .merge(page::router(&state))
+        .merge(crate::audit::page_layer(
+            &state.audit,
+            state.ingest.index(),
+            page::router(&state),
+        ))
         // A peer node presenting a registry grant may GET the study the
         // grant names (its manifest and its instances), and nothing else.
         .layer(axum::middleware::from_fn_with_state(
@@ -158,7 +168,9 @@ pub async fn run(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router(state))
+    // The peer's address reaches handlers (the audit messages name it).
+    let service = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -49,6 +49,16 @@ impl Tokens {
         found
     }
 
+    /// The name of the configured token an Authorization header presents
+    /// (for the audit messages; never the token itself).
+    pub fn holder(&self, authorization: Option<&str>) -> Option<&str> {
+        let (kind, token) = authorization?.trim().split_once(' ')?;
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        self.find(token.trim()).map(|t| t.name.as_str())
+    }
+
     pub fn check(&self, method: &Method, authorization: Option<&str>) -> Result<(), Error> {
         if self.open {
             return Ok(());

@@ -517,6 +517,7 @@ async fn login(
         Err(e) => return Err(state.unavailable(&page, "login", &e).await),
     };
     let Some(user_id) = user else {
+        crate::audit::user_authentication(&f.user_id, true, false);
         let shown: String = f.user_id.trim().chars().take(64).collect();
         return Ok(login_form(
             &state,
@@ -537,6 +538,7 @@ async fn login(
     if let Err(e) = auth::audit(&state.index, &user_id, "sign_in", None, "").await {
         return Err(state.unavailable(&page, "audit", &e).await);
     }
+    crate::audit::user_authentication(&user_id, true, true);
     let response = Redirect::to("/ui/").into_response();
     let response = with_cookie(
         response,
@@ -568,6 +570,7 @@ async fn logout(
     state.check_csrf(&page, &f.csrf).await?;
     let session = page.user()?;
     state.audit(&page, "sign_out", None, "").await?;
+    crate::audit::user_authentication(&session.user_id, false, true);
     if let Err(e) = auth::end_session(&state.index, &session.session_hash).await {
         return Err(state.unavailable(&page, "logout", &e).await);
     }
@@ -968,6 +971,11 @@ async fn timeline(
             &detail,
         )
         .await?;
+    crate::audit::patient_viewed(
+        user_id,
+        patient.patient.patient_id.as_deref(),
+        patient.patient_key.as_deref(),
+    );
     let unverified = patient.note.as_deref().map(|code| {
         page.t(match code {
             "check_digit" => "id_check_digit",
@@ -1331,6 +1339,7 @@ async fn study_page(
                 &format!("study={uid} held=here"),
             )
             .await?;
+        crate::audit::study_viewed(&user_id, &state.index, &uid);
         return Ok(state
             .render(
                 &page,

@@ -1,0 +1,1098 @@
+//! DICOM audit messages (PS3.15 A.5, the Audit Trail Message Format
+//! Profile) that a hospital's auditors and their ATNA audit repository
+//! read: who did what to which patient's studies, from where, and when.
+//!
+//! This is not the registry's hash-chained trail (src/registry/db.rs) nor
+//! the page's own table (`ui_audit`): those record the region's and the
+//! page's decisions for huren itself; these messages are the standard
+//! format a hospital's security tooling collects from every system.
+//!
+//! - [`message`]: the message model and its XML (quick-xml).
+//! - `sink`: the local append-only file and the syslog-over-TLS task.
+//!
+//! Hooks: each service calls one function here. The calls that happen
+//! inside a DICOM association or an HTTP request find who is asking (the
+//! calling AE title or the token/user, and the peer's address) in a
+//! task-local [`Scope`] that the association's and the request's wrapper
+//! set up, so that a hook in a file other engineers edit stays one line
+//! and needs no new parameter threaded through.
+
+pub mod message;
+mod sink;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+
+pub use message::{
+    AccessPoint, Action, Code, Message, NameOrQuery, Outcome, Participant, ParticipantObject,
+    SopClass, Source,
+};
+use message::{event, event_type, id_type, role};
+pub use sink::SYSLOG_QUEUE;
+
+use crate::config::NodeConfig;
+use crate::index::Index;
+
+/// The node's audit sinks. Cloning is cheap; a `disabled` handle (tools
+/// that only open the store) emits nothing.
+#[derive(Clone, Default)]
+pub struct Audit(Option<Arc<Inner>>);
+
+struct Inner {
+    ae_title: String,
+    hostname: String,
+    enterprise_site_id: Option<String>,
+    file: sink::File,
+    syslog: Option<sink::Syslog>,
+}
+
+/// `<data_dir>/audit.log` unless `audit_log` says otherwise.
+pub fn default_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit.log")
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The current time as xsd:dateTime with the machine's UTC offset
+/// (PS3.15 A.5.2.5: the time zone is required).
+fn now() -> String {
+    chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
+}
+
+impl Audit {
+    pub fn disabled() -> Audit {
+        Audit(None)
+    }
+
+    /// Opens the local file and, when configured, starts the syslog task.
+    pub fn open(config: &NodeConfig) -> Result<Audit, String> {
+        let path = config
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| default_path(&config.data_dir));
+        let file = sink::File::open(&path)?;
+        let hostname = hostname();
+        let syslog = match &config.audit_syslog_tls {
+            Some(address) => {
+                let ca_file = config
+                    .audit_syslog_ca_file
+                    .clone()
+                    .ok_or("audit_syslog_tls needs audit_syslog_ca_file")?;
+                let target = sink::SyslogTarget {
+                    address: address.clone(),
+                    ca_file,
+                };
+                tracing::info!(collector = %address, "audit messages also go to a syslog collector over TLS");
+                Some(sink::Syslog::start(&target, &hostname)?)
+            }
+            None => None,
+        };
+        tracing::info!(path = %path.display(), "audit log (DICOM PS3.15 A.5)");
+        Ok(Audit(Some(Arc::new(Inner {
+            ae_title: config.ae_title.as_str().to_string(),
+            hostname,
+            enterprise_site_id: config.region.as_ref().map(|r| r.hospital_id.clone()),
+            file,
+            syslog,
+        }))))
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.0.as_ref().map(|i| i.file.path())
+    }
+
+    /// Messages the syslog queue had to drop so far.
+    pub fn syslog_dropped(&self) -> u64 {
+        self.0
+            .as_ref()
+            .and_then(|i| i.syslog.as_ref())
+            .map_or(0, |s| s.dropped())
+    }
+
+    /// Writes a message to the file and queues it for the collector.
+    pub fn emit(&self, message: &Message) {
+        let Some(inner) = &self.0 else { return };
+        let xml = message.to_xml();
+        inner.file.append(&xml);
+        if let Some(syslog) = &inner.syslog {
+            syslog.send(&xml);
+        }
+    }
+
+    fn source(&self) -> Source {
+        let inner = self
+            .0
+            .as_ref()
+            .expect("only enabled handles build messages");
+        Source {
+            id: inner.ae_title.clone(),
+            enterprise_site_id: inner.enterprise_site_id.clone(),
+        }
+    }
+
+    /// The node itself as an active participant.
+    fn node(&self, user_is_requestor: bool, role: Option<Code>) -> Participant {
+        let inner = self
+            .0
+            .as_ref()
+            .expect("only enabled handles build messages");
+        Participant {
+            user_id: inner.ae_title.clone(),
+            alternative_user_id: Some(format!("AETITLES={}", inner.ae_title)),
+            user_name: Some(format!("huren {}", std::process::id())),
+            user_is_requestor,
+            network_access_point: Some((inner.hostname.clone(), AccessPoint::MachineName)),
+            roles: role.into_iter().collect(),
+        }
+    }
+
+    fn message(
+        &self,
+        event_id: Code,
+        action: Action,
+        outcome: Outcome,
+        event_types: Vec<Code>,
+    ) -> Message {
+        Message {
+            event_id,
+            action,
+            date_time: now(),
+            outcome,
+            outcome_description: None,
+            event_types,
+            participants: Vec::new(),
+            source: self.source(),
+            objects: Vec::new(),
+        }
+    }
+
+    fn application_activity(&self, kind: Code) {
+        if self.0.is_none() {
+            return;
+        }
+        let mut m = self.message(
+            event::APPLICATION_ACTIVITY,
+            Action::Execute,
+            Outcome::Success,
+            vec![kind],
+        );
+        m.participants
+            .push(self.node(false, Some(role::APPLICATION)));
+        // Who started or stopped it: the operating-system account.
+        let user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }));
+        m.participants.push(Participant {
+            user_id: user,
+            alternative_user_id: None,
+            user_name: None,
+            user_is_requestor: true,
+            network_access_point: None,
+            roles: vec![role::APPLICATION_LAUNCHER],
+        });
+        self.emit(&m);
+    }
+
+    /// Application Activity: Application Start (PS3.15 A.5.3.1).
+    pub fn application_start(&self) {
+        self.application_activity(event_type::APPLICATION_START);
+    }
+
+    /// Application Activity: Application Stop; then the file is synced
+    /// and the collector gets a few seconds to take what is queued.
+    pub async fn application_stop(&self) {
+        self.application_activity(event_type::APPLICATION_STOP);
+        if let Some(inner) = &self.0 {
+            inner.file.sync();
+            if let Some(syslog) = &inner.syslog {
+                syslog.close(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ scope
+
+/// Who is asking, for the length of one association or HTTP request.
+#[derive(Debug, Clone)]
+enum Requestor {
+    Dicom {
+        calling_ae_title: String,
+        called_ae_title: String,
+    },
+    /// A DICOMweb token's name, a peer's grant, or a page user.
+    Http { user: String },
+}
+
+/// What an association or a request did that is audited when it ends.
+struct Scope {
+    audit: Audit,
+    peer: Option<IpAddr>,
+    requestor: Requestor,
+    refusal: Option<String>,
+    stored: BTreeMap<String, PatientStored>,
+}
+
+/// Instances of one patient received in one association or request.
+#[derive(Default)]
+struct PatientStored {
+    patient_name: String,
+    studies: BTreeMap<String, StudyStored>,
+    created: bool,
+    updated: bool,
+}
+
+#[derive(Default)]
+struct StudyStored {
+    accession_number: String,
+    sop_classes: BTreeMap<String, u64>,
+}
+
+tokio::task_local! {
+    static SCOPE: Arc<Mutex<Scope>>;
+}
+
+fn with_scope<T>(f: impl FnOnce(&mut Scope) -> T) -> Option<T> {
+    SCOPE
+        .try_with(|s| {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            if s.audit.0.is_none() {
+                None
+            } else {
+                Some(f(&mut s))
+            }
+        })
+        .ok()
+        .flatten()
+}
+
+impl Scope {
+    /// The one who asked, as an active participant.
+    fn requestor(&self, user_is_requestor: bool, role: Option<Code>) -> Participant {
+        let access_point = self.peer.map(|ip| (ip.to_string(), AccessPoint::IpAddress));
+        match &self.requestor {
+            Requestor::Dicom {
+                calling_ae_title, ..
+            } => Participant {
+                user_id: calling_ae_title.clone(),
+                alternative_user_id: Some(format!("AETITLES={calling_ae_title}")),
+                user_name: None,
+                user_is_requestor,
+                network_access_point: access_point,
+                roles: role.into_iter().collect(),
+            },
+            Requestor::Http { user } => Participant {
+                user_id: user.clone(),
+                alternative_user_id: None,
+                user_name: None,
+                user_is_requestor,
+                network_access_point: access_point,
+                roles: role.into_iter().collect(),
+            },
+        }
+    }
+
+    /// DICOM Instances Transferred (PS3.15 A.5.3.7) for what was received,
+    /// one message per patient (the message may name one patient only).
+    fn emit_received(&mut self, outcome: Outcome) {
+        let audit = self.audit.clone();
+        for (patient_id, p) in std::mem::take(&mut self.stored) {
+            // A.5.3.7: U when held copies changed, C when the node did
+            // not hold them, R when it already held them all unchanged.
+            let action = if p.updated {
+                Action::Update
+            } else if p.created {
+                Action::Create
+            } else {
+                Action::Read
+            };
+            let mut m = audit.message(event::INSTANCES_TRANSFERRED, action, outcome, Vec::new());
+            m.participants
+                .push(self.requestor(true, Some(role::SOURCE)));
+            m.participants
+                .push(audit.node(false, Some(role::DESTINATION)));
+            for (uid, study) in &p.studies {
+                m.objects.push(ParticipantObject::study(
+                    uid,
+                    &study.accession_number,
+                    study
+                        .sop_classes
+                        .iter()
+                        .map(|(uid, n)| SopClass {
+                            uid: uid.clone(),
+                            number_of_instances: *n,
+                        })
+                        .collect(),
+                ));
+            }
+            m.objects
+                .push(ParticipantObject::patient(&patient_id, &p.patient_name));
+            audit.emit(&m);
+        }
+    }
+}
+
+/// Runs one association's future with a scope; when it ends, reports a
+/// refusal (Security Alert) or what the association stored (Instances
+/// Transferred).
+pub async fn association<F: Future>(audit: Audit, peer: SocketAddr, association: F) -> F::Output {
+    if audit.0.is_none() {
+        return association.await;
+    }
+    let scope = Arc::new(Mutex::new(Scope {
+        audit: audit.clone(),
+        peer: Some(peer.ip()),
+        requestor: Requestor::Dicom {
+            calling_ae_title: String::new(),
+            called_ae_title: String::new(),
+        },
+        refusal: None,
+        stored: BTreeMap::new(),
+    }));
+    let out = SCOPE.scope(scope.clone(), association).await;
+    let mut scope = scope.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(reason) = scope.refusal.take() {
+        let (calling, called) = match &scope.requestor {
+            Requestor::Dicom {
+                calling_ae_title,
+                called_ae_title,
+            } => (calling_ae_title.clone(), called_ae_title.clone()),
+            Requestor::Http { user } => (user.clone(), String::new()),
+        };
+        let description = format!(
+            "A-ASSOCIATE-RQ from calling AE title {calling:?} to called AE title {called:?} rejected (A-ASSOCIATE-RJ permanent, service user): {reason}"
+        );
+        let subject = ParticipantObject {
+            id: peer.ip().to_string(),
+            id_type: id_type::NODE_ID,
+            type_code: 2,
+            role: 13,
+            name_or_query: NameOrQuery::Name(calling),
+            details: vec![("Alert Description".into(), description.into_bytes())],
+            accession_numbers: Vec::new(),
+            sop_classes: Vec::new(),
+        };
+        security_alert(&scope, event_type::NODE_AUTHENTICATION, subject);
+    }
+    scope.emit_received(Outcome::Success);
+    out
+}
+
+/// Security Alert (PS3.15 A.5.3.11): reported by the node; the one who
+/// caused it is a performing participant (UserIsRequestor false, as the
+/// standard says); Minor failure: the node refused, security held.
+fn security_alert(scope: &Scope, kind: Code, subject: ParticipantObject) {
+    let audit = &scope.audit;
+    let mut m = audit.message(
+        event::SECURITY_ALERT,
+        Action::Execute,
+        Outcome::MinorFailure,
+        vec![kind],
+    );
+    m.participants.push(audit.node(false, None));
+    m.participants.push(scope.requestor(false, None));
+    m.objects.push(subject);
+    audit.emit(&m);
+}
+
+/// Hook (association negotiation): who is asking for the association.
+pub fn association_requested(calling_ae_title: &str, called_ae_title: &str) {
+    with_scope(|s| {
+        s.requestor = Requestor::Dicom {
+            calling_ae_title: calling_ae_title.trim().to_string(),
+            called_ae_title: called_ae_title.trim().to_string(),
+        }
+    });
+}
+
+/// Hook (association negotiation): the association is rejected for
+/// `reason`, which is passed through.
+pub fn association_refused<R: std::fmt::Debug>(reason: R) -> R {
+    with_scope(|s| s.refusal = Some(format!("{reason:?}")));
+    reason
+}
+
+/// An instance the ingest path is storing for the current association or
+/// STOW-RS request.
+pub struct StoredInstance {
+    patient_id: String,
+    patient_name: String,
+    study_instance_uid: String,
+    accession_number: String,
+    sop_class_uid: String,
+}
+
+impl StoredInstance {
+    /// `None` outside an audited association or request (verify
+    /// --reindex, peer fetches), so nothing is copied there.
+    pub fn of(a: &crate::part10::InstanceAttributes) -> Option<StoredInstance> {
+        with_scope(|_| StoredInstance {
+            patient_id: a.patient_id.clone(),
+            patient_name: a.patient_name.clone(),
+            study_instance_uid: a.study_instance_uid.clone(),
+            accession_number: a.accession_number.clone(),
+            sop_class_uid: a.sop_class_uid.clone(),
+        })
+    }
+
+    /// Hook (ingest): the instance is stored and indexed.
+    pub fn record(self, outcome: &crate::index::StoreOutcome) {
+        use crate::index::StoreOutcome;
+        with_scope(|s| {
+            let p = s.stored.entry(self.patient_id).or_default();
+            p.patient_name = self.patient_name;
+            match outcome {
+                StoreOutcome::Stored => p.created = true,
+                StoreOutcome::NewVersion { .. } => p.updated = true,
+                StoreOutcome::Duplicate => {}
+            }
+            let study = p.studies.entry(self.study_instance_uid).or_default();
+            study.accession_number = self.accession_number;
+            *study.sop_classes.entry(self.sop_class_uid).or_default() += 1;
+        });
+    }
+}
+
+/// Hook (C-FIND): Query (PS3.15 A.5.3.10) with the identifier as received,
+/// base64 in ParticipantObjectQuery, and its transfer syntax. `allowed`
+/// false: the calling AE may not query (Minor failure).
+pub fn dicom_query(
+    sop_class_uid: &str,
+    transfer_syntax_uid: &str,
+    identifier: &[u8],
+    allowed: bool,
+) {
+    with_scope(|s| {
+        let audit = s.audit.clone();
+        let outcome = if allowed {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut m = audit.message(event::QUERY, Action::Execute, outcome, Vec::new());
+        if !allowed {
+            m.outcome_description = Some("calling AE title may not query".into());
+        }
+        m.participants.push(s.requestor(true, Some(role::SOURCE)));
+        m.participants
+            .push(audit.node(false, Some(role::DESTINATION)));
+        m.objects.push(ParticipantObject {
+            id: sop_class_uid.to_string(),
+            id_type: id_type::SOP_CLASS_UID,
+            type_code: 2,
+            role: 3,
+            name_or_query: NameOrQuery::Query(identifier.to_vec()),
+            details: vec![(
+                "TransferSyntax".into(),
+                transfer_syntax_uid.as_bytes().to_vec(),
+            )],
+            accession_numbers: Vec::new(),
+            sop_classes: Vec::new(),
+        });
+        audit.emit(&m);
+    });
+}
+
+// ------------------------------------------------------------------ retrieve
+
+/// The studies of one patient a C-MOVE or C-GET sends.
+struct PatientTransfer {
+    patient: Option<ParticipantObject>,
+    studies: Vec<ParticipantObject>,
+}
+
+/// A retrieval whose Begin Transferring message went out; `transferred`
+/// reports its end. Dropped without it (the requestor's association broke
+/// during a C-GET), it reports the transfer as failed, so that no Begin
+/// Transferring goes without its Instances Transferred.
+pub struct Transfer {
+    audit: Audit,
+    participants: Vec<Participant>,
+    patients: Vec<PatientTransfer>,
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        if !self.patients.is_empty() {
+            self.report(
+                Outcome::SeriousFailure,
+                Some("the association ended before the sub-operations completed".into()),
+            );
+        }
+    }
+}
+
+/// Groups instances by study, then studies by patient (from the index).
+async fn by_patient(
+    index: &Index,
+    instances: &[crate::query::InstanceLocation],
+) -> Vec<PatientTransfer> {
+    let mut studies: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+    for i in instances {
+        *studies
+            .entry(i.study_instance_uid.as_str())
+            .or_default()
+            .entry(i.sop_class_uid.as_str())
+            .or_default() += 1;
+    }
+    let mut patients: BTreeMap<String, PatientTransfer> = BTreeMap::new();
+    for (uid, classes) in studies {
+        let row = index.study(uid).await.ok().flatten();
+        let (patient_id, patient_name, accession) = row
+            .map(|r| (r.patient_id, r.patient_name, r.accession_number))
+            .unwrap_or_default();
+        let entry = patients
+            .entry(patient_id.clone())
+            .or_insert_with(|| PatientTransfer {
+                patient: Some(ParticipantObject::patient(&patient_id, &patient_name)),
+                studies: Vec::new(),
+            });
+        entry.studies.push(ParticipantObject::study(
+            uid,
+            &accession,
+            classes
+                .into_iter()
+                .map(|(uid, n)| SopClass {
+                    uid: uid.to_string(),
+                    number_of_instances: n,
+                })
+                .collect(),
+        ));
+    }
+    patients.into_values().collect()
+}
+
+/// Hook (C-MOVE, C-GET): Begin Transferring DICOM Instances (PS3.15
+/// A.5.3.3), one per patient, before the first sub-operation.
+/// `move_destination`: the C-MOVE destination (AE title, host); `None`
+/// for C-GET, whose destination is the requestor.
+pub async fn begin_transferring(
+    index: &Index,
+    move_destination: Option<(&str, &str)>,
+    instances: &[crate::query::InstanceLocation],
+) -> Option<Transfer> {
+    let (audit, requestor, destination) = with_scope(|s| {
+        let destination = match move_destination {
+            Some((ae_title, host)) => Participant {
+                user_id: ae_title.trim().to_string(),
+                alternative_user_id: Some(format!("AETITLES={}", ae_title.trim())),
+                user_name: None,
+                user_is_requestor: false,
+                network_access_point: Some((
+                    host.to_string(),
+                    if host.parse::<IpAddr>().is_ok() {
+                        AccessPoint::IpAddress
+                    } else {
+                        AccessPoint::MachineName
+                    },
+                )),
+                roles: vec![role::DESTINATION],
+            },
+            None => s.requestor(true, Some(role::DESTINATION)),
+        };
+        let requestor = move_destination.map(|_| s.requestor(true, None));
+        (s.audit.clone(), requestor, destination)
+    })?;
+    if instances.is_empty() {
+        return None;
+    }
+    let mut participants = vec![audit.node(false, Some(role::SOURCE)), destination];
+    participants.extend(requestor);
+    let patients = by_patient(index, instances).await;
+    for p in &patients {
+        let mut m = audit.message(
+            event::BEGIN_TRANSFERRING,
+            Action::Execute,
+            Outcome::Success,
+            Vec::new(),
+        );
+        m.participants = participants.clone();
+        m.objects.extend(p.studies.iter().cloned());
+        m.objects.extend(p.patient.iter().cloned());
+        audit.emit(&m);
+    }
+    Some(Transfer {
+        audit,
+        participants,
+        patients,
+    })
+}
+
+impl Transfer {
+    /// DICOM Instances Transferred (A.5.3.7) once the sub-operations have
+    /// ended: R (the node is the sender); Minor failure when some failed,
+    /// Serious when none completed.
+    pub fn transferred(mut self, completed: u16, failed: u16, warning: u16) {
+        let (outcome, description) = if failed == 0 {
+            (Outcome::Success, None)
+        } else if completed > 0 || warning > 0 {
+            let total = u32::from(completed) + u32::from(warning) + u32::from(failed);
+            (
+                Outcome::MinorFailure,
+                Some(format!("{failed} of {total} sub-operations failed")),
+            )
+        } else {
+            (
+                Outcome::SeriousFailure,
+                Some(format!("all {failed} sub-operations failed")),
+            )
+        };
+        self.report(outcome, description);
+    }
+
+    fn report(&mut self, outcome: Outcome, description: Option<String>) {
+        for p in std::mem::take(&mut self.patients) {
+            let mut m = self.audit.message(
+                event::INSTANCES_TRANSFERRED,
+                Action::Read,
+                outcome,
+                Vec::new(),
+            );
+            m.outcome_description = description.clone();
+            m.participants = self.participants.clone();
+            m.objects.extend(p.studies);
+            m.objects.extend(p.patient);
+            self.audit.emit(&m);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ HTTP
+
+/// What a DICOMweb request is, for its audit message.
+#[derive(Debug, PartialEq, Eq)]
+enum WebRequest<'a> {
+    /// QIDO-RS: a search.
+    Qido,
+    /// WADO-RS of a study, a series or an instance: the instances
+    /// themselves (Instances Transferred), or only their metadata or a
+    /// rendering (Instances Accessed).
+    Wado {
+        study: &'a str,
+        accessed: bool,
+    },
+    /// STOW-RS.
+    Stow,
+    Other,
+}
+
+fn classify<'a>(method: &Method, path: &'a str) -> WebRequest<'a> {
+    let Some(rest) = path.strip_prefix(crate::http::dicomweb::BASE_PATH) else {
+        return WebRequest::Other;
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    if *method == Method::POST {
+        return WebRequest::Stow;
+    }
+    if *method != Method::GET && *method != Method::HEAD {
+        return WebRequest::Other;
+    }
+    match segments.as_slice() {
+        [] => WebRequest::Other,
+        [.., last] if matches!(*last, "studies" | "series" | "instances") => WebRequest::Qido,
+        ["studies", study, ..] => WebRequest::Wado {
+            study,
+            accessed: matches!(
+                segments.last(),
+                Some(&"metadata" | &"rendered" | &"thumbnail")
+            ),
+        },
+        _ => WebRequest::Other,
+    }
+}
+
+struct HttpAudit {
+    audit: Audit,
+    index: Index,
+    tokens: Option<crate::http::dicomweb::auth::Tokens>,
+}
+
+/// Audits every DICOMweb request of `router` (QIDO-RS Query, WADO-RS
+/// Instances Transferred/Accessed, STOW-RS Instances Transferred, refused
+/// tokens as Security Alerts).
+pub fn dicomweb_layer(
+    audit: &Audit,
+    config: &crate::config::DicomwebConfig,
+    index: &Index,
+    router: Router,
+) -> Router {
+    if audit.0.is_none() {
+        return router;
+    }
+    let state = Arc::new(HttpAudit {
+        audit: audit.clone(),
+        index: index.clone(),
+        tokens: Some(crate::http::dicomweb::auth::Tokens::new(config)),
+    });
+    router.layer(axum::middleware::from_fn_with_state(
+        state,
+        dicomweb_request,
+    ))
+}
+
+/// Gives the page's handlers a scope (the user's address), for their
+/// User Authentication and access hooks.
+pub fn page_layer(audit: &Audit, index: &Index, router: Router) -> Router {
+    if audit.0.is_none() {
+        return router;
+    }
+    let state = Arc::new(HttpAudit {
+        audit: audit.clone(),
+        index: index.clone(),
+        tokens: None,
+    });
+    router.layer(axum::middleware::from_fn_with_state(state, page_request))
+}
+
+fn peer_of(request: &Request) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+fn http_scope(audit: &Audit, peer: Option<IpAddr>, user: String) -> Arc<Mutex<Scope>> {
+    Arc::new(Mutex::new(Scope {
+        audit: audit.clone(),
+        peer,
+        requestor: Requestor::Http { user },
+        refusal: None,
+        stored: BTreeMap::new(),
+    }))
+}
+
+async fn page_request(
+    State(state): State<Arc<HttpAudit>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let scope = http_scope(&state.audit, peer_of(&request), String::new());
+    SCOPE.scope(scope, next.run(request)).await
+}
+
+async fn dicomweb_request(
+    State(state): State<Arc<HttpAudit>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    let user = if let Some(grant) = request.extensions().get::<crate::http::GrantAccess>() {
+        format!(
+            "grant:{}:{}",
+            grant.0.requesting_hospital_id, grant.0.user_id
+        )
+    } else {
+        let authorization = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        state
+            .tokens
+            .as_ref()
+            .and_then(|t| t.holder(authorization))
+            .map(|name| format!("token:{name}"))
+            .unwrap_or_else(|| "anonymous".into())
+    };
+    let scope = http_scope(&state.audit, peer_of(&request), user);
+    let response = SCOPE.scope(scope.clone(), next.run(request)).await;
+    let status = response.status().as_u16();
+    let mut scope = scope.lock().unwrap_or_else(|e| e.into_inner());
+    let audit = state.audit.clone();
+    let alert = |kind: Code, description: &str| {
+        let subject = ParticipantObject {
+            id: path.clone(),
+            id_type: id_type::URI,
+            type_code: 2,
+            role: 13,
+            name_or_query: NameOrQuery::Name(format!("{method} {path}")),
+            details: vec![("Alert Description".into(), description.as_bytes().to_vec())],
+            accession_numbers: Vec::new(),
+            sop_classes: Vec::new(),
+        };
+        security_alert(&scope, kind, subject);
+    };
+    match status {
+        401 => {
+            alert(
+                event_type::NODE_AUTHENTICATION,
+                "DICOMweb request without a valid bearer token (401)",
+            );
+            return response;
+        }
+        403 => {
+            alert(
+                event_type::USE_OF_RESTRICTED_FUNCTION,
+                "DICOMweb token lacks the scope this request needs (403)",
+            );
+            return response;
+        }
+        _ => {}
+    }
+    let outcome = Outcome::of_http(status);
+    match classify(&method, &path) {
+        WebRequest::Qido => {
+            let mut m = audit.message(event::QUERY, Action::Execute, outcome, Vec::new());
+            m.participants
+                .push(scope.requestor(true, Some(role::SOURCE)));
+            m.participants
+                .push(audit.node(false, Some(role::DESTINATION)));
+            // PS3.15 A.5.3.10: not a DICOM data set, so the query "in the
+            // format of the protocol used": the request's query string,
+            // naming the resource by its URI.
+            m.objects.push(ParticipantObject {
+                id: path.clone(),
+                id_type: id_type::URI,
+                type_code: 2,
+                role: 3,
+                name_or_query: NameOrQuery::Query(query.into_bytes()),
+                details: Vec::new(),
+                accession_numbers: Vec::new(),
+                sop_classes: Vec::new(),
+            });
+            audit.emit(&m);
+        }
+        WebRequest::Stow => {
+            if scope.stored.is_empty() {
+                // Nothing stored: the response (and the node's log) says
+                // why; there is no study or patient to name.
+                return response;
+            }
+            scope.emit_received(outcome);
+        }
+        WebRequest::Wado { study, accessed } => {
+            let requestor = scope.requestor(true, Some(role::DESTINATION));
+            let study = study.to_string();
+            let index = state.index.clone();
+            // The patient comes from the index: looked up off the
+            // response's path.
+            tokio::spawn(async move {
+                let row = index.study(&study).await.ok().flatten();
+                let (event_id, action) = if accessed {
+                    (event::INSTANCES_ACCESSED, Action::Read)
+                } else {
+                    (event::INSTANCES_TRANSFERRED, Action::Read)
+                };
+                let mut m = audit.message(event_id, action, outcome, Vec::new());
+                if accessed {
+                    m.participants.push(requestor);
+                    m.participants.push(audit.node(false, None));
+                } else {
+                    m.participants.push(audit.node(false, Some(role::SOURCE)));
+                    m.participants.push(requestor);
+                }
+                let accession = row
+                    .as_ref()
+                    .map(|r| r.accession_number.as_str())
+                    .unwrap_or("");
+                m.objects
+                    .push(ParticipantObject::study(&study, accession, Vec::new()));
+                if let Some(r) = &row {
+                    m.objects
+                        .push(ParticipantObject::patient(&r.patient_id, &r.patient_name));
+                }
+                audit.emit(&m);
+            });
+        }
+        WebRequest::Other => {}
+    }
+    response
+}
+
+// ------------------------------------------------------------------ page
+
+/// Hook (page sign-in and sign-out): User Authentication (PS3.15
+/// A.5.3.12), Login or Logout; a failed sign-in is a Minor failure naming
+/// the user ID that was tried.
+pub fn user_authentication(user_id: &str, login: bool, success: bool) {
+    with_scope(|s| {
+        let audit = s.audit.clone();
+        let kind = if login {
+            event_type::LOGIN
+        } else {
+            event_type::LOGOUT
+        };
+        let outcome = if success {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut m = audit.message(
+            event::USER_AUTHENTICATION,
+            Action::Execute,
+            outcome,
+            vec![kind],
+        );
+        if !success {
+            m.outcome_description = Some("wrong user ID or password".into());
+        }
+        // The ID as typed (bounded: it is attacker-controlled).
+        let user: String = user_id.trim().chars().take(64).collect();
+        s.requestor = Requestor::Http { user };
+        let mut person = s.requestor(true, None);
+        if person.network_access_point.is_none() {
+            // Mandatory for the person in A.5.3.12.
+            person.network_access_point = Some(("unknown".into(), AccessPoint::MachineName));
+        }
+        m.participants.push(person);
+        m.participants.push(audit.node(false, None));
+        audit.emit(&m);
+    });
+}
+
+/// Hook (page): a doctor opened a patient's prior exams: Query (A.5.3.10)
+/// for the page's timeline, naming the patient (an extension: the page
+/// asks about one patient, which an auditor wants to see).
+pub fn patient_viewed(user_id: &str, patient_id: Option<&str>, patient_key: Option<&str>) {
+    with_scope(|s| {
+        let audit = s.audit.clone();
+        s.requestor = Requestor::Http {
+            user: user_id.to_string(),
+        };
+        let mut m = audit.message(event::QUERY, Action::Execute, Outcome::Success, Vec::new());
+        m.participants.push(s.requestor(true, Some(role::SOURCE)));
+        m.participants
+            .push(audit.node(false, Some(role::DESTINATION)));
+        let query = format!(
+            "PatientID={}&patient_key={}",
+            patient_id.unwrap_or(""),
+            patient_key.unwrap_or("")
+        );
+        m.objects.push(ParticipantObject {
+            id: "/ui/patient".into(),
+            id_type: id_type::URI,
+            type_code: 2,
+            role: 3,
+            name_or_query: NameOrQuery::Query(query.into_bytes()),
+            details: Vec::new(),
+            accession_numbers: Vec::new(),
+            sop_classes: Vec::new(),
+        });
+        if let Some(id) = patient_id.filter(|id| !id.is_empty()) {
+            m.objects.push(ParticipantObject::patient(id, ""));
+        }
+        audit.emit(&m);
+    });
+}
+
+/// Hook (page): a doctor opened a study held here: DICOM Instances
+/// Accessed (A.5.3.6), R, with the study's patient from the index.
+pub fn study_viewed(user_id: &str, index: &Index, study_instance_uid: &str) {
+    let Some((audit, requestor)) = with_scope(|s| {
+        s.requestor = Requestor::Http {
+            user: user_id.to_string(),
+        };
+        (s.audit.clone(), s.requestor(true, None))
+    }) else {
+        return;
+    };
+    let index = index.clone();
+    let study = study_instance_uid.to_string();
+    tokio::spawn(async move {
+        let row = index.study(&study).await.ok().flatten();
+        let mut m = audit.message(
+            event::INSTANCES_ACCESSED,
+            Action::Read,
+            Outcome::Success,
+            Vec::new(),
+        );
+        m.participants.push(requestor);
+        m.participants.push(audit.node(false, None));
+        let accession = row
+            .as_ref()
+            .map(|r| r.accession_number.as_str())
+            .unwrap_or("");
+        m.objects
+            .push(ParticipantObject::study(&study, accession, Vec::new()));
+        if let Some(r) = &row {
+            m.objects
+                .push(ParticipantObject::patient(&r.patient_id, &r.patient_name));
+        }
+        audit.emit(&m);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dicomweb_requests_are_classified() {
+        let study = "1.2.3";
+        let cases: &[(Method, &str, WebRequest)] = &[
+            (Method::GET, "/dicom-web/studies", WebRequest::Qido),
+            (Method::GET, "/dicom-web/series", WebRequest::Qido),
+            (Method::GET, "/dicom-web/instances", WebRequest::Qido),
+            (
+                Method::GET,
+                "/dicom-web/studies/1.2.3/series",
+                WebRequest::Qido,
+            ),
+            (
+                Method::GET,
+                "/dicom-web/studies/1.2.3/series/4/instances",
+                WebRequest::Qido,
+            ),
+            (
+                Method::GET,
+                "/dicom-web/studies/1.2.3",
+                WebRequest::Wado {
+                    study,
+                    accessed: false,
+                },
+            ),
+            (
+                Method::GET,
+                "/dicom-web/studies/1.2.3/series/4/instances/5/frames/1",
+                WebRequest::Wado {
+                    study,
+                    accessed: false,
+                },
+            ),
+            (
+                Method::GET,
+                "/dicom-web/studies/1.2.3/metadata",
+                WebRequest::Wado {
+                    study,
+                    accessed: true,
+                },
+            ),
+            (
+                Method::GET,
+                "/dicom-web/studies/1.2.3/series/4/instances/5/rendered",
+                WebRequest::Wado {
+                    study,
+                    accessed: true,
+                },
+            ),
+            (Method::POST, "/dicom-web/studies", WebRequest::Stow),
+            (Method::POST, "/dicom-web/studies/1.2.3", WebRequest::Stow),
+            (Method::OPTIONS, "/dicom-web/studies", WebRequest::Other),
+            (Method::GET, "/health", WebRequest::Other),
+        ];
+        for (method, path, expected) in cases {
+            assert_eq!(&classify(method, path), expected, "{method} {path}");
+        }
+    }
+}

@@ -61,6 +61,7 @@ impl Node {
         http_listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
+        crate::metrics::install(crate::metrics::Process::Node);
         let ingest = open_ingest(config).await?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
@@ -104,10 +105,13 @@ impl Node {
                 max_matches: Some(config.max_query_matches),
             },
             region: region.clone(),
+            started: Default::default(),
         });
+        let started = state.started.clone();
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
         tracing::info!("HTTP listening on {http_addr}");
+        started.store(true, std::sync::atomic::Ordering::Release);
         Ok(Node {
             ingest,
             dicom_addr,

@@ -25,6 +25,9 @@ use crate::config::Durability;
 
 // ------------------------------------------------------------- the node
 
+/// 1 when `/ready` would answer 200, 0 when not (set at each scrape), so
+/// that an alert needs no separate probe of `/ready`.
+pub const READY: &str = "huren_ready";
 /// Associations past negotiation and not yet ended.
 pub const DICOM_ASSOCIATIONS_OPEN: &str = "huren_dicom_associations_open";
 /// Associations not established, by `reason`.
@@ -71,6 +74,7 @@ pub const REGISTRY_AUDIT_ENTRIES: &str = "huren_registry_audit_entries_total";
 
 /// Every metric either process exports, for the docs and the tests.
 pub const ALL: &[&str] = &[
+    READY,
     DICOM_ASSOCIATIONS_OPEN,
     DICOM_ASSOCIATIONS_REFUSED,
     DIMSE_DURATION,
@@ -153,6 +157,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
+    describe_gauge!(
+        READY,
+        "1 when the process is ready (database and blob store reachable, startup finished), else 0"
+    );
     describe_gauge!(
         DICOM_ASSOCIATIONS_OPEN,
         "DICOM associations established and not yet ended"
@@ -258,7 +266,6 @@ const DIMSE_OPERATIONS: &[&str] = &["C-STORE", "C-FIND", "C-MOVE", "C-GET"];
 const DICOMWEB_SERVICES: &[&str] = &["QIDO-RS", "WADO-RS", "STOW-RS"];
 const STORAGE_OPERATIONS: &[&str] = &["write", "index", "read", "corrupt_read"];
 const VERIFY_RESULTS: &[&str] = &["ok", "corrupt", "missing"];
-const DURABILITIES: &[Durability] = &[Durability::Full, Durability::Relaxed];
 const STORE_OUTCOMES: &[&str] = &["stored", "duplicate", "new_version"];
 
 fn register(process: Process) {
@@ -273,16 +280,6 @@ fn register(process: Process) {
             }
             for service in DICOMWEB_SERVICES {
                 let _ = histogram!(DICOMWEB_DURATION, "service" => *service);
-            }
-            for source in source::ALL {
-                for durability in DURABILITIES {
-                    let d = durability_label(*durability);
-                    for outcome in STORE_OUTCOMES {
-                        counter!(INSTANCES_STORED, "source" => *source, "durability" => d, "outcome" => *outcome)
-                            .increment(0);
-                    }
-                    counter!(STORED_BYTES, "source" => *source, "durability" => d).increment(0);
-                }
             }
             for operation in STORAGE_OPERATIONS {
                 counter!(STORAGE_ERRORS, "operation" => *operation).increment(0);
@@ -315,6 +312,23 @@ fn register(process: Process) {
             }
         }
     }
+}
+
+/// Registers the stored-instance series of a node's durability mode at
+/// zero (the mode is the node's configuration, not the process's).
+pub fn register_durability(durability: Durability) {
+    let d = durability_label(durability);
+    for source in source::ALL {
+        for outcome in STORE_OUTCOMES {
+            counter!(INSTANCES_STORED, "source" => *source, "durability" => d, "outcome" => *outcome)
+                .increment(0);
+        }
+        counter!(STORED_BYTES, "source" => *source, "durability" => d).increment(0);
+    }
+}
+
+pub fn ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
 }
 
 pub fn durability_label(durability: Durability) -> &'static str {

@@ -62,6 +62,7 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
         crate::metrics::install(crate::metrics::Process::Node);
+        crate::metrics::register_durability(config.durability);
         let ingest = open_ingest(config).await?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;

@@ -35,22 +35,7 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// 200 when every check passes; 503 naming each one that failed. The
 /// reasons name the component, never its error (that goes to the log).
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let mut reasons = Vec::new();
-    if !state.started.load(Ordering::Acquire) {
-        reasons.push("startup has not finished");
-    }
-    let (index, store) = tokio::join!(
-        state.ingest.index().ping(),
-        state.ingest.store().check_reachable()
-    );
-    if let Err(error) = index {
-        tracing::error!(%error, "readiness: database unreachable");
-        reasons.push("database unreachable");
-    }
-    if let Err(error) = store {
-        tracing::error!(%error, "readiness: blob store unreachable");
-        reasons.push("blob store unreachable");
-    }
+    let reasons = not_ready(&state).await;
     if reasons.is_empty() {
         (
             StatusCode::OK,
@@ -70,12 +55,34 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// What keeps the node from being ready; empty when it is.
+async fn not_ready(state: &AppState) -> Vec<&'static str> {
+    let mut reasons = Vec::new();
+    if !state.started.load(Ordering::Acquire) {
+        reasons.push("startup has not finished");
+    }
+    let (index, store) = tokio::join!(
+        state.ingest.index().ping(),
+        state.ingest.store().check_reachable()
+    );
+    if let Err(error) = index {
+        tracing::error!(%error, "readiness: database unreachable");
+        reasons.push("database unreachable");
+    }
+    if let Err(error) = store {
+        tracing::error!(%error, "readiness: blob store unreachable");
+        reasons.push("blob store unreachable");
+    }
+    reasons
+}
+
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // The backlog lives in the outbox table, which several node processes
     // may share: counted when asked, not tracked.
     if let Some(region) = &state.region {
         region.refresh_metrics().await;
     }
+    crate::metrics::ready(not_ready(&state).await.is_empty());
     let handle = crate::metrics::install(crate::metrics::Process::Node);
     crate::metrics::render(&handle)
 }

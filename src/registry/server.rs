@@ -270,7 +270,8 @@ async fn ready(State(state): State<Arc<RegistryState>>) -> Response {
     }
 }
 
-async fn metrics() -> Response {
+async fn metrics(State(state): State<Arc<RegistryState>>) -> Response {
+    crate::metrics::ready(state.db.ping().await.is_ok());
     let handle = crate::metrics::install(crate::metrics::Process::Registry);
     crate::metrics::render(&handle)
 }

@@ -6,6 +6,7 @@
 mod cli;
 mod dicomweb;
 mod ingest;
+mod metrics;
 mod negotiation;
 mod page;
 mod peer;

@@ -382,12 +382,20 @@ impl DimseTimer {
             started: Instant::now(),
         }
     }
+
+    /// An operation that never got its response (a C-STORE whose
+    /// association ended mid data set) is not a latency.
+    pub fn discard(mut self) {
+        self.operation = "";
+    }
 }
 
 impl Drop for DimseTimer {
     fn drop(&mut self) {
-        histogram!(DIMSE_DURATION, "operation" => self.operation)
-            .record(self.started.elapsed().as_secs_f64());
+        if !self.operation.is_empty() {
+            histogram!(DIMSE_DURATION, "operation" => self.operation)
+                .record(self.started.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -419,7 +427,10 @@ pub fn storage_error(operation: &'static str) {
 /// set the peer got wrong is not a storage error).
 pub fn ingest_result<T>(result: &Result<T, crate::ingest::Error>) {
     match result {
-        Err(crate::ingest::Error::Storage(_)) => storage_error("write"),
+        Err(crate::ingest::Error::Storage(_))
+        | Err(crate::ingest::Error::Unreadable(crate::part10::Error::Io(_))) => {
+            storage_error("write")
+        }
         Err(crate::ingest::Error::Index(_)) => storage_error("index"),
         _ => {}
     }

@@ -143,7 +143,11 @@ impl Receiving {
     }
 
     pub async fn abandon(self: Box<Self>, ingest: &Ingest) {
-        ingest.abandon(self.incoming).await;
+        let Receiving {
+            incoming, timer, ..
+        } = *self;
+        timer.discard();
+        ingest.abandon(incoming).await;
     }
 }
 

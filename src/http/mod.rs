@@ -1,6 +1,6 @@
 //! The node's HTTP side: health, readiness and metrics ([`health`]), and
-//! DICOMweb under `/dicom-web` ([`dicomweb`]). The JSON API and the page join here as one `router()`
-//! per resource.
+//! DICOMweb under `/dicom-web` ([`dicomweb`]). The JSON API and the page
+//! join here as one `router()` per resource.
 
 pub mod api;
 pub mod dicomweb;

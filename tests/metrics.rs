@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::region::{ADMIN_TOKEN, Api, add_hospital, patient_key};
+use crate::region::{ADMIN_TOKEN, Api, RID, SECRET, add_hospital, make_study, patient_key};
 use crate::support::{self, Backend, on_both_backends, repo_path};
 
 const HUREN: &str = env!("CARGO_BIN_EXE_huren");
@@ -212,18 +212,23 @@ fn findscu(dicom: SocketAddr, study_instance_uid: &str) -> std::process::Output 
         .expect("run /usr/bin/findscu (Debian package dcmtk)")
 }
 
-/// The blob sizes the node's index records, summed.
-async fn indexed_bytes(cwd: &Path) -> i64 {
+/// The blob sizes the node's index records, summed; `sender`: only the
+/// instances that calling AE title sent (None: those sent without one,
+/// STOW-RS).
+async fn indexed_bytes(cwd: &Path, sender: Option<&str>) -> i64 {
     use sqlx::Connection;
     let url = format!(
         "sqlite://{}?mode=ro",
         cwd.join("huren-data/index.sqlite").display()
     );
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    sqlx::query_scalar("SELECT COALESCE(SUM(blob_size), 0) FROM instance")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT COALESCE(SUM(blob_size), 0) FROM instance WHERE calling_ae_title IS $1",
+    )
+    .bind(sender)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,6 +290,20 @@ async fn node_counts_what_it_did() {
         .unwrap();
     assert_eq!(wado.status(), 200);
     assert!(!wado.bytes().await.unwrap().is_empty());
+    // STOW-RS by dicomweb-client, of an instance of another study.
+    let other = samples
+        .iter()
+        .find(|s| s.study_instance_uid != study)
+        .unwrap()
+        .path
+        .display()
+        .to_string();
+    let url = format!("http://{http}/dicom-web");
+    tokio::task::spawn_blocking(move || {
+        support::python_tool("dicomweb_client.py", &[&url, "store", &other])
+    })
+    .await
+    .unwrap();
 
     // The association gauge drops when the node has finished with the
     // released association, just after the peer has gone.
@@ -314,11 +333,31 @@ async fn node_counts_what_it_did() {
         n
     );
     assert_eq!(
+        delta(
+            &before,
+            &after,
+            "huren_instances_stored_total",
+            &[("source", "stow"), ("outcome", "stored")]
+        ),
+        1.0
+    );
+    assert_eq!(
         delta(&before, &after, "huren_instances_stored_total", &[]),
-        n,
+        n + 1.0,
         "no other source or outcome moved"
     );
-    let bytes = indexed_bytes(cwd.path()).await;
+    let stow_bytes = indexed_bytes(cwd.path(), None).await;
+    assert!(stow_bytes > 0);
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            "huren_stored_bytes_total",
+            &[("source", "stow"), ("durability", "full")]
+        ),
+        stow_bytes as f64
+    );
+    let bytes = indexed_bytes(cwd.path(), Some("STORESCU")).await;
     assert!(bytes > 0);
     assert_eq!(
         delta(
@@ -362,7 +401,7 @@ async fn node_counts_what_it_did() {
     };
     assert_eq!(web("QIDO-RS"), 1.0);
     assert_eq!(web("WADO-RS"), 1.0);
-    assert_eq!(web("STOW-RS"), 0.0);
+    assert_eq!(web("STOW-RS"), 1.0);
     assert_eq!(
         delta(
             &before,
@@ -397,7 +436,7 @@ async fn node_counts_what_it_did() {
         n
     );
     assert_eq!(delta(&after, &last, "huren_stored_bytes_total", &[]), 0.0);
-    assert_eq!(indexed_bytes(cwd.path()).await, bytes);
+    assert_eq!(indexed_bytes(cwd.path(), Some("STORESCU")).await, bytes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +450,7 @@ async fn registry_counts_publications_priors_and_audit() {
     let admin = Api::new(&base, Some(ADMIN_TOKEN));
     let token = add_hospital(&admin, "HOSPM0000000000001", "三级", None).await;
     let hospital = Api::new(&base, Some(&token));
-    let key = patient_key(crate::region::RID);
+    let key = patient_key(RID);
     let record = |i: usize| {
         serde_json::json!({
             "study_instance_uid": format!("1.2.826.0.1.3680043.8.498.91.{i}"), "record_version": 1,
@@ -494,6 +533,148 @@ async fn registry_counts_publications_priors_and_audit() {
     assert_eq!(
         value(&after, "huren_registry_audit_entries_total", &[]),
         by_action.values().sum::<f64>()
+    );
+}
+
+/// Stores files with storescu, one run per transfer syntax (storescu
+/// proposes one per SOP Class in a run; `-R`: the files' own).
+async fn store(dicom: SocketAddr, files: &[String]) {
+    let mut by_syntax: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut args = vec!["--syntax"];
+    args.extend(files.iter().map(String::as_str));
+    for line in support::python_tool("region_study.py", &args) {
+        by_syntax
+            .entry(line["transfer_syntax_uid"].as_str().unwrap().to_string())
+            .or_default()
+            .push(line["file"].as_str().unwrap().to_string());
+    }
+    for (ts, group) in by_syntax {
+        let options = vec!["-R".into(), support::storescu_option(&ts).into()];
+        let out = support::storescu(dicom, options, group).await;
+        assert!(out.status.success(), "{}", support::text(&out));
+    }
+}
+
+/// Scrapes until `done` holds (every 100 ms, at most 60 s).
+async fn scrape_until(
+    http: SocketAddr,
+    what: &str,
+    done: impl Fn(&[Sample]) -> bool,
+) -> Vec<Sample> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let samples = scrape(http).await;
+        if done(&samples) {
+            return samples;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_metrics_follow_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = spawn_registry(dir.path());
+    let registry_http = registry.addrs[0];
+    let admin = Api::new(&format!("http://{registry_http}"), Some(ADMIN_TOKEN));
+    let token = add_hospital(&admin, "HOSPM0000000000003", "三级", None).await;
+    let token_file = dir.path().join("registry-token");
+    std::fs::write(&token_file, &token).unwrap();
+    let secret_file = dir.path().join("region-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir(&node_dir).unwrap();
+    let registry_url = format!("http://{registry_http}");
+    let node = spawn(
+        &node_dir,
+        &[
+            "node",
+            "--dicom-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("HUREN_REGISTRY_URL", registry_url.as_str()),
+            ("HUREN_HOSPITAL_ID", "HOSPM0000000000003"),
+            ("HUREN_REGISTRY_TOKEN_FILE", token_file.to_str().unwrap()),
+            ("HUREN_REGION_SECRET_FILE", secret_file.to_str().unwrap()),
+            ("HUREN_IDENTIFIER_ISSUERS", "RESIDENT_ID=RID"),
+            ("HUREN_STUDY_QUIET_SECS", "0.3"),
+            ("HUREN_PUBLISH_MAX_BACKOFF_SECS", "0.4"),
+        ],
+        &["DICOM listening on ", "HTTP listening on "],
+    );
+    let (dicom, http) = (node.addrs[0], node.addrs[1]);
+    let before = scrape(http).await;
+    assert_eq!(value(&before, "huren_publish_backlog", &[]), 0.0);
+    assert_eq!(
+        value(&before, "huren_publish_last_success_timestamp_seconds", &[]),
+        0.0,
+        "nothing published yet"
+    );
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+
+    let work = tempfile::tempdir().unwrap();
+    let ct = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "ct-m",
+        &["--resident-id", RID],
+    );
+    store(dicom, &ct.files).await;
+    let published = scrape_until(http, "the study is published", |s| {
+        value(s, "huren_publish_last_success_timestamp_seconds", &[]) > 0.0
+            && value(s, "huren_publish_backlog", &[]) == 0.0
+    })
+    .await;
+    let last = value(
+        &published,
+        "huren_publish_last_success_timestamp_seconds",
+        &[],
+    );
+    assert!(last >= started.floor(), "{last} < {started}");
+    assert_eq!(value(&published, "huren_publish_dead", &[]), 0.0);
+    let at_registry = scrape(registry_http).await;
+    assert_eq!(
+        value(
+            &at_registry,
+            "huren_registry_records_published_total",
+            &[("outcome", "applied")]
+        ),
+        1.0
+    );
+
+    // The registry goes away: the next study waits in the outbox, every
+    // attempt fails, and the last success stays where it was.
+    drop(registry);
+    let failures = value(&published, "huren_publish_failures_total", &[]);
+    let more = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "ct-m2",
+        &["--resident-id", RID],
+    );
+    store(dicom, &more.files).await;
+    let stalled = scrape_until(http, "the study waits in the outbox", |s| {
+        value(s, "huren_publish_backlog", &[]) >= 1.0
+            && value(s, "huren_publish_failures_total", &[]) > failures
+    })
+    .await;
+    assert_eq!(
+        value(
+            &stalled,
+            "huren_publish_last_success_timestamp_seconds",
+            &[]
+        ),
+        last
     );
 }
 

@@ -435,11 +435,12 @@ rng = random.Random(42)
 warmup = 50
 for _ in range(warmup):
     check(rng.choice(patients))
-# The floor: GET /health on the same connection (index ping, no registry).
+# The floor: GET /ready on the same connection (index ping and blob-store
+# probe, no registry).
 hs = []
 for _ in range(200):
     t0 = time.perf_counter()
-    conn.request("GET", "/health")
+    conn.request("GET", "/ready")
     r = conn.getresponse(); r.read()
     hs.append((time.perf_counter() - t0) * 1000)
 out = {"client": "Python http.client, one keep-alive connection, one request at a time; time from sending "
@@ -555,7 +556,7 @@ w(f"| **median** | **{med['p50_ms']}** | **{med['p90_ms']}** | **{med['p99_ms']}
   f"{med['mean_ms']} | | |")
 w("")
 h = c["health_floor"]
-w(f"Floor: GET /health of the node on the same connection: p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms "
+w(f"Floor: GET /ready of the node on the same connection: p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms "
   f"({h['n']} requests). {c['warmup']} unmeasured warm-up checks before run 1. Answers checked (outcome, cited "
   f"study and hospital, registry reached): {c['wrong_answers']} wrong. Registry audit entries of priors "
   f"queries afterwards: {E['R_AUDIT']}. Peak RSS: node {E['R_NODE_RSS']} MB, registry {E['R_REG_RSS']} MB.")

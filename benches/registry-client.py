@@ -15,7 +15,7 @@ client with nothing else in flight.
            plus withheld_count must equal what benches/registry-gen.sql
            wrote for the patient, the access basis must follow the consent
            rule. Before the runs: W unmeasured warm-up queries (default 50,
-           counted in the audit), then 200 GET /health (the server's own
+           counted in the audit), then 200 GET /ready (the server's own
            "SELECT 1"): the floor of client, HTTP and one database round
            trip. Prints one JSON object.
   publish  --port P --token-file F --hospital ID --records N --runs R [--batch 500]
@@ -217,9 +217,9 @@ def cmd_priors(a) -> int:
 
     health = []
     for _ in range(200):
-        status, data, secs = c.request("GET", "/health")
+        status, data, secs = c.request("GET", "/ready")
         if status != 200:
-            raise SystemExit(f"health: HTTP {status}")
+            raise SystemExit(f"ready: HTTP {status}")
         health.append(secs)
 
     runs = []

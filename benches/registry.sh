@@ -525,10 +525,10 @@ w(f"| **median** | **{med['p50_ms']}** | **{med['p90_ms']}** | **{med['p99_ms']}
 h = pri["health_floor"]
 w("")
 pgp = json.loads(E["R_PG_PRIORS"])
-w(f"During the priors phase (warm-up, /health and all runs): {pgp['blks_read']:,} blocks read from outside "
+w(f"During the priors phase (warm-up, /ready and all runs): {pgp['blks_read']:,} blocks read from outside "
   f"shared_buffers, {pgp['wal_mb']} MB of WAL with {pgp['wal_fpi']:,} full-page images.")
 w("")
-w(f"Floor: GET /health (the server's `SELECT 1`, no audit) on the same connection: p50 {h['p50_ms']} ms, "
+w(f"Floor: GET /ready (the server's `SELECT 1`, no audit) on the same connection: p50 {h['p50_ms']} ms, "
   f"p99 {h['p99_ms']} ms ({h['n']} requests). {pri['warmup']} unmeasured warm-up queries before run 1. "
   f"Answers checked against the generated layout: {pri['check_errors']} wrong.")
 w("")
@@ -699,7 +699,7 @@ if E["R_DOCS"] == "1":
     d("")
     d(f"- The client is Python's `http.client` on one keep-alive connection, one request at a time, timed "
       f"from sending the request to reading the last byte of the answer (JSON parsing and the checks of "
-      f"every answer come after). GET /health on the same connection (the server's `SELECT 1`, no audit "
+      f"every answer come after). GET /ready on the same connection (the server's `SELECT 1`, no audit "
       f"write) takes p50 {h['p50_ms']} ms: that is client, HTTP and one database round trip, so the rest of a "
       f"priors query's {med['p50_ms']} ms is the server's work: token lookup, records and consent SELECTs, and "
       f"the audit append (UPDATE of the chain head, INSERT, UPDATE, COMMIT with a WAL flush, "

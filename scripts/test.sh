@@ -46,6 +46,10 @@ PYLIBJPEG_LIBJPEG_VERSION=2.5.0
 # The doctor's page is tested in Debian's chromium, driven by Playwright
 # (its own browser download is never used: no `playwright install`).
 PLAYWRIGHT_VERSION=1.49.1
+# tests/metrics.rs: prometheus_client's parser reads /metrics; PyYAML reads
+# the alert rules.
+PROMETHEUS_CLIENT_VERSION=0.26.0
+PYYAML_VERSION=6.0.3
 
 MODE="test"
 if [[ "${1:-}" == "--services" ]]; then
@@ -78,6 +82,10 @@ pkg_installed chromium || missing+=(chromium)
 pkg_installed fonts-noto-cjk || missing+=(fonts-noto-cjk)
 # tests/audit.rs validates audit messages against PS3.15's RELAX NG Compact schema.
 pkg_installed jing || missing+=(jing)
+# promtool lints /metrics and checks deploy/prometheus/ (tests/metrics.rs).
+# Debian's package also holds the server, which the install does not start
+# where policy-rc.d forbids it (containers); nothing here runs it.
+pkg_installed prometheus || missing+=(prometheus)
 if ! pkg_installed postgresql || ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)
 fi
@@ -119,6 +127,9 @@ if ! "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg, 
         "dicomweb-client==$DICOMWEB_CLIENT_VERSION" "pylibjpeg==$PYLIBJPEG_VERSION" \
         "pylibjpeg-libjpeg==$PYLIBJPEG_LIBJPEG_VERSION" "playwright==$PLAYWRIGHT_VERSION" >&2
     "$PY" -c 'import pydicom, pynetdicom, dicomweb_client, pylibjpeg, libjpeg, playwright' || die "pydicom/pynetdicom/dicomweb-client/pylibjpeg/playwright not importable in $VENV"
+fi
+if ! "$PY" -c 'import prometheus_client, yaml' >/dev/null 2>&1; then
+    "$PY" -m pip install -q "prometheus-client==$PROMETHEUS_CLIENT_VERSION" "pyyaml==$PYYAML_VERSION" >&2
 fi
 
 # Garage, built from crates.io.

@@ -228,7 +228,9 @@ impl Ingest {
 
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
-        self.finish_checked(incoming, None).await
+        let result = self.finish_checked(incoming, None).await;
+        crate::metrics::ingest_result(&result);
+        result
     }
 
     /// Completes a data set that must hash to `expected` (an instance
@@ -239,7 +241,9 @@ impl Ingest {
         incoming: Incoming,
         expected: BlobHash,
     ) -> Result<Stored, Error> {
-        self.finish_checked(incoming, Some(expected)).await
+        let result = self.finish_checked(incoming, Some(expected)).await;
+        crate::metrics::ingest_result(&result);
+        result
     }
 
     async fn finish_checked(

@@ -37,6 +37,8 @@
 //! - [`registry`]: `huren registry` (hospital directory, study records,
 //!   consent, hash-chained audit) and the client nodes reach it with; the
 //!   contract is proto/huren.openapi.json.
+//! - [`metrics`]: every metric the node and the registry export, and the
+//!   one-line helpers that record them (`/metrics`, Prometheus text).
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.
@@ -51,6 +53,7 @@ pub mod dicom;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod metrics;
 pub mod node;
 pub mod part10;
 pub mod patient_key;

@@ -52,6 +52,11 @@ enum Command {
         /// does not name.
         #[arg(long)]
         reindex: bool,
+        /// Write the scrub's results in the Prometheus text format to this
+        /// file (for node_exporter's textfile collector: a finished
+        /// command is never scraped).
+        #[arg(long)]
+        metrics_file: Option<std::path::PathBuf>,
     },
     /// Doctor accounts of the node's page (/ui).
     User {
@@ -288,7 +293,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             remove_orphans,
             orphan_grace_secs,
             reindex,
+            metrics_file,
         } => {
+            let metrics = huren::metrics::install(huren::metrics::Process::Verify);
             let config = args.resolve()?;
             let ingest = node::open_ingest(&config).await?;
             let options = verify::Options {
@@ -298,6 +305,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 progress: true,
             };
             let report = verify::run(&ingest, &options).await?;
+            if let Some(path) = &metrics_file {
+                huren::metrics::write_textfile(&metrics, path)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            }
             println!(
                 "blobs verified: {} ({} bytes)",
                 report.blobs_checked, report.bytes_checked

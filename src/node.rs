@@ -90,6 +90,8 @@ impl Node {
         http_listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
+        crate::metrics::install(crate::metrics::Process::Node);
+        crate::metrics::register_durability(config.durability);
         let ingest = open_ingest(config).await?;
         // Before the first association is accepted: the listeners' sockets
         // are bound, but nothing is read from them until the tasks below.
@@ -143,11 +145,14 @@ impl Node {
             },
             region: region.clone(),
             audit: audit.clone(),
+            started: Default::default(),
         });
+        let started = state.started.clone();
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
         tracing::info!("HTTP listening on {http_addr}");
         audit.application_start();
+        started.store(true, std::sync::atomic::Ordering::Release);
         Ok(Node {
             ingest,
             dicom_addr,

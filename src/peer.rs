@@ -99,6 +99,7 @@ pub async fn fetch_study(
     user_id: &str,
     reference: Option<String>,
 ) -> Result<FetchReport, Error> {
+    let metered = crate::metrics::PeerFetch::start();
     let uid = Uid::parse(study_instance_uid)
         .map_err(|_| Error::Peer(format!("{study_instance_uid:?} is not a UID")))?;
     let hospital = region
@@ -274,6 +275,7 @@ pub async fn fetch_study(
             }
         }
     }
+    metered.bytes(bytes);
     if let Some(e) = failure {
         audit(
             region,
@@ -303,6 +305,7 @@ pub async fn fetch_study(
     )
     .await;
     let evicted = evict(region, ingest, Some(uid.as_str())).await?;
+    metered.succeeded();
     Ok(FetchReport {
         study_instance_uid: uid.as_str().to_string(),
         hospital_id: holding.to_string(),
@@ -426,6 +429,11 @@ async fn fetch_stream(
     while let Some(joined) = finishing.join_next().await {
         match joined {
             Ok((sop, Ok(stored))) => {
+                crate::metrics::instance_stored(
+                    crate::metrics::source::PEER,
+                    ingest.store().durability(),
+                    &stored,
+                );
                 bytes += stored.size;
                 done.insert(sop);
             }
@@ -554,7 +562,14 @@ async fn fetch_instance(
     }
     drop(field);
     match ingest.finish_expecting(incoming, expected).await {
-        Ok(stored) => Ok(stored.size),
+        Ok(stored) => {
+            crate::metrics::instance_stored(
+                crate::metrics::source::PEER,
+                ingest.store().durability(),
+                &stored,
+            );
+            Ok(stored.size)
+        }
         Err(ingest::Error::HashMismatch { expected, actual }) => Err(Error::Integrity(format!(
             "instance {} hashes to {actual}, the manifest says {expected}",
             instance.sop_instance_uid

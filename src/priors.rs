@@ -363,6 +363,7 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
     .bind(serde_json::to_string(&out).expect("answer serialises"))
     .execute(region.index().pool())
     .await?;
+    crate::metrics::recognition_check(&outcome, reached);
     // Prefetch: the recognised priors held elsewhere start coming now, so
     // that the images are here when the doctor opens them.
     if region.config().prefetch_priors

@@ -765,6 +765,7 @@ impl Region {
                 }
                 Ok(_) => backoff = Duration::from_millis(500),
                 Err(error) => {
+                    crate::metrics::publish_failed();
                     tracing::warn!(%error, retry_in = ?backoff, "publication to the registry failed");
                     {
                         let mut s = self.status.lock().expect("status lock");
@@ -887,6 +888,7 @@ impl Region {
     }
 
     fn note_success(&self, rows: usize) {
+        crate::metrics::publish_succeeded();
         let mut s = self.status.lock().expect("status lock");
         s.last_success_at = Some(now());
         s.delivered += rows as u64;
@@ -1013,6 +1015,21 @@ impl Region {
     }
 
     // -------------------------------------------------------------- status
+
+    /// Sets the backlog gauges from the outbox (at each scrape).
+    pub async fn refresh_metrics(&self) {
+        let counted = sqlx::query(
+            "SELECT COALESCE(SUM(CASE WHEN dead = 0 THEN 1 ELSE 0 END), 0), \
+             COALESCE(SUM(CASE WHEN dead = 1 THEN 1 ELSE 0 END), 0) FROM publication_outbox",
+        )
+        .fetch_one(self.index.pool())
+        .await
+        .and_then(|row| Ok((row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?)));
+        match counted {
+            Ok((backlog, dead)) => crate::metrics::publish_backlog(backlog, dead),
+            Err(error) => tracing::warn!(%error, "cannot count the outbox for /metrics"),
+        }
+    }
 
     pub async fn status(&self) -> Result<serde_json::Value, Error> {
         let pool = self.index.pool();

@@ -99,6 +99,8 @@ pub struct BlobStore {
     /// Whether an acknowledgement waits for a flush (full durability on
     /// local files; S3's completed PUT is durable by itself).
     ack_waits_for_flush: bool,
+    /// The configured promise, as the metrics label what was stored.
+    durability: Durability,
 }
 
 /// Staging files are spread over this many subdirectories: every create and
@@ -163,6 +165,7 @@ impl BlobStore {
                     syncer: Some(GroupSync::start(&root)?),
                     backend: Backend::Local { root },
                     ack_waits_for_flush: durability == Durability::Full,
+                    durability,
                 })
             }
             StorageConfig::S3 {
@@ -206,6 +209,7 @@ impl BlobStore {
                     next_shard: Default::default(),
                     syncer: None,
                     ack_waits_for_flush: false,
+                    durability,
                 })
             }
         }
@@ -339,10 +343,40 @@ impl BlobStore {
     }
 
     async fn fetch(&self, hash: &BlobHash) -> Result<object_store::GetResult, Error> {
-        self.store.get(&Self::key(hash)).await.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => Error::NotFound(*hash),
-            other => Error::ObjectStore(other),
+        self.store.get(&Self::key(hash)).await.map_err(|e| {
+            crate::metrics::storage_error("read");
+            match e {
+                object_store::Error::NotFound { .. } => Error::NotFound(*hash),
+                other => Error::ObjectStore(other),
+            }
         })
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Readiness: the staging area takes a file, and the store answers (a
+    /// local root still exists; an S3 bucket answers a HEAD, where "not
+    /// found" is an answer).
+    pub async fn check_reachable(&self) -> Result<(), Error> {
+        let shard = self.next_staging_shard();
+        run_short_blocking(|| tempfile::tempfile_in(shard)).map_err(Error::Staging)?;
+        match &self.backend {
+            Backend::Local { root } => {
+                if !tokio::fs::metadata(root).await?.is_dir() {
+                    return Err(Error::Config(format!(
+                        "{} is not a directory",
+                        root.display()
+                    )));
+                }
+                Ok(())
+            }
+            Backend::S3 => match self.store.head(&ObjectPath::from("readiness-probe")).await {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+        }
     }
 
     /// Reads a whole blob and checks its hash. A mismatch is an error: a
@@ -562,6 +596,7 @@ fn expect_hash(key: &BlobHash, computed: blake3::Hash) -> Result<(), Error> {
     if actual == *key {
         Ok(())
     } else {
+        crate::metrics::storage_error("corrupt_read");
         Err(Error::Corrupt { key: *key, actual })
     }
 }

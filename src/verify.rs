@@ -72,12 +72,20 @@ pub async fn run(ingest: &Ingest, options: &Options) -> Result<Report, Error> {
 
     if options.reindex {
         let known = index.blob_hashes().await?;
-        for blob in listed.iter().filter(|b| !known.contains(&b.hash)) {
+        let unknown: Vec<_> = listed.iter().filter(|b| !known.contains(&b.hash)).collect();
+        let bar = if options.progress {
+            Progress::new("reindex", unknown.len() as u64, "blobs")
+        } else {
+            Progress::hidden()
+        };
+        for blob in unknown {
             match reindex_one(ingest, blob.hash, blob.last_modified).await {
                 Ok(()) => report.reindexed += 1,
                 Err(why) => report.unindexable.push((blob.hash, why)),
             }
+            bar.inc(1, blob.size);
         }
+        bar.finish();
     }
 
     let referenced = index.blob_hashes().await?;
@@ -106,6 +114,11 @@ pub async fn run(ingest: &Ingest, options: &Options) -> Result<Report, Error> {
         bar.inc(1, 0);
     }
     bar.finish();
+    crate::metrics::verify_finished(
+        report.blobs_checked,
+        report.corrupt.len() as u64,
+        report.missing.len() as u64,
+    );
 
     let now = SystemTime::now();
     for blob in &listed {

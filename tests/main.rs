@@ -8,6 +8,7 @@ mod cli;
 mod dicomweb;
 mod durability;
 mod ingest;
+mod metrics;
 mod negotiation;
 mod page;
 mod peer;

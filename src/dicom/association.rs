@@ -339,15 +339,18 @@ pub async fn handle(
         Ok(Ok(association)) => association,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "association not established");
+            crate::metrics::association_refused(refused_reason(&e));
             return;
         }
         Err(_) => {
             // ARTIM expired (PS3.8 §9.1.5): the transport is closed without
             // an A-ABORT, since no association exists yet.
             tracing::info!(%peer, "no A-ASSOCIATE-RQ within the ARTIM timeout; connection closed");
+            crate::metrics::association_refused(crate::metrics::refused::ARTIM_TIMEOUT);
             return;
         }
     };
+    let _open = crate::metrics::AssociationOpen::start();
     let calling_ae_title = association.peer_ae_title().trim().to_string();
     let span = tracing::info_span!("association", %peer, calling_ae_title = %calling_ae_title);
     let contexts: HashMap<u8, Context> = association
@@ -808,5 +811,15 @@ async fn on_command(pcid: u8, bytes: &[u8], io: &mut Io<'_>) -> Result<State, St
                 Ok(State::Idle)
             }
         }
+    }
+}
+
+/// The metrics' reason for an association that was not established: an
+/// A-ASSOCIATE-RJ the node sent (AE-title policy, no acceptable
+/// presentation context, protocol version), or a peer that broke off.
+fn refused_reason(e: &dicom_ul::association::Error) -> &'static str {
+    match e {
+        dicom_ul::association::Error::Rejected { .. } => crate::metrics::refused::REJECTED,
+        _ => crate::metrics::refused::PROTOCOL,
     }
 }

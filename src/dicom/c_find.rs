@@ -8,6 +8,7 @@ use super::{identifier, sop_classes};
 use crate::query::{self, Item, Level, Outcome};
 
 pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+    let _timer = crate::metrics::DimseTimer::start("C-FIND");
     let reply = |status: u16, comment: Option<&str>| {
         dimse::query_retrieve_response(
             op.command,

@@ -23,6 +23,8 @@ pub struct Receiving {
     pcid: u8,
     request: CommandSet,
     incoming: Incoming,
+    /// From the C-STORE-RQ to its C-STORE-RSP.
+    timer: crate::metrics::DimseTimer,
 }
 
 fn refuse(request: &CommandSet, status: u16, comment: &str) -> Begin {
@@ -80,6 +82,7 @@ pub fn begin(
         pcid,
         request: request.clone(),
         incoming,
+        timer: crate::metrics::DimseTimer::start("C-STORE"),
     }))
 }
 
@@ -99,11 +102,16 @@ impl Receiving {
             pcid,
             request,
             incoming,
-            ..
+            timer,
         } = *self;
         let sop_instance_uid = request.affected_sop_instance_uid().unwrap_or_default();
         let (code, comment) = match ingest.finish(incoming).await {
             Ok(stored) => {
+                crate::metrics::instance_stored(
+                    crate::metrics::source::C_STORE,
+                    ingest.store().durability(),
+                    &stored,
+                );
                 tracing::debug!(parent: span, %sop_instance_uid, blob = %stored.hash, size = stored.size, outcome = ?stored.outcome, "stored");
                 (status::SUCCESS, None)
             }
@@ -130,11 +138,16 @@ impl Receiving {
             code,
             comment.as_deref(),
         );
+        drop(timer);
         (pcid, response)
     }
 
     pub async fn abandon(self: Box<Self>, ingest: &Ingest) {
-        ingest.abandon(self.incoming).await;
+        let Receiving {
+            incoming, timer, ..
+        } = *self;
+        timer.discard();
+        ingest.abandon(incoming).await;
     }
 }
 

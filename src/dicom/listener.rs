@@ -73,6 +73,7 @@ pub async fn run(listener: TcpListener, ctx: Arc<DicomContext>, shutdown: Cancel
 /// service provider (presentation), local limit exceeded.
 async fn reject_over_limit(mut socket: TcpStream, peer: SocketAddr, artim: Duration) {
     tracing::warn!(%peer, "association limit reached; rejecting");
+    crate::metrics::association_refused(crate::metrics::refused::LIMIT);
     let read_rq = async {
         // PDU header: type, reserved, 4-byte length. An A-ASSOCIATE-RQ is
         // small; a bigger one is not read, only rejected.

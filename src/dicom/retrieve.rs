@@ -397,6 +397,7 @@ fn pending(op: &Op<'_>, response_field: u16, counts: SubOperations) -> Vec<u8> {
 
 /// C-MOVE: sub-operations over a new association to the destination.
 pub(super) async fn c_move(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+    let _timer = crate::metrics::DimseTimer::start("C-MOVE");
     let field = command_field::C_MOVE_RSP;
     if !op.ctx.may(op.calling_ae_title, true) {
         let r = dimse::query_retrieve_response(
@@ -697,6 +698,7 @@ where
 /// C-GET: sub-operations on the requestor's own association, on the storage
 /// contexts it proposed (with the SCP role).
 pub(super) async fn c_get(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+    let _timer = crate::metrics::DimseTimer::start("C-GET");
     let field = command_field::C_GET_RSP;
     if !op.ctx.may(op.calling_ae_title, true) {
         let r = dimse::query_retrieve_response(

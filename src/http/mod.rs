@@ -1,20 +1,18 @@
-//! The node's HTTP side: health, and DICOMweb under `/dicom-web`
-//! ([`dicomweb`]). The JSON API and the page join here as one `router()`
-//! per resource.
+//! The node's HTTP side: health, readiness and metrics ([`health`]), and
+//! DICOMweb under `/dicom-web` ([`dicomweb`]). The JSON API and the page
+//! join here as one `router()` per resource.
 
 pub mod api;
 pub mod dicomweb;
 pub mod error;
+pub mod health;
 pub mod page;
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,13 +29,13 @@ pub struct AppState {
     /// The node's part in the region, when configured.
     pub region: Option<Arc<crate::publish::Region>>,
     pub audit: crate::audit::Audit,
+    /// Set once the node's start has finished: `/ready` answers 503 until
+    /// then.
+    pub started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let health = Router::new()
-        .route("/health", get(health))
-        .with_state(state.clone());
-    health
+    health::router(state.clone())
         .merge(crate::audit::dicomweb_layer(
             &state.audit,
             &state.dicomweb,
@@ -134,24 +132,6 @@ fn api_router(state: &Arc<AppState>) -> Router {
         tokens,
         api::require_token,
     ))
-}
-
-/// 200 when the index answers, 503 otherwise; the body never carries
-/// internal detail (that goes to the log).
-async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    match state.ingest.index().ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({ "status": "ok", "ae_title": state.ae_title })),
-        ),
-        Err(error) => {
-            tracing::error!(%error, "health check: index unavailable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "unavailable", "ae_title": state.ae_title })),
-            )
-        }
-    }
 }
 
 pub async fn run(

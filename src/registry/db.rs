@@ -1235,6 +1235,7 @@ pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Re
         }
         q.execute(&mut *tx).await?;
     }
+    crate::metrics::registry_audit_appended(entries);
     sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
         .bind(&prev_hash)
         .execute(&mut *tx)

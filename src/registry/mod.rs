@@ -136,6 +136,7 @@ pub async fn run(
     args: &RegistryArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::metrics::install(crate::metrics::Process::Registry);
     let db = db::Db::open(&args.database_url()).await?;
     let token = args.admin_token()?;
     if let Some(path) = &args.recognition_list {

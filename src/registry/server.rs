@@ -218,6 +218,8 @@ pub fn router(state: Arc<RegistryState>) -> Router {
     let limit = state.max_request_bytes;
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/v1/hospitals", get(directory).post(add_hospital))
         .route("/v1/hospitals/{hospital_id}", patch(update_hospital))
         .route("/v1/hospitals/{hospital_id}/records", post(publish))
@@ -244,11 +246,34 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .with_state(state)
 }
 
-async fn health(State(state): State<Arc<RegistryState>>) -> Response {
+/// Liveness: the process serves HTTP. The database is readiness's
+/// question (`/ready`): restarting a registry whose database is down
+/// does not bring the database back.
+async fn health() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: the database answers (the registry starts serving only once
+/// its start, migrations and the startup list, has finished). 503 names
+/// the reason, not the error.
+async fn ready(State(state): State<Arc<RegistryState>>) -> Response {
     match state.db.ping().await {
-        Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
-        Err(e) => ApiError::Unavailable(e.to_string()).into_response(),
+        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "readiness: database unreachable");
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unreachable",
+            )
+        }
     }
+}
+
+async fn metrics(State(state): State<Arc<RegistryState>>) -> Response {
+    crate::metrics::ready(state.db.ping().await.is_ok());
+    let handle = crate::metrics::install(crate::metrics::Process::Registry);
+    crate::metrics::render(&handle)
 }
 
 /// The directory, with an ETag so nodes poll it with conditional GETs.
@@ -392,6 +417,7 @@ async fn publish(
         ));
     }
     let results = state.db.publish(&hospital_id, &user, &request).await?;
+    crate::metrics::registry_published(&results);
     Ok(Json(PublishResponse { results }))
 }
 
@@ -419,13 +445,16 @@ async fn priors(
     headers: HeaderMap,
     Body(query): Body<PriorsQuery>,
 ) -> Result<Json<PriorsAnswer>, ApiError> {
+    let started = std::time::Instant::now();
     let caller = authenticate(&state, &headers).await?;
     let Caller::Hospital(hospital_id) = caller else {
         return Err(ApiError::Forbidden(
             "the priors query is asked by a hospital for its patient".into(),
         ));
     };
-    Ok(Json(state.db.priors(&hospital_id, &query).await?))
+    let answer = state.db.priors(&hospital_id, &query).await?;
+    crate::metrics::registry_priors_query(started);
+    Ok(Json(answer))
 }
 
 async fn add_consent(

@@ -110,6 +110,7 @@ pub fn router(
             tokens,
             auth::require_token,
         ))
+        .layer(axum::middleware::from_fn(crate::metrics::dicomweb_timing))
         .with_state(state);
     let routes = match cors {
         Some(cors) => routes.layer(cors),

@@ -270,6 +270,11 @@ async fn store_part(
     }
     match ingest.finish(incoming).await {
         Ok(stored) => {
+            crate::metrics::instance_stored(
+                crate::metrics::source::STOW,
+                ingest.store().durability(),
+                &stored,
+            );
             tracing::debug!(%sop_instance, blob = %stored.hash, outcome = ?stored.outcome, "STOW-RS stored");
             // The stored instance's own study and series (the index has
             // them: the head parse may have stopped early).

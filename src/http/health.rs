@@ -1,0 +1,88 @@
+//! What an operator's monitoring asks the node: `/health` (liveness: the
+//! process serves HTTP), `/ready` (readiness: the index and the blob store
+//! answer and startup has finished) and `/metrics` (Prometheus text
+//! format, crate::metrics).
+//!
+//! Liveness asks nothing of the database on purpose: a supervisor that
+//! restarts a node whose database is down gains nothing and loses the
+//! associations in flight. Readiness is what a load balancer in front of
+//! several node processes routes on.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::AppState;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(json!({ "status": "ok", "ae_title": state.ae_title }))
+}
+
+/// 200 when every check passes; 503 naming each one that failed. The
+/// reasons name the component, never its error (that goes to the log).
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let reasons = not_ready(&state).await;
+    if reasons.is_empty() {
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "ae_title": state.ae_title })),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "not_ready",
+                "ae_title": state.ae_title,
+                "reasons": reasons,
+            })),
+        )
+            .into_response()
+    }
+}
+
+/// What keeps the node from being ready; empty when it is.
+async fn not_ready(state: &AppState) -> Vec<&'static str> {
+    let mut reasons = Vec::new();
+    if !state.started.load(Ordering::Acquire) {
+        reasons.push("startup has not finished");
+    }
+    let (index, store) = tokio::join!(
+        state.ingest.index().ping(),
+        state.ingest.store().check_reachable()
+    );
+    if let Err(error) = index {
+        tracing::error!(%error, "readiness: database unreachable");
+        reasons.push("database unreachable");
+    }
+    if let Err(error) = store {
+        tracing::error!(%error, "readiness: blob store unreachable");
+        reasons.push("blob store unreachable");
+    }
+    reasons
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // The backlog lives in the outbox table, which several node processes
+    // may share: counted when asked, not tracked.
+    if let Some(region) = &state.region {
+        region.refresh_metrics().await;
+    }
+    crate::metrics::ready(not_ready(&state).await.is_empty());
+    let handle = crate::metrics::install(crate::metrics::Process::Node);
+    crate::metrics::render(&handle)
+}

@@ -37,6 +37,8 @@
 //! - [`registry`]: `huren registry` (hospital directory, study records,
 //!   consent, hash-chained audit) and the client nodes reach it with; the
 //!   contract is proto/huren.openapi.json.
+//! - [`tls`]: TLS on the node's and the registry's own ports: HTTPS, the
+//!   certificate of the DICOM TLS listener, reloaded on SIGHUP.
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.
@@ -59,6 +61,7 @@ pub mod query;
 pub mod recognition;
 pub mod registry;
 pub mod storage;
+pub mod tls;
 pub mod transcode;
 pub mod types;
 pub mod verify;

@@ -29,6 +29,8 @@ pub enum StartError {
     Index(#[from] index::Error),
     #[error("recognition list: {0}")]
     Recognition(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Opens the blob store and the index the configuration names.
@@ -47,11 +49,14 @@ pub struct Node {
     pub ingest: Ingest,
     pub dicom_addr: std::net::SocketAddr,
     pub http_addr: std::net::SocketAddr,
+    /// The DICOM TLS listener's address, when configured.
+    pub dicom_tls_addr: Option<std::net::SocketAddr>,
     /// The node's part in the region, when configured.
     pub region: Option<Arc<crate::publish::Region>>,
     dicom_task: JoinHandle<()>,
     http_task: JoinHandle<std::io::Result<()>>,
     region_tasks: Vec<JoinHandle<()>>,
+    tls_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Node {
@@ -62,6 +67,9 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
         let ingest = open_ingest(config).await?;
+        let tls = crate::tls::NodeTls::open(config)
+            .await
+            .map_err(StartError::Tls)?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let region = match config.region.clone() {
@@ -71,6 +79,7 @@ impl Node {
                     ingest.store().clone(),
                     region,
                     &config.data_dir,
+                    config.tls_ca_file.as_deref(),
                 )
                 .map_err(StartError::Recognition)?,
             ),
@@ -93,7 +102,11 @@ impl Node {
             }
             None => Vec::new(),
         };
-        let dicom_task = tokio::spawn(dicom::listener::run(dicom_listener, ctx, shutdown.clone()));
+        let dicom_task = tokio::spawn(dicom::listener::run(
+            dicom_listener,
+            ctx.clone(),
+            shutdown.clone(),
+        ));
         let state = Arc::new(AppState {
             ae_title: config.ae_title.to_string(),
             ingest: ingest.clone(),
@@ -105,17 +118,29 @@ impl Node {
             },
             region: region.clone(),
         });
-        let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
+        let https = tls.is_some();
+        let dicom_tls_addr = tls.as_ref().and_then(|t| t.dicom_addr());
+        let http_listener = crate::tls::NodeTls::http_listener(tls.as_ref(), http_listener);
+        let http_task = tokio::spawn(http::run(http_listener, state.clone(), shutdown.clone()));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
-        tracing::info!("HTTP listening on {http_addr}");
+        tracing::info!(
+            "HTTP listening on {http_addr}{}",
+            if https { " (HTTPS)" } else { "" }
+        );
+        let tls_tasks = match tls {
+            Some(tls) => tls.spawn(ctx, state, shutdown),
+            None => Vec::new(),
+        };
         Ok(Node {
             ingest,
             dicom_addr,
             http_addr,
+            dicom_tls_addr,
             dicom_task,
             http_task,
             region,
             region_tasks,
+            tls_tasks,
         })
     }
 
@@ -126,6 +151,9 @@ impl Node {
             Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
             Err(e) => tracing::error!(error = %e, "HTTP server task failed"),
             Ok(Ok(())) => {}
+        }
+        for task in self.tls_tasks {
+            let _ = task.await;
         }
         for task in self.region_tasks {
             let _ = task.await;

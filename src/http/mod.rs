@@ -15,7 +15,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DicomwebConfig;
@@ -144,20 +143,15 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     }
 }
 
+/// Serves plain HTTP or HTTPS (src/tls.rs) until `shutdown` fires. Both
+/// listeners set TCP_NODELAY: responses stream in several writes (a QIDO-RS
+/// result array, WADO-RS parts), and with Nagle's algorithm on, the last
+/// small write waits for the client's delayed ACK (~40 ms on loopback).
 pub async fn run(
-    listener: TcpListener,
+    listener: crate::tls::HttpListener,
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Responses stream in several writes (a QIDO-RS result array, WADO-RS
-    // parts): with Nagle's algorithm on, the last small write waits for the
-    // client's delayed ACK (~40 ms on loopback).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -39,20 +39,31 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     pub fn new(base_url: &str, token: &str) -> RegistryClient {
-        let http = reqwest::Client::builder()
+        RegistryClient::trusting(base_url, token, None).expect("HTTP client builds")
+    }
+
+    /// A client that also trusts the CA certificates of `tls_ca_file`: a
+    /// registry with a certificate from the region's own CA.
+    pub fn trusting(
+        base_url: &str,
+        token: &str,
+        tls_ca_file: Option<&std::path::Path>,
+    ) -> Result<RegistryClient, String> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             // The registry is reached directly; a proxy from the
             // environment would see every pseudonymous query.
-            .no_proxy()
+            .no_proxy();
+        let http = crate::tls::trust_ca_file(builder, tls_ca_file)?
             .build()
-            .expect("HTTP client builds");
-        RegistryClient {
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(RegistryClient {
             http,
             base: base_url.trim_end_matches('/').to_string(),
             token: token.to_string(),
-        }
+        })
     }
 
     fn url(&self, path: &str) -> String {

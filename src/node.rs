@@ -122,15 +122,15 @@ impl Node {
         let dicom_tls_addr = tls.as_ref().and_then(|t| t.dicom_addr());
         let http_listener = crate::tls::NodeTls::http_listener(tls.as_ref(), http_listener);
         let http_task = tokio::spawn(http::run(http_listener, state.clone(), shutdown.clone()));
+        let tls_tasks = match tls {
+            Some(tls) => tls.spawn(ctx, state, shutdown),
+            None => Vec::new(),
+        };
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
         tracing::info!(
             "HTTP listening on {http_addr}{}",
             if https { " (HTTPS)" } else { "" }
         );
-        let tls_tasks = match tls {
-            Some(tls) => tls.spawn(ctx, state, shutdown),
-            None => Vec::new(),
-        };
         Ok(Node {
             ingest,
             dicom_addr,

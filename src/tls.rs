@@ -515,12 +515,17 @@ impl NodeTls {
         shutdown: CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut reload: Vec<Arc<dyn Reload>> = vec![self.resolver.clone()];
+        if let Some((dicom_tls, _)) = &self.dicom {
+            reload.push(dicom_tls.clone());
+        }
+        // Before the listeners are announced: SIGHUP's default action is
+        // to end the process.
+        spawn_reload_on_sighup(reload, shutdown.clone());
         let mut tasks = Vec::new();
         if let Some((dicom_tls, listener)) = self.dicom {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(ae_title = %ctx.ae_title, "DICOM TLS listening on {addr}");
             }
-            reload.push(dicom_tls.clone());
             tasks.push(tokio::spawn(crate::dicom::listener::run_tls(
                 listener,
                 ctx,
@@ -539,7 +544,6 @@ impl NodeTls {
                 }
             }));
         }
-        spawn_reload_on_sighup(reload, shutdown);
         tasks
     }
 }

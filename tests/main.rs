@@ -14,3 +14,4 @@ mod recognition;
 mod region;
 mod storage_config;
 mod support;
+mod tls;

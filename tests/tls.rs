@@ -126,6 +126,8 @@ impl Pki {
 struct Process {
     child: Child,
     addrs: Vec<(String, SocketAddr)>,
+    /// Everything it logged so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
     _data: tempfile::TempDir,
 }
 
@@ -136,6 +138,10 @@ impl Process {
             .find(|(m, _)| m == marker)
             .unwrap_or_else(|| panic!("no address logged after {marker:?}"))
             .1
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     fn signal(&self, signal: &str) {
@@ -159,7 +165,7 @@ impl Drop for Process {
 fn spawn(args: &[String], markers: &[&str], data: tempfile::TempDir) -> Process {
     let mut child = Command::new(HUREN)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("HUREN_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -193,10 +199,21 @@ fn spawn(args: &[String], markers: &[&str], data: tempfile::TempDir) -> Process 
             }
         }
     }
-    std::thread::spawn(move || while rx.recv().is_ok() {});
+    let log = std::sync::Arc::new(std::sync::Mutex::new(log));
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            while let Ok(line) = rx.recv() {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        }
+    });
     Process {
         child,
         addrs,
+        log,
         _data: data,
     }
 }
@@ -612,4 +629,98 @@ fn sighup_reloads_certificates_and_keeps_associations() {
         .map(|s| s["00201208"]["Value"][0].as_u64().unwrap())
         .sum();
     assert_eq!(stored, files.len() as u64);
+}
+
+/// A registry over HTTPS with a certificate from the region's CA: a node
+/// whose `tls_ca_file` names that CA pulls the hospital directory; a node
+/// without it refuses the registry's certificate.
+#[test]
+fn node_reaches_a_registry_over_https_with_the_configured_ca() {
+    let pki = Pki::new();
+    let registry_data = tempfile::tempdir().unwrap();
+    let registry_dir = registry_data.path().display().to_string();
+    let token_file = registry_data.path().join("h1.token");
+    let out = Command::new(HUREN)
+        .args(["registry", "hospital", "add", "--data-dir", &registry_dir])
+        .args(["--id", "H1", "--name", "Hospital One", "--level", "3A"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let registry = spawn(
+        &[
+            "registry".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            registry_dir,
+            "--tls-certificate-file".into(),
+            pki.path("server.pem"),
+            "--tls-private-key-file".into(),
+            pki.path("server.key"),
+        ],
+        &["registry HTTP listening on "],
+        registry_data,
+    );
+    let registry_url = format!(
+        "https://localhost:{}",
+        registry.addr("registry HTTP listening on ").port()
+    );
+
+    let region_node = |ca: Option<&str>| {
+        let data = tempfile::tempdir().unwrap();
+        let secret = data.path().join("region-secret");
+        std::fs::write(&secret, "region-secret-for-the-tls-tests-0001").unwrap();
+        let ca = ca
+            .map(|ca| format!("tls_ca_file = \"{ca}\"\n"))
+            .unwrap_or_default();
+        let config = format!(
+            r#"data_dir = "{data}"
+dicom_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+{ca}
+[dicomweb]
+open = true
+
+[region]
+registry_url = "{registry_url}"
+hospital_id = "H1"
+registry_token_file = "{token}"
+region_secret_file = "{secret}"
+directory_interval_secs = 0.2
+"#,
+            data = data.path().join("data").display(),
+            token = token_file.display(),
+            secret = secret.display(),
+        );
+        let path = data.path().join("huren.toml");
+        std::fs::write(&path, config).unwrap();
+        spawn(
+            &["node".into(), "--config".into(), path.display().to_string()],
+            &[HTTP],
+            data,
+        )
+    };
+    let publication = |node: &Process| -> Value {
+        let url = format!("http://{}/api/v1/publication", node.addr(HTTP));
+        let (status, body) = curl(&[&url]).unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+
+    let trusting = region_node(Some(&pki.path("ca.pem")));
+    wait_for("the directory pulled over HTTPS", Duration::from_secs(30), || {
+        publication(&trusting)["hospitals_in_directory"] == 1
+    });
+
+    let untrusting = region_node(None);
+    wait_for("the registry's certificate refused", Duration::from_secs(30), || {
+        untrusting
+            .log()
+            .lines()
+            .any(|l| l.contains("cannot pull the hospital directory") && l.contains("UnknownIssuer"))
+    });
+    assert_eq!(publication(&untrusting)["hospitals_in_directory"], 0);
 }

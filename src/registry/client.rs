@@ -78,12 +78,12 @@ impl RegistryClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         let status = response.status();
         let bytes = response
             .bytes()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         if !status.is_success() {
             let detail = serde_json::from_slice::<Problem>(&bytes)
                 .map(|p| p.detail)
@@ -169,7 +169,7 @@ impl RegistryClient {
         let response = request
             .send()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         match response.status() {
             StatusCode::NOT_MODIFIED => Ok(None),
             s if s.is_success() => {
@@ -183,7 +183,7 @@ impl RegistryClient {
                 let text = response
                     .text()
                     .await
-                    .map_err(|e| Error::Unreachable(e.to_string()))?;
+                    .map_err(|e| Error::Unreachable(with_causes(&e)))?;
                 Ok(Some((etag, text)))
             }
             s => Err(Error::Status {
@@ -206,7 +206,7 @@ impl RegistryClient {
         let response = request
             .send()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         match response.status() {
             StatusCode::NOT_MODIFIED => Ok(None),
             s if s.is_success() => response
@@ -220,4 +220,18 @@ impl RegistryClient {
             }),
         }
     }
+}
+
+/// reqwest's message alone says "error sending request"; the cause (a
+/// refused connection, a certificate from an unknown CA) is what an
+/// operator needs in the log.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -76,6 +76,9 @@ missing=()
 pkg_installed dcmtk || missing+=(dcmtk)
 pkg_installed chromium || missing+=(chromium)
 pkg_installed fonts-noto-cjk || missing+=(fonts-noto-cjk)
+# tests/tls.rs: a test PKI, HTTPS and TLS-version probes.
+pkg_installed openssl || missing+=(openssl)
+pkg_installed curl || missing+=(curl)
 if ! pkg_installed postgresql || ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)
 fi

@@ -891,7 +891,8 @@ impl NodeArgs {
         dicom_tls_listen: Option<SocketAddr>,
         http_plain_listen: Option<SocketAddr>,
     ) -> Result<(), ConfigError> {
-        let invalid = |setting: &'static str, reason: String| ConfigError::Invalid { setting, reason };
+        let invalid =
+            |setting: &'static str, reason: String| ConfigError::Invalid { setting, reason };
         config.server_tls = server_tls;
         config.dicom_tls_listen = self.dicom_tls_listen.or(dicom_tls_listen);
         config.http_plain_listen = self.http_plain_listen.or(http_plain_listen);

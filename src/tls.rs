@@ -68,7 +68,9 @@ impl ServerTlsConfig {
     /// The checks a config file can fail before anything is read.
     pub fn validate(&self) -> Result<(), String> {
         if self.client_auth != ClientAuth::Off && self.client_ca_file.is_none() {
-            return Err("client_auth needs client_ca_file, the CA its certificates chain to".into());
+            return Err(
+                "client_auth needs client_ca_file, the CA its certificates chain to".into(),
+            );
         }
         if !self.ae_binding.is_empty() && self.client_auth == ClientAuth::Off {
             return Err(
@@ -76,8 +78,7 @@ impl ServerTlsConfig {
             );
         }
         for ae in self.ae_binding.keys() {
-            crate::types::AeTitle::parse(ae)
-                .map_err(|e| format!("ae_binding: {ae:?}: {e}"))?;
+            crate::types::AeTitle::parse(ae).map_err(|e| format!("ae_binding: {ae:?}: {e}"))?;
         }
         Ok(())
     }
@@ -153,7 +154,11 @@ impl CertificateResolver {
 
 impl Reload for CertificateResolver {
     fn reload(&self) -> Result<(), String> {
-        let key = load_certified_key(&self.certificate_file, &self.private_key_file, &self.provider)?;
+        let key = load_certified_key(
+            &self.certificate_file,
+            &self.private_key_file,
+            &self.provider,
+        )?;
         *self.current.write().expect("certificate lock") = Arc::new(key);
         Ok(())
     }
@@ -198,7 +203,9 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 
 /// The HTTPS configuration: BCP 195 like the DICOM side, HTTP/2 and
 /// HTTP/1.1 by ALPN, no client certificates (HTTP callers present tokens).
-pub fn https_config(resolver: Arc<CertificateResolver>) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn https_config(
+    resolver: Arc<CertificateResolver>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut config = rustls::ServerConfig::builder_with_provider(bcp195_provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)
         .map_err(|e| e.to_string())?
@@ -275,7 +282,9 @@ impl TlsListener {
                             Ok(Ok(tls)) => {
                                 let _ = tx.send((tls, peer)).await;
                             }
-                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
                             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         }
                     });
@@ -336,12 +345,12 @@ pub fn spawn_reload_on_sighup(targets: Vec<Arc<dyn Reload>>, shutdown: Cancellat
                     received = hangup.recv() => if received.is_none() { break },
                     _ = shutdown.cancelled() => break,
                 }
-                let failures: Vec<String> = targets
-                    .iter()
-                    .filter_map(|t| t.reload().err())
-                    .collect();
+                let failures: Vec<String> =
+                    targets.iter().filter_map(|t| t.reload().err()).collect();
                 if failures.is_empty() {
-                    tracing::info!("SIGHUP: TLS certificates reloaded; open connections keep theirs");
+                    tracing::info!(
+                        "SIGHUP: TLS certificates reloaded; open connections keep theirs"
+                    );
                 } else {
                     for error in failures {
                         tracing::error!(%error, "SIGHUP: TLS reload failed; the running certificate stays");
@@ -371,75 +380,6 @@ pub fn trust_ca_file(
         return Err(format!("{}: no certificate", path.display()));
     }
     Ok(builder.tls_certs_merge(certs))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plain_http_beside_tls_is_loopback_only() {
-        for (addr, ok) in [
-            ("127.0.0.1:8081", true),
-            ("[::1]:8081", true),
-            ("0.0.0.0:8081", false),
-            ("10.1.2.3:8081", false),
-            ("[::]:8081", false),
-        ] {
-            let result = require_loopback(addr.parse().unwrap(), "http_plain_listen");
-            assert_eq!(result.is_ok(), ok, "{addr}: {result:?}");
-        }
-    }
-
-    #[test]
-    fn validation() {
-        let base = ServerTlsConfig {
-            certificate_file: "c.pem".into(),
-            private_key_file: "k.pem".into(),
-            client_auth: ClientAuth::Off,
-            client_ca_file: None,
-            ae_binding: Default::default(),
-        };
-        let bound = [("CT1".to_string(), "ct1.example".to_string())].into();
-        let cases: Vec<(ServerTlsConfig, bool)> = vec![
-            (base.clone(), true),
-            (
-                ServerTlsConfig {
-                    client_auth: ClientAuth::Required,
-                    ..base.clone()
-                },
-                false,
-            ),
-            (
-                ServerTlsConfig {
-                    client_auth: ClientAuth::Required,
-                    client_ca_file: Some("ca.pem".into()),
-                    ae_binding: bound,
-                    ..base.clone()
-                },
-                true,
-            ),
-            (
-                ServerTlsConfig {
-                    ae_binding: [("CT1".to_string(), "ct1".to_string())].into(),
-                    ..base.clone()
-                },
-                false,
-            ),
-            (
-                ServerTlsConfig {
-                    client_auth: ClientAuth::Optional,
-                    client_ca_file: Some("ca.pem".into()),
-                    ae_binding: [("FAR TOO LONG AE TITLE".to_string(), "x".to_string())].into(),
-                    ..base.clone()
-                },
-                false,
-            ),
-        ];
-        for (config, ok) in cases {
-            assert_eq!(config.validate().is_ok(), ok, "{config:?}");
-        }
-    }
 }
 
 /// The node's own TLS, opened from its config: the certificate shared by
@@ -545,5 +485,74 @@ impl NodeTls {
             }));
         }
         tasks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_beside_tls_is_loopback_only() {
+        for (addr, ok) in [
+            ("127.0.0.1:8081", true),
+            ("[::1]:8081", true),
+            ("0.0.0.0:8081", false),
+            ("10.1.2.3:8081", false),
+            ("[::]:8081", false),
+        ] {
+            let result = require_loopback(addr.parse().unwrap(), "http_plain_listen");
+            assert_eq!(result.is_ok(), ok, "{addr}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let base = ServerTlsConfig {
+            certificate_file: "c.pem".into(),
+            private_key_file: "k.pem".into(),
+            client_auth: ClientAuth::Off,
+            client_ca_file: None,
+            ae_binding: Default::default(),
+        };
+        let bound = [("CT1".to_string(), "ct1.example".to_string())].into();
+        let cases: Vec<(ServerTlsConfig, bool)> = vec![
+            (base.clone(), true),
+            (
+                ServerTlsConfig {
+                    client_auth: ClientAuth::Required,
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                ServerTlsConfig {
+                    client_auth: ClientAuth::Required,
+                    client_ca_file: Some("ca.pem".into()),
+                    ae_binding: bound,
+                    ..base.clone()
+                },
+                true,
+            ),
+            (
+                ServerTlsConfig {
+                    ae_binding: [("CT1".to_string(), "ct1".to_string())].into(),
+                    ..base.clone()
+                },
+                false,
+            ),
+            (
+                ServerTlsConfig {
+                    client_auth: ClientAuth::Optional,
+                    client_ca_file: Some("ca.pem".into()),
+                    ae_binding: [("FAR TOO LONG AE TITLE".to_string(), "x".to_string())].into(),
+                    ..base.clone()
+                },
+                false,
+            ),
+        ];
+        for (config, ok) in cases {
+            assert_eq!(config.validate().is_ok(), ok, "{config:?}");
+        }
     }
 }

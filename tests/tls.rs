@@ -183,9 +183,11 @@ fn spawn(args: &[String], markers: &[&str], data: tempfile::TempDir) -> Process 
     let mut addrs = Vec::new();
     let mut log = String::new();
     while addrs.len() < markers.len() {
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("huren did not log its addresses {markers:?}; log so far:\n{log}")
-        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!("huren did not log its addresses {markers:?}; log so far:\n{log}")
+            });
         log.push_str(&line);
         log.push('\n');
         for marker in markers {
@@ -331,7 +333,13 @@ fn explicit_samples() -> Vec<support::Sample> {
         .collect()
 }
 
-fn storescu_tls(pki: &Pki, node: &Process, client: &str, calling: &str, files: &[String]) -> Output {
+fn storescu_tls(
+    pki: &Pki,
+    node: &Process,
+    client: &str,
+    calling: &str,
+    files: &[String],
+) -> Output {
     let [host, port] = host_port(node.addr(DICOM_TLS));
     let mut args = vec!["-aet", calling, "-aec", "HUREN", &host, &port];
     args.extend(files.iter().map(String::as_str));
@@ -344,12 +352,21 @@ fn dicom_tls_client_certificates_and_ae_binding() {
     let node = spawn_tls_node(&pki);
     let [host, port] = host_port(node.addr(DICOM_TLS));
     let samples = explicit_samples();
-    let files: Vec<String> = samples.iter().map(|s| s.path.display().to_string()).collect();
+    let files: Vec<String> = samples
+        .iter()
+        .map(|s| s.path.display().to_string())
+        .collect();
     assert!(files.len() >= 4, "too few explicit VR samples");
 
     // The trusted certificate of modality-a, calling as CT1, the AE title
     // bound to it.
-    let echo = dcmtk_tls("echoscu", &pki, "client-a", "ca", &["-aet", "CT1", "-aec", "HUREN", &host, &port]);
+    let echo = dcmtk_tls(
+        "echoscu",
+        &pki,
+        "client-a",
+        "ca",
+        &["-aet", "CT1", "-aec", "HUREN", &host, &port],
+    );
     assert!(echo.status.success(), "{}", text(&echo));
     assert_eq!(instance_count(&node, &pki), 0);
 
@@ -373,7 +390,11 @@ fn dicom_tls_client_certificates_and_ae_binding() {
     // The certificate bound to CT1 calling as another AE title.
     let borrowed = storescu_tls(&pki, &node, "client-a", "OTHER", &files);
     assert!(!borrowed.status.success(), "{}", text(&borrowed));
-    assert!(text(&borrowed).contains("Association Rejected"), "{}", text(&borrowed));
+    assert!(
+        text(&borrowed).contains("Association Rejected"),
+        "{}",
+        text(&borrowed)
+    );
     // CT1 without TLS, on the plain port: no certificate, rejected.
     let [plain_host, plain_port] = host_port(node.addr(DICOM));
     let mut args = vec!["-aet", "CT1", "-aec", "HUREN", &plain_host, &plain_port];
@@ -384,12 +405,22 @@ fn dicom_tls_client_certificates_and_ae_binding() {
         .output()
         .unwrap();
     assert!(!plain.status.success(), "{}", text(&plain));
-    assert!(text(&plain).contains("Association Rejected"), "{}", text(&plain));
+    assert!(
+        text(&plain).contains("Association Rejected"),
+        "{}",
+        text(&plain)
+    );
     assert_eq!(instance_count(&node, &pki), 0);
 
     // A trusted certificate whose identity is not bound to any AE title
     // may call as an unbound one.
-    let echo = dcmtk_tls("echoscu", &pki, "client-b", "ca", &["-aet", "WS7", "-aec", "HUREN", &host, &port]);
+    let echo = dcmtk_tls(
+        "echoscu",
+        &pki,
+        "client-b",
+        "ca",
+        &["-aet", "WS7", "-aec", "HUREN", &host, &port],
+    );
     assert!(echo.status.success(), "{}", text(&echo));
 
     // The right certificate for CT1: stored, and findable over TLS.
@@ -424,11 +455,22 @@ fn dicom_tls_client_certificates_and_ae_binding() {
 
     // The retired AES profile (TLS_RSA_WITH_AES_128_CBC_SHA, TLS 1.0 and
     // up) is outside BCP 195: refused.
-    let aes = dcmtk_tls("echoscu", &pki, "client-a", "ca", &["+pa", "-aet", "CT1", "-aec", "HUREN", &host, &port]);
+    let aes = dcmtk_tls(
+        "echoscu",
+        &pki,
+        "client-a",
+        "ca",
+        &["+pa", "-aet", "CT1", "-aec", "HUREN", &host, &port],
+    );
     assert!(!aes.status.success(), "{}", text(&aes));
     // TLS 1.1 and 1.0 are refused; TLS 1.2 (and 1.3) are served. Security
     // level 0 lets OpenSSL 3 offer the old versions at all.
-    for (version, served) in [("-tls1", false), ("-tls1_1", false), ("-tls1_2", true), ("-tls1_3", true)] {
+    for (version, served) in [
+        ("-tls1", false),
+        ("-tls1_1", false),
+        ("-tls1_2", true),
+        ("-tls1_3", true),
+    ] {
         let out = Command::new("openssl")
             .args([
                 "s_client",
@@ -453,7 +495,10 @@ fn dicom_tls_client_certificates_and_ae_binding() {
             || log.contains("New, TLSv1.3, Cipher is TLS_");
         // A refusal comes from the node (an alert), not from OpenSSL
         // declining to offer the version.
-        assert!(served || log.contains("alert"), "openssl s_client {version}:\n{log}");
+        assert!(
+            served || log.contains("alert"),
+            "openssl s_client {version}:\n{log}"
+        );
         assert_eq!(negotiated, served, "openssl s_client {version}:\n{log}");
     }
     assert_eq!(instance_count(&node, &pki), files.len() as u64);
@@ -511,10 +556,16 @@ fn https_on_node_and_registry() {
     let args = registry_args(data.path(), "127.0.0.1:0");
     let registry = spawn(
         &args,
-        &["registry HTTP listening on ", "registry loopback plain HTTP on "],
+        &[
+            "registry HTTP listening on ",
+            "registry loopback plain HTTP on ",
+        ],
         data,
     );
-    let https = format!("https://{}/health", registry.addr("registry HTTP listening on "));
+    let https = format!(
+        "https://{}/health",
+        registry.addr("registry HTTP listening on ")
+    );
     let (status, body) = curl(&["--cacert", &ca, &https]).unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(curl(&[&https]).is_err());
@@ -577,16 +628,26 @@ fn sighup_reloads_certificates_and_keeps_associations() {
         .spawn()
         .expect("run tls_store.py");
     let mut lines = BufReader::new(sender.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().expect("first C-STORE").unwrap()).unwrap();
+    let first: Value =
+        serde_json::from_str(&lines.next().expect("first C-STORE").unwrap()).unwrap();
     assert_eq!(first["status"], 0, "{first}");
 
     let https = format!("https://{}/health", node.addr(HTTP));
     let trusts_new = || curl(&["--cacert", &pki.path("ca2.pem"), &https]).is_ok();
-    assert!(!trusts_new(), "the new certificate is served before the reload");
+    assert!(
+        !trusts_new(),
+        "the new certificate is served before the reload"
+    );
     let echo_new = || {
-        dcmtk_tls("echoscu", &pki, "client-a", "ca2", &["-aet", "CT1", "-aec", "HUREN", &host, &port])
-            .status
-            .success()
+        dcmtk_tls(
+            "echoscu",
+            &pki,
+            "client-a",
+            "ca2",
+            &["-aet", "CT1", "-aec", "HUREN", &host, &port],
+        )
+        .status
+        .success()
     };
     assert!(!echo_new());
 
@@ -598,8 +659,15 @@ fn sighup_reloads_certificates_and_keeps_associations() {
         std::fs::rename(&staged, pki.dir.path().join(format!("server.{ext}"))).unwrap();
     }
     node.signal("-HUP");
-    wait_for("HTTPS to serve the new certificate", Duration::from_secs(30), trusts_new);
-    assert!(echo_new(), "the DICOM TLS listener serves the new certificate");
+    wait_for(
+        "HTTPS to serve the new certificate",
+        Duration::from_secs(30),
+        trusts_new,
+    );
+    assert!(
+        echo_new(),
+        "the DICOM TLS listener serves the new certificate"
+    );
     // The old CA no longer verifies new connections.
     assert!(curl(&["--cacert", &pki.path("ca.pem"), &https]).is_err());
 
@@ -711,16 +779,21 @@ directory_interval_secs = 0.2
     };
 
     let trusting = region_node(Some(&pki.path("ca.pem")));
-    wait_for("the directory pulled over HTTPS", Duration::from_secs(30), || {
-        publication(&trusting)["hospitals_in_directory"] == 1
-    });
+    wait_for(
+        "the directory pulled over HTTPS",
+        Duration::from_secs(30),
+        || publication(&trusting)["hospitals_in_directory"] == 1,
+    );
 
     let untrusting = region_node(None);
-    wait_for("the registry's certificate refused", Duration::from_secs(30), || {
-        untrusting
-            .log()
-            .lines()
-            .any(|l| l.contains("cannot pull the hospital directory") && l.contains("UnknownIssuer"))
-    });
+    wait_for(
+        "the registry's certificate refused",
+        Duration::from_secs(30),
+        || {
+            untrusting.log().lines().any(|l| {
+                l.contains("cannot pull the hospital directory") && l.contains("UnknownIssuer")
+            })
+        },
+    );
     assert_eq!(publication(&untrusting)["hospitals_in_directory"], 0);
 }

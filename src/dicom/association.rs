@@ -76,7 +76,9 @@ impl DicomContext {
             allowed: Arc::new(config.allowed_calling_ae_titles.clone()),
             require_called_ae_title: config.require_called_ae_title,
             peer: IpAddr::from([0, 0, 0, 0]),
-            ae_binding: Arc::new(super::tls::AeBinding::from_config(config.server_tls.as_ref())),
+            ae_binding: Arc::new(super::tls::AeBinding::from_config(
+                config.server_tls.as_ref(),
+            )),
             tls_identity: None,
         };
         let mut options = ServerAssociationOptions::new()
@@ -341,7 +343,10 @@ enum End {
 /// same code on both.
 pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 
-impl<T> Transport for T where T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T> Transport for T where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
 
 /// Negotiates and serves one association on an accepted connection.
 pub async fn handle(
@@ -377,7 +382,9 @@ pub async fn handle_tls(
             return;
         }
     };
-    let options = ctx.options_for(peer.ip(), Some(identity)).tls_config(config);
+    let options = ctx
+        .options_for(peer.ip(), Some(identity))
+        .tls_config(config);
     let established =
         tokio::time::timeout(ctx.artim_timeout, options.establish_tls_async(socket)).await;
     if let Some(association) = established_or_log(established, peer) {

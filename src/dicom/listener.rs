@@ -72,7 +72,9 @@ async fn serve(
                 let tls = tls.clone();
                 tracker.spawn(async move {
                     match tls {
-                        Some(tls) => association::handle_tls(socket, peer, ctx, tls, shutdown).await,
+                        Some(tls) => {
+                            association::handle_tls(socket, peer, ctx, tls, shutdown).await
+                        }
                         None => association::handle(socket, peer, ctx, shutdown).await,
                     }
                     drop(permit);

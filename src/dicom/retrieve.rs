@@ -360,7 +360,11 @@ async fn plan<S>(
 
 /// The final response, with the Failed SOP Instance UID List when any
 /// sub-operation failed.
-fn final_response<S>(op: &Op<'_, S>, response_field: u16, tally: &Tally) -> (Vec<u8>, Option<Vec<u8>>) {
+fn final_response<S>(
+    op: &Op<'_, S>,
+    response_field: u16,
+    tally: &Tally,
+) -> (Vec<u8>, Option<Vec<u8>>) {
     let code = tally.final_status();
     let data_set = if tally.failed_uids.is_empty() {
         None
@@ -396,7 +400,10 @@ fn pending<S>(op: &Op<'_, S>, response_field: u16, counts: SubOperations) -> Vec
 }
 
 /// C-MOVE: sub-operations over a new association to the destination.
-pub(super) async fn c_move<S: Transport>(op: &mut Op<'_, S>, data_set: &[u8]) -> Result<(), String> {
+pub(super) async fn c_move<S: Transport>(
+    op: &mut Op<'_, S>,
+    data_set: &[u8],
+) -> Result<(), String> {
     let field = command_field::C_MOVE_RSP;
     if !op.ctx.may(op.calling_ae_title, true) {
         let r = dimse::query_retrieve_response(

@@ -305,7 +305,11 @@ impl AeBinding {
     /// must present its identity; a certificate bound to one AE title may
     /// not call as another. Identities compare without regard to ASCII
     /// case (DNS names and CNs are case-insensitive).
-    pub fn check(&self, calling_ae_title: &str, presented: Option<&[String]>) -> Result<(), String> {
+    pub fn check(
+        &self,
+        calling_ae_title: &str,
+        presented: Option<&[String]>,
+    ) -> Result<(), String> {
         let presented = presented.unwrap_or(&[]);
         let carries = |identity: &str| presented.iter().any(|p| p.eq_ignore_ascii_case(identity));
         let bound: Vec<&str> = self
@@ -351,7 +355,10 @@ mod tests {
                 ("MR1".into(), "10.1.2.3".into()),
             ],
         };
-        let ct1 = vec!["CT1 modality".to_string(), "ct1.hospital-a.example".to_string()];
+        let ct1 = vec![
+            "CT1 modality".to_string(),
+            "ct1.hospital-a.example".to_string(),
+        ];
         let mr1 = vec!["10.1.2.3".to_string()];
         let other = vec!["workstation-7".to_string()];
         let cases: &[(&str, Option<&[String]>, bool)] = &[

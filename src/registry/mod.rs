@@ -63,16 +63,28 @@ pub struct RegistryArgs {
 
     /// Certificate chain (PEM) served on the listen address, which is then
     /// HTTPS only; read again on SIGHUP
-    #[arg(long, env = "HUREN_REGISTRY_TLS_CERTIFICATE_FILE", requires = "tls_private_key_file")]
+    #[arg(
+        long,
+        env = "HUREN_REGISTRY_TLS_CERTIFICATE_FILE",
+        requires = "tls_private_key_file"
+    )]
     pub tls_certificate_file: Option<PathBuf>,
 
     /// Private key (PEM) of --tls-certificate-file
-    #[arg(long, env = "HUREN_REGISTRY_TLS_PRIVATE_KEY_FILE", requires = "tls_certificate_file")]
+    #[arg(
+        long,
+        env = "HUREN_REGISTRY_TLS_PRIVATE_KEY_FILE",
+        requires = "tls_certificate_file"
+    )]
     pub tls_private_key_file: Option<PathBuf>,
 
     /// Plain HTTP beside HTTPS, loopback addresses only (local probes and
     /// admin scripts)
-    #[arg(long, env = "HUREN_REGISTRY_PLAIN_LISTEN", requires = "tls_certificate_file")]
+    #[arg(
+        long,
+        env = "HUREN_REGISTRY_PLAIN_LISTEN",
+        requires = "tls_certificate_file"
+    )]
     pub plain_listen: Option<SocketAddr>,
 }
 

@@ -327,6 +327,18 @@ impl axum::serve::Listener for HttpListener {
     }
 }
 
+/// Marks a request that came over the node's own HTTPS as a TLS proxy in
+/// front would (`X-Forwarded-Proto: https`), replacing whatever the client
+/// sent: the retrieve URLs of QIDO-RS and STOW-RS then say https, and the
+/// page's cookie is `Secure`.
+pub async fn mark_https(mut request: axum::extract::Request) -> axum::extract::Request {
+    request.headers_mut().insert(
+        "x-forwarded-proto",
+        axum::http::HeaderValue::from_static("https"),
+    );
+    request
+}
+
 /// Reads the certificates again on every SIGHUP until shutdown.
 pub fn spawn_reload_on_sighup(targets: Vec<Arc<dyn Reload>>, shutdown: CancellationToken) {
     #[cfg(unix)]

@@ -427,6 +427,12 @@ fn dicom_tls_client_certificates_and_ae_binding() {
     let store = storescu_tls(&pki, &node, "client-a", "CT1", &files);
     assert!(store.status.success(), "{}", text(&store));
     assert_eq!(instance_count(&node, &pki), files.len() as u64);
+    // The retrieve URLs the node returns over its own HTTPS say https.
+    let url = format!("https://{}/dicom-web/studies", node.addr(HTTP));
+    let (_, body) = curl(&["--cacert", &pki.path("ca.pem"), &url]).unwrap();
+    let studies: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let retrieve_url = studies[0]["00081190"]["Value"][0].as_str().unwrap();
+    assert!(retrieve_url.starts_with("https://"), "{retrieve_url}");
     let study = &samples[0].study_instance_uid;
     let find = dcmtk_tls(
         "findscu",

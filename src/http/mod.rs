@@ -152,7 +152,13 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let app = match &listener {
+        crate::tls::HttpListener::Tls(_) => {
+            router(state).layer(axum::middleware::map_request(crate::tls::mark_https))
+        }
+        crate::tls::HttpListener::Plain(_) => router(state),
+    };
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

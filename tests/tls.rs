@@ -606,6 +606,87 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// tls_store.py on the node's DICOM TLS port as CT1: one association,
+/// paused after its first C-STORE (asserted successful) until a line is
+/// written to its stdin; its remaining JSON lines.
+fn paused_sender(
+    pki: &Pki,
+    node: &Process,
+    files: &[String],
+) -> (Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let [host, port] = host_port(node.addr(DICOM_TLS));
+    let mut sender = Command::new(support::env("HUREN_TEST_PYTHON"))
+        .arg(support::repo_path("tests/support/tls_store.py"))
+        .args([
+            host,
+            port,
+            pki.path("ca.pem"),
+            pki.path("client-a.pem"),
+            pki.path("client-a.key"),
+            "CT1".into(),
+        ])
+        .args(files)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tls_store.py");
+    let mut lines = BufReader::new(sender.stdout.take().unwrap()).lines();
+    let first: Value =
+        serde_json::from_str(&lines.next().expect("first C-STORE").unwrap()).unwrap();
+    assert_eq!(first["status"], 0, "{first}");
+    (sender, lines)
+}
+
+/// The association limit holds on the TLS listener: with one association
+/// open, the next caller gets A-ASSOCIATE-RJ (transient, local limit
+/// exceeded) inside TLS.
+#[test]
+fn tls_listener_keeps_the_association_limit() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let config = node_config(&pki, data.path(), "max_associations = 1");
+    let node = spawn(
+        &[
+            "node".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        &[DICOM_TLS, HTTP],
+        data,
+    );
+    let files: Vec<String> = explicit_samples()
+        .iter()
+        .take(2)
+        .map(|s| s.path.display().to_string())
+        .collect();
+    let (mut sender, lines) = paused_sender(&pki, &node, &files);
+    let [host, port] = host_port(node.addr(DICOM_TLS));
+    let args = ["-aet", "CT1", "-aec", "HUREN", &host, &port];
+    let echo = dcmtk_tls("echoscu", &pki, "client-a", "ca", &args);
+    let log = text(&echo);
+    assert!(!echo.status.success(), "{log}");
+    assert!(log.contains("Rejected Transient"), "{log}");
+    assert!(log.contains("Reason: Local Limit Exceeded"), "{log}");
+
+    writeln!(sender.stdin.take().unwrap(), "go").unwrap();
+    let rest: Vec<Value> = lines
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(sender.wait().unwrap().success());
+    assert_eq!(rest.last().unwrap()["released"], true, "{rest:?}");
+    // The permit is back: the next association is served.
+    wait_for(
+        "the association limit to free up",
+        Duration::from_secs(10),
+        || {
+            dcmtk_tls("echoscu", &pki, "client-a", "ca", &args)
+                .status
+                .success()
+        },
+    );
+}
+
 #[test]
 fn sighup_reloads_certificates_and_keeps_associations() {
     let pki = Pki::new();
@@ -617,26 +698,7 @@ fn sighup_reloads_certificates_and_keeps_associations() {
 
     // An association over TLS that stores one instance, then pauses.
     let [host, port] = host_port(node.addr(DICOM_TLS));
-    let mut sender = Command::new(support::env("HUREN_TEST_PYTHON"))
-        .arg(support::repo_path("tests/support/tls_store.py"))
-        .args([
-            host.clone(),
-            port.clone(),
-            pki.path("ca.pem"),
-            pki.path("client-a.pem"),
-            pki.path("client-a.key"),
-            "CT1".into(),
-        ])
-        .args(&files)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tls_store.py");
-    let mut lines = BufReader::new(sender.stdout.take().unwrap()).lines();
-    let first: Value =
-        serde_json::from_str(&lines.next().expect("first C-STORE").unwrap()).unwrap();
-    assert_eq!(first["status"], 0, "{first}");
+    let (mut sender, lines) = paused_sender(&pki, &node, &files);
 
     let https = format!("https://{}/health", node.addr(HTTP));
     let trusts_new = || curl(&["--cacert", &pki.path("ca2.pem"), &https]).is_ok();

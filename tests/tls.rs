@@ -865,3 +865,55 @@ directory_interval_secs = 0.2
     );
     assert_eq!(publication(&untrusting)["hospitals_in_directory"], 0);
 }
+
+/// `client_auth = "optional"`: a caller without a certificate is admitted
+/// under an unbound AE title, but not under a bound one; a certificate that
+/// does not chain to the CA still fails the handshake.
+#[test]
+fn optional_client_authentication() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let config = node_config(&pki, data.path(), "");
+    let text_config = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("client_auth = \"required\"", "client_auth = \"optional\"");
+    std::fs::write(&config, text_config).unwrap();
+    let node = spawn(
+        &[
+            "node".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        &[DICOM_TLS, HTTP],
+        data,
+    );
+    let [host, port] = host_port(node.addr(DICOM_TLS));
+    let anonymous = |calling: &str| {
+        Command::new("/usr/bin/echoscu")
+            .args(["+tla", "+cf", &pki.path("ca.pem")])
+            .args(["-aet", calling, "-aec", "HUREN", &host, &port])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let ws = anonymous("WS7");
+    assert!(ws.status.success(), "{}", text(&ws));
+    let ct1 = anonymous("CT1");
+    assert!(!ct1.status.success(), "{}", text(&ct1));
+    assert!(
+        text(&ct1).contains("Calling AE Title Not Recognized"),
+        "{}",
+        text(&ct1)
+    );
+    let args = ["-aet", "WS7", "-aec", "HUREN", &host, &port];
+    let rogue = dcmtk_tls("echoscu", &pki, "rogue", "ca", &args);
+    assert!(!rogue.status.success(), "{}", text(&rogue));
+    let trusted = dcmtk_tls(
+        "echoscu",
+        &pki,
+        "client-a",
+        "ca",
+        &["-aet", "CT1", "-aec", "HUREN", &host, &port],
+    );
+    assert!(trusted.status.success(), "{}", text(&trusted));
+}

@@ -27,10 +27,10 @@ pub enum StartError {
     Storage(#[from] storage::Error),
     #[error("index: {0}")]
     Index(#[from] index::Error),
-    #[error("recognition list: {0}")]
-    Recognition(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("recognition list: {0}")]
+    Recognition(String),
 }
 
 /// Opens the blob store and the index the configuration names.
@@ -54,9 +54,9 @@ pub struct Node {
     /// The node's part in the region, when configured.
     pub region: Option<Arc<crate::publish::Region>>,
     dicom_task: JoinHandle<()>,
+    tls_tasks: Vec<JoinHandle<()>>,
     http_task: JoinHandle<std::io::Result<()>>,
     region_tasks: Vec<JoinHandle<()>>,
-    tls_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Node {
@@ -67,11 +67,11 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
         let ingest = open_ingest(config).await?;
+        let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
+        let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let tls = crate::tls::NodeTls::open(config)
             .await
             .map_err(StartError::Tls)?;
-        let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
-        let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
         let region = match config.region.clone() {
             Some(region) => Some(
                 crate::publish::Region::new(
@@ -137,10 +137,10 @@ impl Node {
             http_addr,
             dicom_tls_addr,
             dicom_task,
+            tls_tasks,
             http_task,
             region,
             region_tasks,
-            tls_tasks,
         })
     }
 

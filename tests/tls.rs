@@ -27,8 +27,9 @@ struct Pki {
 
 impl Pki {
     /// CA `ca` with the node's server certificate (SAN 127.0.0.1 and
-    /// localhost), two client certificates (`modality-a`, `modality-b`),
-    /// and a client certificate `modality-a` from another CA, `rogue-ca`,
+    /// localhost), three client certificates (`modality-a`, `modality-b`
+    /// with SAN ws8.hospital.example, `workstation-c`), and a client
+    /// certificate `modality-a` from another CA, `rogue-ca`,
     /// which the node does not trust. `ca2` with `server2`: the certificate
     /// a reload switches to.
     fn new() -> Pki {
@@ -42,6 +43,7 @@ impl Pki {
         pki.leaf("server2", "ca2", "huren-node-2", true);
         pki.leaf("client-a", "ca", "modality-a", false);
         pki.leaf("client-b", "ca", "modality-b", false);
+        pki.leaf("client-c", "ca", "workstation-c", false);
         pki.leaf("rogue", "rogue-ca", "modality-a", false);
         pki
     }
@@ -95,10 +97,16 @@ impl Pki {
             "-subj",
             &format!("/CN={cn}"),
         ]);
-        let ext = if server {
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        } else {
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+        let ext = match (server, cn) {
+            (true, _) => {
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            }
+            (false, "modality-b") => {
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\nsubjectAltName=DNS:ws8.hospital.example\n"
+            }
+            (false, _) => {
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+            }
         };
         std::fs::write(self.dir.path().join(format!("{name}.ext")), ext).unwrap();
         self.openssl(&[
@@ -227,7 +235,8 @@ const HTTP_PLAIN: &str = "loopback plain HTTP on ";
 
 /// A node with every TLS listener: client certificates required, chained
 /// to `ca`; the calling AE title CT1 bound to the certificate of
-/// `modality-a`. DICOMweb open, so that QIDO-RS can count what arrived.
+/// `modality-a` (by CN), WS8 to that of `modality-b` (by subjectAltName).
+/// DICOMweb open, so that QIDO-RS can count what arrived.
 fn node_config(pki: &Pki, data: &Path, extra: &str) -> PathBuf {
     let config = format!(
         r#"ae_title = "HUREN"
@@ -247,6 +256,7 @@ client_ca_file = "{ca}"
 
 [server_tls.ae_binding]
 CT1 = "modality-a"
+WS8 = "ws8.hospital.example"
 "#,
         data = data.join("data").display(),
         cert = pki.path("server.pem"),
@@ -414,14 +424,22 @@ fn dicom_tls_client_certificates_and_ae_binding() {
 
     // A trusted certificate whose identity is not bound to any AE title
     // may call as an unbound one.
-    let echo = dcmtk_tls(
-        "echoscu",
-        &pki,
-        "client-b",
-        "ca",
-        &["-aet", "WS7", "-aec", "HUREN", &host, &port],
-    );
-    assert!(echo.status.success(), "{}", text(&echo));
+    let echo = |client: &str, calling: &str| {
+        dcmtk_tls(
+            "echoscu",
+            &pki,
+            client,
+            "ca",
+            &["-aet", calling, "-aec", "HUREN", &host, &port],
+        )
+    };
+    let unbound = echo("client-c", "WS7");
+    assert!(unbound.status.success(), "{}", text(&unbound));
+    // A binding by subjectAltName (DNS name).
+    let by_san = echo("client-b", "WS8");
+    assert!(by_san.status.success(), "{}", text(&by_san));
+    let borrowed = echo("client-b", "WS7");
+    assert!(!borrowed.status.success(), "{}", text(&borrowed));
 
     // The right certificate for CT1: stored, and findable over TLS.
     let store = storescu_tls(&pki, &node, "client-a", "CT1", &files);

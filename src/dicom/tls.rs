@@ -65,6 +65,7 @@ pub type PeerIdentity = Arc<std::sync::OnceLock<Vec<String>>>;
 /// The node's DICOM TLS listener: the shared server certificate and the
 /// client certificate verifier.
 pub struct DicomTls {
+    provider: Arc<rustls::crypto::CryptoProvider>,
     resolver: Arc<crate::tls::CertificateResolver>,
     client_auth: ClientAuth,
     client_ca_file: Option<std::path::PathBuf>,
@@ -78,6 +79,7 @@ impl DicomTls {
         resolver: Arc<crate::tls::CertificateResolver>,
     ) -> Result<Arc<DicomTls>, String> {
         let tls = DicomTls {
+            provider: crate::tls::bcp195_provider(),
             resolver,
             client_auth: config.client_auth,
             client_ca_file: config.client_ca_file.clone(),
@@ -101,7 +103,7 @@ impl DicomTls {
         }
         let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
-            crate::tls::bcp195_provider(),
+            self.provider.clone(),
         );
         let builder = match self.client_auth {
             ClientAuth::Optional => builder.allow_unauthenticated(),
@@ -141,7 +143,7 @@ impl DicomTls {
         &self,
         verifier: Option<Arc<dyn ClientCertVerifier>>,
     ) -> Result<Arc<rustls::ServerConfig>, String> {
-        let builder = rustls::ServerConfig::builder_with_provider(crate::tls::bcp195_provider())
+        let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(crate::tls::PROTOCOL_VERSIONS)
             .map_err(|e| e.to_string())?;
         let builder = match verifier {

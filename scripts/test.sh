@@ -86,6 +86,9 @@ pkg_installed jing || missing+=(jing)
 # Debian's package also holds the server, which the install does not start
 # where policy-rc.d forbids it (containers); nothing here runs it.
 pkg_installed prometheus || missing+=(prometheus)
+# tests/tls.rs: a test PKI, HTTPS and TLS-version probes.
+pkg_installed openssl || missing+=(openssl)
+pkg_installed curl || missing+=(curl)
 if ! pkg_installed postgresql || ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)
 fi

@@ -235,6 +235,9 @@ struct FileConfig {
     tls_ca_file: Option<PathBuf>,
     tls_certificate_file: Option<PathBuf>,
     tls_private_key_file: Option<PathBuf>,
+    dicom_tls_listen: Option<SocketAddr>,
+    http_plain_listen: Option<SocketAddr>,
+    server_tls: Option<crate::tls::ServerTlsConfig>,
     dicomweb: Option<DicomwebFileConfig>,
     region: Option<RegionFileConfig>,
     audit_log: Option<PathBuf>,
@@ -596,6 +599,15 @@ pub struct NodeArgs {
     /// CA certificates (PEM) the syslog collector's certificate must chain to
     #[arg(long, env = "HUREN_AUDIT_SYSLOG_CA_FILE")]
     pub audit_syslog_ca_file: Option<PathBuf>,
+    /// DICOM TLS listen address (PS3.15 B.9, BCP 195; 2762 by convention),
+    /// beside the plain one; needs [server_tls] in the config file
+    #[arg(long, env = "HUREN_DICOM_TLS_LISTEN")]
+    pub dicom_tls_listen: Option<SocketAddr>,
+
+    /// A plain-HTTP listener beside the HTTPS port, loopback addresses only
+    /// (local probes and scripts); only with [server_tls]
+    #[arg(long, env = "HUREN_HTTP_PLAIN_LISTEN")]
+    pub http_plain_listen: Option<SocketAddr>,
 }
 
 /// The resolved configuration every component reads.
@@ -629,6 +641,13 @@ pub struct NodeConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_certificate_file: Option<PathBuf>,
     pub tls_private_key_file: Option<PathBuf>,
+    /// The node's own TLS: HTTPS on `http_listen` and the certificate of
+    /// the DICOM TLS listener. `None`: plain HTTP, no DICOM TLS listener.
+    pub server_tls: Option<crate::tls::ServerTlsConfig>,
+    /// The DICOM TLS listener, beside `dicom_listen`.
+    pub dicom_tls_listen: Option<SocketAddr>,
+    /// Plain HTTP beside HTTPS, loopback only.
+    pub http_plain_listen: Option<SocketAddr>,
     pub dicomweb: DicomwebConfig,
     /// The node's part in the region; `None`: it stays local.
     pub region: Option<RegionConfig>,
@@ -667,6 +686,9 @@ impl NodeConfig {
             tls_ca_file: None,
             tls_certificate_file: None,
             tls_private_key_file: None,
+            server_tls: None,
+            dicom_tls_listen: None,
+            http_plain_listen: None,
             dicomweb: DicomwebConfig::default(),
             region: None,
             audit_log: None,
@@ -847,6 +869,12 @@ impl NodeArgs {
                 reason,
             })?;
         }
+        self.resolve_server_tls(
+            &mut config,
+            file.server_tls,
+            file.dicom_tls_listen,
+            file.http_plain_listen,
+        )?;
         if let Some(access) = self.query_retrieve_access.or(file.query_retrieve_access) {
             config.query_retrieve_access = access;
         }
@@ -917,6 +945,38 @@ impl NodeArgs {
             }
         }
         Ok(config)
+    }
+
+    fn resolve_server_tls(
+        &self,
+        config: &mut NodeConfig,
+        server_tls: Option<crate::tls::ServerTlsConfig>,
+        dicom_tls_listen: Option<SocketAddr>,
+        http_plain_listen: Option<SocketAddr>,
+    ) -> Result<(), ConfigError> {
+        let invalid =
+            |setting: &'static str, reason: String| ConfigError::Invalid { setting, reason };
+        config.server_tls = server_tls;
+        config.dicom_tls_listen = self.dicom_tls_listen.or(dicom_tls_listen);
+        config.http_plain_listen = self.http_plain_listen.or(http_plain_listen);
+        if let Some(tls) = &config.server_tls {
+            tls.validate().map_err(|r| invalid("server_tls", r))?;
+        } else if config.dicom_tls_listen.is_some() {
+            return Err(invalid(
+                "dicom_tls_listen",
+                "needs [server_tls]: the certificate and key the listener presents".into(),
+            ));
+        } else if config.http_plain_listen.is_some() {
+            return Err(invalid(
+                "http_plain_listen",
+                "only with [server_tls]: without TLS, http_listen is already plain HTTP".into(),
+            ));
+        }
+        if let Some(addr) = config.http_plain_listen {
+            crate::tls::require_loopback(addr, "http_plain_listen")
+                .map_err(|r| invalid("http_plain_listen", r))?;
+        }
+        Ok(())
     }
 
     fn resolve_region(&self, file: RegionFileConfig) -> Result<Option<RegionConfig>, ConfigError> {

@@ -39,6 +39,8 @@
 //!   contract is proto/huren.openapi.json.
 //! - [`metrics`]: every metric the node and the registry export, and the
 //!   one-line helpers that record them (`/metrics`, Prometheus text).
+//! - [`tls`]: TLS on the node's and the registry's own ports: HTTPS, the
+//!   certificate of the DICOM TLS listener, reloaded on SIGHUP.
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.
@@ -66,6 +68,7 @@ pub mod recognition;
 pub mod recovery;
 pub mod registry;
 pub mod storage;
+pub mod tls;
 pub mod transcode;
 pub mod types;
 pub mod verify;

@@ -27,6 +27,8 @@ pub enum StartError {
     Storage(#[from] storage::Error),
     #[error("index: {0}")]
     Index(#[from] index::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("recognition list: {0}")]
     Recognition(String),
     #[error("recovery at start: {0}")]
@@ -74,9 +76,12 @@ pub struct Node {
     pub ingest: Ingest,
     pub dicom_addr: std::net::SocketAddr,
     pub http_addr: std::net::SocketAddr,
+    /// The DICOM TLS listener's address, when configured.
+    pub dicom_tls_addr: Option<std::net::SocketAddr>,
     /// The node's part in the region, when configured.
     pub region: Option<Arc<crate::publish::Region>>,
     dicom_task: JoinHandle<()>,
+    tls_tasks: Vec<JoinHandle<()>>,
     http_task: JoinHandle<std::io::Result<()>>,
     region_tasks: Vec<JoinHandle<()>>,
     sweeper: JoinHandle<()>,
@@ -103,6 +108,9 @@ impl Node {
         let audit = crate::audit::Audit::open(config).map_err(StartError::Audit)?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
+        let tls = crate::tls::NodeTls::open(config)
+            .await
+            .map_err(StartError::Tls)?;
         let region = match config.region.clone() {
             Some(region) => Some(
                 crate::publish::Region::new(
@@ -110,6 +118,7 @@ impl Node {
                     ingest.store().clone(),
                     region,
                     &config.data_dir,
+                    config.tls_ca_file.as_deref(),
                 )
                 .map_err(StartError::Recognition)?,
             ),
@@ -133,7 +142,11 @@ impl Node {
             }
             None => Vec::new(),
         };
-        let dicom_task = tokio::spawn(dicom::listener::run(dicom_listener, ctx, shutdown.clone()));
+        let dicom_task = tokio::spawn(dicom::listener::run(
+            dicom_listener,
+            ctx.clone(),
+            shutdown.clone(),
+        ));
         let state = Arc::new(AppState {
             ae_title: config.ae_title.to_string(),
             ingest: ingest.clone(),
@@ -148,16 +161,28 @@ impl Node {
             started: Default::default(),
         });
         let started = state.started.clone();
-        let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
+        let https = tls.is_some();
+        let dicom_tls_addr = tls.as_ref().and_then(|t| t.dicom_addr());
+        let http_listener = crate::tls::NodeTls::http_listener(tls.as_ref(), http_listener);
+        let http_task = tokio::spawn(http::run(http_listener, state.clone(), shutdown.clone()));
+        let tls_tasks = match tls {
+            Some(tls) => tls.spawn(ctx, state, shutdown),
+            None => Vec::new(),
+        };
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
-        tracing::info!("HTTP listening on {http_addr}");
+        tracing::info!(
+            "HTTP listening on {http_addr}{}",
+            if https { " (HTTPS)" } else { "" }
+        );
         audit.application_start();
         started.store(true, std::sync::atomic::Ordering::Release);
         Ok(Node {
             ingest,
             dicom_addr,
             http_addr,
+            dicom_tls_addr,
             dicom_task,
+            tls_tasks,
             http_task,
             region,
             region_tasks,
@@ -173,6 +198,9 @@ impl Node {
             Ok(Err(e)) => tracing::error!(error = %e, "HTTP server failed"),
             Err(e) => tracing::error!(error = %e, "HTTP server task failed"),
             Ok(Ok(())) => {}
+        }
+        for task in self.tls_tasks {
+            let _ = task.await;
         }
         for task in self.region_tasks {
             let _ = task.await;

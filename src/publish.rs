@@ -135,8 +135,12 @@ impl Region {
         store: Arc<BlobStore>,
         config: RegionConfig,
         data_dir: &std::path::Path,
+        tls_ca_file: Option<&std::path::Path>,
     ) -> Result<Arc<Region>, String> {
-        let client = RegistryClient::new(&config.registry_url, &config.registry_token);
+        // The registry and peer nodes may carry certificates from the
+        // region's own CA: trusted like the AEs' (tls_ca_file).
+        let client =
+            RegistryClient::trusting(&config.registry_url, &config.registry_token, tls_ca_file)?;
         let secret = config.region_secret.clone();
         let list_cache = data_dir.join("recognition-list.toml");
         let list = match &config.recognition_list_file {
@@ -152,12 +156,15 @@ impl Region {
         Ok(Arc::new(Region {
             list: std::sync::RwLock::new(list),
             list_cache,
-            peer_http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .no_proxy()
-                .build()
-                .expect("HTTP client builds"),
+            peer_http: crate::tls::trust_ca_file(
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .no_proxy(),
+                tls_ca_file,
+            )?
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?,
             grants: Mutex::new(std::collections::HashMap::new()),
             ingest: std::sync::OnceLock::new(),
             index,

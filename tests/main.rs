@@ -17,3 +17,4 @@ mod recognition;
 mod region;
 mod storage_config;
 mod support;
+mod tls;

@@ -767,8 +767,8 @@ pub fn page_layer(audit: &Audit, index: &Index, router: Router) -> Router {
 fn peer_of(request: &Request) -> Option<IpAddr> {
     request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .get::<ConnectInfo<crate::tls::PeerAddr>>()
+        .map(|c| c.0.0.ip())
 }
 
 fn http_scope(audit: &Audit, peer: Option<IpAddr>, user: String) -> Arc<Mutex<Scope>> {

@@ -77,6 +77,10 @@ impl DicomContext {
             allowed: Arc::new(config.allowed_calling_ae_titles.clone()),
             require_called_ae_title: config.require_called_ae_title,
             peer: IpAddr::from([0, 0, 0, 0]),
+            ae_binding: Arc::new(super::tls::AeBinding::from_config(
+                config.server_tls.as_ref(),
+            )),
+            tls_identity: None,
         };
         let mut options = ServerAssociationOptions::new()
             .ae_access_control(policy.clone())
@@ -118,10 +122,12 @@ impl DicomContext {
         }
     }
 
-    /// The shared options with the policy bound to this peer's address.
-    fn options_for(&self, peer: IpAddr) -> Options {
+    /// The shared options with the policy bound to this peer's address and,
+    /// on the DICOM TLS listener, to the identity its certificate proves.
+    fn options_for(&self, peer: IpAddr, tls_identity: Option<super::tls::PeerIdentity>) -> Options {
         let policy = PeerPolicy {
             peer,
+            tls_identity,
             ..self.policy.clone()
         };
         self.options.clone().ae_access_control(policy)
@@ -146,6 +152,8 @@ impl DicomContext {
 
 /// Who may associate: optionally only listed calling AE titles (each
 /// optionally bound to a host), optionally only when calling our AE title.
+/// An AE title bound to a certificate identity must present that
+/// certificate (so only over DICOM TLS).
 /// Refusals are A-ASSOCIATE-RJ (permanent, service user) with the reason
 /// PS3.8 Table 9-21 gives.
 #[derive(Debug, Clone)]
@@ -153,6 +161,10 @@ pub struct PeerPolicy {
     allowed: Arc<Vec<AllowedPeer>>,
     require_called_ae_title: bool,
     peer: IpAddr,
+    ae_binding: Arc<super::tls::AeBinding>,
+    /// Filled by the TLS handshake, which runs before the A-ASSOCIATE-RQ
+    /// is read; `None` on the plain listener.
+    tls_identity: Option<super::tls::PeerIdentity>,
 }
 
 impl AccessControl for PeerPolicy {
@@ -178,6 +190,14 @@ impl AccessControl for PeerPolicy {
             return Err(crate::audit::association_refused(
                 AssociationRJServiceUserReason::CallingAETitleNotRecognized,
             ));
+        }
+        let presented = self.tls_identity.as_ref().and_then(|i| i.get());
+        if let Err(why) = self
+            .ae_binding
+            .check(calling_ae_title.trim(), presented.map(Vec::as_slice))
+        {
+            tracing::warn!(peer = %self.peer, calling_ae_title = %calling_ae_title.trim(), reason = %why, "calling AE title refused by the certificate binding");
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
         Ok(())
     }
@@ -210,8 +230,8 @@ enum State {
 }
 
 /// What an operation needs of its association.
-pub(super) struct Op<'a> {
-    pub association: &'a mut AsyncServerAssociation<TcpStream>,
+pub(super) struct Op<'a, S> {
+    pub association: &'a mut AsyncServerAssociation<S>,
     pub pcid: u8,
     pub command: &'a CommandSet,
     pub context: &'a Context,
@@ -225,7 +245,7 @@ pub(super) struct Op<'a> {
     pub reports: &'a mut Vec<commitment::Report>,
 }
 
-impl Op<'_> {
+impl<S: Transport> Op<'_, S> {
     /// Sends a response (a command set and, for a Pending C-FIND, its
     /// identifier). When both fit in one PDU of the peer's size they go as
     /// one P-DATA-TF with two PDVs: one write per match instead of two, which
@@ -325,6 +345,16 @@ enum End {
     Shutdown,
 }
 
+/// The byte stream under an association: plain TCP, or TLS over TCP on the
+/// DICOM TLS listener (PS3.15 B.9). Everything past negotiation is the
+/// same code on both.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<T> Transport for T where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
+
 /// Negotiates and serves one association on an accepted connection.
 pub async fn handle(
     socket: TcpStream,
@@ -332,24 +362,74 @@ pub async fn handle(
     ctx: Arc<DicomContext>,
     shutdown: CancellationToken,
 ) {
-    let options = ctx.options_for(peer.ip());
-    let association = match tokio::time::timeout(ctx.artim_timeout, options.establish_async(socket))
-        .await
-    {
-        Ok(Ok(association)) => association,
+    let options = ctx.options_for(peer.ip(), None);
+    let established =
+        tokio::time::timeout(ctx.artim_timeout, options.establish_async(socket)).await;
+    if let Some(association) = established_or_log(established, peer) {
+        run(association, peer, ctx, shutdown).await;
+    }
+}
+
+/// Negotiates and serves one association on a connection accepted by the
+/// DICOM TLS listener: the TLS handshake (with the client certificate, when
+/// asked for), then the A-ASSOCIATE-RQ, whose calling AE title must agree
+/// with that certificate where the AE binding says so. The ARTIM timeout
+/// covers the handshake too.
+pub async fn handle_tls(
+    socket: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<DicomContext>,
+    tls: Arc<super::tls::DicomTls>,
+    shutdown: CancellationToken,
+) {
+    let (config, identity) = match tls.connection_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "cannot set up DICOM TLS; connection closed");
+            return;
+        }
+    };
+    let options = ctx
+        .options_for(peer.ip(), Some(identity))
+        .tls_config(config);
+    let established =
+        tokio::time::timeout(ctx.artim_timeout, options.establish_tls_async(socket)).await;
+    if let Some(association) = established_or_log(established, peer) {
+        run(association, peer, ctx, shutdown).await;
+    }
+}
+
+fn established_or_log<S>(
+    established: Result<
+        Result<AsyncServerAssociation<S>, dicom_ul::association::Error>,
+        tokio::time::error::Elapsed,
+    >,
+    peer: SocketAddr,
+) -> Option<AsyncServerAssociation<S>> {
+    match established {
+        Ok(Ok(association)) => Some(association),
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "association not established");
             crate::metrics::association_refused(refused_reason(&e));
-            return;
+            None
         }
         Err(_) => {
             // ARTIM expired (PS3.8 §9.1.5): the transport is closed without
             // an A-ABORT, since no association exists yet.
             tracing::info!(%peer, "no A-ASSOCIATE-RQ within the ARTIM timeout; connection closed");
             crate::metrics::association_refused(crate::metrics::refused::ARTIM_TIMEOUT);
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Serves an established association until it ends.
+async fn run<S: Transport>(
+    association: AsyncServerAssociation<S>,
+    peer: SocketAddr,
+    ctx: Arc<DicomContext>,
+    shutdown: CancellationToken,
+) {
     let _open = crate::metrics::AssociationOpen::start();
     let calling_ae_title = association.peer_ae_title().trim().to_string();
     let span = tracing::info_span!("association", %peer, calling_ae_title = %calling_ae_title);
@@ -386,8 +466,8 @@ pub async fn handle(
     }
 }
 
-async fn serve(
-    mut association: AsyncServerAssociation<TcpStream>,
+async fn serve<S: Transport>(
+    mut association: AsyncServerAssociation<S>,
     contexts: &HashMap<u8, Context>,
     calling_ae_title: &str,
     ctx: &DicomContext,
@@ -444,8 +524,8 @@ enum Ending {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve_loop(
-    association: &mut AsyncServerAssociation<TcpStream>,
+async fn serve_loop<S: Transport>(
+    association: &mut AsyncServerAssociation<S>,
     state: &mut State,
     reports: &mut Vec<commitment::Report>,
     contexts: &HashMap<u8, Context>,
@@ -508,8 +588,8 @@ async fn serve_loop(
 }
 
 /// What the P-DATA handlers share for the life of the association.
-struct Io<'a> {
-    association: &'a mut AsyncServerAssociation<TcpStream>,
+struct Io<'a, S> {
+    association: &'a mut AsyncServerAssociation<S>,
     reports: &'a mut Vec<commitment::Report>,
     contexts: &'a HashMap<u8, Context>,
     calling_ae_title: &'a str,
@@ -534,8 +614,8 @@ fn is_closed(e: &dicom_ul::association::Error) -> bool {
     matches!(e, dicom_ul::association::Error::ConnectionClosed { .. })
 }
 
-async fn abort(
-    mut association: AsyncServerAssociation<TcpStream>,
+async fn abort<S: Transport>(
+    mut association: AsyncServerAssociation<S>,
     reason: AbortRQServiceProviderReason,
 ) -> Result<(), dicom_ul::association::Error> {
     association
@@ -553,8 +633,8 @@ async fn abandon(state: &mut State, ctx: &DicomContext) {
 
 /// Sends a command set (never followed by a data set) on a presentation
 /// context. Command sets are a few hundred bytes: one PDV always fits.
-pub(super) async fn send_command(
-    association: &mut AsyncServerAssociation<TcpStream>,
+pub(super) async fn send_command<S: Transport>(
+    association: &mut AsyncServerAssociation<S>,
     pcid: u8,
     command: Vec<u8>,
 ) -> Result<(), String> {
@@ -573,8 +653,8 @@ pub(super) async fn send_command(
 
 /// Sends a data set on a presentation context, split into PDVs that fit
 /// the peer's maximum PDU length.
-pub(super) async fn send_data(
-    association: &mut AsyncServerAssociation<TcpStream>,
+pub(super) async fn send_data<S: Transport>(
+    association: &mut AsyncServerAssociation<S>,
     pcid: u8,
     data: Vec<u8>,
 ) -> Result<(), String> {
@@ -592,7 +672,11 @@ pub(super) async fn send_data(
 
 /// Advances the state with one presentation data value. An `Err` is a
 /// protocol violation that ends the association.
-async fn on_pdv(value: PDataValue, state: State, io: &mut Io<'_>) -> Result<State, String> {
+async fn on_pdv<S: Transport>(
+    value: PDataValue,
+    state: State,
+    io: &mut Io<'_, S>,
+) -> Result<State, String> {
     let pcid = value.presentation_context_id;
     let ctx = io.ctx;
     if !io.contexts.contains_key(&pcid) {
@@ -688,11 +772,11 @@ async fn on_pdv(value: PDataValue, state: State, io: &mut Io<'_>) -> Result<Stat
 }
 
 /// Runs a C-FIND, C-MOVE, C-GET or N-ACTION whose data set has arrived.
-async fn run_operation(
+async fn run_operation<S: Transport>(
     pcid: u8,
     command: &CommandSet,
     data_set: &[u8],
-    io: &mut Io<'_>,
+    io: &mut Io<'_, S>,
 ) -> Result<(), String> {
     let context = &io.contexts[&pcid];
     let mut op = Op {
@@ -728,7 +812,11 @@ fn context_serves(command_field: u16, abstract_syntax: &str) -> bool {
 }
 
 /// Dispatches a complete command set to its service.
-async fn on_command(pcid: u8, bytes: &[u8], io: &mut Io<'_>) -> Result<State, String> {
+async fn on_command<S: Transport>(
+    pcid: u8,
+    bytes: &[u8],
+    io: &mut Io<'_, S>,
+) -> Result<State, String> {
     let command = CommandSet::parse(bytes).map_err(|e| format!("unparseable command set: {e}"))?;
     let context = &io.contexts[&pcid];
     let ctx = io.ctx;

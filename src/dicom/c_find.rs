@@ -2,12 +2,12 @@
 //! to IMAGE, over the shared matcher. Matches are sent as Pending
 //! responses as the database produces them; a C-CANCEL stops the query.
 
-use super::association::{During, Op, during};
+use super::association::{During, Op, Transport, during};
 use super::dimse::{self, command_field, status};
 use super::{identifier, sop_classes};
 use crate::query::{self, Item, Level, Outcome};
 
-pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+pub(super) async fn run<S: Transport>(op: &mut Op<'_, S>, data_set: &[u8]) -> Result<(), String> {
     let _timer = crate::metrics::DimseTimer::start("C-FIND");
     let reply = |status: u16, comment: Option<&str>| {
         dimse::query_retrieve_response(
@@ -178,8 +178,8 @@ pub(super) async fn run(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> 
 /// not hold, when the node is configured to show them: asked of the
 /// registry for this hospital (consent rules apply), encoded as study-level
 /// matches. A failure costs the workstation only the regional part.
-async fn regional_priors(
-    op: &Op<'_>,
+async fn regional_priors<S>(
+    op: &Op<'_, S>,
     request: &dicom_object::InMemDicomObject,
     local_studies: &std::collections::BTreeSet<String>,
 ) -> Vec<Vec<u8>> {

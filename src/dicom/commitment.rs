@@ -22,7 +22,7 @@ use dicom_object::InMemDicomObject;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
 
-use super::association::{DicomContext, Op};
+use super::association::{DicomContext, Op, Transport};
 use super::dimse::{self, CommandSet, CommandSetBuilder, command_field, status};
 use super::identifier;
 use crate::config::NodeConfig;
@@ -157,7 +157,10 @@ fn n_action_response(request: &CommandSet, code: u16) -> Vec<u8> {
 }
 
 /// The Storage Commitment Request (action type 1).
-pub(super) async fn n_action(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+pub(super) async fn n_action<S: Transport>(
+    op: &mut Op<'_, S>,
+    data_set: &[u8],
+) -> Result<(), String> {
     let requested = op
         .command
         .string(tags::REQUESTED_SOP_INSTANCE_UID)

@@ -15,16 +15,38 @@ use dicom_ul::pdu::{
     AssociationRJSource,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::association::{self, DicomContext};
+use super::tls::DicomTls;
 
 /// Serves associations until `shutdown` is cancelled, then waits for the
 /// ones in progress to finish their current message and release.
 pub async fn run(listener: TcpListener, ctx: Arc<DicomContext>, shutdown: CancellationToken) {
+    serve(listener, ctx, None, shutdown).await
+}
+
+/// The DICOM TLS listener (PS3.15 B.9): the same loop, limit and shutdown,
+/// each connection starting with a TLS handshake. The limit is shared with
+/// nothing: each listener counts its own associations.
+pub async fn run_tls(
+    listener: TcpListener,
+    ctx: Arc<DicomContext>,
+    tls: Arc<DicomTls>,
+    shutdown: CancellationToken,
+) {
+    serve(listener, ctx, Some(tls), shutdown).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    ctx: Arc<DicomContext>,
+    tls: Option<Arc<DicomTls>>,
+    shutdown: CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(ctx.max_associations));
     let tracker = TaskTracker::new();
     loop {
@@ -47,20 +69,40 @@ pub async fn run(listener: TcpListener, ctx: Arc<DicomContext>, shutdown: Cancel
             Ok(permit) => {
                 let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
+                let tls = tls.clone();
                 tracker.spawn(async move {
                     let audit = ctx.audit.clone();
-                    crate::audit::association(
-                        audit,
-                        peer,
-                        association::handle(socket, peer, ctx, shutdown),
-                    )
-                    .await;
+                    let served = async move {
+                        match tls {
+                            Some(tls) => {
+                                association::handle_tls(socket, peer, ctx, tls, shutdown).await
+                            }
+                            None => association::handle(socket, peer, ctx, shutdown).await,
+                        }
+                    };
+                    crate::audit::association(audit, peer, served).await;
                     drop(permit);
                 });
             }
             Err(_) => {
                 let artim = ctx.artim_timeout;
-                tracker.spawn(reject_over_limit(socket, peer, artim));
+                match tls.clone() {
+                    Some(tls) => {
+                        tracker.spawn(async move {
+                            // The A-ASSOCIATE-RJ goes inside TLS; the
+                            // handshake counts against the ARTIM timeout.
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls.handshake_config());
+                            if let Ok(Ok(stream)) =
+                                tokio::time::timeout(artim, acceptor.accept(socket)).await
+                            {
+                                reject_over_limit(stream, peer, artim).await;
+                            }
+                        });
+                    }
+                    None => {
+                        tracker.spawn(reject_over_limit(socket, peer, artim));
+                    }
+                }
             }
         }
     }
@@ -71,7 +113,10 @@ pub async fn run(listener: TcpListener, ctx: Arc<DicomContext>, shutdown: Cancel
 
 /// Reads the caller's A-ASSOCIATE-RQ and answers A-ASSOCIATE-RJ: transient,
 /// service provider (presentation), local limit exceeded.
-async fn reject_over_limit(mut socket: TcpStream, peer: SocketAddr, artim: Duration) {
+async fn reject_over_limit<S>(mut socket: S, peer: SocketAddr, artim: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     tracing::warn!(%peer, "association limit reached; rejecting");
     crate::metrics::association_refused(crate::metrics::refused::LIMIT);
     let read_rq = async {

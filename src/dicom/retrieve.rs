@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::association::{During, Op, during};
+use super::association::{During, Op, Transport, during};
 use super::dimse::{self, CommandSetBuilder, SubOperations, command_field, status};
 use super::{identifier, sop_classes};
 use crate::config::RemoteAe;
@@ -292,8 +292,8 @@ impl Tally {
 }
 
 /// Finds what an identifier names. `Err` is the final response to send.
-async fn plan(
-    op: &Op<'_>,
+async fn plan<S>(
+    op: &Op<'_, S>,
     data_set: &[u8],
     response_field: u16,
 ) -> Result<Vec<InstanceLocation>, Vec<u8>> {
@@ -360,7 +360,11 @@ async fn plan(
 
 /// The final response, with the Failed SOP Instance UID List when any
 /// sub-operation failed.
-fn final_response(op: &Op<'_>, response_field: u16, tally: &Tally) -> (Vec<u8>, Option<Vec<u8>>) {
+fn final_response<S>(
+    op: &Op<'_, S>,
+    response_field: u16,
+    tally: &Tally,
+) -> (Vec<u8>, Option<Vec<u8>>) {
     let code = tally.final_status();
     let data_set = if tally.failed_uids.is_empty() {
         None
@@ -384,7 +388,7 @@ fn final_response(op: &Op<'_>, response_field: u16, tally: &Tally) -> (Vec<u8>, 
     (command, data_set)
 }
 
-fn pending(op: &Op<'_>, response_field: u16, counts: SubOperations) -> Vec<u8> {
+fn pending<S>(op: &Op<'_, S>, response_field: u16, counts: SubOperations) -> Vec<u8> {
     dimse::query_retrieve_response(
         op.command,
         response_field,
@@ -396,7 +400,10 @@ fn pending(op: &Op<'_>, response_field: u16, counts: SubOperations) -> Vec<u8> {
 }
 
 /// C-MOVE: sub-operations over a new association to the destination.
-pub(super) async fn c_move(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+pub(super) async fn c_move<S: Transport>(
+    op: &mut Op<'_, S>,
+    data_set: &[u8],
+) -> Result<(), String> {
     let _timer = crate::metrics::DimseTimer::start("C-MOVE");
     let field = command_field::C_MOVE_RSP;
     if !op.ctx.may(op.calling_ae_title, true) {
@@ -697,7 +704,7 @@ where
 
 /// C-GET: sub-operations on the requestor's own association, on the storage
 /// contexts it proposed (with the SCP role).
-pub(super) async fn c_get(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String> {
+pub(super) async fn c_get<S: Transport>(op: &mut Op<'_, S>, data_set: &[u8]) -> Result<(), String> {
     let _timer = crate::metrics::DimseTimer::start("C-GET");
     let field = command_field::C_GET_RSP;
     if !op.ctx.may(op.calling_ae_title, true) {
@@ -791,7 +798,7 @@ pub(super) async fn c_get(op: &mut Op<'_>, data_set: &[u8]) -> Result<(), String
 }
 
 /// Reads a C-CANCEL if one is already waiting, without blocking.
-async fn poll_cancel(op: &mut Op<'_>, message_id: u16) -> Result<bool, String> {
+async fn poll_cancel<S: Transport>(op: &mut Op<'_, S>, message_id: u16) -> Result<bool, String> {
     let received = tokio::select! {
         biased;
         pdu = op.association.receive() => Some(pdu),

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DicomwebConfig;
@@ -134,22 +133,23 @@ fn api_router(state: &Arc<AppState>) -> Router {
     ))
 }
 
+/// Serves plain HTTP or HTTPS (src/tls.rs) until `shutdown` fires. Both
+/// listeners set TCP_NODELAY: responses stream in several writes (a QIDO-RS
+/// result array, WADO-RS parts), and with Nagle's algorithm on, the last
+/// small write waits for the client's delayed ACK (~40 ms on loopback).
 pub async fn run(
-    listener: TcpListener,
+    listener: crate::tls::HttpListener,
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Responses stream in several writes (a QIDO-RS result array, WADO-RS
-    // parts): with Nagle's algorithm on, the last small write waits for the
-    // client's delayed ACK (~40 ms on loopback).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
+    let app = match &listener {
+        crate::tls::HttpListener::Tls(_) => {
+            router(state).layer(axum::middleware::map_request(crate::tls::mark_https))
         }
-    });
+        crate::tls::HttpListener::Plain(_) => router(state),
+    };
     // The peer's address reaches handlers (the audit messages name it).
-    let service = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let service = app.into_make_service_with_connect_info::<crate::tls::PeerAddr>();
     axum::serve(listener, service)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -39,20 +39,31 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     pub fn new(base_url: &str, token: &str) -> RegistryClient {
-        let http = reqwest::Client::builder()
+        RegistryClient::trusting(base_url, token, None).expect("HTTP client builds")
+    }
+
+    /// A client that also trusts the CA certificates of `tls_ca_file`: a
+    /// registry with a certificate from the region's own CA.
+    pub fn trusting(
+        base_url: &str,
+        token: &str,
+        tls_ca_file: Option<&std::path::Path>,
+    ) -> Result<RegistryClient, String> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             // The registry is reached directly; a proxy from the
             // environment would see every pseudonymous query.
-            .no_proxy()
+            .no_proxy();
+        let http = crate::tls::trust_ca_file(builder, tls_ca_file)?
             .build()
-            .expect("HTTP client builds");
-        RegistryClient {
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(RegistryClient {
             http,
             base: base_url.trim_end_matches('/').to_string(),
             token: token.to_string(),
-        }
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -67,12 +78,12 @@ impl RegistryClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         let status = response.status();
         let bytes = response
             .bytes()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         if !status.is_success() {
             let detail = serde_json::from_slice::<Problem>(&bytes)
                 .map(|p| p.detail)
@@ -158,7 +169,7 @@ impl RegistryClient {
         let response = request
             .send()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         match response.status() {
             StatusCode::NOT_MODIFIED => Ok(None),
             s if s.is_success() => {
@@ -172,7 +183,7 @@ impl RegistryClient {
                 let text = response
                     .text()
                     .await
-                    .map_err(|e| Error::Unreachable(e.to_string()))?;
+                    .map_err(|e| Error::Unreachable(with_causes(&e)))?;
                 Ok(Some((etag, text)))
             }
             s => Err(Error::Status {
@@ -195,7 +206,7 @@ impl RegistryClient {
         let response = request
             .send()
             .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
+            .map_err(|e| Error::Unreachable(with_causes(&e)))?;
         match response.status() {
             StatusCode::NOT_MODIFIED => Ok(None),
             s if s.is_success() => response
@@ -209,4 +220,18 @@ impl RegistryClient {
             }),
         }
     }
+}
+
+/// reqwest's message alone says "error sending request"; the cause (a
+/// refused connection, a certificate from an unknown CA) is what an
+/// operator needs in the log.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -60,6 +60,32 @@ pub struct RegistryArgs {
     /// logged with every error and the active one stays)
     #[arg(long, env = "HUREN_REGISTRY_RECOGNITION_LIST")]
     pub recognition_list: Option<PathBuf>,
+
+    /// Certificate chain (PEM) served on the listen address, which is then
+    /// HTTPS only; read again on SIGHUP
+    #[arg(
+        long,
+        env = "HUREN_REGISTRY_TLS_CERTIFICATE_FILE",
+        requires = "tls_private_key_file"
+    )]
+    pub tls_certificate_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-certificate-file
+    #[arg(
+        long,
+        env = "HUREN_REGISTRY_TLS_PRIVATE_KEY_FILE",
+        requires = "tls_certificate_file"
+    )]
+    pub tls_private_key_file: Option<PathBuf>,
+
+    /// Plain HTTP beside HTTPS, loopback addresses only (local probes and
+    /// admin scripts)
+    #[arg(
+        long,
+        env = "HUREN_REGISTRY_PLAIN_LISTEN",
+        requires = "tls_certificate_file"
+    )]
+    pub plain_listen: Option<SocketAddr>,
 }
 
 impl RegistryArgs {
@@ -159,16 +185,58 @@ pub async fn run(
         admin_token_sha256: Sha256::digest(token.as_bytes()).into(),
         max_request_bytes: args.max_request_bytes.unwrap_or(8 << 20),
     });
-    tracing::info!("registry HTTP listening on {}", listener.local_addr()?);
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
+    let (listener, plain) = tls_listeners(listener, args, &shutdown).await?;
+    let router = server::router(state);
+    let plain = plain.map(|plain| {
+        let (router, shutdown) = (router.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            axum::serve(crate::tls::HttpListener::Plain(plain), router)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+        })
     });
-    axum::serve(listener, server::router(state))
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
+    if let Some(plain) = plain {
+        plain.await??;
+    }
     db.close().await;
     Ok(())
+}
+
+/// HTTPS on the listen address when a certificate is configured (reloaded
+/// on SIGHUP), and the loopback plain-HTTP listener beside it.
+async fn tls_listeners(
+    listener: TcpListener,
+    args: &RegistryArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(crate::tls::HttpListener, Option<TcpListener>)> {
+    let addr = listener.local_addr()?;
+    let (Some(cert), Some(key)) = (&args.tls_certificate_file, &args.tls_private_key_file) else {
+        anyhow::ensure!(
+            args.plain_listen.is_none(),
+            "--plain-listen needs --tls-certificate-file: without TLS, --listen is already plain HTTP"
+        );
+        tracing::info!("registry HTTP listening on {addr}");
+        return Ok((listener.into(), None));
+    };
+    let resolver = crate::tls::CertificateResolver::load(cert, key).map_err(anyhow::Error::msg)?;
+    let https = crate::tls::https_config(resolver.clone()).map_err(anyhow::Error::msg)?;
+    let plain = match args.plain_listen {
+        Some(plain) => {
+            crate::tls::require_loopback(plain, "--plain-listen").map_err(anyhow::Error::msg)?;
+            let plain = TcpListener::bind(plain)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {plain}: {e}"))?;
+            tracing::info!("registry loopback plain HTTP on {}", plain.local_addr()?);
+            Some(plain)
+        }
+        None => None,
+    };
+    crate::tls::spawn_reload_on_sighup(vec![resolver], shutdown.clone());
+    tracing::info!("registry HTTP listening on {addr} (HTTPS)");
+    Ok((crate::tls::HttpListener::tls(listener, https), plain))
 }
 
 /// Audit entries as JSON lines, one object a line.

@@ -40,6 +40,9 @@
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.
+//! - [`lifecycle`]: deletion (operator, IOCM rejection notes, retention)
+//!   with its record; [`gc`]: the collector of unreferenced blobs;
+//!   [`backup`]: online backup and restore.
 //!
 //! See docs/ARCHITECTURE.md for the path of one instance.
 
@@ -62,3 +65,6 @@ pub mod storage;
 pub mod transcode;
 pub mod types;
 pub mod verify;
+pub mod lifecycle;
+pub mod gc;
+pub mod backup;

@@ -105,6 +105,23 @@ impl Node {
             },
             region: region.clone(),
         });
+        let mut region_tasks = region_tasks;
+        region_tasks.extend(crate::lifecycle::spawn(
+            ingest.clone(),
+            region.clone(),
+            config
+                .retention_days
+                .map(|days| crate::lifecycle::Retention { days }),
+            config.gc_interval.map(|_| crate::gc::Options {
+                grace: config.gc_grace,
+                progress: false,
+            }),
+            // Retention alone runs hourly.
+            config
+                .gc_interval
+                .unwrap_or(std::time::Duration::from_secs(3600)),
+            shutdown.clone(),
+        ));
         let http_task = tokio::spawn(http::run(http_listener, state, shutdown));
         tracing::info!(ae_title = %config.ae_title, "DICOM listening on {dicom_addr}");
         tracing::info!("HTTP listening on {http_addr}");

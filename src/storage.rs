@@ -435,6 +435,25 @@ impl BlobStore {
         Ok(out)
     }
 
+    /// When the blob was last written, or `None` if the store lacks it.
+    pub async fn last_modified(&self, hash: &BlobHash) -> Result<Option<SystemTime>, Error> {
+        match self.store.head(&Self::key(hash)).await {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::ObjectStore(e)),
+        }
+    }
+
+    /// The blob root of a local store (`None` for a remote one): the
+    /// collector (src/gc.rs) renames blobs within it, which a remote store
+    /// cannot do atomically.
+    pub fn local_root(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local { root } => Some(root),
+            Backend::S3 => None,
+        }
+    }
+
     pub async fn delete(&self, hash: &BlobHash) -> Result<(), Error> {
         self.store.delete(&Self::key(hash)).await?;
         Ok(())

@@ -49,6 +49,16 @@ impl Tokens {
         found
     }
 
+    /// The name of the configured token an Authorization header presents:
+    /// who did it, for records such as the deletion record.
+    pub fn name_of(&self, authorization: Option<&str>) -> Option<String> {
+        let (kind, token) = authorization?.trim().split_once(' ')?;
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        self.find(token.trim()).map(|t| t.name.clone())
+    }
+
     pub fn check(&self, method: &Method, authorization: Option<&str>) -> Result<(), Error> {
         if self.open {
             return Ok(());

@@ -6,6 +6,7 @@
 mod cli;
 mod dicomweb;
 mod ingest;
+mod lifecycle;
 mod negotiation;
 mod page;
 mod peer;

@@ -33,11 +33,17 @@
 //! between 3 and 5 leaves the file in `gc-trash/`; the next pass settles it
 //! with the same checks before anything else.
 //!
-//! A remote (S3) store has no atomic rename and publishes a blob it already
-//! holds by a HEAD (no fresh object), so there the collector can only
-//! re-check the reference and the object's age right before the delete; a
-//! small window remains (docs/operations.md says so), and `huren gc` on S3
-//! should run when nothing is being stored.
+//! A remote (S3) store has no atomic rename, and publishes a blob it
+//! already holds by a HEAD (no fresh object, so no age to go by). There the
+//! collector copies the blob to `gc-trash/`, deletes it, and asks the index
+//! again, putting the blob back if a row now names it; and the ingest path,
+//! after its row has committed, checks that its blob exists and uploads it
+//! again from its staged copy if not (`BlobStore::ensure_published`, one
+//! HEAD per instance). Whichever of the two comes second sees the other:
+//! the collector's second look after the ingest's commit restores the blob,
+//! or the ingest's check after the collector's delete re-uploads it. A
+//! reader may find such a blob absent for that moment (an error, retried);
+//! an acknowledged instance never loses it.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -91,8 +97,17 @@ pub async fn collect(ingest: &Ingest, options: &Options) -> Result<Report, Error
     let store = ingest.store();
     let index = ingest.index();
     let mut report = Report::default();
-    if let Some(root) = store.local_root() {
-        settle_trash(index, root, options.grace, &mut report).await?;
+    match store.local_root() {
+        Some(root) => settle_trash(index, root, options.grace, &mut report).await?,
+        None => {
+            for hash in store.list_trash().await? {
+                if settle_remote(index, store, &hash).await? {
+                    report.removed += 1;
+                } else {
+                    report.kept += 1;
+                }
+            }
+        }
     }
     let listed = store.list().await?;
     report.listed = listed.len() as u64;
@@ -224,8 +239,12 @@ async fn settle_trash(
     Ok(())
 }
 
-/// A remote store: the reference and the object's age checked again right
-/// before the delete (see the module comment for what remains open).
+/// A remote store, where nothing renames atomically: the blob is copied to
+/// `gc-trash/` and removed, then the index is asked again; a row that
+/// appeared meanwhile gets the blob back from the copy. An ingest whose row
+/// commits after that second look checks the blob itself after its commit
+/// (`BlobStore::ensure_published`) and uploads it again: one of the two
+/// always sees the other.
 async fn remove_remote(
     index: &index::Index,
     store: &BlobStore,
@@ -236,10 +255,26 @@ async fn remove_remote(
         return Ok(false);
     }
     match store.last_modified(hash).await? {
-        Some(mtime) if !is_fresh(mtime, grace) => {
-            store.delete(hash).await?;
-            Ok(true)
-        }
-        _ => Ok(false),
+        Some(mtime) if !is_fresh(mtime, grace) => {}
+        _ => return Ok(false),
+    }
+    if !store.move_to_trash(hash).await? {
+        return Ok(false);
+    }
+    settle_remote(index, store, hash).await
+}
+
+async fn settle_remote(
+    index: &index::Index,
+    store: &BlobStore,
+    hash: &BlobHash,
+) -> Result<bool, Error> {
+    if index.references_blob(hash).await? {
+        store.restore_from_trash(hash).await?;
+        tracing::info!(blob = %hash, "collector: blob in use again, kept");
+        Ok(false)
+    } else {
+        store.purge_trash(hash).await?;
+        Ok(true)
     }
 }

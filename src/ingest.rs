@@ -324,7 +324,7 @@ impl Ingest {
                 reason_code,
             });
         }
-        self.store.publish(staged).await?;
+        let kept = self.store.publish_kept(staged).await?;
         let published_at = started.elapsed();
         let outcome = self
             .index
@@ -336,6 +336,11 @@ impl Ingest {
                 received_at: incoming.received_at,
             })
             .await?;
+        if let Some(staged) = kept {
+            // A remote store: see src/gc.rs for why the blob is checked
+            // again now that the row is committed.
+            self.store.ensure_published(staged).await?;
+        }
         // Per-stage latency, the figures docs/benchmarks.md reasons from
         // (HUREN_LOG=huren::ingest=trace).
         tracing::trace!(

@@ -264,6 +264,7 @@ async fn pynetdicom_statuses(node: &TestNode, files: &[&Path]) -> Vec<i64> {
 
 on_both_backends!(
     deletion_by_api_cli_and_rejection_note,
+    collector_never_removes_a_blob_an_ingest_refers_to,
     backup_during_ingest_and_restore
 );
 
@@ -468,14 +469,13 @@ async fn retention_removes_old_studies() {
 /// collector passes (`huren gc`, another process) run in a loop. Afterwards
 /// every instance of the last, acknowledged round is present and every
 /// indexed blob verifies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn collector_never_removes_a_blob_an_ingest_refers_to() {
-    let node = support::spawn_node_with(Backend::SqliteLocal, with_token).await;
+async fn collector_never_removes_a_blob_an_ingest_refers_to(backend: Backend) {
+    let node = support::spawn_node_with(backend, with_token).await;
     let work = tempfile::tempdir().unwrap();
     let study = uid_root();
-    let files = gen_study(work.path(), &study, 2, 10, "20250301");
+    let files = gen_study(work.path(), &study, 2, 40, "20250301");
     let flags = cli_flags(&node.config, work.path());
-    let run_for = Duration::from_secs(25);
+    let run_for = Duration::from_secs(30);
     let started = Instant::now();
     let node = std::sync::Arc::new(node);
 
@@ -491,8 +491,8 @@ async fn collector_never_removes_a_blob_an_ingest_refers_to() {
                 // Now and then a pause longer than the collector's grace,
                 // so that deleted instances' blobs age into candidates and
                 // the next round races the collector for them.
-                if rounds % 4 == 0 {
-                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                if rounds % 2 == 0 {
+                    tokio::time::sleep(Duration::from_millis(3500)).await;
                 }
             }
             rounds

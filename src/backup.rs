@@ -241,10 +241,9 @@ pub async fn restore(
     progress: bool,
 ) -> Result<RestoreReport, Error> {
     let info_path = dir.join(INFO_FILE);
-    let info: BackupInfo = serde_json::from_slice(
-        &std::fs::read(&info_path).map_err(io(&info_path))?,
-    )
-    .map_err(|e| Error::Invalid(format!("{}: {e}", info_path.display())))?;
+    let info: BackupInfo =
+        serde_json::from_slice(&std::fs::read(&info_path).map_err(io(&info_path))?)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", info_path.display())))?;
     let sqlite_target = sqlite_path(&config.database_url);
     match (info.index.as_str(), &sqlite_target) {
         ("sqlite", Some(target)) => {

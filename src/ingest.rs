@@ -37,7 +37,9 @@ pub enum Error {
     },
     /// The SOP Instance UID was rejected by an IOCM rejection note and stays
     /// rejected (src/lifecycle.rs): nothing was stored.
-    #[error("SOP Instance UID {sop_instance_uid} was rejected ({reason_code}) and is not accepted again")]
+    #[error(
+        "SOP Instance UID {sop_instance_uid} was rejected ({reason_code}) and is not accepted again"
+    )]
     Rejected {
         sop_instance_uid: String,
         reason_code: String,
@@ -293,12 +295,11 @@ impl Ingest {
             == dicom_dictionary_std::uids::KEY_OBJECT_SELECTION_DOCUMENT_STORAGE
         {
             let path = staged.path().to_path_buf();
-            let note = tokio::task::spawn_blocking(move || {
-                crate::lifecycle::read_rejection_note(&path)
-            })
-            .await
-            .map_err(|e| Error::Unreadable(part10::Error::Malformed(e.to_string())))?
-            .map_err(|why| Error::Unreadable(part10::Error::Malformed(why)))?;
+            let note =
+                tokio::task::spawn_blocking(move || crate::lifecycle::read_rejection_note(&path))
+                    .await
+                    .map_err(|e| Error::Unreadable(part10::Error::Malformed(e.to_string())))?
+                    .map_err(|why| Error::Unreadable(part10::Error::Malformed(why)))?;
             if let Some(note) = note {
                 // The note acts on the index and is not kept itself: the
                 // deletion record names it (rejection_note_uid).

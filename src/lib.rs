@@ -40,17 +40,21 @@
 //! - [`node`]: wires them together; `main` and the tests both start a node
 //!   through it.
 //! - [`verify`]: scrub the store against the index; rebuild the index.
-//! - [`lifecycle`]: deletion (operator, IOCM rejection notes, retention)
-//!   with its record; [`gc`]: the collector of unreferenced blobs;
-//!   [`backup`]: online backup and restore.
+//! - [`lifecycle`]: deletion by an operator, an IOCM rejection note or the
+//!   retention policy, with its record.
+//! - [`gc`]: the collector of unreferenced blobs, safe against ingest.
+//! - [`backup`]: online backup and restore.
 //!
 //! See docs/ARCHITECTURE.md for the path of one instance.
 
+pub mod backup;
 pub mod config;
 pub mod dicom;
+pub mod gc;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod lifecycle;
 pub mod node;
 pub mod part10;
 pub mod patient_key;
@@ -65,6 +69,3 @@ pub mod storage;
 pub mod transcode;
 pub mod types;
 pub mod verify;
-pub mod lifecycle;
-pub mod gc;
-pub mod backup;

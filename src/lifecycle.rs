@@ -67,7 +67,10 @@ const REASONS: [(&str, &str); 4] = [
         INCORRECT_MODALITY_WORKLIST_ENTRY,
         "Incorrect Modality Worklist Entry",
     ),
-    (DATA_RETENTION_POLICY_EXPIRED, "Data Retention Policy Expired"),
+    (
+        DATA_RETENTION_POLICY_EXPIRED,
+        "Data Retention Policy Expired",
+    ),
 ];
 
 /// The Code Meaning of a CID 7011 rejection code the node acts on.
@@ -279,6 +282,12 @@ pub async fn delete(
         .rows_affected();
         if removed > 0 {
             retract_if_published(&mut tx, study_instance_uid).await?;
+            // A prior fetched from another hospital and deleted here: no
+            // longer held, so no longer listed as cached.
+            sqlx::query("DELETE FROM cached_study WHERE study_instance_uid = $1")
+                .bind(study_instance_uid)
+                .execute(&mut *tx)
+                .await?;
             outcome.studies_removed.push(study_instance_uid.clone());
             continue;
         }
@@ -394,13 +403,14 @@ pub fn read_rejection_note(path: &Path) -> Result<Option<RejectionNote>, String>
             .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
             .unwrap_or_default()
     };
-    let items = |item: &dicom_object::InMemDicomObject, tag| -> Vec<dicom_object::InMemDicomObject> {
-        item.element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.items().map(|i| i.to_vec()))
-            .unwrap_or_default()
-    };
+    let items =
+        |item: &dicom_object::InMemDicomObject, tag| -> Vec<dicom_object::InMemDicomObject> {
+            item.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.items().map(|i| i.to_vec()))
+                .unwrap_or_default()
+        };
     let data_set: &dicom_object::InMemDicomObject = &obj;
     if text(data_set, tags::SOP_CLASS_UID) != uids::KEY_OBJECT_SELECTION_DOCUMENT_STORAGE {
         return Ok(None);
@@ -416,7 +426,10 @@ pub fn read_rejection_note(path: &Path) -> Result<Option<RejectionNote>, String>
         return Ok(None);
     }
     let mut referenced = Vec::new();
-    for study in items(data_set, tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE) {
+    for study in items(
+        data_set,
+        tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
+    ) {
         let study_uid = text(&study, tags::STUDY_INSTANCE_UID);
         for series in items(&study, tags::REFERENCED_SERIES_SEQUENCE) {
             let series_uid = text(&series, tags::SERIES_INSTANCE_UID);

@@ -29,10 +29,7 @@ struct LifecycleState {
 
 pub fn router(api: Arc<ApiState>, tokens: Arc<Tokens>) -> Router {
     Router::new()
-        .route(
-            "/api/v1/studies/{study_instance_uid}",
-            delete(delete_study),
-        )
+        .route("/api/v1/studies/{study_instance_uid}", delete(delete_study))
         .route(
             "/api/v1/series/{series_instance_uid}",
             delete(delete_series),

@@ -122,11 +122,11 @@ fn api_router(state: &Arc<AppState>) -> Router {
         ingest: state.ingest.clone(),
     });
     api::router(api_state.clone())
-    .merge(lifecycle::router(api_state, tokens.clone()))
-    .layer(axum::middleware::from_fn_with_state(
-        tokens,
-        api::require_token,
-    ))
+        .merge(lifecycle::router(api_state, tokens.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            tokens,
+            api::require_token,
+        ))
 }
 
 /// 200 when the index answers, 503 otherwise; the body never carries

@@ -678,3 +678,71 @@ async fn backup_during_ingest_and_restore(backend: Backend) {
     );
     node.stop().await;
 }
+
+/// In a region: deleting an instance re-publishes the study's record with
+/// what remains; deleting the rest retracts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_in_a_region_republishes_then_retracts() {
+    use crate::region::{
+        ADMIN_TOKEN, Api, RID, add_hospital, make_study, record_at, spawn_region_node,
+        spawn_registry, wait_record, wait_until,
+    };
+    const HOSPITAL: &str = "HOSPB0000000000002";
+    let registry = spawn_registry(Backend::SqliteLocal).await;
+    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let token = add_hospital(&admin, HOSPITAL, "二级甲等", None).await;
+    let node = spawn_region_node(Backend::SqliteLocal, &registry.url(), HOSPITAL, &token).await;
+    let api = Api::new(&format!("http://{}", node.http_addr), None);
+    let reg = Api::new(&registry.url(), Some(&token));
+    let work = tempfile::tempdir().unwrap();
+    let ct = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "del-b",
+        &["--resident-id", RID],
+    );
+    crate::region::store(&node, &ct.files).await;
+    let uid = ct.study_instance_uid.clone();
+    let rec = wait_record(&reg, HOSPITAL, &uid, 1).await;
+    assert_eq!(rec["record"]["number_of_instances"], 12);
+
+    let manifest = api
+        .ok("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
+        .await;
+    let sop = manifest["instances"][0]["sop_instance_uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let outcome = api
+        .ok(
+            "DELETE",
+            &format!("/api/v1/instances/{sop}"),
+            Some(serde_json::json!({"reason": "artefact"})),
+        )
+        .await;
+    assert_eq!(outcome["instances_removed"], 1);
+    let rec = wait_record(&reg, HOSPITAL, &uid, 2).await;
+    assert_eq!(rec["record"]["number_of_instances"], 11);
+    assert_eq!(rec["retracted"], false);
+
+    let outcome = api
+        .ok(
+            "DELETE",
+            &format!("/api/v1/studies/{uid}"),
+            Some(serde_json::json!({"reason": "wrong patient", "reason_code": "113038"})),
+        )
+        .await;
+    assert_eq!(outcome["studies_removed"][0], uid.as_str());
+    wait_until("the registry's record retracted", || {
+        let reg = reg.clone();
+        let uid = uid.clone();
+        async move {
+            record_at(&reg, HOSPITAL, &uid)
+                .await
+                .is_some_and(|r| r["retracted"] == true)
+        }
+    })
+    .await;
+    node.stop().await;
+    registry.stop().await;
+}

@@ -74,6 +74,8 @@ pkg_installed() {
 missing=()
 # dpkg, not `command -v`: PATH may hold same-named shims for dcmtk tools.
 pkg_installed dcmtk || missing+=(dcmtk)
+# tests/lifecycle.rs drives QIDO-RS, WADO-RS and the JSON API with curl.
+pkg_installed curl || missing+=(curl)
 pkg_installed chromium || missing+=(chromium)
 pkg_installed fonts-noto-cjk || missing+=(fonts-noto-cjk)
 if ! pkg_installed postgresql || ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then

@@ -8,7 +8,7 @@
 //!   the index, so the instances disappear from all of them at the commit.
 //!   Series, studies and patients left empty go with them.
 //! - A `deletion` row per instance version says what was removed, when, by
-//!   whom and why (migration 0009).
+//!   whom and why (migration 0010).
 //! - In a region, the same transaction queues the registry update: a study
 //!   left empty is retracted, a study that keeps instances is evaluated
 //!   again and re-published with what remains (src/publish.rs).

@@ -78,6 +78,8 @@ pkg_installed() {
 missing=()
 # dpkg, not `command -v`: PATH may hold same-named shims for dcmtk tools.
 pkg_installed dcmtk || missing+=(dcmtk)
+# tests/lifecycle.rs drives QIDO-RS, WADO-RS and the JSON API with curl.
+pkg_installed curl || missing+=(curl)
 pkg_installed chromium || missing+=(chromium)
 pkg_installed fonts-noto-cjk || missing+=(fonts-noto-cjk)
 # tests/audit.rs validates audit messages against PS3.15's RELAX NG Compact schema.

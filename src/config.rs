@@ -232,6 +232,9 @@ struct FileConfig {
     query_retrieve_access: Option<QueryRetrieveAccess>,
     max_query_matches: Option<usize>,
     case_insensitive_names: Option<bool>,
+    retention_days: Option<u32>,
+    gc_interval_secs: Option<u64>,
+    gc_grace_secs: Option<u64>,
     tls_ca_file: Option<PathBuf>,
     tls_certificate_file: Option<PathBuf>,
     tls_private_key_file: Option<PathBuf>,
@@ -492,6 +495,24 @@ pub struct NodeArgs {
     #[arg(long, env = "HUREN_CASE_INSENSITIVE_NAMES")]
     pub case_insensitive_names: Option<bool>,
 
+    /// Remove studies older than this many days, counted from the Study
+    /// Date (from the last received instance when a study has none); each
+    /// removal is recorded with reason 113039 "Data Retention Policy
+    /// Expired" [default: off]
+    #[arg(long, env = "HUREN_RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+
+    /// Run the collector of unreferenced blobs (and the retention policy)
+    /// every this many seconds; 0 turns the periodic collector off
+    /// (`huren gc` still works) [default: 0]
+    #[arg(long, env = "HUREN_GC_INTERVAL_SECS")]
+    pub gc_interval_secs: Option<u64>,
+
+    /// Unreferenced blobs younger than this are never collected: an ingest
+    /// may have published one and not yet committed its row [default: 3600]
+    #[arg(long, env = "HUREN_GC_GRACE_SECS")]
+    pub gc_grace_secs: Option<u64>,
+
     /// AE directory entries, comma separated, each `AE@host:port`: added to
     /// the config file's `[[remote_ae]]` tables (replacing one of the same
     /// title), with the default permissions and no TLS
@@ -634,6 +655,12 @@ pub struct NodeConfig {
     pub query_retrieve_access: QueryRetrieveAccess,
     pub max_query_matches: usize,
     pub case_insensitive_names: bool,
+    /// Retention policy in days (src/lifecycle.rs); `None`: studies are
+    /// kept until deleted.
+    pub retention_days: Option<u32>,
+    /// The periodic collector's interval; `None`: off.
+    pub gc_interval: Option<Duration>,
+    pub gc_grace: Duration,
     /// DICOM TLS to remote AEs marked `tls`: the CA certificates (PEM) their
     /// certificates must chain to, and optionally the node's own
     /// certificate chain and private key (PEM) for peers that require
@@ -683,6 +710,9 @@ impl NodeConfig {
             query_retrieve_access: QueryRetrieveAccess::Any,
             max_query_matches: 10_000,
             case_insensitive_names: true,
+            retention_days: None,
+            gc_interval: None,
+            gc_grace: Duration::from_secs(3600),
             tls_ca_file: None,
             tls_certificate_file: None,
             tls_private_key_file: None,
@@ -883,6 +913,15 @@ impl NodeArgs {
         }
         if let Some(ci) = self.case_insensitive_names.or(file.case_insensitive_names) {
             config.case_insensitive_names = ci;
+        }
+        if let Some(days) = self.retention_days.or(file.retention_days) {
+            config.retention_days = (days > 0).then_some(days);
+        }
+        if let Some(secs) = self.gc_interval_secs.or(file.gc_interval_secs) {
+            config.gc_interval = (secs > 0).then(|| Duration::from_secs(secs));
+        }
+        if let Some(secs) = self.gc_grace_secs.or(file.gc_grace_secs) {
+            config.gc_grace = Duration::from_secs(secs);
         }
         let web = file.dicomweb.unwrap_or_default();
         if let Some(open) = self.dicomweb_open.or(web.open) {

@@ -35,6 +35,18 @@ pub enum Error {
         expected: BlobHash,
         actual: BlobHash,
     },
+    /// The SOP Instance UID was rejected by an IOCM rejection note and stays
+    /// rejected (src/lifecycle.rs): nothing was stored.
+    #[error(
+        "SOP Instance UID {sop_instance_uid} was rejected ({reason_code}) and is not accepted again"
+    )]
+    Rejected {
+        sop_instance_uid: String,
+        reason_code: String,
+    },
+    /// A rejection note that could not be applied.
+    #[error("rejection note: {0}")]
+    Lifecycle(#[from] crate::lifecycle::Error),
 }
 
 /// The result of a stored instance.
@@ -308,7 +320,41 @@ impl Ingest {
                 actual: hash,
             });
         }
-        self.store.publish(staged).await?;
+        if attributes.sop_class_uid
+            == dicom_dictionary_std::uids::KEY_OBJECT_SELECTION_DOCUMENT_STORAGE
+        {
+            let path = staged.path().to_path_buf();
+            let note =
+                tokio::task::spawn_blocking(move || crate::lifecycle::read_rejection_note(&path))
+                    .await
+                    .map_err(|e| Error::Unreadable(part10::Error::Malformed(e.to_string())))?
+                    .map_err(|why| Error::Unreadable(part10::Error::Malformed(why)))?;
+            if let Some(note) = note {
+                // The note acts on the index and is not kept itself: the
+                // deletion record names it (rejection_note_uid).
+                crate::lifecycle::apply_rejection_note(
+                    &self.index,
+                    None,
+                    &note,
+                    incoming.calling_ae_title.as_deref(),
+                )
+                .await?;
+                return Ok(Stored {
+                    hash,
+                    size,
+                    outcome: StoreOutcome::RejectionNote,
+                });
+            }
+        }
+        if let Some(reason_code) =
+            crate::lifecycle::rejection_of(&self.index, &attributes.sop_instance_uid).await?
+        {
+            return Err(Error::Rejected {
+                sop_instance_uid: attributes.sop_instance_uid,
+                reason_code,
+            });
+        }
+        let kept = self.store.publish_kept(staged).await?;
         let published_at = started.elapsed();
         let audited = expected
             .is_none()
@@ -345,6 +391,11 @@ impl Ingest {
         if let Some(a) = audited {
             a.record(&outcome)
         }
+        if let Some(staged) = kept {
+            // A remote store: see src/gc.rs for why the blob is checked
+            // again now that the row is committed.
+            self.store.ensure_published(staged).await?;
+        }
         // Per-stage latency, the figures docs/benchmarks.md reasons from
         // (HUREN_LOG=huren::ingest=trace).
         tracing::trace!(
@@ -364,7 +415,7 @@ impl Ingest {
                 sop_instance_uid = %incoming.sop_instance_uid,
                 "instance received again with the same bytes; stored once"
             ),
-            StoreOutcome::Stored => {}
+            StoreOutcome::Stored | StoreOutcome::RejectionNote => {}
         }
         Ok(Stored {
             hash,

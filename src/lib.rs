@@ -46,15 +46,22 @@
 //! - [`verify`]: scrub the store against the index; rebuild the index.
 //! - [`audit`]: DICOM audit messages (PS3.15 A.5) to an append-only file
 //!   and, optionally, a syslog collector over TLS.
+//! - [`lifecycle`]: deletion by an operator, an IOCM rejection note or the
+//!   retention policy, with its record.
+//! - [`gc`]: the collector of unreferenced blobs, safe against ingest.
+//! - [`backup`]: online backup and restore.
 //!
 //! See docs/ARCHITECTURE.md for the path of one instance.
 
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod dicom;
+pub mod gc;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod part10;

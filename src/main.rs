@@ -58,6 +58,50 @@ enum Command {
         #[arg(long)]
         metrics_file: Option<std::path::PathBuf>,
     },
+    /// Delete a study, series or instance from the node: gone from every
+    /// query and retrieval at once, recorded (who, why), retracted from or
+    /// re-published to the registry; the blobs go at the next collection.
+    Delete {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long, conflicts_with_all = ["series", "instance"], required_unless_present_any = ["series", "instance"])]
+        study: Option<String>,
+        #[arg(long, conflicts_with = "instance")]
+        series: Option<String>,
+        #[arg(long)]
+        instance: Option<String>,
+        /// Why (recorded)
+        #[arg(long)]
+        reason: String,
+        /// A CID 7011 code: 113001 quality, 113037 patient safety, 113038
+        /// wrong worklist entry, 113039 retention expired
+        #[arg(long)]
+        reason_code: Option<String>,
+    },
+    /// Remove blobs no index row names (left by deletions or crashes),
+    /// older than --grace-secs; safe while the node runs (src/gc.rs).
+    Gc {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
+    },
+    /// Online backup into DIR: a consistent copy of the index, and the
+    /// blobs not already in DIR.
+    Backup {
+        #[command(flatten)]
+        node: NodeArgs,
+        dir: std::path::PathBuf,
+    },
+    /// Bring a stopped node's index and blobs back from a backup DIR.
+    Restore {
+        #[command(flatten)]
+        node: NodeArgs,
+        dir: std::path::PathBuf,
+        /// Replace an existing SQLite index
+        #[arg(long)]
+        force: bool,
+    },
     /// Doctor accounts of the node's page (/ui).
     User {
         #[command(subcommand)]
@@ -284,6 +328,125 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!("shutting down: no new associations; finishing those in progress");
             shutdown.cancel();
             node.wait().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            node: args,
+            study,
+            series,
+            instance,
+            reason,
+            reason_code,
+        } => {
+            use huren::lifecycle::{self, Deletion, Scope, Source};
+            let parse = |raw: String| -> anyhow::Result<String> {
+                Ok(huren::types::Uid::parse(&raw)
+                    .map_err(|_| anyhow::anyhow!("{raw:?} is not a valid UID"))?
+                    .as_str()
+                    .to_string())
+            };
+            let scope = match (study, series, instance) {
+                (Some(uid), _, _) => Scope::Study(parse(uid)?),
+                (_, Some(uid), _) => Scope::Series(parse(uid)?),
+                (_, _, Some(uid)) => Scope::Instance(parse(uid)?),
+                _ => anyhow::bail!("give --study, --series or --instance"),
+            };
+            anyhow::ensure!(!reason.trim().is_empty(), "--reason must not be empty");
+            if let Some(code) = &reason_code {
+                anyhow::ensure!(
+                    lifecycle::reason_meaning(code).is_some(),
+                    "--reason-code {code} is not one of 113001, 113037, 113038, 113039"
+                );
+            }
+            let config = args.resolve()?;
+            let ingest = node::open_ingest(&config).await?;
+            let actor = std::env::var("SUDO_USER")
+                .or_else(|_| std::env::var("USER"))
+                .map(|u| format!("cli:{u}"))
+                .unwrap_or_else(|_| "cli".into());
+            let outcome = lifecycle::delete(
+                ingest.index(),
+                None,
+                &Deletion {
+                    scopes: vec![scope],
+                    source: Source::Operator,
+                    actor,
+                    reason_code: reason_code.unwrap_or_default(),
+                    reason: reason.trim().to_string(),
+                    rejection_note_uid: None,
+                },
+            )
+            .await;
+            ingest.index().close().await;
+            let outcome = outcome?;
+            println!("instances removed: {}", outcome.instances_removed);
+            for uid in &outcome.studies_removed {
+                println!("study removed: {uid}");
+            }
+            for uid in &outcome.studies_changed {
+                println!("study changed: {uid}");
+            }
+            Ok(if outcome.instances_removed == 0 {
+                eprintln!("huren: nothing matched");
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Gc {
+            node: args,
+            grace_secs,
+        } => {
+            let config = args.resolve()?;
+            let ingest = node::open_ingest(&config).await?;
+            let report = huren::gc::collect(
+                &ingest,
+                &huren::gc::Options {
+                    grace: Duration::from_secs(grace_secs),
+                    progress: true,
+                },
+            )
+            .await;
+            ingest.index().close().await;
+            let report = report?;
+            println!(
+                "blobs listed: {}; unreferenced: {}; removed: {} ({} bytes); kept: {}",
+                report.listed,
+                report.unreferenced,
+                report.removed,
+                report.removed_bytes,
+                report.kept
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { node: args, dir } => {
+            let config = args.resolve()?;
+            let ingest = node::open_ingest(&config).await?;
+            let report = huren::backup::backup(&ingest, &config.database_url, &dir, true).await;
+            ingest.index().close().await;
+            let report = report?;
+            println!(
+                "backup in {}: {} blobs, {} copied ({} bytes)",
+                dir.display(),
+                report.blobs,
+                report.blobs_copied,
+                report.bytes_copied
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore {
+            node: args,
+            dir,
+            force,
+        } => {
+            let config = args.resolve()?;
+            let report = huren::backup::restore(&config, &dir, force, true).await?;
+            println!(
+                "restored from {}: {} blobs ({} copied into the store); run huren verify",
+                dir.display(),
+                report.blobs,
+                report.blobs_copied
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Registry(cmd) => registry(cmd).await,

@@ -410,10 +410,11 @@ pub fn instance_stored(
         crate::index::StoreOutcome::Stored => "stored",
         crate::index::StoreOutcome::Duplicate => "duplicate",
         crate::index::StoreOutcome::NewVersion { .. } => "new_version",
+        crate::index::StoreOutcome::RejectionNote => "rejection_note",
     };
     counter!(INSTANCES_STORED, "source" => source, "durability" => d, "outcome" => outcome)
         .increment(1);
-    if outcome != "duplicate" {
+    if outcome != "duplicate" && outcome != "rejection_note" {
         counter!(STORED_BYTES, "source" => source, "durability" => d).increment(stored.size);
     }
 }

@@ -160,6 +160,23 @@ impl Node {
             audit: audit.clone(),
             started: Default::default(),
         });
+        let mut region_tasks = region_tasks;
+        region_tasks.extend(crate::lifecycle::spawn(
+            ingest.clone(),
+            region.clone(),
+            config
+                .retention_days
+                .map(|days| crate::lifecycle::Retention { days }),
+            config.gc_interval.map(|_| crate::gc::Options {
+                grace: config.gc_grace,
+                progress: false,
+            }),
+            // Retention alone runs hourly.
+            config
+                .gc_interval
+                .unwrap_or(std::time::Duration::from_secs(3600)),
+            shutdown.clone(),
+        ));
         let started = state.started.clone();
         let https = tls.is_some();
         let dicom_tls_addr = tls.as_ref().and_then(|t| t.dicom_addr());

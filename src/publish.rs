@@ -1125,45 +1125,73 @@ impl Region {
     /// automatically.
     pub async fn retract(&self, study_instance_uid: &str) -> Result<bool, Error> {
         let pool = self.index.pool();
-        let now = now();
         let mut tx = pool.begin().await?;
-        let row = sqlx::query(
-            "UPDATE study_publication SET record_version = record_version + 1, \
-             state = 'retracted', updated_at = $2 \
-             WHERE study_instance_uid = $1 AND state <> 'retracted' RETURNING record_version",
-        )
-        .bind(study_instance_uid)
-        .bind(&now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
+        if !enqueue_retraction(&mut tx, study_instance_uid).await? {
             tx.rollback().await?;
             return Ok(false);
-        };
-        let version: i64 = row.try_get(0)?;
-        let item = OutboxItem::Retraction(Retraction {
-            study_instance_uid: study_instance_uid.to_string(),
-            record_version: version,
-        });
-        sqlx::query(
-            "INSERT INTO publication_outbox (study_instance_uid, record_version, body, \
-             created_at, attempts, lease_until, dead) VALUES ($1, $2, $3, $4, 0, '', 0)",
-        )
-        .bind(study_instance_uid)
-        .bind(version)
-        .bind(serde_json::to_string(&item).expect("outbox item serialises"))
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?;
+        }
         tx.commit().await?;
         self.wake.notify_one();
         Ok(true)
     }
+
+    /// Has the publisher look at the outbox now (rows another transaction
+    /// wrote: a deletion's retraction).
+    pub fn wake_publisher(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// The statements of [`Region::retract`] on the caller's transaction, so
+/// that a deletion (src/lifecycle.rs) and its retraction commit together.
+/// Returns false when the study was already retracted (or never evaluated).
+pub async fn enqueue_retraction(
+    conn: &mut sqlx::AnyConnection,
+    study_instance_uid: &str,
+) -> Result<bool, sqlx::Error> {
+    let now = now();
+    let row = sqlx::query(
+        "UPDATE study_publication SET record_version = record_version + 1, \
+         state = 'retracted', updated_at = $2 \
+         WHERE study_instance_uid = $1 AND state <> 'retracted' RETURNING record_version",
+    )
+    .bind(study_instance_uid)
+    .bind(&now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let version: i64 = row.try_get(0)?;
+    let item = OutboxItem::Retraction(Retraction {
+        study_instance_uid: study_instance_uid.to_string(),
+        record_version: version,
+    });
+    sqlx::query(
+        "INSERT INTO publication_outbox (study_instance_uid, record_version, body, \
+         created_at, attempts, lease_until, dead) VALUES ($1, $2, $3, $4, 0, '', 0)",
+    )
+    .bind(study_instance_uid)
+    .bind(version)
+    .bind(serde_json::to_string(&item).expect("outbox item serialises"))
+    .bind(&now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
 }
 
 /// Bumps a study's change counter (creating its publication row), so that
 /// the stability worker evaluates it again.
 pub async fn mark_changed(index: &Index, study_instance_uid: &str) -> Result<(), sqlx::Error> {
+    let mut conn = index.pool().acquire().await?;
+    mark_changed_on(&mut conn, study_instance_uid).await
+}
+
+/// [`mark_changed`] on the caller's connection or transaction.
+pub async fn mark_changed_on(
+    conn: &mut sqlx::AnyConnection,
+    study_instance_uid: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO study_publication (study_instance_uid, evaluated_received_at, changes, \
          evaluated_changes, state, reason, record_version, fingerprint, content_root, updated_at) \
@@ -1173,7 +1201,7 @@ pub async fn mark_changed(index: &Index, study_instance_uid: &str) -> Result<(),
     )
     .bind(study_instance_uid)
     .bind(now())
-    .execute(index.pool())
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

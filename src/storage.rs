@@ -281,6 +281,14 @@ impl BlobStore {
     /// Makes a staged object a blob: a rename on local files (durable only
     /// after [`Self::flush`]), a completed PUT on S3 (durable at once).
     pub async fn publish(&self, staged: Staged) -> Result<(), Error> {
+        self.publish_kept(staged).await.map(|_| ())
+    }
+
+    /// [`publish`](Self::publish), giving back the staged object on a
+    /// remote store: the ingest path asks [`ensure_published`]
+    /// (Self::ensure_published) with it once its row has committed, so that
+    /// a blob the collector removed meanwhile is put back (src/gc.rs).
+    pub async fn publish_kept(&self, staged: Staged) -> Result<Option<Staged>, Error> {
         let key = Self::key(&staged.hash);
         match &self.backend {
             Backend::Local { root } => {
@@ -304,24 +312,96 @@ impl BlobStore {
                         Err(e) => Err(Error::Io(e.error)),
                     }
                 })?;
-                Ok(())
+                Ok(None)
             }
             Backend::S3 => {
                 // Same key means same bytes: an existing object needs no
                 // upload. S3 PUTs are atomic, so it cannot be a partial one.
-                if self.store.head(&key).await.is_ok() {
-                    return Ok(());
+                if self.store.head(&key).await.is_err() {
+                    self.put_staged(&key, &staged).await?;
                 }
-                if staged.len <= MULTIPART_THRESHOLD {
-                    let path = staged.temp.to_path_buf();
-                    let bytes = tokio::fs::read(&path).await?;
-                    self.store.put(&key, Bytes::from(bytes).into()).await?;
-                } else {
-                    self.put_multipart_from_file(&key, &staged.temp).await?;
-                }
-                Ok(())
+                Ok(Some(staged))
             }
         }
+    }
+
+    async fn put_staged(&self, key: &ObjectPath, staged: &Staged) -> Result<(), Error> {
+        if staged.len <= MULTIPART_THRESHOLD {
+            let path = staged.temp.to_path_buf();
+            let bytes = tokio::fs::read(&path).await?;
+            self.store.put(key, Bytes::from(bytes).into()).await?;
+        } else {
+            self.put_multipart_from_file(key, &staged.temp).await?;
+        }
+        Ok(())
+    }
+
+    /// After the row naming a remote blob has committed: the blob is there,
+    /// or is uploaded again from the staged copy. A collector that removed
+    /// it before seeing the row is thereby undone (src/gc.rs).
+    pub async fn ensure_published(&self, staged: Staged) -> Result<(), Error> {
+        let key = Self::key(&staged.hash);
+        match self.store.head(&key).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {
+                tracing::warn!(blob = %staged.hash, "blob removed by the collector while being referenced; uploaded again");
+                self.put_staged(&key, &staged).await
+            }
+            Err(e) => Err(Error::ObjectStore(e)),
+        }
+    }
+
+    fn trash_key(hash: &BlobHash) -> ObjectPath {
+        ObjectPath::from(format!("gc-trash/{}", hash.to_hex()))
+    }
+
+    /// The collector's first step on a remote store: a copy under
+    /// `gc-trash/`, then the blob removed (src/gc.rs).
+    /// False when the blob is gone already.
+    pub async fn move_to_trash(&self, hash: &BlobHash) -> Result<bool, Error> {
+        match self
+            .store
+            .copy(&Self::key(hash), &Self::trash_key(hash))
+            .await
+        {
+            Ok(()) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(Error::ObjectStore(e)),
+        }
+        self.store.delete(&Self::key(hash)).await?;
+        Ok(true)
+    }
+
+    /// Puts a blob back from `gc-trash/` and removes the copy there.
+    pub async fn restore_from_trash(&self, hash: &BlobHash) -> Result<(), Error> {
+        self.store
+            .copy(&Self::trash_key(hash), &Self::key(hash))
+            .await?;
+        self.purge_trash(hash).await
+    }
+
+    pub async fn purge_trash(&self, hash: &BlobHash) -> Result<(), Error> {
+        match self.store.delete(&Self::trash_key(hash)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::ObjectStore(e)),
+        }
+    }
+
+    /// Blobs a collector left in `gc-trash/` (a crash mid-pass).
+    pub async fn list_trash(&self) -> Result<Vec<BlobHash>, Error> {
+        let prefix = ObjectPath::from("gc-trash");
+        let mut out = Vec::new();
+        let mut stream = self.store.list(Some(&prefix));
+        while let Some(meta) = stream.next().await {
+            if let Some(hash) = meta?
+                .location
+                .filename()
+                .and_then(|n| BlobHash::parse(n).ok())
+            {
+                out.push(hash);
+            }
+        }
+        Ok(out)
     }
 
     async fn put_multipart_from_file(&self, key: &ObjectPath, path: &Path) -> Result<(), Error> {
@@ -494,6 +574,25 @@ impl BlobStore {
             }
         }
         Ok(out)
+    }
+
+    /// When the blob was last written, or `None` if the store lacks it.
+    pub async fn last_modified(&self, hash: &BlobHash) -> Result<Option<SystemTime>, Error> {
+        match self.store.head(&Self::key(hash)).await {
+            Ok(meta) => Ok(Some(meta.last_modified.into())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::ObjectStore(e)),
+        }
+    }
+
+    /// The blob root of a local store (`None` for a remote one): the
+    /// collector (src/gc.rs) renames blobs within it, which a remote store
+    /// cannot do atomically.
+    pub fn local_root(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local { root } => Some(root),
+            Backend::S3 => None,
+        }
     }
 
     /// Removes a blob; one already gone is `NotFound` (S3 answers a DELETE

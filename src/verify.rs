@@ -120,17 +120,28 @@ pub async fn run(ingest: &Ingest, options: &Options) -> Result<Report, Error> {
         report.missing.len() as u64,
     );
 
-    let now = SystemTime::now();
     for blob in &listed {
-        if referenced.contains(&blob.hash) {
-            continue;
+        if !referenced.contains(&blob.hash) {
+            report.orphans.push(blob.hash);
         }
-        report.orphans.push(blob.hash);
-        let age = now.duration_since(blob.last_modified).unwrap_or_default();
-        if options.remove_orphans && age >= options.orphan_grace {
-            store.delete(&blob.hash).await?;
-            report.orphans_removed += 1;
-        }
+    }
+    if options.remove_orphans {
+        // Through the collector: it re-checks each orphan against a
+        // concurrent ingest before removing it (src/gc.rs).
+        let collected = crate::gc::collect(
+            ingest,
+            &crate::gc::Options {
+                grace: options.orphan_grace,
+                progress: false,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            crate::gc::Error::Index(e) => Error::Index(e),
+            crate::gc::Error::Storage(e) => Error::Storage(e),
+            crate::gc::Error::Io(e) => Error::Storage(storage::Error::Io(e)),
+        })?;
+        report.orphans_removed = collected.removed;
     }
     Ok(report)
 }

@@ -458,13 +458,18 @@ impl StoredInstance {
     /// Hook (ingest): the instance is stored and indexed.
     pub fn record(self, outcome: &crate::index::StoreOutcome) {
         use crate::index::StoreOutcome;
+        // A rejection note acts on other instances and is not stored
+        // (src/lifecycle.rs): nothing was transferred in.
+        if *outcome == StoreOutcome::RejectionNote {
+            return;
+        }
         with_scope(|s| {
             let p = s.stored.entry(self.patient_id).or_default();
             p.patient_name = self.patient_name;
             match outcome {
                 StoreOutcome::Stored => p.created = true,
                 StoreOutcome::NewVersion { .. } => p.updated = true,
-                StoreOutcome::Duplicate => {}
+                StoreOutcome::Duplicate | StoreOutcome::RejectionNote => {}
             }
             let study = p.studies.entry(self.study_instance_uid).or_default();
             study.accession_number = self.accession_number;

@@ -165,6 +165,10 @@ pub fn status_for(error: &ingest::Error) -> u16 {
         ingest::Error::Storage(_) | ingest::Error::Index(_) => status::OUT_OF_RESOURCES,
         // Only peer fetches name an expected hash; C-STORE never does.
         ingest::Error::HashMismatch { .. } => status::CANNOT_UNDERSTAND,
+        // IHE IOCM: a rejected instance sent again stays out. 0124 is a
+        // refusal, not a fault the sender may retry away (PS3.7 C.5).
+        ingest::Error::Rejected { .. } => status::NOT_AUTHORIZED,
+        ingest::Error::Lifecycle(_) => status::OUT_OF_RESOURCES,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod api;
 pub mod dicomweb;
 pub mod error;
 pub mod health;
+pub mod lifecycle;
 pub mod page;
 
 use std::sync::Arc;
@@ -122,15 +123,17 @@ async fn grant_access(
 /// The JSON API behind the same bearer tokens as DICOMweb.
 fn api_router(state: &Arc<AppState>) -> Router {
     let tokens = Arc::new(dicomweb::auth::Tokens::new(&state.dicomweb));
-    api::router(Arc::new(api::ApiState {
+    let api_state = Arc::new(api::ApiState {
         index: state.ingest.index().clone(),
         region: state.region.clone(),
         ingest: state.ingest.clone(),
-    }))
-    .layer(axum::middleware::from_fn_with_state(
-        tokens,
-        api::require_token,
-    ))
+    });
+    api::router(api_state.clone())
+        .merge(lifecycle::router(api_state, tokens.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            tokens,
+            api::require_token,
+        ))
 }
 
 /// Serves plain HTTP or HTTPS (src/tls.rs) until `shutdown` fires. Both

@@ -79,6 +79,9 @@ pub enum StoreOutcome {
     /// Different bytes under a known SOP Instance UID: this version is now
     /// current, earlier ones are kept.
     NewVersion { version: i64 },
+    /// An IOCM rejection note (src/lifecycle.rs): applied, not indexed
+    /// itself.
+    RejectionNote,
 }
 
 /// One version of one instance as the index holds it.
@@ -336,6 +339,31 @@ impl Index {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// Holds off this process's writes (the writer task and the direct
+    /// path) and forgets the hierarchy cache, for a deletion: the series
+    /// and study rows it removes must not stay named by the cache, or the
+    /// next instance of such a series would be inserted under a key that no
+    /// longer exists.
+    pub(crate) async fn pause_writes(&self) -> WritesPaused<'_> {
+        let mut cache = self.write_lock.lock().await;
+        cache.clear();
+        WritesPaused { _cache: cache }
+    }
+
+    /// Whether any instance row names the blob.
+    pub async fn references_blob(&self, hash: &BlobHash) -> Result<bool, Error> {
+        let row = sqlx::query("SELECT 1 FROM instance WHERE blob_hash = $1 LIMIT 1")
+            .bind(hash.to_hex())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+}
+
+/// See [`Index::pause_writes`]; writes resume when it is dropped.
+pub(crate) struct WritesPaused<'a> {
+    _cache: tokio::sync::MutexGuard<'a, HierarchyCache>,
 }
 
 /// Columns of [`InstanceRow`], in its field order. Queries are spelled out

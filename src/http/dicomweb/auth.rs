@@ -59,6 +59,12 @@ impl Tokens {
         self.find(token.trim()).map(|t| t.name.as_str())
     }
 
+    /// The name of the configured token an Authorization header presents:
+    /// who did it, for records such as the deletion record.
+    pub fn name_of(&self, authorization: Option<&str>) -> Option<String> {
+        self.holder(authorization).map(str::to_string)
+    }
+
     pub fn check(&self, method: &Method, authorization: Option<&str>) -> Result<(), Error> {
         if self.open {
             return Ok(());

@@ -1,0 +1,665 @@
+//! Removing studies, series and instances: by an operator (JSON API,
+//! `huren delete`), by a modality or PACS sending an IHE IOCM rejection note
+//! (a Key Object Selection Document, by C-STORE or STOW-RS), and by the
+//! retention policy. One path for all three: [`delete`].
+//!
+//! - The index rows go, in one transaction: every query and retrieval
+//!   (C-FIND, QIDO-RS, C-MOVE/C-GET, WADO-RS, the JSON API, the page) reads
+//!   the index, so the instances disappear from all of them at the commit.
+//!   Series, studies and patients left empty go with them.
+//! - A `deletion` row per instance version says what was removed, when, by
+//!   whom and why (migration 0010).
+//! - In a region, the same transaction queues the registry update: a study
+//!   left empty is retracted, a study that keeps instances is evaluated
+//!   again and re-published with what remains (src/publish.rs).
+//! - The blobs stay until the collector (src/gc.rs) finds no row naming
+//!   them: a deletion never races an ingest that shares the blob.
+//!
+//! A rejection for quality, patient safety or a wrong worklist entry is
+//! remembered (`rejected_instance`): the same SOP Instance UID sent again is
+//! refused (C-STORE 0124, STOW-RS failure), as IOCM asks of an Image
+//! Manager. "Data Retention Policy Expired" and an operator's deletion are
+//! not remembered that way: a study sent again after those is a deliberate
+//! act and is stored again.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::OpenFileOptions;
+use serde::Serialize;
+use sqlx::{AnyConnection, Connection, Row};
+use thiserror::Error;
+
+use crate::index::{self, Index};
+use crate::publish::{self, Region};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("index: {0}")]
+    Index(#[from] index::Error),
+    #[error("index database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Study(String),
+    Series(String),
+    Instance(String),
+}
+
+/// The rejection reasons of CID 7011 that IHE IOCM defines, with the meaning
+/// recorded beside the code.
+pub const REJECTED_FOR_QUALITY_REASONS: &str = "113001";
+pub const REJECTED_FOR_PATIENT_SAFETY_REASONS: &str = "113037";
+pub const INCORRECT_MODALITY_WORKLIST_ENTRY: &str = "113038";
+pub const DATA_RETENTION_POLICY_EXPIRED: &str = "113039";
+
+const REASONS: [(&str, &str); 4] = [
+    (REJECTED_FOR_QUALITY_REASONS, "Rejected for Quality Reasons"),
+    (
+        REJECTED_FOR_PATIENT_SAFETY_REASONS,
+        "Rejected for Patient Safety Reasons",
+    ),
+    (
+        INCORRECT_MODALITY_WORKLIST_ENTRY,
+        "Incorrect Modality Worklist Entry",
+    ),
+    (
+        DATA_RETENTION_POLICY_EXPIRED,
+        "Data Retention Policy Expired",
+    ),
+];
+
+/// The Code Meaning of a CID 7011 rejection code the node acts on.
+pub fn reason_meaning(code: &str) -> Option<&'static str> {
+    REASONS.iter().find(|(c, _)| *c == code).map(|(_, m)| *m)
+}
+
+/// Whether instances rejected for this reason stay rejected when sent
+/// again: the quality, safety and worklist reasons say the images are wrong;
+/// retention expiry says nothing about them.
+fn blocks_resend(code: &str) -> bool {
+    matches!(
+        code,
+        REJECTED_FOR_QUALITY_REASONS
+            | REJECTED_FOR_PATIENT_SAFETY_REASONS
+            | INCORRECT_MODALITY_WORKLIST_ENTRY
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Operator,
+    RejectionNote,
+    Retention,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Operator => "operator",
+            Source::RejectionNote => "rejection_note",
+            Source::Retention => "retention",
+        }
+    }
+}
+
+/// One removal: what, who and why.
+#[derive(Debug, Clone)]
+pub struct Deletion {
+    pub scopes: Vec<Scope>,
+    pub source: Source,
+    /// The API token's name, the operator's login, the rejection note's
+    /// calling AE title, or "retention".
+    pub actor: String,
+    /// A CID 7011 code, or "" when the reason is free text.
+    pub reason_code: String,
+    pub reason: String,
+    pub rejection_note_uid: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Outcome {
+    /// Instance rows removed (every version counts).
+    pub instances_removed: u64,
+    /// Studies that lost instances and keep others: re-published.
+    pub studies_changed: Vec<String>,
+    /// Studies left empty and removed: retracted from the registry.
+    pub studies_removed: Vec<String>,
+    /// SOP Instance UIDs now refused when sent again.
+    pub instances_rejected: u64,
+}
+
+/// The statements for one scope: the instance rows it covers, recorded
+/// then deleted. Spelled out whole because sqlx takes `&'static str`.
+struct ScopeSql {
+    select: &'static str,
+    record: &'static str,
+    delete: &'static str,
+}
+
+macro_rules! scope_sql {
+    ($cond:literal) => {
+        ScopeSql {
+            select: concat!(
+                "SELECT DISTINCT se.series_key, st.study_key, st.patient_key, st.study_instance_uid \
+                 FROM instance i JOIN series se ON se.series_key = i.series_key \
+                 JOIN study st ON st.study_key = se.study_key WHERE ",
+                $cond
+            ),
+            record: concat!(
+                "INSERT INTO deletion (at, study_instance_uid, series_instance_uid, sop_instance_uid, \
+                 sop_class_uid, patient_id, blob_hash, version, source, actor, reason_code, reason, \
+                 rejection_note_uid) \
+                 SELECT $2, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, \
+                 i.sop_class_uid, p.patient_id, i.blob_hash, i.version, $3, $4, $5, $6, $7 \
+                 FROM instance i JOIN series se ON se.series_key = i.series_key \
+                 JOIN study st ON st.study_key = se.study_key \
+                 JOIN patient p ON p.patient_key = st.patient_key WHERE ",
+                $cond
+            ),
+            delete: concat!(
+                "DELETE FROM instance WHERE instance_key IN (SELECT i.instance_key \
+                 FROM instance i JOIN series se ON se.series_key = i.series_key \
+                 JOIN study st ON st.study_key = se.study_key WHERE ",
+                $cond,
+                ")"
+            ),
+        }
+    };
+}
+
+impl Scope {
+    fn sql(&self) -> ScopeSql {
+        match self {
+            Scope::Study(_) => scope_sql!("st.study_instance_uid = $1"),
+            Scope::Series(_) => scope_sql!("se.series_instance_uid = $1"),
+            Scope::Instance(_) => scope_sql!("i.sop_instance_uid = $1"),
+        }
+    }
+
+    fn uid(&self) -> &str {
+        match self {
+            Scope::Study(u) | Scope::Series(u) | Scope::Instance(u) => u,
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+/// Removes what `deletion` names from the index and records it; in a
+/// region, queues the registry's update in the same transaction. Names
+/// that match nothing are not an error (the outcome says what was removed).
+pub async fn delete(
+    index: &Index,
+    region: Option<&Region>,
+    deletion: &Deletion,
+) -> Result<Outcome, Error> {
+    let paused = index.pause_writes().await;
+    let mut conn = index.pool().acquire().await?;
+    let mut tx = conn.begin().await?;
+    let at = now_rfc3339();
+    let mut outcome = Outcome::default();
+    let mut series_keys = std::collections::BTreeSet::new();
+    let mut studies = std::collections::BTreeMap::new();
+    let mut patient_keys = std::collections::BTreeSet::new();
+    for scope in &deletion.scopes {
+        let sql = scope.sql();
+        let rows = sqlx::query(sql.select)
+            .bind(scope.uid())
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &rows {
+            series_keys.insert(row.try_get::<i64, _>(0)?);
+            studies.insert(row.try_get::<i64, _>(1)?, row.try_get::<String, _>(3)?);
+            patient_keys.insert(row.try_get::<i64, _>(2)?);
+        }
+        sqlx::query(sql.record)
+            .bind(scope.uid())
+            .bind(&at)
+            .bind(deletion.source.as_str())
+            .bind(&deletion.actor)
+            .bind(&deletion.reason_code)
+            .bind(&deletion.reason)
+            .bind(deletion.rejection_note_uid.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        let removed = sqlx::query(sql.delete)
+            .bind(scope.uid())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        outcome.instances_removed += removed;
+        if let (Scope::Instance(uid), Some(note)) = (scope, &deletion.rejection_note_uid)
+            && blocks_resend(&deletion.reason_code)
+        {
+            outcome.instances_rejected += sqlx::query(
+                "INSERT INTO rejected_instance (sop_instance_uid, reason_code, rejection_note_uid, at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (sop_instance_uid) DO NOTHING",
+            )
+            .bind(uid)
+            .bind(&deletion.reason_code)
+            .bind(note)
+            .bind(&at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+    }
+    // The counts the ingest triggers keep (migration 0002) follow inserts
+    // and updates only; a deletion sets them from the rows that remain.
+    for series_key in &series_keys {
+        sqlx::query(
+            "UPDATE series SET number_of_series_related_instances = \
+             (SELECT COUNT(*) FROM instance WHERE series_key = $1 AND is_current = 1) \
+             WHERE series_key = $1",
+        )
+        .bind(series_key)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM series WHERE series_key = $1 \
+             AND NOT EXISTS (SELECT 1 FROM instance WHERE series_key = $1)",
+        )
+        .bind(series_key)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (study_key, study_instance_uid) in &studies {
+        let removed = sqlx::query(
+            "DELETE FROM study WHERE study_key = $1 \
+             AND NOT EXISTS (SELECT 1 FROM series WHERE study_key = $1)",
+        )
+        .bind(study_key)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if removed > 0 {
+            retract_if_published(&mut tx, study_instance_uid).await?;
+            // A prior fetched from another hospital and deleted here: no
+            // longer held, so no longer listed as cached.
+            sqlx::query("DELETE FROM cached_study WHERE study_instance_uid = $1")
+                .bind(study_instance_uid)
+                .execute(&mut *tx)
+                .await?;
+            outcome.studies_removed.push(study_instance_uid.clone());
+            continue;
+        }
+        let modalities = sqlx::query(
+            "SELECT DISTINCT modality FROM series WHERE study_key = $1 AND modality <> '' ORDER BY modality",
+        )
+        .bind(study_key)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, _>>()?
+        .join("\\");
+        sqlx::query(
+            "UPDATE study SET modalities_in_study = $2, \
+             number_of_study_related_series = (SELECT COUNT(*) FROM series WHERE study_key = $1), \
+             number_of_study_related_instances = (SELECT COUNT(*) FROM instance i \
+               JOIN series se ON se.series_key = i.series_key \
+               WHERE se.study_key = $1 AND i.is_current = 1) \
+             WHERE study_key = $1",
+        )
+        .bind(study_key)
+        .bind(modalities)
+        .execute(&mut *tx)
+        .await?;
+        // Evaluated again by the stability worker: the registry's record
+        // follows with what remains.
+        publish::mark_changed_on(&mut tx, study_instance_uid).await?;
+        outcome.studies_changed.push(study_instance_uid.clone());
+    }
+    for patient_key in &patient_keys {
+        sqlx::query(
+            "DELETE FROM patient WHERE patient_key = $1 \
+             AND NOT EXISTS (SELECT 1 FROM study WHERE patient_key = $1)",
+        )
+        .bind(patient_key)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    drop(paused);
+    if let Some(region) = region
+        && !outcome.studies_removed.is_empty()
+    {
+        region.wake_publisher();
+    }
+    tracing::warn!(
+        source = deletion.source.as_str(),
+        actor = %deletion.actor,
+        reason_code = %deletion.reason_code,
+        reason = %deletion.reason,
+        instances = outcome.instances_removed,
+        studies_removed = ?outcome.studies_removed,
+        studies_changed = ?outcome.studies_changed,
+        "instances deleted"
+    );
+    Ok(outcome)
+}
+
+/// A study the registry holds is retracted; one it never received (still
+/// pending, or kept local) has nothing to withdraw.
+async fn retract_if_published(
+    conn: &mut AnyConnection,
+    study_instance_uid: &str,
+) -> Result<(), sqlx::Error> {
+    let state: Option<String> =
+        sqlx::query("SELECT state FROM study_publication WHERE study_instance_uid = $1")
+            .bind(study_instance_uid)
+            .fetch_optional(&mut *conn)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+    if state.as_deref() == Some("published") {
+        publish::enqueue_retraction(conn, study_instance_uid).await?;
+    }
+    Ok(())
+}
+
+/// The reason code under which a SOP Instance UID stays rejected, if it
+/// does: the ingest path refuses such an instance.
+pub async fn rejection_of(index: &Index, sop_instance_uid: &str) -> Result<Option<String>, Error> {
+    let row = sqlx::query("SELECT reason_code FROM rejected_instance WHERE sop_instance_uid = $1")
+        .bind(sop_instance_uid)
+        .fetch_optional(index.pool())
+        .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
+}
+
+/// An IOCM rejection note as received: its reason and the instances it
+/// names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectionNote {
+    pub sop_instance_uid: String,
+    pub reason_code: String,
+    /// (Study, Series, SOP Instance UID) from Current Requested Procedure
+    /// Evidence Sequence.
+    pub referenced: Vec<(String, String, String)>,
+}
+
+/// Reads a Key Object Selection Document (a Part-10 object at `path`) and
+/// returns it as a rejection note when its Concept Name Code Sequence holds
+/// one of the IOCM rejection codes (scheme DCM); any other KOS (a teaching
+/// file selection, say) is `None` and stored like every instance.
+pub fn read_rejection_note(path: &Path) -> Result<Option<RejectionNote>, String> {
+    let obj = OpenFileOptions::new()
+        .open_file(path)
+        .map_err(|e| e.to_string())?;
+    let text = |item: &dicom_object::InMemDicomObject, tag| -> String {
+        item.element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+            .unwrap_or_default()
+    };
+    let items =
+        |item: &dicom_object::InMemDicomObject, tag| -> Vec<dicom_object::InMemDicomObject> {
+            item.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.items().map(|i| i.to_vec()))
+                .unwrap_or_default()
+        };
+    let data_set: &dicom_object::InMemDicomObject = &obj;
+    if text(data_set, tags::SOP_CLASS_UID) != uids::KEY_OBJECT_SELECTION_DOCUMENT_STORAGE {
+        return Ok(None);
+    }
+    let Some(concept) = items(data_set, tags::CONCEPT_NAME_CODE_SEQUENCE)
+        .into_iter()
+        .next()
+    else {
+        return Ok(None);
+    };
+    let code = text(&concept, tags::CODE_VALUE);
+    if text(&concept, tags::CODING_SCHEME_DESIGNATOR) != "DCM" || reason_meaning(&code).is_none() {
+        return Ok(None);
+    }
+    let mut referenced = Vec::new();
+    for study in items(
+        data_set,
+        tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
+    ) {
+        let study_uid = text(&study, tags::STUDY_INSTANCE_UID);
+        for series in items(&study, tags::REFERENCED_SERIES_SEQUENCE) {
+            let series_uid = text(&series, tags::SERIES_INSTANCE_UID);
+            for sop in items(&series, tags::REFERENCED_SOP_SEQUENCE) {
+                let sop_uid = text(&sop, tags::REFERENCED_SOP_INSTANCE_UID);
+                if !sop_uid.is_empty() {
+                    referenced.push((study_uid.clone(), series_uid.clone(), sop_uid));
+                }
+            }
+        }
+    }
+    if referenced.is_empty() {
+        return Err("rejection note without any instance in Current Requested Procedure Evidence Sequence (0040,A375)".into());
+    }
+    Ok(Some(RejectionNote {
+        sop_instance_uid: text(data_set, tags::SOP_INSTANCE_UID),
+        reason_code: code,
+        referenced,
+    }))
+}
+
+/// Applies a rejection note: the instances it names are deleted, and for
+/// the quality, safety and worklist reasons refused when sent again. An
+/// instance the node does not hold (yet) is still remembered as rejected,
+/// so that it is refused when it arrives after the note.
+pub async fn apply_rejection_note(
+    index: &Index,
+    region: Option<&Region>,
+    note: &RejectionNote,
+    calling_ae_title: Option<&str>,
+) -> Result<Outcome, Error> {
+    let meaning = reason_meaning(&note.reason_code).unwrap_or_default();
+    delete(
+        index,
+        region,
+        &Deletion {
+            scopes: note
+                .referenced
+                .iter()
+                .map(|(_, _, sop)| Scope::Instance(sop.clone()))
+                .collect(),
+            source: Source::RejectionNote,
+            actor: calling_ae_title.unwrap_or("").to_string(),
+            reason_code: note.reason_code.clone(),
+            reason: meaning.to_string(),
+            rejection_note_uid: Some(note.sop_instance_uid.clone()),
+        },
+    )
+    .await
+}
+
+/// The retention policy: how long a study is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub days: u32,
+}
+
+/// Removes the studies older than the retention period, at most `limit`
+/// per pass. A study's age runs from its Study Date (the exam's date, the
+/// one retention rules count from); a study without a Study Date counts
+/// from when its last instance was received.
+pub async fn retention_pass(
+    index: &Index,
+    region: Option<&Region>,
+    retention: Retention,
+    limit: i64,
+) -> Result<Outcome, Error> {
+    let cutoff = SystemTime::now() - Duration::from_secs(u64::from(retention.days) * 86_400);
+    let cutoff_rfc3339 = humantime::format_rfc3339(cutoff).to_string();
+    // DA is YYYYMMDD: ordered as text.
+    let cutoff_da: String = cutoff_rfc3339[..10].replace('-', "");
+    let rows = sqlx::query(
+        "SELECT study_instance_uid FROM study \
+         WHERE (study_date <> '' AND study_date < $1) \
+            OR (study_date = '' AND last_received_at < $2) \
+         ORDER BY study_key LIMIT $3",
+    )
+    .bind(&cutoff_da)
+    .bind(&cutoff_rfc3339)
+    .bind(limit)
+    .fetch_all(index.pool())
+    .await?;
+    let mut total = Outcome::default();
+    for row in rows {
+        let uid: String = row.try_get(0)?;
+        let outcome = delete(
+            index,
+            region,
+            &Deletion {
+                scopes: vec![Scope::Study(uid)],
+                source: Source::Retention,
+                actor: "retention".into(),
+                reason_code: DATA_RETENTION_POLICY_EXPIRED.into(),
+                reason: format!(
+                    "Data Retention Policy Expired (older than {} days)",
+                    retention.days
+                ),
+                rejection_note_uid: None,
+            },
+        )
+        .await?;
+        total.instances_removed += outcome.instances_removed;
+        total.studies_removed.extend(outcome.studies_removed);
+        total.studies_changed.extend(outcome.studies_changed);
+    }
+    Ok(total)
+}
+
+/// One row of the deletion record.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeletionRecord {
+    pub seq: i64,
+    pub at: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub patient_id: String,
+    pub blob_hash: String,
+    pub version: i64,
+    pub source: String,
+    pub actor: String,
+    pub reason_code: String,
+    pub reason: String,
+    pub rejection_note_uid: Option<String>,
+}
+
+/// The deletion record, newest first; `study` narrows it to one study.
+pub async fn records(
+    index: &Index,
+    study: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeletionRecord>, Error> {
+    let rows = sqlx::query(
+        "SELECT seq, at, study_instance_uid, series_instance_uid, sop_instance_uid, \
+         sop_class_uid, patient_id, blob_hash, version, source, actor, reason_code, reason, \
+         rejection_note_uid FROM deletion \
+         WHERE ($1 = '' OR study_instance_uid = $1) ORDER BY seq DESC LIMIT $2",
+    )
+    .bind(study.unwrap_or(""))
+    .bind(limit)
+    .fetch_all(index.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(DeletionRecord {
+                seq: r.try_get(0)?,
+                at: r.try_get(1)?,
+                study_instance_uid: r.try_get(2)?,
+                series_instance_uid: r.try_get(3)?,
+                sop_instance_uid: r.try_get(4)?,
+                sop_class_uid: r.try_get(5)?,
+                patient_id: r.try_get(6)?,
+                blob_hash: r.try_get(7)?,
+                version: r.try_get(8)?,
+                source: r.try_get(9)?,
+                actor: r.try_get(10)?,
+                reason_code: r.try_get(11)?,
+                reason: r.try_get(12)?,
+                rejection_note_uid: r.try_get(13)?,
+            })
+        })
+        .collect()
+}
+
+/// The node's periodic lifecycle work: the retention policy and the
+/// collector, each when configured.
+pub fn spawn(
+    ingest: crate::ingest::Ingest,
+    region: Option<std::sync::Arc<Region>>,
+    retention: Option<Retention>,
+    gc: Option<crate::gc::Options>,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if retention.is_none() && gc.is_none() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        loop {
+            if let Some(retention) = retention {
+                // Passes of bounded size, so that one pass never holds the
+                // writer for long; the next tick goes on.
+                match retention_pass(ingest.index(), region.as_deref(), retention, 100).await {
+                    Ok(o) if o.instances_removed > 0 => tracing::warn!(
+                        studies = o.studies_removed.len(),
+                        instances = o.instances_removed,
+                        days = retention.days,
+                        "retention policy: studies removed"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(%error, "retention pass failed"),
+                }
+            }
+            if let Some(options) = &gc {
+                match crate::gc::collect(&ingest, options).await {
+                    Ok(r) if r.removed > 0 => tracing::info!(
+                        removed = r.removed,
+                        bytes = r.removed_bytes,
+                        "collector: unreferenced blobs removed"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(%error, "collector pass failed"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_and_which_block_a_resend() {
+        let cases = [
+            (REJECTED_FOR_QUALITY_REASONS, true),
+            (REJECTED_FOR_PATIENT_SAFETY_REASONS, true),
+            (INCORRECT_MODALITY_WORKLIST_ENTRY, true),
+            (DATA_RETENTION_POLICY_EXPIRED, false),
+        ];
+        for (code, blocks) in cases {
+            assert!(reason_meaning(code).is_some(), "{code}");
+            assert_eq!(blocks_resend(code), blocks, "{code}");
+        }
+        assert_eq!(reason_meaning("113002"), None);
+        assert!(!blocks_resend(""));
+    }
+}

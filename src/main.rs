@@ -425,6 +425,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = huren::backup::backup(&ingest, &config.database_url, &dir, true).await;
             ingest.index().close().await;
             let report = report?;
+            // The audit trail goes with the data it describes: a copy as of
+            // now (the node keeps appending to its own). Restore leaves it
+            // in DIR for the auditor; the restored node starts a new file.
+            let audit_log = config
+                .audit_log
+                .clone()
+                .unwrap_or_else(|| huren::audit::default_path(&config.data_dir));
+            if audit_log.exists() {
+                let copy = dir.join("audit.log");
+                std::fs::copy(&audit_log, &copy).map_err(|e| {
+                    anyhow::anyhow!("copying the audit log {}: {e}", audit_log.display())
+                })?;
+            }
             println!(
                 "backup in {}: {} blobs, {} copied ({} bytes)",
                 dir.display(),

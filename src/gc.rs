@@ -93,12 +93,17 @@ pub struct Report {
 /// (`BlobStore::list` skips it).
 const TRASH_DIR: &str = "gc-trash";
 
-pub async fn collect(ingest: &Ingest, options: &Options) -> Result<Report, Error> {
+/// Decides on every blob a crashed pass left in the trash: back to its
+/// path if a row names it (or it is fresh), deleted otherwise. The node
+/// runs it at start before its recovery checks index rows against their
+/// blobs (crate::recovery), so that a blob a crash left in the trash is not
+/// taken for a lost one.
+pub async fn settle(ingest: &Ingest, grace: Duration) -> Result<Report, Error> {
     let store = ingest.store();
     let index = ingest.index();
     let mut report = Report::default();
     match store.local_root() {
-        Some(root) => settle_trash(index, root, options.grace, &mut report).await?,
+        Some(root) => settle_trash(index, root, grace, &mut report).await?,
         None => {
             for hash in store.list_trash().await? {
                 if settle_remote(index, store, &hash).await? {
@@ -109,6 +114,13 @@ pub async fn collect(ingest: &Ingest, options: &Options) -> Result<Report, Error
             }
         }
     }
+    Ok(report)
+}
+
+pub async fn collect(ingest: &Ingest, options: &Options) -> Result<Report, Error> {
+    let store = ingest.store();
+    let index = ingest.index();
+    let mut report = settle(ingest, options.grace).await?;
     let listed = store.list().await?;
     report.listed = listed.len() as u64;
     // After the listing (step 1 above).

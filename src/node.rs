@@ -100,7 +100,7 @@ impl Node {
         let ingest = open_ingest(config).await?;
         // Before the first association is accepted: the listeners' sockets
         // are bound, but nothing is read from them until the tasks below.
-        crate::recovery::recover(&ingest)
+        crate::recovery::recover(&ingest, config.gc_grace)
             .await
             .map_err(|e| StartError::Recovery(e.to_string()))?;
         let sweeper =

@@ -10,6 +10,9 @@
 //! not hash to its key was never acknowledged, and is removed with
 //! whatever blob is left.
 //!
+//! Before that check, blobs a crashed collector pass left in its trash go
+//! back where a row names them (crate::gc::settle).
+//!
 //! Blobs without rows (a rename that reached the disk, a commit that did
 //! not) were not acknowledged either; they stay until `huren verify
 //! --remove-orphans` or the garbage collector takes them.
@@ -29,6 +32,8 @@ pub enum Error {
     Index(#[from] index::Error),
     #[error("blob store: {0}")]
     Storage(#[from] storage::Error),
+    #[error("collector trash: {0}")]
+    Trash(#[from] crate::gc::Error),
 }
 
 /// What the recovery at start found.
@@ -41,8 +46,11 @@ pub struct Report {
 }
 
 /// Checks the rows committed since the last covering flush, removes those
-/// whose blob did not survive, and forgets the journal.
-pub async fn recover(ingest: &Ingest) -> Result<Report, Error> {
+/// whose blob did not survive, and forgets the journal. First, blobs a
+/// crashed collector pass left in its trash go back where a row names them
+/// (`gc_grace`: the collector's own grace period).
+pub async fn recover(ingest: &Ingest, gc_grace: Duration) -> Result<Report, Error> {
+    crate::gc::settle(ingest, gc_grace).await?;
     let index = ingest.index();
     let store = ingest.store();
     let high_water = index.unsynced_high_water().await?;

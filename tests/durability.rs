@@ -189,7 +189,8 @@ async fn eight_senders_killed_mid_run_postgres_garage() {
 /// A crash between the commit and the flush, played out behind the node's
 /// back: after a kill -9, the blobs of some rows still in the journal are
 /// removed, truncated or overwritten (what a power loss can do to writes
-/// not yet flushed). At the next start those rows are gone before any
+/// not yet flushed), and one intact blob sits in the collector's trash (a
+/// pass that crashed before deciding on it). At the next start those rows are gone before any
 /// association is accepted, the rest verify, and the files can be sent
 /// again.
 async fn recovery_removes_rows_without_intact_blobs(backend: Backend) {
@@ -230,6 +231,16 @@ async fn recovery_removes_rows_without_intact_blobs(backend: Backend) {
     let last = flipped.len() - 1;
     flipped[last] ^= 0xff;
     std::fs::write(blob_path(2), &flipped).unwrap();
+    // A collector pass that crashed after moving an intact blob to its
+    // trash: the blob goes back before the rows are checked.
+    let trashed = blob_path(3);
+    let trash = setup
+        .config
+        .data_dir
+        .join("blobs/gc-trash")
+        .join(rows[3].blob_hash.to_hex());
+    std::fs::create_dir_all(trash.parent().unwrap()).unwrap();
+    std::fs::rename(&trashed, &trash).unwrap();
     let damaged: Vec<String> = rows[..3]
         .iter()
         .map(|r| r.sop_instance_uid.clone())
@@ -237,6 +248,7 @@ async fn recovery_removes_rows_without_intact_blobs(backend: Backend) {
     ingest.index().close().await;
 
     let mut node = setup.spawn(work.path(), &["--flush-interval-secs", "3600"]);
+    assert!(trashed.exists() && !trash.exists(), "trashed blob put back");
     let ingest = huren::node::open_ingest(&setup.config).await.unwrap();
     let index = ingest.index();
     assert_eq!(

@@ -120,6 +120,8 @@ pub struct Deletion {
     pub reason_code: String,
     pub reason: String,
     pub rejection_note_uid: Option<String>,
+    /// Where the DICOM Study Deleted message goes (PS3.15 A.5.3.8).
+    pub audit: crate::audit::Audit,
 }
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -327,8 +329,47 @@ pub async fn delete(
         .execute(&mut *tx)
         .await?;
     }
+    // What the audit message names, from the records just written.
+    let mut deleted: std::collections::BTreeMap<(String, String), Vec<(String, u64)>> =
+        Default::default();
+    if deletion.audit.is_enabled() {
+        let rows = sqlx::query(
+            "SELECT study_instance_uid, patient_id, sop_class_uid, COUNT(*) FROM deletion \
+             WHERE at = $1 AND source = $2 AND actor = $3 \
+             GROUP BY study_instance_uid, patient_id, sop_class_uid",
+        )
+        .bind(&at)
+        .bind(deletion.source.as_str())
+        .bind(&deletion.actor)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            let count: i64 = row.try_get(3)?;
+            deleted
+                .entry((row.try_get(0)?, row.try_get(1)?))
+                .or_default()
+                .push((row.try_get(2)?, count as u64));
+        }
+    }
     tx.commit().await?;
     drop(paused);
+    let studies: Vec<crate::audit::DeletedStudy> = deleted
+        .into_iter()
+        .map(
+            |((study_instance_uid, patient_id), sop_classes)| crate::audit::DeletedStudy {
+                study_instance_uid,
+                patient_id,
+                sop_classes,
+            },
+        )
+        .collect();
+    let actor = (deletion.source != Source::Retention).then_some(deletion.actor.as_str());
+    let why = if deletion.reason_code.is_empty() {
+        deletion.reason.clone()
+    } else {
+        format!("{} {}", deletion.reason_code, deletion.reason)
+    };
+    deletion.audit.study_deleted(actor, &why, &studies);
     if let Some(region) = region
         && !outcome.studies_removed.is_empty()
     {
@@ -476,6 +517,7 @@ pub async fn apply_rejection_note(
             reason_code: note.reason_code.clone(),
             reason: meaning.to_string(),
             rejection_note_uid: Some(note.sop_instance_uid.clone()),
+            audit: crate::audit::current(),
         },
     )
     .await
@@ -496,6 +538,7 @@ pub async fn retention_pass(
     region: Option<&Region>,
     retention: Retention,
     limit: i64,
+    audit: &crate::audit::Audit,
 ) -> Result<Outcome, Error> {
     let cutoff = SystemTime::now() - Duration::from_secs(u64::from(retention.days) * 86_400);
     let cutoff_rfc3339 = humantime::format_rfc3339(cutoff).to_string();
@@ -528,6 +571,7 @@ pub async fn retention_pass(
                     retention.days
                 ),
                 rejection_note_uid: None,
+                audit: audit.clone(),
             },
         )
         .await?;
@@ -603,6 +647,7 @@ pub fn spawn(
     retention: Option<Retention>,
     gc: Option<crate::gc::Options>,
     interval: Duration,
+    audit: crate::audit::Audit,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if retention.is_none() && gc.is_none() {
@@ -613,7 +658,9 @@ pub fn spawn(
             if let Some(retention) = retention {
                 // Passes of bounded size, so that one pass never holds the
                 // writer for long; the next tick goes on.
-                match retention_pass(ingest.index(), region.as_deref(), retention, 100).await {
+                match retention_pass(ingest.index(), region.as_deref(), retention, 100, &audit)
+                    .await
+                {
                     Ok(o) if o.instances_removed > 0 => tracing::warn!(
                         studies = o.studies_removed.len(),
                         instances = o.instances_removed,

@@ -360,6 +360,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let config = args.resolve()?;
             let ingest = node::open_ingest(&config).await?;
+            // The node's own audit log (appended to alongside a running
+            // node: one write per message).
+            let audit = huren::audit::Audit::open(&config).map_err(|e| anyhow::anyhow!(e))?;
             let actor = std::env::var("SUDO_USER")
                 .or_else(|_| std::env::var("USER"))
                 .map(|u| format!("cli:{u}"))
@@ -374,9 +377,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     reason_code: reason_code.unwrap_or_default(),
                     reason: reason.trim().to_string(),
                     rejection_note_uid: None,
+                    audit: audit.clone(),
                 },
             )
             .await;
+            audit.close().await;
             ingest.index().close().await;
             let outcome = outcome?;
             println!("instances removed: {}", outcome.instances_removed);

@@ -175,6 +175,7 @@ impl Node {
             config
                 .gc_interval
                 .unwrap_or(std::time::Duration::from_secs(3600)),
+            audit.clone(),
             shutdown.clone(),
         ));
         let started = state.started.clone();

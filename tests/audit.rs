@@ -571,6 +571,35 @@ async fn dicom_and_dicomweb_are_audited(backend: Backend) {
         "{description}"
     );
 
+    // An operator deletes the study through the API: DICOM Study Deleted
+    // (A.5.3.8), D, naming the token, the study with its SOP classes, the
+    // patient and the reason.
+    let deleted = http
+        .delete(format!("http://{}/api/v1/studies/{study}", node.http_addr))
+        .bearer_auth(WRITE_TOKEN)
+        .json(&serde_json::json!({"reason": "sent to the wrong patient"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200, "{:?}", deleted.text().await);
+    let gone = expect(&log, "Study Deleted", |m| m.event_id() == "110105").await;
+    assert_eq!(gone.action(), "D");
+    assert_eq!(gone.participant("modality").attr("UserIsRequestor"), "true");
+    let studies = gone.objects("3");
+    assert_eq!(studies.len(), 1);
+    assert_eq!(studies[0].attr("ParticipantObjectID"), study);
+    let reason = studies[0]
+        .all("ParticipantObjectDetail")
+        .into_iter()
+        .find(|d| d.attr("type") == "Reason")
+        .map(|d| String::from_utf8(b64(d.attr("value"))).unwrap())
+        .unwrap();
+    assert_eq!(reason, "sent to the wrong patient");
+    assert_eq!(
+        gone.objects("1")[0].attr("ParticipantObjectID"),
+        "HUR-100001"
+    );
+
     // Stop: Application Stop; every message valid; the file survives a
     // restart with its earlier lines intact.
     let config = node.config.clone();

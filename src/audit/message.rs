@@ -31,6 +31,7 @@ pub mod event {
     pub const BEGIN_TRANSFERRING: Code = dcm("110102", "Begin Transferring DICOM Instances");
     pub const INSTANCES_ACCESSED: Code = dcm("110103", "DICOM Instances Accessed");
     pub const INSTANCES_TRANSFERRED: Code = dcm("110104", "DICOM Instances Transferred");
+    pub const STUDY_DELETED: Code = dcm("110105", "DICOM Study Deleted");
     pub const QUERY: Code = dcm("110112", "Query");
     pub const SECURITY_ALERT: Code = dcm("110113", "Security Alert");
     pub const USER_AUTHENTICATION: Code = dcm("110114", "User Authentication");

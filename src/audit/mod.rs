@@ -43,6 +43,14 @@ pub use sink::SYSLOG_QUEUE;
 use crate::config::NodeConfig;
 use crate::index::Index;
 
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("enabled", &self.0.is_some())
+            .finish()
+    }
+}
+
 /// The node's audit sinks. Cloning is cheap; a `disabled` handle (tools
 /// that only open the store) emits nothing.
 #[derive(Clone, Default)]
@@ -82,6 +90,21 @@ fn now() -> String {
 impl Audit {
     pub fn disabled() -> Audit {
         Audit(None)
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Flushes the file and gives the syslog collector a moment to take
+    /// what is queued: the end of a CLI command that wrote messages.
+    pub async fn close(&self) {
+        if let Some(inner) = &self.0 {
+            inner.file.sync();
+            if let Some(syslog) = &inner.syslog {
+                syslog.close(Duration::from_secs(5)).await;
+            }
+        }
     }
 
     /// Opens the local file and, when configured, starts the syslog task.
@@ -214,6 +237,64 @@ impl Audit {
     }
 
     /// Application Activity: Application Start (PS3.15 A.5.3.1).
+    /// DICOM Study Deleted (PS3.15 A.5.3.8), action D: one message per
+    /// patient, naming the studies instances were deleted from (with the
+    /// SOP classes and counts deleted), who deleted them (`actor`: a token
+    /// name, an operator, a rejection note's calling AE title; `None`: the
+    /// node itself, by its retention policy) and why.
+    pub fn study_deleted(&self, actor: Option<&str>, reason: &str, studies: &[DeletedStudy]) {
+        if self.0.is_none() || studies.is_empty() {
+            return;
+        }
+        let mut by_patient: std::collections::BTreeMap<&str, Vec<&DeletedStudy>> =
+            Default::default();
+        for study in studies {
+            by_patient.entry(&study.patient_id).or_default().push(study);
+        }
+        for (patient_id, studies) in by_patient {
+            let mut m = self.message(
+                event::STUDY_DELETED,
+                Action::Delete,
+                Outcome::Success,
+                Vec::new(),
+            );
+            match actor {
+                Some(actor) => {
+                    m.participants.push(Participant {
+                        user_id: actor.chars().take(64).collect(),
+                        alternative_user_id: None,
+                        user_name: None,
+                        user_is_requestor: true,
+                        network_access_point: None,
+                        roles: Vec::new(),
+                    });
+                    m.participants.push(self.node(false, None));
+                }
+                None => m.participants.push(self.node(true, None)),
+            }
+            for study in studies {
+                let mut object = ParticipantObject::study(
+                    &study.study_instance_uid,
+                    "",
+                    study
+                        .sop_classes
+                        .iter()
+                        .map(|(uid, n)| SopClass {
+                            uid: uid.clone(),
+                            number_of_instances: *n,
+                        })
+                        .collect(),
+                );
+                object
+                    .details
+                    .push(("Reason".into(), reason.as_bytes().to_vec()));
+                m.objects.push(object);
+            }
+            m.objects.push(ParticipantObject::patient(patient_id, ""));
+            self.emit(&m);
+        }
+    }
+
     pub fn application_start(&self) {
         self.application_activity(event_type::APPLICATION_START);
     }
@@ -270,6 +351,24 @@ struct StudyStored {
 
 tokio::task_local! {
     static SCOPE: Arc<Mutex<Scope>>;
+}
+
+/// One study a deletion removed instances from (DICOM Study Deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedStudy {
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    /// SOP Class UID and how many of its instances (every version) went.
+    pub sop_classes: Vec<(String, u64)>,
+}
+
+/// The audit handle of the association or HTTP request being served, or a
+/// disabled one outside them: for work (a rejection note's deletion) that
+/// the ingest path does on a requestor's behalf.
+pub fn current() -> Audit {
+    SCOPE
+        .try_with(|s| s.lock().unwrap_or_else(|e| e.into_inner()).audit.clone())
+        .unwrap_or_else(|_| Audit::disabled())
 }
 
 fn with_scope<T>(f: impl FnOnce(&mut Scope) -> T) -> Option<T> {

@@ -25,9 +25,10 @@ use crate::types::Uid;
 struct LifecycleState {
     api: Arc<ApiState>,
     tokens: Arc<Tokens>,
+    audit: crate::audit::Audit,
 }
 
-pub fn router(api: Arc<ApiState>, tokens: Arc<Tokens>) -> Router {
+pub fn router(api: Arc<ApiState>, tokens: Arc<Tokens>, audit: crate::audit::Audit) -> Router {
     Router::new()
         .route("/api/v1/studies/{study_instance_uid}", delete(delete_study))
         .route(
@@ -39,7 +40,7 @@ pub fn router(api: Arc<ApiState>, tokens: Arc<Tokens>) -> Router {
             delete(delete_instance),
         )
         .route("/api/v1/deletions", get(deletions))
-        .with_state(Arc::new(LifecycleState { api, tokens }))
+        .with_state(Arc::new(LifecycleState { api, tokens, audit }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +126,7 @@ async fn run(
             reason_code,
             reason,
             rejection_note_uid: None,
+            audit: state.audit.clone(),
         },
     )
     .await

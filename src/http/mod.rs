@@ -129,7 +129,11 @@ fn api_router(state: &Arc<AppState>) -> Router {
         ingest: state.ingest.clone(),
     });
     api::router(api_state.clone())
-        .merge(lifecycle::router(api_state, tokens.clone()))
+        .merge(lifecycle::router(
+            api_state,
+            tokens.clone(),
+            state.audit.clone(),
+        ))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             api::require_token,

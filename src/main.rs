@@ -13,6 +13,11 @@ use huren::registry::db::{AuditRecord, Db};
 use huren::registry::proto::{HospitalUpdate, Level, NewHospital, QcStatus};
 use huren::verify;
 
+/// jemalloc, not glibc's malloc: see Cargo.toml for why (measured in
+/// docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// huren: the imaging result-sharing node of a regional health cloud.
 #[derive(Parser)]
 #[command(version, about)]

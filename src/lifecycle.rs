@@ -265,23 +265,10 @@ pub async fn delete(
         .bind(series_key)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "DELETE FROM series WHERE series_key = $1 \
-             AND NOT EXISTS (SELECT 1 FROM instance WHERE series_key = $1)",
-        )
-        .bind(series_key)
-        .execute(&mut *tx)
-        .await?;
+        crate::index::remove_series_if_empty(&mut tx, *series_key).await?;
     }
     for (study_key, study_instance_uid) in &studies {
-        let removed = sqlx::query(
-            "DELETE FROM study WHERE study_key = $1 \
-             AND NOT EXISTS (SELECT 1 FROM series WHERE study_key = $1)",
-        )
-        .bind(study_key)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let removed = crate::index::remove_study_if_empty(&mut tx, *study_key).await?;
         if removed > 0 {
             retract_if_published(&mut tx, study_instance_uid).await?;
             // A prior fetched from another hospital and deleted here: no
@@ -321,13 +308,7 @@ pub async fn delete(
         outcome.studies_changed.push(study_instance_uid.clone());
     }
     for patient_key in &patient_keys {
-        sqlx::query(
-            "DELETE FROM patient WHERE patient_key = $1 \
-             AND NOT EXISTS (SELECT 1 FROM study WHERE patient_key = $1)",
-        )
-        .bind(patient_key)
-        .execute(&mut *tx)
-        .await?;
+        crate::index::remove_patient_if_empty(&mut tx, *patient_key).await?;
     }
     // What the audit message names, from the records just written.
     let mut deleted: std::collections::BTreeMap<(String, String), Vec<(String, u64)>> =

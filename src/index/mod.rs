@@ -24,7 +24,9 @@ use crate::part10::InstanceAttributes;
 use crate::types::BlobHash;
 
 mod unsynced;
-pub use unsynced::UnsyncedInstance;
+pub use unsynced::{
+    UnsyncedInstance, remove_patient_if_empty, remove_series_if_empty, remove_study_if_empty,
+};
 
 #[derive(Debug, Error)]
 pub enum Error {

@@ -110,13 +110,7 @@ impl Index {
         .bind(&sop_instance_uid)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "DELETE FROM series WHERE series_key = $1 \
-             AND NOT EXISTS (SELECT 1 FROM instance WHERE series_key = $1)",
-        )
-        .bind(series_key)
-        .execute(&mut *tx)
-        .await?;
+        remove_series_if_empty(&mut tx, series_key).await?;
         sqlx::query(
             "UPDATE study SET number_of_study_related_series = \
              (SELECT COUNT(*) FROM series WHERE study_key = $1) WHERE study_key = $1",
@@ -124,21 +118,55 @@ impl Index {
         .bind(study_key)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "DELETE FROM study WHERE study_key = $1 \
-             AND NOT EXISTS (SELECT 1 FROM series WHERE study_key = $1)",
-        )
-        .bind(study_key)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM patient WHERE patient_key = $1 \
-             AND NOT EXISTS (SELECT 1 FROM study WHERE patient_key = $1)",
-        )
-        .bind(patient_key)
-        .execute(&mut *tx)
-        .await?;
+        remove_study_if_empty(&mut tx, study_key).await?;
+        remove_patient_if_empty(&mut tx, patient_key).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Removes a series left without instances; how many rows went (0 or 1).
+/// Shared by the recovery and the deletion path (crate::lifecycle).
+pub async fn remove_series_if_empty(
+    conn: &mut sqlx::AnyConnection,
+    series_key: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM series WHERE series_key = $1 \
+         AND NOT EXISTS (SELECT 1 FROM instance WHERE series_key = $1)",
+    )
+    .bind(series_key)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Removes a study left without series (0 or 1 rows).
+pub async fn remove_study_if_empty(
+    conn: &mut sqlx::AnyConnection,
+    study_key: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM study WHERE study_key = $1 \
+         AND NOT EXISTS (SELECT 1 FROM series WHERE study_key = $1)",
+    )
+    .bind(study_key)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Removes a patient left without studies (0 or 1 rows).
+pub async fn remove_patient_if_empty(
+    conn: &mut sqlx::AnyConnection,
+    patient_key: i64,
+) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "DELETE FROM patient WHERE patient_key = $1 \
+         AND NOT EXISTS (SELECT 1 FROM study WHERE patient_key = $1)",
+    )
+    .bind(patient_key)
+    .execute(conn)
+    .await?
+    .rows_affected())
 }

@@ -93,14 +93,34 @@ step "hospitals registered with the admin CLI"
 python3 -c 'import secrets; print(secrets.token_hex(32))' >"$work/region.secret"
 chmod 600 "$work/region.secret"
 
+# The nodes' JSON API and DICOMweb take a bearer token (never open): the
+# operator's token is kept in a file readable by its owner, and each node's
+# config holds its SHA-256 only.
+python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$work/api.token"
+chmod 600 "$work/api.token"
+API_TOKEN_SHA256="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$work/api.token")"
+# curl with the operator's token.
+api() { curl -fsS -H "authorization: Bearer $(cat "$work/api.token")" "$@"; }
+
 start_node() {  # name hospital http dicom ae
-    "$HUREN_BIN" node --data-dir "$work/$1" --ae-title "$5" \
+    mkdir -p "$work/$1"
+    cat >"$work/$1.toml" <<TOML
+# The AE directory: the workstation may query, retrieve and receive C-MOVEs.
+[[remote_ae]]
+ae_title = "VIEWER"
+host = "127.0.0.1"
+port = $SCP_PORT
+
+[[dicomweb.tokens]]
+name = "demo-operator"
+sha256 = "$API_TOKEN_SHA256"
+scopes = ["read", "write"]
+TOML
+    "$HUREN_BIN" node --config "$work/$1.toml" --data-dir "$work/$1" --ae-title "$5" \
         --http-listen "127.0.0.1:$3" --dicom-listen "127.0.0.1:$4" \
-        --dicomweb-open true \
         --registry-url "$REG" --hospital-id "$2" --registry-token-file "$work/$1.token" \
         --region-secret-file "$work/region.secret" --identifier-issuers RESIDENT_ID=RID \
         --study-quiet-secs 1 --directory-interval-secs 2 \
-        --remote-aes "VIEWER@127.0.0.1:$SCP_PORT" \
         >"$work/$1.log" 2>&1 &
     pids+=($!)
     wait_http "http://127.0.0.1:$3/health" "node $1"
@@ -125,21 +145,21 @@ HEAD=1.2.826.0.1.3680043.8.498.27626167968449838318346654095265863116  # sample-
 STUDY=1.2.826.0.1.3680043.8.498.10592335490470898099914797295349891527  # sample-dicom/manifest.json
 
 step "B's master patient index maps local patient HUR-100001 to a resident ID number"
-curl -fsS -X POST "$B/api/v1/patient-identifiers" -H 'content-type: application/json' \
+api -X POST "$B/api/v1/patient-identifiers" -H 'content-type: application/json' \
     -d '{"patient_id": "HUR-100001", "issuer_of_patient_id": "HUREN-GENERAL", "identifier_type": "RID", "identifier": "11010519491231002X"}'
 echo
 # Reported two days ago (Asia/Shanghai), so that the prior is inside its
 # validity window.
 reported="$(python3 -c 'import datetime as d; print((d.datetime.now(d.timezone.utc)+d.timedelta(hours=8)-d.timedelta(days=2)).strftime("%Y-%m-%d"))')"
-curl -fsS -X PUT "$B/api/v1/studies/$STUDY/report" -H 'content-type: application/json' \
+api -X PUT "$B/api/v1/studies/$STUDY/report" -H 'content-type: application/json' \
     -d "{\"report_status\": \"final\", \"report_issued_date\": \"$reported\"}" >/dev/null
-curl -fsS -X PUT "$B/api/v1/studies/$STUDY/qc" -H 'content-type: application/json' \
+api -X PUT "$B/api/v1/studies/$STUDY/qc" -H 'content-type: application/json' \
     -d '{"qc_status": "passed"}' >/dev/null
 
 step "B publishes (quiet time 1 s)"
 published=0
 for _ in $(seq 600); do
-    status="$(curl -fsS "$B/api/v1/publication")"
+    status="$(api "$B/api/v1/publication")"
     if [[ "$(json 'd["published_studies"] >= 2 and d["backlog"] == 0' <<<"$status")" == True ]]; then
         published=1; break
     fi
@@ -148,8 +168,16 @@ done
 ((published)) || fail "B did not publish: $status"
 echo "$status"
 
+step "without the token, the node's API and DICOMweb refuse (401): no anonymous deletion, no anonymous search"
+code="$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$B/api/v1/studies/$STUDY")"
+echo "DELETE /api/v1/studies/<uid> without a token: $code"
+[[ "$code" == 401 ]] || fail "expected 401 for an anonymous deletion, got $code"
+code="$(curl -s -o /dev/null -w '%{http_code}' "$B/dicom-web/studies?PatientName=*")"
+echo "QIDO-RS without a token: $code"
+[[ "$code" == 401 ]] || fail "expected 401 for an anonymous search, got $code"
+
 priors() {
-    curl -fsS -X POST "$A/api/v1/priors" -H 'content-type: application/json' -d '{
+    api -X POST "$A/api/v1/priors" -H 'content-type: application/json' -d '{
         "patient": {"identifier_type": "RID", "identifier": "11010519491231002X"},
         "purpose": "treatment", "user_id": "dr.wang"}'
 }
@@ -161,7 +189,7 @@ echo "$answer"
 
 step "the patient authorises hospital A (doctor-assisted, 7 days)"
 expires="$(python3 -c 'import datetime as d; print((d.datetime.now(d.timezone.utc)+d.timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"))')"
-curl -fsS -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
+api -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
     \"patient\": {\"identifier_type\": \"RID\", \"identifier\": \"11010519491231002X\"},
     \"method\": \"doctor_assisted\", \"recorded_by\": \"dr.wang\", \"state\": \"granted\",
     \"expires_at\": \"$expires\"}"
@@ -178,10 +206,10 @@ python3 -m json.tool --no-ensure-ascii <<<"$answer"
 
 step "A's doctor is about to order a plain chest CT: the duplicate-exam check"
 for _ in $(seq 300); do
-    curl -fsS -o /dev/null "$A/api/v1/recognition/list" 2>/dev/null && break
+    api -o /dev/null "$A/api/v1/recognition/list" 2>/dev/null && break
     sleep 0.1
 done
-warning="$(curl -fsS -X POST "$A/api/v1/recognition/check" -H 'content-type: application/json' -d '{
+warning="$(api -X POST "$A/api/v1/recognition/check" -H 'content-type: application/json' -d '{
     "patient": {"identifier_type": "RID", "identifier": "11010519491231002X"},
     "order": {"item_code": "CT-0301-01"}, "ordering_doctor": "dr.wang", "encounter": "outpatient"}')"
 python3 -m json.tool --no-ensure-ascii <<<"$warning"
@@ -202,7 +230,7 @@ TCP_NODELAY=1 /usr/bin/movescu -S -aet VIEWER -aec HOSPA -aem VIEWER 127.0.0.1 "
 received="$(find "$work/viewer" -type f | wc -l)"
 echo "the workstation received $received instances of B's study through A"
 [[ "$received" == 10 ]] || fail "expected 10 instances at the workstation, got $received"
-curl -fsS "$A/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | head -30
+api "$A/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | head -30
 
 step "the registry's audit chain"
 "$HUREN_BIN" registry audit verify --data-dir "$work/registry" | tee "$work/verify.out"
@@ -213,6 +241,7 @@ if ((keep)); then
 
 Running (pids ${pids[*]}), data in $work:
   registry  $REG       (admin token: $work/registry/admin-token)
+  API and DICOMweb token of both nodes: $work/api.token
   node A    $A  DICOM 127.0.0.1:$A_DICOM AE HOSPA
   node B    $B  DICOM 127.0.0.1:$B_DICOM AE HOSPB
 Stop with: kill ${pids[*]}

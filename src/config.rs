@@ -230,6 +230,7 @@ struct FileConfig {
     storage: Option<StorageConfig>,
     remote_ae: Option<Vec<RemoteAe>>,
     query_retrieve_access: Option<QueryRetrieveAccess>,
+    rejection_note_ae_titles: Option<Vec<String>>,
     max_query_matches: Option<usize>,
     case_insensitive_names: Option<bool>,
     retention_days: Option<u32>,
@@ -486,6 +487,12 @@ pub struct NodeArgs {
     #[arg(long, env = "HUREN_QUERY_RETRIEVE_ACCESS", value_enum)]
     pub query_retrieve_access: Option<QueryRetrieveAccess>,
 
+    /// Calling AE titles whose IOCM rejection notes are applied, comma
+    /// separated [default: the allowed calling AE titles, else the AE
+    /// directory's]; a note from any other AE is refused (0124)
+    #[arg(long, env = "HUREN_REJECTION_NOTE_AE_TITLES", value_delimiter = ',')]
+    pub rejection_note_ae_titles: Option<Vec<String>>,
+
     /// Most matches one C-FIND or QIDO-RS query returns; past it the query
     /// ends with status A700 (C-FIND) [default: 10000]
     #[arg(long, env = "HUREN_MAX_QUERY_MATCHES")]
@@ -653,6 +660,8 @@ pub struct NodeConfig {
     /// The AE directory.
     pub remote_aes: Vec<RemoteAe>,
     pub query_retrieve_access: QueryRetrieveAccess,
+    /// Set explicitly; `None`: see [`NodeConfig::rejection_note_senders`].
+    pub rejection_note_ae_titles: Option<Vec<String>>,
     pub max_query_matches: usize,
     pub case_insensitive_names: bool,
     /// Retention policy in days (src/lifecycle.rs); `None`: studies are
@@ -689,6 +698,24 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// The configuration used when nothing is set: what `huren node` runs
     /// with on a fresh machine.
+    /// The calling AE titles whose IOCM rejection notes are applied: the
+    /// configured list; by default the AEs allowed to store, and when
+    /// storing is open to every AE, the AE directory's. An empty result
+    /// means no AE may reject.
+    pub fn rejection_note_senders(&self) -> Vec<String> {
+        if let Some(list) = &self.rejection_note_ae_titles {
+            return list.clone();
+        }
+        if !self.allowed_calling_ae_titles.is_empty() {
+            return self
+                .allowed_calling_ae_titles
+                .iter()
+                .map(|p| p.ae_title.as_str().to_string())
+                .collect();
+        }
+        self.remote_aes.iter().map(|r| r.ae_title.clone()).collect()
+    }
+
     pub fn defaults_in(data_dir: impl Into<PathBuf>) -> NodeConfig {
         let data_dir = data_dir.into();
         NodeConfig {
@@ -708,6 +735,7 @@ impl NodeConfig {
             allowed_calling_ae_titles: Vec::new(),
             remote_aes: Vec::new(),
             query_retrieve_access: QueryRetrieveAccess::Any,
+            rejection_note_ae_titles: None,
             max_query_matches: 10_000,
             case_insensitive_names: true,
             retention_days: None,
@@ -907,6 +935,21 @@ impl NodeArgs {
         )?;
         if let Some(access) = self.query_retrieve_access.or(file.query_retrieve_access) {
             config.query_retrieve_access = access;
+        }
+        if let Some(list) = self
+            .rejection_note_ae_titles
+            .clone()
+            .or(file.rejection_note_ae_titles)
+        {
+            let mut titles = Vec::new();
+            for raw in list.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+                let ae = AeTitle::parse(raw).map_err(|e| ConfigError::Invalid {
+                    setting: "rejection_note_ae_titles",
+                    reason: e.to_string(),
+                })?;
+                titles.push(ae.as_str().to_string());
+            }
+            config.rejection_note_ae_titles = Some(titles);
         }
         if let Some(n) = self.max_query_matches.or(file.max_query_matches) {
             config.max_query_matches = n.max(1);

@@ -62,6 +62,8 @@ pub struct Ingest {
     store: Arc<BlobStore>,
     index: Index,
     order: AckOrder,
+    /// Who may send IOCM rejection notes (none unless configured).
+    rejection_senders: Arc<crate::lifecycle::RejectionSenders>,
 }
 
 /// What an acknowledgement waits for after the blob is published (renamed
@@ -200,7 +202,15 @@ impl Ingest {
             store,
             index,
             order,
+            rejection_senders: Arc::default(),
         }
+    }
+
+    /// The calling AE titles whose IOCM rejection notes are applied; any
+    /// other caller's note is refused (C-STORE 0124) and audited.
+    pub fn with_rejection_senders(mut self, senders: crate::lifecycle::RejectionSenders) -> Ingest {
+        self.rejection_senders = Arc::new(senders);
+        self
     }
 
     pub fn store(&self) -> &Arc<BlobStore> {
@@ -337,6 +347,7 @@ impl Ingest {
                     None,
                     &note,
                     incoming.calling_ae_title.as_deref(),
+                    &self.rejection_senders,
                 )
                 .await?;
                 return Ok(Stored {
@@ -347,7 +358,13 @@ impl Ingest {
             }
         }
         if let Some(reason_code) =
-            crate::lifecycle::rejection_of(&self.index, &attributes.sop_instance_uid).await?
+            crate::lifecycle::rejection_of(
+                &self.index,
+                &attributes.sop_instance_uid,
+                &attributes.study_instance_uid,
+                &attributes.patient_id,
+            )
+            .await?
         {
             return Err(Error::Rejected {
                 sop_instance_uid: attributes.sop_instance_uid,

@@ -40,6 +40,10 @@ pub enum Error {
     Index(#[from] index::Error),
     #[error("index database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A rejection note that may not be applied: from an AE not allowed to
+    /// reject, or naming instances of another patient or study.
+    #[error("rejection note refused: {0}")]
+    NoteRefused(String),
 }
 
 /// What to remove.
@@ -120,6 +124,9 @@ pub struct Deletion {
     pub reason_code: String,
     pub reason: String,
     pub rejection_note_uid: Option<String>,
+    /// A rejection note's (Study Instance UID, Patient ID): the bar on a
+    /// rejected SOP Instance UID holds for that study and patient only.
+    pub rejected_in: Option<(String, String)>,
     /// Where the DICOM Study Deleted message goes (PS3.15 A.5.3.8).
     pub audit: crate::audit::Audit,
 }
@@ -241,14 +248,18 @@ pub async fn delete(
         if let (Scope::Instance(uid), Some(note)) = (scope, &deletion.rejection_note_uid)
             && blocks_resend(&deletion.reason_code)
         {
+            let (study, patient) = deletion.rejected_in.clone().unzip();
             outcome.instances_rejected += sqlx::query(
-                "INSERT INTO rejected_instance (sop_instance_uid, reason_code, rejection_note_uid, at) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (sop_instance_uid) DO NOTHING",
+                "INSERT INTO rejected_instance (sop_instance_uid, reason_code, rejection_note_uid, at, \
+                 study_instance_uid, patient_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sop_instance_uid) DO NOTHING",
             )
             .bind(uid)
             .bind(&deletion.reason_code)
             .bind(note)
             .bind(&at)
+            .bind(study)
+            .bind(patient)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -390,11 +401,24 @@ async fn retract_if_published(
 
 /// The reason code under which a SOP Instance UID stays rejected, if it
 /// does: the ingest path refuses such an instance.
-pub async fn rejection_of(index: &Index, sop_instance_uid: &str) -> Result<Option<String>, Error> {
-    let row = sqlx::query("SELECT reason_code FROM rejected_instance WHERE sop_instance_uid = $1")
-        .bind(sop_instance_uid)
-        .fetch_optional(index.pool())
-        .await?;
+/// A bar set by a note for an instance the node did not hold then covers
+/// only the note's study and patient (migration 0011).
+pub async fn rejection_of(
+    index: &Index,
+    sop_instance_uid: &str,
+    study_instance_uid: &str,
+    patient_id: &str,
+) -> Result<Option<String>, Error> {
+    let row = sqlx::query(
+        "SELECT reason_code FROM rejected_instance WHERE sop_instance_uid = $1 \
+         AND (study_instance_uid IS NULL OR study_instance_uid = $2) \
+         AND (patient_id IS NULL OR patient_id = $3)",
+    )
+    .bind(sop_instance_uid)
+    .bind(study_instance_uid)
+    .bind(patient_id)
+    .fetch_optional(index.pool())
+    .await?;
     Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
@@ -403,6 +427,11 @@ pub async fn rejection_of(index: &Index, sop_instance_uid: &str) -> Result<Optio
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectionNote {
     pub sop_instance_uid: String,
+    /// The note's own Study Instance UID and Patient ID: IHE IOCM places a
+    /// rejection note in the study of the instances it rejects.
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    pub issuer_of_patient_id: String,
     pub reason_code: String,
     /// (Study, Series, SOP Instance UID) from Current Requested Procedure
     /// Evidence Sequence.
@@ -468,6 +497,9 @@ pub fn read_rejection_note(path: &Path) -> Result<Option<RejectionNote>, String>
     }
     Ok(Some(RejectionNote {
         sop_instance_uid: text(data_set, tags::SOP_INSTANCE_UID),
+        study_instance_uid: text(data_set, tags::STUDY_INSTANCE_UID),
+        patient_id: text(data_set, tags::PATIENT_ID),
+        issuer_of_patient_id: text(data_set, tags::ISSUER_OF_PATIENT_ID),
         reason_code: code,
         referenced,
     }))
@@ -477,12 +509,74 @@ pub fn read_rejection_note(path: &Path) -> Result<Option<RejectionNote>, String>
 /// the quality, safety and worklist reasons refused when sent again. An
 /// instance the node does not hold (yet) is still remembered as rejected,
 /// so that it is refused when it arrives after the note.
+///
+/// The note is refused whole (nothing deleted, a Security Alert audited)
+/// when `senders` does not admit the calling AE title, or when it names an
+/// instance of another study than its own or one the node holds for
+/// another patient (IHE IOCM: a note rejects instances of its own patient
+/// and study; PS3.4 KO.1).
 pub async fn apply_rejection_note(
     index: &Index,
     region: Option<&Region>,
     note: &RejectionNote,
     calling_ae_title: Option<&str>,
+    senders: &RejectionSenders,
 ) -> Result<Outcome, Error> {
+    let refused = |why: String| {
+        crate::audit::rejection_note_refused(
+            &note.sop_instance_uid,
+            &note.study_instance_uid,
+            &note.patient_id,
+            &why,
+        );
+        tracing::warn!(
+            calling_ae_title = ?calling_ae_title,
+            rejection_note_uid = %note.sop_instance_uid,
+            reason = %why,
+            "IOCM rejection note refused"
+        );
+        Err(Error::NoteRefused(why))
+    };
+    if !senders.admits(calling_ae_title) {
+        return refused(match calling_ae_title {
+            Some(_) => "the calling AE title may not send rejection notes".into(),
+            None => "rejection notes are taken over DICOM from the configured AEs only (use DELETE /api/v1 over HTTP)".into(),
+        });
+    }
+    if note.study_instance_uid.is_empty() || note.patient_id.is_empty() {
+        return refused("the note has no Study Instance UID or Patient ID".into());
+    }
+    for (study, _, sop) in &note.referenced {
+        if study != &note.study_instance_uid {
+            return refused(format!(
+                "the note references an instance ({sop}) of another study than its own"
+            ));
+        }
+        let held = sqlx::query(
+            "SELECT st.study_instance_uid, p.patient_id, p.issuer_of_patient_id \
+             FROM instance i JOIN series se ON se.series_key = i.series_key \
+             JOIN study st ON st.study_key = se.study_key \
+             JOIN patient p ON p.patient_key = st.patient_key WHERE i.sop_instance_uid = $1",
+        )
+        .bind(sop)
+        .fetch_all(index.pool())
+        .await?;
+        for row in held {
+            let (held_study, held_patient, held_issuer): (String, String, String) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            let same_issuer = note.issuer_of_patient_id.is_empty()
+                || held_issuer.is_empty()
+                || held_issuer == note.issuer_of_patient_id;
+            if held_study != note.study_instance_uid
+                || held_patient != note.patient_id
+                || !same_issuer
+            {
+                return refused(format!(
+                    "instance {sop} is held for another patient or study than the note's"
+                ));
+            }
+        }
+    }
     let meaning = reason_meaning(&note.reason_code).unwrap_or_default();
     delete(
         index,
@@ -498,10 +592,36 @@ pub async fn apply_rejection_note(
             reason_code: note.reason_code.clone(),
             reason: meaning.to_string(),
             rejection_note_uid: Some(note.sop_instance_uid.clone()),
+            rejected_in: Some((note.study_instance_uid.clone(), note.patient_id.clone())),
             audit: crate::audit::current(),
         },
     )
     .await
+}
+
+/// The calling AE titles that may send IOCM rejection notes
+/// (`rejection_note_ae_titles`; by default those allowed to store, else
+/// the AE directory). No one else may: a note deletes images.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RejectionSenders {
+    ae_titles: std::collections::BTreeSet<String>,
+}
+
+impl RejectionSenders {
+    pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(ae_titles: I) -> RejectionSenders {
+        RejectionSenders {
+            ae_titles: ae_titles
+                .into_iter()
+                .map(|a| a.as_ref().trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
+        }
+    }
+
+    /// STOW-RS (no calling AE title) is never admitted.
+    pub fn admits(&self, calling_ae_title: Option<&str>) -> bool {
+        calling_ae_title.is_some_and(|ae| self.ae_titles.contains(ae.trim()))
+    }
 }
 
 /// The retention policy: how long a study is kept.
@@ -552,6 +672,7 @@ pub async fn retention_pass(
                     retention.days
                 ),
                 rejection_note_uid: None,
+                rejected_in: None,
                 audit: audit.clone(),
             },
         )

@@ -382,6 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     reason_code: reason_code.unwrap_or_default(),
                     reason: reason.trim().to_string(),
                     rejection_note_uid: None,
+                    rejected_in: None,
                     audit: audit.clone(),
                 },
             )

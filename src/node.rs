@@ -61,7 +61,9 @@ pub async fn open_ingest(config: &NodeConfig) -> Result<Ingest, StartError> {
         (_, Durability::Relaxed) => CommitSync::Deferred,
     };
     let index = Index::open(&config.database_url, commit_sync).await?;
-    Ok(Ingest::new(Arc::new(store), index))
+    Ok(Ingest::new(Arc::new(store), index).with_rejection_senders(
+        crate::lifecycle::RejectionSenders::new(config.rejection_note_senders()),
+    ))
 }
 
 /// The database file of a `sqlite:` URL.

@@ -96,6 +96,7 @@ pub async fn fetch_study(
     holding: &str,
     study_instance_uid: &str,
     purpose: Purpose,
+    encounter: Option<Encounter>,
     user_id: &str,
     reference: Option<String>,
 ) -> Result<FetchReport, Error> {
@@ -119,6 +120,7 @@ pub async fn fetch_study(
             purpose,
             user_id: user_id.to_string(),
             reference,
+            encounter,
         })
         .await?;
     let http = region.peer_http();
@@ -753,6 +755,7 @@ pub fn prefetch(
             &holding,
             &uid,
             Purpose::Treatment,
+            None,
             "prefetch",
             Some(reference),
         )

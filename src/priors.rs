@@ -28,6 +28,9 @@ pub enum Error {
     /// The registry refused (4xx): its detail.
     #[error("registry: {0}")]
     Registry(String),
+    /// Refused by policy (403), here or at the registry.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<sqlx::Error> for Error {
@@ -104,6 +107,7 @@ pub async fn priors(
     region: &Region,
     patient_key: &str,
     purpose: Purpose,
+    encounter: Option<Encounter>,
     user_id: &str,
 ) -> Result<(PriorsAnswer, bool), Error> {
     let query = PriorsQuery {
@@ -111,6 +115,7 @@ pub async fn priors(
         items: None,
         since: None,
         purpose,
+        encounter,
         user_id: user_id.to_string(),
         page_size: Some(1000),
         page_token: None,
@@ -120,6 +125,7 @@ pub async fn priors(
             remember_holders(region, &answer).await;
             Ok((answer, true))
         }
+        Err(client::Error::Status { status: 403, detail }) => Err(Error::Refused(detail)),
         Err(client::Error::Status { status, detail }) if status < 500 => {
             Err(Error::Registry(format!("{status}: {detail}")))
         }
@@ -259,6 +265,14 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
             .map_err(|_| Error::Invalid("as_of must be YYYY-MM-DD".into()))?,
         None => check::today_in_shanghai(),
     };
+    // Break-the-glass only in an emergency (recognition-facts.md, "Rules
+    // huren keeps"): refused here before anything is asked; the registry
+    // refuses and audits it too.
+    if request.break_the_glass && request.encounter != Encounter::Emergency {
+        return Err(Error::Refused(
+            "break-the-glass is allowed for an emergency encounter only".into(),
+        ));
+    }
     let key = resolve_patient(region, &request.patient).await?;
     let purpose = if request.break_the_glass {
         Purpose::Emergency
@@ -266,7 +280,7 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         Purpose::Treatment
     };
     let (answer, reached) = match &key {
-        Ok(key) => priors(region, key, purpose, doctor).await?,
+        Ok(key) => priors(region, key, purpose, Some(request.encounter), doctor).await?,
         Err(_) => (
             PriorsAnswer {
                 patient_key: String::new(),

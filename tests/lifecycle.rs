@@ -21,7 +21,7 @@ const TOKEN_NAME: &str = "pacs-admin";
 
 /// A UID root of its own per call, so that runs never collide on a shared
 /// PostgreSQL or bucket.
-fn uid_root() -> String {
+pub(crate) fn uid_root() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -39,15 +39,18 @@ fn with_token(config: &mut NodeConfig) {
         sha256: hex::encode(sha2::Sha256::digest(TOKEN.as_bytes())),
         scopes: vec![Scope::Read, Scope::Write],
     }];
+    // The senders of this file's rejection notes: dcmtk's storescu and
+    // pynetdicom under their default AE titles.
+    config.rejection_note_ae_titles = Some(vec!["STORESCU".into(), "PYNETDICOM".into()]);
 }
 
-struct Generated {
-    file: PathBuf,
-    series: String,
-    sop: String,
+pub(crate) struct Generated {
+    pub(crate) file: PathBuf,
+    pub(crate) series: String,
+    pub(crate) sop: String,
 }
 
-fn gen_study(dir: &Path, study: &str, series: u32, per_series: u32, date: &str) -> Vec<Generated> {
+pub(crate) fn gen_study(dir: &Path, study: &str, series: u32, per_series: u32, date: &str) -> Vec<Generated> {
     let out = dir.join(study);
     support::python_tool(
         "lifecycle_tool.py",
@@ -71,7 +74,7 @@ fn gen_study(dir: &Path, study: &str, series: u32, per_series: u32, date: &str) 
 }
 
 /// A rejection note for `instances` of `study`; returns its file.
-fn rejection_note(dir: &Path, code: &str, study: &str, instances: &[&Generated]) -> PathBuf {
+pub(crate) fn rejection_note(dir: &Path, code: &str, study: &str, instances: &[&Generated]) -> PathBuf {
     let path = dir.join(format!("kos-{}.dcm", uid_root()));
     let mut args = vec![
         "kos".to_string(),

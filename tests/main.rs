@@ -16,6 +16,7 @@ mod peer;
 mod query_retrieve;
 mod recognition;
 mod region;
+mod security;
 mod storage_config;
 mod support;
 mod tls;

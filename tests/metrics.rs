@@ -21,9 +21,9 @@ use crate::support::{self, Backend, on_both_backends, repo_path};
 const HUREN: &str = env!("CARGO_BIN_EXE_huren");
 
 /// A `huren` process, killed when dropped, and the addresses it logged.
-struct Process {
-    child: Child,
-    addrs: Vec<SocketAddr>,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) addrs: Vec<SocketAddr>,
 }
 
 impl Drop for Process {
@@ -35,7 +35,12 @@ impl Drop for Process {
 
 /// Starts `huren ARGS` in `cwd` and reads its log until each marker has
 /// been followed by an address.
-fn spawn(cwd: &Path, args: &[&str], envs: &[(&str, &str)], markers: &[&str]) -> Process {
+pub(crate) fn spawn(
+    cwd: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    markers: &[&str],
+) -> Process {
     let mut child = Command::new(HUREN)
         .args(args)
         .envs(envs.iter().copied())
@@ -95,24 +100,26 @@ fn spawn_node(cwd: &Path) -> Process {
     )
 }
 
-fn spawn_registry(dir: &Path) -> Process {
+pub(crate) fn spawn_registry(dir: &Path) -> Process {
+    spawn_registry_with(dir, &[])
+}
+
+/// A registry process with extra arguments.
+pub(crate) fn spawn_registry_with(dir: &Path, extra: &[&str]) -> Process {
     let token_file = dir.join("admin-token");
     std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
     let data_dir = dir.join("registry");
-    spawn(
-        dir,
-        &[
-            "registry",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--admin-token-file",
-            token_file.to_str().unwrap(),
-        ],
-        &[],
-        &["registry HTTP listening on "],
-    )
+    let mut args = vec![
+        "registry",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    spawn(dir, &args, &[], &["registry HTTP listening on "])
 }
 
 /// One sample of a scraped page.
@@ -538,7 +545,7 @@ async fn registry_counts_publications_priors_and_audit() {
 
 /// Stores files with storescu, one run per transfer syntax (storescu
 /// proposes one per SOP Class in a run; `-R`: the files' own).
-async fn store(dicom: SocketAddr, files: &[String]) {
+pub(crate) async fn store(dicom: SocketAddr, files: &[String]) {
     let mut by_syntax: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut args = vec!["--syntax"];
     args.extend(files.iter().map(String::as_str));

@@ -143,15 +143,16 @@ async fn peer_fetch_end_to_end() {
                     "/api/v1/peer/fetch",
                     Some(json!({
                     "hospital_id": HOSP_B, "study_instance_uid": uid, "purpose": purpose,
+                    "encounter": if purpose == "emergency" { "emergency" } else { "outpatient" },
                     "user_id": "dr.sun", "reference": "check-123"})),
                 )
                 .await
         }
     };
     let (code, refused) = fetch(uid.clone(), "treatment").await;
-    assert_eq!(code, 502, "{refused}");
+    assert_eq!(code, 403, "{refused}");
     assert!(
-        refused["detail"].as_str().unwrap().contains("403"),
+        refused["detail"].as_str().unwrap().contains("consent"),
         "{refused}"
     );
     let plain = reqwest::get(format!(

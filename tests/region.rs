@@ -811,7 +811,8 @@ async fn region_end_to_end(backend: Backend) {
                 .ok(
                     "POST",
                     "/api/v1/priors",
-                    Some(json!({"patient": patient, "purpose": purpose, "user_id": "dr.li"})),
+                    Some(json!({"patient": patient, "purpose": purpose, "user_id": "dr.li",
+                        "encounter": if purpose == "emergency" { "emergency" } else { "outpatient" }})),
                 )
                 .await
         }

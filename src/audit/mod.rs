@@ -514,6 +514,36 @@ fn security_alert(scope: &Scope, kind: Code, subject: ParticipantObject) {
     audit.emit(&m);
 }
 
+/// Hook (ingest): an IOCM rejection note was refused (an AE that may not
+/// reject, or instances of another patient or study): Security Alert, Use
+/// of Restricted Function, naming the note's study and patient and why.
+pub fn rejection_note_refused(
+    rejection_note_uid: &str,
+    study_instance_uid: &str,
+    patient_id: &str,
+    why: &str,
+) {
+    with_scope(|s| {
+        let mut subject = ParticipantObject::study(study_instance_uid, "", Vec::new());
+        subject.details.push((
+            "Alert Description".into(),
+            format!("IOCM rejection note {rejection_note_uid} refused: {why}").into_bytes(),
+        ));
+        let audit = s.audit.clone();
+        let mut m = audit.message(
+            event::SECURITY_ALERT,
+            Action::Execute,
+            Outcome::MinorFailure,
+            vec![event_type::USE_OF_RESTRICTED_FUNCTION],
+        );
+        m.participants.push(audit.node(false, None));
+        m.participants.push(s.requestor(false, None));
+        m.objects.push(subject);
+        m.objects.push(ParticipantObject::patient(patient_id, ""));
+        audit.emit(&m);
+    });
+}
+
 /// Hook (association negotiation): who is asking for the association.
 pub fn association_requested(calling_ae_title: &str, called_ae_title: &str) {
     with_scope(|s| {

@@ -208,6 +208,7 @@ async fn regional_priors<S>(
         region,
         &key,
         crate::registry::proto::Purpose::Treatment,
+        None,
         &user,
     )
     .await

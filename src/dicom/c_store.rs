@@ -168,6 +168,9 @@ pub fn status_for(error: &ingest::Error) -> u16 {
         // IHE IOCM: a rejected instance sent again stays out. 0124 is a
         // refusal, not a fault the sender may retry away (PS3.7 C.5).
         ingest::Error::Rejected { .. } => status::NOT_AUTHORIZED,
+        // A rejection note from an AE that may not reject, or for another
+        // patient's or study's instances: refused, not a fault to retry.
+        ingest::Error::Lifecycle(crate::lifecycle::Error::NoteRefused(_)) => status::NOT_AUTHORIZED,
         ingest::Error::Lifecycle(_) => status::OUT_OF_RESOURCES,
     }
 }

@@ -328,6 +328,7 @@ async fn plan<S>(
                     &holding,
                     &study_instance_uid,
                     crate::registry::proto::Purpose::Treatment,
+                    None,
                     &user,
                     Some(format!("retrieve by {user}")),
                 )

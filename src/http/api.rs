@@ -60,6 +60,10 @@ pub enum ApiError {
     /// 503: the index or the registry cannot be reached.
     #[error("service unavailable")]
     Unavailable(String),
+    /// 403: refused by policy here or at the registry (break-the-glass
+    /// outside an emergency, a grant limit).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -77,6 +81,7 @@ impl From<publish::Error> for ApiError {
 impl From<client::Error> for ApiError {
     fn from(e: client::Error) -> Self {
         match e {
+            client::Error::Status { status: 403, detail } => ApiError::Forbidden(detail),
             client::Error::Status { status, detail } if status < 500 => {
                 ApiError::Registry(format!("{status}: {detail}"))
             }
@@ -96,6 +101,7 @@ impl IntoResponse for ApiError {
             ApiError::Integrity(_) => (StatusCode::BAD_GATEWAY, "integrity"),
             ApiError::Peer(_) => (StatusCode::BAD_GATEWAY, "peer"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
         };
         if let ApiError::Unavailable(detail) = &self {
             tracing::error!(%status, detail, "request failed");
@@ -458,6 +464,7 @@ impl From<priors::Error> for ApiError {
             priors::Error::NotFound(what) => ApiError::NotFound(what),
             priors::Error::NoList => ApiError::NoList,
             priors::Error::Registry(m) => ApiError::Registry(m),
+            priors::Error::Refused(m) => ApiError::Forbidden(m),
             priors::Error::Index(m) => ApiError::Unavailable(m),
         }
     }
@@ -469,6 +476,9 @@ struct PriorsRequest {
     patient: PatientRef,
     purpose: Purpose,
     user_id: String,
+    /// Required with purpose `emergency` (break-the-glass).
+    #[serde(default)]
+    encounter: Option<Encounter>,
     items: Option<Vec<String>>,
     since: Option<String>,
     page_size: Option<u32>,
@@ -490,6 +500,7 @@ async fn priors(
             since: r.since,
             purpose: r.purpose,
             user_id: r.user_id,
+            encounter: r.encounter,
             page_size: r.page_size,
             page_token: r.page_token,
         })
@@ -598,6 +609,9 @@ struct PeerFetchRequest {
     user_id: String,
     #[serde(default)]
     reference: Option<String>,
+    /// Required with purpose `emergency` (break-the-glass).
+    #[serde(default)]
+    encounter: Option<Encounter>,
 }
 
 /// Fetches a regional prior from the node that holds it (missing
@@ -613,13 +627,14 @@ async fn peer_fetch(
         &r.hospital_id,
         &r.study_instance_uid,
         r.purpose,
+        r.encounter,
         &r.user_id,
         r.reference,
     )
     .await
     .map(Json)
     .map_err(|e| match e {
-        crate::peer::Error::Refused(m) => ApiError::Registry(format!("403: {m}")),
+        crate::peer::Error::Refused(m) => ApiError::Forbidden(m),
         crate::peer::Error::NoPeer(h) => {
             ApiError::BadRequest(format!("hospital {h} has no node URL in the directory"))
         }

@@ -126,6 +126,7 @@ async fn run(
             reason_code,
             reason,
             rejection_note_uid: None,
+            rejected_in: None,
             audit: state.audit.clone(),
         },
     )

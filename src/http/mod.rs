@@ -122,7 +122,7 @@ async fn grant_access(
 
 /// The JSON API behind the same bearer tokens as DICOMweb.
 fn api_router(state: &Arc<AppState>) -> Router {
-    let tokens = Arc::new(dicomweb::auth::Tokens::new(&state.dicomweb));
+    let tokens = Arc::new(dicomweb::auth::Tokens::for_api(&state.dicomweb));
     let api_state = Arc::new(api::ApiState {
         index: state.ingest.index().clone(),
         region: state.region.clone(),

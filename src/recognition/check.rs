@@ -13,15 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::list::{Item, LateralityRule, Projection, RecognitionList};
 use crate::registry::proto::{Hospital, Laterality, QcStatus, StudyRecord};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Encounter {
-    Outpatient,
-    Inpatient,
-    /// Emergency: priors are shown for information, never as a warning
-    /// (reason 04 applies by definition).
-    Emergency,
-}
+pub use crate::registry::proto::Encounter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -31,6 +31,9 @@ pub enum Error {
     Conflict(&'static str),
     #[error("stored row is malformed: {0}")]
     Corrupt(String),
+    /// Refused by policy (and audited): the message says why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -38,7 +41,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    /// Break-the-glass grants one hospital may be issued per hour.
+    emergency_grants_per_hour: u32,
 }
+
+/// The default of `--emergency-grants-per-hour`: a busy emergency
+/// department sees a few patients with priors elsewhere an hour; more
+/// than this is more likely a misuse than a night shift.
+pub const DEFAULT_EMERGENCY_GRANTS_PER_HOUR: u32 = 20;
 
 /// An entry to append to the audit trail (seq, time and hashes are the
 /// trail's).
@@ -176,9 +186,56 @@ impl Db {
                 .run(&pool)
                 .await?;
         }
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            emergency_grants_per_hour: DEFAULT_EMERGENCY_GRANTS_PER_HOUR,
+        })
     }
 
+    pub fn with_emergency_grants_per_hour(mut self, limit: u32) -> Db {
+        self.emergency_grants_per_hour = limit;
+        self
+    }
+
+    /// Break-the-glass is for an emergency encounter, by a named user
+    /// (issue 22; recognition-facts.md "Rules huren keeps"). A request
+    /// with purpose `emergency` and any other encounter is refused and
+    /// audited as a refused emergency access.
+    async fn check_emergency(
+        &self,
+        asking: &str,
+        action: &'static str,
+        purpose: Purpose,
+        encounter: Option<Encounter>,
+        user_id: &str,
+        patient_key: Option<&str>,
+    ) -> Result<()> {
+        if purpose != Purpose::Emergency {
+            return Ok(());
+        }
+        let why = if encounter != Some(Encounter::Emergency) {
+            Some("break-the-glass is allowed for an emergency encounter only".to_string())
+        } else if user_id.trim().is_empty() {
+            Some("break-the-glass needs the named user who asks".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.audit(&[AuditRecord {
+                actor: asking.to_string(),
+                user_id: user_id.to_string(),
+                action,
+                patient_key: patient_key.map(str::to_string),
+                purpose: Some(purpose.as_str().to_string()),
+                records_returned: 0,
+                outcome: "refused_emergency".into(),
+                detail: format!("{why}; encounter {encounter:?}"),
+            }])
+            .await?;
+            return Err(Error::Refused(why));
+        }
+        Ok(())
+    }
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -534,6 +591,15 @@ impl Db {
     pub async fn priors(&self, asking_hospital: &str, q: &PriorsQuery) -> Result<PriorsAnswer> {
         check_patient_key(&q.patient_key)?;
         check_text("user_id", &q.user_id, 128)?;
+        self.check_emergency(
+            asking_hospital,
+            "priors_query",
+            q.purpose,
+            q.encounter,
+            &q.user_id,
+            Some(&q.patient_key),
+        )
+        .await?;
         if let Some(since) = &q.since {
             check_date("since", since)?;
         }
@@ -751,6 +817,8 @@ impl Db {
     ) -> Result<Result<Grant, String>> {
         check_uid(&r.study_instance_uid)?;
         check_text("user_id", &r.user_id, 128)?;
+        self.check_emergency(asking, "grant_issue", r.purpose, r.encounter, &r.user_id, None)
+            .await?;
         let row = sqlx::query(
             "SELECT patient_key, record FROM study_record WHERE hospital_id = $1 \
              AND study_instance_uid = $2 AND retracted = 0",
@@ -765,13 +833,33 @@ impl Db {
             .map_err(|e| Error::Corrupt(e.to_string()))?;
         let now = now_rfc3339();
         let consent = self.consent_state(&patient_key, asking, &now).await?;
-        let outcome = if consent == Some(ConsentState::Granted) {
+        let mut outcome = if consent == Some(ConsentState::Granted) {
             "ok"
         } else if r.purpose == Purpose::Emergency {
             "break_the_glass"
         } else {
             "denied"
         };
+        // Break-the-glass grants are counted per hospital over the last
+        // hour (from the audit trail, which records every one of them) and
+        // capped by the operator's limit.
+        if outcome == "break_the_glass" {
+            let since =
+                humantime::format_rfc3339_micros(SystemTime::now() - Duration::from_secs(3600))
+                    .to_string();
+            let issued: i64 = sqlx::query(
+                "SELECT COUNT(*) FROM audit WHERE actor = $1 AND action = 'grant_issue' \
+                 AND outcome = 'break_the_glass' AND at >= $2",
+            )
+            .bind(asking)
+            .bind(&since)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+            if issued >= i64::from(self.emergency_grants_per_hour) {
+                outcome = "refused_rate_limit";
+            }
+        }
         let mut audit = AuditRecord {
             actor: asking.to_string(),
             user_id: r.user_id.clone(),
@@ -793,6 +881,13 @@ impl Db {
             return Ok(Err(
                 "no granted consent of this patient for the asking hospital".into(),
             ));
+        }
+        if outcome == "refused_rate_limit" {
+            self.audit(&[audit]).await?;
+            return Ok(Err(format!(
+                "this hospital has had {} break-the-glass grants in the last hour, the region's limit",
+                self.emergency_grants_per_hour
+            )));
         }
         let grant_id = random_hex(16);
         let token = format!("hg.{}", random_hex(32));

@@ -78,6 +78,11 @@ pub struct RegistryArgs {
     )]
     pub tls_private_key_file: Option<PathBuf>,
 
+    /// Break-the-glass grants one hospital may be issued per hour; past
+    /// it, emergency grants are refused (403) and audited [default: 20]
+    #[arg(long, env = "HUREN_REGISTRY_EMERGENCY_GRANTS_PER_HOUR")]
+    pub emergency_grants_per_hour: Option<u32>,
+
     /// Plain HTTP beside HTTPS, loopback addresses only (local probes and
     /// admin scripts)
     #[arg(
@@ -163,7 +168,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::metrics::install(crate::metrics::Process::Registry);
-    let db = db::Db::open(&args.database_url()).await?;
+    let db = db::Db::open(&args.database_url()).await?.with_emergency_grants_per_hour(
+        args.emergency_grants_per_hour
+            .unwrap_or(db::DEFAULT_EMERGENCY_GRANTS_PER_HOUR),
+    );
     let token = args.admin_token()?;
     if let Some(path) = &args.recognition_list {
         let text = std::fs::read_to_string(path)

@@ -337,6 +337,18 @@ impl Purpose {
     }
 }
 
+/// The kind of encounter a doctor acts in. Break-the-glass (purpose
+/// `emergency`) is honoured for an emergency encounter only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encounter {
+    Outpatient,
+    Inpatient,
+    /// Emergency: priors are shown for information, never as a warning
+    /// (reason 04 applies by definition).
+    Emergency,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriorsQuery {
@@ -350,6 +362,9 @@ pub struct PriorsQuery {
     pub purpose: Purpose,
     /// The doctor (or system user) at the asking hospital, for the audit.
     pub user_id: String,
+    /// Required with purpose `emergency`, and must be `emergency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encounter: Option<Encounter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -603,6 +618,10 @@ pub struct GrantRequest {
     /// The check (check_id) or query that led to the retrieval.
     #[serde(default)]
     pub reference: Option<String>,
+    /// Required with purpose `emergency`, and must be `emergency`: a
+    /// break-the-glass grant names the doctor and the emergency encounter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encounter: Option<Encounter>,
 }
 
 /// A short-lived grant: A presents `token` to B as a bearer token.

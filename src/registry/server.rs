@@ -54,6 +54,7 @@ impl From<db::Error> for ApiError {
             db::Error::Invalid(m) => ApiError::BadRequest(m),
             db::Error::NotFound(what) => ApiError::NotFound(what),
             db::Error::Conflict(what) => ApiError::Conflict(what),
+            db::Error::Refused(why) => ApiError::Forbidden(why),
             other => ApiError::Unavailable(other.to_string()),
         }
     }

@@ -49,8 +49,9 @@ def meta_of(path):
     return str(fm.MediaStorageSOPClassUID), str(fm.TransferSyntaxUID)
 
 
-def associate(host, port, contexts, ae_title="PYNETDICOM"):
-    ae = AE(ae_title=ae_title)
+def associate(host, port, contexts, ae_title=None):
+    # CALLING_AE_TITLE: tests of the node's per-AE policies.
+    ae = AE(ae_title=ae_title or os.environ.get("CALLING_AE_TITLE", "PYNETDICOM"))
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
     ae.network_timeout = 120

@@ -11,6 +11,7 @@ on stdout like dicom_tool.py.
         Evidence Sequence names the instances (Secondary Capture)
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def kos(path, value, study_uid, refs):
     ds.ContentTime = "120000"
     ds.Modality = "KO"
     ds.PatientName = "Test^Patient"
-    ds.PatientID = "LIFECYCLE"
+    # KOS_PATIENT_ID: a note naming another patient than its instances'.
+    ds.PatientID = os.environ.get("KOS_PATIENT_ID", "LIFECYCLE")
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 99

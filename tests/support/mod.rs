@@ -210,9 +210,16 @@ pub fn tool(args: &[&str]) -> Vec<Value> {
 
 /// Runs a Python tool of tests/support and returns its JSON lines.
 pub fn python_tool(script: &str, args: &[&str]) -> Vec<Value> {
+    python_tool_env(script, args, &[])
+}
+
+/// [`python_tool`] with environment variables (a tool's options that most
+/// callers leave at their defaults: the calling AE title, a note's patient).
+pub fn python_tool_env(script: &str, args: &[&str], envs: &[(&str, &str)]) -> Vec<Value> {
     let output = Command::new(env("HUREN_TEST_PYTHON"))
         .arg(repo_path(&format!("tests/support/{script}")))
         .args(args)
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("run dicom_tool.py");

@@ -36,6 +36,17 @@ impl Tokens {
         }
     }
 
+    /// The same tokens for the JSON API, which is never open: `open` is
+    /// for a viewer's DICOMweb reads and writes, while the API deletes
+    /// studies, records consents and asks the region for other hospitals'
+    /// records. Those always need a token with the scope.
+    pub fn for_api(config: &DicomwebConfig) -> Tokens {
+        Tokens {
+            open: false,
+            ..Tokens::new(config)
+        }
+    }
+
     /// The configured token a presented one matches. Every configured hash
     /// is compared, so the time taken does not say which one matched.
     fn find(&self, presented: &str) -> Option<&TokenConfig> {

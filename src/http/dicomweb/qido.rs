@@ -19,6 +19,8 @@ use crate::http::error::Error;
 use crate::query::{self, Item, Level, Match, MatchOptions, Outcome, Query};
 
 type Params = UrlQuery<Vec<(String, String)>>;
+/// The peer grant the request was admitted under, if any.
+type Grant = Option<axum::Extension<crate::http::GrantAccess>>;
 
 /// The attributes each level returns without `includefield` (PS3.18
 /// Tables 10.6.3-3 to -5, those the index keeps).
@@ -55,53 +57,59 @@ const INSTANCE_DEFAULTS: &[Tag] = &[
 
 pub async fn studies(
     s: State<Arc<DicomwebState>>,
+    g: Grant,
     h: HeaderMap,
     p: Params,
 ) -> Result<Response, Error> {
-    search(s, h, p, Level::Study, None, None).await
+    search(s, g, h, p, Level::Study, None, None).await
 }
 
 pub async fn all_series(
     s: State<Arc<DicomwebState>>,
+    g: Grant,
     h: HeaderMap,
     p: Params,
 ) -> Result<Response, Error> {
-    search(s, h, p, Level::Series, None, None).await
+    search(s, g, h, p, Level::Series, None, None).await
 }
 
 pub async fn all_instances(
     s: State<Arc<DicomwebState>>,
+    g: Grant,
     h: HeaderMap,
     p: Params,
 ) -> Result<Response, Error> {
-    search(s, h, p, Level::Image, None, None).await
+    search(s, g, h, p, Level::Image, None, None).await
 }
 
 pub async fn study_series(
     s: State<Arc<DicomwebState>>,
     Path(study): Path<String>,
+    g: Grant,
     h: HeaderMap,
     p: Params,
 ) -> Result<Response, Error> {
-    search(s, h, p, Level::Series, Some(study), None).await
+    search(s, g, h, p, Level::Series, Some(study), None).await
 }
 
 pub async fn study_instances(
     s: State<Arc<DicomwebState>>,
     Path(study): Path<String>,
+    g: Grant,
     h: HeaderMap,
     p: Params,
 ) -> Result<Response, Error> {
-    search(s, h, p, Level::Image, Some(study), None).await
+    search(s, g, h, p, Level::Image, Some(study), None).await
 }
 
 pub async fn series_instances(
     s: State<Arc<DicomwebState>>,
     Path((study, series)): Path<(String, String)>,
+    g: Grant,
     h: HeaderMap,
     p: Params,
 ) -> Result<Response, Error> {
-    search(s, h, p, Level::Image, Some(study), Some(series)).await
+    search(s, g, h, p, Level::Image, Some(study), Some(series)).await
 }
 
 /// A QIDO-RS request as the matcher's query.
@@ -183,6 +191,17 @@ pub fn build_query(
                 }
                 let tag = query::tag_from_keyword_or_hex(key)
                     .ok_or_else(|| bad(format!("{key}: unknown attribute or parameter")))?;
+                // The path's UIDs are the search's scope (PS3.18 10.6.1):
+                // a query key for the same attribute would replace it and
+                // widen the search past what the path (and a grant, or a
+                // token's scope) allows. Refused, whatever its value.
+                let fixed_by_path = (tag == tags::STUDY_INSTANCE_UID && study.is_some())
+                    || (tag == tags::SERIES_INSTANCE_UID && series.is_some());
+                if fixed_by_path {
+                    return Err(bad(format!(
+                        "{key}: fixed by the request path; a query parameter may not change it"
+                    )));
+                }
                 query.add_key(tag, value).map_err(|e| bad(e.to_string()))?;
             }
         }
@@ -192,12 +211,21 @@ pub fn build_query(
 
 async fn search(
     State(state): State<Arc<DicomwebState>>,
+    grant: Grant,
     headers: HeaderMap,
     UrlQuery(params): Params,
     level: Level,
     study: Option<String>,
     series: Option<String>,
 ) -> Result<Response, Error> {
+    // A grant names one study: the search actually run must be scoped to
+    // it (build_query refuses a query key that would replace the path's
+    // Study Instance UID), whatever path the request came in on.
+    if let Some(axum::Extension(crate::http::GrantAccess(grant))) = &grant
+        && study.as_deref() != Some(grant.study_instance_uid.as_str())
+    {
+        return Err(Error::Forbidden("a grant admits searches within its own study only"));
+    }
     media::require_json(&headers)?;
     let (query, options) = build_query(
         state.match_options,

@@ -115,6 +115,7 @@ async fn fetch_if_regional(state: &DicomwebState, study: &str) -> Result<(), Err
             &holding,
             study,
             crate::registry::proto::Purpose::Treatment,
+            None,
             "dicomweb",
             Some("WADO-RS retrieve".into()),
         )

@@ -914,7 +914,7 @@ async fn timeline(
     let mut withheld = 0;
     let mut access = "none";
     if let Some(key) = &patient.patient_key {
-        match priors::priors(region, key, Purpose::Treatment, user_id).await {
+        match priors::priors(region, key, Purpose::Treatment, None, user_id).await {
             Ok((answer, r)) => {
                 reached = r;
                 withheld = answer.withheld_count;
@@ -1357,7 +1357,7 @@ async fn study_page(
         .and_then(|s| s.patient.as_ref())
         .and_then(|p| p.patient_key.clone());
     if let Some(key) = &key {
-        match priors::priors(region, key, Purpose::Treatment, &user_id).await {
+        match priors::priors(region, key, Purpose::Treatment, None, &user_id).await {
             Ok((answer, _)) => {
                 let directory = region.directory().await;
                 if let Some(r) = answer

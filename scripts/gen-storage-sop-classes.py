@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerates src/dicom/storage_sop_classes.rs from dicom-dictionary-std's
+"""Regenerates src/storage_sop_classes.rs from dicom-dictionary-std's
 SOP class table (its `uids.rs`), which the crate does not expose as a list.
 
 Usage: python3 scripts/gen-storage-sop-classes.py [path/to/dicom-dictionary-std/src/uids.rs]
@@ -40,6 +40,6 @@ for uid, name, alias, kind, retired in rows:
     if kind == "SopClass" and is_storage(uid, name):
         out.append(f'    ("{uid}", "{name}"),')
 out.append("];")
-dest = os.path.join(os.path.dirname(__file__), "..", "src", "dicom", "storage_sop_classes.rs")
+dest = os.path.join(os.path.dirname(__file__), "..", "src", "storage_sop_classes.rs")
 open(dest, "w").write("\n".join(out) + "\n")
 print(f"{len(out) - 6} storage SOP classes written to {os.path.normpath(dest)}")

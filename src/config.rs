@@ -48,6 +48,20 @@ pub enum Durability {
     Relaxed,
 }
 
+impl Durability {
+    /// The mode's name, as configured and as the metrics label it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Full => "full",
+            Durability::Relaxed => "relaxed",
+        }
+    }
+}
+
+/// The staging directory's name under a local blob root: incoming
+/// instances are written there before they are published into the store.
+pub const STAGING_DIR: &str = ".staging";
+
 /// Where blobs live. Each variant has an example in `storage-config/`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
@@ -769,7 +783,7 @@ impl NodeConfig {
             StorageConfig::Local { root } => root
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("blobs"))
-                .join(crate::storage::STAGING_DIR),
+                .join(STAGING_DIR),
             StorageConfig::S3 { .. } => self.data_dir.join("staging"),
         }
     }
@@ -922,7 +936,15 @@ impl NodeArgs {
             });
         }
         if config.remote_aes.iter().any(|r| r.tls) {
-            crate::dicom::tls::client_config(&config).map_err(|reason| ConfigError::Invalid {
+            // Checked here so that a bad file stops the start, not the
+            // first C-MOVE; the associations build their own.
+            let ca_file = config.tls_ca_file.as_deref().expect("checked above");
+            crate::tls::client_config(
+                ca_file,
+                config.tls_certificate_file.as_deref(),
+                config.tls_private_key_file.as_deref(),
+            )
+            .map_err(|reason| ConfigError::Invalid {
                 setting: "tls_ca_file",
                 reason,
             })?;

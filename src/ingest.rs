@@ -44,9 +44,14 @@ pub enum Error {
         sop_instance_uid: String,
         reason_code: String,
     },
-    /// A rejection note that could not be applied.
-    #[error("rejection note: {0}")]
-    Lifecycle(#[from] crate::lifecycle::Error),
+    /// An IOCM rejection note that may not be applied (the handler says
+    /// why): from an AE not allowed to reject, or for another patient's or
+    /// study's instances.
+    #[error("rejection note refused: {0}")]
+    RejectionRefused(String),
+    /// Applying a rejection note failed (the index).
+    #[error("rejection note not applied: {0}")]
+    RejectionFailed(String),
 }
 
 /// The result of a stored instance.
@@ -57,13 +62,91 @@ pub struct Stored {
     pub outcome: StoreOutcome,
 }
 
+impl Error {
+    /// The PS3.4 B.2.3 status (C-STORE-RSP, STOW-RS FailureReason) for
+    /// each way the ingest path can fail.
+    pub fn status(&self) -> u16 {
+        use crate::status;
+        match self {
+            Error::Unreadable(part10::Error::MissingAttribute(_))
+            | Error::Unreadable(part10::Error::InvalidUid { .. }) => {
+                status::CANNOT_UNDERSTAND_MISSING_UID
+            }
+            Error::Unreadable(part10::Error::Io(_)) => status::OUT_OF_RESOURCES,
+            Error::Unreadable(_) => status::CANNOT_UNDERSTAND,
+            Error::SopClassMismatch { .. } => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            Error::SopInstanceMismatch { .. } => status::CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
+            Error::Storage(_) | Error::Index(_) => status::OUT_OF_RESOURCES,
+            // Only peer fetches name an expected hash; C-STORE never does.
+            Error::HashMismatch { .. } => status::CANNOT_UNDERSTAND,
+            // IHE IOCM: a rejected instance sent again stays out. 0124 is a
+            // refusal, not a fault the sender may retry away (PS3.7 C.5).
+            Error::Rejected { .. } => status::NOT_AUTHORIZED,
+            // A rejection note from an AE that may not reject, or for another
+            // patient's or study's instances: refused, not a fault to retry.
+            Error::RejectionRefused(_) => status::NOT_AUTHORIZED,
+            Error::RejectionFailed(_) => status::OUT_OF_RESOURCES,
+        }
+    }
+}
+
+impl Stored {
+    /// Counts the acknowledged instance (`source`: one of
+    /// `metrics::source`).
+    pub fn count(&self, source: &'static str, durability: crate::config::Durability) {
+        let outcome = match self.outcome {
+            StoreOutcome::Stored => "stored",
+            StoreOutcome::Duplicate => "duplicate",
+            StoreOutcome::NewVersion { .. } => "new_version",
+            StoreOutcome::RejectionNote => "rejection_note",
+        };
+        crate::metrics::instance_stored(source, durability.as_str(), outcome, self.size);
+    }
+}
+
+/// Counts the failures of an ingest (the blob store or the index; a data
+/// set the peer got wrong is not a storage error).
+fn count_failure<T>(result: &Result<T, Error>) {
+    match result {
+        Err(Error::Storage(_)) | Err(Error::Unreadable(part10::Error::Io(_))) => {
+            crate::metrics::storage_error("write")
+        }
+        Err(Error::Index(_)) => crate::metrics::storage_error("index"),
+        _ => {}
+    }
+}
+
 #[derive(Clone)]
 pub struct Ingest {
     store: Arc<BlobStore>,
     index: Index,
     order: AckOrder,
-    /// Who may send IOCM rejection notes (none unless configured).
-    rejection_senders: Arc<crate::lifecycle::RejectionSenders>,
+    /// The step an IOCM rejection note is handed to (src/lifecycle.rs);
+    /// without one every note is refused.
+    rejection_handler: Option<Arc<dyn RejectionHandler>>,
+}
+
+/// Why a rejection note was not applied.
+#[derive(Debug)]
+pub enum RejectionFailure {
+    /// Not allowed (the calling AE, the note's patient or study).
+    Refused(String),
+    /// The index failed.
+    Failed(String),
+}
+
+/// Applies the IOCM rejection notes the ingest path receives: ingest
+/// parses a note and hands it over; the C-STORE-RSP (or STOW-RS answer)
+/// says what came of it. Implemented by src/lifecycle.rs, installed by the
+/// node, so that ingest never calls the deletion code directly.
+pub trait RejectionHandler: Send + Sync {
+    fn apply<'a>(
+        &'a self,
+        note: &'a crate::iocm::RejectionNote,
+        calling_ae_title: Option<&'a str>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), RejectionFailure>> + Send + 'a>,
+    >;
 }
 
 /// What an acknowledgement waits for after the blob is published (renamed
@@ -202,14 +285,13 @@ impl Ingest {
             store,
             index,
             order,
-            rejection_senders: Arc::default(),
+            rejection_handler: None,
         }
     }
 
-    /// The calling AE titles whose IOCM rejection notes are applied; any
-    /// other caller's note is refused (C-STORE 0124) and audited.
-    pub fn with_rejection_senders(mut self, senders: crate::lifecycle::RejectionSenders) -> Ingest {
-        self.rejection_senders = Arc::new(senders);
+    /// The step rejection notes are handed to.
+    pub fn with_rejection_handler(mut self, handler: Arc<dyn RejectionHandler>) -> Ingest {
+        self.rejection_handler = Some(handler);
         self
     }
 
@@ -251,7 +333,7 @@ impl Ingest {
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
         let result = self.finish_checked(incoming, None).await;
-        crate::metrics::ingest_result(&result);
+        count_failure(&result);
         result
     }
 
@@ -264,7 +346,7 @@ impl Ingest {
         expected: BlobHash,
     ) -> Result<Stored, Error> {
         let result = self.finish_checked(incoming, Some(expected)).await;
-        crate::metrics::ingest_result(&result);
+        count_failure(&result);
         result
     }
 
@@ -334,22 +416,25 @@ impl Ingest {
             == dicom_dictionary_std::uids::KEY_OBJECT_SELECTION_DOCUMENT_STORAGE
         {
             let path = staged.path().to_path_buf();
-            let note =
-                tokio::task::spawn_blocking(move || crate::lifecycle::read_rejection_note(&path))
-                    .await
-                    .map_err(|e| Error::Unreadable(part10::Error::Malformed(e.to_string())))?
-                    .map_err(|why| Error::Unreadable(part10::Error::Malformed(why)))?;
+            let note = tokio::task::spawn_blocking(move || crate::iocm::read_rejection_note(&path))
+                .await
+                .map_err(|e| Error::Unreadable(part10::Error::Malformed(e.to_string())))?
+                .map_err(|why| Error::Unreadable(part10::Error::Malformed(why)))?;
             if let Some(note) = note {
                 // The note acts on the index and is not kept itself: the
                 // deletion record names it (rejection_note_uid).
-                crate::lifecycle::apply_rejection_note(
-                    &self.index,
-                    None,
-                    &note,
-                    incoming.calling_ae_title.as_deref(),
-                    &self.rejection_senders,
-                )
-                .await?;
+                let Some(handler) = &self.rejection_handler else {
+                    return Err(Error::RejectionRefused(
+                        "this node applies no rejection notes".into(),
+                    ));
+                };
+                handler
+                    .apply(&note, incoming.calling_ae_title.as_deref())
+                    .await
+                    .map_err(|e| match e {
+                        RejectionFailure::Refused(why) => Error::RejectionRefused(why),
+                        RejectionFailure::Failed(why) => Error::RejectionFailed(why),
+                    })?;
                 return Ok(Stored {
                     hash,
                     size,
@@ -357,9 +442,9 @@ impl Ingest {
                 });
             }
         }
-        if let Some(reason_code) =
-            crate::lifecycle::rejection_of(
-                &self.index,
+        if let Some(reason_code) = self
+            .index
+            .rejection_of(
                 &attributes.sop_instance_uid,
                 &attributes.study_instance_uid,
                 &attributes.patient_id,
@@ -447,6 +532,55 @@ impl Ingest {
         if let Body::Streaming(writer) | Body::Failed(writer) = incoming.body {
             // Dropping the staged result deletes its temporary file.
             let _ = writer.finish().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ingest::Error;
+    use crate::{index, part10, storage};
+
+    #[test]
+    fn statuses_follow_ps3_4_annex_b() {
+        let cases: Vec<(Error, u16)> = vec![
+            (Error::Unreadable(part10::Error::Truncated("x")), 0xC000),
+            (
+                Error::Unreadable(part10::Error::Malformed("x".into())),
+                0xC000,
+            ),
+            (
+                Error::Unreadable(part10::Error::Undecodable("x".into())),
+                0xC000,
+            ),
+            (
+                Error::Unreadable(part10::Error::MissingAttribute("SOP Instance UID")),
+                0xC001,
+            ),
+            (
+                Error::SopClassMismatch {
+                    announced: "1.2".into(),
+                    actual: "1.3".into(),
+                },
+                0xA900,
+            ),
+            (
+                Error::SopInstanceMismatch {
+                    announced: "1.2".into(),
+                    actual: "1.3".into(),
+                },
+                0xC002,
+            ),
+            (
+                Error::Storage(storage::Error::Io(std::io::Error::from(
+                    std::io::ErrorKind::StorageFull,
+                ))),
+                0xA700,
+            ),
+            (Error::Index(index::Error::WriterStopped), 0xA700),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(error.status(), expected, "{error}");
         }
     }
 }

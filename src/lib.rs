@@ -55,12 +55,15 @@
 
 pub mod audit;
 pub mod backup;
+pub mod common;
 pub mod config;
+pub mod contract;
 pub mod dicom;
 pub mod gc;
 pub mod http;
 pub mod index;
 pub mod ingest;
+pub mod iocm;
 pub mod lifecycle;
 pub mod metrics;
 pub mod node;
@@ -74,7 +77,9 @@ pub mod query;
 pub mod recognition;
 pub mod recovery;
 pub mod registry;
+pub mod status;
 pub mod storage;
+pub mod storage_sop_classes;
 pub mod tls;
 pub mod transcode;
 pub mod types;

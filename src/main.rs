@@ -7,10 +7,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use huren::config::NodeArgs;
+use huren::contract::{HospitalUpdate, Level, NewHospital, QcStatus};
 use huren::node::{self, Node};
 use huren::registry::RegistryArgs;
 use huren::registry::db::{AuditRecord, Db};
-use huren::registry::proto::{HospitalUpdate, Level, NewHospital, QcStatus};
 use huren::verify;
 
 /// jemalloc, not glibc's malloc: see Cargo.toml for why (measured in

@@ -21,8 +21,6 @@ use ::metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::config::Durability;
-
 // ------------------------------------------------------------- the node
 
 /// 1 when `/ready` would answer 200, 0 when not (set at each scrape), so
@@ -316,8 +314,8 @@ fn register(process: Process) {
 
 /// Registers the stored-instance series of a node's durability mode at
 /// zero (the mode is the node's configuration, not the process's).
-pub fn register_durability(durability: Durability) {
-    let d = durability_label(durability);
+/// `durability`: "full" or "relaxed".
+pub fn register_durability(d: &'static str) {
     for source in source::ALL {
         for outcome in STORE_OUTCOMES {
             counter!(INSTANCES_STORED, "source" => *source, "durability" => d, "outcome" => *outcome)
@@ -329,13 +327,6 @@ pub fn register_durability(durability: Durability) {
 
 pub fn ready(ready: bool) {
     gauge!(READY).set(if ready { 1.0 } else { 0.0 });
-}
-
-pub fn durability_label(durability: Durability) -> &'static str {
-    match durability {
-        Durability::Full => "full",
-        Durability::Relaxed => "relaxed",
-    }
 }
 
 fn unix_now() -> f64 {
@@ -399,42 +390,19 @@ impl Drop for DimseTimer {
     }
 }
 
-/// An acknowledged instance.
-pub fn instance_stored(
-    source: &'static str,
-    durability: Durability,
-    stored: &crate::ingest::Stored,
-) {
-    let d = durability_label(durability);
-    let outcome = match stored.outcome {
-        crate::index::StoreOutcome::Stored => "stored",
-        crate::index::StoreOutcome::Duplicate => "duplicate",
-        crate::index::StoreOutcome::NewVersion { .. } => "new_version",
-        crate::index::StoreOutcome::RejectionNote => "rejection_note",
-    };
+/// An acknowledged instance: `outcome` one of [`STORE_OUTCOMES`], `size`
+/// its bytes (counted for the outcomes that wrote a blob).
+pub fn instance_stored(source: &'static str, d: &'static str, outcome: &'static str, size: u64) {
     counter!(INSTANCES_STORED, "source" => source, "durability" => d, "outcome" => outcome)
         .increment(1);
     if outcome != "duplicate" && outcome != "rejection_note" {
-        counter!(STORED_BYTES, "source" => source, "durability" => d).increment(stored.size);
+        counter!(STORED_BYTES, "source" => source, "durability" => d).increment(size);
     }
 }
 
 /// `operation`: one of write, index, read, corrupt_read.
 pub fn storage_error(operation: &'static str) {
     counter!(STORAGE_ERRORS, "operation" => operation).increment(1);
-}
-
-/// Counts the failures of an ingest (the blob store or the index; a data
-/// set the peer got wrong is not a storage error).
-pub fn ingest_result<T>(result: &Result<T, crate::ingest::Error>) {
-    match result {
-        Err(crate::ingest::Error::Storage(_))
-        | Err(crate::ingest::Error::Unreadable(crate::part10::Error::Io(_))) => {
-            storage_error("write")
-        }
-        Err(crate::ingest::Error::Index(_)) => storage_error("index"),
-        _ => {}
-    }
 }
 
 /// The totals of one `huren verify` scrub.
@@ -501,21 +469,13 @@ pub fn registry_priors_query(started: Instant) {
     histogram!(REGISTRY_PRIORS_DURATION).record(started.elapsed().as_secs_f64());
 }
 
-pub fn registry_published(results: &[crate::registry::proto::PublishResult]) {
-    use crate::registry::proto::PublishOutcome;
-    for r in results {
-        let outcome = match r.outcome {
-            PublishOutcome::Applied => "applied",
-            PublishOutcome::Unchanged => "unchanged",
-        };
-        counter!(REGISTRY_RECORDS_PUBLISHED, "outcome" => outcome).increment(1);
-    }
+/// `outcome`: applied or unchanged.
+pub fn registry_published(outcome: &'static str) {
+    counter!(REGISTRY_RECORDS_PUBLISHED, "outcome" => outcome).increment(1);
 }
 
-pub fn registry_audit_appended(entries: &[crate::registry::db::AuditRecord]) {
-    for e in entries {
-        counter!(REGISTRY_AUDIT_ENTRIES, "action" => e.action).increment(1);
-    }
+pub fn registry_audit_appended(action: &'static str) {
+    counter!(REGISTRY_AUDIT_ENTRIES, "action" => action).increment(1);
 }
 
 /// DICOMweb timing by service: a POST is STOW-RS; a GET whose path ends in

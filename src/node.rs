@@ -61,9 +61,11 @@ pub async fn open_ingest(config: &NodeConfig) -> Result<Ingest, StartError> {
         (_, Durability::Relaxed) => CommitSync::Deferred,
     };
     let index = Index::open(&config.database_url, commit_sync).await?;
-    Ok(Ingest::new(Arc::new(store), index).with_rejection_senders(
-        crate::lifecycle::RejectionSenders::new(config.rejection_note_senders()),
-    ))
+    let notes = crate::lifecycle::RejectionNotes {
+        index: index.clone(),
+        senders: crate::iocm::RejectionSenders::new(config.rejection_note_senders()),
+    };
+    Ok(Ingest::new(Arc::new(store), index).with_rejection_handler(Arc::new(notes)))
 }
 
 /// The database file of a `sqlite:` URL.
@@ -98,7 +100,7 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Result<Node, StartError> {
         crate::metrics::install(crate::metrics::Process::Node);
-        crate::metrics::register_durability(config.durability);
+        crate::metrics::register_durability(config.durability.as_str());
         let ingest = open_ingest(config).await?;
         // Before the first association is accepted: the listeners' sockets
         // are bound, but nothing is read from them until the tasks below.
@@ -110,9 +112,7 @@ impl Node {
         let audit = crate::audit::Audit::open(config).map_err(StartError::Audit)?;
         let dicom_addr = dicom_listener.local_addr().map_err(storage::Error::Io)?;
         let http_addr = http_listener.local_addr().map_err(storage::Error::Io)?;
-        let tls = crate::tls::NodeTls::open(config)
-            .await
-            .map_err(StartError::Tls)?;
+        let tls = NodeTls::open(config).await.map_err(StartError::Tls)?;
         let region = match config.region.clone() {
             Some(region) => Some(
                 crate::publish::Region::new(
@@ -183,7 +183,7 @@ impl Node {
         let started = state.started.clone();
         let https = tls.is_some();
         let dicom_tls_addr = tls.as_ref().and_then(|t| t.dicom_addr());
-        let http_listener = crate::tls::NodeTls::http_listener(tls.as_ref(), http_listener);
+        let http_listener = NodeTls::http_listener(tls.as_ref(), http_listener);
         let http_task = tokio::spawn(http::run(http_listener, state.clone(), shutdown.clone()));
         let tls_tasks = match tls {
             Some(tls) => tls.spawn(ctx, state, shutdown),
@@ -231,5 +231,112 @@ impl Node {
         }
         self.audit.application_stop().await;
         self.ingest.index().close().await;
+    }
+}
+
+/// The node's own TLS, opened from its config: the certificate shared by
+/// HTTPS and the DICOM TLS listener, and the listeners TLS adds.
+pub struct NodeTls {
+    resolver: Arc<crate::tls::CertificateResolver>,
+    https: Arc<rustls::ServerConfig>,
+    dicom: Option<(Arc<crate::dicom::tls::DicomTls>, TcpListener)>,
+    http_plain: Option<TcpListener>,
+}
+
+impl NodeTls {
+    /// Reads the certificates and binds the DICOM TLS and loopback
+    /// plain-HTTP listeners the config names. These optional listeners
+    /// are bound here rather than by the caller so that `Node::start`
+    /// keeps one signature; the addresses they got are logged.
+    pub async fn open(config: &crate::config::NodeConfig) -> Result<Option<NodeTls>, String> {
+        let Some(tls) = &config.server_tls else {
+            return Ok(None);
+        };
+        let resolver =
+            crate::tls::CertificateResolver::load(&tls.certificate_file, &tls.private_key_file)?;
+        let https = crate::tls::https_config(resolver.clone())?;
+        let dicom = match config.dicom_tls_listen {
+            Some(addr) => {
+                let dicom_tls = crate::dicom::tls::DicomTls::new(tls, resolver.clone())?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen for DICOM TLS on {addr}: {e}"))?;
+                Some((dicom_tls, listener))
+            }
+            None => None,
+        };
+        let http_plain = match config.http_plain_listen {
+            Some(addr) => {
+                crate::tls::require_loopback(addr, "http_plain_listen")?;
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| format!("cannot listen for plain HTTP on {addr}: {e}"))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Some(NodeTls {
+            resolver,
+            https,
+            dicom,
+            http_plain,
+        }))
+    }
+
+    /// The node's HTTP port: HTTPS when TLS is configured.
+    pub fn http_listener(tls: Option<&NodeTls>, listener: TcpListener) -> crate::tls::HttpListener {
+        match tls {
+            Some(tls) => crate::tls::HttpListener::tls(listener, tls.https.clone()),
+            None => listener.into(),
+        }
+    }
+
+    /// The address of the DICOM TLS listener, if there is one.
+    pub fn dicom_addr(&self) -> Option<std::net::SocketAddr> {
+        self.dicom
+            .as_ref()
+            .and_then(|(_, listener)| listener.local_addr().ok())
+    }
+
+    /// Serves the DICOM TLS and plain-HTTP listeners until shutdown, and
+    /// reloads the certificates on SIGHUP.
+    pub fn spawn(
+        self,
+        ctx: Arc<crate::dicom::DicomContext>,
+        state: Arc<crate::http::AppState>,
+        shutdown: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut reload: Vec<Arc<dyn crate::tls::Reload>> = vec![self.resolver.clone()];
+        if let Some((dicom_tls, _)) = &self.dicom {
+            reload.push(dicom_tls.clone());
+        }
+        // Before the listeners are announced: SIGHUP's default action is
+        // to end the process.
+        crate::tls::spawn_reload_on_sighup(reload, shutdown.clone());
+        let mut tasks = Vec::new();
+        if let Some((dicom_tls, listener)) = self.dicom {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(ae_title = %ctx.ae_title, "DICOM TLS listening on {addr}");
+            }
+            tasks.push(tokio::spawn(crate::dicom::listener::run_tls(
+                listener,
+                ctx,
+                dicom_tls,
+                shutdown.clone(),
+            )));
+        }
+        if let Some(listener) = self.http_plain {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!("loopback plain HTTP on {addr}");
+            }
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = crate::http::run(listener.into(), state, shutdown).await {
+                    tracing::error!(error = %e, "plain HTTP server failed");
+                }
+            }));
+        }
+        tasks
     }
 }

@@ -19,10 +19,10 @@ use std::sync::Arc;
 use serde::Serialize;
 use sqlx::Row;
 
+use crate::contract::*;
 use crate::ingest::{self, Ingest};
 use crate::publish::{self, Region};
 use crate::registry::client;
-use crate::registry::proto::*;
 use crate::types::{BlobHash, Uid};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,7 @@ pub struct FetchReport {
 }
 
 fn now() -> String {
-    crate::registry::db::now_rfc3339()
+    crate::common::now_rfc3339()
 }
 
 /// The node part of a DICOMweb base URL (`…/dicom-web` → `…`), where the
@@ -85,6 +85,39 @@ fn now() -> String {
 fn api_base(dicomweb_base_url: &str) -> String {
     let base = dicomweb_base_url.trim_end_matches('/');
     base.strip_suffix("/dicom-web").unwrap_or(base).to_string()
+}
+
+/// A grant a peer presents, confirmed by the registry (cached until it
+/// expires); the first confirmation is recorded in the peer audit.
+pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed> {
+    use sha2::Digest;
+    let key = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    let now = now();
+    if let Some(g) = region
+        .grant_cache()
+        .lock()
+        .expect("grants lock")
+        .get(&key)
+        .cloned()
+        && g.expires_at > now
+    {
+        return Some(g);
+    }
+    match region.client().verify_grant(token).await {
+        Ok(g) => {
+            audit_served(region, &g).await;
+            region
+                .grant_cache()
+                .lock()
+                .expect("grants lock")
+                .insert(key, g.clone());
+            Some(g)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "a peer's grant was not confirmed");
+            None
+        }
+    }
 }
 
 /// Fetches a study held at `holding` (missing instances only), verified
@@ -431,11 +464,7 @@ async fn fetch_stream(
     while let Some(joined) = finishing.join_next().await {
         match joined {
             Ok((sop, Ok(stored))) => {
-                crate::metrics::instance_stored(
-                    crate::metrics::source::PEER,
-                    ingest.store().durability(),
-                    &stored,
-                );
+                stored.count(crate::metrics::source::PEER, ingest.store().durability());
                 bytes += stored.size;
                 done.insert(sop);
             }
@@ -565,11 +594,7 @@ async fn fetch_instance(
     drop(field);
     match ingest.finish_expecting(incoming, expected).await {
         Ok(stored) => {
-            crate::metrics::instance_stored(
-                crate::metrics::source::PEER,
-                ingest.store().durability(),
-                &stored,
-            );
+            stored.count(crate::metrics::source::PEER, ingest.store().durability());
             Ok(stored.size)
         }
         Err(ingest::Error::HashMismatch { expected, actual }) => Err(Error::Integrity(format!(

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
+use crate::contract::*;
 use crate::patient_key::{Identifier, IdentifierType};
 use crate::publish::Region;
 use crate::recognition::check::{self, CheckInput, CheckResult, Encounter, Order, Prior};
 use crate::registry::client;
-use crate::registry::proto::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,7 +95,7 @@ pub async fn remember_holders(region: &Region, answer: &PriorsAnswer) {
         )
         .bind(&r.record.study_instance_uid)
         .bind(&r.hospital_id)
-        .bind(crate::registry::db::now_rfc3339())
+        .bind(crate::common::now_rfc3339())
         .execute(region.index().pool())
         .await;
     }
@@ -125,7 +125,10 @@ pub async fn priors(
             remember_holders(region, &answer).await;
             Ok((answer, true))
         }
-        Err(client::Error::Status { status: 403, detail }) => Err(Error::Refused(detail)),
+        Err(client::Error::Status {
+            status: 403,
+            detail,
+        }) => Err(Error::Refused(detail)),
         Err(client::Error::Status { status, detail }) if status < 500 => {
             Err(Error::Registry(format!("{status}: {detail}")))
         }
@@ -320,7 +323,7 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         identity_verified: key.is_ok(),
     })
     .map_err(Error::Invalid)?;
-    let check_id = crate::registry::db::random_hex(16);
+    let check_id = crate::common::random_hex(16);
     let mut links = std::collections::BTreeMap::new();
     for p in result
         .cited
@@ -359,7 +362,7 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
-    let now = crate::registry::db::now_rfc3339();
+    let now = crate::common::now_rfc3339();
     sqlx::query(
         "INSERT INTO recognition_check (check_id, created_at, month, user_id, patient_key, \
          item_code, outcome, list_version, registry_reached, result) \
@@ -490,7 +493,7 @@ pub async fn decide(region: &Arc<Region>, d: &DecisionRequest) -> Result<Decisio
         Decision::Accepted => EventKind::Accepted,
         Decision::Repeated => EventKind::Repeated,
     };
-    let now = crate::registry::db::now_rfc3339();
+    let now = crate::common::now_rfc3339();
     let updated = sqlx::query(
         "UPDATE recognition_check SET decision = $2, reason_code = $3, free_text = $4, \
          decided_by = $5, decided_at = $6 WHERE check_id = $1 AND decision IS NULL",

@@ -32,12 +32,12 @@ use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RegionConfig;
+use crate::contract::*;
 use crate::index::Index;
 use crate::patient_key::{Identifier, IdentifierType, InvalidIdentifier, RegionSecret};
 use crate::recognition::classify::{SeriesAttributes, StudyAttributes, classify};
 use crate::recognition::list::RecognitionList;
 use crate::registry::client::{self, RegistryClient};
-use crate::registry::proto::*;
 use crate::storage::BlobStore;
 use crate::types::BlobHash;
 
@@ -174,7 +174,7 @@ impl Region {
             status: Mutex::new(PublisherStatus::default()),
             wake: Notify::new(),
             directory: RwLock::new(None),
-            lease_tag: crate::registry::db::random_hex(6),
+            lease_tag: crate::common::random_hex(6),
             config,
         }))
     }
@@ -193,31 +193,10 @@ impl Region {
         self.peer_http.clone()
     }
 
-    /// A grant a peer presents, confirmed by the registry (cached until it
-    /// expires); the first confirmation is recorded in the peer audit.
-    pub async fn verify_grant(&self, token: &str) -> Option<GrantConfirmed> {
-        use sha2::Digest;
-        let key = hex::encode(sha2::Sha256::digest(token.as_bytes()));
-        let now = now();
-        if let Some(g) = self.grants.lock().expect("grants lock").get(&key).cloned()
-            && g.expires_at > now
-        {
-            return Some(g);
-        }
-        match self.client.verify_grant(token).await {
-            Ok(g) => {
-                crate::peer::audit_served(self, &g).await;
-                self.grants
-                    .lock()
-                    .expect("grants lock")
-                    .insert(key, g.clone());
-                Some(g)
-            }
-            Err(error) => {
-                tracing::warn!(%error, "a peer's grant was not confirmed");
-                None
-            }
-        }
+    /// The grants peers presented that the registry confirmed, by the
+    /// SHA-256 of their token (src/peer.rs `verify_grant`).
+    pub(crate) fn grant_cache(&self) -> &Mutex<std::collections::HashMap<String, GrantConfirmed>> {
+        &self.grants
     }
 
     pub fn list(&self) -> Option<Arc<RecognitionList>> {

@@ -36,7 +36,7 @@ use crate::types::BlobHash;
 /// Name of the staging directory inside a local store's root. Not a valid
 /// key prefix (keys start with two hex digits), so listings never confuse a
 /// staging file with a blob.
-pub const STAGING_DIR: &str = ".staging";
+pub use crate::config::STAGING_DIR;
 
 /// Blobs above this size go to S3 as a multipart upload, read from the
 /// staging file one part at a time, so memory stays bounded.

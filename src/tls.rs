@@ -407,110 +407,45 @@ pub fn trust_ca_file(
     Ok(builder.tls_certs_merge(certs))
 }
 
-/// The node's own TLS, opened from its config: the certificate shared by
-/// HTTPS and the DICOM TLS listener, and the listeners TLS adds.
-pub struct NodeTls {
-    resolver: Arc<CertificateResolver>,
-    https: Arc<rustls::ServerConfig>,
-    dicom: Option<(Arc<crate::dicom::tls::DicomTls>, TcpListener)>,
-    http_plain: Option<TcpListener>,
-}
-
-impl NodeTls {
-    /// Reads the certificates and binds the DICOM TLS and loopback
-    /// plain-HTTP listeners the config names. These optional listeners
-    /// are bound here rather than by the caller so that `Node::start`
-    /// keeps one signature; the addresses they got are logged.
-    pub async fn open(config: &crate::config::NodeConfig) -> Result<Option<NodeTls>, String> {
-        let Some(tls) = &config.server_tls else {
-            return Ok(None);
-        };
-        let resolver = CertificateResolver::load(&tls.certificate_file, &tls.private_key_file)?;
-        let https = https_config(resolver.clone())?;
-        let dicom = match config.dicom_tls_listen {
-            Some(addr) => {
-                let dicom_tls = crate::dicom::tls::DicomTls::new(tls, resolver.clone())?;
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| format!("cannot listen for DICOM TLS on {addr}: {e}"))?;
-                Some((dicom_tls, listener))
-            }
-            None => None,
-        };
-        let http_plain = match config.http_plain_listen {
-            Some(addr) => {
-                require_loopback(addr, "http_plain_listen")?;
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|e| format!("cannot listen for plain HTTP on {addr}: {e}"))?,
-                )
-            }
-            None => None,
-        };
-        Ok(Some(NodeTls {
-            resolver,
-            https,
-            dicom,
-            http_plain,
-        }))
+/// The client configuration: peers verified against the configured CA
+/// certificates (and by host name or IP address), the node's own
+/// certificate presented when one is configured.
+pub fn client_config(
+    ca_file: &Path,
+    certificate_file: Option<&Path>,
+    private_key_file: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca_file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
     }
-
-    /// The node's HTTP port: HTTPS when TLS is configured.
-    pub fn http_listener(tls: Option<&NodeTls>, listener: TcpListener) -> HttpListener {
-        match tls {
-            Some(tls) => HttpListener::tls(listener, tls.https.clone()),
-            None => listener.into(),
-        }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate", ca_file.display()));
     }
-
-    /// The address of the DICOM TLS listener, if there is one.
-    pub fn dicom_addr(&self) -> Option<SocketAddr> {
-        self.dicom
-            .as_ref()
-            .and_then(|(_, listener)| listener.local_addr().ok())
-    }
-
-    /// Serves the DICOM TLS and plain-HTTP listeners until shutdown, and
-    /// reloads the certificates on SIGHUP.
-    pub fn spawn(
-        self,
-        ctx: Arc<crate::dicom::DicomContext>,
-        state: Arc<crate::http::AppState>,
-        shutdown: CancellationToken,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut reload: Vec<Arc<dyn Reload>> = vec![self.resolver.clone()];
-        if let Some((dicom_tls, _)) = &self.dicom {
-            reload.push(dicom_tls.clone());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let tls = match (certificate_file, private_key_file) {
+        (Some(cert_file), Some(key_file)) => {
+            let chain = CertificateDer::pem_file_iter(cert_file)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|e| format!("{}: {e}", key_file.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
         }
-        // Before the listeners are announced: SIGHUP's default action is
-        // to end the process.
-        spawn_reload_on_sighup(reload, shutdown.clone());
-        let mut tasks = Vec::new();
-        if let Some((dicom_tls, listener)) = self.dicom {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(ae_title = %ctx.ae_title, "DICOM TLS listening on {addr}");
-            }
-            tasks.push(tokio::spawn(crate::dicom::listener::run_tls(
-                listener,
-                ctx,
-                dicom_tls,
-                shutdown.clone(),
-            )));
-        }
-        if let Some(listener) = self.http_plain {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!("loopback plain HTTP on {addr}");
-            }
-            let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = crate::http::run(listener.into(), state, shutdown).await {
-                    tracing::error!(error = %e, "plain HTTP server failed");
-                }
-            }));
-        }
-        tasks
-    }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(tls))
 }
 
 #[cfg(test)]

@@ -50,7 +50,13 @@ pub(crate) struct Generated {
     pub(crate) sop: String,
 }
 
-pub(crate) fn gen_study(dir: &Path, study: &str, series: u32, per_series: u32, date: &str) -> Vec<Generated> {
+pub(crate) fn gen_study(
+    dir: &Path,
+    study: &str,
+    series: u32,
+    per_series: u32,
+    date: &str,
+) -> Vec<Generated> {
     let out = dir.join(study);
     support::python_tool(
         "lifecycle_tool.py",
@@ -74,7 +80,12 @@ pub(crate) fn gen_study(dir: &Path, study: &str, series: u32, per_series: u32, d
 }
 
 /// A rejection note for `instances` of `study`; returns its file.
-pub(crate) fn rejection_note(dir: &Path, code: &str, study: &str, instances: &[&Generated]) -> PathBuf {
+pub(crate) fn rejection_note(
+    dir: &Path,
+    code: &str,
+    study: &str,
+    instances: &[&Generated],
+) -> PathBuf {
     let path = dir.join(format!("kos-{}.dcm", uid_root()));
     let mut args = vec![
         "kos".to_string(),

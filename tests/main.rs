@@ -3,6 +3,7 @@
 //! Run through `scripts/test.sh`, which starts PostgreSQL and Garage and
 //! prepares dcmtk and pynetdicom; see support/mod.rs.
 
+mod architecture;
 mod audit;
 mod cli;
 mod dicomweb;

@@ -35,12 +35,7 @@ impl Drop for Process {
 
 /// Starts `huren ARGS` in `cwd` and reads its log until each marker has
 /// been followed by an address.
-pub(crate) fn spawn(
-    cwd: &Path,
-    args: &[&str],
-    envs: &[(&str, &str)],
-    markers: &[&str],
-) -> Process {
+pub(crate) fn spawn(cwd: &Path, args: &[&str], envs: &[(&str, &str)], markers: &[&str]) -> Process {
     let mut child = Command::new(HUREN)
         .args(args)
         .envs(envs.iter().copied())

@@ -99,7 +99,10 @@ async fn a_query_key_never_replaces_the_uid_of_the_path() {
     );
     store(dicom, &mine.files).await;
     store(dicom, &other.files).await;
-    let base = format!("http://{http}/dicom-web/studies/{}", mine.study_instance_uid);
+    let base = format!(
+        "http://{http}/dicom-web/studies/{}",
+        mine.study_instance_uid
+    );
 
     let (status, answer) = get(&format!("{base}/series?includefield=PatientID"), None).await;
     assert_eq!(status, 200);
@@ -240,8 +243,9 @@ async fn a_grant_opens_its_own_study_only_and_break_the_glass_needs_an_emergency
         "00200000D=*",
         "StudyInstanceUID=1.2.3",
     ] {
-        let url =
-            format!("{study_url}/series?{widening}&includefield=PatientName,PatientID,PatientBirthDate");
+        let url = format!(
+            "{study_url}/series?{widening}&includefield=PatientName,PatientID,PatientBirthDate"
+        );
         let (status, answer) = get(&url, Some(&grant_token)).await;
         assert_eq!(status, 400, "{url}: {answer}");
         assert!(!answer.to_string().contains("SEC-OTHER"), "{answer}");
@@ -299,25 +303,35 @@ async fn an_open_dicomweb_leaves_the_api_closed() {
     let uid = &study.study_instance_uid;
     let anonymous = Api::new(&format!("http://{http}"), None);
     let calls: Vec<(&str, String, Option<Value>)> = vec![
-        ("DELETE", format!("/api/v1/studies/{uid}"), Some(json!({"reason": "x"}))),
+        (
+            "DELETE",
+            format!("/api/v1/studies/{uid}"),
+            Some(json!({"reason": "x"})),
+        ),
         ("GET", "/api/v1/deletions".into(), None),
         ("GET", "/api/v1/publication".into(), None),
         (
             "POST",
             "/api/v1/patient-identifiers".into(),
-            Some(json!({"patient_id": "SEC-API", "issuer_of_patient_id": "", "identifier_type": "RID", "identifier": RID})),
+            Some(
+                json!({"patient_id": "SEC-API", "issuer_of_patient_id": "", "identifier_type": "RID", "identifier": RID}),
+            ),
         ),
         (
             "POST",
             "/api/v1/priors".into(),
-            Some(json!({"patient": {"identifier_type": "RID", "identifier": RID},
-                "purpose": "emergency", "encounter": "emergency", "user_id": "x"})),
+            Some(
+                json!({"patient": {"identifier_type": "RID", "identifier": RID},
+                "purpose": "emergency", "encounter": "emergency", "user_id": "x"}),
+            ),
         ),
         (
             "POST",
             "/api/v1/consents".into(),
-            Some(json!({"patient": {"identifier_type": "RID", "identifier": RID}, "method": "qr_code",
-                "recorded_by": "x", "state": "granted", "expires_at": "9999-12-31T00:00:00Z"})),
+            Some(
+                json!({"patient": {"identifier_type": "RID", "identifier": RID}, "method": "qr_code",
+                "recorded_by": "x", "state": "granted", "expires_at": "9999-12-31T00:00:00Z"}),
+            ),
         ),
         (
             "POST",
@@ -330,7 +344,11 @@ async fn an_open_dicomweb_leaves_the_api_closed() {
         let (status, answer) = anonymous.call(method, path, body.clone()).await;
         assert_eq!(status, 401, "{method} {path}: {answer}");
     }
-    let (status, answer) = get(&format!("http://{http}/dicom-web/studies/{uid}/series"), None).await;
+    let (status, answer) = get(
+        &format!("http://{http}/dicom-web/studies/{uid}/series"),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "DICOMweb stays open: {answer}");
     // With the token the same deletion is done.
     let operator = Api::new(&format!("http://{http}"), Some(TOKEN));
@@ -343,15 +361,22 @@ async fn an_open_dicomweb_leaves_the_api_closed() {
         .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
-        get(&format!("http://{http}/dicom-web/studies/{uid}/series"), None)
-            .await
-            .0,
+        get(
+            &format!("http://{http}/dicom-web/studies/{uid}/series"),
+            None
+        )
+        .await
+        .0,
         204
     );
 }
 
 /// Sends `files` with pynetdicom under `calling_ae_title`; their statuses.
-async fn send_as(calling_ae_title: &str, dicom: std::net::SocketAddr, files: &[PathBuf]) -> Vec<i64> {
+async fn send_as(
+    calling_ae_title: &str,
+    dicom: std::net::SocketAddr,
+    files: &[PathBuf],
+) -> Vec<i64> {
     let mut args = vec![
         "send".to_string(),
         dicom.ip().to_string(),
@@ -412,7 +437,10 @@ async fn a_rejection_note_deletes_only_its_own_patients_images_from_an_allowed_a
     let quality = huren::lifecycle::REJECTED_FOR_QUALITY_REASONS;
     // 1. From an AE that is not allowed to reject (it may store).
     let note = rejection_note(work.path(), quality, &study, &[target]);
-    assert_eq!(send_as("MODALITY", dicom, &[note.clone()]).await, vec![0x0124]);
+    assert_eq!(
+        send_as("MODALITY", dicom, &[note.clone()]).await,
+        vec![0x0124]
+    );
     // 2. From the allowed AE, but the note names another patient.
     let foreign = {
         let path = work.path().join("foreign-patient.dcm");
@@ -440,7 +468,10 @@ async fn a_rejection_note_deletes_only_its_own_patients_images_from_an_allowed_a
         "nothing deleted by a refused note"
     );
     // The refused notes barred nothing: the instance is stored again fine.
-    assert_eq!(send_as("MODALITY", dicom, &[target.file.clone()]).await, vec![0]);
+    assert_eq!(
+        send_as("MODALITY", dicom, &[target.file.clone()]).await,
+        vec![0]
+    );
 
     // 4. The allowed AE, the note of the instance's own study and patient.
     assert_eq!(send_as("PACS", dicom, &[note]).await, vec![0]);

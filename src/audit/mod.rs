@@ -27,12 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::Method;
-use axum::middleware::Next;
-use axum::response::Response;
-
 pub use message::{
     AccessPoint, Action, Code, Message, NameOrQuery, Outcome, Participant, ParticipantObject,
     SopClass, Source,
@@ -813,150 +807,67 @@ impl Transfer {
 
 // ------------------------------------------------------------------ HTTP
 
-/// What a DICOMweb request is, for its audit message.
-#[derive(Debug, PartialEq, Eq)]
-enum WebRequest<'a> {
-    /// QIDO-RS: a search.
-    Qido,
-    /// WADO-RS of a study, a series or an instance: the instances
-    /// themselves (Instances Transferred), or only their metadata or a
-    /// rendering (Instances Accessed).
-    Wado {
-        study: &'a str,
-        accessed: bool,
-    },
-    /// STOW-RS.
-    Stow,
-    Other,
+/// Why an HTTP request was refused, for its Security Alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No valid credential (401): Node Authentication.
+    Unauthenticated,
+    /// A valid credential without the right (403): Use of Restricted
+    /// Function.
+    Forbidden,
 }
 
-fn classify<'a>(method: &Method, path: &'a str) -> WebRequest<'a> {
-    let Some(rest) = path.strip_prefix(crate::http::dicomweb::BASE_PATH) else {
-        return WebRequest::Other;
-    };
-    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    if *method == Method::POST {
-        return WebRequest::Stow;
-    }
-    if *method != Method::GET && *method != Method::HEAD {
-        return WebRequest::Other;
-    }
-    match segments.as_slice() {
-        [] => WebRequest::Other,
-        [.., last] if matches!(*last, "studies" | "series" | "instances") => WebRequest::Qido,
-        ["studies", study, ..] => WebRequest::Wado {
-            study,
-            accessed: matches!(
-                segments.last(),
-                Some(&"metadata" | &"rendered" | &"thumbnail")
-            ),
-        },
-        _ => WebRequest::Other,
-    }
-}
-
-struct HttpAudit {
+/// An HTTP request served under an audit scope: the ingest path's and the
+/// page's hooks record into it while it runs, and the HTTP layer
+/// (src/http/audit.rs) says afterwards, in plain facts, what it was.
+pub struct HttpRequest {
     audit: Audit,
-    index: Index,
-    tokens: Option<crate::http::dicomweb::auth::Tokens>,
+    scope: Arc<Mutex<Scope>>,
 }
 
-/// Audits every DICOMweb request of `router` (QIDO-RS Query, WADO-RS
-/// Instances Transferred/Accessed, STOW-RS Instances Transferred, refused
-/// tokens as Security Alerts).
-pub fn dicomweb_layer(
-    audit: &Audit,
-    config: &crate::config::DicomwebConfig,
-    index: &Index,
-    router: Router,
-) -> Router {
-    if audit.0.is_none() {
-        return router;
-    }
-    let state = Arc::new(HttpAudit {
-        audit: audit.clone(),
-        index: index.clone(),
-        tokens: Some(crate::http::dicomweb::auth::Tokens::new(config)),
-    });
-    router.layer(axum::middleware::from_fn_with_state(
-        state,
-        dicomweb_request,
-    ))
-}
-
-/// Gives the page's handlers a scope (the user's address), for their
-/// User Authentication and access hooks.
-pub fn page_layer(audit: &Audit, index: &Index, router: Router) -> Router {
-    if audit.0.is_none() {
-        return router;
-    }
-    let state = Arc::new(HttpAudit {
-        audit: audit.clone(),
-        index: index.clone(),
-        tokens: None,
-    });
-    router.layer(axum::middleware::from_fn_with_state(state, page_request))
-}
-
-fn peer_of(request: &Request) -> Option<IpAddr> {
-    request
-        .extensions()
-        .get::<ConnectInfo<crate::tls::PeerAddr>>()
-        .map(|c| c.0.0.ip())
-}
-
-fn http_scope(audit: &Audit, peer: Option<IpAddr>, user: String) -> Arc<Mutex<Scope>> {
-    Arc::new(Mutex::new(Scope {
-        audit: audit.clone(),
-        peer,
-        requestor: Requestor::Http { user },
-        refusal: None,
-        stored: BTreeMap::new(),
-    }))
-}
-
-async fn page_request(
-    State(state): State<Arc<HttpAudit>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let scope = http_scope(&state.audit, peer_of(&request), String::new());
-    SCOPE.scope(scope, next.run(request)).await
-}
-
-async fn dicomweb_request(
-    State(state): State<Arc<HttpAudit>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or("").to_string();
-    let user = if let Some(grant) = request.extensions().get::<crate::http::GrantAccess>() {
-        format!(
-            "grant:{}:{}",
-            grant.0.requesting_hospital_id, grant.0.user_id
+impl Audit {
+    /// Serves a request (`serve`) within a scope naming who asks (`user`)
+    /// and from where; `None` beside the output when auditing is off.
+    pub async fn http_request<F: Future>(
+        &self,
+        peer: Option<IpAddr>,
+        user: String,
+        serve: F,
+    ) -> (F::Output, Option<HttpRequest>) {
+        if self.0.is_none() {
+            return (serve.await, None);
+        }
+        let scope = Arc::new(Mutex::new(Scope {
+            audit: self.clone(),
+            peer,
+            requestor: Requestor::Http { user },
+            refusal: None,
+            stored: BTreeMap::new(),
+        }));
+        let output = SCOPE.scope(scope.clone(), serve).await;
+        (
+            output,
+            Some(HttpRequest {
+                audit: self.clone(),
+                scope,
+            }),
         )
-    } else {
-        let authorization = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        state
-            .tokens
-            .as_ref()
-            .and_then(|t| t.holder(authorization))
-            .map(|name| format!("token:{name}"))
-            .unwrap_or_else(|| "anonymous".into())
-    };
-    let scope = http_scope(&state.audit, peer_of(&request), user);
-    let response = SCOPE.scope(scope.clone(), next.run(request)).await;
-    let status = response.status().as_u16();
-    let mut scope = scope.lock().unwrap_or_else(|e| e.into_inner());
-    let audit = state.audit.clone();
-    let alert = |kind: Code, description: &str| {
+    }
+}
+
+impl HttpRequest {
+    fn scope(&self) -> std::sync::MutexGuard<'_, Scope> {
+        self.scope.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Security Alert for a refused request, naming it by its URI.
+    pub fn refused(&self, refusal: Refusal, method: &str, path: &str, description: &str) {
+        let kind = match refusal {
+            Refusal::Unauthenticated => event_type::NODE_AUTHENTICATION,
+            Refusal::Forbidden => event_type::USE_OF_RESTRICTED_FUNCTION,
+        };
         let subject = ParticipantObject {
-            id: path.clone(),
+            id: path.to_string(),
             id_type: id_type::URI,
             type_code: 2,
             role: 13,
@@ -965,93 +876,84 @@ async fn dicomweb_request(
             accession_numbers: Vec::new(),
             sop_classes: Vec::new(),
         };
-        security_alert(&scope, kind, subject);
-    };
-    match status {
-        401 => {
-            alert(
-                event_type::NODE_AUTHENTICATION,
-                "DICOMweb request without a valid bearer token (401)",
-            );
-            return response;
-        }
-        403 => {
-            alert(
-                event_type::USE_OF_RESTRICTED_FUNCTION,
-                "DICOMweb token lacks the scope this request needs (403)",
-            );
-            return response;
-        }
-        _ => {}
+        security_alert(&self.scope(), kind, subject);
     }
-    let outcome = Outcome::of_http(status);
-    match classify(&method, &path) {
-        WebRequest::Qido => {
-            let mut m = audit.message(event::QUERY, Action::Execute, outcome, Vec::new());
-            m.participants
-                .push(scope.requestor(true, Some(role::SOURCE)));
-            m.participants
-                .push(audit.node(false, Some(role::DESTINATION)));
-            // PS3.15 A.5.3.10: not a DICOM data set, so the query "in the
-            // format of the protocol used": the request's query string,
-            // naming the resource by its URI.
-            m.objects.push(ParticipantObject {
-                id: path.clone(),
-                id_type: id_type::URI,
-                type_code: 2,
-                role: 3,
-                name_or_query: NameOrQuery::Query(query.into_bytes()),
-                details: Vec::new(),
-                accession_numbers: Vec::new(),
-                sop_classes: Vec::new(),
-            });
-            audit.emit(&m);
-        }
-        WebRequest::Stow => {
-            if scope.stored.is_empty() {
-                // Nothing stored: the response (and the node's log) says
-                // why; there is no study or patient to name.
-                return response;
-            }
-            scope.emit_received(outcome);
-        }
-        WebRequest::Wado { study, accessed } => {
-            let requestor = scope.requestor(true, Some(role::DESTINATION));
-            let study = study.to_string();
-            let index = state.index.clone();
-            // The patient comes from the index: looked up off the
-            // response's path.
-            tokio::spawn(async move {
-                let row = index.study(&study).await.ok().flatten();
-                let (event_id, action) = if accessed {
-                    (event::INSTANCES_ACCESSED, Action::Read)
-                } else {
-                    (event::INSTANCES_TRANSFERRED, Action::Read)
-                };
-                let mut m = audit.message(event_id, action, outcome, Vec::new());
-                if accessed {
-                    m.participants.push(requestor);
-                    m.participants.push(audit.node(false, None));
-                } else {
-                    m.participants.push(audit.node(false, Some(role::SOURCE)));
-                    m.participants.push(requestor);
-                }
-                let accession = row
-                    .as_ref()
-                    .map(|r| r.accession_number.as_str())
-                    .unwrap_or("");
-                m.objects
-                    .push(ParticipantObject::study(&study, accession, Vec::new()));
-                if let Some(r) = &row {
-                    m.objects
-                        .push(ParticipantObject::patient(&r.patient_id, &r.patient_name));
-                }
-                audit.emit(&m);
-            });
-        }
-        WebRequest::Other => {}
+
+    /// Query (A.5.3.10) for a search: not a DICOM data set, so the query
+    /// "in the format of the protocol used": the request's query string,
+    /// naming the resource by its URI.
+    pub fn queried(&self, path: &str, query: &str, status: u16) {
+        let audit = &self.audit;
+        let scope = self.scope();
+        let mut m = audit.message(
+            event::QUERY,
+            Action::Execute,
+            Outcome::of_http(status),
+            Vec::new(),
+        );
+        m.participants
+            .push(scope.requestor(true, Some(role::SOURCE)));
+        m.participants
+            .push(audit.node(false, Some(role::DESTINATION)));
+        m.objects.push(ParticipantObject {
+            id: path.to_string(),
+            id_type: id_type::URI,
+            type_code: 2,
+            role: 3,
+            name_or_query: NameOrQuery::Query(query.as_bytes().to_vec()),
+            details: Vec::new(),
+            accession_numbers: Vec::new(),
+            sop_classes: Vec::new(),
+        });
+        audit.emit(&m);
     }
-    response
+
+    /// Instances Transferred for what a store request stored, one message
+    /// per patient; nothing when nothing was stored (the response and the
+    /// node's log say why, and there is no study or patient to name).
+    pub fn stored(&self, status: u16) {
+        let mut scope = self.scope();
+        if !scope.stored.is_empty() {
+            scope.emit_received(Outcome::of_http(status));
+        }
+    }
+
+    /// A study's instances read: Instances Transferred, or Instances
+    /// Accessed when only their metadata or a rendering went out.
+    pub fn instances_read(
+        &self,
+        study_instance_uid: &str,
+        accessed: bool,
+        status: u16,
+        accession_number: &str,
+        patient: Option<(&str, &str)>,
+    ) {
+        let audit = &self.audit;
+        let requestor = self.scope().requestor(true, Some(role::DESTINATION));
+        let (event_id, action) = if accessed {
+            (event::INSTANCES_ACCESSED, Action::Read)
+        } else {
+            (event::INSTANCES_TRANSFERRED, Action::Read)
+        };
+        let mut m = audit.message(event_id, action, Outcome::of_http(status), Vec::new());
+        if accessed {
+            m.participants.push(requestor);
+            m.participants.push(audit.node(false, None));
+        } else {
+            m.participants.push(audit.node(false, Some(role::SOURCE)));
+            m.participants.push(requestor);
+        }
+        m.objects.push(ParticipantObject::study(
+            study_instance_uid,
+            accession_number,
+            Vec::new(),
+        ));
+        if let Some((patient_id, patient_name)) = patient {
+            m.objects
+                .push(ParticipantObject::patient(patient_id, patient_name));
+        }
+        audit.emit(&m);
+    }
 }
 
 // ------------------------------------------------------------------ page
@@ -1165,68 +1067,4 @@ pub fn study_viewed(user_id: &str, index: &Index, study_instance_uid: &str) {
         }
         audit.emit(&m);
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dicomweb_requests_are_classified() {
-        let study = "1.2.3";
-        let cases: &[(Method, &str, WebRequest)] = &[
-            (Method::GET, "/dicom-web/studies", WebRequest::Qido),
-            (Method::GET, "/dicom-web/series", WebRequest::Qido),
-            (Method::GET, "/dicom-web/instances", WebRequest::Qido),
-            (
-                Method::GET,
-                "/dicom-web/studies/1.2.3/series",
-                WebRequest::Qido,
-            ),
-            (
-                Method::GET,
-                "/dicom-web/studies/1.2.3/series/4/instances",
-                WebRequest::Qido,
-            ),
-            (
-                Method::GET,
-                "/dicom-web/studies/1.2.3",
-                WebRequest::Wado {
-                    study,
-                    accessed: false,
-                },
-            ),
-            (
-                Method::GET,
-                "/dicom-web/studies/1.2.3/series/4/instances/5/frames/1",
-                WebRequest::Wado {
-                    study,
-                    accessed: false,
-                },
-            ),
-            (
-                Method::GET,
-                "/dicom-web/studies/1.2.3/metadata",
-                WebRequest::Wado {
-                    study,
-                    accessed: true,
-                },
-            ),
-            (
-                Method::GET,
-                "/dicom-web/studies/1.2.3/series/4/instances/5/rendered",
-                WebRequest::Wado {
-                    study,
-                    accessed: true,
-                },
-            ),
-            (Method::POST, "/dicom-web/studies", WebRequest::Stow),
-            (Method::POST, "/dicom-web/studies/1.2.3", WebRequest::Stow),
-            (Method::OPTIONS, "/dicom-web/studies", WebRequest::Other),
-            (Method::GET, "/health", WebRequest::Other),
-        ];
-        for (method, path, expected) in cases {
-            assert_eq!(&classify(method, path), expected, "{method} {path}");
-        }
-    }
 }

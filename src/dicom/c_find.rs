@@ -2,7 +2,7 @@
 //! to IMAGE, over the shared matcher. Matches are sent as Pending
 //! responses as the database produces them; a C-CANCEL stops the query.
 
-use super::association::{During, Op, Transport, during};
+use super::context::{During, Op, Transport, during};
 use super::dimse::{self, command_field, status};
 use super::{identifier, sop_classes};
 use crate::query::{self, Item, Level, Outcome};
@@ -207,7 +207,7 @@ async fn regional_priors<S>(
     let answer = match crate::priors::priors(
         region,
         &key,
-        crate::registry::proto::Purpose::Treatment,
+        crate::contract::Purpose::Treatment,
         None,
         &user,
     )

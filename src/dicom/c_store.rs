@@ -7,8 +7,7 @@
 use tracing::Span;
 
 use super::dimse::{self, CommandSet, command_field, status};
-use crate::ingest::{self, Incoming, Ingest};
-use crate::part10;
+use crate::ingest::{Incoming, Ingest};
 use crate::types::Uid;
 
 pub enum Begin {
@@ -107,16 +106,12 @@ impl Receiving {
         let sop_instance_uid = request.affected_sop_instance_uid().unwrap_or_default();
         let (code, comment) = match ingest.finish(incoming).await {
             Ok(stored) => {
-                crate::metrics::instance_stored(
-                    crate::metrics::source::C_STORE,
-                    ingest.store().durability(),
-                    &stored,
-                );
+                stored.count(crate::metrics::source::C_STORE, ingest.store().durability());
                 tracing::debug!(parent: span, %sop_instance_uid, blob = %stored.hash, size = stored.size, outcome = ?stored.outcome, "stored");
                 (status::SUCCESS, None)
             }
             Err(error) => {
-                let code = status_for(&error);
+                let code = error.status();
                 if code == status::OUT_OF_RESOURCES {
                     tracing::error!(parent: span, %sop_instance_uid, %error, "C-STORE refused: out of resources");
                 } else {
@@ -148,81 +143,5 @@ impl Receiving {
         } = *self;
         timer.discard();
         ingest.abandon(incoming).await;
-    }
-}
-
-/// The PS3.4 B.2.3 status for each way the ingest path can fail.
-pub fn status_for(error: &ingest::Error) -> u16 {
-    match error {
-        ingest::Error::Unreadable(part10::Error::MissingAttribute(_))
-        | ingest::Error::Unreadable(part10::Error::InvalidUid { .. }) => {
-            status::CANNOT_UNDERSTAND_MISSING_UID
-        }
-        ingest::Error::Unreadable(part10::Error::Io(_)) => status::OUT_OF_RESOURCES,
-        ingest::Error::Unreadable(_) => status::CANNOT_UNDERSTAND,
-        ingest::Error::SopClassMismatch { .. } => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-        ingest::Error::SopInstanceMismatch { .. } => status::CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
-        ingest::Error::Storage(_) | ingest::Error::Index(_) => status::OUT_OF_RESOURCES,
-        // Only peer fetches name an expected hash; C-STORE never does.
-        ingest::Error::HashMismatch { .. } => status::CANNOT_UNDERSTAND,
-        // IHE IOCM: a rejected instance sent again stays out. 0124 is a
-        // refusal, not a fault the sender may retry away (PS3.7 C.5).
-        ingest::Error::Rejected { .. } => status::NOT_AUTHORIZED,
-        // A rejection note from an AE that may not reject, or for another
-        // patient's or study's instances: refused, not a fault to retry.
-        ingest::Error::Lifecycle(crate::lifecycle::Error::NoteRefused(_)) => status::NOT_AUTHORIZED,
-        ingest::Error::Lifecycle(_) => status::OUT_OF_RESOURCES,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{index, storage};
-
-    #[test]
-    fn statuses_follow_ps3_4_annex_b() {
-        let cases: Vec<(ingest::Error, u16)> = vec![
-            (
-                ingest::Error::Unreadable(part10::Error::Truncated("x")),
-                0xC000,
-            ),
-            (
-                ingest::Error::Unreadable(part10::Error::Malformed("x".into())),
-                0xC000,
-            ),
-            (
-                ingest::Error::Unreadable(part10::Error::Undecodable("x".into())),
-                0xC000,
-            ),
-            (
-                ingest::Error::Unreadable(part10::Error::MissingAttribute("SOP Instance UID")),
-                0xC001,
-            ),
-            (
-                ingest::Error::SopClassMismatch {
-                    announced: "1.2".into(),
-                    actual: "1.3".into(),
-                },
-                0xA900,
-            ),
-            (
-                ingest::Error::SopInstanceMismatch {
-                    announced: "1.2".into(),
-                    actual: "1.3".into(),
-                },
-                0xC002,
-            ),
-            (
-                ingest::Error::Storage(storage::Error::Io(std::io::Error::from(
-                    std::io::ErrorKind::StorageFull,
-                ))),
-                0xA700,
-            ),
-            (ingest::Error::Index(index::Error::WriterStopped), 0xA700),
-        ];
-        for (error, expected) in cases {
-            assert_eq!(status_for(&error), expected, "{error}");
-        }
     }
 }

@@ -213,7 +213,7 @@ pub fn response(request: &InMemDicomObject, m: &Match, ae_title: &str) -> InMemD
 /// instances (peer retrieval fetches them on demand once it is built).
 pub fn regional_response(
     request: &InMemDicomObject,
-    record: &crate::registry::proto::StudyRecord,
+    record: &crate::contract::StudyRecord,
     institution: &str,
     description: &str,
     ae_title: &str,

@@ -20,7 +20,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::association::{self, DicomContext};
+use super::association;
+use super::context::DicomContext;
 use super::tls::DicomTls;
 
 /// Serves associations until `shutdown` is cancelled, then waits for the

@@ -7,6 +7,9 @@
 //! - `dimse`: command sets, Message IDs and named statuses.
 //! - `c_echo`, `c_store`, `c_find`, `retrieve` (C-MOVE, C-GET),
 //!   `commitment` (Storage Commitment Push Model): the services.
+//! - `context`: what the services share of the node and of their
+//!   association (`DicomContext`, `Op`, the AE-title policy).
+//! - `report`: a Storage Commitment result awaiting its acknowledgement.
 //! - `identifier`: Q/R identifiers to and from the shared matcher's types.
 //! - `sop_classes`: which abstract syntaxes are accepted.
 
@@ -15,12 +18,13 @@ pub mod c_echo;
 pub mod c_find;
 pub mod c_store;
 pub mod commitment;
+pub mod context;
 pub mod dimse;
 pub mod identifier;
 pub mod listener;
+pub mod report;
 pub mod retrieve;
 pub mod sop_classes;
-mod storage_sop_classes;
 pub mod tls;
 
-pub use association::DicomContext;
+pub use context::DicomContext;

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::association::{During, Op, Transport, during};
+use super::context::{During, Op, Transport, during};
 use super::dimse::{self, CommandSetBuilder, SubOperations, command_field, status};
 use super::{identifier, sop_classes};
 use crate::config::RemoteAe;
@@ -327,7 +327,7 @@ async fn plan<S>(
                     &op.ctx.ingest,
                     &holding,
                     &study_instance_uid,
-                    crate::registry::proto::Purpose::Treatment,
+                    crate::contract::Purpose::Treatment,
                     None,
                     &user,
                     Some(format!("retrieve by {user}")),

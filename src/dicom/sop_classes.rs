@@ -1,9 +1,9 @@
 //! The SOP classes this node accepts: every Storage SOP Class in the
 //! standard's registry, as dicom-dictionary-std carries it (see
-//! `storage_sop_classes.rs`, generated from that table; a test checks the
+//! `src/storage_sop_classes.rs`, generated from that table; a test checks the
 //! two agree, so a dependency update cannot silently leave one out).
 
-pub use super::storage_sop_classes::STORAGE_SOP_CLASSES;
+pub use crate::storage_sop_classes::STORAGE_SOP_CLASSES;
 
 use dicom_dictionary_std::uids;
 

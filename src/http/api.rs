@@ -18,13 +18,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
+use crate::common::{Body, problem};
+use crate::contract::*;
 use crate::index::Index;
 use crate::patient_key::{Identifier, IdentifierType};
 use crate::priors::{self, PatientRef};
 use crate::publish::{self, Region};
 use crate::registry::client;
-use crate::registry::proto::*;
-use crate::registry::server::{Body, problem};
 use crate::types::{BlobHash, Uid};
 
 pub struct ApiState {
@@ -81,7 +81,10 @@ impl From<publish::Error> for ApiError {
 impl From<client::Error> for ApiError {
     fn from(e: client::Error) -> Self {
         match e {
-            client::Error::Status { status: 403, detail } => ApiError::Forbidden(detail),
+            client::Error::Status {
+                status: 403,
+                detail,
+            } => ApiError::Forbidden(detail),
             client::Error::Status { status, detail } if status < 500 => {
                 ApiError::Registry(format!("{status}: {detail}"))
             }
@@ -230,7 +233,7 @@ async fn put_identifier(
     .bind(m.issuer_of_patient_id.trim())
     .bind(identifier.kind().code())
     .bind(identifier.number())
-    .bind(crate::registry::db::now_rfc3339())
+    .bind(crate::common::now_rfc3339())
     .execute(pool)
     .await?;
     let studies = sqlx::query(
@@ -302,8 +305,13 @@ async fn read_report(index: &Index, uid: &str) -> Result<StudyReport, ApiError> 
 }
 
 fn check_date(s: &str) -> Result<(), ApiError> {
-    crate::registry::db::check_date("report_issued_date", s)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))
+    if crate::common::is_date(s) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(
+            "report_issued_date must be a date, YYYY-MM-DD".into(),
+        ))
+    }
 }
 
 async fn write_report(state: &ApiState, uid: &str, report: &StudyReport) -> Result<(), ApiError> {
@@ -318,7 +326,7 @@ async fn write_report(state: &ApiState, uid: &str, report: &StudyReport) -> Resu
     .bind(report.report_status.as_str())
     .bind(report.report_issued_date.clone())
     .bind(report.qc_status.as_str())
-    .bind(crate::registry::db::now_rfc3339())
+    .bind(crate::common::now_rfc3339())
     .execute(state.index.pool())
     .await?;
     publish::mark_changed(&state.index, uid).await?;

@@ -3,6 +3,7 @@
 //! join here as one `router()` per resource.
 
 pub mod api;
+pub mod audit;
 pub mod dicomweb;
 pub mod error;
 pub mod health;
@@ -36,7 +37,7 @@ pub struct AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     health::router(state.clone())
-        .merge(crate::audit::dicomweb_layer(
+        .merge(audit::dicomweb_layer(
             &state.audit,
             &state.dicomweb,
             state.ingest.index(),
@@ -48,7 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             ),
         ))
         .merge(api_router(&state))
-        .merge(crate::audit::page_layer(
+        .merge(audit::page_layer(
             &state.audit,
             state.ingest.index(),
             page::router(&state),
@@ -70,7 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// A request admitted under a peer's registry grant.
 #[derive(Clone)]
-pub struct GrantAccess(pub crate::registry::proto::GrantConfirmed);
+pub struct GrantAccess(pub crate::contract::GrantConfirmed);
 
 async fn grant_access(
     State(region): State<Option<Arc<crate::publish::Region>>>,
@@ -85,7 +86,7 @@ async fn grant_access(
         .map(|t| t.trim().to_string())
         .filter(|t| t.starts_with("hg."));
     if let Some(token) = token {
-        use crate::registry::server::problem;
+        use crate::common::problem;
         let Some(region) = region else {
             return problem(
                 StatusCode::UNAUTHORIZED,
@@ -93,7 +94,7 @@ async fn grant_access(
                 "this node takes no grants",
             );
         };
-        let Some(grant) = region.verify_grant(&token).await else {
+        let Some(grant) = crate::peer::verify_grant(&region, &token).await else {
             return problem(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

@@ -303,6 +303,29 @@ impl Index {
             .collect()
     }
 
+    /// The reason code under which a SOP Instance UID stays rejected by an
+    /// IOCM rejection note (migrations 0010, 0011), if it does: the ingest
+    /// path refuses such an instance. A bar set for an instance the node
+    /// did not hold then covers only the note's study and patient.
+    pub async fn rejection_of(
+        &self,
+        sop_instance_uid: &str,
+        study_instance_uid: &str,
+        patient_id: &str,
+    ) -> Result<Option<String>, Error> {
+        let row = sqlx::query(
+            "SELECT reason_code FROM rejected_instance WHERE sop_instance_uid = $1 \
+             AND (study_instance_uid IS NULL OR study_instance_uid = $2) \
+             AND (patient_id IS NULL OR patient_id = $3)",
+        )
+        .bind(sop_instance_uid)
+        .bind(study_instance_uid)
+        .bind(patient_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
     pub async fn study(&self, study_instance_uid: &str) -> Result<Option<StudyRow>, Error> {
         let row = sqlx::query(
             "SELECT st.study_instance_uid, p.patient_id, p.patient_name, st.study_date, \

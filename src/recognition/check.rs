@@ -11,9 +11,9 @@ use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use super::list::{Item, LateralityRule, Projection, RecognitionList};
-use crate::registry::proto::{Hospital, Laterality, QcStatus, StudyRecord};
+use crate::contract::{Hospital, Laterality, QcStatus, StudyRecord};
 
-pub use crate::registry::proto::Encounter;
+pub use crate::contract::Encounter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -353,8 +353,8 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::{Contrast, Level, RecordItem, ReportStatus};
     use crate::recognition::classify::tests::test_list;
-    use crate::registry::proto::{Contrast, Level, RecordItem, ReportStatus};
 
     fn hospital(id: &str, level: Level, groups: &[&str]) -> Hospital {
         Hospital {

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::list::{Item, ItemContrast, LateralityRule, Projection, RecognitionList};
-use crate::registry::proto::Laterality;
+use crate::contract::Laterality;
 
 /// The attributes of one series (its first instance speaks for it).
 #[derive(Debug, Clone, Default)]

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::registry::proto::Level;
+use crate::contract::Level;
 
 /// Modalities an item may name (PS3.3 C.7.3.1.1.1), plus PET-CT for a
 /// study with PT and diagnostic CT series.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use super::proto::*;
+use crate::contract::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

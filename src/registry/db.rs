@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 
-use super::proto::*;
+use crate::contract::*;
 use crate::patient_key::is_patient_key;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +64,7 @@ pub struct AuditRecord {
     pub detail: String,
 }
 
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
-}
+use crate::common::{now_rfc3339, random_hex};
 
 /// Parses an RFC 3339 time (`Z` offset) into the one form the database
 /// keeps, so that text comparison is time comparison.
@@ -76,18 +74,13 @@ pub fn normalise_time(s: &str) -> Result<String> {
     Ok(humantime::format_rfc3339_micros(t).to_string())
 }
 
-pub(crate) fn check_date(field: &str, s: &str) -> Result<()> {
-    let b = s.as_bytes();
-    let ok = b.len() == 10
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
-    if ok {
+fn check_date(field: &str, s: &str) -> Result<()> {
+    if crate::common::is_date(s) {
         Ok(())
     } else {
-        Err(Error::Invalid(format!("{field} must be YYYY-MM-DD")))
+        Err(Error::Invalid(format!(
+            "{field} must be a date, YYYY-MM-DD"
+        )))
     }
 }
 
@@ -817,8 +810,15 @@ impl Db {
     ) -> Result<Result<Grant, String>> {
         check_uid(&r.study_instance_uid)?;
         check_text("user_id", &r.user_id, 128)?;
-        self.check_emergency(asking, "grant_issue", r.purpose, r.encounter, &r.user_id, None)
-            .await?;
+        self.check_emergency(
+            asking,
+            "grant_issue",
+            r.purpose,
+            r.encounter,
+            &r.user_id,
+            None,
+        )
+        .await?;
         let row = sqlx::query(
             "SELECT patient_key, record FROM study_record WHERE hospital_id = $1 \
              AND study_instance_uid = $2 AND retracted = 0",
@@ -1330,18 +1330,14 @@ pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Re
         }
         q.execute(&mut *tx).await?;
     }
-    crate::metrics::registry_audit_appended(entries);
+    for e in entries {
+        crate::metrics::registry_audit_appended(e.action);
+    }
     sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
         .bind(&prev_hash)
         .execute(&mut *tx)
         .await?;
     Ok(())
-}
-
-pub fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).expect("the OS random source works");
-    hex::encode(buf)
 }
 
 /// A unified social credit code is 18 characters of digits and upper-case

@@ -13,7 +13,6 @@
 
 pub mod client;
 pub mod db;
-pub mod proto;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -25,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use proto::AuditEntry;
+use crate::contract::AuditEntry;
 use server::RegistryState;
 
 /// Settings of `huren registry`; each also from the environment.
@@ -127,7 +126,7 @@ impl RegistryArgs {
             None => {
                 let p = self.data_dir().join("admin-token");
                 if !p.exists() {
-                    write_secret_file(&p, &db::random_hex(32))?;
+                    write_secret_file(&p, &crate::common::random_hex(32))?;
                     tracing::info!(path = %p.display(), "generated the registry admin token");
                 }
                 p
@@ -168,10 +167,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::metrics::install(crate::metrics::Process::Registry);
-    let db = db::Db::open(&args.database_url()).await?.with_emergency_grants_per_hour(
-        args.emergency_grants_per_hour
-            .unwrap_or(db::DEFAULT_EMERGENCY_GRANTS_PER_HOUR),
-    );
+    let db = db::Db::open(&args.database_url())
+        .await?
+        .with_emergency_grants_per_hour(
+            args.emergency_grants_per_hour
+                .unwrap_or(db::DEFAULT_EMERGENCY_GRANTS_PER_HOUR),
+        );
     let token = args.admin_token()?;
     if let Some(path) = &args.recognition_list {
         let text = std::fs::read_to_string(path)

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::db::{self, AuditRecord, Db};
-use super::proto::*;
+use crate::common::{Body, problem};
+use crate::contract::*;
 
 pub struct RegistryState {
     pub db: Db,
@@ -77,32 +78,6 @@ impl IntoResponse for ApiError {
         }
         problem(status, kind, &self.to_string())
     }
-}
-
-/// An RFC 9457 problem response.
-pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
-    let body = Problem {
-        kind: format!("https://huren.dev/problems/{kind}"),
-        title: status.canonical_reason().unwrap_or("error").to_string(),
-        status: status.as_u16(),
-        detail: detail.to_string(),
-    };
-    let mut response = (
-        status,
-        serde_json::to_string(&body).expect("problem serialises"),
-    )
-        .into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"huren-registry\""),
-        );
-    }
-    response
 }
 
 /// Who is calling: the region's admin, or one hospital's node.
@@ -179,39 +154,6 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     match caller {
         Caller::Admin => Ok(()),
         Caller::Hospital(_) => Err(ApiError::Forbidden("this needs the admin token".into())),
-    }
-}
-
-/// JSON bodies: a malformed body is a 400 problem, not axum's plain text
-/// (the node's JSON API takes its bodies the same way).
-pub struct Body<T>(pub T);
-
-impl<S, T> axum::extract::FromRequest<S> for Body<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = Response;
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rejection) => {
-                let status = rejection.status();
-                let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "too-large"
-                } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-                    "unsupported-media-type"
-                } else {
-                    "bad-request"
-                };
-                let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
-                    StatusCode::BAD_REQUEST
-                } else {
-                    status
-                };
-                Err(problem(status, kind, &rejection.body_text()))
-            }
-        }
     }
 }
 
@@ -312,7 +254,7 @@ fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
 
 /// A new hospital token: `HOSPITAL_ID.` and 256 random bits.
 pub fn new_hospital_token(hospital_id: &str) -> (String, String) {
-    let token = format!("{hospital_id}.{}", db::random_hex(32));
+    let token = format!("{hospital_id}.{}", crate::common::random_hex(32));
     let sha = hex::encode(Sha256::digest(token.as_bytes()));
     (token, sha)
 }
@@ -418,7 +360,12 @@ async fn publish(
         ));
     }
     let results = state.db.publish(&hospital_id, &user, &request).await?;
-    crate::metrics::registry_published(&results);
+    for r in &results {
+        crate::metrics::registry_published(match r.outcome {
+            PublishOutcome::Applied => "applied",
+            PublishOutcome::Unchanged => "unchanged",
+        });
+    }
     Ok(Json(PublishResponse { results }))
 }
 

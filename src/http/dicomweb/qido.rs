@@ -224,7 +224,9 @@ async fn search(
     if let Some(axum::Extension(crate::http::GrantAccess(grant))) = &grant
         && study.as_deref() != Some(grant.study_instance_uid.as_str())
     {
-        return Err(Error::Forbidden("a grant admits searches within its own study only"));
+        return Err(Error::Forbidden(
+            "a grant admits searches within its own study only",
+        ));
     }
     media::require_json(&headers)?;
     let (query, options) = build_query(

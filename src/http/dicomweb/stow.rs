@@ -18,12 +18,12 @@ use serde_json::{Value, json};
 use super::json::{attr, sequence};
 use super::media::{self, MediaType};
 use super::{DicomwebState, base_url};
-use crate::dicom::c_store::status_for;
-use crate::dicom::dimse::status;
-use crate::dicom::sop_classes::STORAGE_SOP_CLASSES;
+
 use crate::http::error::Error;
 use crate::ingest::Ingest;
 use crate::part10;
+use crate::status;
+use crate::storage_sop_classes::STORAGE_SOP_CLASSES;
 use crate::types::Uid;
 
 /// How much of a part is read before its data set starts into the ingest
@@ -270,11 +270,7 @@ async fn store_part(
     }
     match ingest.finish(incoming).await {
         Ok(stored) => {
-            crate::metrics::instance_stored(
-                crate::metrics::source::STOW,
-                ingest.store().durability(),
-                &stored,
-            );
+            stored.count(crate::metrics::source::STOW, ingest.store().durability());
             tracing::debug!(%sop_instance, blob = %stored.hash, outcome = ?stored.outcome, "STOW-RS stored");
             // The stored instance's own study and series (the index has
             // them: the head parse may have stopped early).
@@ -303,7 +299,7 @@ async fn store_part(
             })
         }
         Err(error) => {
-            let reason = status_for(&error);
+            let reason = error.status();
             if reason == status::OUT_OF_RESOURCES {
                 tracing::error!(%sop_instance, %error, "STOW-RS: out of resources");
             } else {

@@ -114,7 +114,7 @@ async fn fetch_if_regional(state: &DicomwebState, study: &str) -> Result<(), Err
             &state.ingest,
             &holding,
             study,
-            crate::registry::proto::Purpose::Treatment,
+            crate::contract::Purpose::Treatment,
             None,
             "dicomweb",
             Some("WADO-RS retrieve".into()),

@@ -175,7 +175,7 @@ pub struct Session {
 }
 
 pub fn random_hex(bytes: usize) -> String {
-    crate::registry::db::random_hex(bytes)
+    crate::common::random_hex(bytes)
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -183,7 +183,7 @@ fn sha256_hex(token: &str) -> String {
 }
 
 fn now() -> String {
-    crate::registry::db::now_rfc3339()
+    crate::common::now_rfc3339()
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -35,6 +35,7 @@ pub use auth::{AuthError, add_user};
 use auth::{Session, SessionPatient};
 use i18n::Lang;
 
+use crate::contract::{AccessBasis, HospitalDirectory, Laterality, Purpose, RegistryRecord};
 use crate::http::AppState;
 use crate::index::Index;
 use crate::patient_key::IdentifierType;
@@ -42,7 +43,6 @@ use crate::priors::{self, CheckRequest, Decision, DecisionRequest, PatientRef};
 use crate::publish::Region;
 use crate::recognition::check::{Encounter, Order};
 use crate::recognition::list::{LateralityRule, RecognitionList};
-use crate::registry::proto::{AccessBasis, HospitalDirectory, Laterality, Purpose, RegistryRecord};
 
 /// The templates, compiled in: the binary is the whole page.
 const TEMPLATES: &[(&str, &str)] = &[
@@ -373,6 +373,11 @@ impl PageState {
             }
             priors::Error::NotFound(_) => {
                 self.error(page, StatusCode::NOT_FOUND, "not_found").await
+            }
+            priors::Error::Refused(m) => {
+                let text = format!("{}{m}", page.t("registry_refused"));
+                self.message(page, StatusCode::FORBIDDEN, "error_title", text, back(page))
+                    .await
             }
             priors::Error::Registry(m) => {
                 let text = format!("{}{m}", page.t("registry_refused"));
@@ -1423,7 +1428,7 @@ async fn study_series(
     for r in &instances {
         let number: Option<i64> = r.try_get(1)?;
         let sop_class: String = r.try_get(2)?;
-        let sop_name = crate::dicom::sop_classes::STORAGE_SOP_CLASSES
+        let sop_name = crate::storage_sop_classes::STORAGE_SOP_CLASSES
             .iter()
             .find(|(u, _)| *u == sop_class)
             .map(|(_, name)| name.to_string())

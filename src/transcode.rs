@@ -64,6 +64,7 @@ pub fn convert_data_set(part10: &[u8], from: &str, to: &str) -> Result<Vec<u8>, 
         obj.transcode(to_ts)
             .map_err(|e| format!("cannot decompress {from} to {to}: {e}"))?;
     }
+    byte_samples_as_ob(&mut obj)?;
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, to_ts)
         .map_err(|e| format!("cannot convert to {to}: {e}"))?;
@@ -71,6 +72,41 @@ pub fn convert_data_set(part10: &[u8], from: &str, to: &str) -> Result<Vec<u8>, 
         pad_deflated(&mut out);
     }
     Ok(out)
+}
+
+/// Native pixel data of at most 8 bits allocated as OB (PS3.5 A.2: OB or
+/// OW): decoding JPEG leaves it OW, and an OW value holding bytes is
+/// byte-swapped in pairs by every reader of Explicit VR Big Endian, so 8-bit
+/// images converted to big endian arrived scrambled (the interop matrix
+/// found it: storescp +xb). As OB the bytes are the samples in every
+/// syntax.
+fn byte_samples_as_ob(obj: &mut dicom_object::DefaultDicomObject) -> Result<(), String> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let bits_allocated = obj
+        .element_opt(tags::BITS_ALLOCATED)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u16>().ok());
+    if bits_allocated.is_none_or(|b| b > 8) {
+        return Ok(());
+    }
+    let Some(pixels) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
+        return Ok(());
+    };
+    if pixels.vr() != VR::OW || pixels.value().primitive().is_none() {
+        return Ok(());
+    }
+    let bytes = pixels
+        .to_bytes()
+        .map_err(|e| format!("pixel data: {e}"))?
+        .into_owned();
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::U8(bytes.into()),
+    ));
+    Ok(())
 }
 
 /// A deflate stream ends on any byte, but a data set (and every P-DATA
@@ -143,7 +179,10 @@ mod tests {
                     flate2::read::DeflateDecoder::new(out.as_slice())
                         .read_to_end(&mut inflated)
                         .unwrap();
-                    assert_eq!(inflated, reference, "{file} -> {to}: inflates to explicit VR LE");
+                    assert_eq!(
+                        inflated, reference,
+                        "{file} -> {to}: inflates to explicit VR LE"
+                    );
                     inflated
                 } else {
                     out

@@ -105,7 +105,8 @@ async fn prepare(
         .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
     let Some(target) = convert_to else {
         let data_set_len = instance.blob_size.saturating_sub(meta_len as u64);
-        let pad = instance.transfer_syntax_uid == crate::transcode::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+        let pad = instance.transfer_syntax_uid
+            == crate::transcode::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
             && data_set_len % 2 == 1;
         return Ok(Payload::Stream { reader, pad });
     };

@@ -96,6 +96,18 @@ impl Drop for Killed {
     }
 }
 
+/// The node under test, killed when the test ends before stopping it.
+struct NodeProcess(crate::cli::Process);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.child.try_wait() {
+            let _ = self.0.child.kill();
+            let _ = self.0.child.wait();
+        }
+    }
+}
+
 /// How a destination is reached and where what it receives ends up.
 enum Receiver {
     /// Files written by the destination into this directory.
@@ -594,7 +606,9 @@ async fn retrieve_matrix(backend: Backend) {
     let mut args = backend_args(root, backend).await;
     args.extend(["--remote-aes".into(), remote_aes]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut node = spawn_binary(root, &args, &[]);
+    // Killed if an assertion fails first: a failing run leaves no node.
+    let mut node = NodeProcess(spawn_binary(root, &args, &[]));
+    let node = &mut node.0;
     let node_host = node.dicom.ip().to_string();
     let node_port = node.dicom.port().to_string();
 

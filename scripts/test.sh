@@ -90,6 +90,9 @@ pkg_installed jing || missing+=(jing)
 pkg_installed prometheus || missing+=(prometheus)
 # tests/tls.rs: a test PKI, HTTPS and TLS-version probes.
 pkg_installed openssl || missing+=(openssl)
+# tests/interop.rs: Orthanc as a C-MOVE destination, run as a plain process on
+# loopback ports with its own configuration (never the system service).
+pkg_installed orthanc || missing+=(orthanc)
 pkg_installed curl || missing+=(curl)
 if ! pkg_installed postgresql || ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
     missing+=(postgresql)

@@ -11,6 +11,10 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 /// and the syntax every DICOM peer accepts after implicit VR.
 pub const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
 
+/// Deflated Explicit VR Little Endian (PS3.5 A.5): the data set after the
+/// file meta group is one raw deflate stream (RFC 1951, no zlib header).
+pub const DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1.99";
+
 /// The uncompressed transfer syntaxes (deflate included: its data set
 /// codec is built in), in the order the node prefers to convert to.
 pub const NATIVE: &[&str] = &[
@@ -18,7 +22,7 @@ pub const NATIVE: &[&str] = &[
     "1.2.840.10008.1.2",
     // Explicit VR Big Endian (retired, still sent by old modalities).
     "1.2.840.10008.1.2.2",
-    "1.2.840.10008.1.2.1.99",
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
 ];
 
 pub fn is_native(ts: &str) -> bool {
@@ -60,10 +64,60 @@ pub fn convert_data_set(part10: &[u8], from: &str, to: &str) -> Result<Vec<u8>, 
         obj.transcode(to_ts)
             .map_err(|e| format!("cannot decompress {from} to {to}: {e}"))?;
     }
+    byte_samples_as_ob(&mut obj)?;
     let mut out = Vec::new();
     obj.write_dataset_with_ts(&mut out, to_ts)
         .map_err(|e| format!("cannot convert to {to}: {e}"))?;
+    if to == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
+        pad_deflated(&mut out);
+    }
     Ok(out)
+}
+
+/// Native pixel data of at most 8 bits allocated as OB (PS3.5 A.2: OB or
+/// OW): decoding JPEG leaves it OW, and an OW value holding bytes is
+/// byte-swapped in pairs by every reader of Explicit VR Big Endian, so 8-bit
+/// images converted to big endian arrived scrambled (the interop matrix
+/// found it: storescp +xb). As OB the bytes are the samples in every
+/// syntax.
+fn byte_samples_as_ob(obj: &mut dicom_object::DefaultDicomObject) -> Result<(), String> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let bits_allocated = obj
+        .element_opt(tags::BITS_ALLOCATED)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u16>().ok());
+    if bits_allocated.is_none_or(|b| b > 8) {
+        return Ok(());
+    }
+    let Some(pixels) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
+        return Ok(());
+    };
+    if pixels.vr() != VR::OW || pixels.value().primitive().is_none() {
+        return Ok(());
+    }
+    let bytes = pixels
+        .to_bytes()
+        .map_err(|e| format!("pixel data: {e}"))?
+        .into_owned();
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::U8(bytes.into()),
+    ));
+    Ok(())
+}
+
+/// A deflate stream ends on any byte, but a data set (and every P-DATA
+/// fragment of one) must have an even length: dcmtk's DIMSE layer aborts on
+/// an odd one ("DIMSE: Odd Fragment Length"), and dcmtk's own zlib filter
+/// pads its deflated output with one zero byte, which an inflater ignores
+/// because it comes after the final block.
+pub fn pad_deflated(data_set: &mut Vec<u8>) {
+    if data_set.len() % 2 == 1 {
+        data_set.push(0);
+    }
 }
 
 /// [`convert_data_set`] as a whole Part-10 object, with the node's file
@@ -84,4 +138,77 @@ pub fn convert_part10(
     );
     out.extend_from_slice(&data_set);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn sample(rel: &str) -> Vec<u8> {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+    }
+
+    /// Every native target, from a native and from a deflated source: the
+    /// result parses back in the target syntax with the same pixel bytes,
+    /// and a deflated result is a valid raw deflate stream of even length.
+    #[test]
+    fn native_conversions_round_trip() {
+        let cases = [
+            (
+                "sample-dicom/p1-ct-chest-2024/1-chest-native/1.dcm",
+                EXPLICIT_VR_LITTLE_ENDIAN,
+            ),
+            (
+                "sample-dicom/p3-dx-chest-2023/1-chest-pa/1.dcm",
+                DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+            ),
+            (
+                "sample-dicom/p1-ct-head-2019/2-head-bone/1.dcm",
+                "1.2.840.10008.1.2.2",
+            ),
+        ];
+        for (file, from) in cases {
+            let part10 = sample(file);
+            let reference = convert_data_set(&part10, from, EXPLICIT_VR_LITTLE_ENDIAN).unwrap();
+            for to in NATIVE {
+                let out = convert_data_set(&part10, from, to).unwrap();
+                assert_eq!(out.len() % 2, 0, "{file} -> {to}: odd length");
+                let parsed = if *to == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
+                    let mut inflated = Vec::new();
+                    flate2::read::DeflateDecoder::new(out.as_slice())
+                        .read_to_end(&mut inflated)
+                        .unwrap();
+                    assert_eq!(
+                        inflated, reference,
+                        "{file} -> {to}: inflates to explicit VR LE"
+                    );
+                    inflated
+                } else {
+                    out
+                };
+                let ts = if *to == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
+                    EXPLICIT_VR_LITTLE_ENDIAN
+                } else {
+                    to
+                };
+                let back = pixel_bytes(&parsed, ts);
+                let want = pixel_bytes(&reference, EXPLICIT_VR_LITTLE_ENDIAN);
+                assert_eq!(back, want, "{file} -> {to}: pixel data");
+            }
+        }
+    }
+
+    /// The pixel data of a data set in `ts`, as the machine's bytes (16-bit
+    /// words are parsed into numbers, whatever the syntax's byte order).
+    fn pixel_bytes(data_set: &[u8], ts: &str) -> Vec<u8> {
+        use dicom_dictionary_std::tags;
+        let ts = TransferSyntaxRegistry.get(ts).unwrap();
+        let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(data_set, ts).unwrap();
+        obj.element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .into_owned()
+    }
 }

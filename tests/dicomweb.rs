@@ -1107,3 +1107,144 @@ async fn stow_rs_takes_data_sets_built_in_memory() {
         assert_eq!(row.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2");
     }
 }
+
+/// WADO-RS with each `transfer-syntax` value a client may name (PS3.18
+/// 8.7.3.5): every sample syntax, JPEG 2000 and HTJ2K, for an instance of
+/// each stored syntax. The answer is exactly that syntax (the part's
+/// Content-Type and its file meta say so, and its pixels decode to the
+/// stored ones) when the node holds it so or can convert to it; else 406.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wado_rs_each_named_transfer_syntax_or_406() {
+    let node = spawn_open(Backend::SqliteLocal).await;
+    let samples = c_store_samples(&node).await;
+    let mut one_per_syntax: Vec<&support::Sample> = Vec::new();
+    for s in &samples {
+        if !one_per_syntax
+            .iter()
+            .any(|o| o.transfer_syntax_uid == s.transfer_syntax_uid)
+        {
+            one_per_syntax.push(s);
+        }
+    }
+    assert_eq!(one_per_syntax.len(), 9);
+    let mut named: Vec<&str> = one_per_syntax
+        .iter()
+        .map(|s| s.transfer_syntax_uid.as_str())
+        .collect();
+    named.extend(["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut pairs = Vec::new();
+    let (mut served, mut refused) = (0, 0);
+    for sample in &one_per_syntax {
+        let url = format!(
+            "{}/studies/{}/series/{}/instances/{}",
+            base(&node),
+            sample.study_instance_uid,
+            series_of(sample),
+            sample.sop_instance_uid
+        );
+        for ts in &named {
+            let response = client()
+                .get(&url)
+                .header(
+                    "Accept",
+                    format!("multipart/related; type=\"application/dicom\"; transfer-syntax={ts}"),
+                )
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let convertible = huren::transcode::can_convert(&sample.transfer_syntax_uid, ts);
+            let what = format!(
+                "{} stored as {}, asked {ts}",
+                sample.path.display(),
+                sample.transfer_syntax_uid
+            );
+            if !convertible {
+                assert_eq!(status, 406, "{what}");
+                refused += 1;
+                continue;
+            }
+            assert_eq!(status, 200, "{what}");
+            served += 1;
+            let parts = multipart_parts(response).await;
+            assert_eq!(parts.len(), 1, "{what}");
+            let (ct, bytes) = &parts[0];
+            assert_eq!(
+                ct,
+                &format!("application/dicom; transfer-syntax={ts}"),
+                "{what}"
+            );
+            let meta = dicom_object::meta::FileMetaTable::from_reader(&bytes[128..]).unwrap();
+            assert_eq!(meta.transfer_syntax().trim_end_matches('\0'), *ts, "{what}");
+            let file = dir.path().join(format!("{served}.dcm"));
+            std::fs::write(&file, bytes).unwrap();
+            pairs.push((
+                file.display().to_string(),
+                sample.path.display().to_string(),
+            ));
+        }
+    }
+    // The 4 uncompressed targets for the 7 convertible stored syntaxes,
+    // and each of the 5 compressed ones as itself.
+    assert_eq!((served, refused), (7 * 4 + 5, 99 - 33));
+    let compared = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(support::env("HUREN_TEST_PYTHON"))
+            .arg(support::repo_path("tests/support/interop_tool.py"))
+            .arg("compare")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&serde_json::to_vec(&pairs).unwrap())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(compared.len(), served);
+    for v in &compared {
+        assert_eq!(v["error"], Value::Null, "{v}");
+        // JPEG baseline decoded by the node (jpeg-decoder) and by pydicom
+        // (libjpeg) may differ by a rounding step; lossless must not.
+        let tolerance =
+            if v["ts"] != v["original_ts"] && v["original_ts"] == "1.2.840.10008.1.2.4.50" {
+                2
+            } else {
+                0
+            };
+        let diff = v["max_diff"].as_i64();
+        assert!(diff.is_some_and(|d| d <= tolerance), "pixels differ: {v}");
+        if v["ts"] == v["original_ts"] {
+            assert_eq!(v["bytes_equal"], true, "{v}");
+        }
+    }
+    node.stop().await;
+}
+
+/// The Series Instance UID of a sample, from the manifest.
+fn series_of(sample: &support::Sample) -> String {
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(support::repo_path("sample-dicom/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["sop_instance_uid"] == sample.sop_instance_uid.as_str())
+        .unwrap()["series_instance_uid"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}

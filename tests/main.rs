@@ -9,6 +9,7 @@ mod cli;
 mod dicomweb;
 mod durability;
 mod ingest;
+mod interop;
 mod lifecycle;
 mod metrics;
 mod negotiation;

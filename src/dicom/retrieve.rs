@@ -69,7 +69,12 @@ struct Broken(String);
 /// The data set a sub-operation sends: streamed from the verified blob, or
 /// converted in memory.
 enum Payload {
-    Stream(crate::storage::VerifiedReader),
+    /// The stored data set; `pad` appends one zero byte to a stored deflate
+    /// stream of odd length (see [`crate::transcode::pad_deflated`]).
+    Stream {
+        reader: crate::storage::VerifiedReader,
+        pad: bool,
+    },
     Converted(Vec<u8>),
 }
 
@@ -99,7 +104,11 @@ async fn prepare(
         .await
         .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
     let Some(target) = convert_to else {
-        return Ok(Payload::Stream(reader));
+        let data_set_len = instance.blob_size.saturating_sub(meta_len as u64);
+        let pad = instance.transfer_syntax_uid
+            == crate::transcode::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+            && data_set_len % 2 == 1;
+        return Ok(Payload::Stream { reader, pad });
     };
     // The whole object is needed to re-encode it (and to decode its pixel
     // data).
@@ -130,10 +139,13 @@ where
     match payload {
         // As stored: streamed from the blob into P-DATA, never whole in
         // memory.
-        Payload::Stream(mut reader) => {
+        Payload::Stream { mut reader, pad } => {
             tokio::io::copy(&mut reader, &mut writer)
                 .await
                 .map_err(broken)?;
+            if pad {
+                writer.write_all(&[0]).await.map_err(broken)?;
+            }
         }
         Payload::Converted(data) => writer.write_all(&data).await.map_err(broken)?,
     }

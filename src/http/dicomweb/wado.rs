@@ -203,6 +203,7 @@ async fn prepare(
         .read_to_end(&mut whole)
         .await
         .map_err(|e| Error::Internal(format!("reading blob {}: {e}", loc.blob_hash)))?;
+    let sop_instance_uid = loc.sop_instance_uid.clone();
     let loc = loc.clone();
     let converted = tokio::task::spawn_blocking(move || {
         crate::transcode::convert_part10(
@@ -218,6 +219,15 @@ async fn prepare(
     .map_err(|e| Error::Internal(e.to_string()))?;
     match converted {
         Ok((bytes, ts)) => Ok(Prepared::Converted(Bytes::from(bytes), ts)),
+        // The client named this syntax: anything else would be a part it
+        // did not accept (PS3.18 8.7.3.5). For the first instance this is
+        // a 406; later, the response is cut short.
+        Err(why) if matches!(wanted, Wanted::Syntax(_)) => {
+            tracing::warn!(%sop_instance_uid, reason = %why, "WADO-RS: instance cannot be converted to the transfer syntax asked for");
+            Err(Error::NotAcceptable(format!(
+                "instance {sop_instance_uid} cannot be converted to the transfer syntax asked for"
+            )))
+        }
         Err(why) => {
             // Convertible by syntax but not this instance (an odd pixel
             // encoding): served as stored, which the part's Content-Type

@@ -15,6 +15,7 @@ mod page;
 mod peer;
 mod query_retrieve;
 mod recognition;
+mod recognition_table;
 mod region;
 mod storage_config;
 mod support;

@@ -117,7 +117,10 @@ fn code_items(w: &Writer, codes: &Value) -> Vec<Vec<(Tag, Vec<u8>)>> {
         .map(|c| {
             let c = c.as_array().unwrap();
             let s = |i: usize| c[i].as_str().unwrap();
-            let mut item = vec![(tags::CODE_VALUE, element(tags::CODE_VALUE, "SH", &w.text(s(0))))];
+            let mut item = vec![(
+                tags::CODE_VALUE,
+                element(tags::CODE_VALUE, "SH", &w.text(s(0))),
+            )];
             if !s(1).is_empty() {
                 item.push((
                     tags::CODING_SCHEME_DESIGNATOR,
@@ -231,10 +234,7 @@ fn write_study(row: &Value, dir: &Path) -> String {
                 }
             }
             if let Some(c) = study.get("RequestAttributesSequence") {
-                let inner = sequence(
-                    tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE,
-                    &code_items(&w, c),
-                );
+                let inner = sequence(tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE, &code_items(&w, c));
                 e.push((
                     tags::REQUEST_ATTRIBUTES_SEQUENCE,
                     sequence(
@@ -248,7 +248,9 @@ fn write_study(row: &Value, dir: &Path) -> String {
                 .as_object()
                 .unwrap()
                 .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "Modality" | "SOPClassUID" | "n" | "instances"))
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "Modality" | "SOPClassUID" | "n" | "instances")
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             for (k, v) in inst.as_object().unwrap() {
@@ -311,7 +313,11 @@ fn write_study(row: &Value, dir: &Path) -> String {
             let data: Vec<u8> = e.into_iter().flat_map(|(_, b)| b).collect();
             let mut meta = Vec::new();
             meta.extend(element(tags::FILE_META_INFORMATION_VERSION, "OB", &[0, 1]));
-            meta.extend(element(tags::MEDIA_STORAGE_SOP_CLASS_UID, "UI", sop_class.as_bytes()));
+            meta.extend(element(
+                tags::MEDIA_STORAGE_SOP_CLASS_UID,
+                "UI",
+                sop_class.as_bytes(),
+            ));
             meta.extend(element(
                 tags::MEDIA_STORAGE_SOP_INSTANCE_UID,
                 "UI",
@@ -349,7 +355,12 @@ struct Got {
     laterality: Option<String>,
 }
 
-fn laterality_ok(list: &RecognitionList, code: &str, want: Option<&str>, got: Option<&str>) -> bool {
+fn laterality_ok(
+    list: &RecognitionList,
+    code: &str,
+    want: Option<&str>,
+    got: Option<&str>,
+) -> bool {
     let needs_side = list
         .item(code)
         .is_some_and(|i| i.laterality == huren::recognition::list::LateralityRule::Required);
@@ -384,7 +395,8 @@ fn run_table() -> (String, usize, usize, usize) {
             by_uid.insert(write_study(&rows[i], &dir), i);
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_huren"));
-        cmd.args(["recognition", "classify", "--list"]).arg(&list_path);
+        cmd.args(["recognition", "classify", "--list"])
+            .arg(&list_path);
         if !hospital.is_empty() {
             cmd.args(["--hospital-id", hospital]);
         }
@@ -449,7 +461,12 @@ fn run_table() -> (String, usize, usize, usize) {
                 !want.iter().any(|w| {
                     w.confidence == "certain"
                         && list.satisfies(&w.code, &g.code)
-                        && laterality_ok(&list, &g.code, w.laterality.as_deref(), g.laterality.as_deref())
+                        && laterality_ok(
+                            &list,
+                            &g.code,
+                            w.laterality.as_deref(),
+                            g.laterality.as_deref(),
+                        )
                 })
             })
             .collect();
@@ -463,8 +480,8 @@ fn run_table() -> (String, usize, usize, usize) {
                     !needs_side || w.laterality == g.laterality
                 })
         };
-        let exact = got.len() == want.len()
-            && want.iter().all(|w| got.iter().any(|g| matches(w, g)));
+        let exact =
+            got.len() == want.len() && want.iter().all(|w| got.iter().any(|g| matches(w, g)));
         let t = tally
             .entry(row["class"].as_str().unwrap().to_string())
             .or_default();
@@ -475,7 +492,10 @@ fn run_table() -> (String, usize, usize, usize) {
                     format!(
                         "{}{}({})",
                         g.code,
-                        g.laterality.as_deref().map(|l| format!(":{l}")).unwrap_or_default(),
+                        g.laterality
+                            .as_deref()
+                            .map(|l| format!(":{l}"))
+                            .unwrap_or_default(),
                         g.confidence
                     )
                 })

@@ -279,8 +279,17 @@ impl Text {
 /// The canonical body parts a text names. A match inside a longer match of
 /// another part does not count (胸 inside 胸椎 is the thoracic spine); a
 /// coarse part named beside a finer part it holds gives way ("Head^Sinus"
-/// is the sinus).
+/// is the sinus) — within one part of a merged order, not across its parts
+/// ("肝胆胰脾+双肾" is the abdomen and the kidneys).
 fn parts_in(list: &RecognitionList, text: &Text) -> BTreeSet<String> {
+    text.0
+        .split(['+', '、', '，', ',', ';', '；', '及', '和', '与'])
+        .flat_map(|segment| parts_in_segment(list, segment))
+        .collect()
+}
+
+fn parts_in_segment(list: &RecognitionList, text: &str) -> BTreeSet<String> {
+    let text = Text(text.to_string());
     let mut found: Vec<(usize, usize, &str)> = Vec::new();
     for (part, synonyms) in &list.body_parts {
         for s in synonyms {
@@ -615,6 +624,11 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
 
     // 1. Each unit's body parts.
     let study_parts = parts_in(list, &study_text);
+    // A Chinese study description is the hospital's item name.
+    let names_an_exam = study_text
+        .0
+        .chars()
+        .any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c));
     for u in &mut units {
         let a = attribute_parts(list, &u.body_part_examined);
         let d = parts_in(list, &u.text());
@@ -631,6 +645,11 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
         } else {
             (study_parts.clone(), false)
         };
+        if from_attribute && study_parts.is_empty() && names_an_exam {
+            // The hospital's item name (阑尾彩超, 急诊CT) names no region the
+            // list knows: the coarse attribute alone may not be the exam.
+            u.doubts.insert("study_description_names_no_known_region");
+        }
         if !study_parts.is_empty() && parts != study_parts {
             let mut resolved = BTreeSet::new();
             for r in &parts {
@@ -2258,6 +2277,13 @@ counts_as_non_recognition = false
         // GB18030 decoded right is left alone; Latin-1 text under ISO_IR 100 too.
         assert_eq!(repair_text("胸部CT", "GB18030"), "胸部CT");
         assert_eq!(repair_text("Müller", "ISO_IR 100"), "Müller");
+        // GBK bytes under a declared ISO_IR 100 (Latin-1).
+        let gbk_latin1: String = gbk.iter().map(|&b| b as char).collect();
+        assert_eq!(repair_text(&gbk_latin1, "ISO_IR 100"), "胸部平扫");
+        // UTF-8 bytes of a code string (BodyPartExamined 胸部) decoded byte
+        // by byte under ISO_IR 192.
+        let utf8_latin1: String = "胸部".bytes().map(|b| b as char).collect();
+        assert_eq!(repair_text(&utf8_latin1, "ISO_IR 192"), "胸部");
         assert_eq!(repair_text("CHEST", ""), "CHEST");
     }
 

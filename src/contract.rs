@@ -233,6 +233,28 @@ pub struct RecordItem {
     pub code: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub laterality: Option<Laterality>,
+    /// `needs_confirmation`: shown to the doctor as information, never a
+    /// warning. Absent only in records of nodes that predate it: certain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<ItemConfidence>,
+    /// The attributes the item rests on (DICOM keywords such as
+    /// BodyPartExamined or ViewPosition, `code table <name>`), without their
+    /// values: free text stays at the hospital, which shows it in full.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
+    /// Radiographs: this item's own views (PA, AP, LATERAL, OBLIQUE): a
+    /// chest PA and an abdominal AP in one study are two items, not a chest
+    /// with both views.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub view_positions: Vec<String>,
+}
+
+/// How sure the classifier is of an item (docs/recognition.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemConfidence {
+    Certain,
+    NeedsConfirmation,
 }
 
 /// What a node publishes about one study. No name, birth date or raw ID:

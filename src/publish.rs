@@ -35,7 +35,9 @@ use crate::config::RegionConfig;
 use crate::contract::*;
 use crate::index::Index;
 use crate::patient_key::{Identifier, IdentifierType, InvalidIdentifier, RegionSecret};
-use crate::recognition::classify::{SeriesAttributes, StudyAttributes, classify};
+use crate::recognition::classify::{
+    Code, Confidence, InstanceAttributes, SeriesAttributes, StudyAttributes, classify,
+};
 use crate::recognition::list::RecognitionList;
 use crate::registry::client::{self, RegistryClient};
 use crate::storage::BlobStore;
@@ -374,7 +376,8 @@ impl Region {
         let issuer: String = study.try_get(4)?;
 
         let series_rows = sqlx::query(
-            "SELECT series_key, modality, body_part_examined FROM series WHERE study_key = $1",
+            "SELECT series_key, modality, body_part_examined, series_instance_uid FROM series \
+             WHERE study_key = $1",
         )
         .bind(study_key)
         .fetch_all(pool)
@@ -402,23 +405,41 @@ impl Region {
         let mut body_parts = BTreeSet::new();
         let mut headers = Vec::new();
         let mut series_attributes = Vec::new();
+        // Every header read, for the record's views and sides.
+        let mut every = Vec::new();
         let mut series_with_instances = 0;
         for s in &series_rows {
             let series_key: i64 = s.try_get(0)?;
             let modality: String = s.try_get(1)?;
             let body_part: String = s.try_get(2)?;
+            let series_uid: String = s.try_get(3)?;
             // The series' first instance (by SOP Instance UID) speaks for
-            // the series' header attributes.
-            let Some(first) = instances
-                .iter()
-                .filter(|i| i.3 == series_key)
-                .min_by(|a, b| a.0.cmp(&b.0))
-            else {
+            // the series' header attributes; radiographs and mammograms are
+            // read per instance (side, view and body part per image).
+            let mut of_series: Vec<&(String, BlobHash, i64, i64)> =
+                instances.iter().filter(|i| i.3 == series_key).collect();
+            if of_series.is_empty() {
                 continue;
-            };
+            }
+            of_series.sort_by(|a, b| a.0.cmp(&b.0));
+            of_series.truncate(if read_every_instance(&modality) {
+                MAX_INSTANCES_READ
+            } else {
+                1
+            });
             series_with_instances += 1;
-            let header = self.read_header(&first.1, first.2 as u64).await?;
-            series_attributes.push(self::series_attributes(&header, &modality, &body_part));
+            let mut read = Vec::with_capacity(of_series.len());
+            for i in of_series {
+                read.push(self.read_header(&i.1, i.2 as u64).await?);
+            }
+            series_attributes.push(self::series_attributes(
+                &read,
+                &series_uid,
+                &modality,
+                &body_part,
+            ));
+            every.extend(read.iter().cloned());
+            let header = read.swap_remove(0);
             if !modality.is_empty() {
                 modalities.insert(modality);
             }
@@ -427,7 +448,7 @@ impl Region {
             }
             headers.push(header);
         }
-        let summary = summarise(&headers);
+        let summary = summarise(&every);
         let (items, unclassified) = match self.list() {
             Some(list) => {
                 let c = classify(
@@ -444,6 +465,29 @@ impl Region {
                         .map(|i| RecordItem {
                             code: i.code,
                             laterality: i.laterality,
+                            confidence: Some(match i.confidence {
+                                Confidence::Certain => ItemConfidence::Certain,
+                                Confidence::NeedsConfirmation => ItemConfidence::NeedsConfirmation,
+                            }),
+                            // Which attributes, not their values: free text
+                            // stays at the hospital.
+                            evidence: i
+                                .evidence
+                                .iter()
+                                .map(|e| e.attribute.clone())
+                                .collect::<BTreeSet<_>>()
+                                .into_iter()
+                                .collect(),
+                            view_positions: i
+                                .views
+                                .iter()
+                                .map(|v| {
+                                    serde_json::to_value(v)
+                                        .ok()
+                                        .and_then(|v| v.as_str().map(str::to_string))
+                                        .unwrap_or_default()
+                                })
+                                .collect(),
                         })
                         .collect(),
                     c.unclassified,
@@ -1256,27 +1300,35 @@ pub struct SeriesHeader {
     pub series_description: String,
     pub protocol_name: String,
     pub requested_procedure_description: String,
-    /// Code values of the study-level code sequences (ProcedureCodeSequence,
+    /// The study-level code sequences (ProcedureCodeSequence,
     /// RequestedProcedureCodeSequence, RequestAttributesSequence's
-    /// ScheduledProtocolCodeSequence).
-    pub study_codes: Vec<String>,
+    /// ScheduledProtocolCodeSequence), each code with its scheme.
+    pub study_codes: Vec<Code>,
     /// PerformedProtocolCodeSequence.
-    pub series_codes: Vec<String>,
+    pub series_codes: Vec<Code>,
     pub modality: String,
     pub body_part_examined: String,
     pub study_instance_uid: String,
     pub series_instance_uid: String,
+    pub sop_instance_uid: String,
     pub image_type: String,
+    /// ContrastBolusAgent or ContrastBolusAgentSequence present.
     pub contrast_agent: bool,
+    /// ContrastBolusAgent as written.
+    pub contrast_agent_text: String,
+    pub contrast_agent_sequence: bool,
     pub contrast_route: String,
     pub laterality: String,
     pub image_laterality: String,
     pub view_position: String,
+    /// View Code Sequence: code meaning, else value.
+    pub view_code: String,
 }
 
-/// Stops before Pixel Data and whatever follows (group 0x0041 on, as the
-/// index reader does).
-const HEADER_UNTIL: Tag = Tag(0x0041, 0x0000);
+/// Stops before Pixel Data and whatever follows: after View Code Sequence
+/// (0054,0220), the last attribute recognition reads (a radiograph's view
+/// where ViewPosition is empty).
+const HEADER_UNTIL: Tag = Tag(0x0055, 0x0000);
 
 fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     let after_preamble = bytes.get(128..)?;
@@ -1299,23 +1351,28 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     let text = |o: &InMemDicomObject, tag: Tag| -> String {
         crate::recognition::classify::repair_text(&raw(o, tag), &charset)
     };
-    let codes_of = |o: &InMemDicomObject, seq: Tag, out: &mut Vec<String>| {
+    let code_of = |item: &InMemDicomObject| Code {
+        value: text(item, tags::CODE_VALUE),
+        scheme: text(item, tags::CODING_SCHEME_DESIGNATOR),
+        meaning: text(item, tags::CODE_MEANING),
+    };
+    let codes_of = |o: &InMemDicomObject, seq: Tag, out: &mut Vec<Code>| {
         if let Ok(Some(e)) = o.element_opt(seq)
             && let Some(items) = e.items()
         {
             for item in items {
-                let v = text(item, tags::CODE_VALUE);
-                if !v.is_empty() {
-                    out.push(v);
+                let c = code_of(item);
+                if !c.value.is_empty() || !c.meaning.is_empty() {
+                    out.push(c);
                 }
                 // RequestAttributesSequence nests the scheduled protocol.
                 if let Ok(Some(inner)) = item.element_opt(tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE)
                     && let Some(inner_items) = inner.items()
                 {
                     for i in inner_items {
-                        let v = text(i, tags::CODE_VALUE);
-                        if !v.is_empty() {
-                            out.push(v);
+                        let c = code_of(i);
+                        if !c.value.is_empty() || !c.meaning.is_empty() {
+                            out.push(c);
                         }
                     }
                 }
@@ -1363,32 +1420,71 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
         .and_then(|e| e.items().map(|i| !i.is_empty()))
         .unwrap_or(false);
     h.contrast_agent = !agent.is_empty() || agent_seq;
+    h.contrast_agent_text = agent;
+    h.contrast_agent_sequence = agent_seq;
     h.contrast_route = text(&obj, tags::CONTRAST_BOLUS_ROUTE).to_ascii_uppercase();
     h.laterality = text(&obj, tags::LATERALITY).to_ascii_uppercase();
     h.image_laterality = text(&obj, tags::IMAGE_LATERALITY).to_ascii_uppercase();
     h.view_position = text(&obj, tags::VIEW_POSITION).to_ascii_uppercase();
+    h.sop_instance_uid = raw(&obj, tags::SOP_INSTANCE_UID);
+    if let Ok(Some(seq)) = obj.element_opt(tags::VIEW_CODE_SEQUENCE)
+        && let Some(item) = seq.items().and_then(|i| i.first())
+    {
+        let c = code_of(item);
+        h.view_code = if c.meaning.is_empty() {
+            c.value
+        } else {
+            c.meaning
+        };
+    }
     Some(h)
 }
 
-/// The series attributes the classifier takes, from a header and the
-/// index's modality and body part.
-fn series_attributes(header: &SeriesHeader, modality: &str, body_part: &str) -> SeriesAttributes {
+/// Radiographs and mammograms carry side, view and body part per image:
+/// every instance is read (up to a bound), not the first of the series.
+pub fn read_every_instance(modality: &str) -> bool {
+    matches!(
+        modality.trim().to_ascii_uppercase().as_str(),
+        "DX" | "CR" | "DR" | "MG"
+    )
+}
+
+/// How many instances of a radiograph or mammography series are read.
+pub const MAX_INSTANCES_READ: usize = 64;
+
+fn instance_attributes(h: &SeriesHeader) -> InstanceAttributes {
+    InstanceAttributes {
+        sop_instance_uid: h.sop_instance_uid.clone(),
+        body_part_examined: h.body_part_examined.clone(),
+        image_laterality: h.image_laterality.clone(),
+        view_position: h.view_position.clone(),
+        view_code: h.view_code.clone(),
+    }
+}
+
+/// The series attributes the classifier takes, from the headers read (the
+/// first speaks for the series) and the index's modality and body part.
+fn series_attributes(
+    headers: &[SeriesHeader],
+    series_instance_uid: &str,
+    modality: &str,
+    body_part: &str,
+) -> SeriesAttributes {
+    let first = headers.first().cloned().unwrap_or_default();
     SeriesAttributes {
+        series_instance_uid: series_instance_uid.to_string(),
         modality: modality.to_string(),
-        sop_class_uid: header.sop_class_uid.clone(),
+        sop_class_uid: first.sop_class_uid.clone(),
         body_part_examined: body_part.to_string(),
-        series_description: header.series_description.clone(),
-        protocol_name: header.protocol_name.clone(),
-        image_type: header.image_type.clone(),
-        contrast_agent: header.contrast_agent,
-        contrast_route: header.contrast_route.clone(),
-        laterality: if header.laterality.is_empty() {
-            header.image_laterality.clone()
-        } else {
-            header.laterality.clone()
-        },
-        view_position: header.view_position.clone(),
-        codes: header.series_codes.clone(),
+        series_description: first.series_description.clone(),
+        protocol_name: first.protocol_name.clone(),
+        image_type: first.image_type.clone(),
+        contrast_agent: first.contrast_agent_text.clone(),
+        contrast_agent_sequence: first.contrast_agent_sequence,
+        contrast_route: first.contrast_route.clone(),
+        laterality: first.laterality.clone(),
+        codes: first.series_codes.clone(),
+        instances: headers.iter().map(instance_attributes).collect(),
     }
 }
 
@@ -1400,9 +1496,12 @@ fn study_attributes(
     hospital_id: Option<String>,
 ) -> StudyAttributes {
     let first = headers.first().cloned().unwrap_or_default();
-    let mut codes: Vec<String> = headers.iter().flat_map(|h| h.study_codes.clone()).collect();
-    codes.sort();
-    codes.dedup();
+    let mut codes: Vec<Code> = Vec::new();
+    for c in headers.iter().flat_map(|h| h.study_codes.iter()) {
+        if !codes.contains(c) {
+            codes.push(c.clone());
+        }
+    }
     StudyAttributes {
         study_description: first.study_description,
         requested_procedure_description: first.requested_procedure_description,
@@ -1435,8 +1534,10 @@ pub fn classify_files(
     for p in paths {
         walk(p, &mut files)?;
     }
-    // Study → series → first header.
-    let mut studies: BTreeMap<String, BTreeMap<String, SeriesHeader>> = BTreeMap::new();
+    // Study → series → headers (by SOP Instance UID: the first speaks for
+    // the series, as on the node).
+    let mut studies: BTreeMap<String, BTreeMap<String, BTreeMap<String, SeriesHeader>>> =
+        BTreeMap::new();
     let mut skipped = Vec::new();
     for f in files {
         let bytes = std::fs::read(&f)?;
@@ -1446,17 +1547,31 @@ pub fn classify_files(
                     .entry(h.study_instance_uid.clone())
                     .or_default()
                     .entry(h.series_instance_uid.clone())
-                    .or_insert(h);
+                    .or_default()
+                    .insert(h.sop_instance_uid.clone(), h);
             }
             _ => skipped.push(f),
         }
     }
     let mut out = Vec::new();
     for (uid, series) in studies {
-        let headers: Vec<SeriesHeader> = series.into_values().collect();
-        let attrs: Vec<SeriesAttributes> = headers
+        let per_series: Vec<(String, Vec<SeriesHeader>)> = series
+            .into_iter()
+            .map(|(uid, instances)| {
+                let mut v: Vec<SeriesHeader> = instances.into_values().collect();
+                let keep = if v.first().is_some_and(|h| read_every_instance(&h.modality)) {
+                    MAX_INSTANCES_READ
+                } else {
+                    1
+                };
+                v.truncate(keep);
+                (uid, v)
+            })
+            .collect();
+        let headers: Vec<SeriesHeader> = per_series.iter().map(|(_, v)| v[0].clone()).collect();
+        let attrs: Vec<SeriesAttributes> = per_series
             .iter()
-            .map(|h| series_attributes(h, &h.modality, &h.body_part_examined))
+            .map(|(uid, v)| series_attributes(v, uid, &v[0].modality, &v[0].body_part_examined))
             .collect();
         let c = classify(
             list,

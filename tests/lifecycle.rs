@@ -34,11 +34,11 @@ pub(crate) fn uid_root() -> String {
 }
 
 fn with_token(config: &mut NodeConfig) {
-    config.dicomweb.tokens = vec![TokenConfig {
+    config.dicomweb.tokens.push(TokenConfig {
         name: TOKEN_NAME.into(),
         sha256: hex::encode(sha2::Sha256::digest(TOKEN.as_bytes())),
         scopes: vec![Scope::Read, Scope::Write],
-    }];
+    });
     // The senders of this file's rejection notes: dcmtk's storescu and
     // pynetdicom under their default AE titles.
     config.rejection_note_ae_titles = Some(vec!["STORESCU".into(), "PYNETDICOM".into()]);
@@ -706,7 +706,10 @@ async fn deletion_in_a_region_republishes_then_retracts() {
     let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
     let token = add_hospital(&admin, HOSPITAL, "二级甲等", None).await;
     let node = spawn_region_node(Backend::SqliteLocal, &registry.url(), HOSPITAL, &token).await;
-    let api = Api::new(&format!("http://{}", node.http_addr), None);
+    let api = Api::new(
+        &format!("http://{}", node.http_addr),
+        Some(crate::support::NODE_API_TOKEN),
+    );
     let reg = Api::new(&registry.url(), Some(&token));
     let work = tempfile::tempdir().unwrap();
     let ct = make_study(

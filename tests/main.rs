@@ -17,6 +17,7 @@ mod page;
 mod peer;
 mod query_retrieve;
 mod recognition;
+mod recognition_table;
 mod region;
 mod security;
 mod storage_config;

@@ -177,8 +177,14 @@ async fn doctor_page(backend: Backend) {
 
     let node_b = spawn_region_node(backend, &registry.url(), HOSPITAL_B, &token_b).await;
     let node_a = spawn_region_node(backend, &registry.url(), HOSPITAL_A, &token_a).await;
-    let api_a = Api::new(&format!("http://{}", node_a.http_addr), None);
-    let api_b = Api::new(&format!("http://{}", node_b.http_addr), None);
+    let api_a = Api::new(
+        &format!("http://{}", node_a.http_addr),
+        Some(crate::support::NODE_API_TOKEN),
+    );
+    let api_b = Api::new(
+        &format!("http://{}", node_b.http_addr),
+        Some(crate::support::NODE_API_TOKEN),
+    );
     for api in [&api_a, &api_b] {
         wait_until("list and directory pulled", || {
             let api = api.clone();

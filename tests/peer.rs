@@ -106,7 +106,7 @@ async fn peer_fetch_end_to_end() {
             false,
         )
         .await,
-        None,
+        Some(crate::support::NODE_API_TOKEN),
     );
     let api_b = Api::new(&format!("http://{}", node_b.http_addr), Some(B_API_TOKEN));
     // A started after B's URL was set: its first directory has it.

@@ -100,7 +100,7 @@ async fn duplicate_exam_warning_end_to_end() {
             false,
         )
         .await,
-        None,
+        Some(crate::support::NODE_API_TOKEN),
     );
     let api_b = Api::new(
         &start_proxy(
@@ -109,7 +109,7 @@ async fn duplicate_exam_warning_end_to_end() {
             false,
         )
         .await,
-        None,
+        Some(crate::support::NODE_API_TOKEN),
     );
     for api in [&api_a, &api_b] {
         wait_until("node pulled the list", || {
@@ -159,11 +159,22 @@ async fn duplicate_exam_warning_end_to_end() {
     })
     .await;
     let rec = wait_record(&reg_b, HOSP_B, &uid, 1).await;
-    assert_eq!(
-        rec["record"]["items"],
-        json!([{"code": "CT-0301-03"}]),
-        "{rec}"
-    );
+    // One item, certain, with the attributes it rests on (names only: the
+    // free text stays at the hospital).
+    let items = rec["record"]["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{rec}");
+    assert_eq!(items[0]["code"], "CT-0301-03", "{rec}");
+    assert_eq!(items[0]["confidence"], "certain", "{rec}");
+    for attribute in ["BodyPartExamined", "ContrastBolusAgent", "StudyDescription"] {
+        assert!(
+            items[0]["evidence"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == attribute),
+            "{attribute}: {rec}"
+        );
+    }
     assert_eq!(rec["record"]["contrast"], "plain_and_enhanced");
 
     // Consent for A; then A's check for a plain chest CT warns.

@@ -729,7 +729,7 @@ async fn region_end_to_end(backend: Backend) {
             false,
         )
         .await,
-        None,
+        Some(crate::support::NODE_API_TOKEN),
     );
     let api_b = Api::new(
         &start_proxy(
@@ -738,7 +738,7 @@ async fn region_end_to_end(backend: Backend) {
             false,
         )
         .await,
-        None,
+        Some(crate::support::NODE_API_TOKEN),
     );
     let reg_a = Api::new(&reg_url, Some(&token_a));
     let reg_b = Api::new(&reg_url, Some(&token_b));
@@ -1318,7 +1318,10 @@ async fn registry_outage_loses_nothing() {
     let url = registry.url();
     let (addr, dir, db) = registry.stop().await;
     let node = spawn_region_node(Backend::SqliteLocal, &url, "HOSPB0000000000002", &token).await;
-    let api = Api::new(&format!("http://{}", node.http_addr), None);
+    let api = Api::new(
+        &format!("http://{}", node.http_addr),
+        Some(crate::support::NODE_API_TOKEN),
+    );
     let work = tempfile::tempdir().unwrap();
     let mut uids = Vec::new();
     for (i, sample) in ["p1-ct-chest-2024", "p1-ct-head-2019", "p3-dx-chest-2025"]
@@ -1520,7 +1523,10 @@ async fn two_node_processes_publish_each_study_once() {
         wait_evaluated(&first, uid).await;
     }
     wait_until("outbox drained", || {
-        let api = Api::new(&format!("http://{}", first.http_addr), None);
+        let api = Api::new(
+            &format!("http://{}", first.http_addr),
+            Some(crate::support::NODE_API_TOKEN),
+        );
         async move { api.ok("GET", "/api/v1/publication", None).await["backlog"] == 0 }
     })
     .await;

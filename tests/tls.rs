@@ -838,6 +838,11 @@ http_listen = "127.0.0.1:0"
 [dicomweb]
 open = true
 
+[[dicomweb.tokens]]
+name = "operator"
+sha256 = "{operator}"
+scopes = ["read", "write"]
+
 [region]
 registry_url = "{registry_url}"
 hospital_id = "H1"
@@ -848,6 +853,9 @@ directory_interval_secs = 0.2
             data = data.path().join("data").display(),
             token = token_file.display(),
             secret = secret.display(),
+            operator = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                crate::support::NODE_API_TOKEN.as_bytes()
+            )),
         );
         let path = data.path().join("huren.toml");
         std::fs::write(&path, config).unwrap();
@@ -859,7 +867,8 @@ directory_interval_secs = 0.2
     };
     let publication = |node: &Process| -> Value {
         let url = format!("http://{}/api/v1/publication", node.addr(HTTP));
-        let (status, body) = curl(&[&url]).unwrap();
+        let bearer = format!("Authorization: Bearer {}", crate::support::NODE_API_TOKEN);
+        let (status, body) = curl(&["-H", &bearer, &url]).unwrap();
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     };

@@ -11,7 +11,7 @@ use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use super::list::{Item, LateralityRule, Projection, RecognitionList};
-use crate::contract::{Hospital, Laterality, QcStatus, StudyRecord};
+use crate::contract::{Hospital, ItemConfidence, Laterality, QcStatus, StudyRecord};
 
 pub use crate::contract::Encounter;
 
@@ -39,6 +39,10 @@ pub enum NotCounted {
     DifferentLaterality,
     ViewNotSatisfied,
     PriorUnclassified,
+    /// The prior's item would count, but the classifier is not certain of
+    /// it (its sources disagree or say too little): shown as information
+    /// until the hospital that did the exam confirms it.
+    NeedsConfirmation,
 }
 
 /// One prior as the check sees it.
@@ -223,12 +227,18 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
             None => (date(&r.study_date), "study_date"),
         };
         let days_ago = from.map(|d| (input.as_of - d).num_days());
-        // The item of the prior that satisfies the order, if any.
+        // The item of the prior that satisfies the order, if any: a
+        // certain one first (only certain items may warn; an item without
+        // a confidence comes from a node that predates it).
+        let unconfirmed = |i: &crate::contract::RecordItem| {
+            i.confidence == Some(ItemConfidence::NeedsConfirmation)
+        };
         let satisfying = r
             .items
             .iter()
             .filter_map(|i| list.item(&i.code).map(|item| (i, item)))
-            .find(|(_, item)| list.satisfies(&item.code, &ordered.code));
+            .filter(|(_, item)| list.satisfies(&item.code, &ordered.code))
+            .min_by_key(|(i, _)| unconfirmed(i));
         let shown_item = satisfying
             .map(|(_, item)| item)
             .or_else(|| r.items.first().and_then(|i| list.item(&i.code)));
@@ -257,8 +267,14 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
                     && matches!(ordered.modality.as_str(), "DX" | "CR" | "DR"))
         };
         let reason = if let Some((record_item, _)) = satisfying {
-            let views: Vec<Projection> = r
-                .view_positions
+            // The item's own views where it has them (a chest PA beside an
+            // abdominal AP), else the study's.
+            let positions = if record_item.view_positions.is_empty() {
+                &r.view_positions
+            } else {
+                &record_item.view_positions
+            };
+            let views: Vec<Projection> = positions
                 .iter()
                 .filter_map(|v| Projection::from_view_position(v))
                 .collect();
@@ -286,6 +302,8 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
                     Some(NotCounted::QcFailed)
                 } else if !r.images_available {
                     Some(NotCounted::ImagesUnavailable)
+                } else if unconfirmed(record_item) {
+                    Some(NotCounted::NeedsConfirmation)
                 } else {
                     None
                 }
@@ -378,6 +396,9 @@ mod tests {
             } else {
                 let (code, side) = item.split_once(':').unwrap_or((item, ""));
                 vec![RecordItem {
+                    confidence: None,
+                    evidence: Vec::new(),
+                    view_positions: Vec::new(),
                     code: code.into(),
                     laterality: match side {
                         "L" => Some(Laterality::Left),
@@ -835,6 +856,37 @@ mod tests {
                 "",
             )
         });
+        // Only certain items warn: an unconfirmed one is shown, with why.
+        let unconfirmed = |r: StudyRecord| {
+            with(r, &|r| {
+                r.items[0].confidence = Some(ItemConfidence::NeedsConfirmation);
+            })
+        };
+        cases.push(case(
+            "needs_confirmation never warns",
+            "CT-03-01",
+            &a,
+            vec![prior(
+                &b,
+                unconfirmed(record("s1", "CT-03-01", day("2026-02-20"))),
+            )],
+            "no_warn - needs_confirmation",
+        ));
+        cases.push(case(
+            "a certain item warns beside an unconfirmed one",
+            "CT-03-01",
+            &a,
+            vec![
+                prior(&b, unconfirmed(record("s1", "CT-03-01", day("2026-02-20")))),
+                prior(
+                    &b,
+                    with(record("s2", "CT-03-01", day("2026-02-21")), &|r| {
+                        r.items[0].confidence = Some(ItemConfidence::Certain);
+                    }),
+                ),
+            ],
+            "warn s2 needs_confirmation",
+        ));
         cases.push(Case {
             verified: false,
             want: "no_warn - !identity_unverified",

@@ -44,6 +44,9 @@ pub enum LateralityRule {
     /// The side is part of the match: a left knee MR does not recognise a
     /// right one.
     Required,
+    /// The item is of both sides (髋关节MR（双侧）, 乳腺超声（双侧）): a study
+    /// whose images show one side only never earns it.
+    Both,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -120,8 +123,9 @@ pub struct Item {
     /// enhanced study satisfies the plain order and the enhanced one).
     #[serde(default)]
     pub satisfies: Vec<String>,
-    /// Procedure code values (any of the code sequences) that mean this item.
-    #[serde(default)]
+    /// Refused by validation: a code value means nothing without its coding
+    /// scheme designator (and hospital). Codes go in a `[[code_table]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub codes: Vec<String>,
 }
 
@@ -149,18 +153,43 @@ pub struct Rule {
     /// Any of these in a description vetoes the rule.
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// Code values of ProcedureCodeSequence, RequestedProcedureCodeSequence,
-    /// RequestAttributesSequence/ScheduledProtocolCodeSequence or
-    /// PerformedProtocolCodeSequence.
-    #[serde(default)]
+    /// Refused by validation: codes go in a `[[code_table]]` with their
+    /// coding scheme designator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub codes: Vec<String>,
 }
 
-/// One hospital's local charge-item codes mapped to item codes.
+/// The former per-hospital table without a coding scheme: refused by
+/// validation with a pointer to `[[code_table]]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalCodes {
     pub hospital_id: String,
+    pub codes: BTreeMap<String, String>,
+}
+
+/// A code table: procedure, protocol or charge-item codes of ONE coding
+/// scheme (the CodingSchemeDesignator written beside the CodeValue in
+/// ProcedureCodeSequence, RequestedProcedureCodeSequence,
+/// RequestAttributesSequence/ScheduledProtocolCodeSequence or
+/// PerformedProtocolCodeSequence), and optionally of one hospital, mapped to
+/// items. `CT0301` of one hospital's RIS is not `CT0301` of another's: a code
+/// is evidence only through a table of its scheme (and hospital); a code of
+/// an unknown scheme is ignored (recognition-facts.md, "Rules huren keeps").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeTable {
+    pub name: String,
+    /// CodingSchemeDesignator (0008,0102) as the hospital's systems write
+    /// it; compared without regard to case.
+    pub coding_scheme: String,
+    /// The hospital (its ID in the directory) whose codes these are; none:
+    /// the scheme is the region's own and means the same everywhere.
+    #[serde(default)]
+    pub hospital_id: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Code value → item code.
     pub codes: BTreeMap<String, String>,
 }
 
@@ -244,6 +273,41 @@ pub struct Vocabulary {
     pub left: Vec<String>,
     pub right: Vec<String>,
     pub both: Vec<String>,
+    /// Calibration and coil-sensitivity scans (ASSET calibration, SENSE
+    /// reference, CLEAR reference, coil survey): not the exam.
+    #[serde(default)]
+    pub calibration: Vec<String>,
+    /// Whole ContrastBolusAgent values that mean no agent (NONE, N/A, 无,
+    /// 未用, -): compared with the trimmed value, case-insensitive.
+    #[serde(default)]
+    pub no_contrast_agent: Vec<String>,
+    /// Agents given by mouth (water, mannitol, diatrizoate): alone they do
+    /// not make an enhanced (增强) scan.
+    #[serde(default)]
+    pub oral_agent: Vec<String>,
+    /// ContrastBolusRoute values for the mouth.
+    #[serde(default)]
+    pub oral_route: Vec<String>,
+    /// Words of a study description that make the study a PET exam (its CT
+    /// or MR series are part of it, never a CT or MR exam of their own).
+    #[serde(default)]
+    pub pet_study: Vec<String>,
+    /// Modalities whose images are angiography by nature (XA: DSA).
+    #[serde(default)]
+    pub angiography_modalities: Vec<String>,
+    /// Radiograph views in descriptions and View Code Sequence meanings.
+    #[serde(default)]
+    pub view_pa: Vec<String>,
+    #[serde(default)]
+    pub view_ap: Vec<String>,
+    #[serde(default)]
+    pub view_lateral: Vec<String>,
+    #[serde(default)]
+    pub view_oblique: Vec<String>,
+    /// A frontal view whose direction is not said (正位): the item's PA or
+    /// AP, or the body part's `[frontal_default]`.
+    #[serde(default)]
+    pub view_frontal: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +324,14 @@ struct ListFile {
     rules: Vec<Spanned<Rule>>,
     #[serde(default, rename = "local_codes")]
     local_codes: Vec<Spanned<LocalCodes>>,
+    #[serde(default, rename = "code_table")]
+    code_tables: Vec<Spanned<CodeTable>>,
+    #[serde(default)]
+    body_part_contains: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    body_part_groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    frontal_default: BTreeMap<String, Projection>,
     #[serde(default, rename = "reason")]
     reasons: Vec<Spanned<Reason>>,
 }
@@ -278,7 +350,17 @@ pub struct RecognitionList {
     pub body_parts: BTreeMap<String, Vec<String>>,
     pub items: Vec<Item>,
     pub rules: Vec<Rule>,
-    pub local_codes: Vec<LocalCodes>,
+    pub code_tables: Vec<CodeTable>,
+    /// Coarse part → the finer parts it holds (HEAD → SINUS, TEMPORALBONE):
+    /// a description naming the finer part wins over a coarse
+    /// BodyPartExamined, and a finer part without an item gives no item.
+    pub body_part_contains: BTreeMap<String, Vec<String>>,
+    /// A part that is several parts at once (全腹 = ABDOMEN + PELVIS): where
+    /// it has no item of its own, a study of it is each member's item.
+    pub body_part_groups: BTreeMap<String, Vec<String>>,
+    /// The projection a frontal view (正位) of a body part means, where the
+    /// list has items for both PA and AP (a chest 正位 is PA by convention).
+    pub frontal_default: BTreeMap<String, Projection>,
     pub reasons: Vec<Reason>,
     #[serde(skip)]
     by_code: HashMap<String, usize>,
@@ -488,19 +570,27 @@ impl RecognitionList {
                 }
             }
         }
-        let mut rule_signatures: HashMap<String, (&str, &str)> = HashMap::new();
-        let mut code_owner: HashMap<&str, &str> = HashMap::new();
+        // A code value alone means nothing (CT0301 of one hospital's RIS
+        // is not CT0301 of another's): codes live in code tables with their
+        // coding scheme designator.
+        const CODES_MOVED: &str = "a code value means nothing without its coding scheme designator (and hospital): put it in a [[code_table]] with coding_scheme";
         for item in &file.items {
-            for c in &item.get_ref().codes {
-                if let Some(other) = code_owner.insert(c.as_str(), item.get_ref().code.as_str()) {
-                    err(
-                        item.span().start,
-                        format!("item {}: codes", item.get_ref().code),
-                        format!("code {c:?} also means item {other}"),
-                    );
-                }
+            if !item.get_ref().codes.is_empty() {
+                err(
+                    item.span().start,
+                    format!("item {}: codes", item.get_ref().code),
+                    CODES_MOVED.into(),
+                );
             }
         }
+        for table in &file.local_codes {
+            err(
+                table.span().start,
+                format!("local_codes {}", table.get_ref().hospital_id),
+                CODES_MOVED.into(),
+            );
+        }
+        let mut rule_signatures: HashMap<String, (&str, &str)> = HashMap::new();
         for rule in &file.rules {
             let at = rule.span().start;
             let r = rule.get_ref();
@@ -516,26 +606,17 @@ impl RecognitionList {
                     err(at, f("modality"), format!("unknown modality {m:?}"));
                 }
             }
-            if r.body_part_examined.is_empty() && r.description.is_empty() && r.codes.is_empty() {
-                err(at, f("(conditions)"), "a rule needs body_part_examined, description or codes: modality alone matches too much".into());
+            if !r.codes.is_empty() {
+                err(at, f("codes"), CODES_MOVED.into());
             }
-            for c in &r.codes {
-                if let Some(other) = code_owner.get(c.as_str())
-                    && *other != r.item
-                {
-                    err(
-                        at,
-                        f("codes"),
-                        format!("code {c:?} also means item {other}"),
-                    );
-                }
+            if r.body_part_examined.is_empty() && r.description.is_empty() {
+                err(at, f("(conditions)"), "a rule needs body_part_examined or description: modality alone matches too much".into());
             }
             let mut sig = [
                 r.modality.clone(),
                 r.body_part_examined.clone(),
                 r.description.clone(),
                 r.exclude.clone(),
-                r.codes.clone(),
             ];
             for v in &mut sig {
                 for s in v.iter_mut() {
@@ -557,16 +638,101 @@ impl RecognitionList {
                 );
             }
         }
-        for table in &file.local_codes {
+        // Code tables: a scheme, known items, and one meaning per (scheme,
+        // hospital, code value).
+        let mut code_meaning: HashMap<(String, Option<String>, String), &str> = HashMap::new();
+        for table in &file.code_tables {
             let at = table.span().start;
-            for (local, item) in &table.get_ref().codes {
+            let t = table.get_ref();
+            let f = |name: &str| format!("code_table {:?}: {name}", t.name);
+            if t.name.trim().is_empty() {
+                err(at, "code_table.name".into(), "missing name".into());
+            }
+            if t.coding_scheme.trim().is_empty() {
+                err(
+                    at,
+                    f("coding_scheme"),
+                    "missing: a code table is of one coding scheme designator".into(),
+                );
+            }
+            if t.hospital_id
+                .as_deref()
+                .is_some_and(|h| h.trim().is_empty())
+            {
+                err(
+                    at,
+                    f("hospital_id"),
+                    "empty: omit it for a region-wide scheme".into(),
+                );
+            }
+            if t.codes.is_empty() {
+                err(at, f("codes"), "no codes".into());
+            }
+            for (value, item) in &t.codes {
                 if !codes.contains_key(item.as_str()) {
                     err(
                         at,
-                        format!("local_codes {}: {local}", table.get_ref().hospital_id),
+                        f(&format!("codes.{value}")),
                         format!("unknown item {item:?}"),
                     );
                 }
+                let key = (
+                    t.coding_scheme.trim().to_uppercase(),
+                    t.hospital_id.clone(),
+                    value.trim().to_string(),
+                );
+                if let Some(other) = code_meaning.insert(key, item.as_str())
+                    && other != item
+                {
+                    err(
+                        at,
+                        f(&format!("codes.{value}")),
+                        format!(
+                            "the same scheme and hospital already map {value:?} to item {other}"
+                        ),
+                    );
+                }
+            }
+        }
+        // Body-part relations name known parts.
+        for (table, relation) in [
+            ("body_part_contains", &file.body_part_contains),
+            ("body_part_groups", &file.body_part_groups),
+        ] {
+            let at = text.find(&format!("[{table}]")).unwrap_or(0);
+            for (part, members) in relation {
+                for p in std::iter::once(part).chain(members) {
+                    if !file.body_parts.contains_key(p) {
+                        err(
+                            at,
+                            format!("{table}.{part}"),
+                            format!("{p:?} is not a key of [body_parts]"),
+                        );
+                    }
+                }
+                if members.contains(part) {
+                    err(
+                        at,
+                        format!("{table}.{part}"),
+                        "a part cannot hold itself".into(),
+                    );
+                }
+                if table == "body_part_groups" && members.len() < 2 {
+                    err(
+                        at,
+                        format!("{table}.{part}"),
+                        "a group has two members or more".into(),
+                    );
+                }
+            }
+        }
+        for part in file.frontal_default.keys() {
+            if !file.body_parts.contains_key(part) {
+                err(
+                    text.find("[frontal_default]").unwrap_or(0),
+                    format!("frontal_default.{part}"),
+                    format!("{part:?} is not a key of [body_parts]"),
+                );
             }
         }
         let mut reason_codes = BTreeSet::new();
@@ -621,11 +787,14 @@ impl RecognitionList {
             body_parts: file.body_parts,
             items,
             rules: file.rules.into_iter().map(Spanned::into_inner).collect(),
-            local_codes: file
-                .local_codes
+            code_tables: file
+                .code_tables
                 .into_iter()
                 .map(Spanned::into_inner)
                 .collect(),
+            body_part_contains: file.body_part_contains,
+            body_part_groups: file.body_part_groups,
+            frontal_default: file.frontal_default,
             reasons: file.reasons.into_iter().map(Spanned::into_inner).collect(),
             by_code,
         })
@@ -633,6 +802,49 @@ impl RecognitionList {
 
     pub fn item(&self, code: &str) -> Option<&Item> {
         self.by_code.get(code).map(|&i| &self.items[i])
+    }
+
+    /// Whether `coarse` holds `finer` (transitively) in `[body_part_contains]`.
+    pub fn contains_part(&self, coarse: &str, finer: &str) -> bool {
+        let mut stack = vec![coarse];
+        let mut seen = BTreeSet::new();
+        while let Some(p) = stack.pop() {
+            if !seen.insert(p) {
+                continue;
+            }
+            for f in self.body_part_contains.get(p).into_iter().flatten() {
+                if f == finer {
+                    return true;
+                }
+                stack.push(f);
+            }
+        }
+        false
+    }
+
+    /// The items a code of `scheme` means for a study of `hospital`: the
+    /// region's tables of that scheme and the hospital's own.
+    pub fn code_items<'a>(
+        &'a self,
+        scheme: &str,
+        value: &str,
+        hospital: Option<&str>,
+    ) -> Vec<(&'a CodeTable, &'a Item)> {
+        let scheme = scheme.trim();
+        if scheme.is_empty() {
+            return Vec::new();
+        }
+        self.code_tables
+            .iter()
+            .filter(|t| t.coding_scheme.trim().eq_ignore_ascii_case(scheme))
+            .filter(|t| t.hospital_id.is_none() || t.hospital_id.as_deref() == hospital)
+            .filter_map(|t| {
+                t.codes
+                    .get(value.trim())
+                    .and_then(|c| self.item(c))
+                    .map(|i| (t, i))
+            })
+            .collect()
     }
 
     pub fn reason(&self, code: &str) -> Option<&Reason> {
@@ -785,12 +997,51 @@ mod tests {
             ),
             (
                 base.replacen(
-                    "window_days = 30\nsource = \"test\"\ncodes",
-                    "window_days = 30\nsource = \"\"\ncodes",
+                    "name_en = \"Chest CT, plain\"",
+                    "name_en = \"Chest CT, plain\"\nsource = \"\"",
+                    1,
+                )
+                .replacen(
+                    "contrast = \"none\"\nwindow_days = 30\nsource = \"test\"\n\n[[item]]\ncode = \"CT-03-02\"",
+                    "contrast = \"none\"\nwindow_days = 30\n\n[[item]]\ncode = \"CT-03-02\"",
                     1,
                 ),
                 "item CT-03-01: source",
                 "missing source",
+            ),
+            (
+                base.replacen(
+                    "code = \"CT-01-01\"",
+                    "code = \"CT-01-01\"\ncodes = [\"CT0101\"]",
+                    1,
+                ),
+                "item CT-01-01: codes",
+                "coding scheme",
+            ),
+            (
+                format!("{base}\n[[local_codes]]\nhospital_id = \"H\"\ncodes = {{ \"1\" = \"CT-01-01\" }}\n"),
+                "local_codes H",
+                "coding scheme",
+            ),
+            (
+                base.replacen("coding_scheme = \"99TEST\"", "coding_scheme = \" \"", 1),
+                "code_table \"region\": coding_scheme",
+                "missing",
+            ),
+            (
+                base.replacen("\"CT0301\" = \"CT-03-01\"", "\"CT0301\" = \"CT-99\"", 1),
+                "code_table \"region\": codes.CT0301",
+                "unknown item",
+            ),
+            (
+                format!("{base}\n[body_part_contains]\nHEAD = [\"SINUS\"]\n"),
+                "body_part_contains.HEAD",
+                "not a key",
+            ),
+            (
+                format!("{base}\n[body_part_groups]\nCHEST = [\"CHEST\", \"HEAD\"]\n"),
+                "body_part_groups.CHEST",
+                "itself",
             ),
         ];
         for (text, field, message) in &cases {

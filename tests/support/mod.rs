@@ -134,11 +134,23 @@ impl TestNode {
 
 /// The configuration a test node starts from: a fresh data directory, the
 /// backend pair, full durability.
+/// The bearer token of the nodes `test_config` makes, read and write.
+pub const NODE_API_TOKEN: &str = "node-api-token-for-the-tests-0001";
+
 pub async fn test_config(backend: Backend, dir: &Path) -> NodeConfig {
     let mut config = NodeConfig::defaults_in(dir.join("data"));
     config.dicom_listen = "127.0.0.1:0".parse().unwrap();
     config.http_listen = "127.0.0.1:0".parse().unwrap();
     config.durability = Durability::Full;
+    // The operator's token: the JSON API is never open (issue 22), so the
+    // tests reach it as an operator would.
+    config.dicomweb.tokens = vec![huren::config::TokenConfig {
+        name: "test-operator".into(),
+        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            NODE_API_TOKEN.as_bytes(),
+        )),
+        scopes: vec![huren::config::Scope::Read, huren::config::Scope::Write],
+    }];
     match backend {
         Backend::SqliteLocal => {}
         Backend::PostgresS3 => {

@@ -360,6 +360,11 @@ const STRINGS: &[(&str, &str, &str)] = &[
         "未归入互认项目",
         "Not a recognised item",
     ),
+    (
+        "nc_needs_confirmation",
+        "检查项目待检查医院确认（仅供参考）",
+        "Item awaiting confirmation by the hospital that did the exam (for information)",
+    ),
     ("r_no_prior", "没有既往检查。", "No prior exam."),
     (
         "r_identity_unverified",
@@ -532,6 +537,7 @@ mod tests {
                     "different_laterality",
                     "view_not_satisfied",
                     "prior_unclassified",
+                    "needs_confirmation",
                 ][..],
             ),
             ("report_", &["none", "preliminary", "final", "amended"][..]),

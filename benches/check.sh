@@ -119,11 +119,6 @@ json() { "$PYTHON" -c 'import json, sys; d = json.load(sys.stdin); print(eval(sy
 reg_pid=""
 node_pid=""
 pg_data=""
-if [[ "$(id -u)" -eq 0 ]]; then
-    as_pg() { runuser -u postgres -- "$@"; }
-else
-    as_pg() { "$@"; }
-fi
 stop_pid() { # PID: TERM, then KILL after 30 s
     local pid=$1
     [[ -n "$pid" ]] || return 0
@@ -146,45 +141,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_http() { # PID URL TIMEOUT_S: polls until URL answers 2xx
-    local deadline=$(( $(date +%s) + $3 ))
-    while (( $(date +%s) < deadline )); do
-        kill -0 "$1" 2>/dev/null || return 1
-        curl -fsS -o /dev/null "$2" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    return 1
-}
 
 # ------------------------------------------------------------ PostgreSQL
-pg_port=$(free_port)
-pg_data="$run/pg/data"
-mkdir -p "$run/pg"
-if [[ "$(id -u)" -eq 0 ]]; then
-    chmod 711 "$work_dir" "$run"
-    chown postgres: "$run/pg"
-fi
-as_pg "$PG_BIN/initdb" -D "$pg_data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
-    >"$logs/pg-initdb.log" 2>&1 || { cat "$logs/pg-initdb.log" >&2; exit 1; }
-mem_mb=$(awk '/^MemTotal/ { printf "%d", $2 / 1024 }' /proc/meminfo)
-shared_mb=$(( mem_mb / 6 )); (( shared_mb > 8192 )) && shared_mb=8192
-cache_mb=$(( mem_mb * 2 / 3 ))
-# Durable: fsync, synchronous_commit and full_page_writes stay on (the
-# defaults), as in benches/registry.sh; the rest is ordinary tuning.
-pg_settings="-c listen_addresses=127.0.0.1 -p $pg_port -c unix_socket_directories=$run/pg\
- -c fsync=on -c synchronous_commit=on -c full_page_writes=on\
- -c shared_buffers=${shared_mb}MB -c effective_cache_size=${cache_mb}MB\
- -c maintenance_work_mem=1GB -c work_mem=32MB -c wal_buffers=64MB\
- -c max_wal_size=16GB -c min_wal_size=2GB -c checkpoint_timeout=30min\
- -c checkpoint_completion_target=0.9 -c random_page_cost=1.1 -c effective_io_concurrency=100\
- -c max_parallel_maintenance_workers=$(nproc) -c max_connections=100"
-as_pg "$PG_BIN/pg_ctl" -D "$pg_data" -l "$run/pg/log" -W -t 120 start -o "$pg_settings" >/dev/null
-for _ in $(seq 1 200); do "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 0.1; done
-"$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "PostgreSQL did not start"; cat "$run/pg/log" >&2; exit 1; }
-psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres "$@"; }
+. "$repo/benches/lib.sh"
+bench_token
+start_postgres
 psql -d postgres -c 'CREATE DATABASE registry'
 db_url="postgres://postgres@127.0.0.1:$pg_port/registry"
 q() { psql -d registry -Atc "$1"; }
@@ -380,7 +341,7 @@ log "registry on 127.0.0.1:$reg_port"
 node_http=$(free_port); node_dicom=$(free_port)
 A="http://127.0.0.1:$node_http"
 "$HUREN_BIN" node --data-dir "$run/node" --ae-title HOSPA \
-    --http-listen "127.0.0.1:$node_http" --dicom-listen "127.0.0.1:$node_dicom" --dicomweb-open true \
+    --http-listen "127.0.0.1:$node_http" --dicom-listen "127.0.0.1:$node_dicom" --dicomweb-open true --operator-token-file "$BENCH_TOKEN_FILE" \
     --registry-url "http://127.0.0.1:$reg_port" --hospital-id "$HOSP_A" --registry-token-file "$run/token-a" \
     --region-secret-file "$run/region-secret" --identifier-issuers RESIDENT_ID=RID \
     --study-quiet-secs 1 >"$logs/node.log" 2>&1 &
@@ -390,21 +351,22 @@ wait_http "$node_pid" "$A/api/v1/recognition/list" 120 ||
     { log "node A has no recognition list"; tail -n 20 "$logs/node.log" >&2; exit 1; }
 ready=0
 for _ in $(seq 1 1200); do
-    [[ "$(curl -fsS "$A/api/v1/publication" | json 'd["hospitals_in_directory"]')" -ge 2 ]] && { ready=1; break; }
+    [[ "$(api "$A/api/v1/publication" | json 'd["hospitals_in_directory"]')" -ge 2 ]] && { ready=1; break; }
     sleep 0.05
 done
 (( ready )) || { log "node A did not pull the hospital directory"; exit 1; }
-list_version=$(curl -fsS "$A/api/v1/recognition/list" | json 'd["version"] + " " + d["content_hash"][:12]')
+list_version=$(api "$A/api/v1/recognition/list" | json 'd["version"] + " " + d["content_hash"][:12]')
 log "node A on $A: list $list_version, directory pulled"
 
 # ------------------------------------------------------------ checks
 loads="before the checks: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$PYTHON" - "$node_http" "$run/patients.json" "$checks" "$runs" "$HOSP_B" >"$run/checks.json" 2>"$logs/checks.log" <<'EOF' ||
-import http.client, json, math, random, statistics, sys, time
+import http.client, json, math, os, random, statistics, sys, time
 port, pfile, checks, runs, hosp_b = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 patients = json.load(open(pfile))["patients"]
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-headers = {"Content-Type": "application/json"}
+headers = {"Content-Type": "application/json",
+           "Authorization": "Bearer " + os.environ["BENCH_TOKEN"]}
 errors = []
 def check(p):
     body = json.dumps({"patient": {"identifier_type": "RID", "identifier": p["rid"]},

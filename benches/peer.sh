@@ -149,18 +149,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-wait_http() { # PID URL TIMEOUT_S: polls until URL answers 2xx
-    local deadline=$(( $(date +%s) + $3 ))
-    while (( $(date +%s) < deadline )); do
-        kill -0 "$1" 2>/dev/null || return 1
-        curl -fsS -o /dev/null "$2" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    return 1
-}
+. "$repo/benches/lib.sh"
+bench_token
 
 # ------------------------------------------------------------ corpus
 log "generating $instances CT instances"
@@ -190,7 +180,7 @@ chmod 600 "$run/region.secret"
 
 node_args() { # DATA_DIR HOSPITAL TOKEN HTTP DICOM AE
     printf '%s\n' node --data-dir "$1" --ae-title "$6" \
-        --http-listen "127.0.0.1:$4" --dicom-listen "127.0.0.1:$5" --dicomweb-open true \
+        --http-listen "127.0.0.1:$4" --dicom-listen "127.0.0.1:$5" --dicomweb-open true --operator-token-file "$BENCH_TOKEN_FILE" \
         --registry-url "$REG" --hospital-id "$2" --registry-token-file "$3" \
         --region-secret-file "$run/region.secret" --identifier-issuers RESIDENT_ID=RID \
         --study-quiet-secs 1
@@ -213,7 +203,7 @@ log "stored at B in $store_s s"
 published=0
 t0=$(now)
 for _ in $(seq 1 1200); do
-    status=$(curl -fsS "$B/api/v1/publication")
+    status=$(api "$B/api/v1/publication")
     if [[ "$(json 'd["published_studies"] >= 1 and d["backlog"] == 0' <<<"$status")" == True ]]; then
         published=1; break
     fi
@@ -223,7 +213,7 @@ done
 publish_s=$(elapsed "$t0" "$(now)")
 log "B published ($publish_s s after storescu): $status"
 
-curl -fsS "$B/api/v1/studies/$UID_STUDY/manifest" >"$run/manifest-b.json"
+api "$B/api/v1/studies/$UID_STUDY/manifest" >"$run/manifest-b.json"
 read -r man_n man_bytes content_root < <("$PYTHON" -c '
 import json, sys
 m = json.load(open(sys.argv[1]))
@@ -252,7 +242,7 @@ start_a() { # DATA_DIR PARALLEL DURABILITY: starts node A and waits until it kno
     a_pid=$!
     wait_http "$a_pid" "$A/health" 60 || { log "node A did not start"; tail -n 20 "$logs/a.log" >&2; exit 1; }
     for _ in $(seq 1 600); do
-        [[ "$(curl -fsS "$A/api/v1/publication" | json 'd["hospitals_in_directory"]')" -ge 2 ]] && return 0
+        [[ "$(api "$A/api/v1/publication" | json 'd["hospitals_in_directory"]')" -ge 2 ]] && return 0
         sleep 0.05
     done
     log "node A did not pull the hospital directory"; exit 1
@@ -260,7 +250,7 @@ start_a() { # DATA_DIR PARALLEL DURABILITY: starts node A and waits until it kno
 
 start_a "$run/a-setup" 4 full
 consent_expires=$("$PYTHON" -c 'import datetime as d; print((d.datetime.now(d.timezone.utc) + d.timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"))')
-curl -fsS -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
+api -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
     \"patient\": {\"identifier_type\": \"RID\", \"identifier\": \"$RID\"},
     \"method\": \"doctor_assisted\", \"recorded_by\": \"bench\", \"state\": \"granted\",
     \"expires_at\": \"$consent_expires\"}" >"$run/consent.json"
@@ -296,7 +286,7 @@ for (( r = 1; r <= runs; r++ )); do
         start_a "$dir" "$p" "$m"
         sync
         a_cpu0=$(cpu_s "$a_pid"); b_cpu0=$(cpu_s "$b_pid")
-        out=$(curl -sS -o "$run/fetch-r$r-p$p-$m.json" -w '%{http_code} %{time_total}' -X POST "$A/api/v1/peer/fetch" \
+        out=$(curl -sS -o "$run/fetch-r$r-p$p-$m.json" -w '%{http_code} %{time_total}' -H "authorization: Bearer $BENCH_TOKEN" -X POST "$A/api/v1/peer/fetch" \
             -H 'content-type: application/json' \
             -d "{\"hospital_id\": \"$HOSP_B\", \"study_instance_uid\": \"$UID_STUDY\", \"purpose\": \"treatment\", \"user_id\": \"bench\"}")
         read -r code secs <<<"$out"
@@ -305,7 +295,7 @@ for (( r = 1; r <= runs; r++ )); do
         report=$(cat "$run/fetch-r$r-p$p-$m.json")
         [[ "$(json "d['fetched'] == $instances and d['already_present'] == 0 and d['bytes_fetched'] == $man_bytes" <<<"$report")" == True ]] ||
             { log "fetch report does not match B's manifest: $report"; exit 1; }
-        root_a=$(curl -fsS "$A/api/v1/studies/$UID_STUDY/manifest" | json 'd["content_root"]')
+        root_a=$(api "$A/api/v1/studies/$UID_STUDY/manifest" | json 'd["content_root"]')
         [[ "$root_a" == "$content_root" ]] || { log "A's copy has content root $root_a, B published $content_root"; exit 1; }
         stop_pid "$a_pid"; a_pid=""
         a_bytes=$(du -sb "$dir" | cut -f1)

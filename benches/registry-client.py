@@ -327,7 +327,8 @@ def cmd_outbox(a) -> int:
 
 
 def cmd_drain(a) -> int:
-    c = Client(a.port)
+    # The node's JSON API takes the operator's token (benches/lib.sh bench_token).
+    c = Client(a.port, os.environ.get("BENCH_TOKEN"))
     first_answer = first_progress = None
     start_backlog = None
     last = {}

@@ -116,11 +116,6 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 reg_pid=""
 node_pid=""
 pg_data=""
-if [[ "$(id -u)" -eq 0 ]]; then
-    as_pg() { runuser -u postgres -- "$@"; }
-else
-    as_pg() { "$@"; }
-fi
 stop_pid() { # PID: TERM, then KILL after 30 s
     local pid=$1
     [[ -n "$pid" ]] || return 0
@@ -149,9 +144,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 wait_log() { # PID FILE PATTERN TIMEOUT_S
     local deadline=$(( $(date +%s) + $4 ))
     while (( $(date +%s) < deadline )); do
@@ -163,33 +155,12 @@ wait_log() { # PID FILE PATTERN TIMEOUT_S
 }
 
 # ------------------------------------------------------------ PostgreSQL
-pg_port=$(free_port)
-pg_data="$run/pg/data"
-mkdir -p "$run/pg"
-if [[ "$(id -u)" -eq 0 ]]; then
-    chmod 711 "$work_dir" "$run"
-    chown postgres: "$run/pg"
-fi
-as_pg "$PG_BIN/initdb" -D "$pg_data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
-    >"$logs/pg-initdb.log" 2>&1 || { cat "$logs/pg-initdb.log" >&2; exit 1; }
-mem_mb=$(awk '/^MemTotal/ { printf "%d", $2 / 1024 }' /proc/meminfo)
-shared_mb=$(( mem_mb / 6 )); (( shared_mb > 8192 )) && shared_mb=8192
-cache_mb=$(( mem_mb * 2 / 3 ))
-# Durable: fsync, synchronous_commit and full_page_writes stay on (the
-# defaults). The rest is ordinary tuning for a dedicated machine.
-pg_settings="-c listen_addresses=127.0.0.1 -p $pg_port -c unix_socket_directories=$run/pg\
- -c fsync=on -c synchronous_commit=on -c full_page_writes=on\
- -c shared_buffers=${shared_mb}MB -c effective_cache_size=${cache_mb}MB\
- -c maintenance_work_mem=1GB -c work_mem=32MB -c wal_buffers=64MB\
- -c max_wal_size=16GB -c min_wal_size=2GB -c checkpoint_timeout=30min\
- -c checkpoint_completion_target=0.9 -c random_page_cost=1.1 -c effective_io_concurrency=100\
- -c max_parallel_maintenance_workers=$(nproc) -c max_connections=100"
-(( pg_stats == 0 )) || pg_settings+=" -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000\
+. "$repo/benches/lib.sh"
+bench_token
+extra=""
+(( pg_stats == 0 )) || extra="-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000\
  -c track_wal_io_timing=on -c log_min_duration_statement=5 -c log_parameter_max_length=0"
-as_pg "$PG_BIN/pg_ctl" -D "$pg_data" -l "$run/pg/log" -W -t 120 start -o "$pg_settings" >/dev/null
-for _ in $(seq 1 200); do "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 0.1; done
-"$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "PostgreSQL did not start"; cat "$run/pg/log" >&2; exit 1; }
-psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres "$@"; }
+start_postgres "$extra"
 psql -d postgres -c 'CREATE DATABASE registry'
 db_url="postgres://postgres@127.0.0.1:$pg_port/registry"
 q() { psql -d registry -Atc "$1"; }
@@ -382,7 +353,7 @@ if (( backlog > 0 )); then
         dp=$(free_port); hp=$(free_port)
         node_http=$hp
         "$HUREN_BIN" node --data-dir "$node_dir" --dicom-listen "127.0.0.1:$dp" \
-            --http-listen "127.0.0.1:$hp" --dicomweb-open true "$@" >>"$logs/node.log" 2>&1 &
+            --http-listen "127.0.0.1:$hp" --dicomweb-open true --operator-token-file "$BENCH_TOKEN_FILE" "$@" >>"$logs/node.log" 2>&1 &
         node_pid=$!
     }
     node_start

@@ -94,11 +94,10 @@ python3 -c 'import secrets; print(secrets.token_hex(32))' >"$work/region.secret"
 chmod 600 "$work/region.secret"
 
 # The nodes' JSON API and DICOMweb take a bearer token (never open): the
-# operator's token is kept in a file readable by its owner, and each node's
-# config holds its SHA-256 only.
+# operator's token is kept in a file readable by its owner; the node keeps
+# its SHA-256 only (--operator-token-file).
 python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$work/api.token"
 chmod 600 "$work/api.token"
-API_TOKEN_SHA256="$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$work/api.token")"
 # curl with the operator's token.
 api() { curl -fsS -H "authorization: Bearer $(cat "$work/api.token")" "$@"; }
 
@@ -110,13 +109,9 @@ start_node() {  # name hospital http dicom ae
 ae_title = "VIEWER"
 host = "127.0.0.1"
 port = $SCP_PORT
-
-[[dicomweb.tokens]]
-name = "demo-operator"
-sha256 = "$API_TOKEN_SHA256"
-scopes = ["read", "write"]
 TOML
-    "$HUREN_BIN" node --config "$work/$1.toml" --data-dir "$work/$1" --ae-title "$5" \
+    "$HUREN_BIN" node --config "$work/$1.toml" --operator-token-file "$work/api.token" \
+        --data-dir "$work/$1" --ae-title "$5" \
         --http-listen "127.0.0.1:$3" --dicom-listen "127.0.0.1:$4" \
         --registry-url "$REG" --hospital-id "$2" --registry-token-file "$work/$1.token" \
         --region-secret-file "$work/region.secret" --identifier-issuers RESIDENT_ID=RID \

@@ -544,6 +544,12 @@ pub struct NodeArgs {
     #[arg(long, env = "HUREN_DICOMWEB_OPEN")]
     pub dicomweb_open: Option<bool>,
 
+    /// File holding the operator's bearer token (read and write scopes,
+    /// named "operator") for the JSON API and DICOMweb; the node keeps its
+    /// SHA-256 only. Other tokens go in the config file's [[dicomweb.tokens]]
+    #[arg(long, env = "HUREN_OPERATOR_TOKEN_FILE")]
+    pub operator_token_file: Option<PathBuf>,
+
     /// Largest STOW-RS request body in bytes [default: 4294967296]
     #[arg(long, env = "HUREN_DICOMWEB_MAX_REQUEST_BYTES")]
     pub dicomweb_max_request_bytes: Option<u64>,
@@ -1023,6 +1029,24 @@ impl NodeArgs {
             }
         }
         config.dicomweb.tokens = web.tokens;
+        if let Some(path) = &self.operator_token_file {
+            let token = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                setting: "operator_token_file",
+                reason: format!("{}: {e}", path.display()),
+            })?;
+            let token = token.trim();
+            if token.len() < 16 {
+                return Err(ConfigError::Invalid {
+                    setting: "operator_token_file",
+                    reason: format!("{}: a token of at least 16 characters", path.display()),
+                });
+            }
+            config.dicomweb.tokens.push(TokenConfig {
+                name: "operator".into(),
+                sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes())),
+                scopes: vec![Scope::Read, Scope::Write],
+            });
+        }
         config.region = self.resolve_region(file.region.unwrap_or_default())?;
         config.audit_log = self.audit_log.clone().or(file.audit_log);
         config.audit_syslog_tls = self.audit_syslog_tls.clone().or(file.audit_syslog_tls);

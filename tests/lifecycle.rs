@@ -720,8 +720,8 @@ async fn deletion_in_a_region_republishes_then_retracts() {
     );
     crate::region::store(&node, &ct.files).await;
     let uid = ct.study_instance_uid.clone();
-    let rec = wait_record(&reg, HOSPITAL, &uid, 1).await;
-    assert_eq!(rec["record"]["number_of_instances"], 12);
+    let rec = crate::region::wait_complete_record(&reg, HOSPITAL, &uid, 12).await;
+    let version = rec["record"]["record_version"].as_i64().unwrap();
 
     let manifest = api
         .ok("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
@@ -738,7 +738,7 @@ async fn deletion_in_a_region_republishes_then_retracts() {
         )
         .await;
     assert_eq!(outcome["instances_removed"], 1);
-    let rec = wait_record(&reg, HOSPITAL, &uid, 2).await;
+    let rec = wait_record(&reg, HOSPITAL, &uid, version + 1).await;
     assert_eq!(rec["record"]["number_of_instances"], 11);
     assert_eq!(rec["retracted"], false);
 

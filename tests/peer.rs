@@ -130,7 +130,7 @@ async fn peer_fetch_end_to_end() {
     store(&node_b, &ct.files).await;
     let uid = ct.study_instance_uid.clone();
     let reg_b = Api::new(&url, Some(&token_b));
-    let published = wait_record(&reg_b, HOSP_B, &uid, 1).await;
+    let published = crate::region::wait_complete_record(&reg_b, HOSP_B, &uid, 12).await;
 
     // No consent: the registry refuses the grant; B refuses a request
     // without one.

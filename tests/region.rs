@@ -625,6 +625,25 @@ pub async fn wait_record(registry: &Api, hospital: &str, uid: &str, version: i64
     }
 }
 
+/// Waits until the registry holds a version of `uid` with all of its
+/// `instances`: on a loaded machine the quiet time can pass between two
+/// storescu runs of one study, and a first version hold one series.
+pub async fn wait_complete_record(
+    registry: &Api,
+    hospital: &str,
+    uid: &str,
+    instances: i64,
+) -> Value {
+    let mut version = 1;
+    loop {
+        let rec = wait_record(registry, hospital, uid, version).await;
+        if rec["record"]["number_of_instances"] == instances {
+            return rec;
+        }
+        version = rec["record"]["record_version"].as_i64().unwrap() + 1;
+    }
+}
+
 /// Waits until the node has evaluated every change of a study.
 pub async fn wait_evaluated(node: &TestNode, uid: &str) {
     let url = node.config.database_url.clone();

@@ -120,6 +120,29 @@ pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed
     }
 }
 
+/// Who asks for a peer fetch and why: what the grant request carries to
+/// the registry (and its audit).
+pub struct Asked<'a> {
+    pub purpose: Purpose,
+    /// Required with purpose `emergency`.
+    pub encounter: Option<Encounter>,
+    pub user_id: &'a str,
+    /// The check or query that led here.
+    pub reference: Option<String>,
+}
+
+impl<'a> Asked<'a> {
+    /// A fetch for the care of the patient, by `user_id`.
+    pub fn treatment(user_id: &'a str, reference: String) -> Asked<'a> {
+        Asked {
+            purpose: Purpose::Treatment,
+            encounter: None,
+            user_id,
+            reference: Some(reference),
+        }
+    }
+}
+
 /// Fetches a study held at `holding` (missing instances only), verified
 /// against the content root the registry published. `reference` is the
 /// check or query that led here (the registry's audit links them).
@@ -128,11 +151,14 @@ pub async fn fetch_study(
     ingest: &Ingest,
     holding: &str,
     study_instance_uid: &str,
-    purpose: Purpose,
-    encounter: Option<Encounter>,
-    user_id: &str,
-    reference: Option<String>,
+    asked: Asked<'_>,
 ) -> Result<FetchReport, Error> {
+    let Asked {
+        purpose,
+        encounter,
+        user_id,
+        reference,
+    } = asked;
     let metered = crate::metrics::PeerFetch::start();
     let uid = Uid::parse(study_instance_uid)
         .map_err(|_| Error::Peer(format!("{study_instance_uid:?} is not a UID")))?;
@@ -779,10 +805,7 @@ pub fn prefetch(
             &ingest,
             &holding,
             &uid,
-            Purpose::Treatment,
-            None,
-            "prefetch",
-            Some(reference),
+            Asked::treatment("prefetch", reference),
         )
         .await
         {

@@ -339,10 +339,7 @@ async fn plan<S>(
                     &op.ctx.ingest,
                     &holding,
                     &study_instance_uid,
-                    crate::contract::Purpose::Treatment,
-                    None,
-                    &user,
-                    Some(format!("retrieve by {user}")),
+                    crate::peer::Asked::treatment(&user, format!("retrieve by {user}")),
                 )
                 .await
                 {

@@ -634,10 +634,12 @@ async fn peer_fetch(
         &state.ingest,
         &r.hospital_id,
         &r.study_instance_uid,
-        r.purpose,
-        r.encounter,
-        &r.user_id,
-        r.reference,
+        crate::peer::Asked {
+            purpose: r.purpose,
+            encounter: r.encounter,
+            user_id: &r.user_id,
+            reference: r.reference,
+        },
     )
     .await
     .map(Json)

@@ -114,10 +114,7 @@ async fn fetch_if_regional(state: &DicomwebState, study: &str) -> Result<(), Err
             &state.ingest,
             &holding,
             study,
-            crate::contract::Purpose::Treatment,
-            None,
-            "dicomweb",
-            Some("WADO-RS retrieve".into()),
+            crate::peer::Asked::treatment("dicomweb", "WADO-RS retrieve".into()),
         )
         .await
         .map(|_| ())

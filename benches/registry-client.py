@@ -45,6 +45,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import os
 import random
 import socket
 import sqlite3
@@ -189,8 +190,10 @@ def cmd_priors(a) -> int:
     rng = random.Random(a.seed)
 
     def one(p: int, purpose: str) -> tuple[float, dict, int]:
+        # Break-the-glass is honoured for an emergency encounter only.
+        encounter = "emergency" if purpose == "emergency" else "outpatient"
         body = json.dumps({"patient_key": patient_key(p), "purpose": purpose,
-                           "user_id": "bench-doctor-1"}).encode()
+                           "encounter": encounter, "user_id": "bench-doctor-1"}).encode()
         status, data, secs = c.request("POST", "/v1/priors/query", body)
         if status != 200:
             raise SystemExit(f"priors: HTTP {status}: {data[:300]!r}")

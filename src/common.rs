@@ -59,18 +59,21 @@ where
             ));
         }
         // Bytes obeys DefaultBodyLimit: a larger body is 413.
-        let bytes = match <axum::body::Bytes as axum::extract::FromRequest<S>>::from_request(req, state).await {
-            Ok(b) => b,
-            Err(rejection) => {
-                let status = rejection.status();
-                let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "too-large"
-                } else {
-                    "bad-request"
-                };
-                return Err(problem(status, kind, "the body could not be read"));
-            }
-        };
+        let bytes =
+            match <axum::body::Bytes as axum::extract::FromRequest<S>>::from_request(req, state)
+                .await
+            {
+                Ok(b) => b,
+                Err(rejection) => {
+                    let status = rejection.status();
+                    let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                        "too-large"
+                    } else {
+                        "bad-request"
+                    };
+                    return Err(problem(status, kind, "the body could not be read"));
+                }
+            };
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let bad = |detail: &str| problem(StatusCode::BAD_REQUEST, "bad-request", detail);
         match serde_path_to_error::deserialize(&mut de) {
@@ -90,8 +93,14 @@ fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
     else {
         return false;
     };
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// What is wrong with a body, by field path and kind, without its value.
@@ -284,7 +293,10 @@ mod tests {
                 r#"{"records":[],"11010519491231002X":1}"#,
                 "the body has a field the contract does not define",
             ),
-            (r#"{"records":[}"#, "the body is not valid JSON (line 1, column 13)"),
+            (
+                r#"{"records":[}"#,
+                "the body is not valid JSON (line 1, column 13)",
+            ),
             (r#"{"records":["#, "the body ends before its JSON does"),
         ] {
             let mut de = serde_json::Deserializer::from_str(body);

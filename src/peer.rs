@@ -109,11 +109,9 @@ pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed
     match region.client().verify_grant(token).await {
         Ok(g) => {
             audit_served(region, &g).await;
-            region
-                .grant_cache()
-                .lock()
-                .expect("grants lock")
-                .insert(key, GrantConfirmed {
+            region.grant_cache().lock().expect("grants lock").insert(
+                key,
+                GrantConfirmed {
                     expires_at: (g.expires_at.clone()).min(
                         humantime::format_rfc3339_micros(
                             std::time::SystemTime::now() + std::time::Duration::from_secs(60),
@@ -121,7 +119,8 @@ pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed
                         .to_string(),
                     ),
                     ..g.clone()
-                });
+                },
+            );
             Some(g)
         }
         Err(error) => {

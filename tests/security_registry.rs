@@ -76,25 +76,43 @@ async fn every_refusal_is_audited_and_one_caller_cannot_fill_the_trail() {
 
     let forged = Api::new(&base, Some(&format!("{HOSP_A}.not-the-secret")));
     let (status, _) = forged
-        .call("GET", &format!("/v1/consents?patient_key={}", patient_key(RID)), None)
+        .call(
+            "GET",
+            &format!("/v1/consents?patient_key={}", patient_key(RID)),
+            None,
+        )
         .await;
     assert_eq!(status, 401);
     let (status, _) = a.call("GET", "/v1/audit", None).await;
     assert_eq!(status, 403);
 
     let entries = audit(&admin).await;
-    let refusals: Vec<&Value> = entries.iter().filter(|e| e["action"] == "refusal").collect();
+    let refusals: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "refusal")
+        .collect();
     assert_eq!(refusals.len(), 2, "{refusals:#?}");
     // A token that does not verify names nobody: anonymous, from where.
     assert_eq!(refusals[0]["actor"], "anonymous");
     assert_eq!(refusals[0]["outcome"], "unauthorized");
     let detail = refusals[0]["detail"].as_str().unwrap();
-    assert!(detail.starts_with("401 GET /v1/consents from 127.0.0.1:"), "{detail}");
-    assert!(!detail.contains(&patient_key(RID)), "the route's template, not the URL");
+    assert!(
+        detail.starts_with("401 GET /v1/consents from 127.0.0.1:"),
+        "{detail}"
+    );
+    assert!(
+        !detail.contains(&patient_key(RID)),
+        "the route's template, not the URL"
+    );
     assert_eq!(refusals[1]["actor"], HOSP_A);
     assert_eq!(refusals[1]["user_id"], "dr.li");
     assert_eq!(refusals[1]["outcome"], "forbidden");
-    assert!(refusals[1]["detail"].as_str().unwrap().starts_with("403 GET /v1/audit from 127.0.0.1:"));
+    assert!(
+        refusals[1]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("403 GET /v1/audit from 127.0.0.1:")
+    );
 
     // Twenty refusals in a row: at most K entries and one notice per
     // minute (two minutes if the loop straddles a boundary).
@@ -108,8 +126,14 @@ async fn every_refusal_is_audited_and_one_caller_cannot_fill_the_trail() {
         .iter()
         .filter(|e| e["action"] == "refusal" && e["actor"] == "anonymous")
         .collect();
-    let one_by_one = anonymous.iter().filter(|e| e["outcome"] == "unauthorized").count();
-    let notices = anonymous.iter().filter(|e| e["outcome"] == "rate_limited").count();
+    let one_by_one = anonymous
+        .iter()
+        .filter(|e| e["outcome"] == "unauthorized")
+        .count();
+    let notices = anonymous
+        .iter()
+        .filter(|e| e["outcome"] == "rate_limited")
+        .count();
     assert!((3..=6).contains(&one_by_one), "{anonymous:#?}");
     assert!((1..=2).contains(&notices), "{anonymous:#?}");
     drop(registry);
@@ -124,7 +148,11 @@ async fn no_token_is_401_before_the_body_is_read() {
     let client = reqwest::Client::new();
     for (path, content_type, body) in [
         ("/v1/consents", "application/json", "{not json"),
-        ("/v1/priors/query", "application/json", r#"{"patient_key": 3201}"#),
+        (
+            "/v1/priors/query",
+            "application/json",
+            r#"{"patient_key": 3201}"#,
+        ),
         (
             "/v1/hospitals/HOSPA0000000000001/records",
             "text/plain",
@@ -179,23 +207,25 @@ async fn published_records_are_validated_and_errors_repeat_no_value() {
         let mut bad = good.clone();
         bad[field] = value.clone();
         bad["record_version"] = json!(2);
-        let (status, problem) = b
-            .call("POST", &path, Some(json!({"records": [bad]})))
-            .await;
+        let (status, problem) = b.call("POST", &path, Some(json!({"records": [bad]}))).await;
         assert_eq!(status, 400, "{field}: {problem}");
         let detail = problem["detail"].as_str().unwrap();
-        assert!(detail.contains(field.split('.').next().unwrap()), "{field}: {detail}");
+        assert!(
+            detail.contains(field.split('.').next().unwrap()),
+            "{field}: {detail}"
+        );
         for echoed in [uid, "2024-02-30", "25:00:00", "ZZ-9999", "XXXXXXXX", "3201"] {
-            assert!(!detail.contains(echoed), "{field}: {detail} repeats {echoed}");
+            assert!(
+                !detail.contains(echoed),
+                "{field}: {detail} repeats {echoed}"
+            );
         }
         assert!(!detail.contains(&patient_key(RID)));
     }
     // A value of the wrong type: serde would have quoted it.
     let mut bad = good.clone();
     bad["patient_key"] = json!(320_119_490_101_i64);
-    let (status, problem) = b
-        .call("POST", &path, Some(json!({"records": [bad]})))
-        .await;
+    let (status, problem) = b.call("POST", &path, Some(json!({"records": [bad]}))).await;
     assert_eq!(status, 400);
     assert_eq!(
         problem["detail"],
@@ -246,7 +276,10 @@ async fn consent_expiry_is_policy_and_sms_consents_start_pending() {
     let dir = tempfile::tempdir().unwrap();
     let (registry, _, a, _) = region(dir.path(), &["--max-consent-days", "30"]).await;
     for (body, why) in [
-        (consent("doctor_assisted", "granted", &in_days(-1)), "already past"),
+        (
+            consent("doctor_assisted", "granted", &in_days(-1)),
+            "already past",
+        ),
         (
             consent("doctor_assisted", "granted", "9999-12-31T00:00:00Z"),
             "30 days",
@@ -256,7 +289,10 @@ async fn consent_expiry_is_policy_and_sms_consents_start_pending() {
     ] {
         let (status, problem) = a.call("POST", "/v1/consents", Some(body.clone())).await;
         assert_eq!(status, 400, "{body}: {problem}");
-        assert!(problem["detail"].as_str().unwrap().contains(why), "{problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(why),
+            "{problem}"
+        );
     }
     let pending = a
         .ok(
@@ -269,7 +305,10 @@ async fn consent_expiry_is_policy_and_sms_consents_start_pending() {
     let granted = a
         .ok(
             "POST",
-            &format!("/v1/consents/{}/state", pending["consent_id"].as_str().unwrap()),
+            &format!(
+                "/v1/consents/{}/state",
+                pending["consent_id"].as_str().unwrap()
+            ),
             Some(json!({"state": "granted", "recorded_by": "sms-gateway"})),
         )
         .await;
@@ -321,7 +360,10 @@ async fn a_grant_is_refused_once_its_consent_is_revoked() {
 
     a.ok(
         "POST",
-        &format!("/v1/consents/{}/state", given["consent_id"].as_str().unwrap()),
+        &format!(
+            "/v1/consents/{}/state",
+            given["consent_id"].as_str().unwrap()
+        ),
         Some(json!({"state": "revoked", "recorded_by": "health-app"})),
     )
     .await;
@@ -330,12 +372,20 @@ async fn a_grant_is_refused_once_its_consent_is_revoked() {
         .await;
     assert_eq!(status, 403, "{problem}");
     let confirmed = b
-        .ok("POST", "/v1/grants/verify", Some(verify(&emergency["token"])))
+        .ok(
+            "POST",
+            "/v1/grants/verify",
+            Some(verify(&emergency["token"])),
+        )
         .await;
     assert_eq!(confirmed["purpose"], "emergency");
     // A forged grant: 404, audited too.
     let (status, _) = b
-        .call("POST", "/v1/grants/verify", Some(json!({"token": "hg.forged"})))
+        .call(
+            "POST",
+            "/v1/grants/verify",
+            Some(json!({"token": "hg.forged"})),
+        )
         .await;
     assert_eq!(status, 404);
 
@@ -348,7 +398,12 @@ async fn a_grant_is_refused_once_its_consent_is_revoked() {
     assert_eq!(refused[0]["actor"], HOSP_B);
     assert!(refused[0]["detail"].as_str().unwrap().contains("revoked"));
     assert_eq!(refused[0]["patient_key"], patient_key(RID));
-    assert!(refused[1]["detail"].as_str().unwrap().contains("never issued"));
+    assert!(
+        refused[1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("never issued")
+    );
     // The refusal is audited once, not again by the middleware.
     assert!(!entries.iter().any(|e| e["action"] == "refusal"));
     drop(registry);

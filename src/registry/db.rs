@@ -47,7 +47,9 @@ pub struct Db {
     max_consent_days: u32,
     /// The item codes of the active recognition list, by its content hash
     /// (parsed once per list, not once per publication).
-    known_codes: std::sync::Arc<std::sync::Mutex<Option<(String, std::sync::Arc<std::collections::HashSet<String>>)>>>,
+    known_codes: std::sync::Arc<
+        std::sync::Mutex<Option<(String, std::sync::Arc<std::collections::HashSet<String>>)>>,
+    >,
 }
 
 /// The default of `--max-consent-days`: a year, the span of the
@@ -170,7 +172,12 @@ fn check_record(r: &StudyRecord, codes: &std::collections::HashSet<String>) -> R
     };
     list("modalities", &r.modalities, bounds::LIST, bounds::CODE)?;
     list("body_parts", &r.body_parts, bounds::LIST, bounds::CODE)?;
-    list("view_positions", &r.view_positions, bounds::LIST, bounds::CODE)?;
+    list(
+        "view_positions",
+        &r.view_positions,
+        bounds::LIST,
+        bounds::CODE,
+    )?;
     if r.laterality.len() > 3 {
         return Err("laterality has more than 3 entries".into());
     }
@@ -533,8 +540,7 @@ impl Db {
             Default::default()
         };
         for (i, r) in request.records.iter().enumerate() {
-            check_record(r, &codes)
-                .map_err(|e| Error::Invalid(format!("records[{i}]: {e}")))?;
+            check_record(r, &codes).map_err(|e| Error::Invalid(format!("records[{i}]: {e}")))?;
         }
         for r in &request.retractions {
             check_uid(&r.study_instance_uid)?;

@@ -231,8 +231,8 @@ pub async fn run(
     };
     let (listener, plain) = tls_listeners(listener, args, &shutdown).await?;
     // The peer address reaches the handlers (a refusal's audit entry).
-    let router = server::router(state)
-        .into_make_service_with_connect_info::<crate::tls::PeerAddr>();
+    let router =
+        server::router(state).into_make_service_with_connect_info::<crate::tls::PeerAddr>();
     let plain = plain.map(|plain| {
         let (router, shutdown) = (router.clone(), shutdown.clone());
         tokio::spawn(async move {

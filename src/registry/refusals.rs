@@ -106,7 +106,10 @@ impl Limiter {
     /// registry calls this every minute, so that a caller who stopped is
     /// summarized too).
     pub fn roll(&self, minute: u64) -> Summaries {
-        roll(&mut self.windows.lock().expect("refusal windows lock"), minute)
+        roll(
+            &mut self.windows.lock().expect("refusal windows lock"),
+            minute,
+        )
     }
 }
 
@@ -134,13 +137,18 @@ mod tests {
     #[test]
     fn a_caller_gets_k_entries_one_notice_and_a_summary() {
         let l = Limiter::new(3);
-        let decisions: Vec<Decision> = (0..6).map(|_| l.admit("anonymous@10.0.0.1", 100).0).collect();
+        let decisions: Vec<Decision> = (0..6)
+            .map(|_| l.admit("anonymous@10.0.0.1", 100).0)
+            .collect();
         use Decision::*;
         assert_eq!(decisions, [Audit, Audit, Audit, RateLimited, Count, Count]);
         // Another caller has a window of its own.
         assert_eq!(l.admit("H1", 100).0, Audit);
         assert_eq!(l.roll(100), vec![]);
-        assert_eq!(l.roll(101), vec![(100, "anonymous@10.0.0.1".to_string(), 2)]);
+        assert_eq!(
+            l.roll(101),
+            vec![(100, "anonymous@10.0.0.1".to_string(), 2)]
+        );
         assert_eq!(l.admit("anonymous@10.0.0.1", 101).0, Audit);
     }
 

@@ -133,6 +133,7 @@ pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed
 /// Fetches a study held at `holding` (missing instances only), verified
 /// against the content root the registry published. `reference` is the
 /// check or query that led here (the registry's audit links them).
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch_study(
     region: &Arc<Region>,
     ingest: &Ingest,

@@ -436,7 +436,7 @@ async fn a_rejection_note_deletes_only_its_own_patients_images_from_an_allowed_a
     // 1. From an AE that is not allowed to reject (it may store).
     let note = rejection_note(work.path(), quality, &study, &[target]);
     assert_eq!(
-        send_as("MODALITY", dicom, &[note.clone()]).await,
+        send_as("MODALITY", dicom, std::slice::from_ref(&note)).await,
         vec![0x0124]
     );
     // 2. From the allowed AE, but the note names another patient.
@@ -467,7 +467,7 @@ async fn a_rejection_note_deletes_only_its_own_patients_images_from_an_allowed_a
     );
     // The refused notes barred nothing: the instance is stored again fine.
     assert_eq!(
-        send_as("MODALITY", dicom, &[target.file.clone()]).await,
+        send_as("MODALITY", dicom, std::slice::from_ref(&target.file)).await,
         vec![0]
     );
 
@@ -477,7 +477,7 @@ async fn a_rejection_note_deletes_only_its_own_patients_images_from_an_allowed_a
     assert_eq!(left.len(), 2);
     assert!(!left.contains(&target.sop));
     assert_eq!(
-        send_as("MODALITY", dicom, &[target.file.clone()]).await,
+        send_as("MODALITY", dicom, std::slice::from_ref(&target.file)).await,
         vec![0x0124],
         "rejected for quality: refused when sent again"
     );

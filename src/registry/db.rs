@@ -47,10 +47,11 @@ pub struct Db {
     max_consent_days: u32,
     /// The item codes of the active recognition list, by its content hash
     /// (parsed once per list, not once per publication).
-    known_codes: std::sync::Arc<
-        std::sync::Mutex<Option<(String, std::sync::Arc<std::collections::HashSet<String>>)>>,
-    >,
+    known_codes: std::sync::Arc<std::sync::Mutex<Option<(String, KnownCodes)>>>,
 }
+
+/// The item codes of one recognition list.
+type KnownCodes = std::sync::Arc<std::collections::HashSet<String>>;
 
 /// The default of `--max-consent-days`: a year, the span of the
 /// provincial health app's own authorisations; a patient seen again later
@@ -315,7 +316,7 @@ impl Db {
     }
 
     /// The item codes of the active list (empty when none is active).
-    async fn known_codes(&self) -> Result<std::sync::Arc<std::collections::HashSet<String>>> {
+    async fn known_codes(&self) -> Result<KnownCodes> {
         let Some((hash, text)) = self.active_list().await? else {
             return Ok(Default::default());
         };
@@ -326,7 +327,7 @@ impl Db {
         }
         let list = crate::recognition::list::RecognitionList::parse(&text)
             .map_err(|_| Error::Corrupt("the active recognition list does not parse".into()))?;
-        let codes: std::sync::Arc<std::collections::HashSet<String>> =
+        let codes: KnownCodes =
             std::sync::Arc::new(list.items.into_iter().map(|i| i.code).collect());
         *self.known_codes.lock().expect("codes lock") = Some((hash, codes.clone()));
         Ok(codes)

@@ -5,7 +5,6 @@
 
 use std::time::SystemTime;
 
-use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -39,7 +38,10 @@ pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
 }
 
 /// A JSON request body; a malformed one is answered with problem+json
-/// (400, or 413 / 415), never axum's plain-text rejection.
+/// (400, or 413 / 415), never axum's plain-text rejection. The 400's
+/// detail names the field (its path, `records[3].study_date`) and what
+/// kind of problem it has, never the value: serde's own messages quote
+/// it (`invalid type: integer `3201…``), and a value may be an identifier.
 pub struct Body<T>(pub T);
 
 impl<S, T> axum::extract::FromRequest<S> for Body<T>
@@ -49,25 +51,136 @@ where
 {
     type Rejection = Response;
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rejection) => {
-                let status = rejection.status();
-                let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "too-large"
-                } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-                    "unsupported-media-type"
-                } else {
-                    "bad-request"
-                };
-                let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
-                    StatusCode::BAD_REQUEST
-                } else {
-                    status
-                };
-                Err(problem(status, kind, &rejection.body_text()))
-            }
+        if !json_content_type(req.headers()) {
+            return Err(problem(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "the body must be application/json",
+            ));
         }
+        // Bytes obeys DefaultBodyLimit: a larger body is 413.
+        let bytes =
+            match <axum::body::Bytes as axum::extract::FromRequest<S>>::from_request(req, state)
+                .await
+            {
+                Ok(b) => b,
+                Err(rejection) => {
+                    let status = rejection.status();
+                    let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                        "too-large"
+                    } else {
+                        "bad-request"
+                    };
+                    return Err(problem(status, kind, "the body could not be read"));
+                }
+            };
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let bad = |detail: &str| problem(StatusCode::BAD_REQUEST, "bad-request", detail);
+        match serde_path_to_error::deserialize(&mut de) {
+            Ok(v) => match de.end() {
+                Ok(()) => Ok(Body(v)),
+                Err(_) => Err(bad("the body has more after its JSON value")),
+            },
+            Err(e) => Err(bad(&body_error(e.path(), e.inner()))),
+        }
+    }
+}
+
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// What is wrong with a body, by field path and kind, without its value.
+fn body_error(path: &serde_path_to_error::Path, e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let (line, column) = (e.line(), e.column());
+    match e.classify() {
+        Category::Syntax | Category::Io => {
+            return format!("the body is not valid JSON (line {line}, column {column})");
+        }
+        Category::Eof => return "the body ends before its JSON does".into(),
+        Category::Data => {}
+    }
+    // serde's data messages begin with their kind; what follows (the
+    // value, the variant or field the client sent) is left out.
+    let message = e.to_string();
+    let problem = if let Some(rest) = message.strip_prefix("missing field `") {
+        // A field of the contract's own type, not the client's text.
+        let field = rest.split('`').next().unwrap_or("");
+        format!("is missing the required field {}", safe_segment(field))
+    } else if message.starts_with("invalid type") {
+        "has the wrong type".into()
+    } else if message.starts_with("invalid value") {
+        "has a value out of range".into()
+    } else if message.starts_with("invalid length") {
+        "has the wrong number of elements".into()
+    } else if message.starts_with("unknown variant") {
+        "is not one of the allowed values".into()
+    } else if message.starts_with("unknown field") {
+        "has a field the contract does not define".into()
+    } else if message.starts_with("duplicate field") {
+        "has a field twice".into()
+    } else {
+        "is not valid".into()
+    };
+    let segments: Vec<_> = path.iter().collect();
+    // An unknown field's path ends with its name, the client's text.
+    let segments = if message.starts_with("unknown field") {
+        &segments[..segments.len().saturating_sub(1)]
+    } else {
+        &segments[..]
+    };
+    let path = field_path(segments);
+    if path.is_empty() {
+        format!("the body {problem}")
+    } else {
+        format!("field {path} {problem}")
+    }
+}
+
+/// `records[3].study_date`; a segment that is not a plain field name (a
+/// map key the client chose) is shown as `?`.
+fn field_path(segments: &[&serde_path_to_error::Segment]) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&safe_segment(key));
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+fn safe_segment(key: &str) -> String {
+    if !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        key.to_string()
+    } else {
+        "?".into()
     }
 }
 
@@ -93,6 +206,23 @@ pub fn is_date(s: &str) -> bool {
         && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
 }
 
+/// A time of day written HH:MM:SS that exists (00:00:00 to 23:59:59;
+/// 23:59:60 for a leap second, which DICOM TM allows).
+pub fn is_time(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 8 || b[2] != b':' || b[5] != b':' {
+        return false;
+    }
+    let two = |i: usize| -> Option<u32> {
+        (b[i].is_ascii_digit() && b[i + 1].is_ascii_digit())
+            .then(|| u32::from(b[i] - b'0') * 10 + u32::from(b[i + 1] - b'0'))
+    };
+    match (two(0), two(3), two(6)) {
+        (Some(h), Some(m), Some(s)) => h < 24 && m < 60 && (s < 60 || (h, m, s) == (23, 59, 60)),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +239,71 @@ mod tests {
             ("2024-01-01T", false),
         ] {
             assert_eq!(is_date(s), ok, "{s}");
+        }
+    }
+
+    #[test]
+    fn times() {
+        for (s, ok) in [
+            ("00:00:00", true),
+            ("23:59:59", true),
+            ("23:59:60", true),
+            ("12:30:60", false),
+            ("25:00:00", false),
+            ("24:00:00", false),
+            ("12:60:00", false),
+            ("1:00:00", false),
+            ("12:00", false),
+            ("120000", false),
+            ("12:00:0x", false),
+        ] {
+            assert_eq!(is_time(s), ok, "{s}");
+        }
+    }
+
+    #[test]
+    fn body_errors_name_the_field_not_the_value() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Inner {
+            study_date: String,
+            n: i64,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Outer {
+            records: Vec<Inner>,
+        }
+        for (body, expected) in [
+            (
+                r#"{"records":[{"study_date":"x","n":1},{"study_date":320119490101,"n":1}]}"#,
+                "field records[1].study_date has the wrong type",
+            ),
+            (
+                r#"{"records":[{"study_date":"x","n":99999999999999999999999}]}"#,
+                "field records[0].n has the wrong type",
+            ),
+            (
+                r#"{"records":[{"study_date":"x"}]}"#,
+                "field records[0] is missing the required field n",
+            ),
+            (
+                r#"{"records":[],"11010519491231002X":1}"#,
+                "the body has a field the contract does not define",
+            ),
+            (
+                r#"{"records":[}"#,
+                "the body is not valid JSON (line 1, column 13)",
+            ),
+            (r#"{"records":["#, "the body ends before its JSON does"),
+        ] {
+            let mut de = serde_json::Deserializer::from_str(body);
+            let e = serde_path_to_error::deserialize::<_, Outer>(&mut de).unwrap_err();
+            let message = body_error(e.path(), e.inner());
+            assert_eq!(message, expected, "{body}");
+            assert!(!message.contains("3201") && !message.contains("1101"));
         }
     }
 }

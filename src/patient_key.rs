@@ -251,6 +251,18 @@ mod tests {
         );
     }
 
+    /// The example of docs/registry.md ("The patient key, step by step"),
+    /// for integrators who reproduce keys.
+    #[test]
+    fn the_documented_example() {
+        let secret = RegionSecret::from_secret("region-secret-for-the-test-suite-0001\n").unwrap();
+        let id = Identifier::parse(IdentifierType::ResidentId, " 11010519491231002x").unwrap();
+        assert_eq!(
+            secret.patient_key(&id),
+            "ddc1715c6147bba27a5d07ccf7c58ece83482a032d41d9f2133ee54d0d739755"
+        );
+    }
+
     #[test]
     fn keys_depend_on_secret_type_and_number_only() {
         let a = RegionSecret::from_secret("region-secret-for-tests-0001").unwrap();

@@ -87,8 +87,11 @@ fn api_base(dicomweb_base_url: &str) -> String {
     base.strip_suffix("/dicom-web").unwrap_or(base).to_string()
 }
 
-/// A grant a peer presents, confirmed by the registry (cached until it
-/// expires); the first confirmation is recorded in the peer audit.
+/// A grant a peer presents, confirmed by the registry; the first
+/// confirmation is recorded in the peer audit. A confirmation is cached
+/// for a minute at most (not until the grant expires): the registry
+/// refuses a grant whose patient revoked consent since it was issued, and
+/// the cache must not outlive that by the grant's 15 minutes.
 pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed> {
     use sha2::Digest;
     let key = hex::encode(sha2::Sha256::digest(token.as_bytes()));
@@ -106,11 +109,18 @@ pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed
     match region.client().verify_grant(token).await {
         Ok(g) => {
             audit_served(region, &g).await;
-            region
-                .grant_cache()
-                .lock()
-                .expect("grants lock")
-                .insert(key, g.clone());
+            region.grant_cache().lock().expect("grants lock").insert(
+                key,
+                GrantConfirmed {
+                    expires_at: (g.expires_at.clone()).min(
+                        humantime::format_rfc3339_micros(
+                            std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+                        )
+                        .to_string(),
+                    ),
+                    ..g.clone()
+                },
+            );
             Some(g)
         }
         Err(error) => {
@@ -146,6 +156,7 @@ impl<'a> Asked<'a> {
 /// Fetches a study held at `holding` (missing instances only), verified
 /// against the content root the registry published. `reference` is the
 /// check or query that led here (the registry's audit links them).
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch_study(
     region: &Arc<Region>,
     ingest: &Ingest,

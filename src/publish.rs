@@ -1278,6 +1278,8 @@ fn dicom_date(s: &str) -> Option<String> {
     let s = s.trim();
     (s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit()))
         .then(|| format!("{}-{}-{}", &s[..4], &s[4..6], &s[6..]))
+        // An impossible date (20240230) is no date: the registry refuses it.
+        .filter(|d| crate::common::is_date(d))
 }
 
 /// DICOM TM (HHMMSS[.F]) → HH:MM:SS; anything shorter than HHMMSS → none.
@@ -1286,6 +1288,7 @@ fn dicom_time(s: &str) -> Option<String> {
     let b = s.as_bytes();
     (b.len() >= 6 && b[..6].iter().all(u8::is_ascii_digit))
         .then(|| format!("{}:{}:{}", &s[..2], &s[2..4], &s[4..6]))
+        .filter(|t| crate::common::is_time(t))
 }
 
 /// The header attributes of one series' first instance that a record

@@ -920,20 +920,56 @@ async fn region_end_to_end(backend: Backend) {
     assert_eq!(p["records"], json!([]));
     assert_eq!(p["withheld_count"], 1);
 
-    // Expired (granted with an expiry already past), then pending: counts only.
+    // A consent with an expiry already past is refused (issue 17 §3).
     let past = humantime::format_rfc3339(std::time::SystemTime::now() - Duration::from_secs(60))
         .to_string();
+    let (status, _) = reg_a
+        .call(
+            "POST",
+            "/v1/consents",
+            Some(
+                json!({"patient_key": patient_key(RID), "hospital_id": "HOSPA0000000000001",
+            "method": "doctor_assisted", "recorded_by": "desk-3", "state": "granted", "expires_at": past}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 400);
+    // Expired (a granted consent whose expiry has passed, aged in the
+    // database: no sleeping), then pending: counts only.
     let expired = reg_a
         .ok(
             "POST",
             "/v1/consents",
             Some(
                 json!({"patient_key": patient_key(RID), "hospital_id": "HOSPA0000000000001",
-            "method": "sms_code", "recorded_by": "desk-3", "state": "granted", "expires_at": past}),
+            "method": "doctor_assisted", "recorded_by": "desk-3", "state": "granted", "expires_at": tomorrow}),
             ),
         )
         .await;
-    assert_eq!(expired["state"], "expired");
+    let mut conn = sqlx::AnyConnection::connect(&registry.database_url)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE consent SET expires_at = $1 WHERE consent_id = $2")
+        .bind(huren::registry::db::normalise_time(&past).unwrap())
+        .bind(expired["consent_id"].as_str().unwrap())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let listed = reg_a
+        .ok(
+            "GET",
+            &format!("/v1/consents?patient_key={}", patient_key(RID)),
+            None,
+        )
+        .await;
+    assert!(
+        listed["consents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["consent_id"] == expired["consent_id"] && c["state"] == "expired")
+    );
     let p = priors("treatment").await;
     assert_eq!(
         (p["access"].as_str(), p["consent_state"].as_str()),

@@ -43,6 +43,46 @@ pub struct Db {
     pool: AnyPool,
     /// Break-the-glass grants one hospital may be issued per hour.
     emergency_grants_per_hour: u32,
+    /// The latest expiry a new consent may have, in days from now.
+    max_consent_days: u32,
+    /// The item codes of the active recognition list, by its content hash
+    /// (parsed once per list, not once per publication).
+    known_codes: std::sync::Arc<std::sync::Mutex<Option<(String, KnownCodes)>>>,
+}
+
+/// The item codes of one recognition list.
+type KnownCodes = std::sync::Arc<std::collections::HashSet<String>>;
+
+/// The default of `--max-consent-days`: a year, the span of the
+/// provincial health app's own authorisations; a patient seen again later
+/// consents again.
+pub const DEFAULT_MAX_CONSENT_DAYS: u32 = 365;
+
+/// Why a presented grant is not confirmed; `patient_key` when the grant
+/// is known (for the audit entry).
+#[derive(Debug, Clone)]
+pub struct InvalidGrant {
+    pub reason: &'static str,
+    pub patient_key: Option<String>,
+    /// The grant itself is valid, but its patient's consent for the
+    /// requesting hospital no longer is (403, not 404).
+    pub consent_withdrawn: bool,
+}
+
+/// The bounds of a published record (proto/huren.openapi.json says the
+/// same as maxLength / maxItems): a record is an index entry, not a
+/// document, and a node never writes more than these.
+mod bounds {
+    /// Records plus retractions of one request (a node's batch is 500).
+    pub const BATCH: usize = 1000;
+    /// Recognition items of one study.
+    pub const ITEMS: usize = 64;
+    /// Modalities, body parts, view positions, evidence entries.
+    pub const LIST: usize = 64;
+    /// A code string (DICOM CS is 16; item codes and body parts are longer).
+    pub const CODE: usize = 64;
+    /// An evidence entry (`code table <name>`).
+    pub const EVIDENCE: usize = 200;
 }
 
 /// The default of `--emergency-grants-per-hour`: a busy emergency
@@ -69,8 +109,9 @@ use crate::common::{now_rfc3339, random_hex};
 /// Parses an RFC 3339 time (`Z` offset) into the one form the database
 /// keeps, so that text comparison is time comparison.
 pub fn normalise_time(s: &str) -> Result<String> {
-    let t = humantime::parse_rfc3339_weak(s.trim())
-        .map_err(|e| Error::Invalid(format!("{s:?} is not an RFC 3339 UTC time: {e}")))?;
+    let t = humantime::parse_rfc3339_weak(s.trim()).map_err(|_| {
+        Error::Invalid("a time is not an RFC 3339 UTC time (YYYY-MM-DDTHH:MM:SSZ)".into())
+    })?;
     Ok(humantime::format_rfc3339_micros(t).to_string())
 }
 
@@ -82,6 +123,88 @@ fn check_date(field: &str, s: &str) -> Result<()> {
             "{field} must be a date, YYYY-MM-DD"
         )))
     }
+}
+
+/// One published record against the contract's bounds; the message names
+/// the field, never its value.
+fn check_record(r: &StudyRecord, codes: &std::collections::HashSet<String>) -> Result<(), String> {
+    let invalid = |e: Error| e.to_string();
+    check_uid(&r.study_instance_uid).map_err(invalid)?;
+    check_patient_key(&r.patient_key).map_err(invalid)?;
+    if r.record_version < 1 {
+        return Err("record_version must be at least 1".into());
+    }
+    if let Some(d) = &r.study_date {
+        check_date("study_date", d).map_err(invalid)?;
+    }
+    if let Some(t) = &r.study_time
+        && !crate::common::is_time(t)
+    {
+        return Err("study_time must be a time of day, HH:MM:SS".into());
+    }
+    if let Some(d) = &r.report_issued_date {
+        check_date("report_issued_date", d).map_err(invalid)?;
+    }
+    if !is_patient_key(&r.content_root) {
+        return Err("content_root must be 64 lower-case hex digits".into());
+    }
+    for (field, n) in [
+        ("number_of_series", r.number_of_series),
+        ("number_of_instances", r.number_of_instances),
+        ("bytes", r.bytes),
+    ] {
+        if n < 0 {
+            return Err(format!("{field} must not be negative"));
+        }
+    }
+    let list = |field: &str, values: &[String], max_items: usize, max_len: usize| {
+        if values.len() > max_items {
+            return Err(format!("{field} has more than {max_items} entries"));
+        }
+        if values
+            .iter()
+            .any(|v| v.is_empty() || v.len() > max_len || v.chars().any(char::is_control))
+        {
+            return Err(format!(
+                "each of {field} must be 1 to {max_len} bytes of printable text"
+            ));
+        }
+        Ok(())
+    };
+    list("modalities", &r.modalities, bounds::LIST, bounds::CODE)?;
+    list("body_parts", &r.body_parts, bounds::LIST, bounds::CODE)?;
+    list(
+        "view_positions",
+        &r.view_positions,
+        bounds::LIST,
+        bounds::CODE,
+    )?;
+    if r.laterality.len() > 3 {
+        return Err("laterality has more than 3 entries".into());
+    }
+    if r.items.len() > bounds::ITEMS {
+        return Err(format!("items has more than {} entries", bounds::ITEMS));
+    }
+    for (j, item) in r.items.iter().enumerate() {
+        if !codes.contains(&item.code) {
+            return Err(format!(
+                "items[{j}].code is not an item of the active recognition list"
+            ));
+        }
+        list(
+            &format!("items[{j}].evidence"),
+            &item.evidence,
+            bounds::LIST,
+            bounds::EVIDENCE,
+        )?;
+        list(
+            &format!("items[{j}].view_positions"),
+            &item.view_positions,
+            bounds::LIST,
+            bounds::CODE,
+        )?;
+    }
+    Ok(())
 }
 
 fn check_patient_key(key: &str) -> Result<()> {
@@ -106,9 +229,9 @@ fn check_text(field: &str, s: &str, max: usize) -> Result<()> {
 
 fn check_uid(s: &str) -> Result<()> {
     if crate::types::Uid::parse(s).is_err() {
-        return Err(Error::Invalid(format!(
-            "{s:?} is not a valid Study Instance UID"
-        )));
+        return Err(Error::Invalid(
+            "study_instance_uid is not a valid UID (digits and dots, at most 64)".into(),
+        ));
     }
     Ok(())
 }
@@ -182,7 +305,32 @@ impl Db {
         Ok(Db {
             pool,
             emergency_grants_per_hour: DEFAULT_EMERGENCY_GRANTS_PER_HOUR,
+            max_consent_days: DEFAULT_MAX_CONSENT_DAYS,
+            known_codes: Default::default(),
         })
+    }
+
+    pub fn with_max_consent_days(mut self, days: u32) -> Db {
+        self.max_consent_days = days.max(1);
+        self
+    }
+
+    /// The item codes of the active list (empty when none is active).
+    async fn known_codes(&self) -> Result<KnownCodes> {
+        let Some((hash, text)) = self.active_list().await? else {
+            return Ok(Default::default());
+        };
+        if let Some((cached, codes)) = &*self.known_codes.lock().expect("codes lock")
+            && *cached == hash
+        {
+            return Ok(codes.clone());
+        }
+        let list = crate::recognition::list::RecognitionList::parse(&text)
+            .map_err(|_| Error::Corrupt("the active recognition list does not parse".into()))?;
+        let codes: KnownCodes =
+            std::sync::Arc::new(list.items.into_iter().map(|i| i.code).collect());
+        *self.known_codes.lock().expect("codes lock") = Some((hash, codes.clone()));
+        Ok(codes)
     }
 
     pub fn with_emergency_grants_per_hour(mut self, limit: u32) -> Db {
@@ -381,23 +529,19 @@ impl Db {
         user_id: &str,
         request: &PublishRequest,
     ) -> Result<Vec<PublishResult>> {
-        for r in &request.records {
-            check_uid(&r.study_instance_uid)?;
-            check_patient_key(&r.patient_key)?;
-            if r.record_version < 1 {
-                return Err(Error::Invalid("record_version must be at least 1".into()));
-            }
-            if let Some(d) = &r.study_date {
-                check_date("study_date", d)?;
-            }
-            if let Some(d) = &r.report_issued_date {
-                check_date("report_issued_date", d)?;
-            }
-            if !is_patient_key(&r.content_root) {
-                return Err(Error::Invalid(
-                    "content_root must be 64 lower-case hex digits".into(),
-                ));
-            }
+        if request.records.len() + request.retractions.len() > bounds::BATCH {
+            return Err(Error::Invalid(format!(
+                "a publication carries at most {} records and retractions",
+                bounds::BATCH
+            )));
+        }
+        let codes = if request.records.iter().any(|r| !r.items.is_empty()) {
+            self.known_codes().await?
+        } else {
+            Default::default()
+        };
+        for (i, r) in request.records.iter().enumerate() {
+            check_record(r, &codes).map_err(|e| Error::Invalid(format!("records[{i}]: {e}")))?;
         }
         for r in &request.retractions {
             check_uid(&r.study_instance_uid)?;
@@ -596,6 +740,12 @@ impl Db {
         if let Some(since) = &q.since {
             check_date("since", since)?;
         }
+        if q.items.as_ref().is_some_and(|i| i.len() > bounds::ITEMS) {
+            return Err(Error::Invalid(format!(
+                "items has more than {} entries",
+                bounds::ITEMS
+            )));
+        }
         let page_size = q.page_size.unwrap_or(100).clamp(1, 1000) as usize;
         let offset: usize = match &q.page_token {
             Some(t) => t
@@ -700,12 +850,37 @@ impl Db {
         if !matches!(c.state, ConsentState::Pending | ConsentState::Granted) {
             return Err(Error::Invalid("a new consent is pending or granted".into()));
         }
+        // What the registry cannot see (docs/registry.md, "What the
+        // registry can verify"): whether the patient acted. It takes a
+        // consent as granted at once only where the method's act is done
+        // when the consent is recorded: a scan in the health app, or a
+        // signature before the recording doctor. An SMS code is sent when
+        // the consent is recorded and answered later: pending until then.
+        if c.state == ConsentState::Granted && c.method == ConsentMethod::SmsCode {
+            return Err(Error::Invalid(
+                "an sms_code consent is recorded pending and granted when the patient's code comes back"
+                    .into(),
+            ));
+        }
         let expires_at = normalise_time(&c.expires_at)?;
+        let now = now_rfc3339();
+        if expires_at <= now {
+            return Err(Error::Invalid("expires_at is already past".into()));
+        }
+        let latest = humantime::format_rfc3339_micros(
+            SystemTime::now() + Duration::from_secs(u64::from(self.max_consent_days) * 86_400),
+        )
+        .to_string();
+        if expires_at > latest {
+            return Err(Error::Invalid(format!(
+                "expires_at is more than {} days ahead, the region's limit for a consent",
+                self.max_consent_days
+            )));
+        }
         if self.hospital(&c.hospital_id).await?.is_none() {
             return Err(Error::NotFound("hospital"));
         }
         let consent_id = random_hex(16);
-        let now = now_rfc3339();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO consent (consent_id, patient_key, hospital_id, method, recorded_by, \
@@ -929,8 +1104,16 @@ impl Db {
     }
 
     /// Confirms a grant to the hospital that holds its study (audited: the
-    /// retrieval is linked to the grant and so to its reference).
-    pub async fn verify_grant(&self, holding: &str, token: &str) -> Result<Option<GrantConfirmed>> {
+    /// retrieval is linked to the grant and so to its reference). A grant
+    /// issued under consent is confirmed only while that consent holds: a
+    /// revocation (or expiry) after the grant was issued ends it. A
+    /// break-the-glass grant did not rest on consent and stays valid until
+    /// it expires.
+    pub async fn verify_grant(
+        &self,
+        holding: &str,
+        token: &str,
+    ) -> Result<Result<GrantConfirmed, InvalidGrant>> {
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
         let row = sqlx::query(
             "SELECT grant_id, requesting_hospital_id, holding_hospital_id, study_instance_uid, \
@@ -939,16 +1122,41 @@ impl Db {
         .bind(&sha)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
+        let invalid = |reason, patient_key, consent_withdrawn| {
+            Ok(Err(InvalidGrant {
+                reason,
+                patient_key,
+                consent_withdrawn,
+            }))
+        };
+        let Some(row) = row else {
+            return invalid("a grant the registry never issued", None, false);
+        };
+        let patient_key: String = row.try_get(4)?;
         let holding_id: String = row.try_get(2)?;
         let expires_at: String = row.try_get(7)?;
-        if holding_id != holding || expires_at <= now_rfc3339() {
-            return Ok(None);
+        let now = now_rfc3339();
+        if holding_id != holding {
+            return invalid("a grant for another holding hospital", None, false);
+        }
+        if expires_at <= now {
+            return invalid("an expired grant", Some(patient_key), false);
         }
         let purpose: String = row.try_get(5)?;
+        let requesting: String = row.try_get(1)?;
+        if purpose != "emergency"
+            && self.consent_state(&patient_key, &requesting, &now).await?
+                != Some(ConsentState::Granted)
+        {
+            return invalid(
+                "the patient's consent for the requesting hospital was revoked or has expired since the grant was issued",
+                Some(patient_key),
+                true,
+            );
+        }
         let confirmed = GrantConfirmed {
             grant_id: row.try_get(0)?,
-            requesting_hospital_id: row.try_get(1)?,
+            requesting_hospital_id: requesting,
             study_instance_uid: row.try_get(3)?,
             purpose: if purpose == "emergency" {
                 Purpose::Emergency
@@ -962,7 +1170,7 @@ impl Db {
             actor: holding.to_string(),
             user_id: "node".into(),
             action: "grant_verify",
-            patient_key: Some(row.try_get(4)?),
+            patient_key: Some(patient_key),
             purpose: Some(purpose.clone()),
             records_returned: 0,
             outcome: if purpose == "emergency" {
@@ -976,7 +1184,7 @@ impl Db {
             ),
         }])
         .await?;
-        Ok(Some(confirmed))
+        Ok(Ok(confirmed))
     }
 
     // ------------------------------------------------------------ recognition

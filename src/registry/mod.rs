@@ -5,6 +5,7 @@
 //! - [`db`]: hospitals, study records, consents and the hash-chained audit
 //!   trail on SQLite or PostgreSQL.
 //! - [`server`]: the `/v1` HTTP API.
+//! - [`refusals`]: the bound on how fast refusals fill the audit trail.
 //! - [`client`]: what a node uses to publish, pull the directory and ask
 //!   for priors.
 //!
@@ -13,6 +14,7 @@
 
 pub mod client;
 pub mod db;
+pub mod refusals;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -81,6 +83,18 @@ pub struct RegistryArgs {
     /// it, emergency grants are refused (403) and audited [default: 20]
     #[arg(long, env = "HUREN_REGISTRY_EMERGENCY_GRANTS_PER_HOUR")]
     pub emergency_grants_per_hour: Option<u32>,
+
+    /// The latest expiry a new consent may have, in days from its
+    /// recording; a later one is refused (400), not shortened, so that the
+    /// hospital tells the patient the span that really holds [default: 365]
+    #[arg(long, env = "HUREN_REGISTRY_MAX_CONSENT_DAYS")]
+    pub max_consent_days: Option<u32>,
+
+    /// Refusals (401, 403) of one caller audited one by one per minute;
+    /// past it one entry says so and the rest are counted, summarized when
+    /// the minute ends [default: 20]
+    #[arg(long, env = "HUREN_REGISTRY_AUDIT_REFUSALS_PER_MINUTE")]
+    pub audit_refusals_per_minute: Option<u32>,
 
     /// Plain HTTP beside HTTPS, loopback addresses only (local probes and
     /// admin scripts)
@@ -172,6 +186,10 @@ pub async fn run(
         .with_emergency_grants_per_hour(
             args.emergency_grants_per_hour
                 .unwrap_or(db::DEFAULT_EMERGENCY_GRANTS_PER_HOUR),
+        )
+        .with_max_consent_days(
+            args.max_consent_days
+                .unwrap_or(db::DEFAULT_MAX_CONSENT_DAYS),
         );
     let token = args.admin_token()?;
     if let Some(path) = &args.recognition_list {
@@ -193,9 +211,28 @@ pub async fn run(
         db: db.clone(),
         admin_token_sha256: Sha256::digest(token.as_bytes()).into(),
         max_request_bytes: args.max_request_bytes.unwrap_or(8 << 20),
+        refusals: refusals::Limiter::new(
+            args.audit_refusals_per_minute
+                .unwrap_or(refusals::DEFAULT_PER_MINUTE),
+        ),
     });
+    // Callers who stopped being refused still get their minute's summary.
+    let summaries = {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => server::flush_refusal_summaries(&state).await,
+                }
+            }
+        })
+    };
     let (listener, plain) = tls_listeners(listener, args, &shutdown).await?;
-    let router = server::router(state);
+    // The peer address reaches the handlers (a refusal's audit entry).
+    let router =
+        server::router(state).into_make_service_with_connect_info::<crate::tls::PeerAddr>();
     let plain = plain.map(|plain| {
         let (router, shutdown) = (router.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -210,6 +247,7 @@ pub async fn run(
     if let Some(plain) = plain {
         plain.await??;
     }
+    let _ = summaries.await;
     db.close().await;
     Ok(())
 }
@@ -260,17 +298,12 @@ pub fn audit_jsonl(entries: &[AuditEntry]) -> String {
 
 pub const AUDIT_CSV_HEADER: &str = "seq,at,actor,user_id,action,patient_key,purpose,records_returned,outcome,detail,prev_hash,hash\n";
 
-/// Audit entries as RFC 4180 CSV with a header line.
+/// Audit entries as RFC 4180 CSV with a header line. A cell that a
+/// spreadsheet would read as a formula (it starts with `=`, `+`, `-`, `@`,
+/// a tab or a carriage return: OWASP "CSV Injection") is written with a
+/// leading `'` and quoted, so that it shows as text; a cell with a comma,
+/// quote or line break is quoted, quotes doubled.
 pub fn audit_csv(entries: &[AuditEntry]) -> String {
-    fn field(out: &mut String, s: &str) {
-        if s.contains([',', '"', '\n', '\r']) {
-            out.push('"');
-            out.push_str(&s.replace('"', "\"\""));
-            out.push('"');
-        } else {
-            out.push_str(s);
-        }
-    }
     let mut out = String::from(AUDIT_CSV_HEADER);
     for e in entries {
         let seq = e.seq.to_string();
@@ -293,9 +326,48 @@ pub fn audit_csv(entries: &[AuditEntry]) -> String {
             if i > 0 {
                 out.push(',');
             }
-            field(&mut out, f);
+            csv_cell(&mut out, f);
         }
         out.push('\n');
     }
     out
+}
+
+fn csv_cell(out: &mut String, s: &str) {
+    let formula = s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if formula || s.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        if formula {
+            out.push('\'');
+        }
+        out.push_str(&s.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn csv_cells() {
+        for (cell, written) in [
+            ("ok", "ok"),
+            ("", ""),
+            ("a,b", "\"a,b\""),
+            ("say \"hi\"", "\"say \"\"hi\"\"\""),
+            ("=HYPERLINK(\"x\")", "\"'=HYPERLINK(\"\"x\"\")\""),
+            ("+1", "\"'+1\""),
+            ("-2+3", "\"'-2+3\""),
+            ("@SUM(A1)", "\"'@SUM(A1)\""),
+            ("\tcmd", "\"'\tcmd\""),
+            ("\r=1", "\"'\r=1\""),
+            ("line\nbreak", "\"line\nbreak\""),
+            ("a=b", "a=b"),
+        ] {
+            let mut out = String::new();
+            super::csv_cell(&mut out, cell);
+            assert_eq!(out, written, "{cell:?}");
+        }
+    }
 }

@@ -5,16 +5,18 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::db::{self, AuditRecord, Db};
+use super::refusals::{self, Decision};
 use crate::common::{Body, problem};
 use crate::contract::*;
 
@@ -23,6 +25,8 @@ pub struct RegistryState {
     /// SHA-256 of the admin token.
     pub admin_token_sha256: [u8; 32],
     pub max_request_bytes: usize,
+    /// The bound on refusal entries per caller and minute.
+    pub refusals: refusals::Limiter,
 }
 
 /// The registry's one error type; each variant is one status.
@@ -38,6 +42,11 @@ pub enum ApiError {
     /// admin action).
     #[error("{0}")]
     Forbidden(String),
+    /// 403, refused by a policy whose own audit entry is written already
+    /// (a publication for another hospital, a grant without consent): the
+    /// refusal middleware does not write a second one.
+    #[error("{0}")]
+    Refused(String),
     /// 404.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -55,7 +64,7 @@ impl From<db::Error> for ApiError {
             db::Error::Invalid(m) => ApiError::BadRequest(m),
             db::Error::NotFound(what) => ApiError::NotFound(what),
             db::Error::Conflict(what) => ApiError::Conflict(what),
-            db::Error::Refused(why) => ApiError::Forbidden(why),
+            db::Error::Refused(why) => ApiError::Refused(why),
             other => ApiError::Unavailable(other.to_string()),
         }
     }
@@ -66,7 +75,7 @@ impl IntoResponse for ApiError {
         let (status, kind) = match &self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Forbidden(_) | ApiError::Refused(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -76,9 +85,17 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(%status, error = %self, "request refused");
         }
-        problem(status, kind, &self.to_string())
+        let mut response = problem(status, kind, &self.to_string());
+        if matches!(self, ApiError::Refused(_)) {
+            response.extensions_mut().insert(AlreadyAudited);
+        }
+        response
     }
 }
+
+/// Marks a refusal whose audit entry its handler wrote.
+#[derive(Clone, Copy)]
+struct AlreadyAudited;
 
 /// Who is calling: the region's admin, or one hospital's node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +114,7 @@ impl Caller {
         }
     }
 
-    fn actor(&self) -> String {
+    pub(crate) fn actor(&self) -> String {
         match self {
             Caller::Admin => "admin".into(),
             Caller::Hospital(id) => id.clone(),
@@ -150,6 +167,152 @@ fn user_id(headers: &HeaderMap, caller: &Caller) -> String {
         })
 }
 
+/// Authenticates a /v1 request before its handler (and so its body
+/// extractor) runs; the caller goes to the handler as an extension. Each
+/// 401 and 403 on the way back is audited, unless its handler audited it.
+async fn authenticated(
+    State(state): State<Arc<RegistryState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let route = format!(
+        "{} {}",
+        req.method(),
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or("(unmatched)", MatchedPath::as_str)
+    );
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<crate::tls::PeerAddr>>()
+        .map(|c| c.0.0);
+    match authenticate(&state, req.headers()).await {
+        Ok(caller) => {
+            let user = user_id(req.headers(), &caller);
+            req.extensions_mut().insert(caller.clone());
+            let response = next.run(req).await;
+            let status = response.status();
+            if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
+                && response.extensions().get::<AlreadyAudited>().is_none()
+            {
+                let entry = refusal(Some(&caller), user, &route, peer, status);
+                audit_bounded(&state, &caller.actor(), entry).await;
+            }
+            response
+        }
+        Err(ApiError::Unauthorized) => {
+            let entry = refusal(
+                None,
+                "anonymous".into(),
+                &route,
+                peer,
+                StatusCode::UNAUTHORIZED,
+            );
+            let key = match peer {
+                Some(p) => format!("anonymous@{}", p.ip()),
+                None => "anonymous".into(),
+            };
+            audit_bounded(&state, &key, entry).await;
+            ApiError::Unauthorized.into_response()
+        }
+        Err(other) => other.into_response(),
+    }
+}
+
+/// The audit entry of one refusal: who (as far as known), the route
+/// (its template, so no identifier of the path is repeated), from where.
+fn refusal(
+    caller: Option<&Caller>,
+    user_id: String,
+    route: &str,
+    peer: Option<std::net::SocketAddr>,
+    status: StatusCode,
+) -> AuditRecord {
+    let from = peer.map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+    AuditRecord {
+        actor: caller.map_or_else(|| "anonymous".to_string(), Caller::actor),
+        user_id,
+        action: "refusal",
+        patient_key: None,
+        purpose: None,
+        records_returned: 0,
+        outcome: if status == StatusCode::UNAUTHORIZED {
+            "unauthorized".into()
+        } else {
+            "forbidden".into()
+        },
+        detail: format!("{} {route} from {from}", status.as_u16()),
+    }
+}
+
+/// Appends a refusal-like entry within the caller's bound (refusals.rs):
+/// the entry, a one-time `rate_limited` notice, or only a count. The
+/// summaries of minutes that ended are written first. A trail that cannot
+/// be written is logged; the refusal is answered anyway.
+pub(crate) async fn audit_bounded(state: &RegistryState, key: &str, entry: AuditRecord) {
+    let minute = now_minute();
+    let (decision, summaries) = state.refusals.admit(key, minute);
+    let mut entries = summary_entries(summaries);
+    match decision {
+        Decision::Audit => entries.push(entry),
+        Decision::RateLimited => entries.push(AuditRecord {
+            outcome: "rate_limited".into(),
+            detail: format!(
+                "{}; {} refusals of this caller this minute are audited one by one, \
+                 the further ones are counted and summarized when the minute ends",
+                entry.detail,
+                state.refusals.per_minute()
+            ),
+            ..entry
+        }),
+        Decision::Count => {}
+    }
+    if entries.is_empty() {
+        return;
+    }
+    if let Err(error) = state.db.audit(&entries).await {
+        tracing::error!(%error, "a refusal could not be audited");
+    }
+}
+
+/// Writes the summaries of the minutes that ended (called every minute).
+pub(crate) async fn flush_refusal_summaries(state: &RegistryState) {
+    let entries = summary_entries(state.refusals.roll(now_minute()));
+    if !entries.is_empty()
+        && let Err(error) = state.db.audit(&entries).await
+    {
+        tracing::error!(%error, "refusal summaries could not be audited");
+    }
+}
+
+fn now_minute() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60)
+}
+
+fn summary_entries(summaries: refusals::Summaries) -> Vec<AuditRecord> {
+    summaries
+        .into_iter()
+        .map(|(minute, key, n)| {
+            let start = std::time::UNIX_EPOCH + std::time::Duration::from_secs(minute * 60);
+            AuditRecord {
+                actor: key.split('@').next().unwrap_or("anonymous").to_string(),
+                user_id: key.clone(),
+                action: "refusal",
+                patient_key: None,
+                purpose: None,
+                records_returned: n.into(),
+                outcome: "summary".into(),
+                detail: format!(
+                    "{n} further refusals of {key} in the minute from {} were counted, not audited one by one",
+                    humantime::format_rfc3339_seconds(start)
+                ),
+            }
+        })
+        .collect()
+}
+
 fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     match caller {
         Caller::Admin => Ok(()),
@@ -159,10 +322,9 @@ fn require_admin(caller: &Caller) -> Result<(), ApiError> {
 
 pub fn router(state: Arc<RegistryState>) -> Router {
     let limit = state.max_request_bytes;
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+    // Every /v1 route needs a token, checked before any extractor reads
+    // the body (a 401 comes before a 400), and each refusal is audited.
+    let v1 = Router::new()
         .route("/v1/hospitals", get(directory).post(add_hospital))
         .route("/v1/hospitals/{hospital_id}", patch(update_hospital))
         .route("/v1/hospitals/{hospital_id}/records", post(publish))
@@ -179,6 +341,15 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .route("/v1/grants", post(issue_grant))
         .route("/v1/grants/verify", post(verify_grant))
         .route("/v1/recognition/statistics", get(statistics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticated,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(v1)
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such resource") })
         .layer(DefaultBodyLimit::max(limit))
         .layer(
@@ -222,9 +393,9 @@ async fn metrics(State(state): State<Arc<RegistryState>>) -> Response {
 /// The directory, with an ETag so nodes poll it with conditional GETs.
 async fn directory(
     State(state): State<Arc<RegistryState>>,
+    Extension(_): Extension<Caller>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authenticate(&state, &headers).await?;
     let hospitals = state.db.hospitals().await?;
     let version = blake3::hash(
         serde_json::to_string(&hospitals)
@@ -261,10 +432,10 @@ pub fn new_hospital_token(hospital_id: &str) -> (String, String) {
 
 async fn add_hospital(
     State(state): State<Arc<RegistryState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Body(new): Body<NewHospital>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     require_admin(&caller)?;
     let (token, sha) = new_hospital_token(&new.hospital_id);
     let audit = AuditRecord {
@@ -290,11 +461,11 @@ async fn add_hospital(
 
 async fn update_hospital(
     State(state): State<Arc<RegistryState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(hospital_id): Path<String>,
     Body(update): Body<HospitalUpdate>,
 ) -> Result<Json<HospitalAdmin>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     require_admin(&caller)?;
     let token = update
         .rotate_token
@@ -329,11 +500,11 @@ async fn update_hospital(
 
 async fn publish(
     State(state): State<Arc<RegistryState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(hospital_id): Path<String>,
     Body(request): Body<PublishRequest>,
 ) -> Result<Json<PublishResponse>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     let user = user_id(&headers, &caller);
     if caller != Caller::Hospital(hospital_id.clone()) {
         // A token publishes for its own hospital only; the attempt is kept.
@@ -355,7 +526,7 @@ async fn publish(
             }])
             .await?;
         tracing::warn!(actor = %caller.actor(), target = %hospital_id, "publication for another hospital refused");
-        return Err(ApiError::Forbidden(
+        return Err(ApiError::Refused(
             "a hospital publishes only its own records".into(),
         ));
     }
@@ -371,10 +542,9 @@ async fn publish(
 
 async fn record(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((hospital_id, study_instance_uid)): Path<(String, String)>,
 ) -> Result<Json<RegistryRecord>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     if caller != Caller::Admin && caller != Caller::Hospital(hospital_id.clone()) {
         return Err(ApiError::Forbidden(
             "another hospital's record is read through the priors query".into(),
@@ -390,11 +560,10 @@ async fn record(
 
 async fn priors(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Body(query): Body<PriorsQuery>,
 ) -> Result<Json<PriorsAnswer>, ApiError> {
     let started = std::time::Instant::now();
-    let caller = authenticate(&state, &headers).await?;
     let Caller::Hospital(hospital_id) = caller else {
         return Err(ApiError::Forbidden(
             "the priors query is asked by a hospital for its patient".into(),
@@ -407,10 +576,9 @@ async fn priors(
 
 async fn add_consent(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Body(new): Body<NewConsent>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     if caller != Caller::Admin && caller != Caller::Hospital(new.hospital_id.clone()) {
         return Err(ApiError::Forbidden(
             "a hospital records consents given to itself only".into(),
@@ -443,10 +611,9 @@ struct ConsentFilter {
 
 async fn consents(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Query(filter): Query<ConsentFilter>,
 ) -> Result<Json<ConsentList>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     // A hospital sees the consents given to it, never another's.
     let hospital = caller.scope(filter.hospital_id.clone());
     let consents = state
@@ -458,11 +625,10 @@ async fn consents(
 
 async fn change_consent(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(consent_id): Path<String>,
     Body(change): Body<ConsentChange>,
 ) -> Result<Json<Consent>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     let current = state
         .db
         .consent(&consent_id)
@@ -496,10 +662,9 @@ struct AuditParams {
 
 async fn audit(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<AuditParams>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     require_admin(&caller)?;
     let page = state
         .db
@@ -527,9 +692,9 @@ async fn audit(
 /// hash, so nodes poll with conditional GETs.
 async fn get_list(
     State(state): State<Arc<RegistryState>>,
+    Extension(_): Extension<Caller>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authenticate(&state, &headers).await?;
     let (hash, text) = state
         .db
         .active_list()
@@ -556,10 +721,10 @@ async fn get_list(
 /// error (line and field) and the active list stays.
 async fn put_list(
     State(state): State<Arc<RegistryState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     text: String,
 ) -> Result<Json<ListActivated>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     require_admin(&caller)?;
     Ok(Json(
         state
@@ -571,10 +736,9 @@ async fn put_list(
 
 async fn add_events(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Body(events): Body<RecognitionEvents>,
 ) -> Result<Json<EventsAccepted>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     let Caller::Hospital(hospital_id) = caller else {
         return Err(ApiError::Forbidden(
             "events are reported by a hospital's node".into(),
@@ -594,10 +758,9 @@ struct StatisticsFilter {
 /// Statistics for the region (admin) or for the asking hospital.
 async fn statistics(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Query(f): Query<StatisticsFilter>,
 ) -> Result<Json<Statistics>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     let hospital = caller.scope(f.hospital_id.clone());
     let rows = state
         .db
@@ -614,10 +777,9 @@ async fn statistics(
 /// retrieval); 403 without consent or break-the-glass.
 async fn issue_grant(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Body(request): Body<GrantRequest>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     let Caller::Hospital(asking) = caller else {
         return Err(ApiError::Forbidden(
             "grants are asked by a hospital's node".into(),
@@ -625,26 +787,44 @@ async fn issue_grant(
     };
     match state.db.issue_grant(&asking, &request).await? {
         Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
-        Err(why) => Err(ApiError::Forbidden(why)),
+        Err(why) => Err(ApiError::Refused(why)),
     }
 }
 
-/// The holding hospital confirms a grant presented to it.
+/// The holding hospital confirms a grant presented to it. A grant that is
+/// not valid (unknown, another hospital's, expired: 404; its patient's
+/// consent revoked or expired since it was issued: 403) is audited, within
+/// the holding hospital's refusal bound: a stranger presenting forged
+/// grants to a node must not fill the trail through it.
 async fn verify_grant(
     State(state): State<Arc<RegistryState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Body(request): Body<GrantVerify>,
 ) -> Result<Json<GrantConfirmed>, ApiError> {
-    let caller = authenticate(&state, &headers).await?;
     let Caller::Hospital(holding) = caller else {
         return Err(ApiError::Forbidden(
             "grants are verified by the holding hospital".into(),
         ));
     };
-    state
-        .db
-        .verify_grant(&holding, &request.token)
-        .await?
-        .map(Json)
-        .ok_or(ApiError::NotFound("valid grant for this hospital"))
+    match state.db.verify_grant(&holding, &request.token).await? {
+        Ok(confirmed) => Ok(Json(confirmed)),
+        Err(invalid) => {
+            let entry = AuditRecord {
+                actor: holding.clone(),
+                user_id: "node".into(),
+                action: "grant_verify",
+                patient_key: invalid.patient_key.clone(),
+                purpose: None,
+                records_returned: 0,
+                outcome: "refused".into(),
+                detail: invalid.reason.to_string(),
+            };
+            audit_bounded(&state, &holding, entry).await;
+            if invalid.consent_withdrawn {
+                Err(ApiError::Refused(invalid.reason.to_string()))
+            } else {
+                Err(ApiError::NotFound("valid grant for this hospital"))
+            }
+        }
+    }
 }

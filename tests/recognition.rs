@@ -201,7 +201,15 @@ async fn duplicate_exam_warning_end_to_end() {
                 .await
         }
     };
-    let warn = check(json!({"item_code": "CT-0301-01"}), "outpatient", None).await;
+    // as_of is the same Asia/Shanghai date the report date was computed
+    // from: the test cannot flip when the Shanghai date turns (16:00 UTC).
+    let as_of = report_date + chrono::Duration::days(3);
+    let warn = check(
+        json!({"item_code": "CT-0301-01"}),
+        "outpatient",
+        Some(ymd(as_of)),
+    )
+    .await;
     assert_eq!(warn["outcome"], "warn", "{warn}");
     assert_eq!(warn["registry_reached"], true);
     assert_eq!(warn["list_version"], hash.as_str());
@@ -209,7 +217,14 @@ async fn duplicate_exam_warning_end_to_end() {
     assert_eq!(cited["hospital_id"], HOSP_B);
     assert_eq!(cited["hospital_level"], "二级甲等");
     assert_eq!(cited["study_instance_uid"], uid.as_str());
-    assert_eq!(cited["days_ago"], 3);
+    // Two dates, named: days ago from the study date (the exam was done in
+    // 2024), the window from the report date.
+    let study_date =
+        chrono::NaiveDate::parse_from_str(cited["study_date"].as_str().unwrap(), "%Y-%m-%d")
+            .unwrap();
+    assert_eq!(cited["days_ago"], (as_of - study_date).num_days(), "{cited}");
+    assert_eq!(cited["days_since_window_from"], 3, "{cited}");
+    assert_eq!(cited["window_from"], ymd(report_date).as_str());
     assert_eq!(cited["window_days"], 30);
     assert_eq!(cited["window_basis"], "report_issued_date");
     assert_eq!(cited["item_code"], "CT-0301-03");

@@ -286,6 +286,10 @@ const STRINGS: &[(&str, &str, &str)] = &[
     ("study_date", "检查日期", "Study date"),
     ("report_date", "报告日期", "Report issued"),
     ("days_ago", "距今", "Days ago"),
+    // Two dates, two meanings (issue 17): the exam's age from the study
+    // date, the window from the report date.
+    ("done_days_ago", "{n} 天前检查", "done {n} days ago"),
+    ("window_elapsed", "已过 {n} 天", "{n} days elapsed"),
     ("days", "{n} 天", "{n} days"),
     ("window", "互认有效期", "Recognition window"),
     (

@@ -269,7 +269,7 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
         // certain one first (only certain items may warn; an item without
         // a confidence comes from a node that predates it).
         let unconfirmed = |i: &crate::contract::RecordItem| {
-            i.confidence == Some(ItemConfidence::NeedsConfirmation)
+            i.confidence == Some(ItemConfidence::NeedsConfirmation) && i.confirmed_by.is_none()
         };
         let satisfying = r
             .items
@@ -431,6 +431,7 @@ mod tests {
             } else {
                 let (code, side) = item.split_once(':').unwrap_or((item, ""));
                 vec![RecordItem {
+                    confirmed_by: None,
                     confidence: None,
                     evidence: Vec::new(),
                     view_positions: Vec::new(),

@@ -136,10 +136,7 @@ pub async fn study_recognition(region: &Region, uid: &str) -> Result<StudyRecogn
             let items: String = c.try_get(0)?;
             let role: String = c.try_get(1)?;
             let confirmed_root: String = c.try_get(5)?;
-            match (
-                serde_json::from_str(&items),
-                ConfirmerRole::parse(&role),
-            ) {
+            match (serde_json::from_str(&items), ConfirmerRole::parse(&role)) {
                 (Ok(items), Some(role)) => Some(ConfirmationView {
                     role,
                     user_id: c.try_get(2)?,

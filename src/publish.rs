@@ -532,15 +532,14 @@ impl Region {
             Some(c) if c.content_root == root => apply_confirmation(items, c),
             _ => (items, unclassified),
         };
-        let images_marked_available = sqlx::query(
-            "SELECT available FROM study_images WHERE study_instance_uid = $1",
-        )
-        .bind(&snap.study_instance_uid)
-        .fetch_optional(pool)
-        .await?
-        .map(|r| r.try_get::<i64, _>(0))
-        .transpose()?
-        .is_none_or(|a| a != 0);
+        let images_marked_available =
+            sqlx::query("SELECT available FROM study_images WHERE study_instance_uid = $1")
+                .bind(&snap.study_instance_uid)
+                .fetch_optional(pool)
+                .await?
+                .map(|r| r.try_get::<i64, _>(0))
+                .transpose()?
+                .is_none_or(|a| a != 0);
         let changes = snap.existing.as_ref().map_or(0, |e| e.changes);
         let version = snap.existing.as_ref().map_or(0, |e| e.record_version);
         let was_published = snap

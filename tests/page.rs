@@ -554,9 +554,7 @@ async fn confirmation_on_the_holding_hospitals_page() {
     let token_b = add_named_hospital(&admin, HOSPITAL_B, NAME_B, "二级甲等").await;
     let list =
         std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
-    admin
-        .call_text("PUT", "/v1/recognition-list", &list)
-        .await;
+    admin.call_text("PUT", "/v1/recognition-list", &list).await;
     let node_b = spawn_region_node(backend, &registry.url(), HOSPITAL_B, &token_b).await;
     let node_a = spawn_region_node(backend, &registry.url(), HOSPITAL_A, &token_a).await;
     let api_a = Api::new(
@@ -623,7 +621,11 @@ async fn confirmation_on_the_holding_hospitals_page() {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
                 let (status, r) = reg_b
-                    .call("GET", &format!("/v1/hospitals/{HOSPITAL_B}/records/{uid}"), None)
+                    .call(
+                        "GET",
+                        &format!("/v1/hospitals/{HOSPITAL_B}/records/{uid}"),
+                        None,
+                    )
                     .await;
                 if status == 200
                     && r["record"]["qc_status"] == "passed"
@@ -638,30 +640,44 @@ async fn confirmation_on_the_holding_hospitals_page() {
         }
     };
     let before = record(false).await;
-    assert_eq!(before["record"]["items"][0]["confidence"], "needs_confirmation", "{before}");
+    assert_eq!(
+        before["record"]["items"][0]["confidence"], "needs_confirmation",
+        "{before}"
+    );
     let tomorrow =
         humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(86400))
             .to_string();
     api_a
-        .ok("POST", "/api/v1/consents", Some(json!({
+        .ok(
+            "POST",
+            "/api/v1/consents",
+            Some(json!({
             "patient": {"identifier_type": "RID", "identifier": RID},
             "method": "doctor_assisted", "recorded_by": "dr.li", "state": "granted",
-            "expires_at": tomorrow})))
+            "expires_at": tomorrow})),
+        )
         .await;
     let check = || {
         let api_a = api_a.clone();
         async move {
             api_a
-                .ok("POST", "/api/v1/recognition/check", Some(json!({
+                .ok(
+                    "POST",
+                    "/api/v1/recognition/check",
+                    Some(json!({
                     "patient": {"identifier_type": "RID", "identifier": RID},
                     "order": {"item_code": CT_CHEST_PLAIN}, "ordering_doctor": "dr.zhao",
-                    "encounter": "outpatient", "as_of": as_of.format("%Y-%m-%d").to_string()})))
+                    "encounter": "outpatient", "as_of": as_of.format("%Y-%m-%d").to_string()})),
+                )
                 .await
         }
     };
     let unconfirmed = check().await;
     assert_eq!(unconfirmed["outcome"], "no_warn", "{unconfirmed}");
-    assert_eq!(unconfirmed["not_counted"][0]["reason"], "needs_confirmation");
+    assert_eq!(
+        unconfirmed["not_counted"][0]["reason"],
+        "needs_confirmation"
+    );
 
     // B's radiologist, on B's page.
     huren::http::page::add_user(node_b.ingest.index(), "rad.sun", "孙医生", PASSWORD)
@@ -692,15 +708,26 @@ async fn confirmation_on_the_holding_hospitals_page() {
     .unwrap();
     let classified = step(&lines, "classified");
     let item = &classified["items"][0];
-    assert!(item["text"].as_str().unwrap().contains("待确认"), "{classified}");
-    assert!(item["text"].as_str().unwrap().contains("CT-0301-03"), "{classified}");
-    // The evidence with its values, and the doubt that made it unsure.
     assert!(
-        item["evidence"].to_string().contains("StudyDescription\\tCT CHEST"),
+        item["text"].as_str().unwrap().contains("待确认"),
         "{classified}"
     );
     assert!(
-        item["text"].as_str().unwrap().contains("body_part_examined_contradicts"),
+        item["text"].as_str().unwrap().contains("CT-0301-03"),
+        "{classified}"
+    );
+    // The evidence with its values, and the doubt that made it unsure.
+    assert!(
+        item["evidence"]
+            .to_string()
+            .contains("StudyDescription\\tCT CHEST"),
+        "{classified}"
+    );
+    assert!(
+        item["text"]
+            .as_str()
+            .unwrap()
+            .contains("body_part_examined_contradicts"),
         "{classified}"
     );
     assert_eq!(classified["checked"], json!(["CT-0301-03"]));

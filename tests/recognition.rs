@@ -222,7 +222,11 @@ async fn duplicate_exam_warning_end_to_end() {
     let study_date =
         chrono::NaiveDate::parse_from_str(cited["study_date"].as_str().unwrap(), "%Y-%m-%d")
             .unwrap();
-    assert_eq!(cited["days_ago"], (as_of - study_date).num_days(), "{cited}");
+    assert_eq!(
+        cited["days_ago"],
+        (as_of - study_date).num_days(),
+        "{cited}"
+    );
     assert_eq!(cited["days_since_window_from"], 3, "{cited}");
     assert_eq!(cited["window_from"], ymd(report_date).as_str());
     assert_eq!(cited["window_days"], 30);
@@ -484,7 +488,12 @@ async fn confirmation_at_the_source_end_to_end() {
         })
         .await;
         let api = Api::new(
-            &start_proxy(format!("http://{}", node.http_addr), recorder.clone(), false).await,
+            &start_proxy(
+                format!("http://{}", node.http_addr),
+                recorder.clone(),
+                false,
+            )
+            .await,
             Some(crate::support::NODE_API_TOKEN),
         );
         wait_until("node pulled the list", || {
@@ -575,7 +584,10 @@ async fn confirmation_at_the_source_end_to_end() {
     }
     let uid = ct.study_instance_uid.clone();
     let before = reported_record(&reg_b, &uid).await;
-    assert_eq!(before["record"]["items"][0]["code"], "CT-0301-03", "{before}");
+    assert_eq!(
+        before["record"]["items"][0]["code"], "CT-0301-03",
+        "{before}"
+    );
     assert_eq!(
         before["record"]["items"][0]["confidence"], "needs_confirmation",
         "{before}"
@@ -689,7 +701,11 @@ async fn confirmation_at_the_source_end_to_end() {
     assert_eq!(cited["study_instance_uid"], uid.as_str());
     assert_eq!(cited["study_date"], "2024-03-14");
     let study_date = chrono::NaiveDate::from_ymd_opt(2024, 3, 14).unwrap();
-    assert_eq!(cited["days_ago"], (as_of - study_date).num_days(), "{cited}");
+    assert_eq!(
+        cited["days_ago"],
+        (as_of - study_date).num_days(),
+        "{cited}"
+    );
     assert_eq!(cited["days_since_window_from"], 3, "{cited}");
     assert_eq!(cited["window_basis"], "report_issued_date");
     assert_eq!(

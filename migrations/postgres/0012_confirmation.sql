@@ -27,9 +27,9 @@ CREATE TABLE study_confirmation (
 );
 
 -- Images that cannot be retrieved (issue 17 section 3): the operator marks
--- a study's images unavailable (archive lost, media unreadable), or a
--- peer's fetch of a study found them so. The record is published with
--- images_available = false and no check warns on it (images_unavailable).
+-- a study's images unavailable (archive lost, media unreadable). The record
+-- is published with images_available = false and no check warns on it
+-- (images_unavailable).
 -- No row: available when the node holds instances of the study.
 CREATE TABLE study_images (
     study_instance_uid TEXT PRIMARY KEY,
@@ -43,14 +43,3 @@ CREATE TABLE study_images (
 -- node's page and API when they confirm. Only attribute names are
 -- published; the values (free text) stay here.
 ALTER TABLE study_publication ADD COLUMN classification TEXT;
-
--- Regional priors whose images a peer fetch could not get from the node
--- that holds them: this node's checks treat them as images_unavailable
--- until a fetch succeeds. The holding node's own record is its own to
--- publish; this is what this node saw.
-CREATE TABLE prior_images_unavailable (
-    study_instance_uid TEXT PRIMARY KEY,
-    hospital_id TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    at TEXT NOT NULL
-);

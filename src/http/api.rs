@@ -703,7 +703,10 @@ fn confirmation_routes() -> Router<Arc<ApiState>> {
             "/api/v1/studies/{study_instance_uid}/images-available",
             put(put_images_available),
         )
-        .route("/api/v1/recognition/confirmations", get(confirmation_counts))
+        .route(
+            "/api/v1/recognition/confirmations",
+            get(confirmation_counts),
+        )
 }
 
 impl From<crate::confirm::Error> for ApiError {
@@ -754,10 +757,17 @@ async fn put_images_available(
     let uid = study_uid(&uid)?;
     let region = region(&state)?;
     if change.reason.len() > 500 {
-        return Err(ApiError::BadRequest("reason is limited to 500 bytes".into()));
+        return Err(ApiError::BadRequest(
+            "reason is limited to 500 bytes".into(),
+        ));
     }
-    crate::confirm::set_images_available(region, &uid, change.images_available, change.reason.trim())
-        .await?;
+    crate::confirm::set_images_available(
+        region,
+        &uid,
+        change.images_available,
+        change.reason.trim(),
+    )
+    .await?;
     Ok(Json(serde_json::json!({
         "study_instance_uid": uid, "images_available": change.images_available,
     })))

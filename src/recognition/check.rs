@@ -894,9 +894,7 @@ mod tests {
         });
         // Items, not series modalities: a PET-CT holds CT series, and is
         // not a CT exam (issue 17 section 3).
-        let petct = |r: StudyRecord| {
-            with(r, &|r| r.modalities = vec!["CT".into(), "PT".into()])
-        };
+        let petct = |r: StudyRecord| with(r, &|r| r.modalities = vec!["CT".into(), "PT".into()]);
         cases.push(case(
             "PET-CT prior for a chest CT order",
             "CT-03-01",

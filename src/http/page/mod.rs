@@ -1531,7 +1531,9 @@ async fn confirm_items(
             other => match serde_json::from_value::<Laterality>(json!(other)) {
                 Ok(l) => Some(l),
                 Err(_) => {
-                    return Err(state.error(&page, StatusCode::BAD_REQUEST, "bad_request").await);
+                    return Err(state
+                        .error(&page, StatusCode::BAD_REQUEST, "bad_request")
+                        .await);
                 }
             },
         };

@@ -301,7 +301,7 @@ const STRINGS: &[(&str, &str, &str)] = &[
     ("evidence_attribute", "依据", "Attribute"),
     ("evidence_value", "值", "Value"),
     ("evidence_where", "来源", "Where"),
-    ("instances", "幅图像", "images"),
+    ("evidence_images", "幅图像", "images"),
     (
         "no_classified_item",
         "未识别出互认项目",

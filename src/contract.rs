@@ -247,6 +247,11 @@ pub struct RecordItem {
     /// with both views.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub view_positions: Vec<String>,
+    /// The item was confirmed (or chosen in a correction) at the hospital
+    /// that did the exam, by someone of this role: it counts as certain.
+    /// A role, never a name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_by: Option<ConfirmerRole>,
 }
 
 /// How sure the classifier is of an item (docs/recognition.md).
@@ -255,6 +260,27 @@ pub struct RecordItem {
 pub enum ItemConfidence {
     Certain,
     NeedsConfirmation,
+}
+
+/// Who at the holding hospital confirmed a study's items: the people who
+/// know what the exam was (issue 17 section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfirmerRole {
+    Technologist,
+    Radiologist,
+}
+
+impl ConfirmerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfirmerRole::Technologist => "technologist",
+            ConfirmerRole::Radiologist => "radiologist",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ConfirmerRole> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
 }
 
 /// What a node publishes about one study. No name, birth date or raw ID:

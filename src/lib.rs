@@ -27,6 +27,9 @@
 //! - [`peer`]: fetching a prior study from another hospital's node under a
 //!   registry grant, verified against its published content root; the cache
 //!   of such studies.
+//! - [`confirm`]: confirmation of a study's recognition items at the
+//!   hospital that did the exam, and the mark that its images cannot be
+//!   retrieved: what the JSON API and the doctor's page share.
 //! - [`priors`]: a patient's priors (degraded to the node's own when the
 //!   registry is unreachable), the duplicate-exam check, decisions and
 //!   statistics: what the JSON API and the doctor's page share.
@@ -57,6 +60,7 @@ pub mod audit;
 pub mod backup;
 pub mod common;
 pub mod config;
+pub mod confirm;
 pub mod contract;
 pub mod dicom;
 pub mod gc;

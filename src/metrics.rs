@@ -60,6 +60,10 @@ pub const PEER_FETCH_BYTES: &str = "huren_peer_fetch_bytes_total";
 pub const PEER_FETCH_FAILURES: &str = "huren_peer_fetch_failures_total";
 /// Duplicate-exam checks, by `outcome` and `registry_reached`.
 pub const RECOGNITION_CHECKS: &str = "huren_recognition_checks_total";
+/// Studies whose items the hospital confirmed at the source, by `outcome`:
+/// `confirmed` (the classifier's items kept) or `corrected` (other items
+/// chosen): where a region's equipment misleads the classifier.
+pub const RECOGNITION_CONFIRMATIONS: &str = "huren_recognition_confirmations_total";
 
 // --------------------------------------------------------- the registry
 
@@ -222,6 +226,10 @@ fn describe() {
     describe_counter!(
         RECOGNITION_CHECKS,
         "duplicate-exam checks, by outcome and whether the registry was reached"
+    );
+    describe_counter!(
+        RECOGNITION_CONFIRMATIONS,
+        "studies whose recognition items were confirmed at the source, by outcome (confirmed, corrected)"
     );
     describe_histogram!(
         REGISTRY_PRIORS_DURATION,
@@ -463,6 +471,11 @@ pub fn recognition_check(outcome: &str, registry_reached: bool) {
     };
     let reached = if registry_reached { "true" } else { "false" };
     counter!(RECOGNITION_CHECKS, "outcome" => outcome, "registry_reached" => reached).increment(1);
+}
+
+pub fn recognition_confirmation(corrected: bool) {
+    let outcome = if corrected { "corrected" } else { "confirmed" };
+    counter!(RECOGNITION_CONFIRMATIONS, "outcome" => outcome).increment(1);
 }
 
 pub fn registry_priors_query(started: Instant) {

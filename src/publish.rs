@@ -449,6 +449,7 @@ impl Region {
             headers.push(header);
         }
         let summary = summarise(&every);
+        let mut classification_json: Option<String> = None;
         let (items, unclassified) = match self.list() {
             Some(list) => {
                 let c = classify(
@@ -459,10 +460,19 @@ impl Region {
                         Some(self.config.hospital_id.clone()),
                     ),
                 );
+                classification_json = Some(
+                    serde_json::json!({
+                        "list_version": list.content_hash,
+                        "items": c.items,
+                        "unclassified": c.unclassified,
+                    })
+                    .to_string(),
+                );
                 (
                     c.items
                         .into_iter()
                         .map(|i| RecordItem {
+                            confirmed_by: None,
                             code: i.code,
                             laterality: i.laterality,
                             confidence: Some(match i.confidence {
@@ -516,6 +526,20 @@ impl Region {
         };
 
         let root = content_root(instances.iter().map(|i| (i.0.as_str(), &i.1)));
+        // The hospital's own confirmation wins over the classifier, for the
+        // images it was made on.
+        let (items, unclassified) = match confirmation(pool, &snap.study_instance_uid).await? {
+            Some(c) if c.content_root == root => apply_confirmation(items, c),
+            _ => (items, unclassified),
+        };
+        let images_marked_available =
+            sqlx::query("SELECT available FROM study_images WHERE study_instance_uid = $1")
+                .bind(&snap.study_instance_uid)
+                .fetch_optional(pool)
+                .await?
+                .map(|r| r.try_get::<i64, _>(0))
+                .transpose()?
+                .is_none_or(|a| a != 0);
         let changes = snap.existing.as_ref().map_or(0, |e| e.changes);
         let version = snap.existing.as_ref().map_or(0, |e| e.record_version);
         let was_published = snap
@@ -552,7 +576,7 @@ impl Region {
                     report_status,
                     report_issued_date,
                     qc_status,
-                    images_available: !instances.is_empty(),
+                    images_available: !instances.is_empty() && images_marked_available,
                     number_of_series: series_with_instances,
                     number_of_instances: instances.len() as i64,
                     bytes: instances.iter().map(|i| i.2).sum(),
@@ -604,8 +628,8 @@ impl Region {
             None => sqlx::query(
                 "INSERT INTO study_publication (study_instance_uid, evaluated_received_at, \
                  changes, evaluated_changes, state, reason, record_version, fingerprint, \
-                 content_root, updated_at, record, unclassified, patient_key) \
-                 VALUES ($1, $2, 0, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 content_root, updated_at, record, unclassified, patient_key, classification) \
+                 VALUES ($1, $2, 0, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
                  ON CONFLICT (study_instance_uid) DO NOTHING",
             )
             .bind(&snap.study_instance_uid)
@@ -619,6 +643,7 @@ impl Region {
             .bind(record_json.clone())
             .bind(unclassified.clone())
             .bind(patient_key.clone())
+            .bind(classification_json.clone())
             .execute(&mut *tx)
             .await?
             .rows_affected(),
@@ -626,7 +651,7 @@ impl Region {
                 "UPDATE study_publication SET evaluated_received_at = $2, evaluated_changes = $3, \
                  state = $4, reason = $5, record_version = $6, fingerprint = $7, \
                  content_root = $8, updated_at = $9, record = $12, unclassified = $13, \
-                 patient_key = $14 \
+                 patient_key = $14, classification = $15 \
                  WHERE study_instance_uid = $1 AND changes = $3 AND record_version = $10 \
                  AND evaluated_received_at = $11",
             )
@@ -644,6 +669,7 @@ impl Region {
             .bind(record_json.clone())
             .bind(unclassified.clone())
             .bind(patient_key.clone())
+            .bind(classification_json.clone())
             .execute(&mut *tx)
             .await?
             .rows_affected(),
@@ -1205,6 +1231,83 @@ pub async fn enqueue_retraction(
 
 /// Bumps a study's change counter (creating its publication row), so that
 /// the stability worker evaluates it again.
+/// A study's confirmation at this hospital (migration 0012).
+#[derive(Debug, Clone)]
+pub struct Confirmation {
+    pub items: Vec<ConfirmedItem>,
+    pub role: ConfirmerRole,
+    pub content_root: String,
+}
+
+/// One item the hospital says a study is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmedItem {
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub laterality: Option<Laterality>,
+}
+
+pub async fn confirmation(
+    pool: &sqlx::AnyPool,
+    study_instance_uid: &str,
+) -> Result<Option<Confirmation>, Error> {
+    let Some(row) = sqlx::query(
+        "SELECT items, role, content_root FROM study_confirmation WHERE study_instance_uid = $1",
+    )
+    .bind(study_instance_uid)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let items: String = row.try_get(0)?;
+    let role: String = row.try_get(1)?;
+    let (Ok(items), Some(role)) = (
+        serde_json::from_str::<Vec<ConfirmedItem>>(&items),
+        ConfirmerRole::parse(&role),
+    ) else {
+        // Written by this node only; unreadable means not confirmed.
+        return Ok(None);
+    };
+    Ok(Some(Confirmation {
+        items,
+        role,
+        content_root: row.try_get(2)?,
+    }))
+}
+
+/// The record's items under a confirmation: the confirmed ones, certain,
+/// with `confirmed_by`; the classifier's evidence kept for an item it had
+/// found, `confirmation` added. A confirmation of no item leaves the study
+/// unclassified.
+fn apply_confirmation(
+    classified: Vec<RecordItem>,
+    c: Confirmation,
+) -> (Vec<RecordItem>, Option<String>) {
+    if c.items.is_empty() {
+        return (Vec::new(), Some("confirmed_no_item".into()));
+    }
+    let items = c
+        .items
+        .into_iter()
+        .map(|i| {
+            let found = classified.iter().find(|k| k.code == i.code);
+            let mut evidence: Vec<String> = found.map(|k| k.evidence.clone()).unwrap_or_default();
+            evidence.push("confirmation".into());
+            RecordItem {
+                code: i.code,
+                laterality: i.laterality,
+                confidence: Some(ItemConfidence::Certain),
+                evidence,
+                view_positions: found.map(|k| k.view_positions.clone()).unwrap_or_default(),
+                confirmed_by: Some(c.role),
+            }
+        })
+        .collect();
+    (items, None)
+}
+
 pub async fn mark_changed(index: &Index, study_instance_uid: &str) -> Result<(), sqlx::Error> {
     let mut conn = index.pool().acquire().await?;
     mark_changed_on(&mut conn, study_instance_uid).await

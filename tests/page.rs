@@ -540,3 +540,221 @@ async fn doctor_page(backend: Backend) {
     node_b.stop().await;
     registry.stop().await;
 }
+
+/// Issue 17, "What must show" 3: a study classified `needs_confirmation`
+/// at B gives no warning at A; B's radiologist confirms it on B's page
+/// (chromium); A's check then warns citing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmation_on_the_holding_hospitals_page() {
+    let backend = Backend::SqliteLocal;
+    let registry = spawn_registry(backend).await;
+    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let work = tempfile::tempdir().unwrap();
+    let token_a = add_named_hospital(&admin, HOSPITAL_A, NAME_A, "三级甲等").await;
+    let token_b = add_named_hospital(&admin, HOSPITAL_B, NAME_B, "二级甲等").await;
+    let list =
+        std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
+    admin.call_text("PUT", "/v1/recognition-list", &list).await;
+    let node_b = spawn_region_node(backend, &registry.url(), HOSPITAL_B, &token_b).await;
+    let node_a = spawn_region_node(backend, &registry.url(), HOSPITAL_A, &token_a).await;
+    let api_a = Api::new(
+        &format!("http://{}", node_a.http_addr),
+        Some(crate::support::NODE_API_TOKEN),
+    );
+    let api_b = Api::new(
+        &format!("http://{}", node_b.http_addr),
+        Some(crate::support::NODE_API_TOKEN),
+    );
+    for api in [&api_a, &api_b] {
+        wait_until("list and directory pulled", || {
+            let api = api.clone();
+            async move {
+                let (status, _) = api.call("GET", "/api/v1/recognition/list", None).await;
+                let p = api.ok("GET", "/api/v1/publication", None).await;
+                status == 200 && p["hospitals_in_directory"] == 2
+            }
+        })
+        .await;
+    }
+    // A chest CT whose BodyPartExamined says HEAD: needs confirmation.
+    let ct = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "ct-confirm",
+        &["--resident-id", RID, "--set", "BodyPartExamined=HEAD"],
+    );
+    store(&node_b, &ct.files).await;
+    let uid = ct.study_instance_uid.clone();
+    let as_of = huren::recognition::check::today_in_shanghai();
+    let reported = (as_of - chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    wait_until("study indexed at B", || {
+        let (api_b, uid) = (api_b.clone(), uid.clone());
+        async move {
+            api_b
+                .call("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
+                .await
+                .0
+                == 200
+        }
+    })
+    .await;
+    api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/report"),
+            Some(json!({"report_status": "final", "report_issued_date": reported})),
+        )
+        .await;
+    api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/qc"),
+            Some(json!({"qc_status": "passed"})),
+        )
+        .await;
+    let reg_b = Api::new(&registry.url(), Some(&token_b));
+    let record = |confirmed: bool| {
+        let (reg_b, uid) = (reg_b.clone(), uid.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let (status, r) = reg_b
+                    .call(
+                        "GET",
+                        &format!("/v1/hospitals/{HOSPITAL_B}/records/{uid}"),
+                        None,
+                    )
+                    .await;
+                if status == 200
+                    && r["record"]["qc_status"] == "passed"
+                    && r["record"]["report_status"] == "final"
+                    && (r["record"]["items"][0]["confirmed_by"] == "radiologist") == confirmed
+                {
+                    return r;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "record: {r}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let before = record(false).await;
+    assert_eq!(
+        before["record"]["items"][0]["confidence"], "needs_confirmation",
+        "{before}"
+    );
+    let tomorrow =
+        humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(86400))
+            .to_string();
+    api_a
+        .ok(
+            "POST",
+            "/api/v1/consents",
+            Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "method": "doctor_assisted", "recorded_by": "dr.li", "state": "granted",
+            "expires_at": tomorrow})),
+        )
+        .await;
+    let check = || {
+        let api_a = api_a.clone();
+        async move {
+            api_a
+                .ok(
+                    "POST",
+                    "/api/v1/recognition/check",
+                    Some(json!({
+                    "patient": {"identifier_type": "RID", "identifier": RID},
+                    "order": {"item_code": CT_CHEST_PLAIN}, "ordering_doctor": "dr.zhao",
+                    "encounter": "outpatient", "as_of": as_of.format("%Y-%m-%d").to_string()})),
+                )
+                .await
+        }
+    };
+    let unconfirmed = check().await;
+    assert_eq!(unconfirmed["outcome"], "no_warn", "{unconfirmed}");
+    assert_eq!(
+        unconfirmed["not_counted"][0]["reason"],
+        "needs_confirmation"
+    );
+
+    // B's radiologist, on B's page.
+    huren::http::page::add_user(node_b.ingest.index(), "rad.sun", "孙医生", PASSWORD)
+        .await
+        .unwrap();
+    let base = format!("http://{}", node_b.http_addr);
+    let study = uid.clone();
+    let lines = tokio::task::spawn_blocking(move || {
+        let out = Command::new(support::env("HUREN_TEST_PYTHON"))
+            .arg(repo_path("tests/support/confirm_page_test.py"))
+            .args(["--base", &base, "--user", "rad.sun", "--study", &study])
+            .env("HUREN_PAGE_PASSWORD", PASSWORD)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run confirm_page_test.py");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "confirm_page_test.py failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let classified = step(&lines, "classified");
+    let item = &classified["items"][0];
+    assert!(
+        item["text"].as_str().unwrap().contains("待确认"),
+        "{classified}"
+    );
+    assert!(
+        item["text"].as_str().unwrap().contains("CT-0301-03"),
+        "{classified}"
+    );
+    // The evidence with its values, and the doubt that made it unsure.
+    assert!(
+        item["evidence"]
+            .to_string()
+            .contains("StudyDescription\\tCT CHEST"),
+        "{classified}"
+    );
+    assert!(
+        item["text"]
+            .as_str()
+            .unwrap()
+            .contains("body_part_examined_contradicts"),
+        "{classified}"
+    );
+    assert_eq!(classified["checked"], json!(["CT-0301-03"]));
+    assert!(
+        step(&lines, "no_role")["status_text"]
+            .as_str()
+            .unwrap()
+            .contains("请选择确认人角色"),
+        "{lines:?}"
+    );
+    assert!(
+        step(&lines, "confirmed")["confirmed"]
+            .as_str()
+            .unwrap()
+            .contains("已由诊断医师确认"),
+        "{lines:?}"
+    );
+    let after = record(true).await;
+    assert!(
+        after["record"]["record_version"].as_i64() > before["record"]["record_version"].as_i64()
+    );
+    assert_eq!(after["record"]["items"][0]["confidence"], "certain");
+    assert!(!after.to_string().contains("rad.sun"), "{after}");
+    let warn = check().await;
+    assert_eq!(warn["outcome"], "warn", "{warn}");
+    assert_eq!(warn["cited"]["study_instance_uid"], uid.as_str());
+    assert_eq!(warn["cited"]["days_since_window_from"], 1);
+    node_a.stop().await;
+    node_b.stop().await;
+}

@@ -201,7 +201,15 @@ async fn duplicate_exam_warning_end_to_end() {
                 .await
         }
     };
-    let warn = check(json!({"item_code": "CT-0301-01"}), "outpatient", None).await;
+    // as_of is the same Asia/Shanghai date the report date was computed
+    // from: the test cannot flip when the Shanghai date turns (16:00 UTC).
+    let as_of = report_date + chrono::Duration::days(3);
+    let warn = check(
+        json!({"item_code": "CT-0301-01"}),
+        "outpatient",
+        Some(ymd(as_of)),
+    )
+    .await;
     assert_eq!(warn["outcome"], "warn", "{warn}");
     assert_eq!(warn["registry_reached"], true);
     assert_eq!(warn["list_version"], hash.as_str());
@@ -209,7 +217,18 @@ async fn duplicate_exam_warning_end_to_end() {
     assert_eq!(cited["hospital_id"], HOSP_B);
     assert_eq!(cited["hospital_level"], "二级甲等");
     assert_eq!(cited["study_instance_uid"], uid.as_str());
-    assert_eq!(cited["days_ago"], 3);
+    // Two dates, named: days ago from the study date (the exam was done in
+    // 2024), the window from the report date.
+    let study_date =
+        chrono::NaiveDate::parse_from_str(cited["study_date"].as_str().unwrap(), "%Y-%m-%d")
+            .unwrap();
+    assert_eq!(
+        cited["days_ago"],
+        (as_of - study_date).num_days(),
+        "{cited}"
+    );
+    assert_eq!(cited["days_since_window_from"], 3, "{cited}");
+    assert_eq!(cited["window_from"], ymd(report_date).as_str());
     assert_eq!(cited["window_days"], 30);
     assert_eq!(cited["window_basis"], "report_issued_date");
     assert_eq!(cited["item_code"], "CT-0301-03");
@@ -424,4 +443,337 @@ async fn duplicate_exam_warning_end_to_end() {
     assert_eq!(degraded["cited"]["eligibility"], "同一医院 (same hospital)");
     node_a.stop().await;
     node_b.stop().await;
+}
+
+/// Issue 17 sections 2 and 3 through a registry and two nodes: a study
+/// classified `needs_confirmation` at B gives no warning at A; B's
+/// radiologist confirms it through B's API (the page does the same in
+/// tests/page.rs) and the record comes back with `confirmed_by` and a new
+/// version; A then warns citing it, with days ago from the study date and
+/// the window from the report date. Images marked unavailable at B stop
+/// the warning (images_unavailable). A PET-CT prior is another modality
+/// for a chest CT order, not a CT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmation_at_the_source_end_to_end() {
+    let registry = spawn_registry(Backend::SqliteLocal).await;
+    let recorder = Recorder::default();
+    let reg_url = start_proxy(registry.url(), recorder.clone(), true).await;
+    let admin = Api::new(&reg_url, Some(ADMIN_TOKEN));
+    let list_text =
+        std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
+    let (status, activated) = admin
+        .call_text("PUT", "/v1/recognition-list", &list_text)
+        .await;
+    assert_eq!(status, 200, "{activated}");
+    let hash = activated["content_hash"].as_str().unwrap().to_string();
+    let mut tokens = Vec::new();
+    for (id, level) in [(HOSP_A, "三级甲等"), (HOSP_B, "二级甲等")] {
+        let (status, v) = admin
+            .call(
+                "POST",
+                "/v1/hospitals",
+                Some(json!({"hospital_id": id, "name": format!("医院{id}"), "level": level})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+        tokens.push(v["token"].as_str().unwrap().to_string());
+    }
+    let mut nodes = Vec::new();
+    let mut apis = Vec::new();
+    for (id, token) in [(HOSP_A, &tokens[0]), (HOSP_B, &tokens[1])] {
+        let (url, id, token) = (reg_url.clone(), id.to_string(), token.clone());
+        let node = support::spawn_node_with(Backend::SqliteLocal, move |c| {
+            c.dicomweb.open = true;
+            c.region = Some(region_config(&url, &id, &token));
+        })
+        .await;
+        let api = Api::new(
+            &start_proxy(
+                format!("http://{}", node.http_addr),
+                recorder.clone(),
+                false,
+            )
+            .await,
+            Some(crate::support::NODE_API_TOKEN),
+        );
+        wait_until("node pulled the list", || {
+            let (api, hash) = (api.clone(), hash.clone());
+            async move {
+                let (status, v) = api.call("GET", "/api/v1/recognition/list", None).await;
+                status == 200 && v["content_hash"] == hash.as_str()
+            }
+        })
+        .await;
+        nodes.push(node);
+        apis.push(api);
+    }
+    let (api_a, api_b) = (apis[0].clone(), apis[1].clone());
+    let reg_b = Api::new(&reg_url, Some(&tokens[1]));
+
+    // One Asia/Shanghai date for the whole test, passed as as_of: nothing
+    // flips when the Shanghai date turns during the run.
+    let as_of = shanghai_today();
+    let report_date = as_of - chrono::Duration::days(3);
+    let work = tempfile::tempdir().unwrap();
+    // A chest CT whose BodyPartExamined says HEAD (left over from the
+    // previous patient): the descriptions say chest, the classifier is not
+    // sure (needs_confirmation).
+    let ct = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "confirm-ct",
+        &["--resident-id", RID, "--set", "BodyPartExamined=HEAD"],
+    );
+    // A PET-CT: the chest CT's series as the attenuation CT of a PET study,
+    // and a PT series.
+    let pet = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "confirm-pet",
+        &[
+            "--resident-id",
+            RID,
+            "--set",
+            "StudyDescription=PET/CT 全身显像",
+            "--set",
+            "SeriesDescription=CTAC",
+        ],
+    );
+    let pet_pt = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "confirm-pet-pt",
+        &[
+            "--resident-id",
+            RID,
+            "--study-uid",
+            &pet.study_instance_uid,
+            "--limit",
+            "4",
+            "--set",
+            "Modality=PT",
+            "--set",
+            "StudyDescription=PET/CT 全身显像",
+            "--set",
+            "SeriesDescription=PET WB",
+            "--set",
+            "BodyPartExamined=WHOLEBODY",
+            "--set",
+            "ContrastBolusAgent=",
+        ],
+    );
+    let mut files = ct.files.clone();
+    files.extend(pet.files.iter().cloned());
+    files.extend(pet_pt.files.iter().cloned());
+    store(&nodes[1], &files).await;
+    for uid in [&ct.study_instance_uid, &pet.study_instance_uid] {
+        api_b
+            .ok(
+                "PUT",
+                &format!("/api/v1/studies/{uid}/report"),
+                Some(json!({"report_status": "final", "report_issued_date": ymd(report_date)})),
+            )
+            .await;
+        api_b
+            .ok(
+                "PUT",
+                &format!("/api/v1/studies/{uid}/qc"),
+                Some(json!({"qc_status": "passed"})),
+            )
+            .await;
+    }
+    let uid = ct.study_instance_uid.clone();
+    let before = reported_record(&reg_b, &uid).await;
+    assert_eq!(
+        before["record"]["items"][0]["code"], "CT-0301-03",
+        "{before}"
+    );
+    assert_eq!(
+        before["record"]["items"][0]["confidence"], "needs_confirmation",
+        "{before}"
+    );
+    reported_record(&reg_b, &pet.study_instance_uid).await;
+
+    let tomorrow =
+        humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(86400))
+            .to_string();
+    api_a
+        .ok("POST", "/api/v1/consents", Some(json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "method": "qr_code", "recorded_by": "dr.zhao", "state": "granted", "expires_at": tomorrow})))
+        .await;
+    let check = || {
+        let api_a = api_a.clone();
+        async move {
+            api_a
+                .ok(
+                    "POST",
+                    "/api/v1/recognition/check",
+                    Some(json!({
+                        "patient": {"identifier_type": "RID", "identifier": RID},
+                        "order": {"item_code": "CT-0301-01"}, "ordering_doctor": "dr.zhao",
+                        "encounter": "outpatient", "as_of": ymd(as_of),
+                    })),
+                )
+                .await
+        }
+    };
+    let reason_of = |answer: &Value, uid: &str| {
+        answer["not_counted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["study_instance_uid"] == uid)
+            .map(|p| p["reason"].clone())
+            .unwrap_or(Value::Null)
+    };
+    // Unconfirmed: no warning, shown with why. The PET-CT is another
+    // modality, never a CT warning nor a different region.
+    let first = check().await;
+    assert_eq!(first["outcome"], "no_warn", "{first}");
+    assert_eq!(reason_of(&first, &uid), "needs_confirmation", "{first}");
+    assert_eq!(
+        reason_of(&first, &pet.study_instance_uid),
+        "different_modality",
+        "{first}"
+    );
+
+    // B's radiologist sees the classifier's items with their evidence
+    // (values included: the hospital's own) and confirms them.
+    let seen = api_b
+        .ok("GET", &format!("/api/v1/studies/{uid}/recognition"), None)
+        .await;
+    let item = &seen["classification"]["items"][0];
+    assert_eq!(item["code"], "CT-0301-03", "{seen}");
+    assert_eq!(item["confidence"], "needs_confirmation");
+    assert!(
+        item["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["attribute"] == "BodyPartExamined" && e["value"] == "HEAD")
+            || item["doubts"].to_string().contains("body_part"),
+        "{seen}"
+    );
+    assert!(seen["confirmation"].is_null());
+    // Refused: an item not in the list; a side on an item without one.
+    let (status, _) = api_b
+        .call(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/confirmation"),
+            Some(json!({"role": "radiologist", "user_id": "rad.sun", "items": [{"code": "NOPE"}]})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = api_b
+        .call(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/confirmation"),
+            Some(json!({"role": "radiologist", "user_id": "rad.sun",
+                        "items": [{"code": "CT-0301-03", "laterality": "L"}]})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let confirmed = api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/confirmation"),
+            Some(json!({"role": "radiologist", "user_id": "rad.sun",
+                        "items": [{"code": "CT-0301-03"}]})),
+        )
+        .await;
+    assert_eq!(confirmed["confirmation"]["corrected"], false, "{confirmed}");
+    let version = before["record"]["record_version"].as_i64().unwrap();
+    let after = wait_record(&reg_b, HOSP_B, &uid, version + 1).await;
+    let items = &after["record"]["items"];
+    assert_eq!(items[0]["code"], "CT-0301-03", "{after}");
+    assert_eq!(items[0]["confidence"], "certain", "{after}");
+    assert_eq!(items[0]["confirmed_by"], "radiologist", "{after}");
+    assert!(
+        !after.to_string().contains("rad.sun"),
+        "the registry sees a role, never a name: {after}"
+    );
+
+    // A now warns, citing it; the two dates named.
+    let warn = check().await;
+    assert_eq!(warn["outcome"], "warn", "{warn}");
+    let cited = &warn["cited"];
+    assert_eq!(cited["study_instance_uid"], uid.as_str());
+    assert_eq!(cited["study_date"], "2024-03-14");
+    let study_date = chrono::NaiveDate::from_ymd_opt(2024, 3, 14).unwrap();
+    assert_eq!(
+        cited["days_ago"],
+        (as_of - study_date).num_days(),
+        "{cited}"
+    );
+    assert_eq!(cited["days_since_window_from"], 3, "{cited}");
+    assert_eq!(cited["window_basis"], "report_issued_date");
+    assert_eq!(
+        reason_of(&warn, &pet.study_instance_uid),
+        "different_modality"
+    );
+
+    // A correction is counted per hospital: the PET-CT corrected to no item.
+    let corrected = api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{}/confirmation", pet.study_instance_uid),
+            Some(json!({"role": "technologist", "user_id": "tech.wu", "items": []})),
+        )
+        .await;
+    assert_eq!(corrected["confirmation"]["corrected"], true, "{corrected}");
+    let counts = api_b
+        .ok("GET", "/api/v1/recognition/confirmations", None)
+        .await;
+    assert_eq!(counts["confirmed"], 1, "{counts}");
+    assert_eq!(counts["corrected"], 1, "{counts}");
+    assert_eq!(counts["hospital_id"], HOSP_B);
+
+    // The images cannot be retrieved any more: B says so, A stops warning.
+    api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/images-available"),
+            Some(json!({"images_available": false, "reason": "archive media unreadable"})),
+        )
+        .await;
+    let version = after["record"]["record_version"].as_i64().unwrap();
+    let gone = wait_record(&reg_b, HOSP_B, &uid, version + 1).await;
+    assert_eq!(gone["record"]["images_available"], false, "{gone}");
+    let no_images = check().await;
+    assert_eq!(no_images["outcome"], "no_warn", "{no_images}");
+    assert_eq!(reason_of(&no_images, &uid), "images_unavailable");
+    api_b
+        .ok(
+            "PUT",
+            &format!("/api/v1/studies/{uid}/images-available"),
+            Some(json!({"images_available": true})),
+        )
+        .await;
+    wait_record(&reg_b, HOSP_B, &uid, version + 2).await;
+    assert_eq!(check().await["outcome"], "warn");
+
+    Contract::load().check_all(&recorder.all(), &["node-confirmation"]);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// B's record of `uid` at the registry once it carries the final report and
+/// the passed QC.
+async fn reported_record(reg_b: &Api, uid: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(r) = crate::region::record_at(reg_b, HOSP_B, uid).await
+            && r["record"]["qc_status"] == "passed"
+            && r["record"]["report_status"] == "final"
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for the reported record {uid}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

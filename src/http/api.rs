@@ -51,6 +51,9 @@ pub enum ApiError {
     /// 502: a peer's study failed verification; nothing unverified kept.
     #[error("integrity: {0}")]
     Integrity(String),
+    /// 409: the study has not been classified yet: nothing to confirm.
+    #[error("the study has not been classified yet")]
+    NotClassified,
     /// 503: no recognition list is active yet (none pulled, none configured).
     #[error("no recognition list is active yet")]
     NoList,
@@ -99,6 +102,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ApiError::NoRegion => (StatusCode::CONFLICT, "no-region"),
+            ApiError::NotClassified => (StatusCode::CONFLICT, "not-classified"),
             ApiError::NoList => (StatusCode::SERVICE_UNAVAILABLE, "no-recognition-list"),
             ApiError::Registry(_) => (StatusCode::BAD_GATEWAY, "registry-refused"),
             ApiError::Integrity(_) => (StatusCode::BAD_GATEWAY, "integrity"),
@@ -143,6 +147,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(recognition_statistics),
         )
         .route("/api/v1/recognition/list", get(recognition_list))
+        .merge(confirmation_routes())
         .with_state(state)
 }
 
@@ -677,4 +682,104 @@ async fn peer_audit(
         }));
     }
     Ok(Json(serde_json::json!({ "entries": entries })))
+}
+
+// ------------------------------------------------- confirmation at the source
+
+/// Issue 17: the classifier's items for a study with their evidence, the
+/// hospital's confirmation or correction, the confirmations counted, and
+/// the operator's mark that a study's images cannot be retrieved.
+fn confirmation_routes() -> Router<Arc<ApiState>> {
+    Router::new()
+        .route(
+            "/api/v1/studies/{study_instance_uid}/recognition",
+            get(study_recognition),
+        )
+        .route(
+            "/api/v1/studies/{study_instance_uid}/confirmation",
+            put(put_confirmation),
+        )
+        .route(
+            "/api/v1/studies/{study_instance_uid}/images-available",
+            put(put_images_available),
+        )
+        .route(
+            "/api/v1/recognition/confirmations",
+            get(confirmation_counts),
+        )
+}
+
+impl From<crate::confirm::Error> for ApiError {
+    fn from(e: crate::confirm::Error) -> Self {
+        use crate::confirm::Error as E;
+        match e {
+            E::Invalid(m) => ApiError::BadRequest(m),
+            E::NotFound => ApiError::NotFound("study"),
+            E::NotClassified => ApiError::NotClassified,
+            E::Index(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+async fn study_recognition(
+    State(state): State<Arc<ApiState>>,
+    Path(uid): Path<String>,
+) -> Result<Json<crate::confirm::StudyRecognition>, ApiError> {
+    let uid = study_uid(&uid)?;
+    let region = region(&state)?;
+    Ok(Json(crate::confirm::study_recognition(region, &uid).await?))
+}
+
+async fn put_confirmation(
+    State(state): State<Arc<ApiState>>,
+    Path(uid): Path<String>,
+    Body(request): Body<crate::confirm::ConfirmationRequest>,
+) -> Result<Json<crate::confirm::StudyRecognition>, ApiError> {
+    let uid = study_uid(&uid)?;
+    let region = region(&state)?;
+    crate::confirm::confirm(region, &uid, &request).await?;
+    Ok(Json(crate::confirm::study_recognition(region, &uid).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImagesAvailable {
+    images_available: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn put_images_available(
+    State(state): State<Arc<ApiState>>,
+    Path(uid): Path<String>,
+    Body(change): Body<ImagesAvailable>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let uid = study_uid(&uid)?;
+    let region = region(&state)?;
+    if change.reason.len() > 500 {
+        return Err(ApiError::BadRequest(
+            "reason is limited to 500 bytes".into(),
+        ));
+    }
+    crate::confirm::set_images_available(
+        region,
+        &uid,
+        change.images_available,
+        change.reason.trim(),
+    )
+    .await?;
+    Ok(Json(serde_json::json!({
+        "study_instance_uid": uid, "images_available": change.images_available,
+    })))
+}
+
+async fn confirmation_counts(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let region = region(&state)?;
+    let (confirmed, corrected) = crate::confirm::counts(region).await?;
+    Ok(Json(serde_json::json!({
+        "hospital_id": region.config().hospital_id,
+        "confirmed": confirmed, "corrected": corrected,
+    })))
 }

@@ -67,7 +67,13 @@ pub struct PriorView {
     pub window_from: Option<String>,
     /// `report_issued_date`, or `study_date` where no report date is known.
     pub window_basis: &'static str,
+    /// Calendar days (Asia/Shanghai) since the study date: when the exam
+    /// was done (recognition-facts.md, "Rules huren keeps").
     pub days_ago: Option<i64>,
+    /// Calendar days since `window_from`: what the validity window is
+    /// measured with. A study done two years ago whose report was issued
+    /// today is 730 days ago and 0 days into its window.
+    pub days_since_window_from: Option<i64>,
     pub window_days: i64,
     pub item_code: Option<String>,
     pub item_name_zh: Option<String>,
@@ -190,6 +196,35 @@ pub fn today_in_shanghai() -> NaiveDate {
     (chrono::Utc::now() + chrono::Duration::hours(8)).date_naive()
 }
 
+/// The modalities of a prior as an exam: its items' where it has items;
+/// else its series' modalities, where the CT or MR series of a study with a
+/// PT series are the PET exam's (classification rule 7), not exams of
+/// their own.
+fn exam_modalities(list: &RecognitionList, r: &StudyRecord) -> Vec<String> {
+    let of_items: Vec<String> = r
+        .items
+        .iter()
+        .filter_map(|i| list.item(&i.code))
+        .map(|i| i.modality.clone())
+        .collect();
+    if !r.items.is_empty() {
+        return of_items;
+    }
+    let pet = r.modalities.iter().any(|m| m.eq_ignore_ascii_case("PT"));
+    r.modalities
+        .iter()
+        .map(|m| {
+            if pet && (m.eq_ignore_ascii_case("CT") || m.eq_ignore_ascii_case("PT")) {
+                "PET-CT".to_string()
+            } else if pet && m.eq_ignore_ascii_case("MR") {
+                "PET-MR".to_string()
+            } else {
+                m.clone()
+            }
+        })
+        .collect()
+}
+
 pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
     let list = input.list;
     let ordered = input.order.item(list)?;
@@ -226,12 +261,15 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
             Some(d) => (Some(d), "report_issued_date"),
             None => (date(&r.study_date), "study_date"),
         };
-        let days_ago = from.map(|d| (input.as_of - d).num_days());
+        // Two dates, two meanings: "days ago" is when the exam was done;
+        // the window counts from the report (recognition-facts.md).
+        let days_since_window_from = from.map(|d| (input.as_of - d).num_days());
+        let days_ago = date(&r.study_date).map(|d| (input.as_of - d).num_days());
         // The item of the prior that satisfies the order, if any: a
         // certain one first (only certain items may warn; an item without
         // a confidence comes from a node that predates it).
         let unconfirmed = |i: &crate::contract::RecordItem| {
-            i.confidence == Some(ItemConfidence::NeedsConfirmation)
+            i.confidence == Some(ItemConfidence::NeedsConfirmation) && i.confirmed_by.is_none()
         };
         let satisfying = r
             .items
@@ -252,6 +290,7 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
             window_from: from.map(|d| d.format("%Y-%m-%d").to_string()),
             window_basis: basis,
             days_ago,
+            days_since_window_from,
             window_days: ordered.window_days,
             item_code: shown_item.map(|i| i.code.clone()),
             item_name_zh: shown_item.map(|i| i.name_zh.clone()),
@@ -288,7 +327,7 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
                 Some(NotCounted::DifferentLaterality)
             } else if !ordered_projections.iter().all(|p| views.contains(p)) {
                 Some(NotCounted::ViewNotSatisfied)
-            } else if days_ago.is_none_or(|d| d > ordered.window_days || d < 0) {
+            } else if days_since_window_from.is_none_or(|d| d > ordered.window_days || d < 0) {
                 Some(NotCounted::OutOfWindow)
             } else {
                 let eligibility = match &prior.hospital {
@@ -308,13 +347,9 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
                     None
                 }
             }
-        } else if !r.modalities.iter().any(|m| same_modality(m))
-            && !r
-                .items
-                .iter()
-                .filter_map(|i| list.item(&i.code))
-                .any(|i| same_modality(&i.modality))
-        {
+        } else if !exam_modalities(list, r).iter().any(|m| same_modality(m)) {
+            // Items, not series modalities: a PET-CT's CT series do not make
+            // it a CT exam (recognition-facts.md, "Rules huren keeps").
             Some(NotCounted::DifferentModality)
         } else if r.items.is_empty() {
             Some(NotCounted::PriorUnclassified)
@@ -396,6 +431,7 @@ mod tests {
             } else {
                 let (code, side) = item.split_once(':').unwrap_or((item, ""));
                 vec![RecordItem {
+                    confirmed_by: None,
                     confidence: None,
                     evidence: Vec::new(),
                     view_positions: Vec::new(),
@@ -856,6 +892,30 @@ mod tests {
                 "",
             )
         });
+        // Items, not series modalities: a PET-CT holds CT series, and is
+        // not a CT exam (issue 17 section 3).
+        let petct = |r: StudyRecord| with(r, &|r| r.modalities = vec!["CT".into(), "PT".into()]);
+        cases.push(case(
+            "PET-CT prior for a chest CT order",
+            "CT-03-01",
+            &a,
+            vec![prior(&b, petct(record("p", "PETCT-01", day("2026-02-20"))))],
+            "no_warn - different_modality",
+        ));
+        cases.push(case(
+            "unclassified PT + CT study for a chest CT order",
+            "CT-03-01",
+            &a,
+            vec![prior(&b, petct(record("p", "", day("2026-02-20"))))],
+            "no_warn - different_modality",
+        ));
+        cases.push(case(
+            "unclassified CT study for a chest CT order",
+            "CT-03-01",
+            &a,
+            vec![prior(&b, record("p", "", day("2026-02-20")))],
+            "no_warn - prior_unclassified",
+        ));
         // Only certain items warn: an unconfirmed one is shown, with why.
         let unconfirmed = |r: StudyRecord| {
             with(r, &|r| {
@@ -917,6 +977,33 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn days_ago_from_the_study_the_window_from_the_report() {
+        let list = test_list();
+        let a = hospital("A", Level::TertiaryA, &[]);
+        let b = hospital("B", Level::SecondaryA, &[]);
+        // Done two years ago, reported today.
+        let mut r = record("s1", "CT-03-01", Some("2026-03-01"));
+        r.study_date = Some("2024-03-01".into());
+        let priors = [prior(&b, r)];
+        let got = check(&CheckInput {
+            list: &list,
+            order: &order("CT-03-01"),
+            ordering_hospital: &a,
+            priors: &priors,
+            withheld_count: 0,
+            as_of: NaiveDate::from_ymd_opt(2026, 3, 1).unwrap(),
+            encounter: Encounter::Outpatient,
+            identity_verified: true,
+        })
+        .unwrap();
+        let cited = got.cited.expect("within the window of its report");
+        assert_eq!(cited.days_ago, Some(730));
+        assert_eq!(cited.days_since_window_from, Some(0));
+        assert_eq!(cited.window_basis, "report_issued_date");
+        assert_eq!(cited.window_from.as_deref(), Some("2026-03-01"));
     }
 
     #[test]

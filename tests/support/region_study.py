@@ -6,6 +6,7 @@ put it there.
     region_study.py --syntax FILE...      (the files' transfer syntaxes)
     region_study.py SRC_DIR OUT_DIR SEED [--resident-id N] [--issuer I]
                     [--patient-id P] [--limit K] [--study-uid U]
+                    [--set Keyword=Value]...
 
 Prints one JSON line: {"study_instance_uid": ..., "files": [...],
 "patient_id", "patient_name", "patient_birth_date"} (the last three so that
@@ -45,6 +46,13 @@ def main():
     ap.add_argument("--patient-id")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--study-uid", help="add to this study instead of a new one")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="Keyword=Value on every file (Keyword= removes it); "
+        "Keyword@N=Value on the N-th file (0-based) only",
+    )
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,6 +76,16 @@ def main():
             item.IssuerOfPatientID = a.issuer
             item.TypeOfPatientID = "TEXT"
             ds.OtherPatientIDsSequence = Sequence([item])
+        for setting in a.set:
+            key, value = setting.split("=", 1)
+            if "@" in key:
+                key, n = key.split("@", 1)
+                if int(n) != i:
+                    continue
+            if value == "" and key in ds:
+                delattr(ds, key)
+            elif value != "":
+                setattr(ds, key, value)
         phi = {
             "patient_id": str(ds.PatientID),
             "patient_name": str(ds.PatientName),

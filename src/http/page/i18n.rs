@@ -286,6 +286,67 @@ const STRINGS: &[(&str, &str, &str)] = &[
     ("study_date", "检查日期", "Study date"),
     ("report_date", "报告日期", "Report issued"),
     ("days_ago", "距今", "Days ago"),
+    // Confirmation at the source (issue 17 section 2).
+    (
+        "recognition_title",
+        "互认项目（本院确认）",
+        "Recognition items (confirmed here)",
+    ),
+    ("confidence_certain", "确定", "certain"),
+    (
+        "confidence_needs_confirmation",
+        "待确认",
+        "needs confirmation",
+    ),
+    ("evidence_attribute", "依据", "Attribute"),
+    ("evidence_value", "值", "Value"),
+    ("evidence_where", "来源", "Where"),
+    ("evidence_images", "幅图像", "images"),
+    (
+        "no_classified_item",
+        "未识别出互认项目",
+        "No recognition item found",
+    ),
+    (
+        "confirm_hint",
+        "请核对检查实际所做的项目：确认或改选后重新发布，确认的项目可用于互认提示。",
+        "Check what the exam was: confirm or choose other items; the record is published again and confirmed items may give a warning.",
+    ),
+    ("confirm_role", "确认人角色", "Confirmed as"),
+    ("role_radiologist", "诊断医师", "Radiologist"),
+    ("role_technologist", "技师", "Technologist"),
+    ("confirm_choose_items", "改选项目", "Choose other items"),
+    ("confirm_submit", "确认项目", "Confirm items"),
+    (
+        "confirmed_by_radiologist",
+        "已由诊断医师确认",
+        "Confirmed by a radiologist",
+    ),
+    (
+        "confirmed_by_technologist",
+        "已由技师确认",
+        "Confirmed by a technologist",
+    ),
+    ("corrected", "已改选", "corrected"),
+    (
+        "confirmation_lapsed",
+        "确认后图像已变化，请重新确认",
+        "The images changed after the confirmation: confirm again",
+    ),
+    (
+        "confirm_role_missing",
+        "请选择确认人角色",
+        "Choose who confirms (role)",
+    ),
+    (
+        "not_classified",
+        "该检查尚未完成识别",
+        "The study has not been classified yet",
+    ),
+    // Two dates, two meanings (issue 17): the exam's age from the study
+    // date, the window from the report date.
+    ("done_days_ago", "{n} 天前检查", "done {n} days ago"),
+    ("window_elapsed", "已过 {n} 天", "{n} days elapsed"),
     ("days", "{n} 天", "{n} days"),
     ("window", "互认有效期", "Recognition window"),
     (

@@ -95,6 +95,7 @@ pub fn router(state: &Arc<AppState>) -> Router {
         .route("/ui/check", post(check))
         .route("/ui/decision", post(decision))
         .route("/ui/studies/{uid}", get(study_page))
+        .route("/ui/studies/{uid}/confirm", post(confirm_items))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(page)
@@ -1345,12 +1346,14 @@ async fn study_page(
             )
             .await?;
         crate::audit::study_viewed(&user_id, &state.index, &uid);
+        let recognition = recognition_context(region, page.lang, list.as_deref(), &uid).await;
         return Ok(state
             .render(
                 &page,
                 StatusCode::OK,
                 "study.html",
-                json!({"study": study, "series": series}),
+                json!({"study": study, "series": series, "recognition": recognition,
+                       "csrf": page.user()?.csrf_token}),
             )
             .await);
     }
@@ -1399,6 +1402,182 @@ async fn study_page(
     Ok(state
         .render(&page, status, "study.html", json!({"elsewhere": elsewhere}))
         .await)
+}
+
+// ------------------------------------------------- confirmation at the source
+
+/// The classifier's items of a local study with their evidence, the
+/// confirmation, and the list's items to choose from (issue 17 section 2):
+/// for the hospital's own technologists and radiologists.
+async fn recognition_context(
+    region: &Region,
+    lang: Lang,
+    list: Option<&RecognitionList>,
+    uid: &str,
+) -> Value {
+    let (Some(list), Ok(r)) = (list, crate::confirm::study_recognition(region, uid).await) else {
+        return Value::Null;
+    };
+    let name = |code: &str| {
+        list.item(code)
+            .map(|i| item_name(lang, &i.name_zh, &i.name_en))
+            .unwrap_or_else(|| code.to_string())
+    };
+    let side = |l: &Value| l.as_str().map(str::to_string);
+    let choice = |code: &str, l: Option<String>| match l {
+        Some(l) => format!("{code}:{l}"),
+        None => code.to_string(),
+    };
+    let classified: Vec<Value> = r
+        .classification
+        .as_ref()
+        .and_then(|c| c["items"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|i| {
+            let code = i["code"].as_str().unwrap_or("");
+            json!({
+                "code": code, "name": name(code), "laterality": i["laterality"],
+                "confidence": i["confidence"], "doubts": i["doubts"],
+                "evidence": i["evidence"],
+            })
+        })
+        .collect();
+    // Checked: the confirmation's items where one holds, else the
+    // classifier's.
+    let checked: BTreeSet<String> = match &r.confirmation {
+        Some(c) if !c.lapsed => c
+            .items
+            .iter()
+            .map(|i| {
+                choice(
+                    &i.code,
+                    i.laterality
+                        .and_then(|l| serde_json::to_value(l).ok())
+                        .and_then(|v| side(&v)),
+                )
+            })
+            .collect(),
+        _ => classified
+            .iter()
+            .map(|i| choice(i["code"].as_str().unwrap_or(""), side(&i["laterality"])))
+            .collect(),
+    };
+    let mut choices = Vec::new();
+    for item in &list.items {
+        let sides: &[Option<&str>] = match item.laterality {
+            LateralityRule::None => &[None],
+            LateralityRule::Required => &[Some("L"), Some("R"), Some("B")],
+            LateralityRule::Both => &[Some("B")],
+        };
+        for l in sides {
+            let value = choice(&item.code, l.map(str::to_string));
+            choices.push(json!({
+                "value": value, "code": item.code, "side": l,
+                "name": item_name(lang, &item.name_zh, &item.name_en),
+                "checked": checked.contains(&value),
+            }));
+        }
+    }
+    json!({
+        "classified": classified,
+        "unclassified": r.classification.as_ref().map(|c| c["unclassified"].clone()),
+        "confirmation": r.confirmation,
+        "images_available": r.images_available,
+        "record_version": r.record_version,
+        "choices": choices,
+    })
+}
+
+/// The hospital confirms or corrects a study's items: `item` is repeated
+/// (CODE, or CODE:L|R|B for an item with a side), `role` names who.
+async fn confirm_items(
+    State(state): State<Arc<PageState>>,
+    page: Page,
+    Path(raw): Path<String>,
+    body: Result<Form<Vec<(String, String)>>, FormRejection>,
+) -> Answer {
+    let region = state.need_region(&page).await?;
+    let fields = form(&state, &page, body).await?;
+    let field = |k: &str| {
+        fields
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    state.check_csrf(&page, field("csrf")).await?;
+    let user_id = page.user()?.user_id.clone();
+    let Ok(uid) = crate::types::Uid::parse(&raw) else {
+        return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
+    };
+    let uid = uid.as_str().to_string();
+    let Some(role) = crate::contract::ConfirmerRole::parse(field("role")) else {
+        return Err(state
+            .message(
+                &page,
+                StatusCode::BAD_REQUEST,
+                "error_title",
+                page.t("confirm_role_missing").to_string(),
+                None,
+            )
+            .await);
+    };
+    let mut items = Vec::new();
+    for (_, v) in fields.iter().filter(|(k, _)| k == "item") {
+        let (code, side) = v.split_once(':').unwrap_or((v.as_str(), ""));
+        let laterality = match side {
+            "" => None,
+            other => match serde_json::from_value::<Laterality>(json!(other)) {
+                Ok(l) => Some(l),
+                Err(_) => {
+                    return Err(state
+                        .error(&page, StatusCode::BAD_REQUEST, "bad_request")
+                        .await);
+                }
+            },
+        };
+        items.push(crate::publish::ConfirmedItem {
+            code: code.to_string(),
+            laterality,
+        });
+    }
+    let request = crate::confirm::ConfirmationRequest {
+        role,
+        user_id: user_id.clone(),
+        items,
+    };
+    let patient_key = match study_series(&state, &uid).await {
+        Ok((_, key)) => key,
+        Err(e) => return Err(state.unavailable(&page, "study", &e).await),
+    };
+    state
+        .audit(
+            &page,
+            "confirm_items",
+            patient_key.as_deref(),
+            &format!("study={uid} role={}", role.as_str()),
+        )
+        .await?;
+    match crate::confirm::confirm(region, &uid, &request).await {
+        Ok(_) => Ok(Redirect::to(&format!("/ui/studies/{uid}?confirmed=1")).into_response()),
+        Err(crate::confirm::Error::Invalid(m)) => Err(state
+            .message(&page, StatusCode::BAD_REQUEST, "error_title", m, None)
+            .await),
+        Err(crate::confirm::Error::NotFound) => {
+            Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await)
+        }
+        Err(crate::confirm::Error::NotClassified) => Err(state
+            .message(
+                &page,
+                StatusCode::CONFLICT,
+                "error_title",
+                page.t("not_classified").to_string(),
+                None,
+            )
+            .await),
+        Err(crate::confirm::Error::Index(e)) => Err(state.unavailable(&page, "confirm", &e).await),
+    }
 }
 
 /// A local study's series with their current instances, and its patient key.

@@ -20,6 +20,7 @@ mod recognition;
 mod recognition_table;
 mod region;
 mod security;
+mod security_node;
 mod storage_config;
 mod support;
 mod tls;

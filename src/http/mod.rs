@@ -60,6 +60,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.region.clone(),
             grant_access,
         ))
+        // Outermost but for the span: the refusals above get it too.
+        .layer(axum::middleware::map_response(no_store))
         // One span per request: errors logged while serving it carry its
         // method and path.
         .layer(
@@ -67,6 +69,18 @@ pub fn router(state: Arc<AppState>) -> Router {
                 tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
             ),
         )
+}
+
+/// DICOMweb answers, the JSON API and the page carry PHI (names, IDs,
+/// birth dates, images): no browser or proxy may keep a copy (issue 22).
+/// Health and metrics carry none, but one rule for every answer leaves no
+/// route forgotten.
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 /// A request admitted under a peer's registry grant.

@@ -65,9 +65,44 @@ where
                 } else {
                     status
                 };
-                Err(problem(status, kind, &rejection.body_text()))
+                Err(problem(status, kind, &rejection_text(&rejection)))
             }
         }
+    }
+}
+
+/// What a refused JSON body is told: the field, never its value (serde's
+/// own text quotes it: "invalid type: integer `3201…`" repeated an
+/// identifier, issue 22).
+fn rejection_text(rejection: &axum::extract::rejection::JsonRejection) -> String {
+    use axum::extract::rejection::JsonRejection;
+    match rejection {
+        JsonRejection::JsonDataError(e) => {
+            let text = e.body_text();
+            // axum: "Failed to deserialize …: {path}: {serde's message}".
+            let detail = text.split_once("target type: ").map_or("", |(_, d)| d);
+            let (path, message) = detail.split_once(": ").unwrap_or((".", detail));
+            let path_ok = path != "."
+                && path
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next())
+                .filter(|f| f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            match (path_ok, missing) {
+                (true, Some(field)) => format!("the JSON body lacks the field {path}.{field}"),
+                (false, Some(field)) => format!("the JSON body lacks the field {field}"),
+                (true, None) => format!(
+                    "the JSON body's field {path} has a value of the wrong type or form, or is unknown"
+                ),
+                (false, None) => {
+                    "the JSON body does not have the form this request takes".to_string()
+                }
+            }
+        }
+        JsonRejection::JsonSyntaxError(_) => "the body is not valid JSON".to_string(),
+        other => other.body_text(),
     }
 }
 

@@ -422,3 +422,79 @@ async fn phi_is_never_cached() {
         );
     }
 }
+
+/// Weakness 5: malformed input at the node is the client's error (400),
+/// and no answer repeats an identifier: a NUL in a UID of the path, a UID
+/// that is not one, an impossible date or time, a NUL as PatientName, a
+/// JSON body with an identifier of the wrong type, a peer fetch of a
+/// malformed UID; an offset past 2^63 finds nothing (it wrapped to "no
+/// offset" and returned everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_refused_without_echo() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_token(dir.path(), "");
+    let node = Node::start(dir.path(), &["--config", &config], &[]);
+    let s = sample("1.2.840.10008.1.2.1");
+    store_sample(node.dicom, &s).await;
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        let client = client.clone();
+        let url = node.url(&path);
+        async move {
+            let r = client.get(url).bearer_auth(TOKEN).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let study = &s.study_instance_uid;
+    for path in [
+        format!("/dicom-web/studies/{study}%00/series"),
+        format!("/dicom-web/studies/{study}%00/metadata"),
+        "/dicom-web/studies/1.2.840.99887766abc/series".to_string(),
+        "/dicom-web/studies?StudyDate=20240230".to_string(),
+        "/dicom-web/studies?StudyDate=20240101-20240231".to_string(),
+        "/dicom-web/studies?StudyTime=250000".to_string(),
+        "/dicom-web/studies?PatientName=%00".to_string(),
+        "/dicom-web/studies?PatientName=%00*".to_string(),
+        "/dicom-web/studies?StudyInstanceUID=1.2.840.99887766*".to_string(),
+    ] {
+        let (status, body) = get(path.clone()).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(!body.contains("99887766"), "{path}: {body}");
+    }
+    let (status, body) = get("/dicom-web/studies?offset=18446744073709551615".into()).await;
+    assert!(
+        status == 204 || (status == 200 && body.trim() == "[]"),
+        "{status}: {body}"
+    );
+    let (status, body) = get("/dicom-web/studies?offset=0".into()).await;
+    assert_eq!(status, 200, "{body}");
+
+    let post = |path: &str, body: serde_json::Value| {
+        client
+            .post(node.url(path))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+    };
+    let r = post(
+        "/api/v1/patient-identifiers",
+        serde_json::json!({"patient_id": "P1", "issuer_of_patient_id": "",
+            "identifier_type": "RID", "identifier": 320101199001011234u64}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("3201011990"), "{body}");
+    assert!(body.contains("identifier"), "names the field: {body}");
+    let r = post(
+        "/api/v1/peer/fetch",
+        serde_json::json!({"hospital_id": "HOSPB0000000000002",
+            "study_instance_uid": "1.2.840.99887766\u{0}", "purpose": "treatment",
+            "user_id": "dr.li"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(!r.text().await.unwrap().contains("99887766"));
+}

@@ -60,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.region.clone(),
             grant_access,
         ))
+        .layer(axum::middleware::from_fn(no_control_characters))
         // Outermost but for the span: the refusals above get it too.
         .layer(axum::middleware::map_response(no_store))
         // One span per request: errors logged while serving it carry its
@@ -81,6 +82,34 @@ async fn no_store(mut response: axum::response::Response) -> axum::response::Res
         axum::http::HeaderValue::from_static("no-store"),
     );
     response
+}
+
+/// A control character (a NUL, a newline) has no place in a UID, a
+/// keyword or a search value: percent-encoded in the path or the query it
+/// is refused here, once for every route (PS3.18 8.1; issue 22: a NUL in
+/// a UID was answered 502, a NUL as PatientName matched everyone).
+async fn no_control_characters(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let uri = request.uri();
+    let encoded_control = |s: &str| {
+        s.as_bytes().windows(3).any(|w| {
+            w[0] == b'%'
+                && matches!(
+                    (w[1].to_ascii_lowercase(), w[2].to_ascii_lowercase()),
+                    (b'0' | b'1', b'0'..=b'9' | b'a'..=b'f') | (b'7', b'f')
+                )
+        })
+    };
+    if encoded_control(uri.path()) || uri.query().is_some_and(encoded_control) {
+        return crate::common::problem(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "a control character (such as NUL) in the path or the query",
+        );
+    }
+    next.run(request).await
 }
 
 /// A request admitted under a peer's registry grant.

@@ -498,3 +498,58 @@ async fn malformed_input_is_refused_without_echo() {
     assert_eq!(r.status(), 400);
     assert!(!r.text().await.unwrap().contains("99887766"));
 }
+
+/// Weakness 3: refusals at the node's JSON API (401 without a token) and
+/// a forged registry grant are Security Alerts in the audit log, at most
+/// 20 a minute per caller; the rest are counted, and summarized in one
+/// alert (here when the node stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_audited_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_token(dir.path(), "");
+    let mut node = Node::start(dir.path(), &["--config", &config], &[]);
+    let client = reqwest::Client::new();
+    let r = client
+        .get(node.url("/dicom-web/studies/1.2.3/series"))
+        .bearer_auth("hg.forged.grant")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for _ in 0..30 {
+        let r = client
+            .delete(node.url("/api/v1/studies/1.2.3"))
+            .json(&serde_json::json!({"reason": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    node.stop();
+    let log = std::fs::read_to_string(dir.path().join("data/audit.log")).unwrap();
+    let alerts: Vec<&str> = log.lines().filter(|l| l.contains("\"110113\"")).collect();
+    assert_eq!(alerts.len(), 21, "20 one by one, one summary:\n{log}");
+    assert!(
+        alerts[0].contains("hg") || alerts[0].contains("grant"),
+        "{}",
+        alerts[0]
+    );
+    assert!(
+        alerts.iter().any(|a| a.contains("/api/v1/studies/1.2.3")),
+        "the API's refusals"
+    );
+    // The Alert Description, base64 as PS3.15's ParticipantObjectDetail.
+    let summary = alerts.last().unwrap();
+    let detail = summary
+        .split("type=\"Alert Description\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    let detail =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, detail).unwrap();
+    let detail = String::from_utf8(detail).unwrap();
+    assert!(
+        detail.starts_with("11 further refused requests"),
+        "31 refused, 20 audited: {detail}"
+    );
+}

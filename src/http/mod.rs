@@ -48,7 +48,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 state.region.clone(),
             ),
         ))
-        .merge(api_router(&state))
+        .merge(audit::api_layer(
+            &state.audit,
+            &state.dicomweb,
+            state.ingest.index(),
+            api_router(&state),
+        ))
         .merge(audit::page_layer(
             &state.audit,
             state.ingest.index(),
@@ -57,7 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // A peer node presenting a registry grant may GET the study the
         // grant names (its manifest and its instances), and nothing else.
         .layer(axum::middleware::from_fn_with_state(
-            state.region.clone(),
+            (state.region.clone(), state.audit.clone()),
             grant_access,
         ))
         .layer(axum::middleware::from_fn(no_control_characters))
@@ -116,8 +121,10 @@ async fn no_control_characters(
 #[derive(Clone)]
 pub struct GrantAccess(pub crate::contract::GrantConfirmed);
 
+/// Every refusal here is audited (Security Alert), within the audit's
+/// per-caller bound: a forged or expired grant leaves a trace.
 async fn grant_access(
-    State(region): State<Option<Arc<crate::publish::Region>>>,
+    State((region, audit_sink)): State<(Option<Arc<crate::publish::Region>>, crate::audit::Audit)>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -129,20 +136,37 @@ async fn grant_access(
         .map(|t| t.trim().to_string())
         .filter(|t| t.starts_with("hg."));
     if let Some(token) = token {
+        use crate::audit::Refusal;
         use crate::common::problem;
         let Some(region) = region else {
-            return problem(
+            let response = problem(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "this node takes no grants",
             );
+            return audit::grant_refused(
+                &audit_sink,
+                &audit::who_and_what(&request),
+                Refusal::Unauthenticated,
+                "registry grant presented to a node outside the region (401)",
+                response,
+            )
+            .await;
         };
         let Some(grant) = crate::peer::verify_grant(&region, &token).await else {
-            return problem(
+            let response = problem(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "the grant is not valid for this hospital (expired, unknown, or for another)",
             );
+            return audit::grant_refused(
+                &audit_sink,
+                &audit::who_and_what(&request),
+                Refusal::Unauthenticated,
+                "registry grant not confirmed: forged, expired, revoked or for another hospital (401)",
+                response,
+            )
+            .await;
         };
         let path = request.uri().path();
         let study = path
@@ -153,11 +177,19 @@ async fn grant_access(
             && study == Some(grant.study_instance_uid.as_str())
             && (path.starts_with("/dicom-web/") || path.ends_with("/manifest"));
         if !allowed {
-            return problem(
+            let response = problem(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "a grant admits GET of its own study only",
             );
+            return audit::grant_refused(
+                &audit_sink,
+                &audit::who_and_what(&request),
+                Refusal::Forbidden,
+                "registry grant used outside its study (403)",
+                response,
+            )
+            .await;
         }
         request.extensions_mut().insert(GrantAccess(grant));
     }

@@ -553,3 +553,68 @@ async fn refusals_are_audited_within_a_bound() {
         "31 refused, 20 audited: {detail}"
     );
 }
+
+/// Weakness 2: the page's sign-in is throttled per account (after 5
+/// failures) and per address (after 20, whatever the accounts): the next
+/// attempt is 429 with Retry-After and a message, even with the right
+/// password, and each such refusal is a User Authentication failure in
+/// the audit log (Serious, told apart from a wrong password's Minor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_is_throttled_per_account_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token_file, secret_file) = (dir.path().join("reg.token"), dir.path().join("secret"));
+    std::fs::write(&token_file, "registry-token-never-used").unwrap();
+    std::fs::write(&secret_file, crate::region::SECRET).unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(HUREN)
+        .args(["user", "add", "--data-dir"])
+        .arg(&data)
+        .args(["dr.wang", "--name", "王医生"])
+        .env("HUREN_USER_PASSWORD", "correct-horse-battery")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", support::text(&out));
+    // The page needs the node to be in a region; no registry answers here.
+    let region = [
+        ("HUREN_REGISTRY_URL", "http://127.0.0.1:1"),
+        ("HUREN_HOSPITAL_ID", "HOSPA0000000000001"),
+        ("HUREN_REGISTRY_TOKEN_FILE", token_file.to_str().unwrap()),
+        ("HUREN_REGION_SECRET_FILE", secret_file.to_str().unwrap()),
+        ("HUREN_IDENTIFIER_ISSUERS", "RESIDENT_ID=RID"),
+    ];
+    let mut node = Node::start(dir.path(), &[], &region);
+    let base = node.url("");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let sign_in = |user: &'static str, password: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move { crate::page::sign_in(&http, &base, user, password).await }
+    };
+    for _ in 0..5 {
+        assert_eq!(sign_in("dr.wang", "wrong-password").await.0, 401);
+    }
+    let (status, session, _, body) = sign_in("dr.wang", "correct-horse-battery").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(session.is_none());
+    assert!(body.contains("分钟"), "says when to try again: {body}");
+    for user in [
+        "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9", "a10", "a11", "a12", "a13", "a14",
+        "a15",
+    ] {
+        assert_eq!(sign_in(user, "wrong-password").await.0, 401, "{user}");
+    }
+    let (status, _, _, body) = sign_in("dr.zhou", "any-password").await;
+    assert_eq!(status, 429, "the address waits too: {body}");
+    node.stop();
+    let log = std::fs::read_to_string(data.join("audit.log")).unwrap();
+    let authentication = |outcome: &str| {
+        log.lines()
+            .filter(|l| l.contains("\"110114\""))
+            .filter(|l| l.contains(&format!("EventOutcomeIndicator=\"{outcome}\"")))
+            .count()
+    };
+    assert_eq!(authentication("4"), 20, "wrong passwords");
+    assert_eq!(authentication("8"), 2, "throttled attempts");
+}

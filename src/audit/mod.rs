@@ -1144,6 +1144,36 @@ pub fn user_authentication(user_id: &str, login: bool, success: bool) {
     });
 }
 
+/// Hook (page sign-in): an attempt refused by the throttle, before its
+/// password was checked: User Authentication, Login, a Serious failure
+/// (told apart from a wrong password, a Minor one), naming the user ID
+/// tried and how long the account or address must still wait.
+pub fn sign_in_throttled(user_id: &str, wait: Duration) {
+    with_scope(|s| {
+        let audit = s.audit.clone();
+        let mut m = audit.message(
+            event::USER_AUTHENTICATION,
+            Action::Execute,
+            Outcome::SeriousFailure,
+            vec![event_type::LOGIN],
+        );
+        m.outcome_description = Some(format!(
+            "sign-in refused without checking the password: too many failed sign-ins for \
+             this user ID or from this address ({} s left)",
+            wait.as_secs()
+        ));
+        let user: String = user_id.trim().chars().take(64).collect();
+        s.requestor = Requestor::Http { user };
+        let mut person = s.requestor(true, None);
+        if person.network_access_point.is_none() {
+            person.network_access_point = Some(("unknown".into(), AccessPoint::MachineName));
+        }
+        m.participants.push(person);
+        m.participants.push(audit.node(false, None));
+        audit.emit(&m);
+    });
+}
+
 /// Hook (page): a doctor opened a patient's prior exams: Query (A.5.3.10)
 /// for the page's timeline, naming the patient (an extension: the page
 /// asks about one patient, which an auditor wants to see).

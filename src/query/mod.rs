@@ -1334,7 +1334,8 @@ mod tests {
             (tags::STUDY_TIME, "-2400", false),
         ];
         for (tag, value, ok) in cases {
-            assert_eq!(cond(tag, value).is_ok(), ok, "{value}");
+            let parsed = parse_condition(attribute(tag).unwrap(), value);
+            assert_eq!(parsed.is_ok(), ok, "{value}");
         }
     }
 

@@ -214,10 +214,13 @@ impl RemoteAe {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum QueryRetrieveAccess {
-    /// Any calling AE the association policy admits (the default: a
-    /// hospital network where the AE allow-list is the gate).
+    /// Any calling AE the association policy admits: a closed network
+    /// where `allowed_calling_ae_titles` is the gate.
     Any,
-    /// Only AEs in the AE directory with `may_query` / `may_retrieve`.
+    /// Only AEs in the AE directory with `may_query` / `may_retrieve`: the
+    /// default (issue 22), as Orthanc's: storing stays open to what the
+    /// association policy admits, but a stranger's C-FIND would list every
+    /// patient and its C-GET take their images.
     Listed,
 }
 
@@ -497,7 +500,7 @@ pub struct NodeArgs {
     pub allowed_calling_ae_titles: Option<Vec<String>>,
 
     /// Who may query and retrieve: `any` admitted calling AE, or only
-    /// `listed` AEs of the AE directory [default: any]
+    /// `listed` AEs of the AE directory [default: listed]
     #[arg(long, env = "HUREN_QUERY_RETRIEVE_ACCESS", value_enum)]
     pub query_retrieve_access: Option<QueryRetrieveAccess>,
 
@@ -754,7 +757,7 @@ impl NodeConfig {
             require_called_ae_title: false,
             allowed_calling_ae_titles: Vec::new(),
             remote_aes: Vec::new(),
-            query_retrieve_access: QueryRetrieveAccess::Any,
+            query_retrieve_access: QueryRetrieveAccess::Listed,
             rejection_note_ae_titles: None,
             max_query_matches: 10_000,
             case_insensitive_names: true,

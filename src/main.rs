@@ -262,15 +262,29 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
+    // Everything huren writes holds PHI or secrets (the index: names, IDs,
+    // birth dates, sessions, password hashes; blobs; the audit log; the
+    // registry's database and tokens; backups): files 0600, directories
+    // 0700, whatever the caller's umask, for every subcommand and before
+    // anything is created. The systemd units set UMask=0077 as well.
+    // SAFETY: umask only swaps the process's file mode mask; no thread
+    // exists yet.
+    unsafe {
+        libc::umask(0o077);
+    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUREN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(move || OneLine {
+            inner: std::io::stderr(),
+            escape: !ansi,
+        })
         // Operators and tests read the log from files and pipes: no colour
         // codes there.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -280,6 +294,47 @@ fn main() -> ExitCode {
             eprintln!("huren: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// One event, one line: wire text (a calling AE title, a UID, a header)
+/// logged with `%` could carry a newline or an escape code and forge a
+/// line or rewrite a terminal (issue 22). Wire strings are logged with `?`
+/// (escaped by `Debug`); this catches whatever else slips through: every
+/// control character but the event's final newline is written as `\xNN`.
+/// The formatter hands each event over in one `write` (tracing-subscriber
+/// formats into a buffer first). Off on a terminal, whose colour codes are
+/// the formatter's own.
+struct OneLine<W> {
+    inner: W,
+    escape: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        let control = |b: u8| (b < 0x20 && b != b'\t') || b == 0x7f;
+        if !self.escape || !body.iter().any(|&b| control(b)) {
+            self.inner.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            if control(b) {
+                out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+            } else {
+                out.push(b);
+            }
+        }
+        if body.len() < buf.len() {
+            out.push(b'\n');
+        }
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

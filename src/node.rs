@@ -39,7 +39,7 @@ pub enum StartError {
 
 /// Opens the blob store and the index the configuration names.
 pub async fn open_ingest(config: &NodeConfig) -> Result<Ingest, StartError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+    private_dir(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.clone(),
         source,
     })?;
@@ -60,12 +60,53 @@ pub async fn open_ingest(config: &NodeConfig) -> Result<Ingest, StartError> {
         (_, Durability::Full) => CommitSync::EveryCommit,
         (_, Durability::Relaxed) => CommitSync::Deferred,
     };
+    if let Some(path) = &sqlite_path {
+        // SQLite gives its -wal and -shm files the database file's mode.
+        private_file(path).map_err(storage::Error::Io)?;
+    }
     let index = Index::open(&config.database_url, commit_sync).await?;
     let notes = crate::lifecycle::RejectionNotes {
         index: index.clone(),
         senders: crate::iocm::RejectionSenders::new(config.rejection_note_senders()),
     };
     Ok(Ingest::new(Arc::new(store), index).with_rejection_handler(Arc::new(notes)))
+}
+
+/// Creates `dir` (and its parents) 0700, and narrows it to 0700 if it
+/// exists: the data directory holds the index (names, IDs, birth dates,
+/// sessions, password hashes) and the blobs (issue 22). The umask set in
+/// main.rs does the same for everything created below it.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates the SQLite index file 0600 before SQLite does (its own default is
+/// 0644 less the umask), and narrows an existing one to 0600.
+fn private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The database file of a `sqlite:` URL.

@@ -11,7 +11,9 @@ pub enum ParseError {
         "AE title {0:?} is empty, longer than 16 characters, or has a backslash or control character"
     )]
     AeTitle(String),
-    #[error("UID {0:?} is empty, longer than 64 characters, or not made of digits and dots")]
+    /// The value is kept for the caller, never shown: a UID names a
+    /// patient's study, and error messages reach clients and logs.
+    #[error("a UID must be 1 to 64 characters of digits and dots")]
     Uid(String),
     #[error("blob hash {0:?} is not 64 lowercase hexadecimal digits")]
     BlobHash(String),

@@ -162,7 +162,9 @@ async fn move_destination_from_the_environment() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let directory = format!("ENVDEST@127.0.0.1:{port}");
+    // movescu calls as MOVESCU: listed too, since only AEs of the directory
+    // may retrieve by default (issue 22).
+    let directory = format!("ENVDEST@127.0.0.1:{port},MOVESCU@127.0.0.1:{port}");
     let mut node = spawn_binary(cwd.path(), &[], &[("HUREN_REMOTE_AES", &directory)]);
     let sample = &support::samples()[0];
     let stored = support::storescu(

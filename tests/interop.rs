@@ -605,6 +605,8 @@ async fn retrieve_matrix(backend: Backend) {
         .join(",");
     let mut args = backend_args(root, backend).await;
     args.extend(["--remote-aes".into(), remote_aes]);
+    // movescu and getscu call as MOVESCU and GETSCU, in no AE directory.
+    args.extend(["--query-retrieve-access".into(), "any".into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Killed if an assertion fails first: a failing run leaves no node.
     let mut node = NodeProcess(spawn_binary(root, &args, &[]));

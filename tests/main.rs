@@ -20,6 +20,7 @@ mod recognition;
 mod recognition_table;
 mod region;
 mod security;
+mod security_node;
 mod security_registry;
 mod storage_config;
 mod support;

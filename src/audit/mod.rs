@@ -56,6 +56,94 @@ struct Inner {
     enterprise_site_id: Option<String>,
     file: sink::File,
     syslog: Option<sink::Syslog>,
+    /// How many Security Alerts each caller's refused HTTP requests have
+    /// cost this minute.
+    alerts: Mutex<AlertBudget>,
+}
+
+/// Security Alerts for refused HTTP requests, at most this many per
+/// caller address a minute; the rest are counted and summarized in one
+/// alert (issue 22: a caller must not be able to fill the log, nor hide
+/// in it).
+pub const ALERTS_PER_MINUTE: u32 = 20;
+const ALERT_WINDOW: Duration = Duration::from_secs(60);
+/// Callers tracked at once: the budget's memory is bounded too. Past it,
+/// callers whose minute is over are dropped (their summaries written);
+/// if all are current, new callers share one budget.
+const ALERT_CALLERS: usize = 4096;
+
+#[derive(Default)]
+struct AlertBudget {
+    callers: std::collections::HashMap<Option<IpAddr>, AlertWindow>,
+}
+
+struct AlertWindow {
+    started: std::time::Instant,
+    sent: u32,
+    suppressed: u64,
+}
+
+/// What to do with one more alert.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    Send,
+    Suppress,
+}
+
+impl AlertBudget {
+    /// Whether `caller`'s next alert goes out; the summaries of windows
+    /// that ended (caller, alerts not written one by one) come first.
+    fn admit(
+        &mut self,
+        caller: Option<IpAddr>,
+        now: std::time::Instant,
+    ) -> (Admit, Vec<(Option<IpAddr>, u64)>) {
+        let mut summaries = Vec::new();
+        let mut key = caller;
+        if !self.callers.contains_key(&key) && self.callers.len() >= ALERT_CALLERS {
+            self.callers.retain(|caller, w| {
+                let over = now.duration_since(w.started) >= ALERT_WINDOW;
+                if over && w.suppressed > 0 {
+                    summaries.push((*caller, w.suppressed));
+                }
+                !over
+            });
+            if self.callers.len() >= ALERT_CALLERS {
+                key = None;
+            }
+        }
+        let w = self.callers.entry(key).or_insert(AlertWindow {
+            started: now,
+            sent: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(w.started) >= ALERT_WINDOW {
+            if w.suppressed > 0 {
+                summaries.push((key, w.suppressed));
+            }
+            *w = AlertWindow {
+                started: now,
+                sent: 0,
+                suppressed: 0,
+            };
+        }
+        if w.sent < ALERTS_PER_MINUTE {
+            w.sent += 1;
+            (Admit::Send, summaries)
+        } else {
+            w.suppressed += 1;
+            (Admit::Suppress, summaries)
+        }
+    }
+
+    /// Every pending summary (at stop).
+    fn drain(&mut self) -> Vec<(Option<IpAddr>, u64)> {
+        self.callers
+            .drain()
+            .filter(|(_, w)| w.suppressed > 0)
+            .map(|(caller, w)| (caller, w.suppressed))
+            .collect()
+    }
 }
 
 /// `<data_dir>/audit.log` unless `audit_log` says otherwise.
@@ -131,7 +219,40 @@ impl Audit {
             enterprise_site_id: config.region.as_ref().map(|r| r.hospital_id.clone()),
             file,
             syslog,
+            alerts: Mutex::new(AlertBudget::default()),
         }))))
+    }
+
+    /// A Security Alert summarizing refused requests of one caller that
+    /// were not audited one by one.
+    fn alerts_summary(&self, caller: Option<IpAddr>, suppressed: u64) {
+        let scope = Scope {
+            audit: self.clone(),
+            peer: caller,
+            requestor: Requestor::Http {
+                user: "anonymous".into(),
+            },
+            refusal: None,
+            stored: BTreeMap::new(),
+        };
+        let subject = ParticipantObject {
+            id: "/".into(),
+            id_type: id_type::URI,
+            type_code: 2,
+            role: 13,
+            name_or_query: NameOrQuery::Name("refused requests".into()),
+            details: vec![(
+                "Alert Description".into(),
+                format!(
+                    "{suppressed} further refused requests from this address within a minute \
+                     (past {ALERTS_PER_MINUTE} audited one by one)"
+                )
+                .into_bytes(),
+            )],
+            accession_numbers: Vec::new(),
+            sop_classes: Vec::new(),
+        };
+        security_alert(&scope, event_type::USE_OF_RESTRICTED_FUNCTION, subject);
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -296,6 +417,16 @@ impl Audit {
     /// Application Activity: Application Stop; then the file is synced
     /// and the collector gets a few seconds to take what is queued.
     pub async fn application_stop(&self) {
+        if let Some(inner) = &self.0 {
+            let pending = inner
+                .alerts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain();
+            for (caller, suppressed) in pending {
+                self.alerts_summary(caller, suppressed);
+            }
+        }
         self.application_activity(event_type::APPLICATION_STOP);
         if let Some(inner) = &self.0 {
             inner.file.sync();
@@ -860,8 +991,24 @@ impl HttpRequest {
         self.scope.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Security Alert for a refused request, naming it by its URI.
+    /// Security Alert for a refused request, naming it by its URI; past
+    /// [`ALERTS_PER_MINUTE`] for its caller, counted for a summary instead.
     pub fn refused(&self, refusal: Refusal, method: &str, path: &str, description: &str) {
+        let Some(inner) = &self.audit.0 else {
+            return;
+        };
+        let caller = self.scope().peer;
+        let (admit, summaries) = inner
+            .alerts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(caller, std::time::Instant::now());
+        for (caller, suppressed) in summaries {
+            self.audit.alerts_summary(caller, suppressed);
+        }
+        if admit == Admit::Suppress {
+            return;
+        }
         let kind = match refusal {
             Refusal::Unauthenticated => event_type::NODE_AUTHENTICATION,
             Refusal::Forbidden => event_type::USE_OF_RESTRICTED_FUNCTION,
@@ -997,6 +1144,36 @@ pub fn user_authentication(user_id: &str, login: bool, success: bool) {
     });
 }
 
+/// Hook (page sign-in): an attempt refused by the throttle, before its
+/// password was checked: User Authentication, Login, a Serious failure
+/// (told apart from a wrong password, a Minor one), naming the user ID
+/// tried and how long the account or address must still wait.
+pub fn sign_in_throttled(user_id: &str, wait: Duration) {
+    with_scope(|s| {
+        let audit = s.audit.clone();
+        let mut m = audit.message(
+            event::USER_AUTHENTICATION,
+            Action::Execute,
+            Outcome::SeriousFailure,
+            vec![event_type::LOGIN],
+        );
+        m.outcome_description = Some(format!(
+            "sign-in refused without checking the password: too many failed sign-ins for \
+             this user ID or from this address ({} s left)",
+            wait.as_secs()
+        ));
+        let user: String = user_id.trim().chars().take(64).collect();
+        s.requestor = Requestor::Http { user };
+        let mut person = s.requestor(true, None);
+        if person.network_access_point.is_none() {
+            person.network_access_point = Some(("unknown".into(), AccessPoint::MachineName));
+        }
+        m.participants.push(person);
+        m.participants.push(audit.node(false, None));
+        audit.emit(&m);
+    });
+}
+
 /// Hook (page): a doctor opened a patient's prior exams: Query (A.5.3.10)
 /// for the page's timeline, naming the patient (an extension: the page
 /// asks about one patient, which an auditor wants to see).
@@ -1067,4 +1244,31 @@ pub fn study_viewed(user_id: &str, index: &Index, study_instance_uid: &str) {
         }
         audit.emit(&m);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_gets_a_bounded_number_of_alerts_a_minute() {
+        let mut budget = AlertBudget::default();
+        let start = std::time::Instant::now();
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        for _ in 0..ALERTS_PER_MINUTE {
+            assert_eq!(budget.admit(a, start).0, Admit::Send);
+        }
+        for _ in 0..5 {
+            assert_eq!(budget.admit(a, start).0, Admit::Suppress);
+        }
+        assert_eq!(budget.admit(b, start).0, Admit::Send, "another caller");
+        let later = start + ALERT_WINDOW;
+        assert_eq!(budget.admit(a, later), (Admit::Send, vec![(a, 5)]));
+        assert!(budget.drain().is_empty());
+        for i in 0..ALERT_CALLERS as u32 + 10 {
+            budget.admit(Some(IpAddr::from(i.to_be_bytes())), later);
+        }
+        assert!(budget.callers.len() <= ALERT_CALLERS + 1, "bounded");
+    }
 }

@@ -31,15 +31,20 @@ pub struct File {
 
 impl File {
     pub fn open(path: &Path) -> Result<File, String> {
+        use std::os::unix::fs::DirBuilderExt;
         use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
-            // Patient IDs and names are in it: not world-readable.
-            .mode(0o640)
+            // Patient IDs and names are in it: the node's user's alone.
+            .mode(0o600)
             .open(path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(File {

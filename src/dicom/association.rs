@@ -133,7 +133,7 @@ async fn run<S: Transport>(
 ) {
     let _open = crate::metrics::AssociationOpen::start();
     let calling_ae_title = association.peer_ae_title().trim().to_string();
-    let span = tracing::info_span!("association", %peer, calling_ae_title = %calling_ae_title);
+    let span = tracing::info_span!("association", %peer, calling_ae_title = ?calling_ae_title);
     let contexts: HashMap<u8, Context> = association
         .presentation_contexts()
         .iter()

@@ -98,7 +98,7 @@ pub(super) async fn n_action<S: Transport>(
         .count();
     tracing::info!(
         parent: op.span,
-        transaction_uid = %report.transaction_uid,
+        transaction_uid = ?report.transaction_uid,
         committed,
         failed = report.outcomes.len() - committed,
         "storage commitment"
@@ -177,7 +177,7 @@ pub fn deliver_later(reports: Vec<Report>, calling_ae_title: &str, ctx: &DicomCo
     let scu = calling_ae_title.to_string();
     tokio::spawn(async move {
         let Some(remote) = config.remote_ae(&scu).cloned() else {
-            tracing::error!(ae_title = %scu, "storage commitment report cannot be delivered: the AE title is not in the AE directory");
+            tracing::error!(ae_title = ?scu, "storage commitment report cannot be delivered: the AE title is not in the AE directory");
             return;
         };
         for report in reports {
@@ -190,15 +190,15 @@ pub fn deliver_later(reports: Vec<Report>, calling_ae_title: &str, ctx: &DicomCo
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(ae_title = %scu, attempt, error = %e, "storage commitment report not delivered yet");
+                        tracing::warn!(ae_title = ?scu, attempt, error = %e, "storage commitment report not delivered yet");
                         tokio::time::sleep(Duration::from_secs(2u64.pow(attempt))).await;
                     }
                 }
             }
             if delivered {
-                tracing::info!(ae_title = %scu, transaction_uid = %report.transaction_uid, "storage commitment report delivered on a new association");
+                tracing::info!(ae_title = ?scu, transaction_uid = ?report.transaction_uid, "storage commitment report delivered on a new association");
             } else {
-                tracing::error!(ae_title = %scu, transaction_uid = %report.transaction_uid, "storage commitment report could not be delivered");
+                tracing::error!(ae_title = ?scu, transaction_uid = ?report.transaction_uid, "storage commitment report could not be delivered");
             }
         }
     });

@@ -193,7 +193,7 @@ impl AccessControl for PeerPolicy {
             .ae_binding
             .check(calling_ae_title.trim(), presented.map(Vec::as_slice))
         {
-            tracing::warn!(peer = %self.peer, calling_ae_title = %calling_ae_title.trim(), reason = %why, "calling AE title refused by the certificate binding");
+            tracing::warn!(peer = %self.peer, calling_ae_title = ?calling_ae_title.trim(), reason = %why, "calling AE title refused by the certificate binding");
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
         Ok(())

@@ -438,7 +438,7 @@ pub(super) async fn c_move<S: Transport>(
         .filter(|r| r.move_destination)
         .cloned()
     else {
-        tracing::warn!(parent: op.span, destination = %destination_title, "C-MOVE to an AE title not in the AE directory");
+        tracing::warn!(parent: op.span, destination = ?destination_title, "C-MOVE to an AE title not in the AE directory");
         let r = dimse::query_retrieve_response(
             op.command,
             field,

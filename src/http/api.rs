@@ -184,9 +184,15 @@ pub async fn require_token(
 }
 
 fn study_uid(raw: &str) -> Result<String, ApiError> {
+    // Uid::parse forgives the NUL padding of the DICOM wire; JSON has none.
+    if raw.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(
+            "not a valid Study Instance UID".into(),
+        ));
+    }
     Uid::parse(raw)
         .map(|u| u.as_str().to_string())
-        .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a valid Study Instance UID")))
+        .map_err(|_| ApiError::BadRequest("not a valid Study Instance UID".into()))
 }
 
 async fn study_exists(index: &Index, uid: &str) -> Result<(), ApiError> {
@@ -633,12 +639,24 @@ async fn peer_fetch(
     State(state): State<Arc<ApiState>>,
     Body(r): Body<PeerFetchRequest>,
 ) -> Result<Json<crate::peer::FetchReport>, ApiError> {
+    // Checked here, not by the registry or the peer: a malformed UID was
+    // answered 502 (their refusal), and is the caller's error.
+    let uid = study_uid(&r.study_instance_uid)?;
+    if r.hospital_id.is_empty()
+        || r.hospital_id.len() > 64
+        || !r
+            .hospital_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ApiError::BadRequest("not a valid hospital_id".into()));
+    }
     let region = region(&state)?;
     crate::peer::fetch_study(
         region,
         &state.ingest,
         &r.hospital_id,
-        &r.study_instance_uid,
+        &uid,
         crate::peer::Asked {
             purpose: r.purpose,
             encounter: r.encounter,

@@ -102,6 +102,94 @@ pub fn page_layer(audit: &Audit, index: &Index, router: Router) -> Router {
     router.layer(axum::middleware::from_fn_with_state(state, page_request))
 }
 
+/// Audits the JSON API's refusals (401, 403) as Security Alerts; what
+/// the API does is audited where it is done (deletions, peer fetches).
+pub fn api_layer(
+    audit: &Audit,
+    config: &crate::config::DicomwebConfig,
+    index: &Index,
+    router: Router,
+) -> Router {
+    if !audit.is_enabled() {
+        return router;
+    }
+    let state = Arc::new(HttpAudit {
+        audit: audit.clone(),
+        index: index.clone(),
+        tokens: Some(Tokens::for_api(config)),
+    });
+    router.layer(axum::middleware::from_fn_with_state(state, api_request))
+}
+
+async fn api_request(
+    State(state): State<Arc<HttpAudit>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let authorization = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let user = state
+        .tokens
+        .as_ref()
+        .and_then(|t| t.holder(authorization))
+        .map(|name| format!("token:{name}"))
+        .unwrap_or_else(|| "anonymous".into());
+    let peer = peer_of(&request);
+    let (response, audited) = state
+        .audit
+        .http_request(peer, user, next.run(request))
+        .await;
+    if let Some(audited) = audited {
+        match response.status().as_u16() {
+            401 => audited.refused(
+                Refusal::Unauthenticated,
+                method.as_str(),
+                &path,
+                "JSON API request without a valid bearer token (401)",
+            ),
+            403 => audited.refused(
+                Refusal::Forbidden,
+                method.as_str(),
+                &path,
+                "JSON API token lacks the scope this request needs (403)",
+            ),
+            _ => {}
+        }
+    }
+    response
+}
+
+/// A refused registry grant (forged, expired, for another hospital or
+/// another study) as a Security Alert; the refusal itself is `response`.
+pub async fn grant_refused(
+    audit: &Audit,
+    (peer, method, path): &(Option<IpAddr>, String, String),
+    refusal: Refusal,
+    description: &str,
+    response: Response,
+) -> Response {
+    let (response, audited) = audit
+        .http_request(*peer, "grant".into(), async { response })
+        .await;
+    if let Some(audited) = audited {
+        audited.refused(refusal, method, path, description);
+    }
+    response
+}
+
+/// The caller, the method and the path of a request, for an alert.
+pub fn who_and_what(request: &Request) -> (Option<IpAddr>, String, String) {
+    (
+        peer_of(request),
+        request.method().to_string(),
+        request.uri().path().to_string(),
+    )
+}
+
 fn peer_of(request: &Request) -> Option<IpAddr> {
     request
         .extensions()

@@ -48,7 +48,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 state.region.clone(),
             ),
         ))
-        .merge(api_router(&state))
+        .merge(audit::api_layer(
+            &state.audit,
+            &state.dicomweb,
+            state.ingest.index(),
+            api_router(&state),
+        ))
         .merge(audit::page_layer(
             &state.audit,
             state.ingest.index(),
@@ -57,9 +62,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         // A peer node presenting a registry grant may GET the study the
         // grant names (its manifest and its instances), and nothing else.
         .layer(axum::middleware::from_fn_with_state(
-            state.region.clone(),
+            (state.region.clone(), state.audit.clone()),
             grant_access,
         ))
+        .layer(axum::middleware::from_fn(no_control_characters))
+        // Outermost but for the span: the refusals above get it too.
+        .layer(axum::middleware::map_response(no_store))
         // One span per request: errors logged while serving it carry its
         // method and path.
         .layer(
@@ -69,12 +77,54 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
 }
 
+/// DICOMweb answers, the JSON API and the page carry PHI (names, IDs,
+/// birth dates, images): no browser or proxy may keep a copy (issue 22).
+/// Health and metrics carry none, but one rule for every answer leaves no
+/// route forgotten.
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// A control character (a NUL, a newline) has no place in a UID, a
+/// keyword or a search value: percent-encoded in the path or the query it
+/// is refused here, once for every route (PS3.18 8.1; issue 22: a NUL in
+/// a UID was answered 502, a NUL as PatientName matched everyone).
+async fn no_control_characters(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let uri = request.uri();
+    let encoded_control = |s: &str| {
+        s.as_bytes().windows(3).any(|w| {
+            w[0] == b'%'
+                && matches!(
+                    (w[1].to_ascii_lowercase(), w[2].to_ascii_lowercase()),
+                    (b'0' | b'1', b'0'..=b'9' | b'a'..=b'f') | (b'7', b'f')
+                )
+        })
+    };
+    if encoded_control(uri.path()) || uri.query().is_some_and(encoded_control) {
+        return crate::common::problem(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "a control character (such as NUL) in the path or the query",
+        );
+    }
+    next.run(request).await
+}
+
 /// A request admitted under a peer's registry grant.
 #[derive(Clone)]
 pub struct GrantAccess(pub crate::contract::GrantConfirmed);
 
+/// Every refusal here is audited (Security Alert), within the audit's
+/// per-caller bound: a forged or expired grant leaves a trace.
 async fn grant_access(
-    State(region): State<Option<Arc<crate::publish::Region>>>,
+    State((region, audit_sink)): State<(Option<Arc<crate::publish::Region>>, crate::audit::Audit)>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -86,20 +136,37 @@ async fn grant_access(
         .map(|t| t.trim().to_string())
         .filter(|t| t.starts_with("hg."));
     if let Some(token) = token {
+        use crate::audit::Refusal;
         use crate::common::problem;
         let Some(region) = region else {
-            return problem(
+            let response = problem(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "this node takes no grants",
             );
+            return audit::grant_refused(
+                &audit_sink,
+                &audit::who_and_what(&request),
+                Refusal::Unauthenticated,
+                "registry grant presented to a node outside the region (401)",
+                response,
+            )
+            .await;
         };
         let Some(grant) = crate::peer::verify_grant(&region, &token).await else {
-            return problem(
+            let response = problem(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "the grant is not valid for this hospital (expired, unknown, or for another)",
             );
+            return audit::grant_refused(
+                &audit_sink,
+                &audit::who_and_what(&request),
+                Refusal::Unauthenticated,
+                "registry grant not confirmed: forged, expired, revoked or for another hospital (401)",
+                response,
+            )
+            .await;
         };
         let path = request.uri().path();
         let study = path
@@ -110,11 +177,19 @@ async fn grant_access(
             && study == Some(grant.study_instance_uid.as_str())
             && (path.starts_with("/dicom-web/") || path.ends_with("/manifest"));
         if !allowed {
-            return problem(
+            let response = problem(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "a grant admits GET of its own study only",
             );
+            return audit::grant_refused(
+                &audit_sink,
+                &audit::who_and_what(&request),
+                Refusal::Forbidden,
+                "registry grant used outside its study (403)",
+                response,
+            )
+            .await;
         }
         request.extensions_mut().insert(GrantAccess(grant));
     }

@@ -31,7 +31,8 @@ pub use pattern::wildcard_match;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("invalid value for {keyword}: {value:?} ({why})")]
+    /// The value is not repeated: it may be an identifier (issue 22).
+    #[error("invalid value for {keyword} ({why})")]
     InvalidValue {
         keyword: &'static str,
         value: String,
@@ -561,10 +562,14 @@ enum End {
     Upper,
 }
 
-/// A date bound: eight digits. The old `YYYY.MM.DD` form is accepted.
+/// A date bound: eight digits naming a calendar date (20240230 is none:
+/// refused, not matched as text). The old `YYYY.MM.DD` form is accepted.
 fn date_bound(s: &str, _end: End) -> Option<String> {
     let digits: String = s.chars().filter(|c| *c != '.').collect();
-    (digits.len() == 8 && digits.chars().all(|c| c.is_ascii_digit())).then_some(digits)
+    (digits.len() == 8
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && chrono::NaiveDate::parse_from_str(&digits, "%Y%m%d").is_ok())
+    .then_some(digits)
 }
 
 /// A time bound, as a string comparable with stored `HHMMSS.FFFFFF`
@@ -580,6 +585,16 @@ fn time_bound(s: &str, end: End) -> Option<String> {
         || !fraction.chars().all(|c| c.is_ascii_digit())
         || fraction.len() > 6
     {
+        return None;
+    }
+    // HH 00-23, MM 00-59, SS 00-60 (a leap second; PS3.5 Table 6.2-1 TM).
+    let limits = [23u8, 59, 60];
+    let in_range = whole
+        .as_bytes()
+        .chunks(2)
+        .zip(limits)
+        .all(|(pair, max)| (pair[0] - b'0') * 10 + (pair[1] - b'0') <= max);
+    if !in_range {
         return None;
     }
     Some(match end {
@@ -1118,7 +1133,10 @@ fn build_sql(
     if exact_in_sql {
         let wanted = effective_limit(query, options);
         if let Some(limit) = wanted {
-            let p = sql.bind(Bind::Int(limit as i64));
+            // Clamped, not wrapped: 2^64-1 as i64 is -1, which SQLite
+            // reads as "no limit" (issue 22: offset=18446744073709551615
+            // returned everything).
+            let p = sql.bind(Bind::Int(i64::try_from(limit).unwrap_or(i64::MAX)));
             text.push_str(&format!(" LIMIT {p}"));
         }
         if query.offset > 0 {
@@ -1126,7 +1144,7 @@ fn build_sql(
             if wanted.is_none() && dialect == Dialect::Sqlite {
                 text.push_str(" LIMIT -1");
             }
-            let p = sql.bind(Bind::Int(query.offset as i64));
+            let p = sql.bind(Bind::Int(i64::try_from(query.offset).unwrap_or(i64::MAX)));
             text.push_str(&format!(" OFFSET {p}"));
         }
     }
@@ -1301,6 +1319,24 @@ mod tests {
         let c = cond(tags::STUDY_TIME, "10").unwrap();
         assert!(value_matches(&c, "103000", false));
         assert!(!value_matches(&c, "110000", false));
+    }
+
+    #[test]
+    fn impossible_dates_and_times_are_refused() {
+        let cases = [
+            (tags::STUDY_DATE, "20240229", true),
+            (tags::STUDY_DATE, "20240230", false),
+            (tags::STUDY_DATE, "20231301-", false),
+            (tags::STUDY_DATE, "20240101-20240231", false),
+            (tags::STUDY_TIME, "235960", true),
+            (tags::STUDY_TIME, "250000", false),
+            (tags::STUDY_TIME, "1260", false),
+            (tags::STUDY_TIME, "-2400", false),
+        ];
+        for (tag, value, ok) in cases {
+            let parsed = parse_condition(attribute(tag).unwrap(), value);
+            assert_eq!(parsed.is_ok(), ok, "{value}");
+        }
     }
 
     #[test]

@@ -171,7 +171,7 @@ async fn store_part(
     if let Some(ct) = field.content_type()
         && ct.essence_str() != "application/dicom"
     {
-        tracing::info!(content_type = %ct, "STOW-RS part is not application/dicom");
+        tracing::info!(content_type = ?ct, "STOW-RS part is not application/dicom");
         drain(&mut field).await?;
         return Ok(failed(status::CANNOT_UNDERSTAND));
     }
@@ -221,7 +221,10 @@ async fn store_part(
         .iter()
         .any(|(uid, _)| *uid == sop_class.as_str())
     {
-        tracing::info!(%sop_class, "STOW-RS part of a SOP class that is not a storage SOP class");
+        tracing::info!(
+            ?sop_class,
+            "STOW-RS part of a SOP class that is not a storage SOP class"
+        );
         drain(&mut field).await?;
         return Ok(fail(status::SOP_CLASS_NOT_SUPPORTED));
     }
@@ -230,7 +233,7 @@ async fn store_part(
         && let Some(study) = &ids.study
         && study != target.as_str()
     {
-        tracing::info!(%sop_instance, %study, target = %target, "STOW-RS instance of another study than the target resource");
+        tracing::info!(?sop_instance, ?study, target = ?target, "STOW-RS instance of another study than the target resource");
         drain(&mut field).await?;
         return Ok(fail(STUDY_MISMATCH));
     }
@@ -271,7 +274,7 @@ async fn store_part(
     match ingest.finish(incoming).await {
         Ok(stored) => {
             stored.count(crate::metrics::source::STOW, ingest.store().durability());
-            tracing::debug!(%sop_instance, blob = %stored.hash, outcome = ?stored.outcome, "STOW-RS stored");
+            tracing::debug!(?sop_instance, blob = %stored.hash, outcome = ?stored.outcome, "STOW-RS stored");
             // The stored instance's own study and series (the index has
             // them: the head parse may have stopped early).
             let (study, series) = match ingest
@@ -301,9 +304,9 @@ async fn store_part(
         Err(error) => {
             let reason = error.status();
             if reason == status::OUT_OF_RESOURCES {
-                tracing::error!(%sop_instance, %error, "STOW-RS: out of resources");
+                tracing::error!(?sop_instance, %error, "STOW-RS: out of resources");
             } else {
-                tracing::info!(%sop_instance, %error, reason = format_args!("{reason:#06X}"), "STOW-RS part failed");
+                tracing::info!(?sop_instance, %error, reason = format_args!("{reason:#06X}"), "STOW-RS part failed");
             }
             Ok(fail(reason))
         }

@@ -600,6 +600,27 @@ pub async fn native_frames(
     loc: &InstanceLocation,
     numbers: Vec<usize>,
 ) -> Result<Option<Vec<Vec<u8>>>, Error> {
+    let Some(mut stream) = native_frame_stream(store, loc, numbers).await? else {
+        return Ok(None);
+    };
+    let mut frames = Vec::new();
+    while let Some(frame) = stream.next().await {
+        frames.push(frame.map_err(|e| Error::Internal(format!("stored instance: {e}")))?);
+    }
+    Ok(Some(frames))
+}
+
+/// The frames of a native instance as a stream, in the order asked, read
+/// on a blocking thread and handed over through a channel of two: a
+/// request for many frames holds a few in memory, not its whole answer
+/// (issue 22: `frames/1,1,1,…` built 164 MB). Errors found before the first
+/// frame (not native: `None`; a frame number past NumberOfFrames: 404)
+/// come back before anything is streamed.
+pub async fn native_frame_stream(
+    store: &BlobStore,
+    loc: &InstanceLocation,
+    numbers: Vec<usize>,
+) -> Result<Option<BoxStream<'static, Result<Vec<u8>, io::Error>>>, Error> {
     let ts_uid = loc.transfer_syntax_uid.clone();
     if !matches!(ts_uid.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1") {
         return Ok(None);
@@ -609,19 +630,67 @@ pub async fn native_frames(
         VerifiedBlob::Memory(bytes) => Box::new(io::Cursor::new(bytes)),
         other => Box::new(tokio_util::io::SyncIoBridge::new(other.into_reader())),
     };
-    let task = tokio::task::spawn_blocking(move || read_native_frames(reader, &ts_uid, &numbers));
-    match task.await {
-        Ok(Ok(frames)) => Ok(frames),
+    let (verdict_tx, verdict_rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, io::Error>>(2);
+    tokio::task::spawn_blocking(move || {
+        let pixels = match open_native_pixels(reader, &ts_uid) {
+            Ok(Some(p)) => match p.check(&numbers) {
+                Ok(()) => p,
+                Err(e) => return drop(verdict_tx.send(Err(e))),
+            },
+            other => return drop(verdict_tx.send(other.map(|_| false))),
+        };
+        if verdict_tx.send(Ok(true)).is_err() {
+            return;
+        }
+        let sent = pixels.emit(&numbers, |frame| tx.blocking_send(Ok(frame)).is_ok());
+        if let Err(e) = sent {
+            // Mid-stream: the body ends in error, the client sees it cut.
+            let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
+        }
+    });
+    match verdict_rx.await {
+        Ok(Ok(true)) => Ok(Some(
+            stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) }).boxed(),
+        )),
+        Ok(Ok(false)) => Ok(None),
         Ok(Err(e)) => Err(e),
         Err(e) => Err(Error::Internal(format!("frame task: {e}"))),
     }
 }
 
+#[cfg(test)]
 fn read_native_frames(
-    mut reader: Box<dyn io::Read + Send>,
+    reader: Box<dyn io::Read + Send>,
     ts_uid: &str,
     numbers: &[usize],
 ) -> Result<Option<Vec<Vec<u8>>>, Error> {
+    let Some(pixels) = open_native_pixels(reader, ts_uid)? else {
+        return Ok(None);
+    };
+    pixels.check(numbers)?;
+    let mut frames = Vec::new();
+    pixels.emit(numbers, |f| {
+        frames.push(f);
+        true
+    })?;
+    Ok(Some(frames))
+}
+
+/// The pixel data of a native instance, its reader positioned at the
+/// first byte of Pixel Data.
+struct NativePixels {
+    reader: Counting<Box<dyn io::Read + Send>>,
+    frame_size: u64,
+    frames: u64,
+}
+
+/// Parses a stored instance up to its Pixel Data; `None` when the instance
+/// is not native with whole frames (the caller parses it whole).
+fn open_native_pixels(
+    mut reader: Box<dyn io::Read + Send>,
+    ts_uid: &str,
+) -> Result<Option<NativePixels>, Error> {
     use dicom_core::Length;
     use dicom_encoding::transfer_syntax::TransferSyntaxIndex as _;
     use dicom_parser::dataset::{DataSetReader, DataToken};
@@ -682,49 +751,95 @@ fn read_native_frames(
     if bits == 0 || bits % 8 != 0 {
         return Ok(None);
     }
-    let frame_size = rows * columns * samples * (bits / 8);
-    if frame_size == 0 || frame_size * frames > pixel_len {
+    // The header's numbers are the sender's: checked, not trusted.
+    let frame_size = rows
+        .checked_mul(columns)
+        .and_then(|n| n.checked_mul(samples))
+        .and_then(|n| n.checked_mul(bits / 8))
+        .unwrap_or(0);
+    if frame_size == 0 || frame_size.checked_mul(frames).is_none_or(|n| n > pixel_len) {
         return Ok(None);
     }
-    if numbers.iter().any(|n| *n as u64 > frames) {
-        return Err(Error::NotFound("frame"));
-    }
-    // Read in ascending order, answer in the order asked.
-    let mut order: Vec<usize> = numbers.to_vec();
-    order.sort_unstable();
-    order.dedup();
-    let mut read = std::collections::BTreeMap::new();
-    let mut position = 0u64; // within the pixel data
-    for n in order {
-        let start = (n as u64 - 1) * frame_size;
-        io::copy(
-            &mut io::Read::take(&mut counting, start - position),
-            &mut io::sink(),
-        )
-        .map_err(|e| internal(&e))?;
-        let mut frame = vec![0u8; frame_size as usize];
-        counting.read_exact(&mut frame).map_err(|e| internal(&e))?;
-        position = start + frame_size;
-        read.insert(n, frame);
-    }
-    Ok(Some(numbers.iter().map(|n| read[n].clone()).collect()))
+    Ok(Some(NativePixels {
+        reader: counting,
+        frame_size,
+        frames,
+    }))
 }
 
-/// `1,3,5` (1-based) as frame numbers.
+impl NativePixels {
+    fn check(&self, numbers: &[usize]) -> Result<(), Error> {
+        if numbers.iter().any(|n| *n as u64 > self.frames) {
+            return Err(Error::NotFound("frame"));
+        }
+        Ok(())
+    }
+
+    /// Reads the frames in ascending order and hands them to `send` in the
+    /// order asked (`numbers` has no duplicates: [`frame_list`]); a frame
+    /// read before its turn waits, so at most the frames asked for are
+    /// held, each once. Stops when `send` returns false (the client left).
+    fn emit(
+        mut self,
+        numbers: &[usize],
+        mut send: impl FnMut(Vec<u8>) -> bool,
+    ) -> Result<(), Error> {
+        use std::io::Read as _;
+        let internal = |e: &dyn std::fmt::Display| Error::Internal(format!("stored instance: {e}"));
+        let mut order: Vec<usize> = numbers.to_vec();
+        order.sort_unstable();
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut next = 0;
+        let mut position = 0u64; // within the pixel data
+        for n in order {
+            let start = (n as u64 - 1) * self.frame_size;
+            io::copy(
+                &mut io::Read::take(&mut self.reader, start - position),
+                &mut io::sink(),
+            )
+            .map_err(|e| internal(&e))?;
+            let mut frame = vec![0u8; self.frame_size as usize];
+            self.reader
+                .read_exact(&mut frame)
+                .map_err(|e| internal(&e))?;
+            position = start + self.frame_size;
+            waiting.insert(n, frame);
+            while let Some(frame) = numbers.get(next).and_then(|k| waiting.remove(k)) {
+                if !send(frame) {
+                    return Ok(());
+                }
+                next += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `1,3,5` (1-based) as frame numbers (PS3.18 8.3.5.1.1: a list of
+/// frame numbers), each at most once: a repeated number would make the
+/// answer as large as the list is long (issue 22). Numbers past the
+/// instance's NumberOfFrames are 404 where the instance is read, so a
+/// list is never longer than the instance has frames.
 fn frame_list(s: &str) -> Result<Vec<usize>, Error> {
-    s.split(',')
+    let numbers = s
+        .split(',')
         .map(|n| {
             n.trim()
                 .parse::<usize>()
                 .ok()
-                .filter(|n| *n >= 1)
+                .filter(|n| (1..=u32::MAX as usize).contains(n))
                 .ok_or_else(|| {
-                    Error::BadRequest(format!(
-                        "frame list {s:?}: 1-based numbers, comma separated"
-                    ))
+                    Error::BadRequest("frame list: 1-based frame numbers, comma separated".into())
                 })
         })
-        .collect()
+        .collect::<Result<Vec<usize>, Error>>()?;
+    let mut seen = std::collections::HashSet::with_capacity(numbers.len());
+    if !numbers.iter().all(|n| seen.insert(*n)) {
+        return Err(Error::BadRequest(
+            "frame list: each frame number at most once".into(),
+        ));
+    }
+    Ok(numbers)
 }
 
 /// Whether an Accept range takes multipart/related parts of `part_type` in
@@ -782,19 +897,40 @@ pub async fn frames(
         .await?
         .remove(0);
     let part_type = negotiate_pixel_parts(&headers, &loc.transfer_syntax_uid)?;
-    if let Some(frames) = native_frames(state.ingest.store(), &loc, numbers.clone()).await? {
-        return Ok(octet_parts(part_type, &loc.transfer_syntax_uid, frames));
+    if let Some(frames) = native_frame_stream(state.ingest.store(), &loc, numbers.clone()).await? {
+        return Ok(octet_part_stream(
+            part_type,
+            &loc.transfer_syntax_uid,
+            frames,
+        ));
     }
+    // Encapsulated: the instance is parsed whole (its fragments must be
+    // told apart); each frame asked for is moved out, never copied.
     let obj = open_object(state.ingest.store(), &loc, None).await?;
-    let all = frames_of(&obj)?;
+    let mut all: Vec<Option<Vec<u8>>> = frames_of(&obj)?.into_iter().map(Some).collect();
+    drop(obj);
     let mut selected = Vec::with_capacity(numbers.len());
     for n in numbers {
-        selected.push(all.get(n - 1).ok_or(Error::NotFound("frame"))?.clone());
+        let frame = all.get_mut(n - 1).and_then(Option::take);
+        selected.push(frame.ok_or(Error::NotFound("frame"))?);
     }
     Ok(octet_parts(part_type, &loc.transfer_syntax_uid, selected))
 }
 
 fn octet_parts(part_type: &str, ts: &str, parts: Vec<Vec<u8>>) -> Response {
+    octet_part_stream(
+        part_type,
+        ts,
+        stream::iter(parts.into_iter().map(Ok)).boxed(),
+    )
+}
+
+/// Each item a multipart/related part, written as it comes.
+fn octet_part_stream(
+    part_type: &str,
+    ts: &str,
+    parts: BoxStream<'static, Result<Vec<u8>, io::Error>>,
+) -> Response {
     let boundary = media::boundary();
     let content_type = media::multipart_content_type(part_type, &boundary);
     let part_content_type = if is_native(ts) {
@@ -802,17 +938,23 @@ fn octet_parts(part_type: &str, ts: &str, parts: Vec<Vec<u8>>) -> Response {
     } else {
         format!("{part_type}; transfer-syntax={ts}")
     };
-    let mut chunks = Vec::with_capacity(parts.len() * 3);
-    for part in parts {
-        chunks.push(Ok(Bytes::from(media::part_head(
-            &boundary,
-            &part_content_type,
-            &[("Content-Length", part.len().to_string())],
-        ))));
-        chunks.push(Ok(Bytes::from(part)));
-        chunks.push(Ok(Bytes::from_static(PART_END)));
-    }
-    multipart_response(&content_type, &boundary, stream::iter(chunks))
+    let head_boundary = boundary.clone();
+    let chunks = parts.flat_map(move |part| {
+        let chunks: Vec<Result<Bytes, io::Error>> = match part {
+            Ok(part) => vec![
+                Ok(Bytes::from(media::part_head(
+                    &head_boundary,
+                    &part_content_type,
+                    &[("Content-Length", part.len().to_string())],
+                ))),
+                Ok(Bytes::from(part)),
+                Ok(Bytes::from_static(PART_END)),
+            ],
+            Err(e) => vec![Err(e)],
+        };
+        stream::iter(chunks)
+    });
+    multipart_response(&content_type, &boundary, chunks)
 }
 
 /// A top-level element's value as bulk data (the BulkDataURI of the
@@ -926,8 +1068,8 @@ mod tests {
             vec![vec![3u8; 4], vec![1u8; 4]]
         );
         assert_eq!(
-            read(&[2, 2]).unwrap().unwrap(),
-            vec![vec![2u8; 4], vec![2u8; 4]]
+            read(&[2, 3, 1]).unwrap().unwrap(),
+            vec![vec![2u8; 4], vec![3u8; 4], vec![1u8; 4]]
         );
         assert_eq!(read(&[4]).unwrap_err().status().as_u16(), 404);
     }
@@ -978,6 +1120,8 @@ mod tests {
         assert_eq!(frame_list("1,3").unwrap(), vec![1, 3]);
         assert!(frame_list("0").is_err());
         assert!(frame_list("a").is_err());
+        assert!(frame_list("1,2,1").is_err(), "a repeated frame");
+        assert!(frame_list("18446744073709551615").is_err());
         assert_eq!(
             frame_media_type("1.2.840.10008.1.2.4.50"),
             Some("image/jpeg")

@@ -64,6 +64,11 @@ const STRINGS: &[(&str, &str, &str)] = &[
         "用户名或密码错误。",
         "Wrong user ID or password.",
     ),
+    (
+        "login_throttled",
+        "登录失败次数过多，请 {minutes} 分钟后再试。",
+        "Too many failed sign-ins: try again in {minutes} minutes.",
+    ),
     // No region, errors.
     (
         "no_region_title",

@@ -15,6 +15,7 @@
 
 pub mod auth;
 mod i18n;
+pub mod throttle;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -78,6 +79,7 @@ pub struct PageState {
     index: Index,
     region: Option<Arc<Region>>,
     templates: Environment<'static>,
+    sign_in: throttle::SignInThrottle,
 }
 
 pub fn router(state: &Arc<AppState>) -> Router {
@@ -85,6 +87,7 @@ pub fn router(state: &Arc<AppState>) -> Router {
         index: state.ingest.index().clone(),
         region: state.region.clone(),
         templates: templates(),
+        sign_in: throttle::SignInThrottle::default(),
     });
     Router::new()
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
@@ -137,6 +140,8 @@ struct Page {
     /// The path the language switch reloads (GET pages; POST answers fall
     /// back to the patient's page).
     here: String,
+    /// The client's address (sign-in throttling).
+    peer: Option<std::net::IpAddr>,
 }
 
 impl FromRequestParts<Arc<PageState>> for Page {
@@ -181,6 +186,10 @@ impl FromRequestParts<Arc<PageState>> for Page {
             cookies,
             session,
             here,
+            peer: parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<crate::tls::PeerAddr>>()
+                .map(|c| c.0.0.ip()),
         })
     }
 }
@@ -518,11 +527,41 @@ async fn login(
     if !auth::csrf_ok(expected, &f.csrf) {
         return Err(state.error(&page, StatusCode::FORBIDDEN, "forbidden").await);
     }
+    // Refused before the password is checked: a guesser learns nothing,
+    // and costs no argon2 verification.
+    if let Err(wait) = state
+        .sign_in
+        .check(&f.user_id, page.peer, std::time::Instant::now())
+    {
+        crate::audit::sign_in_throttled(&f.user_id, wait);
+        let minutes = wait.as_secs().div_ceil(60).max(1);
+        let text = page
+            .t("login_throttled")
+            .replace("{minutes}", &minutes.to_string());
+        let response = state
+            .message(
+                &page,
+                StatusCode::TOO_MANY_REQUESTS,
+                "login_title",
+                text,
+                None,
+            )
+            .await;
+        let mut response = response;
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_str(&wait.as_secs().max(1).to_string()).expect("digits"),
+        );
+        return Ok(response);
+    }
     let user = match auth::authenticate(&state.index, &f.user_id, &f.password).await {
         Ok(u) => u,
         Err(e) => return Err(state.unavailable(&page, "login", &e).await),
     };
     let Some(user_id) = user else {
+        state
+            .sign_in
+            .failed(&f.user_id, page.peer, std::time::Instant::now());
         crate::audit::user_authentication(&f.user_id, true, false);
         let shown: String = f.user_id.trim().chars().take(64).collect();
         return Ok(login_form(
@@ -545,6 +584,7 @@ async fn login(
         return Err(state.unavailable(&page, "audit", &e).await);
     }
     crate::audit::user_authentication(&user_id, true, true);
+    state.sign_in.succeeded(&user_id);
     let response = Redirect::to("/ui/").into_response();
     let response = with_cookie(
         response,

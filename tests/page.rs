@@ -52,6 +52,57 @@ async fn add_named_hospital(admin: &Api, id: &str, name: &str, level: &str) -> S
     v["token"].as_str().unwrap().to_string()
 }
 
+/// The region both page tests run in: a registry with the shipped list
+/// active, hospitals A and B, a node for each that has pulled the list and
+/// the directory, and the operator's API of each node.
+struct PageRegion {
+    registry: crate::region::TestRegistry,
+    token_b: String,
+    node_a: crate::support::TestNode,
+    node_b: crate::support::TestNode,
+    api_a: Api,
+    api_b: Api,
+}
+
+async fn spawn_page_region(backend: Backend) -> PageRegion {
+    let registry = spawn_registry(backend).await;
+    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let token_a = add_named_hospital(&admin, HOSPITAL_A, NAME_A, "三级甲等").await;
+    let token_b = add_named_hospital(&admin, HOSPITAL_B, NAME_B, "二级甲等").await;
+    let list =
+        std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
+    let (status, body) = admin.call_text("PUT", "/v1/recognition-list", &list).await;
+    assert_eq!(status, 200, "{body}");
+    let node_b = spawn_region_node(backend, &registry.url(), HOSPITAL_B, &token_b).await;
+    let node_a = spawn_region_node(backend, &registry.url(), HOSPITAL_A, &token_a).await;
+    let api = |node: &crate::support::TestNode| {
+        Api::new(
+            &format!("http://{}", node.http_addr),
+            Some(crate::support::NODE_API_TOKEN),
+        )
+    };
+    let (api_a, api_b) = (api(&node_a), api(&node_b));
+    for api in [&api_a, &api_b] {
+        wait_until("list and directory pulled", || {
+            let api = api.clone();
+            async move {
+                let (status, _) = api.call("GET", "/api/v1/recognition/list", None).await;
+                let p = api.ok("GET", "/api/v1/publication", None).await;
+                status == 200 && p["hospitals_in_directory"] == 2
+            }
+        })
+        .await;
+    }
+    PageRegion {
+        registry,
+        token_b,
+        node_a,
+        node_b,
+        api_a,
+        api_b,
+    }
+}
+
 /// `name=value` of the first Set-Cookie header setting `name`.
 fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
     response
@@ -156,46 +207,15 @@ fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
 }
 
 async fn doctor_page(backend: Backend) {
-    let registry = spawn_registry(backend).await;
-    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let PageRegion {
+        registry,
+        token_b,
+        node_a,
+        node_b,
+        api_a,
+        api_b,
+    } = spawn_page_region(backend).await;
     let work = tempfile::tempdir().unwrap();
-    let token_a = add_named_hospital(&admin, HOSPITAL_A, NAME_A, "三级甲等").await;
-    let token_b = add_named_hospital(&admin, HOSPITAL_B, NAME_B, "二级甲等").await;
-
-    // The region's list, activated at the registry; the nodes pull it.
-    let list =
-        std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/recognition-list", registry.url()))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(list)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-
-    let node_b = spawn_region_node(backend, &registry.url(), HOSPITAL_B, &token_b).await;
-    let node_a = spawn_region_node(backend, &registry.url(), HOSPITAL_A, &token_a).await;
-    let api_a = Api::new(
-        &format!("http://{}", node_a.http_addr),
-        Some(crate::support::NODE_API_TOKEN),
-    );
-    let api_b = Api::new(
-        &format!("http://{}", node_b.http_addr),
-        Some(crate::support::NODE_API_TOKEN),
-    );
-    for api in [&api_a, &api_b] {
-        wait_until("list and directory pulled", || {
-            let api = api.clone();
-            async move {
-                let (status, _) = api.call("GET", "/api/v1/recognition/list", None).await;
-                let p = api.ok("GET", "/api/v1/publication", None).await;
-                status == 200 && p["hospitals_in_directory"] == 2
-            }
-        })
-        .await;
-    }
 
     // A chest CT at B (plain and enhanced series), reported today, QC passed.
     let ct = make_study(
@@ -547,35 +567,15 @@ async fn doctor_page(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmation_on_the_holding_hospitals_page() {
     let backend = Backend::SqliteLocal;
-    let registry = spawn_registry(backend).await;
-    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let PageRegion {
+        registry,
+        token_b,
+        node_a,
+        node_b,
+        api_a,
+        api_b,
+    } = spawn_page_region(backend).await;
     let work = tempfile::tempdir().unwrap();
-    let token_a = add_named_hospital(&admin, HOSPITAL_A, NAME_A, "三级甲等").await;
-    let token_b = add_named_hospital(&admin, HOSPITAL_B, NAME_B, "二级甲等").await;
-    let list =
-        std::fs::read_to_string(repo_path("deploy/recognition/jiangsu-example.toml")).unwrap();
-    admin.call_text("PUT", "/v1/recognition-list", &list).await;
-    let node_b = spawn_region_node(backend, &registry.url(), HOSPITAL_B, &token_b).await;
-    let node_a = spawn_region_node(backend, &registry.url(), HOSPITAL_A, &token_a).await;
-    let api_a = Api::new(
-        &format!("http://{}", node_a.http_addr),
-        Some(crate::support::NODE_API_TOKEN),
-    );
-    let api_b = Api::new(
-        &format!("http://{}", node_b.http_addr),
-        Some(crate::support::NODE_API_TOKEN),
-    );
-    for api in [&api_a, &api_b] {
-        wait_until("list and directory pulled", || {
-            let api = api.clone();
-            async move {
-                let (status, _) = api.call("GET", "/api/v1/recognition/list", None).await;
-                let p = api.ok("GET", "/api/v1/publication", None).await;
-                status == 200 && p["hospitals_in_directory"] == 2
-            }
-        })
-        .await;
-    }
     // A chest CT whose BodyPartExamined says HEAD: needs confirmation.
     let ct = make_study(
         work.path(),

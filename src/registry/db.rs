@@ -186,7 +186,10 @@ fn check_record(r: &StudyRecord, codes: &std::collections::HashSet<String>) -> R
         return Err(format!("items has more than {} entries", bounds::ITEMS));
     }
     for (j, item) in r.items.iter().enumerate() {
-        if !codes.contains(&item.code) {
+        // Without an active list the registry cannot judge a code (and no
+        // check can warn on it): only its form is checked below, so that
+        // a region activating its first list loses no publication.
+        if !codes.is_empty() && !codes.contains(&item.code) {
             return Err(format!(
                 "items[{j}].code is not an item of the active recognition list"
             ));

@@ -662,9 +662,13 @@ async fn retrieve_matrix(backend: Backend) {
         ));
     }
 
-    // C-GET: the node accepts, per storage context getscu proposes, the
-    // first transfer syntax of its list, i.e. the one getscu prefers (one
-    // context per SOP class); that syntax is all the node may send in.
+    // C-GET: getscu proposes one storage context per SOP class, with the
+    // SCP role, listing its preferred syntax first and then the native
+    // ones. The node accepts on it the first native syntax of that list
+    // (src/dicom/acceptance.rs): a native instance goes as stored, a
+    // compressed one it can decode is decoded; only what it can neither
+    // send as stored nor decode fails (and would have failed in the
+    // compressed syntax too, for every native instance of the study).
     let getscu = [
         ("", E),
         ("+xe", E),
@@ -674,11 +678,11 @@ async fn retrieve_matrix(backend: Backend) {
         // (seen in its -d log): a dcmtk quirk, measured as is.
         ("+xi", E),
         ("+xd", D),
-        ("+xs", JPEG_LOSSLESS),
-        ("+xy", JPEG_BASELINE),
-        ("+xx", JPEG_EXTENDED),
-        ("+xt", JPEG_LS),
-        ("+xr", RLE),
+        ("+xs", E),
+        ("+xy", E),
+        ("+xx", E),
+        ("+xt", E),
+        ("+xr", E),
     ];
     for (option, accepted) in getscu {
         let label = format!(

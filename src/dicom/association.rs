@@ -63,9 +63,17 @@ pub async fn handle(
     ctx: Arc<DicomContext>,
     shutdown: CancellationToken,
 ) {
-    let options = ctx.options_for(peer.ip(), None);
-    let established =
-        tokio::time::timeout(ctx.artim_timeout, options.establish_async(socket)).await;
+    let artim = tokio::time::Instant::now() + ctx.artim_timeout;
+    let mut options = ctx.options_for(peer.ip(), None);
+    // The transfer syntaxes to accept where the node will send (C-GET);
+    // the request stays in the socket for dicom-ul.
+    let request = super::acceptance::peek_request(&socket, ctx.artim_timeout).await;
+    if let Some(list) = request.as_ref().and_then(super::acceptance::transfer_syntaxes) {
+        for ts in list {
+            options = options.with_transfer_syntax(ts);
+        }
+    }
+    let established = tokio::time::timeout_at(artim, options.establish_async(socket)).await;
     if let Some(association) = established_or_log(established, peer) {
         run(association, peer, ctx, shutdown).await;
     }

@@ -4,6 +4,8 @@
 //! - `listener`: the accept loop, the association limit, shutdown.
 //! - `association`: negotiation, AE-title policy, the P-DATA loop and the
 //!   dispatch to one file per service.
+//! - `acceptance`: the transfer syntax accepted on a context the node
+//!   sends on (C-GET storage contexts with the SCP role).
 //! - `dimse`: command sets, Message IDs and named statuses.
 //! - `c_echo`, `c_store`, `c_find`, `retrieve` (C-MOVE, C-GET),
 //!   `commitment` (Storage Commitment Push Model): the services.
@@ -13,6 +15,7 @@
 //! - `identifier`: Q/R identifiers to and from the shared matcher's types.
 //! - `sop_classes`: which abstract syntaxes are accepted.
 
+pub mod acceptance;
 pub mod association;
 pub mod c_echo;
 pub mod c_find;

@@ -739,3 +739,53 @@ async fn retrieve_matrix(backend: Backend) {
     assert!(status.success(), "{status:?}");
     drop(processes);
 }
+
+/// A regional prior retrieved through the local node (the subset of the
+/// matrix the peer test runs): C-GET of `study` from the node with getscu
+/// `option`, every instance of `originals` (the files stored at the holding
+/// node) arriving in `syntax`, with the same decoded pixels.
+pub(crate) fn get_regional_prior(
+    host: &str,
+    port: u16,
+    study: &str,
+    option: &str,
+    originals: &[String],
+    syntax: &str,
+    scratch: &Path,
+) {
+    let dir = scratch.join(support::unique("getscu-regional"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = Command::new("/usr/bin/getscu")
+        .args(["-d", "-S", "-aec", "HUREN", "-od"])
+        .arg(&dir)
+        .arg(option)
+        .args([host, &port.to_string()])
+        .args(["-k", "QueryRetrieveLevel=STUDY", "-k"])
+        .arg(format!("StudyInstanceUID={study}"))
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap();
+    let log = support::text(&output);
+    assert!(output.status.success(), "getscu {option}: {log}");
+    assert_eq!(statuses(&log).last(), Some(&0), "getscu {option}: {log}");
+    let by_uid: BTreeMap<String, &String> = originals
+        .iter()
+        .map(|f| (sop_instance_uid_of(Path::new(f)), f))
+        .collect();
+    let received = received_files(&Receiver::Dir(dir), scratch);
+    assert_eq!(received.len(), originals.len(), "getscu {option}: {log}");
+    let pairs: Vec<(String, String)> = received
+        .iter()
+        .map(|f| {
+            let original = by_uid
+                .get(&sop_instance_uid_of(f))
+                .unwrap_or_else(|| panic!("getscu {option}: unexpected {}", f.display()));
+            (f.display().to_string(), original.to_string())
+        })
+        .collect();
+    for v in compare(&pairs) {
+        assert_eq!(v["ts"], syntax, "getscu {option}: {v}");
+        assert_eq!(v["error"], Value::Null, "getscu {option}: {v}");
+        assert_eq!(v["max_diff"], 0, "getscu {option}: pixels differ: {v}");
+    }
+}

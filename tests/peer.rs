@@ -296,6 +296,25 @@ async fn peer_fetch_end_to_end() {
         .unwrap();
     assert!(output.status.success(), "{}", support::text(&output));
     assert_eq!(scp.received().len(), 10, "{}", support::text(&output));
+    // The same prior by C-GET, as workstations configured to prefer
+    // another syntax ask for it (a subset of tests/interop.rs's matrix):
+    // implicit and big endian as stored at B arrive converted, with the
+    // same pixels.
+    for (option, syntax) in [
+        ("+xs", "1.2.840.10008.1.2.1"),
+        ("+xb", "1.2.840.10008.1.2.2"),
+        ("+xi", "1.2.840.10008.1.2.1"),
+    ] {
+        crate::interop::get_regional_prior(
+            &node_a.host(),
+            node_a.port(),
+            &head.study_instance_uid,
+            option,
+            &head.files,
+            syntax,
+            work.path(),
+        );
+    }
     // The cache budget: the CT (older) was evicted, the head study stays;
     // a study of A's own is never a candidate.
     let own = make_study(

@@ -121,7 +121,11 @@ pub(super) fn transfer_syntaxes(rq: &AssociationRQ) -> Option<Vec<String>> {
                 .find(|t| dicom_ul::association::server::is_supported(t))
         };
         let choice = if sending.contains(&trim(&pc.abstract_syntax)) {
-            proposed.iter().copied().find(|t| is_native(t)).or_else(supported)
+            proposed
+                .iter()
+                .copied()
+                .find(|t| is_native(t))
+                .or_else(supported)
         } else {
             supported()
         };

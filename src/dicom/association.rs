@@ -68,7 +68,10 @@ pub async fn handle(
     // The transfer syntaxes to accept where the node will send (C-GET);
     // the request stays in the socket for dicom-ul.
     let request = super::acceptance::peek_request(&socket, ctx.artim_timeout).await;
-    if let Some(list) = request.as_ref().and_then(super::acceptance::transfer_syntaxes) {
+    if let Some(list) = request
+        .as_ref()
+        .and_then(super::acceptance::transfer_syntaxes)
+    {
         for ts in list {
             options = options.with_transfer_syntax(ts);
         }

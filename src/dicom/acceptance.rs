@@ -71,6 +71,15 @@ pub(super) async fn peek_request(socket: &TcpStream, wait: Duration) -> Option<A
         if n >= want {
             break;
         }
+        // A peer that sent part of a request and closed: dicom-ul reads
+        // the end of the stream at once and closes; no waiting here.
+        let ready = tokio::time::timeout_at(deadline, socket.ready(tokio::io::Interest::READABLE))
+            .await
+            .ok()?
+            .ok()?;
+        if ready.is_read_closed() {
+            return None;
+        }
         // Part of the PDU is still in flight: peek returns at once while
         // any byte is queued, so wait for the segments to come rather
         // than spin.
@@ -225,6 +234,28 @@ mod tests {
         let rq = rq(&[(1, CT, &[JPEG_LOSSLESS]), (3, MR, &[RLE, E])], &[CT, MR]);
         let list = transfer_syntaxes(&rq).unwrap();
         assert_eq!(list, vec![JPEG_LOSSLESS.to_string(), E.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_request_cut_short_is_left_to_dicom_ul_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut bytes = Vec::new();
+        let request = rq(&[(1, CT, &[JPEG_LOSSLESS, E])], &[CT]);
+        dicom_ul::pdu::write_pdu(&mut bytes, &Pdu::AssociationRQ(request)).unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&bytes[..20]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        // Well within the wait: the closed stream ends the peek.
+        let peeked = tokio::time::timeout(
+            Duration::from_secs(20),
+            peek_request(&socket, Duration::from_secs(60)),
+        )
+        .await
+        .expect("the peek waited for a request that cannot come");
+        assert_eq!(peeked, None);
     }
 
     #[tokio::test]

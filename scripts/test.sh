@@ -8,8 +8,8 @@
 #       cluster and a single-node Garage on loopback, then runs, stopping at the first
 #       failure:
 #           cargo fmt --all -- --check
-#           cargo clippy --all-targets -- -D warnings
-#           cargo test --all-targets [ARGS...]
+#           cargo clippy --all-targets --features jpeg-ls -- -D warnings
+#           cargo test --all-targets --features jpeg-ls [ARGS...]
 #       ARGS go to `cargo test`, e.g. `scripts/test.sh ingest::` to filter.
 #       Services and their temp dir are removed on exit.
 #
@@ -78,6 +78,10 @@ pkg_installed() {
 missing=()
 # dpkg, not `command -v`: PATH may hold same-named shims for dcmtk tools.
 pkg_installed dcmtk || missing+=(dcmtk)
+# The suite builds with the `jpeg-ls` feature: CharLS is compiled from
+# source (Cargo.toml).
+pkg_installed cmake || missing+=(cmake)
+pkg_installed g++ || missing+=(g++)
 # tests/lifecycle.rs drives QIDO-RS, WADO-RS and the JSON API with curl.
 pkg_installed curl || missing+=(curl)
 pkg_installed chromium || missing+=(chromium)
@@ -324,10 +328,10 @@ fi
 cd "$REPO_ROOT"
 log "cargo fmt --all -- --check"
 cargo fmt --all -- --check
-log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
-log "cargo test --all-targets $*"
-cargo test --all-targets "$@"
+log "cargo clippy --all-targets --features jpeg-ls -- -D warnings"
+cargo clippy --all-targets --features jpeg-ls -- -D warnings
+log "cargo test --all-targets --features jpeg-ls $*"
+cargo test --all-targets --features jpeg-ls "$@"
 # The region demo with real processes: a registry and two nodes (only for a
 # whole run, not a filtered one).
 if [[ $# -eq 0 ]]; then

@@ -1,6 +1,7 @@
 //! Transfer syntax conversion on the way out, shared by C-MOVE/C-GET
 //! sub-operations and WADO-RS: uncompressed (and deflated) data sets are
-//! re-encoded; JPEG baseline, JPEG lossless and RLE pixel data are decoded
+//! re-encoded; JPEG baseline, JPEG lossless and RLE pixel data (and JPEG-LS
+//! with the `jpeg-ls` feature) are decoded
 //! with dicom-pixeldata. Stored blobs are never changed; conversion works on
 //! a copy in memory.
 
@@ -30,8 +31,8 @@ pub fn is_native(ts: &str) -> bool {
 }
 
 /// Whether dicom-pixeldata can decode this encapsulated syntax with the
-/// codecs built in (JPEG baseline and lossless, RLE; not JPEG extended
-/// 12-bit, JPEG-LS, JPEG 2000).
+/// codecs built in (JPEG baseline and lossless, RLE, and JPEG-LS with the
+/// `jpeg-ls` feature; not JPEG extended 12-bit, JPEG 2000).
 pub fn is_decodable(ts: &str) -> bool {
     // JPEG Extended is almost always 12-bit, which jpeg-decoder (behind
     // dicom-pixeldata's `jpeg` feature) does not read although the registry

@@ -47,10 +47,13 @@ const SAMPLE_SYNTAXES: [&str; 9] = [
 const UNCOMPRESSED: [&str; 4] = [E, I, B, D];
 
 /// What the node can convert to an uncompressed syntax: every uncompressed
-/// one, and what dicom-pixeldata decodes (not 12-bit JPEG extended, not
-/// JPEG-LS: no codec is built in).
+/// one, and what dicom-pixeldata decodes (JPEG baseline and lossless, RLE,
+/// JPEG-LS when built with the `jpeg-ls` feature (CharLS), as the test
+/// command does; not 12-bit JPEG extended: jpeg-decoder reads 8-bit only).
 fn convertible(stored: &str) -> bool {
-    UNCOMPRESSED.contains(&stored) || [JPEG_BASELINE, JPEG_LOSSLESS, RLE].contains(&stored)
+    UNCOMPRESSED.contains(&stored)
+        || [JPEG_BASELINE, JPEG_LOSSLESS, RLE].contains(&stored)
+        || (cfg!(feature = "jpeg-ls") && stored == JPEG_LS)
 }
 
 fn short(ts: &str) -> &'static str {

@@ -156,8 +156,98 @@ impl<'a> Asked<'a> {
 /// Fetches a study held at `holding` (missing instances only), verified
 /// against the content root the registry published. `reference` is the
 /// check or query that led here (the registry's audit links them).
-#[allow(clippy::too_many_arguments)]
+///
+/// A fetch that fails for want of the images (peer down or without a node
+/// URL, bytes that do not verify) is remembered, and this node's check
+/// stops warning on that prior until a fetch succeeds (`unretrievable`).
 pub async fn fetch_study(
+    region: &Arc<Region>,
+    ingest: &Ingest,
+    holding: &str,
+    study_instance_uid: &str,
+    asked: Asked<'_>,
+) -> Result<FetchReport, Error> {
+    let result = fetch_and_verify(region, ingest, holding, study_instance_uid, asked).await;
+    let remembered = match &result {
+        Ok(_) => forget_failure(region, holding, study_instance_uid).await,
+        Err(e @ (Error::NoPeer(_) | Error::Peer(_) | Error::Integrity(_))) => {
+            remember_failure(region, holding, study_instance_uid, &e.to_string()).await
+        }
+        // Refused (no consent, no record), the registry or the index
+        // failing: nothing is known of the images.
+        Err(_) => Ok(()),
+    };
+    if let Err(e) = remembered {
+        tracing::warn!(error = %e, holding, study_instance_uid, "the outcome of a peer fetch was not remembered");
+    }
+    result
+}
+
+/// How long a failed fetch keeps the check from warning when no fetch of
+/// the study is tried again: a peer down for a day is a peer to ask again.
+pub const FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+async fn remember_failure(
+    region: &Region,
+    holding: &str,
+    study_instance_uid: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    // The reason is ours (error text), bounded for the page.
+    let reason: String = reason.chars().take(300).collect();
+    sqlx::query(
+        "INSERT INTO peer_fetch_failure (hospital_id, study_instance_uid, reason, failed_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
+         reason = excluded.reason, failed_at = excluded.failed_at",
+    )
+    .bind(holding)
+    .bind(study_instance_uid)
+    .bind(reason)
+    .bind(crate::common::now_rfc3339())
+    .execute(region.index().pool())
+    .await?;
+    Ok(())
+}
+
+async fn forget_failure(
+    region: &Region,
+    holding: &str,
+    study_instance_uid: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM peer_fetch_failure WHERE hospital_id = $1 AND study_instance_uid = $2",
+    )
+    .bind(holding)
+    .bind(study_instance_uid)
+    .execute(region.index().pool())
+    .await?;
+    Ok(())
+}
+
+/// The priors this node failed to retrieve within [`FAILURE_MEMORY`]:
+/// (holding hospital, study) → why.
+pub async fn unretrievable(
+    region: &Region,
+) -> Result<std::collections::HashMap<(String, String), String>, sqlx::Error> {
+    // The same format as `now_rfc3339`, so the strings compare as times.
+    let since =
+        humantime::format_rfc3339_micros(std::time::SystemTime::now() - FAILURE_MEMORY).to_string();
+    let rows = sqlx::query(
+        "SELECT hospital_id, study_instance_uid, reason, failed_at FROM peer_fetch_failure",
+    )
+    .fetch_all(region.index().pool())
+    .await?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let failed_at: String = row.try_get(3)?;
+        if failed_at.as_str() >= since.as_str() {
+            out.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
+        }
+    }
+    Ok(out)
+}
+
+async fn fetch_and_verify(
     region: &Arc<Region>,
     ingest: &Ingest,
     holding: &str,

@@ -297,10 +297,25 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         ),
     };
     let directory = region.directory().await;
+    // Priors whose images this node failed to fetch lately count as
+    // unavailable, whatever their holder published: the doctor could not
+    // open them.
+    let unretrievable = crate::peer::unretrievable(region)
+        .await
+        .map_err(|e| Error::Index(e.to_string()))?;
     let prior_list: Vec<Prior> = answer
         .records
         .iter()
-        .map(|r| Prior {
+        .map(|r| {
+            let mut record = r.record.clone();
+            if unretrievable
+                .contains_key(&(r.hospital_id.clone(), record.study_instance_uid.clone()))
+            {
+                record.images_available = false;
+            }
+            (r, record)
+        })
+        .map(|(r, record)| Prior {
             hospital_id: r.hospital_id.clone(),
             hospital: directory.as_ref().and_then(|d| {
                 d.hospitals
@@ -308,7 +323,7 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
                     .find(|h| h.hospital_id == r.hospital_id)
                     .cloned()
             }),
-            record: r.record.clone(),
+            record,
         })
         .collect();
     let ordering = this_hospital(region).await;

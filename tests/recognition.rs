@@ -753,6 +753,35 @@ async fn confirmation_at_the_source_end_to_end() {
     wait_record(&reg_b, HOSP_B, &uid, version + 2).await;
     assert_eq!(check().await["outcome"], "warn");
 
+    // A cannot retrieve the prior (B's node is in no directory entry
+    // yet): A's check stops warning on it, whatever B published; once A's
+    // fetch succeeds, it warns again.
+    let fetch = json!({"hospital_id": HOSP_B, "study_instance_uid": uid,
+                       "purpose": "treatment", "user_id": "dr.li"});
+    let (status, failed) = api_a
+        .call("POST", "/api/v1/peer/fetch", Some(fetch.clone()))
+        .await;
+    assert_eq!(status, 400, "{failed}");
+    let unreachable = check().await;
+    assert_eq!(unreachable["outcome"], "no_warn", "{unreachable}");
+    assert_eq!(reason_of(&unreachable, &uid), "images_unavailable");
+    admin
+        .ok(
+            "PATCH",
+            &format!("/v1/hospitals/{HOSP_B}"),
+            Some(json!({"dicomweb_base_url": format!("http://{}/dicom-web", nodes[1].http_addr)})),
+        )
+        .await;
+    wait_until("A fetched the prior from B", || {
+        let (api_a, fetch) = (api_a.clone(), fetch.clone());
+        async move {
+            let (status, _) = api_a.call("POST", "/api/v1/peer/fetch", Some(fetch)).await;
+            status == 200
+        }
+    })
+    .await;
+    assert_eq!(check().await["outcome"], "warn");
+
     Contract::load().check_all(&recorder.all(), &["node-confirmation"]);
     for node in nodes {
         node.stop().await;

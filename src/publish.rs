@@ -448,9 +448,10 @@ impl Region {
             }
             headers.push(header);
         }
-        let summary = summarise(&every);
+        let list = self.list();
+        let summary = summarise(&every, list.as_deref().map(|l| &l.vocabulary));
         let mut classification_json: Option<String> = None;
-        let (items, unclassified) = match self.list() {
+        let (items, unclassified) = match list {
             Some(list) => {
                 let c = classify(
                     &list,
@@ -1710,9 +1711,14 @@ struct Summary {
 
 /// Contrast is series-level: a series is enhanced when a contrast agent is
 /// recorded and its route is not oral (oral contrast alone does not make an
-/// enhanced scan; recognition-facts.md). Localizers (ImageType LOCALIZER)
-/// are neither plain nor enhanced series of the exam.
-fn summarise(headers: &[SeriesHeader]) -> Summary {
+/// enhanced scan; recognition-facts.md), read with the active list's
+/// vocabulary (ContrastBolusAgent NONE, 无, - is no agent), or without a
+/// list, with the route alone. Localizers (ImageType LOCALIZER) are
+/// neither plain nor enhanced series of the exam.
+fn summarise(
+    headers: &[SeriesHeader],
+    vocabulary: Option<&crate::recognition::list::Vocabulary>,
+) -> Summary {
     let mut plain = false;
     let mut enhanced = false;
     let mut laterality = BTreeSet::new();
@@ -1721,7 +1727,16 @@ fn summarise(headers: &[SeriesHeader]) -> Summary {
         if h.image_type.to_ascii_uppercase().contains("LOCALIZER") {
             continue;
         }
-        if h.contrast_agent && !h.contrast_route.contains("ORAL") {
+        let (given, oral) = match vocabulary {
+            Some(v) => crate::recognition::classify::contrast_agent(
+                v,
+                &h.contrast_agent_text,
+                h.contrast_agent_sequence,
+                &h.contrast_route,
+            ),
+            None => (h.contrast_agent, h.contrast_route.contains("ORAL")),
+        };
+        if given && !oral {
             enhanced = true;
         } else {
             plain = true;
@@ -1786,6 +1801,35 @@ mod tests {
     }
 
     #[test]
+    fn a_no_agent_value_is_no_contrast_in_the_record() {
+        let list = crate::recognition::list::RecognitionList::parse(include_str!(
+            "../deploy/recognition/jiangsu-example.toml"
+        ))
+        .unwrap();
+        let h = |agent: &str, route: &str| SeriesHeader {
+            contrast_agent: !agent.is_empty(),
+            contrast_agent_text: agent.into(),
+            contrast_route: route.into(),
+            ..SeriesHeader::default()
+        };
+        for (agent, route, expected) in [
+            ("NONE", "", Contrast::None),
+            ("无", "", Contrast::None),
+            ("-", "", Contrast::None),
+            ("N/A", "", Contrast::None),
+            ("Water", "ORAL", Contrast::None),
+            ("Ultravist 370", "IV", Contrast::Enhanced),
+            ("碘海醇", "", Contrast::Enhanced),
+        ] {
+            assert_eq!(
+                summarise(&[h(agent, route)], Some(&list.vocabulary)).contrast,
+                expected,
+                "{agent:?} {route:?}"
+            );
+        }
+    }
+
+    #[test]
     fn contrast_and_sides() {
         let h = |agent: bool, route: &str, image_type: &str, lat: &str| SeriesHeader {
             contrast_agent: agent,
@@ -1817,9 +1861,9 @@ mod tests {
             ),
         ];
         for (headers, expected) in cases {
-            assert_eq!(summarise(headers).contrast, *expected, "{headers:?}");
+            assert_eq!(summarise(headers, None).contrast, *expected, "{headers:?}");
         }
-        let s = summarise(&[h(false, "", "", "L"), h(false, "", "", "R")]);
+        let s = summarise(&[h(false, "", "", "L"), h(false, "", "", "R")], None);
         assert_eq!(s.laterality, vec![Laterality::Left, Laterality::Right]);
     }
 }

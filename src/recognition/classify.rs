@@ -477,18 +477,39 @@ fn series_kind(list: &RecognitionList, s: &SeriesAttributes) -> (Kind, bool) {
         return (Kind::Enhanced, true);
     }
     let agent = s.contrast_agent.trim();
-    let agent_given = (!agent.is_empty()
-        && !v
-            .no_contrast_agent
-            .iter()
-            .any(|n| normalize(n.trim()) == normalize(agent)))
-        || s.contrast_agent_sequence;
-    let oral = Text::new(&s.contrast_route).any(&v.oral_route)
-        || (!agent.is_empty() && Text::new(agent).any(&v.oral_agent));
+    let (agent_given, oral) = contrast_agent(
+        v,
+        &s.contrast_agent,
+        s.contrast_agent_sequence,
+        &s.contrast_route,
+    );
     if agent_given && !oral {
         return (Kind::Enhanced, true);
     }
     (Kind::Plain, agent_given || !agent.is_empty())
+}
+
+/// What a series' contrast attributes say, read with the list's
+/// vocabulary: whether an agent was given (a value such as NONE, 无 or -
+/// is no agent) and whether it went by mouth (oral contrast alone does
+/// not make an enhanced scan). The publisher's record-level summary reads
+/// them the same way.
+pub fn contrast_agent(
+    v: &crate::recognition::list::Vocabulary,
+    agent: &str,
+    agent_sequence: bool,
+    route: &str,
+) -> (bool, bool) {
+    let agent = agent.trim();
+    let given = (!agent.is_empty()
+        && !v
+            .no_contrast_agent
+            .iter()
+            .any(|n| normalize(n.trim()) == normalize(agent)))
+        || agent_sequence;
+    let oral = Text::new(route).any(&v.oral_route)
+        || (!agent.is_empty() && Text::new(agent).any(&v.oral_agent));
+    (given, oral)
 }
 
 fn sides_in(list: &RecognitionList, text: &Text) -> BTreeSet<Laterality> {

@@ -149,7 +149,8 @@ enum RecognitionCommand {
     /// if any.
     CheckList { file: std::path::PathBuf },
     /// Classify Part-10 files (directories recursively, grouped by Study
-    /// Instance UID): one JSON object per study.
+    /// Instance UID): per study, each item with its confidence and the
+    /// evidence it rests on; one JSON object per study, or text to read.
     Classify {
         /// The list [default: deploy/recognition/jiangsu-example.toml]
         #[arg(long)]
@@ -157,6 +158,9 @@ enum RecognitionCommand {
         /// The hospital whose local code table applies
         #[arg(long)]
         hospital_id: Option<String>,
+        /// `json` (one object per study per line) or `text` (for a person)
+        #[arg(long, default_value = "json", value_parser = ["json", "text"])]
+        format: String,
         #[arg(required = true)]
         paths: Vec<std::path::PathBuf>,
     },
@@ -620,6 +624,7 @@ fn recognition(command: RecognitionCommand) -> anyhow::Result<ExitCode> {
         RecognitionCommand::Classify {
             list,
             hospital_id,
+            format,
             paths,
         } => {
             let path = list.unwrap_or_else(|| {
@@ -628,11 +633,98 @@ fn recognition(command: RecognitionCommand) -> anyhow::Result<ExitCode> {
             });
             let list = huren::recognition::load(&path).map_err(anyhow::Error::msg)?;
             for line in huren::publish::classify_files(&list, hospital_id.as_deref(), &paths)? {
-                println!("{line}");
+                if format == "text" {
+                    print!("{}", classification_text(&list, &line));
+                } else {
+                    println!("{line}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// One study's classification (a JSON line of `classify_files`) for a
+/// person: each item with its name, confidence, contrast, side and views,
+/// then the evidence, one attribute a line, with how many series and
+/// instances show it; or why the study has no item.
+fn classification_text(list: &huren::recognition::list::RecognitionList, line: &str) -> String {
+    use std::fmt::Write;
+    let v: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(_) => return format!("{line}\n"),
+    };
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let mut out = String::new();
+    if let Some(error) = v.get("error") {
+        let _ = writeln!(out, "{}: {}", s(&v["file"]), s(error));
+        return out;
+    }
+    let _ = writeln!(out, "study {}", s(&v["study_instance_uid"]));
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    for item in &items {
+        let code = s(&item["code"]);
+        let name = list
+            .item(&code)
+            .map(|i| i.name_zh.clone())
+            .unwrap_or_default();
+        let _ = write!(out, "  {code} {name}: {}", s(&item["confidence"]));
+        if let Some(c) = item["contrast"].as_str() {
+            let _ = write!(out, ", contrast {c}");
+        }
+        if let Some(l) = item["laterality"].as_str() {
+            let _ = write!(out, ", side {l}");
+        }
+        let views: Vec<String> = item["views"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default();
+        if !views.is_empty() {
+            let _ = write!(out, ", views {}", views.join(" "));
+        }
+        out.push('\n');
+        {
+            for d in item["doubts"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "    doubt: {}",
+                    d.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| d.to_string())
+                );
+            }
+        }
+        for e in item["evidence"].as_array().into_iter().flatten() {
+            let count = |k: &str| e[k].as_array().map_or(0, Vec::len);
+            let mut whence = Vec::new();
+            if count("series") > 0 {
+                whence.push(format!("{} series", count("series")));
+            }
+            if count("instances") > 0 {
+                whence.push(format!("{} instances", count("instances")));
+            }
+            let _ = writeln!(
+                out,
+                "    {} = {:?}{}",
+                s(&e["attribute"]),
+                s(&e["value"]),
+                if whence.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", whence.join(", "))
+                }
+            );
+        }
+    }
+    if items.is_empty() {
+        let why = match &v["unclassified"] {
+            serde_json::Value::Null => "no item".to_string(),
+            serde_json::Value::String(r) => r.clone(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(out, "  no item: {why}");
+    }
+    out
 }
 
 fn cli_audit(action: &'static str, detail: String) -> AuditRecord {

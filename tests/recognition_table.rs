@@ -556,3 +556,54 @@ fn recognition_table() {
         "{correct} of {rows} correct, below {CORRECT_BAR}:\n{report}"
     );
 }
+
+/// `huren recognition classify --format text` for a person: per study,
+/// each item with its name and confidence, the doubts of an unsure one,
+/// and the evidence with the values read.
+#[test]
+fn classify_prints_items_confidence_and_evidence_as_text() {
+    let text = std::fs::read_to_string(repo_path("tests/data/recognition-headers.jsonl")).unwrap();
+    let row = |id: &str| -> Value {
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("row {id}"))
+    };
+    let work = tempfile::tempdir().unwrap();
+    let certain = write_study(&row("base-ge-chest"), work.path());
+    let unsure = write_study(&row("bp-chest-left-abd"), work.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_huren"))
+        .args(["recognition", "classify", "--format", "text", "--list"])
+        .arg(repo_path("deploy/recognition/jiangsu-example.toml"))
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let study = |uid: &str| -> String {
+        let start = printed
+            .find(&format!("study {uid}\n"))
+            .unwrap_or_else(|| panic!("no study {uid} in\n{printed}"));
+        let rest = &printed[start + 1..];
+        let end = rest.find("\nstudy ").map_or(rest.len(), |e| e + 1);
+        printed[start..start + 1 + end].to_string()
+    };
+    let c = study(&certain);
+    assert!(c.contains("  CT-0301-01 胸部CT平扫: certain"), "{c}");
+    assert!(c.contains("    Modality = \"CT\""), "{c}");
+    assert!(
+        c.contains("    StudyDescription = \"CHEST ROUTINE\""),
+        "{c}"
+    );
+    assert!(!c.contains("doubt:"), "{c}");
+    let u = study(&unsure);
+    assert!(u.contains("CT-0401-01"), "{u}");
+    assert!(u.contains(": needs_confirmation"), "{u}");
+    assert!(u.contains("    doubt: "), "{u}");
+    assert!(u.contains("    doubt: body_part_examined_contradicts_description"), "{u}");
+    assert!(u.contains("    SeriesDescription = \"Abdomen  5.0  B30f\""), "{u}");
+}

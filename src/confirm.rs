@@ -208,7 +208,7 @@ pub async fn confirm(
     .fetch_one(region.index().pool())
     .await?;
     let classified = classified_items(&classification);
-    let corrected = sorted(classified) != sorted(request.items.clone());
+    let corrected = sorted(classified.clone()) != sorted(request.items.clone());
     sqlx::query(
         "INSERT INTO study_confirmation (study_instance_uid, items, role, user_id, classified, \
          corrected, content_root, confirmed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -229,6 +229,41 @@ pub async fn confirm(
     .await?;
     region.note_change(uid).await?;
     region.wake_publisher();
+    // The region counts confirmations and corrections per hospital and
+    // item (registry statistics): one event per item the classifier had
+    // said, or one without an item when it had found none. The role, not
+    // the person, goes to the registry.
+    let said: Vec<String> = {
+        let mut codes: Vec<String> = classified.iter().map(|i| i.code.clone()).collect();
+        codes.sort();
+        codes.dedup();
+        if codes.is_empty() {
+            vec![String::new()]
+        } else {
+            codes
+        }
+    };
+    let confirmation_id = crate::common::random_hex(12);
+    for (n, code) in said.into_iter().enumerate() {
+        region
+            .enqueue_event(crate::contract::RecognitionEvent {
+                event_id: format!("confirm-{confirmation_id}-{n}"),
+                check_id: String::new(),
+                kind: if corrected {
+                    crate::contract::EventKind::Corrected
+                } else {
+                    crate::contract::EventKind::Confirmed
+                },
+                item_code: code,
+                reason_code: None,
+                non_recognition: false,
+                list_version: list.content_hash.clone(),
+                at: crate::common::now_rfc3339(),
+                user_id: request.role.as_str().to_string(),
+            })
+            .await
+            .map_err(|e| Error::Index(e.to_string()))?;
+    }
     crate::metrics::recognition_confirmation(corrected);
     tracing::info!(
         study_instance_uid = uid,

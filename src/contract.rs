@@ -580,6 +580,14 @@ pub enum EventKind {
     Accepted,
     /// The doctor repeated the exam, with a reason.
     Repeated,
+    /// The hospital that did the exam confirmed the classifier's items of
+    /// a study as they were (`item_code`: one of them; empty when the
+    /// classifier had found none and none was confirmed).
+    Confirmed,
+    /// It corrected them: the equipment's headers misled the classifier
+    /// (`item_code`: what the classifier had said, or empty when it had
+    /// found nothing). Counted per hospital so a region sees where.
+    Corrected,
 }
 
 impl EventKind {
@@ -588,6 +596,8 @@ impl EventKind {
             EventKind::Warning => "warning",
             EventKind::Accepted => "accepted",
             EventKind::Repeated => "repeated",
+            EventKind::Confirmed => "confirmed",
+            EventKind::Corrected => "corrected",
         }
     }
 }
@@ -647,6 +657,13 @@ pub struct StatisticsRow {
     /// Repeats for reasons that count as non-recognition.
     pub non_recognition: i64,
     pub repeated_by_reason: std::collections::BTreeMap<String, i64>,
+    /// Studies whose items the hospital confirmed as classified, and
+    /// those it corrected (registry statistics; a node's own statistics
+    /// leave them out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrected: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -579,6 +579,8 @@ pub async fn statistics(region: &Region, month: Option<&str>) -> Result<Vec<Stat
                 repeated: 0,
                 non_recognition: 0,
                 repeated_by_reason: Default::default(),
+                confirmed: None,
+                corrected: None,
             });
         }
         let row = out.last_mut().expect("pushed above");

@@ -728,13 +728,17 @@ async fn c_move_refusals_and_failed_sub_operations() {
     // where PLAIN does not take the stored syntax, as with deflate), those
     // dicom-pixeldata decodes arrive decompressed, the rest fail and are
     // listed.
-    // (JPEG extended 12-bit is not: jpeg-decoder reads 8-bit only.)
-    let decodable = [
+    // (JPEG extended 12-bit is not: jpeg-decoder reads 8-bit only; JPEG-LS
+    // is with the `jpeg-ls` feature, CharLS, which the test command builds.)
+    let mut decodable = vec![
         "1.2.840.10008.1.2.4.50",
         "1.2.840.10008.1.2.4.57",
         "1.2.840.10008.1.2.4.70",
         "1.2.840.10008.1.2.5",
     ];
+    if cfg!(feature = "jpeg-ls") {
+        decodable.push("1.2.840.10008.1.2.4.80");
+    }
     let uncompressed = [
         "1.2.840.10008.1.2",
         "1.2.840.10008.1.2.1",

@@ -728,6 +728,33 @@ async fn confirmation_at_the_source_end_to_end() {
     assert_eq!(counts["confirmed"], 1, "{counts}");
     assert_eq!(counts["corrected"], 1, "{counts}");
     assert_eq!(counts["hospital_id"], HOSP_B);
+    // The region sees them too: B's node reports them to the registry,
+    // whose statistics count them per hospital and item.
+    wait_until(
+        "the registry counts B's confirmation and correction",
+        || {
+            let admin = admin.clone();
+            async move {
+                let (status, stats) = admin
+                    .call(
+                        "GET",
+                        &format!("/v1/recognition/statistics?hospital_id={HOSP_B}"),
+                        None,
+                    )
+                    .await;
+                let sum = |k: &str| -> i64 {
+                    stats["rows"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| r[k].as_i64().unwrap_or(0))
+                        .sum()
+                };
+                status == 200 && sum("confirmed") == 1 && sum("corrected") == 1
+            }
+        },
+    )
+    .await;
 
     // The images cannot be retrieved any more: B says so, A stops warning.
     api_b

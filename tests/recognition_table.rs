@@ -604,6 +604,12 @@ fn classify_prints_items_confidence_and_evidence_as_text() {
     assert!(u.contains("CT-0401-01"), "{u}");
     assert!(u.contains(": needs_confirmation"), "{u}");
     assert!(u.contains("    doubt: "), "{u}");
-    assert!(u.contains("    doubt: body_part_examined_contradicts_description"), "{u}");
-    assert!(u.contains("    SeriesDescription = \"Abdomen  5.0  B30f\""), "{u}");
+    assert!(
+        u.contains("    doubt: body_part_examined_contradicts_description"),
+        "{u}"
+    );
+    assert!(
+        u.contains("    SeriesDescription = \"Abdomen  5.0  B30f\""),
+        "{u}"
+    );
 }

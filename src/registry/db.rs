@@ -1334,12 +1334,16 @@ impl Db {
                     repeated: 0,
                     non_recognition: 0,
                     repeated_by_reason: Default::default(),
+                    confirmed: Some(0),
+                    corrected: Some(0),
                 });
             }
             let row = out.last_mut().expect("pushed above");
             match kind.as_str() {
                 "warning" => row.warnings += n,
                 "accepted" => row.accepted += n,
+                "confirmed" => *row.confirmed.get_or_insert(0) += n,
+                "corrected" => *row.corrected.get_or_insert(0) += n,
                 _ => {
                     row.repeated += n;
                     if non_recognition {

@@ -15,6 +15,7 @@
 
 pub mod auth;
 mod i18n;
+pub mod images;
 pub mod throttle;
 
 use std::collections::{BTreeSet, HashMap};
@@ -64,6 +65,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../../templates/decision.html"),
     ),
     ("study.html", include_str!("../../../templates/study.html")),
+    (
+        "images.html",
+        include_str!("../../../templates/images.html"),
+    ),
 ];
 
 fn templates() -> Environment<'static> {
@@ -80,6 +85,9 @@ pub struct PageState {
     region: Option<Arc<Region>>,
     templates: Environment<'static>,
     sign_in: throttle::SignInThrottle,
+    /// Fetches of regional priors and thumbnails (issue 19).
+    ingest: crate::ingest::Ingest,
+    thumbnails: std::sync::Mutex<images::ThumbnailCache>,
 }
 
 pub fn router(state: &Arc<AppState>) -> Router {
@@ -88,6 +96,8 @@ pub fn router(state: &Arc<AppState>) -> Router {
         region: state.region.clone(),
         templates: templates(),
         sign_in: throttle::SignInThrottle::default(),
+        ingest: state.ingest.clone(),
+        thumbnails: Default::default(),
     });
     Router::new()
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
@@ -99,6 +109,7 @@ pub fn router(state: &Arc<AppState>) -> Router {
         .route("/ui/decision", post(decision))
         .route("/ui/studies/{uid}", get(study_page))
         .route("/ui/studies/{uid}/confirm", post(confirm_items))
+        .merge(images::routes())
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(page)
@@ -995,6 +1006,16 @@ async fn timeline(
         Ok(local) => entries.extend(local),
         Err(e) => return Err(state.unavailable(page, "timeline", &e).await),
     }
+    // Thumbnails for the studies held here (the hospital's own, and
+    // regional priors already fetched); a regional prior not fetched yet
+    // gets them once it is.
+    for e in entries.iter_mut() {
+        let uid = e["uid"].as_str().unwrap_or("").to_string();
+        match images::series_of(&state.index, &uid).await {
+            Ok(series) => e["thumbs"] = json!(series),
+            Err(err) => return Err(state.unavailable(page, "timeline", &err).await),
+        }
+    }
     // Newest first; undated last.
     entries.sort_by(|a, b| {
         let key = |e: &Value| {
@@ -1188,12 +1209,21 @@ async fn render_check(
         .iter()
         .map(|r| json!({"code": r.code, "name": item_name(page.lang, &r.name_zh, &r.name_en)}))
         .collect();
+    // The cited prior's series as thumbnails when its images are here.
+    let cited_series = match answer["cited"]["study_instance_uid"].as_str() {
+        Some(uid) => match images::series_of(&state.index, uid).await {
+            Ok(s) => s,
+            Err(e) => return state.unavailable(page, "check", &e).await,
+        },
+        None => Vec::new(),
+    };
     state
         .render(
             page,
             status,
             "check.html",
-            json!({"answer": answer, "reasons": reasons, "error": error, "form": form}),
+            json!({"answer": answer, "reasons": reasons, "error": error, "form": form,
+                   "cited_series": cited_series}),
         )
         .await
 }

@@ -342,5 +342,6 @@ cargo test --all-targets "$@"
 # whole run, not a filtered one).
 if [[ $# -eq 0 ]]; then
     log "deploy/region-demo.sh"
-    HUREN_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/huren" bash deploy/region-demo.sh
+    HUREN_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/huren" HUREN_VIEWER_DIR="$VIEWER_DIR" \
+        bash deploy/region-demo.sh
 fi

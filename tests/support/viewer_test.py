@@ -168,9 +168,13 @@ def doctor(args):
                     emit(step="failed", kind=failed.get_attribute("data-kind"),
                          text=failed.inner_text())
                     sys.exit(1)
-                if counts.count() and progress_seen is None:
-                    progress_seen = counts.inner_text()
-                    shot(page, "viewer-progress.png", full_page=True)
+                # The screenshot shows the furthest look with images in.
+                if counts.count():
+                    text = counts.inner_text()
+                    if text != progress_seen:
+                        progress_seen = text
+                        if page.locator("#fetch-progress[value]:not([value='0'])").count():
+                            shot(page, "viewer-progress.png", full_page=True)
             except PlaywrightError as e:
                 if "context was destroyed" not in str(e) and "navigat" not in str(e):
                     raise

@@ -178,12 +178,14 @@ for (( r = 1; r <= runs; r++ )); do
 done
 
 mkdir -p "$(dirname "$out_file")"
-"$PYTHON" - "$results" "$instances" "$command_line" "$(git -C "$repo" rev-parse --short HEAD)" >"$out_file" <<'PY'
+"$PYTHON" - "$results" "$instances" "$command_line" "$(git -C "$repo" rev-parse --short HEAD)" "$HUREN_BIN" \
+    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" >"$out_file" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 n = int(sys.argv[2])
 print(f"# Viewer: click to first image, {n}-instance CT prior held at B\n")
-print(f"`{sys.argv[3]}` at {sys.argv[4]}; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs.\n")
+print(f"`{sys.argv[3]}` at {sys.argv[4]}, binary `{sys.argv[5]}`; {sys.argv[6]} headless,"
+      f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs.\n")
 print("| round | first image (s) | instances at A then | whole fetch (s) | first image / fetch |")
 print("|---|---|---|---|---|")
 for i, r in enumerate(rows, 1):

@@ -1000,10 +1000,13 @@ pub async fn evict(
     let budget = region.config().peer_cache_budget_bytes as i64;
     let mut evicted = Vec::new();
     loop {
-        let total: i64 = sqlx::query("SELECT COALESCE(SUM(bytes), 0) FROM cached_study")
-            .fetch_one(pool)
-            .await?
-            .try_get(0)?;
+        // PostgreSQL's SUM of a BIGINT is a NUMERIC: cast back, for the
+        // Any driver (and both backends) to read an i64.
+        let total: i64 =
+            sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM cached_study")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?;
         if total <= budget {
             return Ok(evicted);
         }
@@ -1122,4 +1125,52 @@ pub fn prefetch(
             Err(e) => tracing::warn!(study_instance_uid = %uid, error = %e, "prefetch failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn why_images_cannot_be_opened() {
+        let cases = [
+            (Error::NoPeer("H".into()), FailureKind::PeerDown),
+            (
+                Error::Peer("connection refused".into()),
+                FailureKind::PeerDown,
+            ),
+            (Error::Refused("no consent".into()), FailureKind::NoConsent),
+            (Error::Integrity("hash".into()), FailureKind::Integrity),
+            (Error::Registry("timeout".into()), FailureKind::Registry),
+            (Error::Index("locked".into()), FailureKind::Local),
+        ];
+        for (error, kind) in cases {
+            let failure = error.failure();
+            assert_eq!(failure.kind, kind, "{error}");
+            assert_eq!(failure.detail, error.to_string());
+        }
+        // A 403 or 404 from the registry's grant is a refusal.
+        let refused: Error = client::Error::Status {
+            status: 403,
+            detail: "no consent".into(),
+        }
+        .into();
+        assert_eq!(refused.failure().kind, FailureKind::NoConsent);
+    }
+
+    #[test]
+    fn a_series_is_complete_when_all_its_instances_are_here() {
+        let mut p = Progress::starting("H");
+        p.series = vec![("1.1".into(), 2, 0), ("1.2".into(), 1, 1)];
+        p.series_done = 1;
+        assert_eq!(p.complete_series(), vec!["1.2".to_string()]);
+        p.instance_done("1.1");
+        assert_eq!(p.series_done, 1);
+        p.instance_done("1.1");
+        assert_eq!((p.series_done, p.instances_done), (2, 2));
+        assert_eq!(
+            p.complete_series(),
+            vec!["1.1".to_string(), "1.2".to_string()]
+        );
+    }
 }

@@ -73,9 +73,9 @@ async fn entries(api: &Api, action: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_doctor_opens_a_regional_prior_in_the_viewer() {
-    let backend = Backend::SqliteLocal;
+support::on_both_backends!(the_doctor_opens_a_regional_prior_in_the_viewer);
+
+async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     let viewer_dir = support::env("HUREN_TEST_VIEWER_DIR");
     let registry = spawn_registry(backend).await;
     let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
@@ -255,7 +255,9 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer() {
     assert!(entries(&api_a, "fetched").await.is_empty());
 
     // 2. The doctor, in the browser: warning → 查看影像 → the viewer draws.
-    let screenshots = std::env::var("HUREN_SCREENSHOTS").ok();
+    let screenshots = std::env::var("HUREN_SCREENSHOTS")
+        .ok()
+        .filter(|_| backend == Backend::SqliteLocal);
     let lines = {
         let (base, uid) = (base.clone(), uid.clone());
         tokio::task::spawn_blocking(move || {
@@ -329,6 +331,12 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer() {
     assert_eq!(thumbs["lazy"], json!(["lazy", "lazy"]), "{thumbs:#}");
     assert_eq!(step(&lines, "warning_thumbs")["count"], 2, "{lines:#?}");
 
+    // The viewer's DICOMweb requests are audited as the doctor's.
+    let audit_log = std::fs::read_to_string(node_a.config.data_dir.join("audit.log")).unwrap();
+    assert!(
+        audit_log.contains(&format!("session:{DOCTOR}")),
+        "no audit message names the doctor's session"
+    );
     // The fetch went through the grant, consent and audit as any fetch.
     let fetched = entries(&api_a, "fetched").await;
     assert_eq!(fetched.len(), 1, "{fetched:#?}");

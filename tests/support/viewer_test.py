@@ -165,18 +165,19 @@ def doctor(args):
                 counts = page.locator("#fetch-counts")
                 failed = page.locator("#images-failed")
                 if failed.count():
-                    emit(step="failed", kind=failed.get_attribute("data-kind"),
-                         text=failed.inner_text())
+                    emit(step="failed", kind=failed.get_attribute("data-kind", timeout=1000),
+                         text=failed.inner_text(timeout=1000))
                     sys.exit(1)
                 # The screenshot shows the furthest look with images in.
                 if counts.count():
-                    text = counts.inner_text()
+                    text = counts.inner_text(timeout=1000)
                     if text != progress_seen:
                         progress_seen = text
-                        if page.locator("#fetch-progress[value]:not([value='0'])").count():
+                        if page.locator("#fetch-progress:not([value='0'])").count():
                             shot(page, "viewer-progress.png", full_page=True)
             except PlaywrightError as e:
-                if "context was destroyed" not in str(e) and "navigat" not in str(e):
+                # A timeout here is the element gone with the page.
+                if not any(w in str(e) for w in ("context was destroyed", "navigat", "Timeout")):
                     raise
             page.wait_for_timeout(100)
         emit(step="opened", url=page.url, progress=progress_seen,

@@ -172,6 +172,8 @@ pub async fn require_token_or_session(
             return match crate::http::page::auth::session_may_read(&auth.index, token, &study).await
             {
                 Ok(Some(user)) => {
+                    // The DICOM audit messages name the doctor.
+                    crate::audit::http_user(format!("session:{user}"));
                     request.extensions_mut().insert(SessionAccess(user));
                     next.run(request).await
                 }

@@ -11,7 +11,13 @@ study), clicks the prior's 查看 link and measures, from the click:
   from a screenshot, have more than 16 grey levels over a spread of 64);
 - instances_at_first_image: how many of the study's instances A held then
   (QIDO-RS at A with the operator's token, HUREN_BENCH_TOKEN);
-- fetch_s: until A's peer audit records the fetch as done (its `at`).
+- fetch_s: until A's peer audit records the fetch as done (its `at`);
+- viewer_opened_s: until the page hands over to the viewer (the fetch plus
+  at most one refresh of the progress page); first_image_s minus this is
+  the viewer's own start and first draw.
+
+With HUREN_SCREENSHOTS=DIR, saves the progress page (a look with images
+in) as viewer-progress.png there.
 
 Prints one JSON line. Chromium: Debian's, through Playwright, software
 WebGL.
@@ -80,9 +86,16 @@ def main():
         clicked = time.monotonic()
         link.click()
         deadline = clicked + 1800
-        first, at_first = None, None
+        first, at_first, opened, shot = None, None, None, os.environ.get("HUREN_SCREENSHOTS")
         while time.monotonic() < deadline:
             try:
+                if opened is None and "/viewer/" in page.url:
+                    opened = time.monotonic() - clicked
+                if shot and "/images" in page.url and page.locator(
+                        "#fetch-progress:not([value='0'])").count():
+                    os.makedirs(shot, exist_ok=True)
+                    page.screenshot(path=os.path.join(shot, "viewer-progress.png"))
+                    shot = None
                 canvas = page.locator("canvas.cornerstone-canvas")
                 if "/viewer/" in page.url and canvas.count():
                     box = canvas.first.bounding_box()
@@ -91,7 +104,7 @@ def main():
                         at_first = held(a.base, a.study, token)
                         break
             except PlaywrightError as e:
-                if "context was destroyed" not in str(e) and "navigat" not in str(e):
+                if not any(w in str(e) for w in ("context was destroyed", "navigat", "Timeout")):
                     raise
             page.wait_for_timeout(50)
         if first is None:
@@ -107,6 +120,7 @@ def main():
             time.sleep(0.1)
         print(json.dumps({
             "first_image_s": round(first, 3),
+            "viewer_opened_s": round(opened, 3) if opened is not None else None,
             "instances_at_first_image": at_first,
             "fetch_s": round(fetch_s, 3) if fetch_s is not None else None,
             "instances": held(a.base, a.study, token),

@@ -27,7 +27,8 @@
 # Environment: HUREN_BIN (default <repo>/target/release/huren), CORPUS_PYTHON
 # and BROWSER_PYTHON (default $HOME/.cache/huren-ci/venv/bin/python: pydicom,
 # numpy, playwright, PIL), PYTHON (python3), STORESCU (/usr/bin/storescu),
-# HUREN_VIEWER_DIR (default $HOME/.cache/huren-ci/viewer, installed if missing).
+# HUREN_VIEWER_DIR (default $HOME/.cache/huren-ci/viewer, installed if missing),
+# HUREN_SCREENSHOTS (a directory: the progress page as viewer-progress.png).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -169,7 +170,8 @@ for (( r = 1; r <= runs; r++ )); do
             \"expires_at\": \"$expires\"}" >/dev/null
     fi
     sync
-    line=$(HUREN_BENCH_TOKEN="$BENCH_TOKEN" "$BROWSER_PYTHON" "$here/viewer-browser.py" \
+    line=$(HUREN_BENCH_TOKEN="$BENCH_TOKEN" HUREN_SCREENSHOTS="${HUREN_SCREENSHOTS:-}" \
+        "$BROWSER_PYTHON" "$here/viewer-browser.py" \
         --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY")
     echo "$line" >>"$results"
     log "round $r: $line"
@@ -186,11 +188,11 @@ n = int(sys.argv[2])
 print(f"# Viewer: click to first image, {n}-instance CT prior held at B\n")
 print(f"`{sys.argv[3]}` at {sys.argv[4]}, binary `{sys.argv[5]}`; {sys.argv[6]} headless,"
       f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs.\n")
-print("| round | first image (s) | instances at A then | whole fetch (s) | first image / fetch |")
-print("|---|---|---|---|---|")
+print("| round | first image (s) | instances at A then | whole fetch (s) | first image / fetch | page hands over to the viewer (s) |")
+print("|---|---|---|---|---|---|")
 for i, r in enumerate(rows, 1):
     ratio = r["first_image_s"] / r["fetch_s"] if r["fetch_s"] else float("nan")
-    print(f"| {i} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} |")
+    print(f"| {i} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} | {r['viewer_opened_s']:.2f} |")
 med = lambda k: statistics.median(r[k] for r in rows)
 print(f"\nMedian: first image {med('first_image_s'):.2f} s, whole fetch {med('fetch_s'):.2f} s, "
       f"instances held at the first image {med('instances_at_first_image'):.0f} of {n} "

@@ -554,6 +554,24 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     );
     assert!(failed.1.contains(NAME_B), "{}", failed.1);
     assert!(failed.1.contains("?retry=1"), "{}", failed.1);
+    // The timeline says so too, on the prior's row.
+    let timeline = http
+        .get(format!("{base}/ui/patient"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let row = timeline
+        .split("<tr class=\"prior\"")
+        .find(|r| r.contains(&head_uid))
+        .unwrap();
+    assert!(
+        row.contains("class=\"alert error fetch-failed\" data-kind=\"peer_down\""),
+        "{row}"
+    );
     let failures = entries(&api_a, "fetch_failed").await;
     assert!(
         failures.is_empty()

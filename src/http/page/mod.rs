@@ -1015,6 +1015,13 @@ async fn timeline(
             Ok(series) => e["thumbs"] = json!(series),
             Err(err) => return Err(state.unavailable(page, "timeline", &err).await),
         }
+        // This node's last fetch of it failed: say which failure.
+        if let Some(f) = crate::peer::progress(&uid)
+            .filter(|p| p.state == crate::peer::FetchState::Failed)
+            .and_then(|p| p.failure)
+        {
+            e["fetch_failed"] = json!(f.kind);
+        }
     }
     // Newest first; undated last.
     entries.sort_by(|a, b| {
@@ -1209,21 +1216,29 @@ async fn render_check(
         .iter()
         .map(|r| json!({"code": r.code, "name": item_name(page.lang, &r.name_zh, &r.name_en)}))
         .collect();
-    // The cited prior's series as thumbnails when its images are here.
-    let cited_series = match answer["cited"]["study_instance_uid"].as_str() {
+    // The cited prior's series as thumbnails when its images are here; and
+    // when this node's last fetch of them failed, which failure (the
+    // doctor should know before relying on images that cannot be opened).
+    let cited_uid = answer["cited"]["study_instance_uid"].as_str();
+    let cited_series = match cited_uid {
         Some(uid) => match images::series_of(&state.index, uid).await {
             Ok(s) => s,
             Err(e) => return state.unavailable(page, "check", &e).await,
         },
         None => Vec::new(),
     };
+    let cited_failure = cited_uid
+        .and_then(crate::peer::progress)
+        .filter(|p| p.state == crate::peer::FetchState::Failed)
+        .and_then(|p| p.failure)
+        .map(|f| json!({"kind": f.kind, "detail": f.detail}));
     state
         .render(
             page,
             status,
             "check.html",
             json!({"answer": answer, "reasons": reasons, "error": error, "form": form,
-                   "cited_series": cited_series}),
+                   "cited_series": cited_series, "cited_failure": cited_failure}),
         )
         .await
 }

@@ -189,12 +189,17 @@ async fn open_images(
         Ok(s) => s.is_some(),
         Err(e) => return Err(state.unavailable(&page, "images", &e).await),
     };
-    // Whatever happens next, this session may now read the study (what is
-    // here of it) in the viewer.
-    if let Err(e) = super::auth::open_study(&state.index, &session.session_hash, &uid).await {
-        return Err(state.unavailable(&page, "images", &e).await);
-    }
+    // From here on, this session may read the study (what is here of it)
+    // in the viewer: recorded before the viewer is opened or the fetch
+    // started, for a study held here or known to be held elsewhere.
+    let open_study = || async {
+        match super::auth::open_study(&state.index, &session.session_hash, &uid).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(state.unavailable(&page, "images", &e).await),
+        }
+    };
     if held && !running && !failed {
+        open_study().await?;
         state
             .audit(
                 &page,
@@ -215,6 +220,7 @@ async fn open_images(
     let Some(hospital_id) = hospital_id else {
         return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
     };
+    open_study().await?;
     let start = !running && (!failed || query.retry.is_some());
     if start {
         state
@@ -309,4 +315,26 @@ async fn open_images(
         }
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thumbnail_cache_stays_within_its_bound() {
+        let hash = |n: u8| BlobHash::from_hash(blake3::hash(&[n]));
+        let mut cache = ThumbnailCache::default();
+        let jpeg = Arc::new(vec![0u8; THUMBNAIL_CACHE_BYTES / 4]);
+        for n in 0..6 {
+            cache.put(hash(n), jpeg.clone());
+        }
+        assert!(cache.bytes <= THUMBNAIL_CACHE_BYTES);
+        // The oldest went first; the newest four stay.
+        assert!(cache.get(&hash(0)).is_none() && cache.get(&hash(1)).is_none());
+        assert!((2..6).all(|n| cache.get(&hash(n)).is_some()));
+        // The same blob twice is kept once.
+        cache.put(hash(5), jpeg.clone());
+        assert_eq!(cache.order.len(), 4);
+    }
 }

@@ -1,6 +1,8 @@
 //! The doctor's page under `/ui`: sign in, find a patient, see their prior
 //! imaging exams at this hospital and across the region, check an order for
-//! a recent similar exam (互认), and record the decision.
+//! a recent similar exam (互认), and record the decision; open a prior's
+//! images in the node's viewer, fetching it from the hospital that holds it
+//! first ([`images`], issue 19), with a thumbnail per series.
 //!
 //! Server-rendered HTML (minijinja; the templates in `templates/` are
 //! compiled into the binary), Chinese by default and English with

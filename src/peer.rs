@@ -148,9 +148,12 @@ impl Error {
     }
 }
 
-/// The fetches of this process, by Study Instance UID: progress is kept in
-/// memory (a fetch runs in one process; a node restarted mid-fetch resumes
-/// with what is missing when the study is opened again).
+/// The fetches of this process, by node (its hospital ID) and Study
+/// Instance UID ([`progress_key`]): progress is kept in memory (a fetch
+/// runs in one process; a node restarted mid-fetch resumes with what is
+/// missing when the study is opened again). The hospital is part of the
+/// key because one process may run several nodes (the test suite does),
+/// and B serving a study must not see A's fetch of it.
 fn fetches() -> &'static std::sync::Mutex<std::collections::HashMap<String, Progress>> {
     static FETCHES: std::sync::OnceLock<
         std::sync::Mutex<std::collections::HashMap<String, Progress>>,
@@ -158,19 +161,72 @@ fn fetches() -> &'static std::sync::Mutex<std::collections::HashMap<String, Prog
     FETCHES.get_or_init(Default::default)
 }
 
-fn update(uid: &str, f: impl FnOnce(&mut Progress)) {
-    if let Some(p) = fetches().lock().expect("fetches lock").get_mut(uid) {
+fn progress_key(region: &Region, study_instance_uid: &str) -> String {
+    format!("{} {study_instance_uid}", region.config().hospital_id)
+}
+
+fn update(key: &str, f: impl FnOnce(&mut Progress)) {
+    if let Some(p) = fetches().lock().expect("fetches lock").get_mut(key) {
         f(p);
     }
 }
 
-/// The progress of the latest fetch of a study by this process.
-pub fn progress(study_instance_uid: &str) -> Option<Progress> {
+fn progress_by_key(key: &str) -> Option<Progress> {
+    fetches().lock().expect("fetches lock").get(key).cloned()
+}
+
+/// The progress of this node's latest fetch of a study.
+pub fn progress(region: &Region, study_instance_uid: &str) -> Option<Progress> {
+    progress_by_key(&progress_key(region, study_instance_uid))
+}
+
+/// The series of a study this process is fetching, or failed to fetch,
+/// that are not complete: DICOMweb leaves them out (a series becomes
+/// visible once complete and verified, issue 19), so that a viewer opened
+/// on what has arrived never shows part of a series as if it were all.
+/// Empty once the fetch is done, and for a study not being fetched.
+pub fn incomplete_series(region: &Region, study_instance_uid: &str) -> Vec<String> {
+    incomplete_by_key(&progress_key(region, study_instance_uid))
+}
+
+fn incomplete_by_key(key: &str) -> Vec<String> {
+    match progress_by_key(key) {
+        Some(p) if p.state != FetchState::Done => p
+            .series
+            .into_iter()
+            .filter(|(_, total, done)| done < total)
+            .map(|(uid, _, _)| uid)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Records a fetch's progress as given: tests/viewer.rs catches a fetch
+/// in the middle of a series with it, which a loopback fetch is too fast
+/// to be caught in. Each series is (Series Instance UID, instances,
+/// instances here).
+#[doc(hidden)]
+pub fn record_progress_for_tests(
+    node_hospital_id: &str,
+    study_instance_uid: &str,
+    holding_hospital_id: &str,
+    state: FetchState,
+    series: &[(&str, usize, usize)],
+) {
+    let mut p = Progress::starting(holding_hospital_id);
+    p.state = state;
+    p.series = series
+        .iter()
+        .map(|(s, t, d)| (s.to_string(), *t, *d))
+        .collect();
+    p.series_total = p.series.len();
+    p.series_done = p.series.iter().filter(|(_, t, d)| d >= t).count();
+    p.instances_total = p.series.iter().map(|(_, t, _)| t).sum();
+    p.instances_done = p.series.iter().map(|(_, _, d)| d).sum();
     fetches()
         .lock()
         .expect("fetches lock")
-        .get(study_instance_uid)
-        .cloned()
+        .insert(format!("{node_hospital_id} {study_instance_uid}"), p);
 }
 
 impl Progress {
@@ -223,14 +279,15 @@ pub fn start(
     reference: String,
 ) -> bool {
     {
+        let key = progress_key(&region, &study_instance_uid);
         let mut map = fetches().lock().expect("fetches lock");
         if map
-            .get(&study_instance_uid)
+            .get(&key)
             .is_some_and(|p| p.state == FetchState::Running)
         {
             return false;
         }
-        map.insert(study_instance_uid.clone(), Progress::starting(&holding));
+        map.insert(key, Progress::starting(&holding));
     }
     tokio::spawn(async move {
         match fetch_study(
@@ -335,12 +392,13 @@ pub async fn fetch_study(
     study_instance_uid: &str,
     asked: Asked<'_>,
 ) -> Result<FetchReport, Error> {
+    let key = progress_key(region, study_instance_uid);
     fetches()
         .lock()
         .expect("fetches lock")
-        .insert(study_instance_uid.to_string(), Progress::starting(holding));
+        .insert(key.clone(), Progress::starting(holding));
     let result = fetch_series_by_series(region, ingest, holding, study_instance_uid, asked).await;
-    update(study_instance_uid, |p| match &result {
+    update(&key, |p| match &result {
         Ok(_) => p.state = FetchState::Done,
         Err(e) => {
             p.state = FetchState::Failed;
@@ -489,7 +547,7 @@ async fn fetch_series_by_series(
             None => order.push((i.series_instance_uid.clone(), 1, usize::from(present))),
         }
     }
-    update(uid.as_str(), |p| {
+    update(&progress_key(region, uid.as_str()), |p| {
         p.series_total = order.len();
         p.series_done = order.iter().filter(|(_, t, d)| d >= t).count();
         p.instances_total = manifest.instances.len();
@@ -591,8 +649,9 @@ async fn fetch_one_series(
     let mut fetched = 0;
     let mut bytes = 0u64;
     let mut failure = None;
+    let key = progress_key(region, study);
     let whole = missing.len() > 1
-        && progress(study)
+        && progress_by_key(&key)
             .and_then(|p| p.series.into_iter().find(|(s, _, _)| s == series))
             .is_none_or(|(_, _, done)| done == 0);
     if whole {
@@ -605,7 +664,7 @@ async fn fetch_one_series(
             .map(|(i, h)| (i.sop_instance_uid.clone(), (i.clone(), *h)))
             .collect();
         let (done, stream_bytes, stream_error) =
-            fetch_stream(http, ingest, &url, token, &expected, holding, study).await;
+            fetch_stream(http, ingest, &url, token, &expected, holding, &key).await;
         if let Some(e) = stream_error {
             tracing::warn!(error = %e, done = done.len(), "series stream from the peer failed; fetching the rest one by one");
             if matches!(e, Error::Integrity(_)) {
@@ -632,7 +691,7 @@ async fn fetch_one_series(
         );
         let token = token.to_string();
         let holding = holding.to_string();
-        let study = study.to_string();
+        let key = key.clone();
         tasks.spawn(async move {
             let _permit = permit;
             // A failure is retried once; a second one fails the fetch.
@@ -640,7 +699,7 @@ async fn fetch_one_series(
             for _ in 0..2 {
                 match fetch_instance(&http, &ingest, &url, &token, &instance, hash, &holding).await {
                     Ok(size) => {
-                        update(&study, |p| p.instance_done(&instance.series_instance_uid));
+                        update(&key, |p| p.instance_done(&instance.series_instance_uid));
                         return Ok(size);
                     }
                     Err(e) => {
@@ -681,7 +740,7 @@ async fn fetch_stream(
     token: &str,
     expected: &std::collections::HashMap<String, (ManifestInstance, BlobHash)>,
     holding: &str,
-    study: &str,
+    progress_key: &str,
 ) -> (std::collections::HashSet<String>, u64, Option<Error>) {
     let mut done = std::collections::HashSet::new();
     let mut bytes = 0u64;
@@ -697,7 +756,7 @@ async fn fetch_stream(
                 stored.count(crate::metrics::source::PEER, ingest.store().durability());
                 bytes += stored.size;
                 done.insert(sop);
-                update(study, |p| p.instance_done(&series));
+                update(progress_key, |p| p.instance_done(&series));
             }
             Ok((sop, _, Err(ingest::Error::HashMismatch { expected, actual }))) => {
                 error.get_or_insert(Error::Integrity(format!(
@@ -1156,6 +1215,21 @@ mod tests {
         }
         .into();
         assert_eq!(refused.failure().kind, FailureKind::NoConsent);
+    }
+
+    #[test]
+    fn incomplete_series_are_hidden_until_the_fetch_is_done() {
+        let series = [("1.9.1", 3, 3), ("1.9.2", 3, 1)];
+        let hidden = |node: &str, study: &str| incomplete_by_key(&format!("{node} {study}"));
+        record_progress_for_tests("A", "1.9", "B", FetchState::Running, &series);
+        assert_eq!(hidden("A", "1.9"), vec!["1.9.2".to_string()]);
+        // Another node of the same process does not see A's fetch.
+        assert!(hidden("B", "1.9").is_empty());
+        record_progress_for_tests("A", "1.9", "B", FetchState::Failed, &series);
+        assert_eq!(hidden("A", "1.9"), vec!["1.9.2".to_string()]);
+        record_progress_for_tests("A", "1.9", "B", FetchState::Done, &series);
+        assert!(hidden("A", "1.9").is_empty());
+        assert!(hidden("A", "1.8").is_empty());
     }
 
     #[test]

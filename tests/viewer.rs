@@ -124,10 +124,12 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
 
     // A chest CT at B (a plain and an enhanced series), reported, QC passed.
     let work = tempfile::tempdir().unwrap();
+    // Seeds of their own per backend: both variants run in one process,
+    // and a node's fetch progress is kept per process by Study Instance UID.
     let ct = make_study(
         work.path(),
         "p1-ct-chest-2024",
-        "ct-viewer",
+        &format!("ct-viewer-{backend:?}"),
         &["--resident-id", RID],
     );
     store(&node_b, &ct.files).await;
@@ -136,7 +138,7 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     let head = make_study(
         work.path(),
         "p1-ct-head-2019",
-        "ct-viewer-head",
+        &format!("ct-viewer-head-{backend:?}"),
         &["--resident-id", RID],
     );
     store(&node_b, &head.files).await;
@@ -385,6 +387,56 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
         get(format!("{base}/dicom-web/studies?StudyInstanceUID={uid}")).await,
         200
     );
+    // A series still arriving is not shown (caught mid-fetch: a loopback
+    // fetch is too fast to catch, so its progress is set as it would be).
+    let series_json = |path: String| {
+        let (http, session) = (http.clone(), session.clone());
+        async move {
+            let r = http
+                .get(path)
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Vec<Value>>().await.unwrap()
+        }
+    };
+    let all = series_json(format!("{base}/dicom-web/studies/{uid}/series")).await;
+    let series_uids: Vec<String> = all
+        .iter()
+        .map(|s| s["0020000E"]["Value"][0].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(series_uids.len(), 2, "{all:?}");
+    huren::peer::record_progress_for_tests(
+        HOSPITAL_A,
+        &uid,
+        HOSPITAL_B,
+        huren::peer::FetchState::Running,
+        &[(&series_uids[0], 6, 6), (&series_uids[1], 6, 3)],
+    );
+    let shown = series_json(format!("{base}/dicom-web/studies/{uid}/series")).await;
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert_eq!(shown[0]["0020000E"]["Value"][0], series_uids[0].as_str());
+    let instances = series_json(format!("{base}/dicom-web/studies/{uid}/instances")).await;
+    assert_eq!(instances.len(), 6);
+    assert_eq!(
+        get(format!(
+            "{base}/dicom-web/studies/{uid}/series/{}/metadata",
+            series_uids[1]
+        ))
+        .await,
+        404
+    );
+    huren::peer::record_progress_for_tests(
+        HOSPITAL_A,
+        &uid,
+        HOSPITAL_B,
+        huren::peer::FetchState::Done,
+        &[(&series_uids[0], 6, 6), (&series_uids[1], 6, 6)],
+    );
+    let shown = series_json(format!("{base}/dicom-web/studies/{uid}/series")).await;
+    assert_eq!(shown.len(), 2, "{shown:?}");
     // No search across the archive, no other study.
     assert_eq!(get(format!("{base}/dicom-web/studies")).await, 401);
     assert_eq!(

@@ -49,7 +49,21 @@ pub async fn locate(
     series: Option<&str>,
     instance: Option<&str>,
 ) -> Result<Vec<InstanceLocation>, Error> {
-    locate_in(state.ingest.index(), study, series, instance).await
+    let mut found = locate_in(state.ingest.index(), study, series, instance).await?;
+    // A series still arriving from another hospital is not served yet
+    // (crate::peer::incomplete_series).
+    if let Some(region) = &state.region {
+        let hidden = crate::peer::incomplete_series(region, study);
+        found.retain(|l| !hidden.contains(&l.series_instance_uid));
+        if found.is_empty() {
+            return Err(Error::NotFound(match (series, instance) {
+                (_, Some(_)) => "instance",
+                (Some(_), None) => "series",
+                _ => "study",
+            }));
+        }
+    }
+    Ok(found)
 }
 
 /// [`locate`] over an index (the page's thumbnails use it too).

@@ -178,7 +178,7 @@ async fn open_images(
     };
     let uid = uid.as_str().to_string();
     let patient_key = session.patient.as_ref().and_then(|p| p.patient_key.clone());
-    let progress = crate::peer::progress(&uid);
+    let progress = crate::peer::progress(region, &uid);
     let running = progress
         .as_ref()
         .is_some_and(|p| p.state == FetchState::Running);
@@ -243,7 +243,7 @@ async fn open_images(
         return Ok(Redirect::to(&images_link(&uid)).into_response());
     }
     // Here a fetch is running or has failed: its progress is known.
-    let Some(progress) = crate::peer::progress(&uid) else {
+    let Some(progress) = crate::peer::progress(region, &uid) else {
         return Ok(Redirect::to(&images_link(&uid)).into_response());
     };
     let hospital = region

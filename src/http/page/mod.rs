@@ -1018,7 +1018,7 @@ async fn timeline(
             Err(err) => return Err(state.unavailable(page, "timeline", &err).await),
         }
         // This node's last fetch of it failed: say which failure.
-        if let Some(f) = crate::peer::progress(&uid)
+        if let Some(f) = crate::peer::progress(region, &uid)
             .filter(|p| p.state == crate::peer::FetchState::Failed)
             .and_then(|p| p.failure)
         {
@@ -1230,7 +1230,8 @@ async fn render_check(
         None => Vec::new(),
     };
     let cited_failure = cited_uid
-        .and_then(crate::peer::progress)
+        .zip(state.region())
+        .and_then(|(uid, region)| crate::peer::progress(region, uid))
         .filter(|p| p.state == crate::peer::FetchState::Failed)
         .and_then(|p| p.failure)
         .map(|f| json!({"kind": f.kind, "detail": f.detail}));

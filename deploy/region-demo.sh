@@ -12,14 +12,17 @@
 # the registry's start).
 # Finally a workstation at A opens B's study through A's own node with
 # dcmtk's movescu: A fetches it from B (verified against the content root B
-# published) and sends it on to a storescp.
+# published) and sends it on to a storescp. The nodes serve the web viewer
+# (OHIF, deploy/install-viewer.sh) under /viewer; the demo adds a doctor's
+# account at A and prints the viewer's URL for the demo study.
 # Exits 0 when every step worked. CI runs it (scripts/test.sh).
 #
 #   deploy/region-demo.sh [--keep]
 #
 # --keep leaves the processes running and prints how to reach them.
 # Environment: HUREN_BIN (default: target/debug/huren, built if missing),
-# STORESCU (default /usr/bin/storescu).
+# STORESCU (default /usr/bin/storescu), HUREN_VIEWER_DIR (the installed
+# viewer; default ~/.cache/huren-ci/viewer, installed there if missing).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,6 +37,8 @@ if [[ ! -x "$HUREN_BIN" ]]; then
     (cd "$repo" && cargo build --bin huren >&2)
 fi
 [[ -x "$STORESCU" ]] || { echo "region-demo: $STORESCU missing (Debian package dcmtk)" >&2; exit 1; }
+VIEWER_DIR="${HUREN_VIEWER_DIR:-$HOME/.cache/huren-ci/viewer}"
+bash "$here/install-viewer.sh" "$VIEWER_DIR"
 
 work="$(mktemp -d /tmp/huren-region-demo.XXXXXX)"
 pids=()
@@ -115,7 +120,7 @@ TOML
         --http-listen "127.0.0.1:$3" --dicom-listen "127.0.0.1:$4" \
         --registry-url "$REG" --hospital-id "$2" --registry-token-file "$work/$1.token" \
         --region-secret-file "$work/region.secret" --identifier-issuers RESIDENT_ID=RID \
-        --study-quiet-secs 1 --directory-interval-secs 2 \
+        --study-quiet-secs 1 --directory-interval-secs 2 --viewer-dir "$VIEWER_DIR" \
         >"$work/$1.log" 2>&1 &
     pids+=($!)
     wait_http "http://127.0.0.1:$3/health" "node $1"
@@ -227,6 +232,21 @@ echo "the workstation received $received instances of B's study through A"
 [[ "$received" == 10 ]] || fail "expected 10 instances at the workstation, got $received"
 api "$A/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | head -30
 
+step "the viewer at A: a doctor's account, and the demo study's URL"
+python3 -c 'import secrets; print(secrets.token_urlsafe(12))' >"$work/doctor.password"
+chmod 600 "$work/doctor.password"
+"$HUREN_BIN" user add --data-dir "$work/a" dr.wang --name 王医生 --password-file "$work/doctor.password"
+code="$(curl -s -o "$work/viewer-index.html" -w '%{http_code}' "$A/viewer/viewer?StudyInstanceUIDs=$STUDY")"
+[[ "$code" == 200 ]] && grep -q 'PUBLIC_URL="/viewer/"' "$work/viewer-index.html" || fail "the viewer is not served at $A/viewer/ ($code)"
+code="$(curl -s -o /dev/null -w '%{http_code}' "$A/dicom-web/studies/$STUDY/series")"
+echo "the viewer's DICOMweb without a session: $code"
+[[ "$code" == 401 ]] || fail "expected 401 for the viewer's DICOMweb without a session, got $code"
+cat <<MSG
+Open the demo study in the viewer (sign in as dr.wang, password in $work/doctor.password):
+  $A/ui/studies/$STUDY/images
+  (it fetches B's study through A, then opens $A/viewer/viewer?StudyInstanceUIDs=$STUDY)
+MSG
+
 step "the registry's audit chain"
 "$HUREN_BIN" registry audit verify --data-dir "$work/registry" | tee "$work/verify.out"
 grep -q intact "$work/verify.out" || fail "audit chain"
@@ -238,6 +258,7 @@ Running (pids ${pids[*]}), data in $work:
   registry  $REG       (admin token: $work/registry/admin-token)
   API and DICOMweb token of both nodes: $work/api.token
   node A    $A  DICOM 127.0.0.1:$A_DICOM AE HOSPA
+  viewer    $A/ui/studies/$STUDY/images  (dr.wang, password in $work/doctor.password)
   node B    $B  DICOM 127.0.0.1:$B_DICOM AE HOSPB
 Stop with: kill ${pids[*]}
 MSG

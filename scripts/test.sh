@@ -29,9 +29,10 @@
 #   HUREN_TEST_S3_ACCESS_KEY_ID       key with read/write/owner on the bucket
 #   HUREN_TEST_S3_SECRET_ACCESS_KEY
 #   HUREN_TEST_PYTHON                 venv python with pydicom + pynetdicom
+#   HUREN_TEST_VIEWER_DIR             OHIF Viewer installed by deploy/install-viewer.sh
 #   TCP_NODELAY=1                     Debian's dcmtk keeps Nagle on without it
 #
-# Cache (venv, Garage binary): ${HUREN_CACHE:-$HOME/.cache/huren-ci}. The first Garage
+# Cache (venv, Garage binary, OHIF Viewer): ${HUREN_CACHE:-$HOME/.cache/huren-ci}. The first Garage
 # build takes ~10 minutes on 2 cores. CARGO_TARGET_DIR is honoured if set.
 set -euo pipefail
 
@@ -155,6 +156,13 @@ if [[ ! -x "$GARAGE" ]]; then
     fi
     [[ -x "$GARAGE" ]] || die "cargo install garage succeeded but $GARAGE is missing"
 fi
+
+# OHIF Viewer, which the node serves under /viewer (tests/viewer.rs opens it
+# in chromium): the project's own install step, pinned and integrity-checked,
+# its tarball and installed files cached here.
+VIEWER_DIR="$HUREN_CACHE/viewer"
+HUREN_CACHE="$HUREN_CACHE" bash "$REPO_ROOT/deploy/install-viewer.sh" "$VIEWER_DIR" ||
+    die "deploy/install-viewer.sh failed"
 
 flock -u 9
 exec 9>&-
@@ -307,11 +315,13 @@ export HUREN_TEST_S3_BUCKET=huren-test
 export HUREN_TEST_S3_ACCESS_KEY_ID="$S3_KEY_ID"
 export HUREN_TEST_S3_SECRET_ACCESS_KEY="$S3_SECRET"
 export HUREN_TEST_PYTHON="$PY"
+export HUREN_TEST_VIEWER_DIR="$VIEWER_DIR"
 export TCP_NODELAY=1
 log "services ready (temp dir $WORK)"
 
 ENV_VARS=(HUREN_TEST_PG_URL HUREN_TEST_S3_ENDPOINT HUREN_TEST_S3_REGION HUREN_TEST_S3_BUCKET
-    HUREN_TEST_S3_ACCESS_KEY_ID HUREN_TEST_S3_SECRET_ACCESS_KEY HUREN_TEST_PYTHON TCP_NODELAY)
+    HUREN_TEST_S3_ACCESS_KEY_ID HUREN_TEST_S3_SECRET_ACCESS_KEY HUREN_TEST_PYTHON
+    HUREN_TEST_VIEWER_DIR TCP_NODELAY)
 
 if [[ "$MODE" == "services" ]]; then
     for v in "${ENV_VARS[@]}"; do
@@ -336,5 +346,6 @@ cargo test --all-targets --features jpeg-ls "$@"
 # whole run, not a filtered one).
 if [[ $# -eq 0 ]]; then
     log "deploy/region-demo.sh"
-    HUREN_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/huren" bash deploy/region-demo.sh
+    HUREN_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/huren" HUREN_VIEWER_DIR="$VIEWER_DIR" \
+        bash deploy/region-demo.sh
 fi

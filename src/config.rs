@@ -264,6 +264,7 @@ struct FileConfig {
     audit_log: Option<PathBuf>,
     audit_syslog_tls: Option<String>,
     audit_syslog_ca_file: Option<PathBuf>,
+    viewer_dir: Option<PathBuf>,
 }
 
 /// The `[region]` table of a TOML config file: how the node takes part in
@@ -650,6 +651,11 @@ pub struct NodeArgs {
     /// CA certificates (PEM) the syslog collector's certificate must chain to
     #[arg(long, env = "HUREN_AUDIT_SYSLOG_CA_FILE")]
     pub audit_syslog_ca_file: Option<PathBuf>,
+
+    /// OHIF Viewer's files, served under /viewer (put there by
+    /// deploy/install-viewer.sh) [default: <data_dir>/viewer]
+    #[arg(long, env = "HUREN_VIEWER_DIR")]
+    pub viewer_dir: Option<PathBuf>,
     /// DICOM TLS listen address (PS3.15 B.9, BCP 195; 2762 by convention),
     /// beside the plain one; needs [server_tls] in the config file
     #[arg(long, env = "HUREN_DICOM_TLS_LISTEN")]
@@ -716,6 +722,9 @@ pub struct NodeConfig {
     /// message, over TLS verified against `audit_syslog_ca_file`.
     pub audit_syslog_tls: Option<String>,
     pub audit_syslog_ca_file: Option<PathBuf>,
+    /// The viewer's installed files (deploy/install-viewer.sh); `None`:
+    /// `<data_dir>/viewer`.
+    pub viewer_dir: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -775,7 +784,15 @@ impl NodeConfig {
             audit_log: None,
             audit_syslog_tls: None,
             audit_syslog_ca_file: None,
+            viewer_dir: None,
         }
+    }
+
+    /// Where the viewer's files are served from.
+    pub fn viewer_dir(&self) -> PathBuf {
+        self.viewer_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("viewer"))
     }
 
     /// The directory entry of an AE title.
@@ -1052,6 +1069,7 @@ impl NodeArgs {
         }
         config.region = self.resolve_region(file.region.unwrap_or_default())?;
         config.audit_log = self.audit_log.clone().or(file.audit_log);
+        config.viewer_dir = self.viewer_dir.clone().or(file.viewer_dir);
         config.audit_syslog_tls = self.audit_syslog_tls.clone().or(file.audit_syslog_tls);
         config.audit_syslog_ca_file = self
             .audit_syslog_ca_file

@@ -202,6 +202,7 @@ impl Node {
             region: region.clone(),
             audit: audit.clone(),
             started: Default::default(),
+            viewer_dir: config.viewer_dir(),
         });
         let mut region_tasks = region_tasks;
         region_tasks.extend(crate::lifecycle::spawn(

@@ -80,6 +80,232 @@ fn now() -> String {
     crate::common::now_rfc3339()
 }
 
+/// Where a fetch of a study stands, for the doctor's page (issue 19): it
+/// polls while the images arrive, and says why when they cannot.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub hospital_id: String,
+    pub state: FetchState,
+    /// Known once the manifest is in.
+    pub series_total: usize,
+    /// Series whose every instance is here and verified.
+    pub series_done: usize,
+    pub instances_total: usize,
+    pub instances_done: usize,
+    pub failure: Option<Failure>,
+    /// Series in fetch order, each with its instances and how many are
+    /// here: the page shows each series as it completes.
+    #[serde(skip)]
+    series: Vec<(String, usize, usize)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FetchState {
+    Running,
+    Done,
+    Failed,
+}
+
+/// Why images cannot be opened, in the words the page uses.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The holding hospital's node has no address in the directory, or does
+    /// not answer, or answers with an error.
+    PeerDown,
+    /// The registry refused the grant: no consent of the patient for this
+    /// hospital (or no such record).
+    NoConsent,
+    /// What the peer sent does not match what it published: nothing
+    /// unverified was kept.
+    Integrity,
+    /// The registry could not be asked.
+    Registry,
+    /// This node's own index failed.
+    Local,
+}
+
+impl Error {
+    pub fn failure(&self) -> Failure {
+        let kind = match self {
+            Error::NoPeer(_) | Error::Peer(_) => FailureKind::PeerDown,
+            Error::Refused(_) => FailureKind::NoConsent,
+            Error::Integrity(_) => FailureKind::Integrity,
+            Error::Registry(_) => FailureKind::Registry,
+            Error::Index(_) => FailureKind::Local,
+        };
+        Failure {
+            kind,
+            detail: self.to_string(),
+        }
+    }
+}
+
+/// The fetches of this process, by node (its hospital ID) and Study
+/// Instance UID ([`progress_key`]): progress is kept in memory (a fetch
+/// runs in one process; a node restarted mid-fetch resumes with what is
+/// missing when the study is opened again). The hospital is part of the
+/// key because one process may run several nodes (the test suite does),
+/// and B serving a study must not see A's fetch of it.
+fn fetches() -> &'static std::sync::Mutex<std::collections::HashMap<String, Progress>> {
+    static FETCHES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Progress>>,
+    > = std::sync::OnceLock::new();
+    FETCHES.get_or_init(Default::default)
+}
+
+fn progress_key(region: &Region, study_instance_uid: &str) -> String {
+    format!("{} {study_instance_uid}", region.config().hospital_id)
+}
+
+fn update(key: &str, f: impl FnOnce(&mut Progress)) {
+    if let Some(p) = fetches().lock().expect("fetches lock").get_mut(key) {
+        f(p);
+    }
+}
+
+fn progress_by_key(key: &str) -> Option<Progress> {
+    fetches().lock().expect("fetches lock").get(key).cloned()
+}
+
+/// The progress of this node's latest fetch of a study.
+pub fn progress(region: &Region, study_instance_uid: &str) -> Option<Progress> {
+    progress_by_key(&progress_key(region, study_instance_uid))
+}
+
+/// The series of a study this process is fetching, or failed to fetch,
+/// that are not complete: DICOMweb leaves them out (a series becomes
+/// visible once complete and verified, issue 19), so that a viewer opened
+/// on what has arrived never shows part of a series as if it were all.
+/// Empty once the fetch is done, and for a study not being fetched.
+pub fn incomplete_series(region: &Region, study_instance_uid: &str) -> Vec<String> {
+    incomplete_by_key(&progress_key(region, study_instance_uid))
+}
+
+fn incomplete_by_key(key: &str) -> Vec<String> {
+    match progress_by_key(key) {
+        Some(p) if p.state != FetchState::Done => p
+            .series
+            .into_iter()
+            .filter(|(_, total, done)| done < total)
+            .map(|(uid, _, _)| uid)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Records a fetch's progress as given: tests/viewer.rs catches a fetch
+/// in the middle of a series with it, which a loopback fetch is too fast
+/// to be caught in. Each series is (Series Instance UID, instances,
+/// instances here).
+#[doc(hidden)]
+pub fn record_progress_for_tests(
+    node_hospital_id: &str,
+    study_instance_uid: &str,
+    holding_hospital_id: &str,
+    state: FetchState,
+    series: &[(&str, usize, usize)],
+) {
+    let mut p = Progress::starting(holding_hospital_id);
+    p.state = state;
+    p.series = series
+        .iter()
+        .map(|(s, t, d)| (s.to_string(), *t, *d))
+        .collect();
+    p.series_total = p.series.len();
+    p.series_done = p.series.iter().filter(|(_, t, d)| d >= t).count();
+    p.instances_total = p.series.iter().map(|(_, t, _)| t).sum();
+    p.instances_done = p.series.iter().map(|(_, _, d)| d).sum();
+    fetches()
+        .lock()
+        .expect("fetches lock")
+        .insert(format!("{node_hospital_id} {study_instance_uid}"), p);
+}
+
+impl Progress {
+    fn starting(hospital_id: &str) -> Progress {
+        Progress {
+            hospital_id: hospital_id.to_string(),
+            state: FetchState::Running,
+            series_total: 0,
+            series_done: 0,
+            instances_total: 0,
+            instances_done: 0,
+            failure: None,
+            series: Vec::new(),
+        }
+    }
+
+    /// The Series Instance UIDs complete so far, in fetch order.
+    pub fn complete_series(&self) -> Vec<String> {
+        self.series
+            .iter()
+            .filter(|(_, total, done)| done >= total)
+            .map(|(uid, _, _)| uid.clone())
+            .collect()
+    }
+
+    fn instance_done(&mut self, series_instance_uid: &str) {
+        self.instances_done += 1;
+        if let Some(s) = self
+            .series
+            .iter_mut()
+            .find(|(uid, _, _)| uid == series_instance_uid)
+        {
+            s.2 += 1;
+            if s.2 == s.1 {
+                self.series_done += 1;
+            }
+        }
+    }
+}
+
+/// Starts fetching a study in the background unless a fetch of it is
+/// already running here; the page follows it with [`progress`]. Returns
+/// whether this call started one.
+pub fn start(
+    region: Arc<Region>,
+    ingest: Ingest,
+    holding: String,
+    study_instance_uid: String,
+    user_id: String,
+    reference: String,
+) -> bool {
+    {
+        let key = progress_key(&region, &study_instance_uid);
+        let mut map = fetches().lock().expect("fetches lock");
+        if map
+            .get(&key)
+            .is_some_and(|p| p.state == FetchState::Running)
+        {
+            return false;
+        }
+        map.insert(key, Progress::starting(&holding));
+    }
+    tokio::spawn(async move {
+        match fetch_study(
+            &region,
+            &ingest,
+            &holding,
+            &study_instance_uid,
+            Asked::treatment(&user_id, reference),
+        )
+        .await
+        {
+            Ok(r) => tracing::info!(study_instance_uid, fetched = r.fetched, "fetched a prior"),
+            Err(e) => tracing::warn!(study_instance_uid, error = %e, "fetch of a prior failed"),
+        }
+    });
+    true
+}
+
 /// The node part of a DICOMweb base URL (`…/dicom-web` → `…`), where the
 /// JSON API lives.
 fn api_base(dicomweb_base_url: &str) -> String {
@@ -154,8 +380,11 @@ impl<'a> Asked<'a> {
 }
 
 /// Fetches a study held at `holding` (missing instances only), verified
-/// against the content root the registry published. `reference` is the
-/// check or query that led here (the registry's audit links them).
+/// against the content root the registry published, a series at a time
+/// (each series is complete before the next starts, so the viewer has
+/// whole series to show while the rest arrives). `reference` is the check
+/// or query that led here (the registry's audit links them). Its progress
+/// is kept for [`progress`], whoever started it (the page, WADO-RS, C-MOVE).
 ///
 /// A fetch that fails for want of the images (peer down or without a node
 /// URL, bytes that do not verify) is remembered, and this node's check
@@ -167,7 +396,19 @@ pub async fn fetch_study(
     study_instance_uid: &str,
     asked: Asked<'_>,
 ) -> Result<FetchReport, Error> {
-    let result = fetch_and_verify(region, ingest, holding, study_instance_uid, asked).await;
+    let key = progress_key(region, study_instance_uid);
+    fetches()
+        .lock()
+        .expect("fetches lock")
+        .insert(key.clone(), Progress::starting(holding));
+    let result = fetch_series_by_series(region, ingest, holding, study_instance_uid, asked).await;
+    update(&key, |p| match &result {
+        Ok(_) => p.state = FetchState::Done,
+        Err(e) => {
+            p.state = FetchState::Failed;
+            p.failure = Some(e.failure());
+        }
+    });
     let remembered = match &result {
         Ok(_) => forget_failure(region, holding, study_instance_uid).await,
         Err(e @ (Error::NoPeer(_) | Error::Peer(_) | Error::Integrity(_))) => {
@@ -247,7 +488,7 @@ pub async fn unretrievable(
     Ok(out)
 }
 
-async fn fetch_and_verify(
+async fn fetch_series_by_series(
     region: &Arc<Region>,
     ingest: &Ingest,
     holding: &str,
@@ -368,73 +609,60 @@ async fn fetch_and_verify(
     .execute(ingest.index().pool())
     .await?;
 
+    // The series in manifest order, each with its instances and how many
+    // are here already: the page's progress.
+    let mut order: Vec<(String, usize, usize)> = Vec::new();
+    for i in &manifest.instances {
+        let present = !missing
+            .iter()
+            .any(|(m, _)| m.sop_instance_uid == i.sop_instance_uid);
+        match order
+            .iter_mut()
+            .find(|(s, _, _)| *s == i.series_instance_uid)
+        {
+            Some(s) => {
+                s.1 += 1;
+                s.2 += usize::from(present);
+            }
+            None => order.push((i.series_instance_uid.clone(), 1, usize::from(present))),
+        }
+    }
+    update(&progress_key(region, uid.as_str()), |p| {
+        p.series_total = order.len();
+        p.series_done = order.iter().filter(|(_, t, d)| d >= t).count();
+        p.instances_total = manifest.instances.len();
+        p.instances_done = already_present;
+        p.series = order.clone();
+    });
+
     let mut fetched = 0;
     let mut bytes = 0u64;
     let mut failure = None;
-    // Nothing held yet (the common case): the whole study in one WADO-RS
-    // response, each part verified as it completes, the commits of several
-    // instances in flight at once (they share the group commit's flush).
-    // What fails there is fetched again one by one below.
-    if already_present == 0 && missing.len() > 1 {
-        let study_url = format!("{}/studies/{}", base.trim_end_matches('/'), uid.as_str());
-        let expected: std::collections::HashMap<String, (ManifestInstance, BlobHash)> = missing
+    for (series_uid, _, _) in &order {
+        let mut series_missing: Vec<(ManifestInstance, BlobHash)> = missing
             .iter()
-            .map(|(i, h)| (i.sop_instance_uid.clone(), (i.clone(), *h)))
+            .filter(|(i, _)| &i.series_instance_uid == series_uid)
+            .cloned()
             .collect();
-        let (done, stream_bytes, stream_error) =
-            fetch_stream(&http, ingest, &study_url, &grant.token, &expected, holding).await;
-        if let Some(e) = stream_error {
-            tracing::warn!(error = %e, done = done.len(), "study stream from the peer failed; fetching the rest one by one");
-            if matches!(e, Error::Integrity(_)) {
-                failure = Some(e);
-            }
+        if series_missing.is_empty() {
+            continue;
         }
-        fetched += done.len();
-        bytes += stream_bytes;
-        missing.retain(|(i, _)| !done.contains(&i.sop_instance_uid));
-    }
-    let limit = Arc::new(tokio::sync::Semaphore::new(
-        region.config().peer_parallel.max(1),
-    ));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (instance, hash) in missing {
-        let permit = limit.clone().acquire_owned().await.expect("semaphore open");
-        let http = http.clone();
-        let ingest = ingest.clone();
-        let url = format!(
-            "{}/studies/{}/series/{}/instances/{}",
-            base.trim_end_matches('/'),
+        let (n, b, e) = fetch_one_series(
+            region,
+            ingest,
+            &http,
+            &base,
             uid.as_str(),
-            instance.series_instance_uid,
-            instance.sop_instance_uid
-        );
-        let token = grant.token.clone();
-        let holding = holding.to_string();
-        tasks.spawn(async move {
-            let _permit = permit;
-            // A failure is retried once; a second one fails the fetch.
-            let mut last = None;
-            for _ in 0..2 {
-                match fetch_instance(&http, &ingest, &url, &token, &instance, hash, &holding).await {
-                    Ok(size) => return Ok(size),
-                    Err(e) => {
-                        tracing::warn!(error = %e, sop_instance_uid = %instance.sop_instance_uid, "peer instance fetch failed");
-                        last = Some(e);
-                    }
-                }
-            }
-            Err(last.expect("two attempts"))
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        match done.map_err(|e| Error::Peer(e.to_string()))? {
-            Ok(size) => {
-                fetched += 1;
-                bytes += size;
-            }
-            Err(e) => {
-                failure.get_or_insert(e);
-            }
+            series_uid,
+            &grant.token,
+            holding,
+            &mut series_missing,
+        )
+        .await;
+        fetched += n;
+        bytes += b;
+        if let Some(e) = e {
+            failure.get_or_insert(e);
         }
     }
     metered.bytes(bytes);
@@ -480,6 +708,106 @@ async fn fetch_and_verify(
     })
 }
 
+/// One series' missing instances: the whole series by one WADO-RS request
+/// when nothing of it is here (each part verified as it completes, the
+/// commits of several instances in flight at once, sharing the group
+/// commit's flush); what that leaves, or a series partly here, one
+/// instance at a time (`peer_parallel` at once, each retried once).
+/// Returns the instances stored, their bytes, and the first error.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_one_series(
+    region: &Region,
+    ingest: &Ingest,
+    http: &reqwest::Client,
+    base: &str,
+    study: &str,
+    series: &str,
+    token: &str,
+    holding: &str,
+    missing: &mut Vec<(ManifestInstance, BlobHash)>,
+) -> (usize, u64, Option<Error>) {
+    let mut fetched = 0;
+    let mut bytes = 0u64;
+    let mut failure = None;
+    let key = progress_key(region, study);
+    let whole = missing.len() > 1
+        && progress_by_key(&key)
+            .and_then(|p| p.series.into_iter().find(|(s, _, _)| s == series))
+            .is_none_or(|(_, _, done)| done == 0);
+    if whole {
+        let url = format!(
+            "{}/studies/{study}/series/{series}",
+            base.trim_end_matches('/')
+        );
+        let expected: std::collections::HashMap<String, (ManifestInstance, BlobHash)> = missing
+            .iter()
+            .map(|(i, h)| (i.sop_instance_uid.clone(), (i.clone(), *h)))
+            .collect();
+        let (done, stream_bytes, stream_error) =
+            fetch_stream(http, ingest, &url, token, &expected, holding, &key).await;
+        if let Some(e) = stream_error {
+            tracing::warn!(error = %e, done = done.len(), "series stream from the peer failed; fetching the rest one by one");
+            if matches!(e, Error::Integrity(_)) {
+                failure = Some(e);
+            }
+        }
+        fetched += done.len();
+        bytes += stream_bytes;
+        missing.retain(|(i, _)| !done.contains(&i.sop_instance_uid));
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        region.config().peer_parallel.max(1),
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (instance, hash) in missing.drain(..) {
+        let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+        let http = http.clone();
+        let ingest = ingest.clone();
+        let url = format!(
+            "{}/studies/{study}/series/{}/instances/{}",
+            base.trim_end_matches('/'),
+            instance.series_instance_uid,
+            instance.sop_instance_uid
+        );
+        let token = token.to_string();
+        let holding = holding.to_string();
+        let key = key.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            // A failure is retried once; a second one fails the fetch.
+            let mut last = None;
+            for _ in 0..2 {
+                match fetch_instance(&http, &ingest, &url, &token, &instance, hash, &holding).await {
+                    Ok(size) => {
+                        update(&key, |p| p.instance_done(&instance.series_instance_uid));
+                        return Ok(size);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, sop_instance_uid = %instance.sop_instance_uid, "peer instance fetch failed");
+                        last = Some(e);
+                    }
+                }
+            }
+            Err(last.expect("two attempts"))
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(size)) => {
+                fetched += 1;
+                bytes += size;
+            }
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(e) => {
+                failure.get_or_insert(Error::Peer(e.to_string()));
+            }
+        }
+    }
+    (fetched, bytes, failure)
+}
+
 /// A whole study by one WADO-RS request (`transfer-syntax=*`): each part
 /// is matched to its manifest entry by the SOP Instance UID of its file
 /// meta and ingested with the expected hash; up to eight commits in flight.
@@ -492,9 +820,37 @@ async fn fetch_stream(
     token: &str,
     expected: &std::collections::HashMap<String, (ManifestInstance, BlobHash)>,
     holding: &str,
+    progress_key: &str,
 ) -> (std::collections::HashSet<String>, u64, Option<Error>) {
     let mut done = std::collections::HashSet::new();
     let mut bytes = 0u64;
+    let mut error: Option<Error> = None;
+    // What a finished commit means: counted, and shown on the page at once.
+    let mut settle = |joined: Result<
+        (String, String, Result<ingest::Stored, ingest::Error>),
+        tokio::task::JoinError,
+    >,
+                      error: &mut Option<Error>| {
+        match joined {
+            Ok((sop, series, Ok(stored))) => {
+                stored.count(crate::metrics::source::PEER, ingest.store().durability());
+                bytes += stored.size;
+                done.insert(sop);
+                update(progress_key, |p| p.instance_done(&series));
+            }
+            Ok((sop, _, Err(ingest::Error::HashMismatch { expected, actual }))) => {
+                error.get_or_insert(Error::Integrity(format!(
+                    "instance {sop} hashes to {actual}, the manifest says {expected}"
+                )));
+            }
+            Ok((_, _, Err(e))) => {
+                error.get_or_insert(Error::Peer(e.to_string()));
+            }
+            Err(e) => {
+                error.get_or_insert(Error::Peer(e.to_string()));
+            }
+        }
+    };
     let mut finishing = tokio::task::JoinSet::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(8));
     let result: Result<(), Error> = async {
@@ -579,34 +935,23 @@ async fn fetch_stream(
                 .expect("semaphore open");
             let ingest = ingest.clone();
             let hash = *hash;
+            let series = instance.series_instance_uid.clone();
             finishing.spawn(async move {
                 let _permit = permit;
-                (sop, ingest.finish_expecting(incoming, hash).await)
+                (sop, series, ingest.finish_expecting(incoming, hash).await)
             });
+            while let Some(joined) = finishing.try_join_next() {
+                settle(joined, &mut error);
+            }
         }
         Ok(())
     }
     .await;
-    let mut error = result.err();
+    if let Err(e) = result {
+        error.get_or_insert(e);
+    }
     while let Some(joined) = finishing.join_next().await {
-        match joined {
-            Ok((sop, Ok(stored))) => {
-                stored.count(crate::metrics::source::PEER, ingest.store().durability());
-                bytes += stored.size;
-                done.insert(sop);
-            }
-            Ok((sop, Err(ingest::Error::HashMismatch { expected, actual }))) => {
-                error.get_or_insert(Error::Integrity(format!(
-                    "instance {sop} hashes to {actual}, the manifest says {expected}"
-                )));
-            }
-            Ok((_, Err(e))) => {
-                error.get_or_insert(Error::Peer(e.to_string()));
-            }
-            Err(e) => {
-                error.get_or_insert(Error::Peer(e.to_string()));
-            }
-        }
+        settle(joined, &mut error);
     }
     (done, bytes, error)
 }
@@ -794,10 +1139,13 @@ pub async fn evict(
     let budget = region.config().peer_cache_budget_bytes as i64;
     let mut evicted = Vec::new();
     loop {
-        let total: i64 = sqlx::query("SELECT COALESCE(SUM(bytes), 0) FROM cached_study")
-            .fetch_one(pool)
-            .await?
-            .try_get(0)?;
+        // PostgreSQL's SUM of a BIGINT is a NUMERIC: cast back, for the
+        // Any driver (and both backends) to read an i64.
+        let total: i64 =
+            sqlx::query("SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM cached_study")
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?;
         if total <= budget {
             return Ok(evicted);
         }
@@ -916,4 +1264,67 @@ pub fn prefetch(
             Err(e) => tracing::warn!(study_instance_uid = %uid, error = %e, "prefetch failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn why_images_cannot_be_opened() {
+        let cases = [
+            (Error::NoPeer("H".into()), FailureKind::PeerDown),
+            (
+                Error::Peer("connection refused".into()),
+                FailureKind::PeerDown,
+            ),
+            (Error::Refused("no consent".into()), FailureKind::NoConsent),
+            (Error::Integrity("hash".into()), FailureKind::Integrity),
+            (Error::Registry("timeout".into()), FailureKind::Registry),
+            (Error::Index("locked".into()), FailureKind::Local),
+        ];
+        for (error, kind) in cases {
+            let failure = error.failure();
+            assert_eq!(failure.kind, kind, "{error}");
+            assert_eq!(failure.detail, error.to_string());
+        }
+        // A 403 or 404 from the registry's grant is a refusal.
+        let refused: Error = client::Error::Status {
+            status: 403,
+            detail: "no consent".into(),
+        }
+        .into();
+        assert_eq!(refused.failure().kind, FailureKind::NoConsent);
+    }
+
+    #[test]
+    fn incomplete_series_are_hidden_until_the_fetch_is_done() {
+        let series = [("1.9.1", 3, 3), ("1.9.2", 3, 1)];
+        let hidden = |node: &str, study: &str| incomplete_by_key(&format!("{node} {study}"));
+        record_progress_for_tests("A", "1.9", "B", FetchState::Running, &series);
+        assert_eq!(hidden("A", "1.9"), vec!["1.9.2".to_string()]);
+        // Another node of the same process does not see A's fetch.
+        assert!(hidden("B", "1.9").is_empty());
+        record_progress_for_tests("A", "1.9", "B", FetchState::Failed, &series);
+        assert_eq!(hidden("A", "1.9"), vec!["1.9.2".to_string()]);
+        record_progress_for_tests("A", "1.9", "B", FetchState::Done, &series);
+        assert!(hidden("A", "1.9").is_empty());
+        assert!(hidden("A", "1.8").is_empty());
+    }
+
+    #[test]
+    fn a_series_is_complete_when_all_its_instances_are_here() {
+        let mut p = Progress::starting("H");
+        p.series = vec![("1.1".into(), 2, 0), ("1.2".into(), 1, 1)];
+        p.series_done = 1;
+        assert_eq!(p.complete_series(), vec!["1.2".to_string()]);
+        p.instance_done("1.1");
+        assert_eq!(p.series_done, 1);
+        p.instance_done("1.1");
+        assert_eq!((p.series_done, p.instances_done), (2, 2));
+        assert_eq!(
+            p.complete_series(),
+            vec!["1.1".to_string(), "1.2".to_string()]
+        );
+    }
 }

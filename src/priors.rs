@@ -215,15 +215,16 @@ pub struct CheckAnswer {
     pub links: std::collections::BTreeMap<String, String>,
 }
 
-/// The URL a prior's images open at: the configured OHIF viewer, else this
-/// node's page.
+/// The URL a prior's images open at: an OHIF viewer configured elsewhere,
+/// else this node's page, which fetches a regional prior and opens it in
+/// the node's own viewer (src/http/page/images.rs).
 pub fn link(region: &Region, study_instance_uid: &str) -> String {
     match &region.config().ohif_url {
         Some(ohif) => format!(
             "{}/viewer?StudyInstanceUIDs={study_instance_uid}",
             ohif.trim_end_matches('/')
         ),
-        None => format!("/ui/studies/{study_instance_uid}"),
+        None => format!("/ui/studies/{study_instance_uid}/images"),
     }
 }
 

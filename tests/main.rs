@@ -25,3 +25,4 @@ mod security_registry;
 mod storage_config;
 mod support;
 mod tls;
+mod viewer;

@@ -40,7 +40,7 @@ type CheckRow = (
 );
 
 /// A hospital with a name of its own (the page shows it).
-async fn add_named_hospital(admin: &Api, id: &str, name: &str, level: &str) -> String {
+pub async fn add_named_hospital(admin: &Api, id: &str, name: &str, level: &str) -> String {
     let (status, v) = admin
         .call(
             "POST",
@@ -104,7 +104,7 @@ async fn spawn_page_region(backend: Backend) -> PageRegion {
 }
 
 /// `name=value` of the first Set-Cookie header setting `name`.
-fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
+pub fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
     response
         .headers()
         .get_all("set-cookie")
@@ -115,12 +115,12 @@ fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
 }
 
 /// The value of the first hidden `csrf` field of a page.
-fn csrf_field(html: &str) -> String {
+pub fn csrf_field(html: &str) -> String {
     let start = html.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
     html[start..].split('"').next().unwrap().to_string()
 }
 
-fn form_body(pairs: &[(&str, &str)]) -> String {
+pub fn form_body(pairs: &[(&str, &str)]) -> String {
     let enc = |s: &str| {
         s.bytes()
             .map(|b| {
@@ -336,7 +336,8 @@ async fn doctor_page(backend: Backend) {
     );
     assert_eq!(login["cookie"]["http_only"], true);
     assert_eq!(login["cookie"]["same_site"], "Strict");
-    assert_eq!(login["cookie"]["path"], "/ui");
+    // Path=/: the viewer's DICOMweb requests carry it too (issue 19).
+    assert_eq!(login["cookie"]["path"], "/");
     let timeline = step(&lines, "timeline");
     let rows = timeline["rows"].as_array().unwrap();
     let prior = rows
@@ -359,7 +360,7 @@ async fn doctor_page(backend: Backend) {
     assert!(warning.contains(&today), "{warning}");
     assert!(warning.contains("0 天"), "{warning}");
     assert!(warning.contains("30 天"), "{warning}");
-    assert_eq!(check["links"], json!([format!("/ui/studies/{uid}")]));
+    assert_eq!(check["links"], json!([format!("/ui/studies/{uid}/images")]));
     let decision = step(&lines, "decision");
     assert_eq!(decision["confirmed"], true, "{decision:#}");
     assert_eq!(decision["title"], "处理意见已记录");
@@ -457,7 +458,7 @@ async fn doctor_page(backend: Backend) {
     assert_eq!(status, 303, "{set}");
     let session = session.expect("a session cookie");
     assert!(
-        set.contains("HttpOnly") && set.contains("SameSite=Strict") && set.contains("Path=/ui"),
+        set.contains("HttpOnly") && set.contains("SameSite=Strict") && set.contains("Path=/;"),
         "{set}"
     );
     assert!(set.contains("Max-Age=28800"), "{set}");

@@ -238,7 +238,7 @@ async fn duplicate_exam_warning_end_to_end() {
         cited["eligibility"].as_str().unwrap().contains("二级甲等"),
         "{cited}"
     );
-    assert_eq!(warn["links"][&uid], format!("/ui/studies/{uid}"));
+    assert_eq!(warn["links"][&uid], format!("/ui/studies/{uid}/images"));
     // By attributes instead of an item code.
     let by_attrs = check(
         json!({"modality": "CT", "body_part": "CHEST", "contrast": "enhanced"}),

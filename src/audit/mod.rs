@@ -496,6 +496,17 @@ pub fn current() -> Audit {
         .unwrap_or_else(|_| Audit::disabled())
 }
 
+/// Names the user of the HTTP request being served, once it is known
+/// inside it: a DICOMweb request admitted by the page's session (the
+/// viewer's, issue 19), whose doctor only the DICOMweb gate learns.
+pub fn http_user(user: String) {
+    with_scope(|s| {
+        if let Requestor::Http { user: u } = &mut s.requestor {
+            *u = user;
+        }
+    });
+}
+
 fn with_scope<T>(f: impl FnOnce(&mut Scope) -> T) -> Option<T> {
     SCOPE
         .try_with(|s| {

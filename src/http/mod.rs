@@ -1,6 +1,7 @@
 //! The node's HTTP side: health, readiness and metrics ([`health`]), and
-//! DICOMweb under `/dicom-web` ([`dicomweb`]). The JSON API and the page
-//! join here as one `router()` per resource.
+//! DICOMweb under `/dicom-web` ([`dicomweb`]). The JSON API, the page and
+//! the viewer (`/viewer`, [`viewer`]) join here as one `router()` per
+//! resource.
 
 pub mod api;
 pub mod audit;
@@ -9,6 +10,7 @@ pub mod error;
 pub mod health;
 pub mod lifecycle;
 pub mod page;
+pub mod viewer;
 
 use std::sync::Arc;
 
@@ -33,6 +35,9 @@ pub struct AppState {
     /// Set once the node's start has finished: `/ready` answers 503 until
     /// then.
     pub started: Arc<std::sync::atomic::AtomicBool>,
+    /// OHIF's installed files (deploy/install-viewer.sh), served under
+    /// `/viewer`.
+    pub viewer_dir: std::path::PathBuf,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -59,6 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.ingest.index(),
             page::router(&state),
         ))
+        .merge(viewer::router(state.viewer_dir.clone()))
         // A peer node presenting a registry grant may GET the study the
         // grant names (its manifest and its instances), and nothing else.
         .layer(axum::middleware::from_fn_with_state(
@@ -80,8 +86,16 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// DICOMweb answers, the JSON API and the page carry PHI (names, IDs,
 /// birth dates, images): no browser or proxy may keep a copy (issue 22).
 /// Health and metrics carry none, but one rule for every answer leaves no
-/// route forgotten.
+/// route forgotten; the only exception is the viewer's own files (OHIF's
+/// scripts), which its router marks.
 async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    if response
+        .extensions()
+        .get::<viewer::CacheableAsset>()
+        .is_some()
+    {
+        return response;
+    }
     response.headers_mut().insert(
         axum::http::header::CACHE_CONTROL,
         axum::http::HeaderValue::from_static("no-store"),

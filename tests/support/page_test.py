@@ -151,9 +151,11 @@ def main():
         )
         shot("confirmation")
 
-        # The prior's link opens the study page (held at the other hospital).
+        # The prior's study page (held at the other hospital); its images
+        # link (/images, the viewer) is tests/viewer.rs's.
         if links:
-            page.goto(f"{base}{links[0]}" if links[0].startswith("/") else links[0])
+            study = links[0].removesuffix("/images")
+            page.goto(f"{base}{study}" if study.startswith("/") else study)
             held = page.locator("#held-elsewhere")
             emit(
                 step="study",

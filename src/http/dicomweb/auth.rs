@@ -1,6 +1,13 @@
 //! Bearer tokens for DICOMweb: the node keeps only each token's SHA-256;
 //! a presented token is hashed and compared with every configured hash in
 //! constant time. GET and HEAD need the `read` scope, POST `write`.
+//!
+//! The viewer the node serves (/viewer, issue 19) has no token: a browser
+//! must never hold one in its storage. Its requests are same-origin and
+//! carry the page's session cookie instead, which admits GET and HEAD (no
+//! request that changes anything, so a forged cross-site form gains
+//! nothing, besides SameSite=Strict) of the studies that session opened
+//! from the page, and nothing else: no search across the archive.
 
 use std::sync::Arc;
 
@@ -103,6 +110,84 @@ impl Tokens {
     }
 }
 
+/// DICOMweb's gate: a peer's grant (checked before), a bearer token, or
+/// the page's session for the studies it opened.
+pub struct WebAuth {
+    pub tokens: Tokens,
+    pub index: crate::index::Index,
+}
+
+/// The user of the page's session a request was admitted for (the audit
+/// names them).
+#[derive(Clone, Debug)]
+pub struct SessionAccess(pub String);
+
+/// The one study a viewer's request is about: `/studies/{uid}…`, or a
+/// search (`/studies`, `/series`, `/instances`) with `StudyInstanceUID=`
+/// (OHIF asks both ways). Paths are seen with or without the `/dicom-web`
+/// prefix (nested routers strip it).
+pub fn study_of(path: &str, query: Option<&str>) -> Option<String> {
+    let rest = path.strip_prefix(super::BASE_PATH).unwrap_or(path);
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let uid = match segments.as_slice() {
+        ["studies", uid, ..] => Some(uid.to_string()),
+        ["studies" | "series" | "instances"] => query.and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                (k == "StudyInstanceUID" || k == "0020000D").then(|| v.to_string())
+            })
+        }),
+        _ => None,
+    }?;
+    crate::types::Uid::parse(&uid)
+        .ok()
+        .map(|u| u.as_str().to_string())
+}
+
+pub async fn require_token_or_session(
+    State(auth): State<Arc<WebAuth>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if request
+        .extensions()
+        .get::<crate::http::GrantAccess>()
+        .is_some()
+    {
+        return next.run(request).await;
+    }
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let safe = request.method() == Method::GET || request.method() == Method::HEAD;
+    if authorization.is_none() && safe && !auth.tokens.open {
+        let cookies = crate::http::page::auth::cookies(request.headers());
+        if let Some(token) = cookies.get(crate::http::page::auth::SESSION_COOKIE) {
+            // A session is no credential for a request naming no study
+            // (a search across the archive): 401 like a missing token.
+            let Some(study) = study_of(request.uri().path(), request.uri().query()) else {
+                return Error::Unauthorized.into_response();
+            };
+            return match crate::http::page::auth::session_may_read(&auth.index, token, &study).await
+            {
+                Ok(Some(user)) => {
+                    // The DICOM audit messages name the doctor.
+                    crate::audit::http_user(format!("session:{user}"));
+                    request.extensions_mut().insert(SessionAccess(user));
+                    next.run(request).await
+                }
+                Ok(None) => Error::Unauthorized.into_response(),
+                Err(e) => Error::Unavailable(format!("session: {e}")).into_response(),
+            };
+        }
+    }
+    match auth.tokens.check(request.method(), authorization) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 pub async fn require_token(
     State(tokens): State<Arc<Tokens>>,
     request: Request,
@@ -173,5 +258,30 @@ mod tests {
             ..DicomwebConfig::default()
         });
         assert!(open.check(&Method::POST, None).is_ok());
+    }
+
+    #[test]
+    fn the_study_a_viewer_request_names() {
+        let cases: &[(&str, Option<&str>, Option<&str>)] = &[
+            ("/dicom-web/studies/1.2.3/series", None, Some("1.2.3")),
+            ("/studies/1.2.3/series/4.5/metadata", None, Some("1.2.3")),
+            (
+                "/studies",
+                Some("StudyInstanceUID=1.2.3&limit=1"),
+                Some("1.2.3"),
+            ),
+            ("/series", Some("0020000D=1.2.3"), Some("1.2.3")),
+            ("/studies", Some("PatientID=X"), None),
+            ("/studies", None, None),
+            ("/studies/not a uid", None, None),
+            ("/", None, None),
+        ];
+        for (path, query, expected) in cases {
+            assert_eq!(
+                study_of(path, *query).as_deref(),
+                *expected,
+                "{path} {query:?}"
+            );
+        }
     }
 }

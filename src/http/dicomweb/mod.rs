@@ -58,7 +58,10 @@ pub fn router(
             "DICOMweb has no tokens configured: every request gets 401 (add [[dicomweb.tokens]] or set dicomweb open)"
         );
     }
-    let tokens = Arc::new(auth::Tokens::new(&config));
+    let web_auth = Arc::new(auth::WebAuth {
+        tokens: auth::Tokens::new(&config),
+        index: ingest.index().clone(),
+    });
     let cors = cors_layer(&config);
     let state = Arc::new(DicomwebState {
         ingest,
@@ -107,8 +110,8 @@ pub fn router(
         // `max_request_bytes`, not axum's 2 MB default.
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(
-            tokens,
-            auth::require_token,
+            web_auth,
+            auth::require_token_or_session,
         ))
         .layer(axum::middleware::from_fn(crate::metrics::dicomweb_timing))
         .with_state(state);

@@ -249,6 +249,36 @@ async fn search(
         .collect();
     let base = base_url(&headers);
     let mut rx = query::run(state.ingest.index(), query, options);
+    // A series still arriving from another hospital is not shown yet
+    // (crate::peer::incomplete_series): its matches are left out.
+    let searched_study = study.clone().or_else(|| {
+        params
+            .iter()
+            .find(|(k, _)| k == "StudyInstanceUID" || k == "0020000D")
+            .map(|(_, v)| v.clone())
+    });
+    let hidden = match (&state.region, searched_study) {
+        (Some(region), Some(study)) => crate::peer::incomplete_series(region, &study),
+        _ => Vec::new(),
+    };
+    if !hidden.is_empty() && level != Level::Study && level != Level::Patient {
+        let (tx, filtered) = tokio::sync::mpsc::channel(32);
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                if let Item::Match(m) = &item
+                    && hidden
+                        .iter()
+                        .any(|s| s == m.first(tags::SERIES_INSTANCE_UID))
+                {
+                    continue;
+                }
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx = filtered;
+    }
 
     // The first item decides the status: a failure before any match is a
     // 503, no match a 204.

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use dicom_pixeldata::image::{DynamicImage, ImageFormat, codecs::jpeg::JpegEncoder};
 use dicom_pixeldata::{ConvertOptions, PixelDecoder, VoiLutFunction, VoiLutOption, WindowLevel};
 
-use super::wado::{locate, native_frames, open_object, open_object_full};
+use super::wado::{locate, locate_in, native_frames, open_object, open_object_full};
 use super::{DicomwebState, media};
 use crate::http::error::Error;
 
@@ -233,6 +233,41 @@ async fn render(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(response)
+}
+
+/// A series' thumbnail for the doctor's page (issue 19): its middle
+/// instance in instance order (a CT's middle slice says more than its
+/// first), rendered as a JPEG that fits `size`×`size`, with the instance's
+/// own window. Returns the blob hash it was drawn from (the page caches by
+/// it: content-addressed, so a cached thumbnail is never stale) and the
+/// JPEG.
+pub async fn series_thumbnail(
+    ingest: &crate::ingest::Ingest,
+    study: &str,
+    series: &str,
+    size: u32,
+    cached: impl FnOnce(&crate::types::BlobHash) -> Option<Arc<Vec<u8>>>,
+) -> Result<(crate::types::BlobHash, Arc<Vec<u8>>), Error> {
+    // In series and instance order (the matcher's).
+    let mut found = locate_in(ingest.index(), study, Some(series), None).await?;
+    let loc = found.swap_remove(found.len() / 2);
+    if let Some(jpeg) = cached(&loc.blob_hash) {
+        return Ok((loc.blob_hash, jpeg));
+    }
+    let obj = match single_native_frame(ingest.store(), &loc, 1).await? {
+        Some(obj) => obj,
+        None => open_object_full(ingest.store(), &loc).await?,
+    };
+    let options = Options {
+        format: Format::Jpeg,
+        quality: 80,
+        window: None,
+        viewport: Some((size, size)),
+    };
+    let jpeg = tokio::task::spawn_blocking(move || encode(&obj, 1, &options))
+        .await
+        .map_err(|e| Error::Internal(format!("render task: {e}")))??;
+    Ok((loc.blob_hash, Arc::new(jpeg)))
 }
 
 fn encode(

@@ -49,6 +49,30 @@ pub async fn locate(
     series: Option<&str>,
     instance: Option<&str>,
 ) -> Result<Vec<InstanceLocation>, Error> {
+    let mut found = locate_in(state.ingest.index(), study, series, instance).await?;
+    // A series still arriving from another hospital is not served yet
+    // (crate::peer::incomplete_series).
+    if let Some(region) = &state.region {
+        let hidden = crate::peer::incomplete_series(region, study);
+        found.retain(|l| !hidden.contains(&l.series_instance_uid));
+        if found.is_empty() {
+            return Err(Error::NotFound(match (series, instance) {
+                (_, Some(_)) => "instance",
+                (Some(_), None) => "series",
+                _ => "study",
+            }));
+        }
+    }
+    Ok(found)
+}
+
+/// [`locate`] over an index (the page's thumbnails use it too).
+pub async fn locate_in(
+    index: &crate::index::Index,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Vec<InstanceLocation>, Error> {
     let mut q = Query::new(Level::Image);
     let keys = [
         (tags::STUDY_INSTANCE_UID, Some(study), "study"),
@@ -63,7 +87,7 @@ pub async fn locate(
                 .map_err(|e| Error::BadRequest(e.to_string()))?;
         }
     }
-    let matches = query::collect(state.ingest.index(), q)
+    let matches = query::collect(index, q)
         .await
         .map_err(|e| Error::Unavailable(format!("query: {e}")))?;
     let found: Vec<InstanceLocation> = matches.into_iter().filter_map(|m| m.instance).collect();

@@ -5,8 +5,9 @@
 //!   verified by argon2 (constant time). An unknown user costs the same
 //!   verification as a wrong password and gets the same answer.
 //! - A session is a random token in the `huren_session` cookie (HttpOnly,
-//!   SameSite=Strict, Path=/ui, Secure behind TLS, 8 hours); the database
-//!   keeps its SHA-256 only.
+//!   SameSite=Strict, Path=/, Secure behind TLS, 8 hours); the database
+//!   keeps its SHA-256 only. It also authorises the viewer's read-only
+//!   DICOMweb requests for the studies it opened (`ui_session_study`).
 //! - Every session has a CSRF token, put in a hidden field of every form and
 //!   checked on every POST. The login form, which has no session yet, uses a
 //!   double-submit cookie (`huren_login_csrf`).
@@ -200,6 +201,12 @@ pub async fn create_session(index: &Index, user_id: &str) -> Result<String, sqlx
         .execute(index.pool())
         .await?;
     sqlx::query(
+        "DELETE FROM ui_session_study WHERE session_hash NOT IN \
+         (SELECT session_hash FROM ui_session)",
+    )
+    .execute(index.pool())
+    .await?;
+    sqlx::query(
         "INSERT INTO ui_session (session_hash, user_id, csrf_token, created_at, expires_at) \
          VALUES ($1, $2, $3, $4, $5)",
     )
@@ -256,7 +263,54 @@ pub async fn end_session(index: &Index, session_hash: &str) -> Result<(), sqlx::
         .bind(session_hash)
         .execute(index.pool())
         .await?;
+    sqlx::query("DELETE FROM ui_session_study WHERE session_hash = $1")
+        .bind(session_hash)
+        .execute(index.pool())
+        .await?;
     Ok(())
+}
+
+/// Lets the session's viewer read a study (the doctor opened it from the
+/// page).
+pub async fn open_study(
+    index: &Index,
+    session_hash: &str,
+    study_instance_uid: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO ui_session_study (session_hash, study_instance_uid, opened_at) \
+         VALUES ($1, $2, $3) ON CONFLICT (session_hash, study_instance_uid) DO NOTHING",
+    )
+    .bind(session_hash)
+    .bind(study_instance_uid)
+    .bind(now())
+    .execute(index.pool())
+    .await?;
+    Ok(())
+}
+
+/// The user of the live session a cookie's token names, when that session
+/// opened `study_instance_uid` from the page: what authorises the viewer's
+/// DICOMweb reads.
+pub async fn session_may_read(
+    index: &Index,
+    token: &str,
+    study_instance_uid: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT s.user_id FROM ui_session s JOIN ui_session_study v \
+         ON v.session_hash = s.session_hash \
+         WHERE s.session_hash = $1 AND s.expires_at > $2 AND v.study_instance_uid = $3",
+    )
+    .bind(sha256_hex(token))
+    .bind(now())
+    .bind(study_instance_uid)
+    .fetch_optional(index.pool())
+    .await?;
+    row.map(|r| r.try_get(0)).transpose()
 }
 
 /// Keeps the patient the doctor looks at in the session (server side).
@@ -321,11 +375,15 @@ pub fn cookies(headers: &HeaderMap) -> HashMap<String, String> {
     out
 }
 
-/// A Set-Cookie value for the page: Path=/ui, SameSite=Strict, HttpOnly,
+/// A Set-Cookie value for the page: Path=/, SameSite=Strict, HttpOnly,
 /// Secure when the request came over TLS. `max_age` 0 deletes the cookie.
+/// Path=/ rather than /ui: the viewer's DICOMweb requests
+/// (`/dicom-web/…`, same origin) carry the session too (issue 19). That is
+/// safe because only GET and HEAD accept it there, for the studies the
+/// session opened, and SameSite=Strict keeps it off other sites' requests.
 pub fn set_cookie(name: &str, value: &str, max_age: u64, secure: bool) -> String {
     format!(
-        "{name}={value}; Path=/ui; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
+        "{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{}",
         if secure { "; Secure" } else { "" }
     )
 }

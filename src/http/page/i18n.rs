@@ -368,6 +368,61 @@ const STRINGS: &[(&str, &str, &str)] = &[
     ("mark", "互认标识", "Mark"),
     ("eligibility", "互认依据", "Eligibility rule"),
     ("open_images", "查看影像", "Open the images"),
+    // The viewer and the fetch of a prior's images (issue 19).
+    ("images_title", "影像", "Images"),
+    (
+        "fetching",
+        "正在从{hospital}获取影像，每个序列到齐并校验后即可查看。",
+        "Fetching the images from {hospital}; each series can be viewed once it is complete and verified.",
+    ),
+    (
+        "fetch_progress",
+        "序列 {s} / {st}，图像 {i} / {it}",
+        "Series {s} of {st}, images {i} of {it}",
+    ),
+    (
+        "open_arrived",
+        "打开已到达的序列",
+        "Open the series that have arrived",
+    ),
+    ("open_viewer", "在查看器中打开", "Open in the viewer"),
+    (
+        "images_failed_title",
+        "影像无法打开",
+        "The images cannot be opened",
+    ),
+    (
+        "fail_peer_down",
+        "持有该检查的医院节点无法访问（{hospital}）：对方节点未响应或返回错误。",
+        "The node of the hospital holding the study cannot be reached ({hospital}): it did not answer, or answered with an error.",
+    ),
+    (
+        "fail_no_consent",
+        "区域注册中心拒绝调阅：患者未授权本院调阅该检查（或授权已过期、已撤回）。",
+        "The regional registry refused: the patient has not authorised this hospital (or the consent expired or was revoked).",
+    ),
+    (
+        "fail_integrity",
+        "影像校验失败：对方发送的数据与其发布的内容不符，未保存任何未经校验的数据。",
+        "The images failed verification: what the other node sent does not match what it published; nothing unverified was kept.",
+    ),
+    (
+        "fail_registry",
+        "无法连接区域注册中心，暂时无法获取授权。",
+        "The regional registry cannot be reached: no authorisation can be obtained now.",
+    ),
+    (
+        "fail_local",
+        "本节点出错，请稍后重试。",
+        "This node failed; try again later.",
+    ),
+    ("retry", "重试", "Try again"),
+    ("series_images", "{n} 幅", "{n} images"),
+    (
+        "thumbs_after_fetch",
+        "影像调阅后显示缩略图",
+        "Thumbnails appear once the images are fetched",
+    ),
     (
         "other_qualifying",
         "其他可互认的检查",
@@ -624,6 +679,10 @@ mod tests {
                 &["pending", "published", "local_only", "retracted"][..],
             ),
             ("window_from_", &["report_issued_date", "study_date"][..]),
+            (
+                "fail_",
+                &["peer_down", "no_consent", "integrity", "registry", "local"][..],
+            ),
         ] {
             for v in prefix_values.1 {
                 let key = format!("{}{v}", prefix_values.0);

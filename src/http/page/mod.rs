@@ -1,6 +1,8 @@
 //! The doctor's page under `/ui`: sign in, find a patient, see their prior
 //! imaging exams at this hospital and across the region, check an order for
-//! a recent similar exam (互认), and record the decision.
+//! a recent similar exam (互认), and record the decision; open a prior's
+//! images in the node's viewer, fetching it from the hospital that holds it
+//! first ([`images`], issue 19), with a thumbnail per series.
 //!
 //! Server-rendered HTML (minijinja; the templates in `templates/` are
 //! compiled into the binary), Chinese by default and English with
@@ -15,6 +17,7 @@
 
 pub mod auth;
 mod i18n;
+pub mod images;
 pub mod throttle;
 
 use std::collections::{BTreeSet, HashMap};
@@ -64,6 +67,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../../templates/decision.html"),
     ),
     ("study.html", include_str!("../../../templates/study.html")),
+    (
+        "images.html",
+        include_str!("../../../templates/images.html"),
+    ),
 ];
 
 fn templates() -> Environment<'static> {
@@ -80,6 +87,9 @@ pub struct PageState {
     region: Option<Arc<Region>>,
     templates: Environment<'static>,
     sign_in: throttle::SignInThrottle,
+    /// Fetches of regional priors and thumbnails (issue 19).
+    ingest: crate::ingest::Ingest,
+    thumbnails: std::sync::Mutex<images::ThumbnailCache>,
 }
 
 pub fn router(state: &Arc<AppState>) -> Router {
@@ -88,6 +98,8 @@ pub fn router(state: &Arc<AppState>) -> Router {
         region: state.region.clone(),
         templates: templates(),
         sign_in: throttle::SignInThrottle::default(),
+        ingest: state.ingest.clone(),
+        thumbnails: Default::default(),
     });
     Router::new()
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
@@ -99,6 +111,7 @@ pub fn router(state: &Arc<AppState>) -> Router {
         .route("/ui/decision", post(decision))
         .route("/ui/studies/{uid}", get(study_page))
         .route("/ui/studies/{uid}/confirm", post(confirm_items))
+        .merge(images::routes())
         .layer(DefaultBodyLimit::max(64 * 1024))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(page)
@@ -995,6 +1008,23 @@ async fn timeline(
         Ok(local) => entries.extend(local),
         Err(e) => return Err(state.unavailable(page, "timeline", &e).await),
     }
+    // Thumbnails for the studies held here (the hospital's own, and
+    // regional priors already fetched); a regional prior not fetched yet
+    // gets them once it is.
+    for e in entries.iter_mut() {
+        let uid = e["uid"].as_str().unwrap_or("").to_string();
+        match images::series_of(&state.index, &uid).await {
+            Ok(series) => e["thumbs"] = json!(series),
+            Err(err) => return Err(state.unavailable(page, "timeline", &err).await),
+        }
+        // This node's last fetch of it failed: say which failure.
+        if let Some(f) = crate::peer::progress(region, &uid)
+            .filter(|p| p.state == crate::peer::FetchState::Failed)
+            .and_then(|p| p.failure)
+        {
+            e["fetch_failed"] = json!(f.kind);
+        }
+    }
     // Newest first; undated last.
     entries.sort_by(|a, b| {
         let key = |e: &Value| {
@@ -1188,12 +1218,30 @@ async fn render_check(
         .iter()
         .map(|r| json!({"code": r.code, "name": item_name(page.lang, &r.name_zh, &r.name_en)}))
         .collect();
+    // The cited prior's series as thumbnails when its images are here; and
+    // when this node's last fetch of them failed, which failure (the
+    // doctor should know before relying on images that cannot be opened).
+    let cited_uid = answer["cited"]["study_instance_uid"].as_str();
+    let cited_series = match cited_uid {
+        Some(uid) => match images::series_of(&state.index, uid).await {
+            Ok(s) => s,
+            Err(e) => return state.unavailable(page, "check", &e).await,
+        },
+        None => Vec::new(),
+    };
+    let cited_failure = cited_uid
+        .zip(state.region())
+        .and_then(|(uid, region)| crate::peer::progress(region, uid))
+        .filter(|p| p.state == crate::peer::FetchState::Failed)
+        .and_then(|p| p.failure)
+        .map(|f| json!({"kind": f.kind, "detail": f.detail}));
     state
         .render(
             page,
             status,
             "check.html",
-            json!({"answer": answer, "reasons": reasons, "error": error, "form": form}),
+            json!({"answer": answer, "reasons": reasons, "error": error, "form": form,
+                   "cited_series": cited_series, "cited_failure": cited_failure}),
         )
         .await
 }

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Browser side of benches/viewer.sh (issue 19). Not a test.
+
+    viewer-browser.py --base URL --user ID --rid NUMBER --study UID
+
+Signs in at node A's page (password in HUREN_PAGE_PASSWORD), finds the
+patient (the timeline asks the registry, which tells A that B holds the
+study), clicks the prior's 查看 link and measures, from the click:
+
+- first_image_s: until the viewer's viewport shows the study (its pixels,
+  from a screenshot, have more than 16 grey levels over a spread of 64);
+- instances_at_first_image: how many of the study's instances A held then
+  (QIDO-RS at A with the operator's token, HUREN_BENCH_TOKEN);
+- fetch_s: until A's peer audit records the fetch as done (its `at`);
+- viewer_opened_s: until the page hands over to the viewer (the fetch plus
+  at most one refresh of the progress page); first_image_s minus this is
+  the viewer's own start and first draw.
+
+With HUREN_SCREENSHOTS=DIR, saves the progress page (a look with images
+in) as viewer-progress.png there.
+
+Prints one JSON line. Chromium: Debian's, through Playwright, software
+WebGL.
+"""
+
+import argparse
+import datetime
+import io
+import json
+import os
+import sys
+import time
+import urllib.request
+
+from PIL import Image
+from playwright.sync_api import Error as PlaywrightError, sync_playwright
+
+ARGS = ["--headless", "--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader", "--no-first-run", "--disable-sync"]
+
+
+def api(base, path, token):
+    req = urllib.request.Request(base + path, headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+        return json.loads(body) if body else None
+
+
+def held(base, study, token):
+    found = api(base, f"/dicom-web/studies/{study}/instances?limit=100000", token)
+    return len(found or [])
+
+
+def drawn(png):
+    img = Image.open(io.BytesIO(png)).convert("L")
+    hist = img.histogram()
+    total = sum(hist)
+    lit = [i for i, n in enumerate(hist) if n]
+    levels = sum(1 for n in hist if n * 2000 >= total)
+    return levels > 16 and lit and max(lit) - min(lit) > 64
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--user", required=True)
+    ap.add_argument("--rid", required=True)
+    ap.add_argument("--study", required=True)
+    a = ap.parse_args()
+    token = os.environ["HUREN_BENCH_TOKEN"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(120_000)
+        page.goto(f"{a.base}/ui/login")
+        page.fill("#user_id", a.user)
+        page.fill("#password", os.environ["HUREN_PAGE_PASSWORD"])
+        page.click("#sign-in")
+        page.wait_for_url(f"{a.base}/ui/")
+        page.check("#kind-rid")
+        page.fill("#identifier", a.rid)
+        page.click("#find")
+        page.wait_for_url(f"{a.base}/ui/patient")
+        link = page.locator(f'tr.prior[data-uid="{a.study}"] a[href$="/images"]')
+        clicked_wall = datetime.datetime.now(datetime.timezone.utc)
+        clicked = time.monotonic()
+        link.click()
+        deadline = clicked + 1800
+        first, at_first, opened, shot = None, None, None, os.environ.get("HUREN_SCREENSHOTS")
+        while time.monotonic() < deadline:
+            try:
+                if opened is None and "/viewer/" in page.url:
+                    opened = time.monotonic() - clicked
+                if shot and "/images" in page.url and page.locator(
+                        "#fetch-progress:not([value='0'])").count():
+                    os.makedirs(shot, exist_ok=True)
+                    page.screenshot(path=os.path.join(shot, "viewer-progress.png"))
+                    shot = None
+                canvas = page.locator("canvas.cornerstone-canvas")
+                if "/viewer/" in page.url and canvas.count():
+                    box = canvas.first.bounding_box()
+                    if box and box["width"] > 50 and drawn(canvas.first.screenshot()):
+                        first = time.monotonic() - clicked
+                        at_first = held(a.base, a.study, token)
+                        break
+            except PlaywrightError as e:
+                if not any(w in str(e) for w in ("context was destroyed", "navigat", "Timeout")):
+                    raise
+            page.wait_for_timeout(50)
+        if first is None:
+            sys.exit("the viewer drew nothing within the deadline")
+        fetch_s = None
+        while time.monotonic() < deadline:
+            done = [e for e in api(a.base, "/api/v1/peer/audit", token)["entries"]
+                    if e["action"] == "fetched" and e["study_instance_uid"] == a.study]
+            if done:
+                at = datetime.datetime.fromisoformat(done[0]["at"].replace("Z", "+00:00"))
+                fetch_s = (at - clicked_wall).total_seconds()
+                break
+            time.sleep(0.1)
+        print(json.dumps({
+            "first_image_s": round(first, 3),
+            "viewer_opened_s": round(opened, 3) if opened is not None else None,
+            "instances_at_first_image": at_first,
+            "fetch_s": round(fetch_s, 3) if fetch_s is not None else None,
+            "instances": held(a.base, a.study, token),
+        }), flush=True)
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+//! Opening a prior's images from the page (issue 19): "查看影像" on the
+//! timeline and on the warning card leads here.
+//!
+//! - A study held here opens in the viewer (`/viewer`) at once; the session
+//!   is recorded as having opened it, which is what lets the viewer's
+//!   DICOMweb requests through (`dicomweb::auth`).
+//! - A prior held at another hospital starts the peer fetch (grant,
+//!   consent and audit as for any fetch: `crate::peer`), series by series,
+//!   and this page shows its progress, refreshing itself (the page has no
+//!   scripts: a `<meta http-equiv="refresh">`), with the thumbnails of the
+//!   series complete so far and a link to open them; when the whole study
+//!   is here it goes on to the viewer.
+//! - When the images cannot be opened (peer down, no consent, failed
+//!   verification) the page says which and why.
+//!
+//! Thumbnails (one per series, on the timeline, the warning card and here)
+//! are rendered from the series' middle instance and kept in memory by
+//! blob hash: content-addressed, so never stale, and bounded.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use super::{Answer, Page, PageState};
+use crate::index::Index;
+use crate::peer::{FailureKind, FetchState};
+use crate::types::{BlobHash, Uid};
+
+/// Thumbnails fit this square (a list's size; the page shows them at 96).
+const THUMBNAIL_PX: u32 = 128;
+/// Bytes of thumbnails kept (about 4 KB each: thousands of series).
+const THUMBNAIL_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// How often the progress page reloads while a fetch runs.
+const REFRESH_SECS: u32 = 1;
+
+pub(super) fn routes() -> Router<Arc<PageState>> {
+    Router::new()
+        .route("/ui/studies/{uid}/images", get(open_images))
+        .route(
+            "/ui/studies/{uid}/series/{series}/thumbnail",
+            get(thumbnail),
+        )
+}
+
+/// The link a prior's "查看影像" follows.
+pub fn images_link(study_instance_uid: &str) -> String {
+    format!("/ui/studies/{study_instance_uid}/images")
+}
+
+/// Rendered thumbnails by the hash of the blob they were drawn from,
+/// oldest evicted first past [`THUMBNAIL_CACHE_BYTES`].
+#[derive(Default)]
+pub struct ThumbnailCache {
+    map: HashMap<BlobHash, Arc<Vec<u8>>>,
+    order: VecDeque<BlobHash>,
+    bytes: usize,
+}
+
+impl ThumbnailCache {
+    fn get(&self, hash: &BlobHash) -> Option<Arc<Vec<u8>>> {
+        self.map.get(hash).cloned()
+    }
+
+    fn put(&mut self, hash: BlobHash, jpeg: Arc<Vec<u8>>) {
+        if self.map.contains_key(&hash) {
+            return;
+        }
+        self.bytes += jpeg.len();
+        self.map.insert(hash, jpeg);
+        self.order.push_back(hash);
+        while self.bytes > THUMBNAIL_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(j) = self.map.remove(&old) {
+                self.bytes -= j.len();
+            }
+        }
+    }
+}
+
+/// The series of a study held here, in series number order, each with its
+/// description, image count and thumbnail URL (empty when not held).
+pub(super) async fn series_of(index: &Index, uid: &str) -> Result<Vec<Value>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT se.series_instance_uid, se.modality, se.series_number, se.series_description, \
+         se.number_of_series_related_instances FROM series se \
+         JOIN study st ON st.study_key = se.study_key \
+         WHERE st.study_instance_uid = $1 AND se.number_of_series_related_instances > 0 \
+         ORDER BY se.series_number, se.series_instance_uid",
+    )
+    .bind(uid)
+    .fetch_all(index.pool())
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let series: String = r.try_get(0)?;
+        out.push(json!({
+            "uid": series,
+            "modality": r.try_get::<String, _>(1)?,
+            "number": r.try_get::<Option<i64>, _>(2)?,
+            "description": r.try_get::<String, _>(3)?,
+            "count": r.try_get::<i64, _>(4)?,
+            "thumbnail": format!("/ui/studies/{uid}/series/{series}/thumbnail"),
+        }));
+    }
+    Ok(out)
+}
+
+async fn thumbnail(
+    State(state): State<Arc<PageState>>,
+    page: Page,
+    Path((study, series)): Path<(String, String)>,
+) -> Answer {
+    // Patient images: for a signed-in doctor only (no redirect: an <img>).
+    if page.session.is_none() {
+        return Err(StatusCode::UNAUTHORIZED.into_response());
+    }
+    if Uid::parse(&study).is_err() || Uid::parse(&series).is_err() {
+        return Err(StatusCode::NOT_FOUND.into_response());
+    }
+    let cache = &state.thumbnails;
+    let drawn = crate::http::dicomweb::render::series_thumbnail(
+        &state.ingest,
+        &study,
+        &series,
+        THUMBNAIL_PX,
+        |hash| cache.lock().expect("thumbnail cache").get(hash),
+    )
+    .await;
+    match drawn {
+        Ok((hash, jpeg)) => {
+            cache
+                .lock()
+                .expect("thumbnail cache")
+                .put(hash, jpeg.clone());
+            Ok((
+                [(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"))],
+                jpeg.as_ref().clone(),
+            )
+                .into_response())
+        }
+        Err(e) => {
+            let status = e.status();
+            if status.is_server_error() {
+                tracing::error!(error = %e, study, series, "page: thumbnail failed");
+            }
+            Err(status.into_response())
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct OpenQuery {
+    /// Start the fetch again after a failure.
+    retry: Option<String>,
+}
+
+async fn open_images(
+    State(state): State<Arc<PageState>>,
+    page: Page,
+    Path(raw): Path<String>,
+    Query(query): Query<OpenQuery>,
+) -> Answer {
+    let region = state.need_region(&page).await?;
+    let session = page.user()?.clone();
+    let Ok(uid) = Uid::parse(&raw) else {
+        return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
+    };
+    let uid = uid.as_str().to_string();
+    let patient_key = session.patient.as_ref().and_then(|p| p.patient_key.clone());
+    let progress = crate::peer::progress(region, &uid);
+    let running = progress
+        .as_ref()
+        .is_some_and(|p| p.state == FetchState::Running);
+    let failed = progress
+        .as_ref()
+        .is_some_and(|p| p.state == FetchState::Failed);
+    let held = match state.index.study(&uid).await {
+        Ok(s) => s.is_some(),
+        Err(e) => return Err(state.unavailable(&page, "images", &e).await),
+    };
+    // From here on, this session may read the study (what is here of it)
+    // in the viewer: recorded before the viewer is opened or the fetch
+    // started, for a study held here or known to be held elsewhere.
+    let open_study = || async {
+        match super::auth::open_study(&state.index, &session.session_hash, &uid).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(state.unavailable(&page, "images", &e).await),
+        }
+    };
+    if held && !running && !failed {
+        open_study().await?;
+        state
+            .audit(
+                &page,
+                "open_images",
+                patient_key.as_deref(),
+                &format!("study={uid}"),
+            )
+            .await?;
+        return Ok(Redirect::to(&crate::http::viewer::study_url(&uid)).into_response());
+    }
+    let hospital_id = match progress.as_ref().map(|p| p.hospital_id.clone()) {
+        Some(h) => Some(h),
+        None => match crate::peer::regional_holder(&state.ingest, &uid).await {
+            Ok(h) => h,
+            Err(e) => return Err(state.unavailable(&page, "images", &e).await),
+        },
+    };
+    let Some(hospital_id) = hospital_id else {
+        return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
+    };
+    open_study().await?;
+    let start = !running && (!failed || query.retry.is_some());
+    if start {
+        state
+            .audit(
+                &page,
+                "fetch_images",
+                patient_key.as_deref(),
+                &format!("study={uid} hospital={hospital_id}"),
+            )
+            .await?;
+        crate::peer::start(
+            region.clone(),
+            state.ingest.clone(),
+            hospital_id.clone(),
+            uid.clone(),
+            session.user_id.clone(),
+            format!("page: images opened by {}", session.user_id),
+        );
+        // The next look shows the fetch running (without `retry`).
+        return Ok(Redirect::to(&images_link(&uid)).into_response());
+    }
+    // Here a fetch is running or has failed: its progress is known.
+    let Some(progress) = crate::peer::progress(region, &uid) else {
+        return Ok(Redirect::to(&images_link(&uid)).into_response());
+    };
+    let hospital = region
+        .directory()
+        .await
+        .and_then(|d| {
+            d.hospitals
+                .into_iter()
+                .find(|h| h.hospital_id == hospital_id)
+        })
+        .map(|h| h.name)
+        .unwrap_or_else(|| hospital_id.clone());
+    let complete = progress.complete_series();
+    let series: Vec<Value> = match series_of(&state.index, &uid).await {
+        Ok(s) => s
+            .into_iter()
+            .filter(|s| {
+                s["uid"]
+                    .as_str()
+                    .is_some_and(|u| complete.iter().any(|c| c == u))
+            })
+            .collect(),
+        Err(e) => return Err(state.unavailable(&page, "images", &e).await),
+    };
+    let (status, refresh) = match progress.state {
+        FetchState::Running => (StatusCode::OK, true),
+        // Done between two looks: on to the viewer.
+        FetchState::Done => {
+            return Ok(Redirect::to(&crate::http::viewer::study_url(&uid)).into_response());
+        }
+        FetchState::Failed => {
+            let kind = progress.failure.as_ref().map(|f| f.kind);
+            let status = match kind {
+                Some(FailureKind::NoConsent) => StatusCode::FORBIDDEN,
+                Some(FailureKind::Local) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            (status, false)
+        }
+    };
+    let failure = progress.failure.as_ref().map(|f| {
+        json!({
+            "kind": serde_json::to_value(f.kind).unwrap_or(Value::Null),
+            "detail": f.detail,
+        })
+    });
+    let mut response = state
+        .render(
+            &page,
+            status,
+            "images.html",
+            json!({
+                "uid": uid,
+                "holding": hospital,
+                "progress": progress,
+                "failure": failure,
+                "series": series,
+                "refresh": refresh.then_some(REFRESH_SECS),
+                "viewer_url": crate::http::viewer::study_url(&uid),
+                "retry_url": format!("{}?retry=1", images_link(&uid)),
+            }),
+        )
+        .await;
+    if refresh {
+        // Also as a header: the same reload for a client that reads no
+        // HTML head.
+        if let Ok(v) = HeaderValue::from_str(&REFRESH_SECS.to_string()) {
+            response.headers_mut().insert("refresh", v);
+        }
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thumbnail_cache_stays_within_its_bound() {
+        let hash = |n: u8| BlobHash::from_hash(blake3::hash(&[n]));
+        let mut cache = ThumbnailCache::default();
+        let jpeg = Arc::new(vec![0u8; THUMBNAIL_CACHE_BYTES / 4]);
+        for n in 0..6 {
+            cache.put(hash(n), jpeg.clone());
+        }
+        assert!(cache.bytes <= THUMBNAIL_CACHE_BYTES);
+        // The oldest went first; the newest four stay.
+        assert!(cache.get(&hash(0)).is_none() && cache.get(&hash(1)).is_none());
+        assert!((2..6).all(|n| cache.get(&hash(n)).is_some()));
+        // The same blob twice is kept once.
+        cache.put(hash(5), jpeg.clone());
+        assert_eq!(cache.order.len(), 4);
+    }
+}

@@ -418,6 +418,7 @@ pub fn region_config(registry_url: &str, hospital_id: &str, token: &str) -> Regi
         peer_parallel: 4,
         peer_cache_budget_bytes: 1 << 30,
         prefetch_priors: false,
+        federation_secret: None,
     }
 }
 

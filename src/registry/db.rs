@@ -148,6 +148,12 @@ fn check_record(r: &StudyRecord, codes: &std::collections::HashSet<String>) -> R
     if !is_patient_key(&r.content_root) {
         return Err("content_root must be 64 lower-case hex digits".into());
     }
+    if r.federation_pseudonym
+        .as_deref()
+        .is_some_and(|p| !is_patient_key(p))
+    {
+        return Err("federation_pseudonym must be 64 lower-case hex digits".into());
+    }
     for (field, n) in [
         ("number_of_series", r.number_of_series),
         ("number_of_instances", r.number_of_instances),
@@ -623,6 +629,13 @@ impl Db {
                 applied.insert(row.try_get(0)?);
             }
         }
+        // A pilot hospital's records carry the patient's federation
+        // pseudonym: other members find the patient here by it.
+        for r in &to_write {
+            if let Some(p) = &r.federation_pseudonym {
+                remember_pseudonym(&mut tx, &r.patient_key, p, &now).await?;
+            }
+        }
         for r in &request.records {
             let outcome = if highest[r.study_instance_uid.as_str()] == r.record_version
                 && applied.contains(&r.study_instance_uid)
@@ -819,13 +832,14 @@ impl Db {
             records,
             withheld_count,
             next_page_token,
+            federation: None,
         })
     }
 
     // ------------------------------------------------------------ consent
 
     /// The state of the newest consent of a patient for a hospital.
-    async fn consent_state(
+    pub async fn consent_state(
         &self,
         patient_key: &str,
         hospital_id: &str,
@@ -1190,6 +1204,174 @@ impl Db {
         Ok(Ok(confirmed))
     }
 
+    // ------------------------------------------------------------ federation
+
+    /// Remembers a patient key's federation pseudonym (a node sent both).
+    pub async fn remember_pseudonym(&self, patient_key: &str, pseudonym: &str) -> Result<()> {
+        check_patient_key(patient_key)?;
+        check_patient_key(pseudonym)?;
+        let mut tx = self.pool.begin().await?;
+        remember_pseudonym(&mut tx, patient_key, pseudonym, &now_rfc3339()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The federation pseudonym a node told this registry for a key.
+    pub async fn pseudonym_of(&self, patient_key: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query("SELECT pseudonym FROM federation_identity WHERE patient_key = $1")
+                .bind(patient_key)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?,
+        )
+    }
+
+    /// Records a signed request's nonce; `false` when it was seen already
+    /// (a replay). Nonces older than the allowed skew are forgotten: a
+    /// request that old is refused for its timestamp.
+    pub async fn federation_nonce(&self, nonce: &str, now: u64, max_skew: u64) -> Result<bool> {
+        let cutoff = now.saturating_sub(2 * max_skew) as i64;
+        sqlx::query("DELETE FROM federation_nonce WHERE seen_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO federation_nonce (nonce, seen_at) VALUES ($1, $2) \
+             ON CONFLICT (nonce) DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(now as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    /// Records a patient's consent that this province's records of them be
+    /// shown to a member's hospitals. `member_ok` says whether the member
+    /// is one of the federation's.
+    pub async fn add_federation_consent(
+        &self,
+        c: &NewFederationConsent,
+        member_ok: bool,
+        audit: AuditRecord,
+    ) -> Result<FederationConsent> {
+        check_patient_key(&c.patient_key)?;
+        check_text("recorded_by", &c.recorded_by, 128)?;
+        if !member_ok {
+            return Err(Error::NotFound("federation member"));
+        }
+        if !matches!(c.state, ConsentState::Granted | ConsentState::Revoked) {
+            return Err(Error::Invalid(
+                "a federation consent is recorded granted or revoked (the newest counts)".into(),
+            ));
+        }
+        if c.state == ConsentState::Granted && c.method == ConsentMethod::SmsCode {
+            return Err(Error::Invalid(
+                "an sms_code consent is granted when the patient's code comes back: record it then"
+                    .into(),
+            ));
+        }
+        let expires_at = normalise_time(&c.expires_at)?;
+        let now = now_rfc3339();
+        if expires_at <= now {
+            return Err(Error::Invalid("expires_at is already past".into()));
+        }
+        let latest = humantime::format_rfc3339_micros(
+            SystemTime::now() + Duration::from_secs(u64::from(self.max_consent_days) * 86_400),
+        )
+        .to_string();
+        if expires_at > latest {
+            return Err(Error::Invalid(format!(
+                "expires_at is more than {} days ahead, the region's limit for a consent",
+                self.max_consent_days
+            )));
+        }
+        let consent_id = random_hex(16);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO federation_consent (consent_id, patient_key, member_id, method, \
+             recorded_by, state, expires_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+        )
+        .bind(&consent_id)
+        .bind(&c.patient_key)
+        .bind(&c.member_id)
+        .bind(c.method.as_str())
+        .bind(&c.recorded_by)
+        .bind(c.state.as_str())
+        .bind(&expires_at)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(FederationConsent {
+            consent_id,
+            patient_key: c.patient_key.clone(),
+            member_id: c.member_id.clone(),
+            method: c.method,
+            state: c.state,
+            expires_at,
+            created_at: now,
+        })
+    }
+
+    /// The newest federation consent of a patient for a member.
+    pub async fn federation_consent_state(
+        &self,
+        patient_key: &str,
+        member_id: &str,
+    ) -> Result<Option<ConsentState>> {
+        let row = sqlx::query(
+            "SELECT state, expires_at FROM federation_consent WHERE patient_key = $1 \
+             AND member_id = $2 ORDER BY created_at DESC, consent_id DESC LIMIT 1",
+        )
+        .bind(patient_key)
+        .bind(member_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let now = now_rfc3339();
+        row.map(|r| {
+            let state: String = r.try_get(0)?;
+            let expires_at: String = r.try_get(1)?;
+            effective_state(&state, &expires_at, &now)
+        })
+        .transpose()
+    }
+
+    /// The patient keys a pseudonym stands for here (one, unless the
+    /// province re-keyed and old records remain).
+    pub async fn keys_of_pseudonym(&self, pseudonym: &str) -> Result<Vec<String>> {
+        check_patient_key(pseudonym)?;
+        let rows = sqlx::query("SELECT patient_key FROM federation_identity WHERE pseudonym = $1")
+            .bind(pseudonym)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(Error::from))
+            .collect()
+    }
+
+    /// The live records of a patient key (all hospitals), newest first.
+    pub async fn records_of(
+        &self,
+        patient_key: &str,
+        since: Option<&str>,
+    ) -> Result<Vec<RegistryRecord>> {
+        let rows = sqlx::query(
+            "SELECT hospital_id, published_at, retracted, record FROM study_record \
+             WHERE patient_key = $1 AND retracted = 0 AND (study_date >= $2 OR $2 IS NULL) \
+             ORDER BY (study_date IS NULL), study_date DESC, hospital_id, study_instance_uid",
+        )
+        .bind(patient_key)
+        .bind(since.map(str::to_string))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record_row).collect()
+    }
+
     // ------------------------------------------------------------ recognition
 
     /// Validates and activates a recognition list; an invalid list is
@@ -1449,6 +1631,26 @@ fn outcome_str(o: PublishOutcome) -> &'static str {
     }
 }
 
+/// Upserts a key's pseudonym inside a transaction.
+async fn remember_pseudonym(
+    tx: &mut AnyConnection,
+    patient_key: &str,
+    pseudonym: &str,
+    now: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO federation_identity (patient_key, pseudonym, updated_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (patient_key) DO UPDATE SET pseudonym = excluded.pseudonym, \
+         updated_at = excluded.updated_at WHERE federation_identity.pseudonym <> excluded.pseudonym",
+    )
+    .bind(patient_key)
+    .bind(pseudonym)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The hash of an entry: BLAKE3 over a JSON array of its fields (JSON, so
@@ -1596,6 +1798,7 @@ fn hospital_row(r: &sqlx::any::AnyRow) -> Result<Hospital> {
         accepts_lower_level_results: r.try_get::<i64, _>(4)? != 0,
         qc_status: QcStatus::parse(&qc).ok_or_else(|| Error::Corrupt(format!("qc {qc}")))?,
         dicomweb_base_url: r.try_get(6)?,
+        province: None,
     })
 }
 
@@ -1606,6 +1809,7 @@ fn record_row(r: &sqlx::any::AnyRow) -> Result<RegistryRecord> {
         published_at: r.try_get(1)?,
         retracted: r.try_get::<i64, _>(2)? != 0,
         record: serde_json::from_str(&record).map_err(|e| Error::Corrupt(e.to_string()))?,
+        province: None,
     })
 }
 

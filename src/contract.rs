@@ -828,6 +828,10 @@ pub struct Grant {
     pub content_root: String,
     pub purpose: Purpose,
     pub expires_at: String,
+    /// The holding hospital's DICOMweb base URL, on a grant for a study of
+    /// another province (its hospital is not in this region's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicomweb_base_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

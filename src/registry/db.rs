@@ -1117,7 +1117,186 @@ impl Db {
             content_root: record.content_root,
             purpose: r.purpose,
             expires_at,
+            dicomweb_base_url: None,
         }))
+    }
+
+    /// Issues a grant to another member's hospital (images across
+    /// borders), on the request that member's registry vouches for. The
+    /// study must be one of this province's pilot hospitals', live, and of
+    /// the patient the pseudonym names; consent as `basis` says (the
+    /// caller's policy: `holding`, `asking` or `both`), or an emergency.
+    /// Audited with the member's identity either way.
+    pub async fn issue_federated_grant(
+        &self,
+        member_id: &str,
+        basis: &'static str,
+        in_pilot: bool,
+        r: &FederatedGrantRequest,
+    ) -> Result<Result<Grant, String>> {
+        check_uid(&r.study_instance_uid)?;
+        check_patient_key(&r.pseudonym)?;
+        check_text("user_id", &r.user_id, 128)?;
+        check_text("asking_hospital_id", &r.asking_hospital_id, 64)?;
+        let row = sqlx::query(
+            "SELECT patient_key, record FROM study_record WHERE hospital_id = $1 \
+             AND study_instance_uid = $2 AND retracted = 0",
+        )
+        .bind(&r.holding_hospital_id)
+        .bind(&r.study_instance_uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        let keys = self.keys_of_pseudonym(&r.pseudonym).await?;
+        // A study of another patient, or outside the pilot, is "not
+        // found" as one that does not exist: a member learns nothing of
+        // this province's other records by asking.
+        let Some(row) = row.filter(|_| in_pilot) else {
+            return Err(Error::NotFound("record"));
+        };
+        let patient_key: String = row.try_get(0)?;
+        if !keys.contains(&patient_key) {
+            return Err(Error::NotFound("record"));
+        }
+        let record: StudyRecord = serde_json::from_str(&row.try_get::<String, _>(1)?)
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let holding_consent = self
+            .federation_consent_state(&patient_key, member_id)
+            .await?
+            == Some(ConsentState::Granted);
+        let consent = match basis {
+            "holding" => holding_consent,
+            "asking" => r.asking_consent,
+            _ => holding_consent && r.asking_consent,
+        };
+        let outcome = if consent {
+            "ok"
+        } else if r.purpose == Purpose::Emergency {
+            "break_the_glass"
+        } else {
+            "denied"
+        };
+        let mut audit = AuditRecord {
+            actor: format!("registry:{member_id}"),
+            user_id: format!("{}/{}", r.asking_hospital_id, r.user_id)
+                .chars()
+                .take(200)
+                .collect(),
+            action: "federation_grant",
+            patient_key: Some(patient_key.clone()),
+            purpose: Some(r.purpose.as_str().to_string()),
+            records_returned: 0,
+            outcome: outcome.to_string(),
+            detail: format!(
+                "study {} at {} for hospital {} of member {member_id}, request {}, consent policy {basis}",
+                r.study_instance_uid, r.holding_hospital_id, r.asking_hospital_id, r.request_id
+            ),
+        };
+        if outcome == "denied" {
+            self.audit(&[audit]).await?;
+            return Ok(Err(format!(
+                "no consent of this patient under the holding province's policy ({basis})"
+            )));
+        }
+        let base_url = self
+            .hospital(&r.holding_hospital_id)
+            .await?
+            .and_then(|h| h.dicomweb_base_url);
+        let grant_id = random_hex(16);
+        let token = format!("hg.{}", random_hex(32));
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+        let now = now_rfc3339();
+        let expires_at =
+            humantime::format_rfc3339_micros(SystemTime::now() + Duration::from_secs(15 * 60))
+                .to_string();
+        audit.detail = format!("grant {grant_id}: {}", audit.detail);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO grant_token (token_sha256, grant_id, requesting_hospital_id, \
+             holding_hospital_id, study_instance_uid, patient_key, purpose, user_id, reference, \
+             created_at, expires_at, federation_member, consent_basis) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+        )
+        .bind(&sha)
+        .bind(&grant_id)
+        .bind(&r.asking_hospital_id)
+        .bind(&r.holding_hospital_id)
+        .bind(&r.study_instance_uid)
+        .bind(&patient_key)
+        .bind(r.purpose.as_str())
+        .bind(&r.user_id)
+        .bind(Some(r.request_id.clone()))
+        .bind(&now)
+        .bind(&expires_at)
+        .bind(member_id)
+        .bind(basis)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(Ok(Grant {
+            grant_id,
+            token,
+            holding_hospital_id: r.holding_hospital_id.clone(),
+            study_instance_uid: r.study_instance_uid.clone(),
+            content_root: record.content_root,
+            purpose: r.purpose,
+            expires_at,
+            dicomweb_base_url: base_url,
+        }))
+    }
+
+    /// Remembers the other provinces' records shown to this registry's
+    /// hospitals (where a grant for one goes).
+    pub async fn remember_federation_priors(
+        &self,
+        member_id: &str,
+        patient_key: &str,
+        pseudonym: &str,
+        records: &[RegistryRecord],
+    ) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now = now_rfc3339();
+        let mut tx = self.pool.begin().await?;
+        for r in records {
+            sqlx::query(
+                "INSERT INTO federation_prior (hospital_id, study_instance_uid, member_id, \
+                 patient_key, pseudonym, seen_at) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
+                 member_id = excluded.member_id, patient_key = excluded.patient_key, \
+                 pseudonym = excluded.pseudonym, seen_at = excluded.seen_at",
+            )
+            .bind(&r.hospital_id)
+            .bind(&r.record.study_instance_uid)
+            .bind(member_id)
+            .bind(patient_key)
+            .bind(pseudonym)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Which member holds a study of another province shown here, with the
+    /// patient's key and pseudonym.
+    pub async fn federation_prior(
+        &self,
+        hospital_id: &str,
+        study_instance_uid: &str,
+    ) -> Result<Option<(String, String, String)>> {
+        let row = sqlx::query(
+            "SELECT member_id, patient_key, pseudonym FROM federation_prior \
+             WHERE hospital_id = $1 AND study_instance_uid = $2",
+        )
+        .bind(hospital_id)
+        .bind(study_instance_uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .transpose()
     }
 
     /// Confirms a grant to the hospital that holds its study (audited: the
@@ -1134,7 +1313,8 @@ impl Db {
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
         let row = sqlx::query(
             "SELECT grant_id, requesting_hospital_id, holding_hospital_id, study_instance_uid, \
-             patient_key, purpose, user_id, expires_at FROM grant_token WHERE token_sha256 = $1",
+             patient_key, purpose, user_id, expires_at, federation_member, consent_basis \
+             FROM grant_token WHERE token_sha256 = $1",
         )
         .bind(&sha)
         .fetch_optional(&self.pool)
@@ -1161,10 +1341,24 @@ impl Db {
         }
         let purpose: String = row.try_get(5)?;
         let requesting: String = row.try_get(1)?;
-        if purpose != "emergency"
-            && self.consent_state(&patient_key, &requesting, &now).await?
-                != Some(ConsentState::Granted)
-        {
+        let member: Option<String> = row.try_get(8)?;
+        let basis: Option<String> = row.try_get(9)?;
+        // A grant to another member's hospital rests on the consent its
+        // policy named: the holding province's is checked again, as a
+        // regional grant's is; the asking registry's word holds until the
+        // grant expires (this registry cannot see that consent).
+        let consent_holds = match (&member, basis.as_deref()) {
+            (Some(member), Some("holding" | "both")) => {
+                self.federation_consent_state(&patient_key, member).await?
+                    == Some(ConsentState::Granted)
+            }
+            (Some(_), _) => true,
+            (None, _) => {
+                self.consent_state(&patient_key, &requesting, &now).await?
+                    == Some(ConsentState::Granted)
+            }
+        };
+        if purpose != "emergency" && !consent_holds {
             return invalid(
                 "the patient's consent for the requesting hospital was revoked or has expired since the grant was issued",
                 Some(patient_key),

@@ -351,6 +351,7 @@ pub fn router(state: Arc<RegistryState>) -> Router {
     // Registry to registry: signed by a member's key instead of a token.
     let members = Router::new()
         .route("/v1/federation/priors", post(federated_priors))
+        .route("/v1/federation/grants", post(federated_grant))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             member_authenticated,
@@ -666,7 +667,19 @@ async fn federated(
                     federation.judge(&asking, &query.patient_key, a, today);
                 outcome.records = records.len() as i64;
                 outcome.withheld_count = a.withheld_count;
+                // Withheld across the border counts like withheld here:
+                // the doctor learns that records exist, not what they are.
+                answer.withheld_count += a.withheld_count;
                 outcome.items_not_recognised = not_recognised;
+                state
+                    .db
+                    .remember_federation_priors(
+                        &r.member.id,
+                        &query.patient_key,
+                        &remote_query.pseudonym,
+                        &records,
+                    )
+                    .await?;
                 answer.records.extend(records);
                 for h in hospitals {
                     if !summary
@@ -1169,7 +1182,136 @@ async fn issue_grant(
             "grants are asked by a hospital's node".into(),
         ));
     };
+    if let Some(federation) = &state.federation
+        && let Some((member_id, patient_key, pseudonym)) = state
+            .db
+            .federation_prior(&request.holding_hospital_id, &request.study_instance_uid)
+            .await?
+        && state
+            .db
+            .hospital(&request.holding_hospital_id)
+            .await?
+            .is_none()
+    {
+        return cross_border_grant(
+            &state,
+            federation,
+            &asking,
+            &request,
+            &member_id,
+            &patient_key,
+            pseudonym,
+        )
+        .await;
+    }
     match state.db.issue_grant(&asking, &request).await? {
+        Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
+        Err(why) => Err(ApiError::Refused(why)),
+    }
+}
+
+/// A grant for a study of another province: this registry vouches for its
+/// hospital to the member that holds the study (which applies its consent
+/// policy and issues the grant); audited here with the member's identity.
+async fn cross_border_grant(
+    state: &RegistryState,
+    federation: &super::federation::Federation,
+    asking: &str,
+    request: &GrantRequest,
+    member_id: &str,
+    patient_key: &str,
+    pseudonym: String,
+) -> Result<Response, ApiError> {
+    if request.purpose == Purpose::Emergency && request.encounter != Some(Encounter::Emergency) {
+        return Err(ApiError::BadRequest(
+            "a break-the-glass grant names the emergency encounter".into(),
+        ));
+    }
+    let member = federation
+        .member(member_id)
+        .ok_or(ApiError::NotFound("federation member"))?;
+    let asking_consent = state
+        .db
+        .consent_state(patient_key, asking, &crate::common::now_rfc3339())
+        .await?
+        == Some(ConsentState::Granted);
+    let request_id = crate::common::random_hex(16);
+    let remote = FederatedGrantRequest {
+        federation: federation.name.clone(),
+        pseudonym,
+        holding_hospital_id: request.holding_hospital_id.clone(),
+        study_instance_uid: request.study_instance_uid.clone(),
+        purpose: request.purpose,
+        asking_hospital_id: asking.to_string(),
+        user_id: request.user_id.clone(),
+        asking_consent,
+        request_id: request_id.clone(),
+    };
+    let result = federation.grant(member, &remote).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(MemberStatus::Refused) => "refused",
+        Err(_) => "not_reached",
+    };
+    state
+        .db
+        .audit(&[AuditRecord {
+            actor: asking.to_string(),
+            user_id: request.user_id.clone(),
+            action: "federation_grant",
+            patient_key: Some(patient_key.to_string()),
+            purpose: Some(request.purpose.as_str().to_string()),
+            records_returned: 0,
+            outcome: outcome.into(),
+            detail: format!(
+                "study {} at {} held by member {} ({}), request {request_id}; reference {}",
+                request.study_instance_uid,
+                request.holding_hospital_id,
+                member.id,
+                member.province,
+                request.reference.as_deref().unwrap_or("-")
+            ),
+        }])
+        .await?;
+    match result {
+        Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
+        Err(MemberStatus::Refused) => Err(ApiError::Refused(format!(
+            "member {} refused the grant (its consent policy)",
+            member.id
+        ))),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "member {} not reached for a grant",
+            member.id
+        ))),
+    }
+}
+
+/// A member vouches for its hospital and asks for a grant on a study of
+/// this province.
+async fn federated_grant(
+    State(state): State<Arc<RegistryState>>,
+    Extension(MemberCaller(member)): Extension<MemberCaller>,
+    Body(r): Body<FederatedGrantRequest>,
+) -> Result<Response, ApiError> {
+    let federation = state
+        .federation
+        .clone()
+        .ok_or(ApiError::NotFound("federation"))?;
+    if r.federation != federation.name {
+        return Err(ApiError::BadRequest(
+            "federation is not this registry's federation".into(),
+        ));
+    }
+    match state
+        .db
+        .issue_federated_grant(
+            &member.id,
+            federation.consent_policy.as_str(),
+            federation.in_pilot(&r.holding_hospital_id),
+            &r,
+        )
+        .await?
+    {
         Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
         Err(why) => Err(ApiError::Refused(why)),
     }

@@ -39,3 +39,23 @@ CREATE TABLE federation_nonce (
     seen_at BIGINT NOT NULL
 );
 CREATE INDEX federation_nonce_seen_idx ON federation_nonce (seen_at);
+
+-- The other provinces' records this registry showed its hospitals: a grant
+-- for one of them goes to the member that holds it, with the patient's
+-- pseudonym (the holding registry checks that the study is that patient's).
+CREATE TABLE federation_prior (
+    hospital_id TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    patient_key TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (hospital_id, study_instance_uid)
+);
+
+-- A grant issued to another member's hospital: which member vouched for
+-- it, and the consent it rests on (`holding`: checked again at every
+-- verification, as a regional grant's; `asking`: the asking registry's
+-- word, valid until the grant expires).
+ALTER TABLE grant_token ADD COLUMN federation_member TEXT;
+ALTER TABLE grant_token ADD COLUMN consent_basis TEXT;

@@ -317,6 +317,8 @@ struct Node {
     api: Api,
 }
 
+/// (Eight settings of one node, named at the call.)
+#[allow(clippy::too_many_arguments)]
 async fn spawn_node(
     dir: &std::path::Path,
     name: &str,

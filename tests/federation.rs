@@ -209,6 +209,13 @@ fn write_config(
     other_key: &str,
     policy: &str,
 ) -> std::path::PathBuf {
+    // "asking,nothing": the consent policy, then what a refusal says.
+    let mut settings = policy.split(',');
+    let policy = format!(
+        "consent_policy = \"{}\"\nwithheld = \"{}\"",
+        settings.next().unwrap(),
+        settings.next().unwrap_or("count")
+    );
     std::fs::copy(
         repo_path("deploy/recognition/jiangsu-example.toml"),
         dir.join("federation-list.toml"),
@@ -224,7 +231,7 @@ member_id = "{me}"
 province = "{province}"
 signing_key_file = "{key_file}"
 recognition_list = "federation-list.toml"
-consent_policy = "{policy}"
+{policy}
 deadline_ms = 1000
 
 [[member]]
@@ -468,16 +475,10 @@ fn exchanges(seen: &[Seen], links: &[&str]) -> Vec<Exchange> {
         .collect()
 }
 
-// ------------------------------------------------------------------ tests
-
-/// A study at a pilot hospital in Jiangsu; a doctor in Shanghai is warned
-/// of it and opens it through their own node; count only before the
-/// patient's consent in Jiangsu; nothing of the patient's identity crosses
-/// a border or is stored by either registry; both audit chains verify and
-/// name the other registry; every registry-to-registry body keeps proto/.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn federation_end_to_end() {
-    let fed = start_federation("holding").await;
+/// A pilot node in each province and a chest CT at B, reported three days
+/// ago and QC-passed, published with the pseudonym beside Jiangsu's key;
+/// A's node has pulled the list.
+async fn two_nodes_and_a_study(fed: &Federation) -> (Node, Node, crate::region::MadeStudy) {
     let token_a = add_hospital(&fed.a.admin, HOSP_A, "三级甲等", None).await;
     // B's node is reached through a hop too: the fetch is recorded.
     let (to_node_b, to_node_b_url) = hop("A→node B", fed.seen.clone()).await;
@@ -514,9 +515,8 @@ async fn federation_end_to_end() {
 
     // A chest CT at B, reported three days ago: published with the
     // pseudonym beside Jiangsu's patient key.
-    let work = tempfile::tempdir().unwrap();
     let ct = make_study(
-        work.path(),
+        fed.dir.path(),
         "p1-ct-chest-2024",
         "fed-ct",
         &["--resident-id", RID],
@@ -557,6 +557,22 @@ async fn federation_end_to_end() {
         async move { api.call("GET", "/api/v1/recognition/list", None).await.0 == 200 }
     })
     .await;
+
+    (node_a, node_b, ct)
+}
+
+// ------------------------------------------------------------------ tests
+
+/// A study at a pilot hospital in Jiangsu; a doctor in Shanghai is warned
+/// of it and opens it through their own node; count only before the
+/// patient's consent in Jiangsu; nothing of the patient's identity crosses
+/// a border or is stored by either registry; both audit chains verify and
+/// name the other registry; every registry-to-registry body keeps proto/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_end_to_end() {
+    let fed = start_federation("holding").await;
+    let (node_a, _node_b, ct) = two_nodes_and_a_study(&fed).await;
+    let uid = ct.study_instance_uid.clone();
 
     // Before the patient's consent in Jiangsu: A's own (none) and a count.
     let before = check_at(&node_a.api).await;
@@ -914,4 +930,62 @@ async fn member_slow_or_down_never_holds_the_answer() {
         .count();
     assert_eq!(not_reached, 2, "slow and down, each audited");
     assert!(audit_verifies(&fed.a.database_url).contains("audit chain intact"));
+}
+
+/// The asking province's consent, and nothing said without it: under
+/// `asking`, Jiangsu shows its records when Shanghai's registry asserts the
+/// patient's consent for the asking hospital, and with `withheld =
+/// "nothing"` a query without it learns nothing, not even a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_policy_asking_and_nothing_withheld() {
+    let fed = start_federation("asking,nothing").await;
+    let (node_a, _node_b, ct) = two_nodes_and_a_study(&fed).await;
+    let uid = ct.study_instance_uid.clone();
+
+    let without = check_at(&node_a.api).await;
+    assert_eq!(without["outcome"], "no_warn", "{without}");
+    let member = &without["federation"]["members"][0];
+    assert_eq!(member["status"], "reached", "{without}");
+    assert_eq!(member["records"], 0, "{without}");
+    assert_eq!(member["withheld_count"], 0, "nothing said: {without}");
+    assert_eq!(without["withheld_count"], 0, "{without}");
+
+    // The patient's consent for A, recorded in Shanghai (A's node turns
+    // the ID into Shanghai's key; Jiangsu never sees either).
+    let tomorrow =
+        humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(86400))
+            .to_string();
+    node_a
+        .api
+        .ok(
+            "POST",
+            "/api/v1/consents",
+            Some(
+                json!({"patient": {"identifier_type": "RID", "identifier": RID},
+                "method": "doctor_assisted", "recorded_by": "dr.zhou", "state": "granted",
+                "expires_at": tomorrow}),
+            ),
+        )
+        .await;
+    let with = check_at(&node_a.api).await;
+    assert_eq!(with["outcome"], "warn", "{with}");
+    assert_eq!(with["cited"]["study_instance_uid"], uid.as_str());
+    assert_eq!(with["provinces"][&uid], "江苏省");
+
+    let trail_b = audit(&fed.b.admin).await;
+    let outcomes: Vec<&str> = trail_b
+        .iter()
+        .filter(|e| e["action"] == "federation_query")
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["withheld", "ok"], "{trail_b:?}");
+    assert!(
+        trail_b
+            .iter()
+            .filter(|e| e["action"] == "federation_query")
+            .all(|e| e["detail"].as_str().unwrap().contains("policy asking"))
+    );
+    for url in [&fed.a.database_url, &fed.b.database_url] {
+        assert!(audit_verifies(url).contains("audit chain intact"));
+    }
 }

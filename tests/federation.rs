@@ -625,6 +625,31 @@ async fn federation_end_to_end() {
     assert_eq!(member["records"], 1);
     assert_eq!(member["withheld_count"], 0);
 
+    // The doctor accepts the prior; the decision goes to A's registry with
+    // the region's statistics (and is searched for PHI with the rest).
+    node_a
+        .api
+        .ok(
+            "POST",
+            "/api/v1/recognition/decisions",
+            Some(
+                json!({"check_id": warn["check_id"], "decision": "accepted", "doctor": "dr.zhou"}),
+            ),
+        )
+        .await;
+    wait_until("the decision reached A's registry", || {
+        let seen = fed.seen.clone();
+        async move {
+            seen.lock().unwrap().iter().any(|s| {
+                s.link == "node→A"
+                    && s.uri == "/v1/recognition/events"
+                    && s.status == 200
+                    && String::from_utf8_lossy(&s.request_body).contains("\"accepted\"")
+            })
+        }
+    })
+    .await;
+
     // The doctor at A opens the images through A's node: A's registry
     // vouches for A to B's registry, which issues the grant; A fetches
     // from B's node and verifies against the content root B published.

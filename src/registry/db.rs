@@ -1246,7 +1246,9 @@ impl Db {
     }
 
     /// Remembers the other provinces' records shown to this registry's
-    /// hospitals (where a grant for one goes).
+    /// hospitals (where a grant for one goes). `seen_at` is when a row was
+    /// first written or last changed: a row that holds already is left as
+    /// it is, so a repeated query writes nothing here.
     pub async fn remember_federation_priors(
         &self,
         member_id: &str,
@@ -1254,12 +1256,25 @@ impl Db {
         pseudonym: &str,
         records: &[RegistryRecord],
     ) -> Result<()> {
-        if records.is_empty() {
+        // Reads first: rows that hold already are the rule, and even an
+        // upsert that changes nothing locks its row (a write to commit).
+        let mut changed = Vec::new();
+        for r in records {
+            let known = self
+                .federation_prior(&r.hospital_id, &r.record.study_instance_uid)
+                .await?;
+            let same =
+                known.is_some_and(|(m, k, p)| m == member_id && k == patient_key && p == pseudonym);
+            if !same {
+                changed.push(r);
+            }
+        }
+        if changed.is_empty() {
             return Ok(());
         }
         let now = now_rfc3339();
         let mut tx = self.pool.begin().await?;
-        for r in records {
+        for r in changed {
             sqlx::query(
                 "INSERT INTO federation_prior (hospital_id, study_instance_uid, member_id, \
                  patient_key, pseudonym, seen_at) VALUES ($1, $2, $3, $4, $5, $6) \

@@ -588,4 +588,123 @@ mod tests {
                 .is_err()
         );
     }
+
+    /// The federation list's judgement of another province's records, one
+    /// case a row: which items survive, and that the province's key and the
+    /// pseudonym never reach the node.
+    #[test]
+    fn judgement_under_the_federation_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = federation(dir.path(), &[]);
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 12, 7).unwrap();
+        let hospital = |id: &str, level: Level, qc: QcStatus| Hospital {
+            hospital_id: id.into(),
+            name: id.into(),
+            level,
+            groups: vec![],
+            accepts_lower_level_results: false,
+            qc_status: qc,
+            dicomweb_base_url: None,
+            province: None,
+        };
+        let asking = hospital(
+            "ASKING",
+            Level::parse("三级甲等").unwrap(),
+            QcStatus::Passed,
+        );
+        let top = Level::parse("三级甲等").unwrap();
+        let low = Level::parse("二级乙等").unwrap();
+        for (case, level, qc, code, reported, kept) in [
+            (
+                "recognised",
+                top,
+                QcStatus::Passed,
+                "CT-0301-01",
+                "2026-12-04",
+                true,
+            ),
+            (
+                "not on the list",
+                top,
+                QcStatus::Passed,
+                "XX-0000-01",
+                "2026-12-04",
+                false,
+            ),
+            (
+                "past the window",
+                top,
+                QcStatus::Passed,
+                "CT-0301-01",
+                "2026-10-01",
+                false,
+            ),
+            (
+                "ineligible level",
+                low,
+                QcStatus::Passed,
+                "CT-0301-01",
+                "2026-12-04",
+                false,
+            ),
+            (
+                "QC failed",
+                top,
+                QcStatus::Failed,
+                "CT-0301-01",
+                "2026-12-04",
+                false,
+            ),
+        ] {
+            let record = StudyRecord {
+                study_instance_uid: "1.2.3".into(),
+                record_version: 1,
+                patient_key: "p".repeat(64),
+                items: vec![RecordItem {
+                    code: code.into(),
+                    laterality: None,
+                    confidence: None,
+                    evidence: vec![],
+                    view_positions: vec![],
+                    confirmed_by: None,
+                }],
+                modalities: vec!["CT".into()],
+                body_parts: vec!["CHEST".into()],
+                contrast: Contrast::None,
+                laterality: vec![],
+                view_positions: vec![],
+                study_date: Some("2024-03-14".into()),
+                study_time: None,
+                report_status: ReportStatus::Final,
+                report_issued_date: Some(reported.into()),
+                qc_status: QcStatus::Passed,
+                images_available: true,
+                number_of_series: 1,
+                number_of_instances: 1,
+                bytes: 1,
+                content_root: "0".repeat(64),
+                federation_pseudonym: Some("p".repeat(64)),
+            };
+            let answer = FederatedAnswer {
+                member_id: "js".into(),
+                province: "江苏省".into(),
+                access: AccessBasis::Consent,
+                records: vec![FederatedRecord {
+                    hospital: hospital("HOLDING", level, qc),
+                    published_at: "2026-12-04T00:00:00Z".into(),
+                    record,
+                }],
+                withheld_count: 0,
+            };
+            let (records, hospitals, not_recognised) =
+                fed.judge(&asking, &"k".repeat(64), &answer, today);
+            assert_eq!(records.len(), 1, "{case}: the record still shows");
+            assert_eq!(records[0].record.items.is_empty(), !kept, "{case}");
+            assert_eq!(not_recognised, i64::from(!kept), "{case}");
+            assert_eq!(records[0].province.as_deref(), Some("江苏省"), "{case}");
+            assert_eq!(records[0].record.patient_key, "k".repeat(64), "{case}");
+            assert_eq!(records[0].record.federation_pseudonym, None, "{case}");
+            assert_eq!(hospitals[0].province.as_deref(), Some("江苏省"), "{case}");
+        }
+    }
 }

@@ -602,7 +602,11 @@ async fn federated(
 ) -> Result<PriorsAnswer, ApiError> {
     let pseudonym = match &query.federation_pseudonym {
         Some(p) => {
-            state.db.remember_pseudonym(&query.patient_key, p).await?;
+            // A read first: the pair is almost always known, and a write
+            // (a commit with a WAL flush) on every query would cost more.
+            if state.db.pseudonym_of(&query.patient_key).await?.as_ref() != Some(p) {
+                state.db.remember_pseudonym(&query.patient_key, p).await?;
+            }
             Some(p.clone())
         }
         // Learnt earlier from this hospital's node (a check with the
@@ -634,11 +638,18 @@ async fn federated(
         asking_consent,
         request_id: request_id.clone(),
     };
-    let (local, remote) = tokio::join!(
-        state.db.priors(hospital_id, query),
-        federation.fan_out(&remote_query)
-    );
-    let mut answer = local?;
+    let (mut answer, remote) = if query.purpose == Purpose::Emergency {
+        // Break-the-glass is checked (and a misuse refused and audited)
+        // here first: no other province hears of a refused one.
+        let local = state.db.priors(hospital_id, query).await?;
+        (local, federation.fan_out(&remote_query).await)
+    } else {
+        let (local, remote) = tokio::join!(
+            state.db.priors(hospital_id, query),
+            federation.fan_out(&remote_query)
+        );
+        (local?, remote)
+    };
     let asking = state
         .db
         .hospital(hospital_id)
@@ -827,6 +838,11 @@ async fn federated_priors(
                 "{field} must be 1 to {max} bytes of printable text"
             )));
         }
+    }
+    if q.items.as_ref().is_some_and(|i| i.len() > 64) {
+        return Err(ApiError::BadRequest(
+            "items has more than 64 entries".into(),
+        ));
     }
     if let Some(since) = &q.since
         && chrono::NaiveDate::parse_from_str(since, "%Y-%m-%d").is_err()

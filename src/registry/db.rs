@@ -1254,21 +1254,23 @@ impl Db {
         member_id: &str,
         patient_key: &str,
         pseudonym: &str,
+        known: &std::collections::HashSet<(String, String, String, String)>,
         records: &[RegistryRecord],
     ) -> Result<()> {
-        // Reads first: rows that hold already are the rule, and even an
-        // upsert that changes nothing locks its row (a write to commit).
-        let mut changed = Vec::new();
-        for r in records {
-            let known = self
-                .federation_prior(&r.hospital_id, &r.record.study_instance_uid)
-                .await?;
-            let same =
-                known.is_some_and(|(m, k, p)| m == member_id && k == patient_key && p == pseudonym);
-            if !same {
-                changed.push(r);
-            }
-        }
+        // Rows that hold already are the rule (the caller read them in one
+        // query), and even an upsert that changes nothing locks its row: a
+        // write to commit.
+        let changed: Vec<&RegistryRecord> = records
+            .iter()
+            .filter(|r| {
+                !known.contains(&(
+                    r.hospital_id.clone(),
+                    r.record.study_instance_uid.clone(),
+                    member_id.to_string(),
+                    pseudonym.to_string(),
+                ))
+            })
+            .collect();
         if changed.is_empty() {
             return Ok(());
         }
@@ -1293,6 +1295,24 @@ impl Db {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// What `federation_prior` holds for a patient key: (hospital, Study
+    /// Instance UID, member, pseudonym).
+    pub async fn federation_priors_of(
+        &self,
+        patient_key: &str,
+    ) -> Result<std::collections::HashSet<(String, String, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT hospital_id, study_instance_uid, member_id, pseudonym FROM federation_prior \
+             WHERE patient_key = $1",
+        )
+        .bind(patient_key)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+            .collect()
     }
 
     /// Which member holds a study of another province shown here, with the
@@ -1456,6 +1476,40 @@ impl Db {
         .await?
         .rows_affected();
         Ok(inserted == 1)
+    }
+
+    /// Appends audit entries and records a signed request's nonce in one
+    /// transaction (one commit per member request, not two); `false`, and
+    /// nothing written, when the nonce was seen (a replay).
+    pub async fn audit_with_nonce(
+        &self,
+        entries: &[AuditRecord],
+        nonce: &str,
+        now: u64,
+        max_skew: u64,
+    ) -> Result<bool> {
+        let cutoff = now.saturating_sub(2 * max_skew) as i64;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM federation_nonce WHERE seen_at < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO federation_nonce (nonce, seen_at) VALUES ($1, $2) \
+             ON CONFLICT (nonce) DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(now as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        append_audit(&mut tx, entries).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Records a patient's consent that this province's records of them be

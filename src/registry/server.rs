@@ -638,17 +638,20 @@ async fn federated(
         asking_consent,
         request_id: request_id.clone(),
     };
-    let (mut answer, remote) = if query.purpose == Purpose::Emergency {
+    let (mut answer, remote, known) = if query.purpose == Purpose::Emergency {
         // Break-the-glass is checked (and a misuse refused and audited)
         // here first: no other province hears of a refused one.
         let local = state.db.priors(hospital_id, query).await?;
-        (local, federation.fan_out(&remote_query).await)
+        let remote = federation.fan_out(&remote_query).await;
+        let known = state.db.federation_priors_of(&query.patient_key).await?;
+        (local, remote, known)
     } else {
-        let (local, remote) = tokio::join!(
+        let (local, remote, known) = tokio::join!(
             state.db.priors(hospital_id, query),
-            federation.fan_out(&remote_query)
+            federation.fan_out(&remote_query),
+            state.db.federation_priors_of(&query.patient_key)
         );
-        (local?, remote)
+        (local?, remote, known?)
     };
     let asking = state
         .db
@@ -688,6 +691,7 @@ async fn federated(
                         &r.member.id,
                         &query.patient_key,
                         &remote_query.pseudonym,
+                        &known,
                         &records,
                     )
                     .await?;
@@ -738,6 +742,48 @@ async fn federated(
 #[derive(Debug, Clone)]
 struct MemberCaller(super::federation::Member);
 
+/// A verified member request whose nonce its handler records, in the
+/// transaction of its audit entry (the priors query: one commit, not two);
+/// with what a refusal's entry names.
+#[derive(Debug, Clone)]
+struct PendingNonce {
+    nonce: String,
+    timestamp: u64,
+    from: String,
+}
+
+/// The 403 of a refused member request, audited (within the refusal
+/// bound) with what it claimed to be and why.
+async fn refuse_member(
+    state: &RegistryState,
+    from: &str,
+    route: &str,
+    claimed: Option<String>,
+    reason: &str,
+) -> Response {
+    let claimed = claimed.unwrap_or_else(|| "-".into());
+    let entry = AuditRecord {
+        actor: format!("registry:{claimed}"),
+        user_id: "registry".into(),
+        action: "refusal",
+        patient_key: None,
+        purpose: None,
+        records_returned: 0,
+        outcome: "forbidden".into(),
+        detail: format!("403 {route} from {from}: claimed member {claimed}: {reason}"),
+    };
+    let ip = from.rsplit_once(':').map_or(from, |(ip, _)| ip);
+    audit_bounded(state, &format!("registry:{claimed}@{ip}"), entry).await;
+    tracing::warn!(claimed = %claimed, reason, "federation request refused");
+    let mut response = problem(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "not a request signed by a member of this federation",
+    );
+    response.extensions_mut().insert(AlreadyAudited);
+    response
+}
+
 /// Verifies a member's signed request (its key in the federation
 /// configuration, the clock, a nonce never seen) before the handler; a
 /// refusal is 403 and audited with what the request claimed to be. A
@@ -759,57 +805,39 @@ async fn member_authenticated(
         return ApiError::BadRequest("the body is too large or unreadable".into()).into_response();
     };
     let path = parts.uri.path().to_string();
-    let verified = match federation.verify(&parts.headers, parts.method.as_str(), &path, &bytes) {
-        Ok(v) => match state
+    let from = peer.map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+    let route = format!("{} {path}", parts.method);
+    let v = match federation.verify(&parts.headers, parts.method.as_str(), &path, &bytes) {
+        Ok(v) => v,
+        Err(r) => return refuse_member(&state, &from, &route, r.claimed, r.reason).await,
+    };
+    // The priors query records its nonce with its audit entry; any other
+    // request here before its handler runs.
+    let deferred = path == "/v1/federation/priors";
+    if !deferred {
+        match state
             .db
             .federation_nonce(&v.nonce, v.timestamp, super::federation::MAX_SKEW_SECS)
             .await
         {
-            Ok(true) => Ok(v),
-            Ok(false) => Err(super::federation::Refusal {
-                claimed: Some(v.member.id.clone()),
-                reason: "a replayed request (its nonce was seen)",
-            }),
+            Ok(true) => {}
+            Ok(false) => {
+                return refuse_member(&state, &from, &route, Some(v.member.id), REPLAY).await;
+            }
             Err(e) => return ApiError::from(e).into_response(),
-        },
-        Err(r) => Err(r),
-    };
-    match verified {
-        Ok(v) => {
-            let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
-            req.extensions_mut().insert(MemberCaller(v.member));
-            next.run(req).await
-        }
-        Err(refusal) => {
-            let from = peer.map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
-            let claimed = refusal.claimed.unwrap_or_else(|| "-".into());
-            let entry = AuditRecord {
-                actor: format!("registry:{claimed}"),
-                user_id: "registry".into(),
-                action: "refusal",
-                patient_key: None,
-                purpose: None,
-                records_returned: 0,
-                outcome: "forbidden".into(),
-                detail: format!(
-                    "403 {} {path} from {from}: claimed member {claimed}: {}",
-                    parts.method, refusal.reason
-                ),
-            };
-            let key = match peer {
-                Some(p) => format!("registry:{claimed}@{}", p.ip()),
-                None => format!("registry:{claimed}"),
-            };
-            audit_bounded(&state, &key, entry).await;
-            tracing::warn!(claimed = %claimed, reason = refusal.reason, "federation request refused");
-            problem(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "not a request signed by a member of this federation",
-            )
         }
     }
+    let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    req.extensions_mut().insert(MemberCaller(v.member));
+    req.extensions_mut().insert(PendingNonce {
+        nonce: v.nonce,
+        timestamp: v.timestamp,
+        from,
+    });
+    next.run(req).await
 }
+
+const REPLAY: &str = "a replayed request (its nonce was seen)";
 
 /// A member asks for a patient's records here by pseudonym; answered under
 /// this province's consent policy, from its pilot hospitals only, audited
@@ -817,8 +845,9 @@ async fn member_authenticated(
 async fn federated_priors(
     State(state): State<Arc<RegistryState>>,
     Extension(MemberCaller(member)): Extension<MemberCaller>,
+    Extension(pending): Extension<PendingNonce>,
     Body(q): Body<FederatedQuery>,
-) -> Result<Json<FederatedAnswer>, ApiError> {
+) -> Result<Response, ApiError> {
     let federation = state
         .federation
         .clone()
@@ -919,9 +948,10 @@ async fn federated_priors(
         }
         AccessBasis::None => "withheld",
     };
-    state
+    let recorded = state
         .db
-        .audit(&[AuditRecord {
+        .audit_with_nonce(
+            &[AuditRecord {
             actor: format!("registry:{}", member.id),
             user_id: format!("{}/{}", q.asking_hospital_id, q.user_id)
                 .chars()
@@ -942,15 +972,30 @@ async fn federated_priors(
                 out.len(),
                 withheld_count
             ),
-        }])
+        }],
+            &pending.nonce,
+            pending.timestamp,
+            super::federation::MAX_SKEW_SECS,
+        )
         .await?;
+    if !recorded {
+        return Ok(refuse_member(
+            &state,
+            &pending.from,
+            "POST /v1/federation/priors",
+            Some(member.id),
+            REPLAY,
+        )
+        .await);
+    }
     Ok(Json(FederatedAnswer {
         member_id: federation.member_id.clone(),
         province: federation.province.clone(),
         access,
         records: out,
         withheld_count,
-    }))
+    })
+    .into_response())
 }
 
 /// The patient's consent, in this (the holding) province, to show its

@@ -52,6 +52,8 @@ CREATE TABLE federation_prior (
     seen_at TEXT NOT NULL,
     PRIMARY KEY (hospital_id, study_instance_uid)
 );
+-- Read once per fan-out: which of a patient's shown records are known.
+CREATE INDEX federation_prior_patient_idx ON federation_prior (patient_key);
 
 -- A grant issued to another member's hospital: which member vouched for
 -- it, and the consent it rests on (`holding`: checked again at every

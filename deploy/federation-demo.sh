@@ -98,6 +98,7 @@ SH_KEY="$("$HUREN_BIN" registry federation keygen --key-file "$work/sh.key")"
 JS_KEY="$("$HUREN_BIN" registry federation keygen --key-file "$work/js.key")"
 echo "Shanghai's registry public key: $SH_KEY"
 echo "Jiangsu's registry public key:  $JS_KEY"
+proves "each province keys its patients with its own secret; registries exchange public keys only"
 
 step "the federation's recognition list (the regional list format), validated"
 python3 - "$repo/deploy/recognition/jiangsu-example.toml" "$work/yrd-list.toml" <<'PY'
@@ -134,6 +135,7 @@ TOML
 step "federation configurations (each names the other member and its key)"
 federation_config sh 上海市 sh.key js 江苏省 "$JS" "$JS_KEY" "\"$HOSP_A1\""
 federation_config js 江苏省 js.key sh 上海市 "$SH" "$SH_KEY" "\"$HOSP_B\""
+proves "each member knows the other's URL and public key, the list and the consent policy (holding), nothing else"
 
 start_registry() {  # name port
     "$HUREN_BIN" registry --listen "127.0.0.1:$2" --data-dir "$work/$1-registry" \
@@ -146,6 +148,8 @@ start_registry() {  # name port
 step "Shanghai's registry on $SH, Jiangsu's on $JS"
 start_registry sh "$SH_PORT"
 start_registry js "$JS_PORT"
+grep -h "federation configured" "$work"/sh-registry.log "$work"/js-registry.log | sed 's/.*INFO //'
+proves "both registries run with their federation configuration"
 
 step "hospitals, each in its own province's directory"
 "$HUREN_BIN" registry hospital add --data-dir "$work/sh-registry" --id "$HOSP_A1" \
@@ -187,6 +191,7 @@ step "nodes: A1 and A2 in Shanghai, B in Jiangsu (A1 and B hold the federation s
 start_node a1 "$HOSP_A1" "$A1_HTTP" "$A1_DICOM" HOSPA1 "$SH" "$work/sh-region.secret" "$work/federation.secret"
 start_node a2 "$HOSP_A2" "$A2_HTTP" "$A2_DICOM" HOSPA2 "$SH" "$work/sh-region.secret"
 start_node b "$HOSP_B" "$B_HTTP" "$B_DICOM" HOSPB "$JS" "$work/js-region.secret" "$work/federation.secret"
+proves "only the pilot hospitals' nodes can compute the federation pseudonym"
 
 step "storescu: a CT chest study to hospital B in Jiangsu"
 TCP_NODELAY=1 "$STORESCU" -aet MODALITY -aec HOSPB +sd +r 127.0.0.1 "$B_DICOM" \
@@ -245,6 +250,7 @@ curl -fsS -H "authorization: Bearer $(cat "$work/js-registry/admin-token")" \
     \"patient_key\": \"$JS_KEY_OF_PATIENT\", \"member_id\": \"sh\", \"method\": \"qr_code\",
     \"recorded_by\": \"js-health-app\", \"state\": \"granted\", \"expires_at\": \"$expires\"}"
 echo
+proves "the consent is recorded where the records are, under Jiangsu's own patient key"
 
 step "A1's doctor asks again: the duplicate-exam warning cites B's study, from 江苏省"
 warning="$(check "$A1")"
@@ -317,6 +323,7 @@ PY
 )"
 echo "POST /v1/federation/priors from 'rogue': $code"
 [[ "$code" == 403 ]] || fail "expected 403, got $code"
+proves "a registry that is not a member gets a 403 and nothing else (its attempt is audited, below)"
 
 step "both audit trails: the cross-border query and grant, with the other registry's identity"
 for r in sh js; do

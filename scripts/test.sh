@@ -342,10 +342,13 @@ log "cargo clippy --all-targets --features jpeg-ls -- -D warnings"
 cargo clippy --all-targets --features jpeg-ls -- -D warnings
 log "cargo test --all-targets --features jpeg-ls $*"
 cargo test --all-targets --features jpeg-ls "$@"
-# The region demo with real processes: a registry and two nodes (only for a
+# The region demo with real processes: a registry and two nodes; and the
+# federation demo: two provinces' registries and three nodes (only for a
 # whole run, not a filtered one).
 if [[ $# -eq 0 ]]; then
     log "deploy/region-demo.sh"
     HUREN_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/huren" HUREN_VIEWER_DIR="$VIEWER_DIR" \
         bash deploy/region-demo.sh
+    log "deploy/federation-demo.sh"
+    HUREN_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/huren" bash deploy/federation-demo.sh
 fi

@@ -277,6 +277,7 @@ struct RegionFileConfig {
     hospital_id: Option<String>,
     registry_token_file: Option<PathBuf>,
     region_secret_file: Option<PathBuf>,
+    federation_secret_file: Option<PathBuf>,
     identifier_issuers: Option<Vec<String>>,
     study_quiet_secs: Option<f64>,
     publish_max_backoff_secs: Option<f64>,
@@ -324,6 +325,9 @@ pub struct RegionConfig {
     /// An order-time check that finds recognised priors at other hospitals
     /// starts fetching them at once.
     pub prefetch_priors: bool,
+    /// The federation's pseudonym secret (docs/federation.md): set at the
+    /// nodes of a cross-province pilot's hospitals only.
+    pub federation_secret: Option<crate::patient_key::FederationSecret>,
 }
 
 impl RegionConfig {
@@ -585,6 +589,12 @@ pub struct NodeArgs {
     /// in HUREN_REGION_SECRET); never logged
     #[arg(long, env = "HUREN_REGION_SECRET_FILE")]
     pub region_secret_file: Option<PathBuf>,
+
+    /// File holding the federation's pseudonym secret (or the secret
+    /// itself in HUREN_FEDERATION_SECRET), at the nodes of a cross-province
+    /// pilot's hospitals only; never logged (docs/federation.md)
+    #[arg(long, env = "HUREN_FEDERATION_SECRET_FILE")]
+    pub federation_secret_file: Option<PathBuf>,
 
     /// Issuers of Patient ID that issue cross-enterprise identifiers,
     /// comma separated, each ISSUER=TYPE with TYPE one of RID, PASSPORT,
@@ -1178,6 +1188,20 @@ impl NodeArgs {
         };
         let region_secret = crate::patient_key::RegionSecret::from_secret(&secret)
             .map_err(|reason| invalid("region_secret_file", &reason))?;
+        let federation_secret = match std::env::var("HUREN_FEDERATION_SECRET") {
+            Ok(s) if !s.trim().is_empty() => Some(s),
+            _ => match self
+                .federation_secret_file
+                .clone()
+                .or(file.federation_secret_file)
+            {
+                Some(path) => Some(read_secret("federation_secret_file", &path)?),
+                None => None,
+            },
+        }
+        .map(|s| crate::patient_key::FederationSecret::from_secret(&s))
+        .transpose()
+        .map_err(|reason| invalid("federation_secret_file", &reason))?;
         let mut identifier_issuers = Vec::new();
         for raw in self
             .identifier_issuers
@@ -1242,6 +1266,7 @@ impl NodeArgs {
                 .prefetch_priors
                 .or(file.prefetch_priors)
                 .unwrap_or(false),
+            federation_secret,
         }))
     }
 }

@@ -118,6 +118,10 @@ pub struct Hospital {
     pub qc_status: QcStatus,
     /// The DICOMweb base URL of its node (peer retrieval).
     pub dicomweb_base_url: Option<String>,
+    /// The province of a hospital of another federation member (absent
+    /// for the region's own hospitals): from that member's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub province: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,6 +319,10 @@ pub struct StudyRecord {
     /// BLAKE3 over the study's sorted (SOP Instance UID, instance hash)
     /// list; see [`crate::publish::content_root`].
     pub content_root: String,
+    /// The federation pseudonym of the patient (docs/federation.md),
+    /// published by the nodes of pilot hospitals only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation_pseudonym: Option<String>,
 }
 
 /// A study withdrawn by its hospital (deleted, or merged into another).
@@ -365,6 +373,9 @@ pub struct RegistryRecord {
     pub published_at: String,
     pub retracted: bool,
     pub record: StudyRecord,
+    /// Set on a record held in another province of the federation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub province: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -417,6 +428,10 @@ pub struct PriorsQuery {
     pub page_size: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_token: Option<String>,
+    /// The patient's federation pseudonym, when the node knows it: the
+    /// registry asks the federation's members by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation_pseudonym: Option<String>,
 }
 
 /// On what grounds other hospitals' records were (or were not) shown.
@@ -440,6 +455,135 @@ pub struct PriorsAnswer {
     /// Other hospitals' records that match but are not shown (no access).
     pub withheld_count: i64,
     pub next_page_token: Option<String>,
+    /// What the federation's members answered (first page only, and only
+    /// where the registry belongs to a federation and knows the patient's
+    /// pseudonym).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationSummary>,
+}
+
+/// The federation's part of a priors answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSummary {
+    pub name: String,
+    /// One entry per member, whether it answered or not.
+    pub members: Vec<MemberOutcome>,
+    /// The other provinces' hospitals the records name (with `province`).
+    pub hospitals: Vec<Hospital>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberStatus {
+    /// Answered within the deadline.
+    Reached,
+    /// Down, slow past the deadline, or its answer was not valid.
+    NotReached,
+    /// Answered with a refusal (403: it does not know this registry).
+    Refused,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberOutcome {
+    pub member_id: String,
+    pub province: String,
+    pub status: MemberStatus,
+    /// Records shown (after the federation list's judgement).
+    pub records: i64,
+    /// Records the member withheld (its consent rule), when it says.
+    pub withheld_count: i64,
+    /// Records the member returned that the federation list does not
+    /// recognise (item, window or eligibility), shown without those items.
+    pub items_not_recognised: i64,
+    pub elapsed_ms: i64,
+}
+
+/// Registry-to-registry: one member asks another for a patient's records
+/// by pseudonym (`POST /v1/federation/priors`, a signed request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedQuery {
+    pub federation: String,
+    pub pseudonym: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    pub purpose: Purpose,
+    /// The asking hospital (a unified social credit code: an organisation,
+    /// not a person) and its user, for the holding registry's audit.
+    pub asking_hospital_id: String,
+    pub user_id: String,
+    /// The patient's consent for the asking hospital holds in the asking
+    /// province (the `asking` and `both` consent policies rest on it).
+    pub asking_consent: bool,
+    /// Ties the two registries' audit entries of this query together.
+    pub request_id: String,
+}
+
+/// One record of another province, as its registry returns it: the patient
+/// key is replaced by the pseudonym (a province's key never leaves it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedRecord {
+    pub hospital: Hospital,
+    pub published_at: String,
+    pub record: StudyRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedAnswer {
+    pub member_id: String,
+    pub province: String,
+    pub access: AccessBasis,
+    pub records: Vec<FederatedRecord>,
+    /// Records withheld under the holding province's consent rule; 0 when
+    /// its policy is to say nothing.
+    pub withheld_count: i64,
+}
+
+/// A patient's consent, recorded in the holding province, to show its
+/// records of them to a member's hospitals (`POST /v1/federation/consents`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewFederationConsent {
+    pub patient_key: String,
+    pub member_id: String,
+    pub method: ConsentMethod,
+    pub recorded_by: String,
+    pub state: ConsentState,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConsent {
+    pub consent_id: String,
+    pub patient_key: String,
+    pub member_id: String,
+    pub method: ConsentMethod,
+    pub state: ConsentState,
+    pub expires_at: String,
+    pub created_at: String,
+}
+
+/// A member's registry asks the holding registry for a grant (images
+/// across borders): the asking registry vouches for its hospital.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedGrantRequest {
+    pub federation: String,
+    pub pseudonym: String,
+    pub holding_hospital_id: String,
+    pub study_instance_uid: String,
+    pub purpose: Purpose,
+    pub asking_hospital_id: String,
+    pub user_id: String,
+    pub asking_consent: bool,
+    pub request_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -701,6 +845,10 @@ pub struct Grant {
     pub content_root: String,
     pub purpose: Purpose,
     pub expires_at: String,
+    /// The holding hospital's DICOMweb base URL, on a grant for a study of
+    /// another province (its hospital is not in this region's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicomweb_base_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -187,6 +187,30 @@ enum RegistrySub {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Federation keys (docs/federation.md).
+    Federation {
+        #[command(subcommand)]
+        command: FederationCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FederationCommand {
+    /// Write a new Ed25519 signing key (mode 600; refused if the file
+    /// exists) and print its public key for the other members'
+    /// configurations.
+    Keygen {
+        #[arg(long)]
+        key_file: std::path::PathBuf,
+    },
+    /// Print the public key of a signing key file.
+    PublicKey {
+        #[arg(long)]
+        key_file: std::path::PathBuf,
+    },
+    /// Check a federation configuration (keys, members, the federation's
+    /// recognition list) without starting.
+    Check { config: std::path::PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -837,6 +861,37 @@ async fn registry(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
                 Err(e) => return Err(e.into()),
             }
         }
+        RegistrySub::Federation { command } => match command {
+            FederationCommand::Keygen { key_file } => {
+                let public = huren::registry::federation::generate_key(&key_file)
+                    .map_err(anyhow::Error::msg)?;
+                println!("{public}");
+            }
+            FederationCommand::PublicKey { key_file } => {
+                let public = huren::registry::federation::public_key_of(&key_file)
+                    .map_err(anyhow::Error::msg)?;
+                println!("{public}");
+            }
+            FederationCommand::Check { config } => {
+                match huren::registry::federation::Federation::load(&config) {
+                    Ok(f) => println!(
+                        "{}: federation {}, member {} ({}), {} other members, consent policy {}, deadline {} ms, list {}",
+                        config.display(),
+                        f.name,
+                        f.member_id,
+                        f.province,
+                        f.members.len(),
+                        f.consent_policy.as_str(),
+                        f.deadline.as_millis(),
+                        f.list.content_hash
+                    ),
+                    Err(e) => {
+                        println!("{}: {e}", config.display());
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+            }
+        },
         RegistrySub::Hospital { command } => match command {
             HospitalCommand::Add {
                 registry,

@@ -201,6 +201,44 @@ impl RegionSecret {
     }
 }
 
+/// The federation's secret (docs/federation.md): the nodes of the pilot
+/// hospitals of every member province hold it, no registry does. Kept out
+/// of `Debug`.
+#[derive(Clone)]
+pub struct FederationSecret([u8; 32]);
+
+impl fmt::Debug for FederationSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FederationSecret(…)")
+    }
+}
+
+impl FederationSecret {
+    /// As [`RegionSecret::from_secret`], under its own context string: the
+    /// same text as a region secret gives an unrelated key, so a pseudonym
+    /// never equals a province's patient key.
+    pub fn from_secret(secret: &str) -> Result<FederationSecret, String> {
+        let secret = secret.trim();
+        if secret.len() < 16 {
+            return Err("the federation secret must be at least 16 characters".into());
+        }
+        Ok(FederationSecret(blake3::derive_key(
+            "huren 2026-12 federation pseudonym v1",
+            secret.as_bytes(),
+        )))
+    }
+
+    /// The federation pseudonym: keyed BLAKE3 over `TYPE:NUMBER`, as the
+    /// patient key, with the federation's key.
+    pub fn pseudonym(&self, identifier: &Identifier) -> String {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(identifier.kind.code().as_bytes());
+        hasher.update(b":");
+        hasher.update(identifier.number.as_bytes());
+        hasher.finalize().to_hex().to_string()
+    }
+}
+
 /// Whether a string looks like a patient key (64 lower-case hex digits).
 pub fn is_patient_key(s: &str) -> bool {
     s.len() == 64
@@ -278,5 +316,23 @@ mod tests {
         assert!(!key.contains("110105"));
         assert!(RegionSecret::from_secret("short").is_err());
         assert_eq!(format!("{id:?}"), "Identifier(RID:…)");
+    }
+
+    /// A pseudonym is not the patient key of any province that happens to
+    /// use the same text as its region secret, and depends on the
+    /// identifier as the key does.
+    #[test]
+    fn pseudonyms_are_not_patient_keys() {
+        let text = "region-secret-for-the-test-suite-0001";
+        let region = RegionSecret::from_secret(text).unwrap();
+        let federation = FederationSecret::from_secret(text).unwrap();
+        let id = Identifier::parse(IdentifierType::ResidentId, "11010519491231002X").unwrap();
+        let pseudonym = federation.pseudonym(&id);
+        assert!(is_patient_key(&pseudonym));
+        assert_ne!(pseudonym, region.patient_key(&id));
+        let other = FederationSecret::from_secret("federation-secret-for-tests-02").unwrap();
+        assert_ne!(pseudonym, other.pseudonym(&id));
+        assert!(FederationSecret::from_secret("short").is_err());
+        assert_eq!(format!("{federation:?}"), "FederationSecret(…)");
     }
 }

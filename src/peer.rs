@@ -507,12 +507,15 @@ async fn fetch_series_by_series(
     let hospital = region
         .directory()
         .await
-        .and_then(|d| d.hospitals.into_iter().find(|h| h.hospital_id == holding))
-        .ok_or_else(|| Error::NoPeer(holding.to_string()))?;
-    let base = hospital
-        .dicomweb_base_url
-        .clone()
-        .ok_or_else(|| Error::NoPeer(holding.to_string()))?;
+        .and_then(|d| d.hospitals.into_iter().find(|h| h.hospital_id == holding));
+    // A hospital of another province is not in this region's directory:
+    // its registry names its node's URL in the grant (docs/federation.md).
+    if hospital
+        .as_ref()
+        .is_some_and(|h| h.dicomweb_base_url.is_none())
+    {
+        return Err(Error::NoPeer(holding.to_string()));
+    }
     let grant = region
         .client()
         .grant(&GrantRequest {
@@ -524,6 +527,10 @@ async fn fetch_series_by_series(
             encounter,
         })
         .await?;
+    let base = hospital
+        .and_then(|h| h.dicomweb_base_url)
+        .or_else(|| grant.dicomweb_base_url.clone())
+        .ok_or_else(|| Error::NoPeer(holding.to_string()))?;
     let http = region.peer_http();
     let manifest: StudyManifest = {
         let url = format!(

@@ -83,6 +83,27 @@ pub async fn resolve_patient(
     }
 }
 
+/// The patient's federation pseudonym, where this node takes part in a
+/// federation (docs/federation.md) and the identifier is known here; the
+/// identifier itself never leaves the node.
+pub async fn federation_pseudonym(region: &Region, patient: &PatientRef) -> Option<String> {
+    let secret = region.config().federation_secret.as_ref()?;
+    let identifier = match (
+        &patient.identifier_type,
+        &patient.identifier,
+        &patient.patient_id,
+    ) {
+        (Some(kind), Some(number), _) => Identifier::parse(*kind, number).ok()?,
+        (None, None, Some(pid)) if !pid.trim().is_empty() => region
+            .identifier_of_local(pid.trim(), patient.issuer_of_patient_id.trim())
+            .await
+            .ok()?
+            .ok()?,
+        _ => return None,
+    };
+    Some(secret.pseudonym(&identifier))
+}
+
 /// Remembers who holds each regional prior of an answer: a C-MOVE or
 /// C-GET of it later knows where to fetch it.
 pub async fn remember_holders(region: &Region, answer: &PriorsAnswer) {
@@ -110,7 +131,21 @@ pub async fn priors(
     encounter: Option<Encounter>,
     user_id: &str,
 ) -> Result<(PriorsAnswer, bool), Error> {
+    priors_federated(region, patient_key, None, purpose, encounter, user_id).await
+}
+
+/// [`priors`], with the patient's federation pseudonym where the node knows
+/// it: the registry then asks the federation's members too.
+pub async fn priors_federated(
+    region: &Region,
+    patient_key: &str,
+    federation_pseudonym: Option<String>,
+    purpose: Purpose,
+    encounter: Option<Encounter>,
+    user_id: &str,
+) -> Result<(PriorsAnswer, bool), Error> {
     let query = PriorsQuery {
+        federation_pseudonym,
         patient_key: patient_key.to_string(),
         items: None,
         since: None,
@@ -150,6 +185,7 @@ pub async fn priors(
                         published_at: String::new(),
                         retracted: false,
                         record,
+                        province: None,
                     });
                 }
             }
@@ -162,6 +198,7 @@ pub async fn priors(
                     records,
                     withheld_count: 0,
                     next_page_token: None,
+                    federation: None,
                 },
                 false,
             ))
@@ -213,6 +250,13 @@ pub struct CheckAnswer {
     pub registry_reached: bool,
     /// Where each prior opens (study UID → URL).
     pub links: std::collections::BTreeMap<String, String>,
+    /// The province of each prior held in another province of the
+    /// federation (study UID → province).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub provinces: std::collections::BTreeMap<String, String>,
+    /// What each member of the federation answered (absent outside one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationSummary>,
 }
 
 /// The URL a prior's images open at: an OHIF viewer configured elsewhere,
@@ -245,6 +289,7 @@ async fn this_hospital(region: &Region) -> Hospital {
             accepts_lower_level_results: false,
             qc_status: QcStatus::Passed,
             dicomweb_base_url: None,
+            province: None,
         })
 }
 
@@ -283,8 +328,19 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
     } else {
         Purpose::Treatment
     };
+    let pseudonym = federation_pseudonym(region, &request.patient).await;
     let (answer, reached) = match &key {
-        Ok(key) => priors(region, key, purpose, Some(request.encounter), doctor).await?,
+        Ok(key) => {
+            priors_federated(
+                region,
+                key,
+                pseudonym,
+                purpose,
+                Some(request.encounter),
+                doctor,
+            )
+            .await?
+        }
         Err(_) => (
             PriorsAnswer {
                 patient_key: String::new(),
@@ -293,6 +349,7 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
                 records: Vec::new(),
                 withheld_count: 0,
                 next_page_token: None,
+                federation: None,
             },
             true,
         ),
@@ -304,6 +361,9 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
     let unretrievable = crate::peer::unretrievable(region)
         .await
         .map_err(|e| Error::Index(e.to_string()))?;
+    // Another province's hospitals are not in this region's directory: the
+    // registry passes them on from the member that holds the record.
+    let foreign = answer.federation.as_ref().map(|f| &f.hospitals);
     let prior_list: Vec<Prior> = answer
         .records
         .iter()
@@ -318,13 +378,27 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         })
         .map(|(r, record)| Prior {
             hospital_id: r.hospital_id.clone(),
-            hospital: directory.as_ref().and_then(|d| {
-                d.hospitals
-                    .iter()
-                    .find(|h| h.hospital_id == r.hospital_id)
-                    .cloned()
-            }),
+            hospital: match &r.province {
+                None => directory.as_ref().and_then(|d| {
+                    d.hospitals
+                        .iter()
+                        .find(|h| h.hospital_id == r.hospital_id)
+                        .cloned()
+                }),
+                Some(_) => foreign
+                    .and_then(|hs| hs.iter().find(|h| h.hospital_id == r.hospital_id))
+                    .cloned(),
+            },
             record,
+        })
+        .collect();
+    let provinces: std::collections::BTreeMap<String, String> = answer
+        .records
+        .iter()
+        .filter_map(|r| {
+            r.province
+                .clone()
+                .map(|p| (r.record.study_instance_uid.clone(), p))
         })
         .collect();
     let ordering = this_hospital(region).await;
@@ -373,6 +447,8 @@ pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<C
         list_name: list.meta.version.clone(),
         registry_reached: reached,
         links,
+        provinces,
+        federation: answer.federation.clone(),
     };
     let outcome = serde_json::to_value(out.outcome)
         .ok()

@@ -582,6 +582,11 @@ impl Region {
                     number_of_instances: instances.len() as i64,
                     bytes: instances.iter().map(|i| i.2).sum(),
                     content_root: root.clone(),
+                    federation_pseudonym: self
+                        .config
+                        .federation_secret
+                        .as_ref()
+                        .map(|f| f.pseudonym(&identifier)),
                 };
                 let fingerprint = record_fingerprint(&record);
                 let unchanged = was_published
@@ -773,6 +778,19 @@ impl Region {
         patient_id: &str,
         issuer: &str,
     ) -> Result<Result<String, InvalidIdentifier>, Error> {
+        Ok(self
+            .identifier_of_local(patient_id, issuer)
+            .await?
+            .map(|id| self.secret.patient_key(&id)))
+    }
+
+    /// The cross-enterprise identifier of a local patient (stays in this
+    /// node: callers turn it into keys).
+    pub async fn identifier_of_local(
+        &self,
+        patient_id: &str,
+        issuer: &str,
+    ) -> Result<Result<Identifier, InvalidIdentifier>, Error> {
         let instance = sqlx::query(
             "SELECT i.blob_hash, i.blob_size FROM instance i \
              JOIN series se ON se.series_key = i.series_key \
@@ -795,10 +813,7 @@ impl Region {
             }
             None => None,
         };
-        Ok(self
-            .identifier(patient_id, issuer, header.as_ref())
-            .await?
-            .map(|id| self.secret.patient_key(&id)))
+        self.identifier(patient_id, issuer, header.as_ref()).await
     }
 
     // -------------------------------------------------------------- publisher

@@ -8,6 +8,7 @@ mod audit;
 mod cli;
 mod dicomweb;
 mod durability;
+mod federation;
 mod ingest;
 mod interop;
 mod lifecycle;

@@ -418,6 +418,7 @@ pub fn region_config(registry_url: &str, hospital_id: &str, token: &str) -> Regi
         peer_parallel: 4,
         peer_cache_budget_bytes: 1 << 30,
         prefetch_priors: false,
+        federation_secret: None,
     }
 }
 
@@ -646,7 +647,14 @@ pub async fn wait_complete_record(
 
 /// Waits until the node has evaluated every change of a study.
 pub async fn wait_evaluated(node: &TestNode, uid: &str) {
-    let url = node.config.database_url.clone();
+    wait_evaluated_at(&node.config.database_url, uid).await;
+}
+
+/// [`wait_evaluated`] for a node's index at `database_url`.
+pub async fn wait_evaluated_at(database_url: &str, uid: &str) {
+    // A node in this process installs them; a node process does not.
+    sqlx::any::install_default_drivers();
+    let url = database_url.to_string();
     let uid = uid.to_string();
     wait_until("study evaluated", || {
         let (url, uid) = (url.clone(), uid.clone());
@@ -1429,24 +1437,26 @@ async fn registry_outage_loses_nothing() {
     registry.stop().await;
 }
 
+/// A `huren registry` process on `database_url` (killed when dropped), and
+/// its URL.
+pub(crate) fn registry_process(
+    dir: &Path,
+    database_url: &str,
+) -> (crate::metrics::Process, String) {
+    let p = crate::metrics::spawn_registry_with(dir, &["--database-url", database_url]);
+    let url = format!("http://{}", p.addrs[0]);
+    (p, url)
+}
+
 /// Two registry processes on one PostgreSQL serve one region: publications
 /// through both land, and the audit chain stays one chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_registries_on_one_postgres() {
     let db = support::fresh_postgres_database().await;
-    let one = TestRegistry::start_on(
-        "127.0.0.1:0".parse().unwrap(),
-        tempfile::tempdir().unwrap(),
-        db.clone(),
-    )
-    .await;
-    let two = TestRegistry::start_on(
-        "127.0.0.1:0".parse().unwrap(),
-        tempfile::tempdir().unwrap(),
-        db.clone(),
-    )
-    .await;
-    let admin = Api::new(&one.url(), Some(ADMIN_TOKEN));
+    let (dir_one, dir_two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (process_one, url_one) = registry_process(dir_one.path(), &db);
+    let (process_two, url_two) = registry_process(dir_two.path(), &db);
+    let admin = Api::new(&url_one, Some(ADMIN_TOKEN));
     let token = add_hospital(&admin, "HOSPC0000000000003", "三级", None).await;
     let key = patient_key(RID);
     fn fake_record(key: &str, i: usize) -> Value {
@@ -1460,7 +1470,7 @@ async fn two_registries_on_one_postgres() {
         })
     }
     let mut tasks = Vec::new();
-    for (n, base) in [one.url(), two.url()].into_iter().enumerate() {
+    for (n, base) in [url_one.clone(), url_two.clone()].into_iter().enumerate() {
         let api = Api::new(&base, Some(&token));
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
@@ -1492,7 +1502,7 @@ async fn two_registries_on_one_postgres() {
     // published one: the newer version applies, the rest are unchanged.
     let mut v2 = fake_record(&key, 5000);
     v2["record_version"] = json!(2);
-    let v = Api::new(&one.url(), Some(&token))
+    let v = Api::new(&url_one, Some(&token))
         .ok(
             "POST",
             "/v1/hospitals/HOSPC0000000000003/records",
@@ -1506,12 +1516,12 @@ async fn two_registries_on_one_postgres() {
         .map(|r| r["outcome"].as_str().unwrap())
         .collect();
     assert_eq!(outcomes, ["unchanged", "applied", "unchanged"]);
-    let p = Api::new(&two.url(), Some(&token))
+    let p = Api::new(&url_two, Some(&token))
         .ok("POST", "/v1/priors/query", Some(json!({"patient_key": key, "purpose": "treatment", "user_id": "u", "page_size": 150})))
         .await;
     assert_eq!(p["records"].as_array().unwrap().len(), 150);
     let next = p["next_page_token"].as_str().unwrap().to_string();
-    let p2 = Api::new(&one.url(), Some(&token))
+    let p2 = Api::new(&url_one, Some(&token))
         .ok("POST", "/v1/priors/query", Some(json!({"patient_key": key, "purpose": "treatment", "user_id": "u", "page_size": 1000, "page_token": next})))
         .await;
     assert_eq!(p2["records"].as_array().unwrap().len(), 251);
@@ -1520,35 +1530,76 @@ async fn two_registries_on_one_postgres() {
     assert_eq!(code, 0, "{out}");
     // 1 hospital_add + 400 + 3 publications + 2 queries.
     assert!(out.contains("406 entries"), "{out}");
-    one.stop().await;
-    two.stop().await;
+    drop((process_one, process_two));
 }
 
 /// Two node processes on one PostgreSQL index and one S3 bucket: each
-/// study is published once, whichever process evaluates it.
+/// study is published once, whichever process evaluates it. Every server
+/// is a `huren` process of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_node_processes_publish_each_study_once() {
-    let registry = spawn_registry(Backend::SqliteLocal).await;
-    let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
+    let dir = tempfile::tempdir().unwrap();
+    let registry_db = format!("sqlite://{}", dir.path().join("registry.sqlite").display());
+    let (registry, registry_url) = registry_process(dir.path(), &registry_db);
+    let admin = Api::new(&registry_url, Some(ADMIN_TOKEN));
     let token = add_hospital(&admin, "HOSPD0000000000004", "三级甲等", None).await;
-    let first = spawn_region_node(
-        Backend::PostgresS3,
-        &registry.url(),
-        "HOSPD0000000000004",
-        &token,
-    )
-    .await;
-    let (db, storage) = (
-        first.config.database_url.clone(),
-        first.config.storage.clone(),
+    // What both processes share: the index and the bucket (under a fresh
+    // prefix), as an operator configures them.
+    let index_db = support::fresh_postgres_database().await;
+    let write = |name: &str, content: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let s3_secret = write(
+        "s3-secret",
+        &support::env("HUREN_TEST_S3_SECRET_ACCESS_KEY"),
     );
-    let url = registry.url();
-    let second = support::spawn_node_with(Backend::SqliteLocal, move |c| {
-        c.database_url = db;
-        c.storage = storage;
-        c.region = Some(region_config(&url, "HOSPD0000000000004", &token));
-    })
-    .await;
+    let storage = write(
+        "storage.toml",
+        &format!(
+            "backend = \"s3\"\nbucket = \"{}\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
+             prefix = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{s3_secret}\"\n\
+             allow_http = true\n",
+            support::env("HUREN_TEST_S3_BUCKET"),
+            support::env("HUREN_TEST_S3_ENDPOINT"),
+            support::env("HUREN_TEST_S3_REGION"),
+            support::unique("two-nodes"),
+            support::env("HUREN_TEST_S3_ACCESS_KEY_ID"),
+        ),
+    );
+    let token_file = write("registry-token", &token);
+    let secret_file = write("region-secret", SECRET);
+    let api_token = "operator-token-of-the-two-node-test";
+    let api_file = write("api-token", api_token);
+    let mut nodes = Vec::new();
+    for name in ["first", "second"] {
+        let cwd = dir.path().join(name);
+        std::fs::create_dir(&cwd).unwrap();
+        nodes.push(crate::metrics::spawn(
+            &cwd,
+            &[
+                "node",
+                "--dicom-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ],
+            &[
+                ("HUREN_DATABASE_URL", index_db.as_str()),
+                ("HUREN_STORAGE_CONFIG", storage.as_str()),
+                ("HUREN_REGISTRY_URL", registry_url.as_str()),
+                ("HUREN_HOSPITAL_ID", "HOSPD0000000000004"),
+                ("HUREN_REGISTRY_TOKEN_FILE", token_file.as_str()),
+                ("HUREN_REGION_SECRET_FILE", secret_file.as_str()),
+                ("HUREN_OPERATOR_TOKEN_FILE", api_file.as_str()),
+                ("HUREN_IDENTIFIER_ISSUERS", "RESIDENT_ID=RID"),
+                ("HUREN_STUDY_QUIET_SECS", "0.3"),
+                ("HUREN_PUBLISH_MAX_BACKOFF_SECS", "0.4"),
+            ],
+            &["DICOM listening on ", "HTTP listening on "],
+        ));
+    }
     let work = tempfile::tempdir().unwrap();
     let mut uids = Vec::new();
     for (i, sample) in [
@@ -1567,26 +1618,25 @@ async fn two_node_processes_publish_each_study_once() {
             &["--resident-id", RID],
         );
         // Alternate the receiving process.
-        store(if i % 2 == 0 { &first } else { &second }, &s.files).await;
+        crate::metrics::store(nodes[i % 2].addrs[0], &s.files).await;
         uids.push(s.study_instance_uid);
     }
-    let reg = Api::new(&registry.url(), Some(ADMIN_TOKEN));
     for uid in &uids {
-        wait_record(&reg, "HOSPD0000000000004", uid, 1).await;
+        wait_record(&admin, "HOSPD0000000000004", uid, 1).await;
     }
     // Give both processes' workers a chance to (wrongly) publish again:
     // wait until every study's row is evaluated and both outboxes drained.
     for uid in &uids {
-        wait_evaluated(&first, uid).await;
+        wait_evaluated_at(&index_db, uid).await;
     }
-    wait_until("outbox drained", || {
-        let api = Api::new(
-            &format!("http://{}", first.http_addr),
-            Some(crate::support::NODE_API_TOKEN),
-        );
-        async move { api.ok("GET", "/api/v1/publication", None).await["backlog"] == 0 }
-    })
-    .await;
+    for node in &nodes {
+        let api = Api::new(&format!("http://{}", node.addrs[1]), Some(api_token));
+        wait_until("outbox drained", || {
+            let api = api.clone();
+            async move { api.ok("GET", "/api/v1/publication", None).await["backlog"] == 0 }
+        })
+        .await;
+    }
     let audit = audit_entries(&admin).await;
     for uid in &uids {
         let sends: Vec<_> = audit
@@ -1598,7 +1648,6 @@ async fn two_node_processes_publish_each_study_once() {
         assert_eq!(sends.len(), 1, "study {uid}: {sends:?}");
         assert_eq!(sends[0]["outcome"], "applied");
     }
-    first.stop().await;
-    second.stop().await;
-    registry.stop().await;
+    drop(nodes);
+    drop(registry);
 }

@@ -511,9 +511,11 @@ async fn priors(
 ) -> Result<Json<PriorsAnswer>, ApiError> {
     let region = region(&state)?;
     let key = patient_key(region, &r.patient).await?;
+    let federation_pseudonym = priors::federation_pseudonym(region, &r.patient).await;
     let answer = region
         .client()
         .priors(&PriorsQuery {
+            federation_pseudonym,
             patient_key: key,
             items: r.items,
             since: r.since,

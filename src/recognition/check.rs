@@ -418,6 +418,7 @@ mod tests {
             accepts_lower_level_results: false,
             qc_status: QcStatus::Passed,
             dicomweb_base_url: None,
+            province: None,
         }
     }
 
@@ -470,6 +471,7 @@ mod tests {
             number_of_instances: 1,
             bytes: 1,
             content_root: "0".repeat(64),
+            federation_pseudonym: None,
         }
     }
 

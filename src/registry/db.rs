@@ -148,6 +148,12 @@ fn check_record(r: &StudyRecord, codes: &std::collections::HashSet<String>) -> R
     if !is_patient_key(&r.content_root) {
         return Err("content_root must be 64 lower-case hex digits".into());
     }
+    if r.federation_pseudonym
+        .as_deref()
+        .is_some_and(|p| !is_patient_key(p))
+    {
+        return Err("federation_pseudonym must be 64 lower-case hex digits".into());
+    }
     for (field, n) in [
         ("number_of_series", r.number_of_series),
         ("number_of_instances", r.number_of_instances),
@@ -623,6 +629,13 @@ impl Db {
                 applied.insert(row.try_get(0)?);
             }
         }
+        // A pilot hospital's records carry the patient's federation
+        // pseudonym: other members find the patient here by it.
+        for r in &to_write {
+            if let Some(p) = &r.federation_pseudonym {
+                remember_pseudonym(&mut tx, &r.patient_key, p, &now).await?;
+            }
+        }
         for r in &request.records {
             let outcome = if highest[r.study_instance_uid.as_str()] == r.record_version
                 && applied.contains(&r.study_instance_uid)
@@ -819,13 +832,14 @@ impl Db {
             records,
             withheld_count,
             next_page_token,
+            federation: None,
         })
     }
 
     // ------------------------------------------------------------ consent
 
     /// The state of the newest consent of a patient for a hospital.
-    async fn consent_state(
+    pub async fn consent_state(
         &self,
         patient_key: &str,
         hospital_id: &str,
@@ -1103,7 +1117,221 @@ impl Db {
             content_root: record.content_root,
             purpose: r.purpose,
             expires_at,
+            dicomweb_base_url: None,
         }))
+    }
+
+    /// Issues a grant to another member's hospital (images across
+    /// borders), on the request that member's registry vouches for. The
+    /// study must be one of this province's pilot hospitals', live, and of
+    /// the patient the pseudonym names; consent as `basis` says (the
+    /// caller's policy: `holding`, `asking` or `both`), or an emergency.
+    /// Audited with the member's identity either way.
+    pub async fn issue_federated_grant(
+        &self,
+        member_id: &str,
+        basis: &'static str,
+        in_pilot: bool,
+        r: &FederatedGrantRequest,
+    ) -> Result<Result<Grant, String>> {
+        check_uid(&r.study_instance_uid)?;
+        check_patient_key(&r.pseudonym)?;
+        check_text("user_id", &r.user_id, 128)?;
+        check_text("asking_hospital_id", &r.asking_hospital_id, 64)?;
+        let row = sqlx::query(
+            "SELECT patient_key, record FROM study_record WHERE hospital_id = $1 \
+             AND study_instance_uid = $2 AND retracted = 0",
+        )
+        .bind(&r.holding_hospital_id)
+        .bind(&r.study_instance_uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        let keys = self.keys_of_pseudonym(&r.pseudonym).await?;
+        // A study of another patient, or outside the pilot, is "not
+        // found" as one that does not exist: a member learns nothing of
+        // this province's other records by asking.
+        let Some(row) = row.filter(|_| in_pilot) else {
+            return Err(Error::NotFound("record"));
+        };
+        let patient_key: String = row.try_get(0)?;
+        if !keys.contains(&patient_key) {
+            return Err(Error::NotFound("record"));
+        }
+        let record: StudyRecord = serde_json::from_str(&row.try_get::<String, _>(1)?)
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let holding_consent = self
+            .federation_consent_state(&patient_key, member_id)
+            .await?
+            == Some(ConsentState::Granted);
+        let consent = match basis {
+            "holding" => holding_consent,
+            "asking" => r.asking_consent,
+            _ => holding_consent && r.asking_consent,
+        };
+        let outcome = if consent {
+            "ok"
+        } else if r.purpose == Purpose::Emergency {
+            "break_the_glass"
+        } else {
+            "denied"
+        };
+        let mut audit = AuditRecord {
+            actor: format!("registry:{member_id}"),
+            user_id: format!("{}/{}", r.asking_hospital_id, r.user_id)
+                .chars()
+                .take(200)
+                .collect(),
+            action: "federation_grant",
+            patient_key: Some(patient_key.clone()),
+            purpose: Some(r.purpose.as_str().to_string()),
+            records_returned: 0,
+            outcome: outcome.to_string(),
+            detail: format!(
+                "study {} at {} for hospital {} of member {member_id}, request {}, consent policy {basis}",
+                r.study_instance_uid, r.holding_hospital_id, r.asking_hospital_id, r.request_id
+            ),
+        };
+        if outcome == "denied" {
+            self.audit(&[audit]).await?;
+            return Ok(Err(format!(
+                "no consent of this patient under the holding province's policy ({basis})"
+            )));
+        }
+        let base_url = self
+            .hospital(&r.holding_hospital_id)
+            .await?
+            .and_then(|h| h.dicomweb_base_url);
+        let grant_id = random_hex(16);
+        let token = format!("hg.{}", random_hex(32));
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+        let now = now_rfc3339();
+        let expires_at =
+            humantime::format_rfc3339_micros(SystemTime::now() + Duration::from_secs(15 * 60))
+                .to_string();
+        audit.detail = format!("grant {grant_id}: {}", audit.detail);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO grant_token (token_sha256, grant_id, requesting_hospital_id, \
+             holding_hospital_id, study_instance_uid, patient_key, purpose, user_id, reference, \
+             created_at, expires_at, federation_member, consent_basis) \
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+        )
+        .bind(&sha)
+        .bind(&grant_id)
+        .bind(&r.asking_hospital_id)
+        .bind(&r.holding_hospital_id)
+        .bind(&r.study_instance_uid)
+        .bind(&patient_key)
+        .bind(r.purpose.as_str())
+        .bind(&r.user_id)
+        .bind(Some(r.request_id.clone()))
+        .bind(&now)
+        .bind(&expires_at)
+        .bind(member_id)
+        .bind(basis)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(Ok(Grant {
+            grant_id,
+            token,
+            holding_hospital_id: r.holding_hospital_id.clone(),
+            study_instance_uid: r.study_instance_uid.clone(),
+            content_root: record.content_root,
+            purpose: r.purpose,
+            expires_at,
+            dicomweb_base_url: base_url,
+        }))
+    }
+
+    /// Remembers the other provinces' records shown to this registry's
+    /// hospitals (where a grant for one goes). `seen_at` is when a row was
+    /// first written or last changed: a row that holds already is left as
+    /// it is, so a repeated query writes nothing here.
+    pub async fn remember_federation_priors(
+        &self,
+        member_id: &str,
+        patient_key: &str,
+        pseudonym: &str,
+        known: &std::collections::HashSet<(String, String, String, String)>,
+        records: &[RegistryRecord],
+    ) -> Result<()> {
+        // Rows that hold already are the rule (the caller read them in one
+        // query), and even an upsert that changes nothing locks its row: a
+        // write to commit.
+        let changed: Vec<&RegistryRecord> = records
+            .iter()
+            .filter(|r| {
+                !known.contains(&(
+                    r.hospital_id.clone(),
+                    r.record.study_instance_uid.clone(),
+                    member_id.to_string(),
+                    pseudonym.to_string(),
+                ))
+            })
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let now = now_rfc3339();
+        let mut tx = self.pool.begin().await?;
+        for r in changed {
+            sqlx::query(
+                "INSERT INTO federation_prior (hospital_id, study_instance_uid, member_id, \
+                 patient_key, pseudonym, seen_at) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
+                 member_id = excluded.member_id, patient_key = excluded.patient_key, \
+                 pseudonym = excluded.pseudonym, seen_at = excluded.seen_at",
+            )
+            .bind(&r.hospital_id)
+            .bind(&r.record.study_instance_uid)
+            .bind(member_id)
+            .bind(patient_key)
+            .bind(pseudonym)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// What `federation_prior` holds for a patient key: (hospital, Study
+    /// Instance UID, member, pseudonym).
+    pub async fn federation_priors_of(
+        &self,
+        patient_key: &str,
+    ) -> Result<std::collections::HashSet<(String, String, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT hospital_id, study_instance_uid, member_id, pseudonym FROM federation_prior \
+             WHERE patient_key = $1",
+        )
+        .bind(patient_key)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+            .collect()
+    }
+
+    /// Which member holds a study of another province shown here, with the
+    /// patient's key and pseudonym.
+    pub async fn federation_prior(
+        &self,
+        hospital_id: &str,
+        study_instance_uid: &str,
+    ) -> Result<Option<(String, String, String)>> {
+        let row = sqlx::query(
+            "SELECT member_id, patient_key, pseudonym FROM federation_prior \
+             WHERE hospital_id = $1 AND study_instance_uid = $2",
+        )
+        .bind(hospital_id)
+        .bind(study_instance_uid)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .transpose()
     }
 
     /// Confirms a grant to the hospital that holds its study (audited: the
@@ -1120,7 +1348,8 @@ impl Db {
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
         let row = sqlx::query(
             "SELECT grant_id, requesting_hospital_id, holding_hospital_id, study_instance_uid, \
-             patient_key, purpose, user_id, expires_at FROM grant_token WHERE token_sha256 = $1",
+             patient_key, purpose, user_id, expires_at, federation_member, consent_basis \
+             FROM grant_token WHERE token_sha256 = $1",
         )
         .bind(&sha)
         .fetch_optional(&self.pool)
@@ -1147,10 +1376,24 @@ impl Db {
         }
         let purpose: String = row.try_get(5)?;
         let requesting: String = row.try_get(1)?;
-        if purpose != "emergency"
-            && self.consent_state(&patient_key, &requesting, &now).await?
-                != Some(ConsentState::Granted)
-        {
+        let member: Option<String> = row.try_get(8)?;
+        let basis: Option<String> = row.try_get(9)?;
+        // A grant to another member's hospital rests on the consent its
+        // policy named: the holding province's is checked again, as a
+        // regional grant's is; the asking registry's word holds until the
+        // grant expires (this registry cannot see that consent).
+        let consent_holds = match (&member, basis.as_deref()) {
+            (Some(member), Some("holding" | "both")) => {
+                self.federation_consent_state(&patient_key, member).await?
+                    == Some(ConsentState::Granted)
+            }
+            (Some(_), _) => true,
+            (None, _) => {
+                self.consent_state(&patient_key, &requesting, &now).await?
+                    == Some(ConsentState::Granted)
+            }
+        };
+        if purpose != "emergency" && !consent_holds {
             return invalid(
                 "the patient's consent for the requesting hospital was revoked or has expired since the grant was issued",
                 Some(patient_key),
@@ -1188,6 +1431,208 @@ impl Db {
         }])
         .await?;
         Ok(Ok(confirmed))
+    }
+
+    // ------------------------------------------------------------ federation
+
+    /// Remembers a patient key's federation pseudonym (a node sent both).
+    pub async fn remember_pseudonym(&self, patient_key: &str, pseudonym: &str) -> Result<()> {
+        check_patient_key(patient_key)?;
+        check_patient_key(pseudonym)?;
+        let mut tx = self.pool.begin().await?;
+        remember_pseudonym(&mut tx, patient_key, pseudonym, &now_rfc3339()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The federation pseudonym a node told this registry for a key.
+    pub async fn pseudonym_of(&self, patient_key: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query("SELECT pseudonym FROM federation_identity WHERE patient_key = $1")
+                .bind(patient_key)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?,
+        )
+    }
+
+    /// Records a signed request's nonce; `false` when it was seen already
+    /// (a replay). Nonces older than the allowed skew are forgotten: a
+    /// request that old is refused for its timestamp.
+    pub async fn federation_nonce(&self, nonce: &str, now: u64, max_skew: u64) -> Result<bool> {
+        let cutoff = now.saturating_sub(2 * max_skew) as i64;
+        sqlx::query("DELETE FROM federation_nonce WHERE seen_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO federation_nonce (nonce, seen_at) VALUES ($1, $2) \
+             ON CONFLICT (nonce) DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(now as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    /// Appends audit entries and records a signed request's nonce in one
+    /// transaction (one commit per member request, not two); `false`, and
+    /// nothing written, when the nonce was seen (a replay).
+    pub async fn audit_with_nonce(
+        &self,
+        entries: &[AuditRecord],
+        nonce: &str,
+        now: u64,
+        max_skew: u64,
+    ) -> Result<bool> {
+        let cutoff = now.saturating_sub(2 * max_skew) as i64;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM federation_nonce WHERE seen_at < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO federation_nonce (nonce, seen_at) VALUES ($1, $2) \
+             ON CONFLICT (nonce) DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(now as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        append_audit(&mut tx, entries).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records a patient's consent that this province's records of them be
+    /// shown to a member's hospitals. `member_ok` says whether the member
+    /// is one of the federation's.
+    pub async fn add_federation_consent(
+        &self,
+        c: &NewFederationConsent,
+        member_ok: bool,
+        audit: AuditRecord,
+    ) -> Result<FederationConsent> {
+        check_patient_key(&c.patient_key)?;
+        check_text("recorded_by", &c.recorded_by, 128)?;
+        if !member_ok {
+            return Err(Error::NotFound("federation member"));
+        }
+        if !matches!(c.state, ConsentState::Granted | ConsentState::Revoked) {
+            return Err(Error::Invalid(
+                "a federation consent is recorded granted or revoked (the newest counts)".into(),
+            ));
+        }
+        if c.state == ConsentState::Granted && c.method == ConsentMethod::SmsCode {
+            return Err(Error::Invalid(
+                "an sms_code consent is granted when the patient's code comes back: record it then"
+                    .into(),
+            ));
+        }
+        let expires_at = normalise_time(&c.expires_at)?;
+        let now = now_rfc3339();
+        if expires_at <= now {
+            return Err(Error::Invalid("expires_at is already past".into()));
+        }
+        let latest = humantime::format_rfc3339_micros(
+            SystemTime::now() + Duration::from_secs(u64::from(self.max_consent_days) * 86_400),
+        )
+        .to_string();
+        if expires_at > latest {
+            return Err(Error::Invalid(format!(
+                "expires_at is more than {} days ahead, the region's limit for a consent",
+                self.max_consent_days
+            )));
+        }
+        let consent_id = random_hex(16);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO federation_consent (consent_id, patient_key, member_id, method, \
+             recorded_by, state, expires_at, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
+        )
+        .bind(&consent_id)
+        .bind(&c.patient_key)
+        .bind(&c.member_id)
+        .bind(c.method.as_str())
+        .bind(&c.recorded_by)
+        .bind(c.state.as_str())
+        .bind(&expires_at)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(FederationConsent {
+            consent_id,
+            patient_key: c.patient_key.clone(),
+            member_id: c.member_id.clone(),
+            method: c.method,
+            state: c.state,
+            expires_at,
+            created_at: now,
+        })
+    }
+
+    /// The newest federation consent of a patient for a member.
+    pub async fn federation_consent_state(
+        &self,
+        patient_key: &str,
+        member_id: &str,
+    ) -> Result<Option<ConsentState>> {
+        let row = sqlx::query(
+            "SELECT state, expires_at FROM federation_consent WHERE patient_key = $1 \
+             AND member_id = $2 ORDER BY created_at DESC, consent_id DESC LIMIT 1",
+        )
+        .bind(patient_key)
+        .bind(member_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let now = now_rfc3339();
+        row.map(|r| {
+            let state: String = r.try_get(0)?;
+            let expires_at: String = r.try_get(1)?;
+            effective_state(&state, &expires_at, &now)
+        })
+        .transpose()
+    }
+
+    /// The patient keys a pseudonym stands for here (one, unless the
+    /// province re-keyed and old records remain).
+    pub async fn keys_of_pseudonym(&self, pseudonym: &str) -> Result<Vec<String>> {
+        check_patient_key(pseudonym)?;
+        let rows = sqlx::query("SELECT patient_key FROM federation_identity WHERE pseudonym = $1")
+            .bind(pseudonym)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(Error::from))
+            .collect()
+    }
+
+    /// The live records of a patient key (all hospitals), newest first.
+    pub async fn records_of(
+        &self,
+        patient_key: &str,
+        since: Option<&str>,
+    ) -> Result<Vec<RegistryRecord>> {
+        let rows = sqlx::query(
+            "SELECT hospital_id, published_at, retracted, record FROM study_record \
+             WHERE patient_key = $1 AND retracted = 0 AND (study_date >= $2 OR $2 IS NULL) \
+             ORDER BY (study_date IS NULL), study_date DESC, hospital_id, study_instance_uid",
+        )
+        .bind(patient_key)
+        .bind(since.map(str::to_string))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record_row).collect()
     }
 
     // ------------------------------------------------------------ recognition
@@ -1453,6 +1898,26 @@ fn outcome_str(o: PublishOutcome) -> &'static str {
     }
 }
 
+/// Upserts a key's pseudonym inside a transaction.
+async fn remember_pseudonym(
+    tx: &mut AnyConnection,
+    patient_key: &str,
+    pseudonym: &str,
+    now: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO federation_identity (patient_key, pseudonym, updated_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (patient_key) DO UPDATE SET pseudonym = excluded.pseudonym, \
+         updated_at = excluded.updated_at WHERE federation_identity.pseudonym <> excluded.pseudonym",
+    )
+    .bind(patient_key)
+    .bind(pseudonym)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// The hash of an entry: BLAKE3 over a JSON array of its fields (JSON, so
@@ -1600,6 +2065,7 @@ fn hospital_row(r: &sqlx::any::AnyRow) -> Result<Hospital> {
         accepts_lower_level_results: r.try_get::<i64, _>(4)? != 0,
         qc_status: QcStatus::parse(&qc).ok_or_else(|| Error::Corrupt(format!("qc {qc}")))?,
         dicomweb_base_url: r.try_get(6)?,
+        province: None,
     })
 }
 
@@ -1610,6 +2076,7 @@ fn record_row(r: &sqlx::any::AnyRow) -> Result<RegistryRecord> {
         published_at: r.try_get(1)?,
         retracted: r.try_get::<i64, _>(2)? != 0,
         record: serde_json::from_str(&record).map_err(|e| Error::Corrupt(e.to_string()))?,
+        province: None,
     })
 }
 

@@ -6,6 +6,8 @@
 //!   trail on SQLite or PostgreSQL.
 //! - [`server`]: the `/v1` HTTP API.
 //! - [`refusals`]: the bound on how fast refusals fill the audit trail.
+//! - [`federation`]: registries of several provinces asking each other
+//!   (docs/federation.md).
 //! - [`client`]: what a node uses to publish, pull the directory and ask
 //!   for priors.
 //!
@@ -14,6 +16,7 @@
 
 pub mod client;
 pub mod db;
+pub mod federation;
 pub mod refusals;
 pub mod server;
 
@@ -95,6 +98,12 @@ pub struct RegistryArgs {
     /// the minute ends [default: 20]
     #[arg(long, env = "HUREN_REGISTRY_AUDIT_REFUSALS_PER_MINUTE")]
     pub audit_refusals_per_minute: Option<u32>,
+
+    /// Federation configuration (TOML, docs/federation.md): this
+    /// registry's member ID, the other members' URLs and public keys, the
+    /// federation's recognition list, the consent policy and the deadline
+    #[arg(long, env = "HUREN_REGISTRY_FEDERATION_CONFIG")]
+    pub federation_config: Option<PathBuf>,
 
     /// Plain HTTP beside HTTPS, loopback addresses only (local probes and
     /// admin scripts)
@@ -192,6 +201,22 @@ pub async fn run(
                 .unwrap_or(db::DEFAULT_MAX_CONSENT_DAYS),
         );
     let token = args.admin_token()?;
+    let federation = match &args.federation_config {
+        Some(path) => {
+            let f = federation::Federation::load(path).map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                federation = %f.name,
+                member_id = %f.member_id,
+                members = f.members.len(),
+                consent_policy = f.consent_policy.as_str(),
+                deadline_ms = f.deadline.as_millis() as u64,
+                list = %f.list.content_hash,
+                "federation configured"
+            );
+            Some(Arc::new(f))
+        }
+        None => None,
+    };
     if let Some(path) = &args.recognition_list {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
@@ -215,6 +240,7 @@ pub async fn run(
             args.audit_refusals_per_minute
                 .unwrap_or(refusals::DEFAULT_PER_MINUTE),
         ),
+        federation,
     });
     // Callers who stopped being refused still get their minute's summary.
     let summaries = {

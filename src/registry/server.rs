@@ -27,6 +27,8 @@ pub struct RegistryState {
     pub max_request_bytes: usize,
     /// The bound on refusal entries per caller and minute.
     pub refusals: refusals::Limiter,
+    /// The federation this registry belongs to, if any.
+    pub federation: Option<Arc<super::federation::Federation>>,
 }
 
 /// The registry's one error type; each variant is one status.
@@ -341,15 +343,25 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .route("/v1/grants", post(issue_grant))
         .route("/v1/grants/verify", post(verify_grant))
         .route("/v1/recognition/statistics", get(statistics))
+        .route("/v1/federation/consents", post(add_federation_consent))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticated,
+        ));
+    // Registry to registry: signed by a member's key instead of a token.
+    let members = Router::new()
+        .route("/v1/federation/priors", post(federated_priors))
+        .route("/v1/federation/grants", post(federated_grant))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            member_authenticated,
         ));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .merge(members)
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such resource") })
         .layer(DefaultBodyLimit::max(limit))
         .layer(
@@ -569,9 +581,455 @@ async fn priors(
             "the priors query is asked by a hospital for its patient".into(),
         ));
     };
-    let answer = state.db.priors(&hospital_id, &query).await?;
+    let answer = match &state.federation {
+        Some(federation) if query.page_token.is_none() => {
+            federated(&state, federation, &hospital_id, &query).await?
+        }
+        _ => state.db.priors(&hospital_id, &query).await?,
+    };
     crate::metrics::registry_priors_query(started);
     Ok(Json(answer))
+}
+
+/// The priors query of a registry in a federation: its own answer and the
+/// members' at once; a member that has not answered by the deadline is
+/// reported `not_reached`, and the answer goes out without it.
+async fn federated(
+    state: &RegistryState,
+    federation: &super::federation::Federation,
+    hospital_id: &str,
+    query: &PriorsQuery,
+) -> Result<PriorsAnswer, ApiError> {
+    let pseudonym = match &query.federation_pseudonym {
+        Some(p) => {
+            // A read first: the pair is almost always known, and a write
+            // (a commit with a WAL flush) on every query would cost more.
+            if state.db.pseudonym_of(&query.patient_key).await?.as_ref() != Some(p) {
+                state.db.remember_pseudonym(&query.patient_key, p).await?;
+            }
+            Some(p.clone())
+        }
+        // Learnt earlier from this hospital's node (a check with the
+        // identifier, or a pilot hospital's publication).
+        None => state.db.pseudonym_of(&query.patient_key).await?,
+    };
+    let Some(pseudonym) = pseudonym.filter(|_| federation.in_pilot(hospital_id)) else {
+        return Ok(state.db.priors(hospital_id, query).await?);
+    };
+    let asking_consent = query.purpose == Purpose::Treatment
+        && state
+            .db
+            .consent_state(
+                &query.patient_key,
+                hospital_id,
+                &crate::common::now_rfc3339(),
+            )
+            .await?
+            == Some(ConsentState::Granted);
+    let request_id = crate::common::random_hex(16);
+    let remote_query = FederatedQuery {
+        federation: federation.name.clone(),
+        pseudonym,
+        items: query.items.clone(),
+        since: query.since.clone(),
+        purpose: query.purpose,
+        asking_hospital_id: hospital_id.to_string(),
+        user_id: query.user_id.clone(),
+        asking_consent,
+        request_id: request_id.clone(),
+    };
+    let (mut answer, remote, known) = if query.purpose == Purpose::Emergency {
+        // Break-the-glass is checked (and a misuse refused and audited)
+        // here first: no other province hears of a refused one.
+        let local = state.db.priors(hospital_id, query).await?;
+        let remote = federation.fan_out(&remote_query).await;
+        let known = state.db.federation_priors_of(&query.patient_key).await?;
+        (local, remote, known)
+    } else {
+        let (local, remote, known) = tokio::join!(
+            state.db.priors(hospital_id, query),
+            federation.fan_out(&remote_query),
+            state.db.federation_priors_of(&query.patient_key)
+        );
+        (local?, remote, known?)
+    };
+    let asking = state
+        .db
+        .hospital(hospital_id)
+        .await?
+        .ok_or(ApiError::NotFound("hospital"))?;
+    let today = crate::recognition::check::today_in_shanghai();
+    let mut summary = FederationSummary {
+        name: federation.name.clone(),
+        members: Vec::new(),
+        hospitals: Vec::new(),
+    };
+    let mut audit = Vec::new();
+    for r in remote {
+        let mut outcome = MemberOutcome {
+            member_id: r.member.id.clone(),
+            province: r.member.province.clone(),
+            status: MemberStatus::Reached,
+            records: 0,
+            withheld_count: 0,
+            items_not_recognised: 0,
+            elapsed_ms: r.elapsed.as_millis() as i64,
+        };
+        match &r.answer {
+            Ok(a) => {
+                let (records, hospitals, not_recognised) =
+                    federation.judge(&asking, &query.patient_key, a, today);
+                outcome.records = records.len() as i64;
+                outcome.withheld_count = a.withheld_count;
+                // Withheld across the border counts like withheld here:
+                // the doctor learns that records exist, not what they are.
+                answer.withheld_count += a.withheld_count;
+                outcome.items_not_recognised = not_recognised;
+                state
+                    .db
+                    .remember_federation_priors(
+                        &r.member.id,
+                        &query.patient_key,
+                        &remote_query.pseudonym,
+                        &known,
+                        &records,
+                    )
+                    .await?;
+                answer.records.extend(records);
+                for h in hospitals {
+                    if !summary
+                        .hospitals
+                        .iter()
+                        .any(|x| x.hospital_id == h.hospital_id)
+                    {
+                        summary.hospitals.push(h);
+                    }
+                }
+            }
+            Err(status) => outcome.status = *status,
+        }
+        let status = match outcome.status {
+            MemberStatus::Reached => "reached",
+            MemberStatus::NotReached => "not_reached",
+            MemberStatus::Refused => "refused",
+        };
+        audit.push(AuditRecord {
+            actor: hospital_id.to_string(),
+            user_id: query.user_id.clone(),
+            action: "federation_query",
+            patient_key: Some(query.patient_key.clone()),
+            purpose: Some(query.purpose.as_str().to_string()),
+            records_returned: outcome.records,
+            outcome: status.into(),
+            detail: format!(
+                "to member {} ({}) request {request_id}: {} records, {} withheld, {} without recognised items, {} ms",
+                r.member.id,
+                r.member.province,
+                outcome.records,
+                outcome.withheld_count,
+                outcome.items_not_recognised,
+                outcome.elapsed_ms
+            ),
+        });
+        summary.members.push(outcome);
+    }
+    state.db.audit(&audit).await?;
+    answer.federation = Some(summary);
+    Ok(answer)
+}
+
+/// Who a verified member request comes from.
+#[derive(Debug, Clone)]
+struct MemberCaller(super::federation::Member);
+
+/// A verified member request whose nonce its handler records, in the
+/// transaction of its audit entry (the priors query: one commit, not two);
+/// with what a refusal's entry names.
+#[derive(Debug, Clone)]
+struct PendingNonce {
+    nonce: String,
+    timestamp: u64,
+    from: String,
+}
+
+/// The 403 of a refused member request, audited (within the refusal
+/// bound) with what it claimed to be and why.
+async fn refuse_member(
+    state: &RegistryState,
+    from: &str,
+    route: &str,
+    claimed: Option<String>,
+    reason: &str,
+) -> Response {
+    let claimed = claimed.unwrap_or_else(|| "-".into());
+    let entry = AuditRecord {
+        actor: format!("registry:{claimed}"),
+        user_id: "registry".into(),
+        action: "refusal",
+        patient_key: None,
+        purpose: None,
+        records_returned: 0,
+        outcome: "forbidden".into(),
+        detail: format!("403 {route} from {from}: claimed member {claimed}: {reason}"),
+    };
+    let ip = from.rsplit_once(':').map_or(from, |(ip, _)| ip);
+    audit_bounded(state, &format!("registry:{claimed}@{ip}"), entry).await;
+    tracing::warn!(claimed = %claimed, reason, "federation request refused");
+    let mut response = problem(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "not a request signed by a member of this federation",
+    );
+    response.extensions_mut().insert(AlreadyAudited);
+    response
+}
+
+/// Verifies a member's signed request (its key in the federation
+/// configuration, the clock, a nonce never seen) before the handler; a
+/// refusal is 403 and audited with what the request claimed to be. A
+/// registry outside a federation has no such routes (404).
+async fn member_authenticated(
+    State(state): State<Arc<RegistryState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(federation) = state.federation.clone() else {
+        return problem(StatusCode::NOT_FOUND, "not-found", "no such resource");
+    };
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<crate::tls::PeerAddr>>()
+        .map(|c| c.0.0);
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, state.max_request_bytes).await else {
+        return ApiError::BadRequest("the body is too large or unreadable".into()).into_response();
+    };
+    let path = parts.uri.path().to_string();
+    let from = peer.map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+    let route = format!("{} {path}", parts.method);
+    let v = match federation.verify(&parts.headers, parts.method.as_str(), &path, &bytes) {
+        Ok(v) => v,
+        Err(r) => return refuse_member(&state, &from, &route, r.claimed, r.reason).await,
+    };
+    // The priors query records its nonce with its audit entry; any other
+    // request here before its handler runs.
+    let deferred = path == "/v1/federation/priors";
+    if !deferred {
+        match state
+            .db
+            .federation_nonce(&v.nonce, v.timestamp, super::federation::MAX_SKEW_SECS)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                return refuse_member(&state, &from, &route, Some(v.member.id), REPLAY).await;
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    let mut req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    req.extensions_mut().insert(MemberCaller(v.member));
+    req.extensions_mut().insert(PendingNonce {
+        nonce: v.nonce,
+        timestamp: v.timestamp,
+        from,
+    });
+    next.run(req).await
+}
+
+const REPLAY: &str = "a replayed request (its nonce was seen)";
+
+/// A member asks for a patient's records here by pseudonym; answered under
+/// this province's consent policy, from its pilot hospitals only, audited
+/// with the member's identity.
+async fn federated_priors(
+    State(state): State<Arc<RegistryState>>,
+    Extension(MemberCaller(member)): Extension<MemberCaller>,
+    Extension(pending): Extension<PendingNonce>,
+    Body(q): Body<FederatedQuery>,
+) -> Result<Response, ApiError> {
+    let federation = state
+        .federation
+        .clone()
+        .ok_or(ApiError::NotFound("federation"))?;
+    if q.federation != federation.name {
+        return Err(ApiError::BadRequest(
+            "federation is not this registry's federation".into(),
+        ));
+    }
+    for (field, value, max) in [
+        ("asking_hospital_id", &q.asking_hospital_id, 64),
+        ("user_id", &q.user_id, 128),
+        ("request_id", &q.request_id, 64),
+    ] {
+        if value.trim().is_empty() || value.len() > max || value.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "{field} must be 1 to {max} bytes of printable text"
+            )));
+        }
+    }
+    if q.items.as_ref().is_some_and(|i| i.len() > 64) {
+        return Err(ApiError::BadRequest(
+            "items has more than 64 entries".into(),
+        ));
+    }
+    if let Some(since) = &q.since
+        && chrono::NaiveDate::parse_from_str(since, "%Y-%m-%d").is_err()
+    {
+        return Err(ApiError::BadRequest(
+            "since must be a date, YYYY-MM-DD".into(),
+        ));
+    }
+    let keys = state.db.keys_of_pseudonym(&q.pseudonym).await?;
+    let mut records = Vec::new();
+    for key in &keys {
+        records.extend(state.db.records_of(key, q.since.as_deref()).await?);
+    }
+    records.retain(|r| federation.in_pilot(&r.hospital_id));
+    if let Some(items) = &q.items {
+        records.retain(|r| r.record.items.iter().any(|i| items.contains(&i.code)));
+    }
+    let patient_key = keys.first().cloned();
+    let holding_consent = match &patient_key {
+        Some(k) => {
+            state.db.federation_consent_state(k, &member.id).await? == Some(ConsentState::Granted)
+        }
+        None => false,
+    };
+    use super::federation::ConsentPolicy;
+    let consent = match federation.consent_policy {
+        ConsentPolicy::Holding => holding_consent,
+        ConsentPolicy::Asking => q.asking_consent,
+        ConsentPolicy::Both => holding_consent && q.asking_consent,
+    };
+    let access = if consent {
+        AccessBasis::Consent
+    } else if q.purpose == Purpose::Emergency {
+        AccessBasis::BreakTheGlass
+    } else {
+        AccessBasis::None
+    };
+    let mut withheld_count = 0;
+    if access == AccessBasis::None {
+        withheld_count = match federation.withheld {
+            super::federation::Withheld::Count => records.len() as i64,
+            super::federation::Withheld::Nothing => 0,
+        };
+        records.clear();
+    }
+    let mut out = Vec::with_capacity(records.len());
+    let mut directory: Vec<Hospital> = Vec::new();
+    for r in records {
+        let hospital = match directory.iter().find(|h| h.hospital_id == r.hospital_id) {
+            Some(h) => h.clone(),
+            None => {
+                let Some(h) = state.db.hospital(&r.hospital_id).await? else {
+                    continue;
+                };
+                directory.push(h.clone());
+                h
+            }
+        };
+        let mut record = r.record;
+        // This province's key stays here: the member knows the pseudonym.
+        record.patient_key = q.pseudonym.clone();
+        record.federation_pseudonym = Some(q.pseudonym.clone());
+        out.push(FederatedRecord {
+            hospital,
+            published_at: r.published_at,
+            record,
+        });
+    }
+    let outcome = match access {
+        AccessBasis::Consent => "ok",
+        AccessBasis::BreakTheGlass => "break_the_glass",
+        AccessBasis::None if federation.withheld == super::federation::Withheld::Count => {
+            "count_only"
+        }
+        AccessBasis::None => "withheld",
+    };
+    let recorded = state
+        .db
+        .audit_with_nonce(
+            &[AuditRecord {
+            actor: format!("registry:{}", member.id),
+            user_id: format!("{}/{}", q.asking_hospital_id, q.user_id)
+                .chars()
+                .take(200)
+                .collect(),
+            action: "federation_query",
+            patient_key,
+            purpose: Some(q.purpose.as_str().to_string()),
+            records_returned: out.len() as i64,
+            outcome: outcome.into(),
+            detail: format!(
+                "from member {} ({}) for hospital {}, request {}, policy {}: {} records, {} withheld",
+                member.id,
+                member.province,
+                q.asking_hospital_id,
+                q.request_id,
+                federation.consent_policy.as_str(),
+                out.len(),
+                withheld_count
+            ),
+        }],
+            &pending.nonce,
+            pending.timestamp,
+            super::federation::MAX_SKEW_SECS,
+        )
+        .await?;
+    if !recorded {
+        return Ok(refuse_member(
+            &state,
+            &pending.from,
+            "POST /v1/federation/priors",
+            Some(member.id),
+            REPLAY,
+        )
+        .await);
+    }
+    Ok(Json(FederatedAnswer {
+        member_id: federation.member_id.clone(),
+        province: federation.province.clone(),
+        access,
+        records: out,
+        withheld_count,
+    })
+    .into_response())
+}
+
+/// The patient's consent, in this (the holding) province, to show its
+/// records of them to a member's hospitals: recorded by the admin (the
+/// province's health app) or one of this province's hospitals.
+async fn add_federation_consent(
+    State(state): State<Arc<RegistryState>>,
+    Extension(caller): Extension<Caller>,
+    Body(new): Body<NewFederationConsent>,
+) -> Result<Response, ApiError> {
+    let federation = state
+        .federation
+        .clone()
+        .ok_or(ApiError::NotFound("federation"))?;
+    let audit = AuditRecord {
+        actor: caller.actor(),
+        user_id: new.recorded_by.clone(),
+        action: "federation_consent",
+        patient_key: Some(new.patient_key.clone()),
+        purpose: None,
+        records_returned: 0,
+        outcome: new.state.as_str().into(),
+        detail: format!(
+            "for member {} by {} until {}",
+            new.member_id,
+            new.method.as_str(),
+            new.expires_at
+        ),
+    };
+    let consent = state
+        .db
+        .add_federation_consent(&new, federation.member(&new.member_id).is_some(), audit)
+        .await?;
+    Ok((StatusCode::CREATED, Json(consent)).into_response())
 }
 
 async fn add_consent(
@@ -785,7 +1243,136 @@ async fn issue_grant(
             "grants are asked by a hospital's node".into(),
         ));
     };
+    if let Some(federation) = &state.federation
+        && let Some((member_id, patient_key, pseudonym)) = state
+            .db
+            .federation_prior(&request.holding_hospital_id, &request.study_instance_uid)
+            .await?
+        && state
+            .db
+            .hospital(&request.holding_hospital_id)
+            .await?
+            .is_none()
+    {
+        return cross_border_grant(
+            &state,
+            federation,
+            &asking,
+            &request,
+            &member_id,
+            &patient_key,
+            pseudonym,
+        )
+        .await;
+    }
     match state.db.issue_grant(&asking, &request).await? {
+        Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
+        Err(why) => Err(ApiError::Refused(why)),
+    }
+}
+
+/// A grant for a study of another province: this registry vouches for its
+/// hospital to the member that holds the study (which applies its consent
+/// policy and issues the grant); audited here with the member's identity.
+async fn cross_border_grant(
+    state: &RegistryState,
+    federation: &super::federation::Federation,
+    asking: &str,
+    request: &GrantRequest,
+    member_id: &str,
+    patient_key: &str,
+    pseudonym: String,
+) -> Result<Response, ApiError> {
+    if request.purpose == Purpose::Emergency && request.encounter != Some(Encounter::Emergency) {
+        return Err(ApiError::BadRequest(
+            "a break-the-glass grant names the emergency encounter".into(),
+        ));
+    }
+    let member = federation
+        .member(member_id)
+        .ok_or(ApiError::NotFound("federation member"))?;
+    let asking_consent = state
+        .db
+        .consent_state(patient_key, asking, &crate::common::now_rfc3339())
+        .await?
+        == Some(ConsentState::Granted);
+    let request_id = crate::common::random_hex(16);
+    let remote = FederatedGrantRequest {
+        federation: federation.name.clone(),
+        pseudonym,
+        holding_hospital_id: request.holding_hospital_id.clone(),
+        study_instance_uid: request.study_instance_uid.clone(),
+        purpose: request.purpose,
+        asking_hospital_id: asking.to_string(),
+        user_id: request.user_id.clone(),
+        asking_consent,
+        request_id: request_id.clone(),
+    };
+    let result = federation.grant(member, &remote).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(MemberStatus::Refused) => "refused",
+        Err(_) => "not_reached",
+    };
+    state
+        .db
+        .audit(&[AuditRecord {
+            actor: asking.to_string(),
+            user_id: request.user_id.clone(),
+            action: "federation_grant",
+            patient_key: Some(patient_key.to_string()),
+            purpose: Some(request.purpose.as_str().to_string()),
+            records_returned: 0,
+            outcome: outcome.into(),
+            detail: format!(
+                "study {} at {} held by member {} ({}), request {request_id}; reference {}",
+                request.study_instance_uid,
+                request.holding_hospital_id,
+                member.id,
+                member.province,
+                request.reference.as_deref().unwrap_or("-")
+            ),
+        }])
+        .await?;
+    match result {
+        Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
+        Err(MemberStatus::Refused) => Err(ApiError::Refused(format!(
+            "member {} refused the grant (its consent policy)",
+            member.id
+        ))),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "member {} not reached for a grant",
+            member.id
+        ))),
+    }
+}
+
+/// A member vouches for its hospital and asks for a grant on a study of
+/// this province.
+async fn federated_grant(
+    State(state): State<Arc<RegistryState>>,
+    Extension(MemberCaller(member)): Extension<MemberCaller>,
+    Body(r): Body<FederatedGrantRequest>,
+) -> Result<Response, ApiError> {
+    let federation = state
+        .federation
+        .clone()
+        .ok_or(ApiError::NotFound("federation"))?;
+    if r.federation != federation.name {
+        return Err(ApiError::BadRequest(
+            "federation is not this registry's federation".into(),
+        ));
+    }
+    match state
+        .db
+        .issue_federated_grant(
+            &member.id,
+            federation.consent_policy.as_str(),
+            federation.in_pilot(&r.holding_hospital_id),
+            &r,
+        )
+        .await?
+    {
         Ok(grant) => Ok((StatusCode::CREATED, Json(grant)).into_response()),
         Err(why) => Err(ApiError::Refused(why)),
     }

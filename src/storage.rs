@@ -15,7 +15,7 @@
 //! still keep a hundred million blobs at a few hundred thousand entries per
 //! hashed (htree) directory.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -28,7 +28,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::config::{Durability, StorageConfig};
 use crate::types::BlobHash;
@@ -715,18 +715,6 @@ impl Staged {
     }
 }
 
-/// Feeds one object's bytes to a blocking writer thread through a bounded
-/// channel: the thread hashes and writes with std::fs (faster than tokio::fs
-/// for this pattern), and the bound keeps an association's memory fixed
-/// whatever the instance size.
-pub struct StagingWriter<T> {
-    tx: mpsc::Sender<Vec<u8>>,
-    handle: tokio::task::JoinHandle<Result<(Staged, T), std::io::Error>>,
-}
-
-/// Fragments in flight between the association and its writer thread.
-const STAGING_QUEUE: usize = 16;
-
 /// An object being written into the staging area by its caller's thread.
 pub struct InlineStage {
     file: std::fs::File,
@@ -752,63 +740,6 @@ impl InlineStage {
             len: self.len,
             temp: self.temp,
         }
-    }
-
-    /// Hands the rest of the object to a dedicated writer thread: for large
-    /// instances, writing then overlaps with receiving.
-    pub fn into_writer<T: Send + 'static>(
-        self,
-        inspect: impl FnOnce(&Path) -> T + Send + 'static,
-    ) -> StagingWriter<T> {
-        StagingWriter::start(self, inspect)
-    }
-}
-
-impl<T: Send + 'static> StagingWriter<T> {
-    fn start(
-        stage: InlineStage,
-        inspect: impl FnOnce(&Path) -> T + Send + 'static,
-    ) -> StagingWriter<T> {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STAGING_QUEUE);
-        let handle = tokio::task::spawn_blocking(move || {
-            let InlineStage {
-                file,
-                temp,
-                mut hasher,
-                mut len,
-            } = stage;
-            let mut writer = BufWriter::with_capacity(256 * 1024, file);
-            while let Some(fragment) = rx.blocking_recv() {
-                hasher.update(&fragment);
-                writer.write_all(&fragment)?;
-                len += fragment.len() as u64;
-            }
-            writer.flush()?;
-            drop(writer);
-            let inspected = inspect(&temp);
-            let staged = Staged {
-                hash: BlobHash::from_hash(hasher.finalize()),
-                len,
-                temp,
-            };
-            Ok((staged, inspected))
-        });
-        StagingWriter { tx, handle }
-    }
-
-    /// Queues a fragment. An error means the writer thread failed (disk
-    /// full, I/O error); `finish` then reports why.
-    pub async fn write(&self, fragment: Vec<u8>) -> bool {
-        self.tx.send(fragment).await.is_ok()
-    }
-
-    /// Waits for the last byte to be written and hashed, and for `inspect`.
-    pub async fn finish(self) -> Result<(Staged, T), Error> {
-        drop(self.tx);
-        self.handle
-            .await
-            .map_err(|e| Error::Staging(std::io::Error::other(e)))?
-            .map_err(Error::Staging)
     }
 }
 

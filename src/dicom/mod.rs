@@ -4,6 +4,8 @@
 //! - `listener`: the accept loop, the association limit, shutdown.
 //! - `association`: negotiation, AE-title policy, the P-DATA loop and the
 //!   dispatch to one file per service.
+//! - `receive`: the PDUs of an established association, P-DATA-TF read
+//!   into a reused buffer and handed out as slices.
 //! - `dimse`: command sets, Message IDs and named statuses.
 //! - `c_echo`, `c_store`, `c_find`, `retrieve` (C-MOVE, C-GET),
 //!   `commitment` (Storage Commitment Push Model): the services.
@@ -22,6 +24,7 @@ pub mod context;
 pub mod dimse;
 pub mod identifier;
 pub mod listener;
+mod receive;
 pub mod report;
 pub mod retrieve;
 pub mod sop_classes;

@@ -2,10 +2,13 @@
 //! BLAKE3 hash of its bytes, on any backend object_store speaks.
 //!
 //! Writes go through a local staging file first, because the key is only
-//! known once the last byte has been hashed. On the local file system the
-//! staging area sits inside the store's root, so publishing is a rename; the
-//! node does its own fsyncs because object_store's `LocalFileSystem` does
-//! none. Reads and listings go through object_store on every backend.
+//! known once the last byte has been hashed: an anonymous `O_TMPFILE` file
+//! where the file system has them (opened ahead by a thread of its own, so
+//! that neither an inode allocation nor a directory entry is on the path an
+//! acknowledgement waits on), else a named one. On the local file system the
+//! staging area sits inside the store's root, so publishing is a `linkat`
+//! (or a rename); the node does its own fsyncs because object_store's
+//! `LocalFileSystem` does none. Reads and listings go through object_store on every backend.
 //!
 //! Keys are `ab/<64 hex digits>`: derived from the hash alone, never from
 //! anything a peer sent. One level of 256 directories, created when the store

@@ -1057,6 +1057,43 @@ mod tests {
         assert_eq!(store.staged_file_count().unwrap(), 1);
     }
 
+    /// Staging leaves no name behind, and publishing the same bytes again
+    /// puts a fresh file in place (the collector's age check relies on it,
+    /// src/gc.rs), through the duplicate path of `place`.
+    #[tokio::test]
+    async fn anonymous_staging_publishes_a_fresh_file_each_time() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig::Local { root: None };
+        let store = BlobStore::open(&config, dir.path(), Durability::Relaxed).unwrap();
+        assert!(store.pool.is_some(), "the test directory has O_TMPFILE");
+        let mut inodes = Vec::new();
+        for _ in 0..2 {
+            let mut stage = store.stage_inline(b"prefix").unwrap();
+            stage.write(b" and body").unwrap();
+            let staged = stage.finish();
+            assert_eq!(
+                store.staged_file_count().unwrap(),
+                0,
+                "no name while staged"
+            );
+            let hash = staged.hash;
+            store.publish(staged).await.unwrap();
+            let path = store
+                .local_root()
+                .unwrap()
+                .join(BlobStore::key(&hash).as_ref());
+            assert_eq!(std::fs::read(&path).unwrap(), b"prefix and body");
+            inodes.push(std::fs::metadata(&path).unwrap().ino());
+        }
+        assert_ne!(inodes[0], inodes[1], "the second publish is a new file");
+        assert_eq!(
+            store.staged_file_count().unwrap(),
+            0,
+            "nothing left in staging"
+        );
+    }
+
     #[test]
     fn keys_come_from_the_hash_alone() {
         let hash = BlobHash::from_hash(blake3::hash(b"x"));

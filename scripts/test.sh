@@ -85,6 +85,8 @@ pkg_installed cmake || missing+=(cmake)
 pkg_installed g++ || missing+=(g++)
 # tests/lifecycle.rs drives QIDO-RS, WADO-RS and the JSON API with curl.
 pkg_installed curl || missing+=(curl)
+# tests/durability.rs: full vs relaxed told apart by the node's system calls.
+pkg_installed strace || missing+=(strace)
 pkg_installed chromium || missing+=(chromium)
 pkg_installed fonts-noto-cjk || missing+=(fonts-noto-cjk)
 # tests/audit.rs validates audit messages against PS3.15's RELAX NG Compact schema.

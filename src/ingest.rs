@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::index::{self, Index, NewInstance, StoreOutcome};
 use crate::part10;
-use crate::storage::{self, BlobStore, InlineStage, StagingWriter, run_short_blocking};
+use crate::storage::{self, BlobStore, InlineStage, run_short_blocking};
 use crate::types::{BlobHash, Uid};
 
 /// Why an instance was not stored, in the node's own terms; each edge maps
@@ -166,31 +166,32 @@ enum AckOrder {
 
 /// Data sets up to this size are also kept in memory while they are written
 /// to staging, so that checking and parsing them needs no re-reading; past
-/// it, writing moves to a dedicated thread (overlapping with receiving) and
-/// the check and parse read the staged file. It bounds an association's
-/// memory at this size plus one PDU; a CT slice (0.5 MB) stays under it.
+/// it, the copy is dropped and the check and parse read the staged file. It
+/// bounds an association's memory at this size plus one PDU; a CT slice
+/// (0.5 MB) stays under it.
 pub const IN_MEMORY_LIMIT: usize = 2 * 1024 * 1024;
 
-type Inspected = Result<part10::InstanceAttributes, part10::Error>;
+/// The copy's first allocation: a CT slice fits without growing it, and the
+/// allocator hands the same memory to the next instance.
+const COPY_CAPACITY: usize = 1024 * 1024;
 
 enum Body {
     /// No fragment yet.
     Empty,
-    /// Written to staging from the association's own thread, fragment by
-    /// fragment as it arrives (while the peer is still sending), with a
-    /// copy in memory.
-    Inline {
+    /// Written to staging from the receiving task's own thread, fragment by
+    /// fragment as it arrives (while the peer is still sending), and hashed
+    /// on the way: the fragment is the caller's slice (for C-STORE, a piece
+    /// of the PDU read buffer), not a copy.
+    Writing {
         // Boxed: the hasher's state is kilobytes, the other variants words.
         stage: Box<InlineStage>,
-        /// The fragments as received (not copied together).
-        copy: Vec<Vec<u8>>,
-        copied: usize,
+        /// The data set in memory while it stays under
+        /// [`IN_MEMORY_LIMIT`]; `None` past it.
+        copy: Option<Vec<u8>>,
     },
-    Streaming(StagingWriter<Inspected>),
-    /// The staging writer stopped; the rest of the data set is dropped and
-    /// `finish` reports the writer's error.
-    Failed(StagingWriter<Inspected>),
-    FailedInline(storage::Error),
+    /// Staging failed; the rest of the data set is dropped and `finish`
+    /// reports why.
+    Failed(storage::Error),
 }
 
 /// An instance being received.
@@ -206,70 +207,34 @@ pub struct Incoming {
 
 impl Incoming {
     /// Appends a fragment of the data set.
-    async fn write(&mut self, store: &BlobStore, fragment: Vec<u8>) {
-        let body = std::mem::replace(&mut self.body, Body::Empty);
-        self.body = match body {
-            Body::Empty => match run_short_blocking(|| store.stage_inline(&self.prefix)) {
-                Ok(stage) => {
-                    let body = Body::Inline {
-                        stage: Box::new(stage),
-                        copy: Vec::new(),
-                        copied: 0,
-                    };
-                    Self::append(body, &self.prefix, &self.transfer_syntax_uid, fragment).await
-                }
-                Err(e) => Body::FailedInline(e),
-            },
-            body => Self::append(body, &self.prefix, &self.transfer_syntax_uid, fragment).await,
+    fn write(&mut self, store: &BlobStore, fragment: &[u8]) {
+        if let Body::Empty = self.body {
+            self.body = match run_short_blocking(|| store.stage_inline(&self.prefix)) {
+                Ok(stage) => Body::Writing {
+                    stage: Box::new(stage),
+                    copy: Some(Vec::with_capacity(COPY_CAPACITY.max(fragment.len()))),
+                },
+                Err(e) => Body::Failed(e),
+            };
+        }
+        let Body::Writing { stage, copy } = &mut self.body else {
+            return;
         };
-    }
-
-    async fn append(body: Body, prefix: &[u8], ts: &Uid, fragment: Vec<u8>) -> Body {
-        match body {
-            Body::Inline {
-                mut stage,
-                mut copy,
-                copied,
-            } if copied + fragment.len() <= IN_MEMORY_LIMIT => {
-                // A fragment's write to the page cache and its hash: shorter
-                // than a hop to another thread would be.
-                match run_short_blocking(|| stage.write(&fragment)) {
-                    Ok(()) => {
-                        let copied = copied + fragment.len();
-                        copy.push(fragment);
-                        Body::Inline {
-                            stage,
-                            copy,
-                            copied,
-                        }
-                    }
-                    Err(e) => Body::FailedInline(storage::Error::Staging(e)),
+        if copy
+            .as_ref()
+            .is_some_and(|c| c.len() + fragment.len() > IN_MEMORY_LIMIT)
+        {
+            *copy = None;
+        }
+        // A fragment's write to the page cache and its hash: shorter than a
+        // hop to another thread would be (see run_short_blocking).
+        match run_short_blocking(|| stage.write(fragment)) {
+            Ok(()) => {
+                if let Some(copy) = copy {
+                    copy.extend_from_slice(fragment);
                 }
             }
-            Body::Inline { stage, .. } => {
-                let meta_len = prefix.len() as u64;
-                let ts = ts.as_str().to_string();
-                // The structural check and the header parse run on the
-                // writer's thread right after the last byte.
-                let inspect = move |path: &std::path::Path| {
-                    part10::check_structure(path, meta_len, &ts)?;
-                    part10::read_attributes(path)
-                };
-                let writer = (*stage).into_writer(inspect);
-                if writer.write(fragment).await {
-                    Body::Streaming(writer)
-                } else {
-                    Body::Failed(writer)
-                }
-            }
-            Body::Streaming(writer) => {
-                if writer.write(fragment).await {
-                    Body::Streaming(writer)
-                } else {
-                    Body::Failed(writer)
-                }
-            }
-            other => other,
+            Err(e) => self.body = Body::Failed(storage::Error::Staging(e)),
         }
     }
 }
@@ -325,9 +290,10 @@ impl Ingest {
         }
     }
 
-    /// Appends a fragment of the data set to an incoming instance.
-    pub async fn write(&self, incoming: &mut Incoming, fragment: Vec<u8>) {
-        incoming.write(&self.store, fragment).await;
+    /// Appends a fragment of the data set to an incoming instance (on the
+    /// caller's thread: a write to the page cache and a hash update).
+    pub fn write(&self, incoming: &mut Incoming, fragment: &[u8]) {
+        incoming.write(&self.store, fragment);
     }
 
     /// Completes a data set whose last fragment has been written.
@@ -359,30 +325,47 @@ impl Ingest {
         // A data set with no fragment at all goes the in-memory way too.
         let body = match incoming.body {
             Body::Empty => match run_short_blocking(|| self.store.stage_inline(&incoming.prefix)) {
-                Ok(stage) => Body::Inline {
+                Ok(stage) => Body::Writing {
                     stage: Box::new(stage),
-                    copy: Vec::new(),
-                    copied: 0,
+                    copy: Some(Vec::new()),
                 },
-                Err(e) => Body::FailedInline(e),
+                Err(e) => Body::Failed(e),
             },
             body => body,
         };
         let (staged, attributes) = match body {
-            Body::Inline { stage, copy, .. } => {
+            Body::Writing {
+                stage,
+                copy: Some(copy),
+            } => {
                 let prefix = incoming.prefix;
                 let ts = incoming.transfer_syntax_uid.as_str().to_string();
                 // On this thread (see run_short_blocking): a thread hop per
                 // instance costs more than this step.
                 run_short_blocking(move || -> Result<_, Error> {
-                    part10::check_structure_bytes(&copy, &ts).map_err(Error::Unreadable)?;
+                    let copy = std::slice::from_ref(&copy);
+                    part10::check_structure_bytes(copy, &ts).map_err(Error::Unreadable)?;
                     let attributes =
-                        part10::read_attributes_bytes(&prefix, &copy).map_err(Error::Unreadable)?;
+                        part10::read_attributes_bytes(&prefix, copy).map_err(Error::Unreadable)?;
                     Ok(((*stage).finish(), Ok(attributes)))
                 })?
             }
-            Body::FailedInline(e) => return Err(Error::Storage(e)),
-            Body::Streaming(writer) | Body::Failed(writer) => writer.finish().await?,
+            Body::Writing { stage, copy: None } => {
+                let meta_len = incoming.prefix.len() as u64;
+                let ts = incoming.transfer_syntax_uid.as_str().to_string();
+                // A large data set is checked where it lies: the check skips
+                // values with seeks and the parse stops before the pixel
+                // data, but it is file I/O, so off the runtime's threads.
+                tokio::task::spawn_blocking(move || {
+                    let staged = (*stage).finish();
+                    let inspected = part10::check_structure(staged.path(), meta_len, &ts)
+                        .and_then(|()| part10::read_attributes(staged.path()));
+                    (staged, inspected)
+                })
+                .await
+                .map_err(|e| Error::Storage(storage::Error::Staging(std::io::Error::other(e))))?
+            }
+            Body::Failed(e) => return Err(Error::Storage(e)),
             Body::Empty => unreachable!("replaced above"),
         };
         let staged_at = started.elapsed();
@@ -529,10 +512,8 @@ impl Ingest {
     /// Gives up on a data set (the peer aborted, or the request failed
     /// before its end): the staging file is removed.
     pub async fn abandon(&self, incoming: Incoming) {
-        if let Body::Streaming(writer) | Body::Failed(writer) = incoming.body {
-            // Dropping the staged result deletes its temporary file.
-            let _ = writer.finish().await;
-        }
+        // Dropping the stage deletes its staging file.
+        drop(incoming);
     }
 }
 

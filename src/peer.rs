@@ -923,11 +923,11 @@ async fn fetch_stream(
             );
             let rest = head.split_off(meta_len);
             if !rest.is_empty() {
-                ingest.write(&mut incoming, rest).await;
+                ingest.write(&mut incoming, &rest);
             }
             loop {
                 match field.chunk().await {
-                    Ok(Some(c)) => ingest.write(&mut incoming, c.to_vec()).await,
+                    Ok(Some(c)) => ingest.write(&mut incoming, &c),
                     Ok(None) => break,
                     Err(e) => {
                         ingest.abandon(incoming).await;
@@ -1047,7 +1047,7 @@ async fn fetch_instance(
             }
         };
         if meta_done {
-            ingest.write(&mut incoming, chunk.to_vec()).await;
+            ingest.write(&mut incoming, &chunk);
             continue;
         }
         head.extend_from_slice(&chunk);
@@ -1057,7 +1057,7 @@ async fn fetch_instance(
             meta_done = true;
             let rest = head.split_off(n);
             if !rest.is_empty() {
-                ingest.write(&mut incoming, rest).await;
+                ingest.write(&mut incoming, &rest);
             }
         } else if head.len() > 1 << 20 {
             ingest.abandon(incoming).await;

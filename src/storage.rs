@@ -2,10 +2,13 @@
 //! BLAKE3 hash of its bytes, on any backend object_store speaks.
 //!
 //! Writes go through a local staging file first, because the key is only
-//! known once the last byte has been hashed. On the local file system the
-//! staging area sits inside the store's root, so publishing is a rename; the
-//! node does its own fsyncs because object_store's `LocalFileSystem` does
-//! none. Reads and listings go through object_store on every backend.
+//! known once the last byte has been hashed: an anonymous `O_TMPFILE` file
+//! where the file system has them (opened ahead by a thread of its own, so
+//! that neither an inode allocation nor a directory entry is on the path an
+//! acknowledgement waits on), else a named one. On the local file system the
+//! staging area sits inside the store's root, so publishing is a `linkat`
+//! (or a rename); the node does its own fsyncs because object_store's
+//! `LocalFileSystem` does none. Reads and listings go through object_store on every backend.
 //!
 //! Keys are `ab/<64 hex digits>`: derived from the hash alone, never from
 //! anything a peer sent. One level of 256 directories, created when the store
@@ -15,7 +18,7 @@
 //! still keep a hundred million blobs at a few hundred thousand entries per
 //! hashed (htree) directory.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -28,7 +31,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::config::{Durability, StorageConfig};
 use crate::types::BlobHash;
@@ -101,6 +104,9 @@ pub struct BlobStore {
     ack_waits_for_flush: bool,
     /// The configured promise, as the metrics label what was stored.
     durability: Durability,
+    /// Anonymous staging files made ahead; `None` where the file system
+    /// has no `O_TMPFILE` (named staging files then).
+    pool: Option<AnonymousPool>,
 }
 
 /// Staging files are spread over this many subdirectories: every create and
@@ -158,6 +164,7 @@ impl BlobStore {
                 }
                 let root = root.canonicalize()?;
                 let store = LocalFileSystem::new_with_prefix(&root)?;
+                let pool = AnonymousPool::start(&root.join(STAGING_DIR));
                 Ok(BlobStore {
                     store: Arc::new(store),
                     staging_dir: root.join(STAGING_DIR),
@@ -166,6 +173,7 @@ impl BlobStore {
                     backend: Backend::Local { root },
                     ack_waits_for_flush: durability == Durability::Full,
                     durability,
+                    pool,
                 })
             }
             StorageConfig::S3 {
@@ -210,6 +218,7 @@ impl BlobStore {
                     syncer: None,
                     ack_waits_for_flush: false,
                     durability,
+                    pool: AnonymousPool::start(&data_dir.join("staging")),
                 })
             }
         }
@@ -235,15 +244,20 @@ impl BlobStore {
     /// thread (blocking; a short step, see `run_short_blocking`) and
     /// hashed as it goes. `prefix` is its first bytes.
     pub fn stage_inline(&self, prefix: &[u8]) -> Result<InlineStage, Error> {
-        let temp = tempfile::Builder::new()
-            .prefix("in-")
-            .suffix(".part")
-            .tempfile_in(self.next_staging_shard())
-            .map_err(Error::Staging)?;
-        let (file, temp) = temp.into_parts();
+        let file = match &self.pool {
+            Some(pool) => pool.take(&self.staging_dir).map_err(Error::Staging)?,
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("in-")
+                    .suffix(".part")
+                    .tempfile_in(self.next_staging_shard())
+                    .map_err(Error::Staging)?;
+                let (file, temp) = temp.into_parts();
+                StagingFile::Named { file, temp }
+            }
+        };
         let mut stage = InlineStage {
             file,
-            temp,
             hasher: blake3::Hasher::new(),
             len: 0,
         };
@@ -293,25 +307,9 @@ impl BlobStore {
         match &self.backend {
             Backend::Local { root } => {
                 let final_path = root.join(key.as_ref());
-                let temp = staged.temp;
-                // Renaming over an existing blob is deliberate: an orphan
-                // left by a crash may not have reached the disk whole, while
-                // this copy was just hashed. A rename is a short metadata
-                // operation, done on this thread (see run_short_blocking).
-                run_short_blocking(|| -> Result<(), Error> {
-                    match temp.persist(&final_path) {
-                        Ok(()) => Ok(()),
-                        // The fan-out directories are made at open; one
-                        // removed since is made again.
-                        Err(e) if e.error.kind() == std::io::ErrorKind::NotFound => {
-                            if let Some(parent) = final_path.parent() {
-                                std::fs::create_dir_all(parent)?;
-                            }
-                            e.path.persist(&final_path).map_err(|e| Error::Io(e.error))
-                        }
-                        Err(e) => Err(Error::Io(e.error)),
-                    }
-                })?;
+                // A link or rename is a short metadata operation, done on
+                // this thread (see run_short_blocking).
+                run_short_blocking(|| self.place(staged.file, &final_path))?;
                 Ok(None)
             }
             Backend::S3 => {
@@ -325,13 +323,64 @@ impl BlobStore {
         }
     }
 
+    /// Puts a staged file at `final_path` as a fresh file, replacing any
+    /// blob there: an orphan left by a crash may not have reached the disk
+    /// whole, while this copy was just hashed, and the collector relies on
+    /// every publish making a new file (src/gc.rs).
+    fn place(&self, file: StagingFile, final_path: &Path) -> Result<(), Error> {
+        let recreate_parent = || -> Result<(), Error> {
+            // The fan-out directories are made at open; one removed since
+            // is made again.
+            if let Some(parent) = final_path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            Ok(())
+        };
+        match file {
+            StagingFile::Anonymous { file, proc_path } => {
+                let linked = match link_anonymous(&proc_path, final_path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        recreate_parent()?;
+                        link_anonymous(&proc_path, final_path)
+                    }
+                    other => other,
+                };
+                match linked {
+                    Ok(()) => Ok(()),
+                    // The blob exists (a duplicate, or a crash's orphan):
+                    // linked under a staging name, then renamed over it.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let temp = tempfile::Builder::new()
+                            .prefix("dup-")
+                            .make_in(self.next_staging_shard(), |name| {
+                                link_anonymous(&proc_path, name)
+                            })
+                            .map_err(Error::Staging)?
+                            .into_temp_path();
+                        drop(file);
+                        temp.persist(final_path).map_err(|e| Error::Io(e.error))
+                    }
+                    Err(e) => Err(Error::Io(e)),
+                }
+            }
+            StagingFile::Named { temp, .. } => match temp.persist(final_path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.error.kind() == std::io::ErrorKind::NotFound => {
+                    recreate_parent()?;
+                    e.path.persist(final_path).map_err(|e| Error::Io(e.error))
+                }
+                Err(e) => Err(Error::Io(e.error)),
+            },
+        }
+    }
+
     async fn put_staged(&self, key: &ObjectPath, staged: &Staged) -> Result<(), Error> {
         if staged.len <= MULTIPART_THRESHOLD {
-            let path = staged.temp.to_path_buf();
+            let path = staged.path().to_path_buf();
             let bytes = tokio::fs::read(&path).await?;
             self.store.put(key, Bytes::from(bytes).into()).await?;
         } else {
-            self.put_multipart_from_file(key, &staged.temp).await?;
+            self.put_multipart_from_file(key, staged.path()).await?;
         }
         Ok(())
     }
@@ -706,31 +755,53 @@ fn expect_hash(key: &BlobHash, computed: blake3::Hash) -> Result<(), Error> {
 pub struct Staged {
     pub hash: BlobHash,
     pub len: u64,
-    temp: tempfile::TempPath,
+    file: StagingFile,
 }
 
 impl Staged {
+    /// A path that opens the staged object: its name, or for an anonymous
+    /// file its descriptor's entry in /proc (valid while this lives).
     pub fn path(&self) -> &Path {
-        &self.temp
+        self.file.path()
     }
 }
 
-/// Feeds one object's bytes to a blocking writer thread through a bounded
-/// channel: the thread hashes and writes with std::fs (faster than tokio::fs
-/// for this pattern), and the bound keeps an association's memory fixed
-/// whatever the instance size.
-pub struct StagingWriter<T> {
-    tx: mpsc::Sender<Vec<u8>>,
-    handle: tokio::task::JoinHandle<Result<(Staged, T), std::io::Error>>,
+/// The file an object is staged in.
+#[derive(Debug)]
+enum StagingFile {
+    /// An `O_TMPFILE` file: no name, so no directory work until it is
+    /// linked into place, and nothing to clean up if the node dies first.
+    Anonymous {
+        file: std::fs::File,
+        /// `/proc/self/fd/N`: what `linkat` and re-readers open.
+        proc_path: PathBuf,
+    },
+    /// A named file in a staging shard, where the file system has no
+    /// `O_TMPFILE`; removed when dropped.
+    Named {
+        file: std::fs::File,
+        temp: tempfile::TempPath,
+    },
 }
 
-/// Fragments in flight between the association and its writer thread.
-const STAGING_QUEUE: usize = 16;
+impl StagingFile {
+    fn path(&self) -> &Path {
+        match self {
+            StagingFile::Anonymous { proc_path, .. } => proc_path,
+            StagingFile::Named { temp, .. } => temp,
+        }
+    }
+
+    fn file(&mut self) -> &mut std::fs::File {
+        match self {
+            StagingFile::Anonymous { file, .. } | StagingFile::Named { file, .. } => file,
+        }
+    }
+}
 
 /// An object being written into the staging area by its caller's thread.
 pub struct InlineStage {
-    file: std::fs::File,
-    temp: tempfile::TempPath,
+    file: StagingFile,
     hasher: blake3::Hasher,
     len: u64,
 }
@@ -739,7 +810,7 @@ impl InlineStage {
     /// Appends bytes (blocking).
     pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.hasher.update(bytes);
-        self.file.write_all(bytes)?;
+        self.file.file().write_all(bytes)?;
         self.len += bytes.len() as u64;
         Ok(())
     }
@@ -750,65 +821,129 @@ impl InlineStage {
         Staged {
             hash: BlobHash::from_hash(self.hasher.finalize()),
             len: self.len,
-            temp: self.temp,
+            file: self.file,
         }
-    }
-
-    /// Hands the rest of the object to a dedicated writer thread: for large
-    /// instances, writing then overlaps with receiving.
-    pub fn into_writer<T: Send + 'static>(
-        self,
-        inspect: impl FnOnce(&Path) -> T + Send + 'static,
-    ) -> StagingWriter<T> {
-        StagingWriter::start(self, inspect)
     }
 }
 
-impl<T: Send + 'static> StagingWriter<T> {
-    fn start(
-        stage: InlineStage,
-        inspect: impl FnOnce(&Path) -> T + Send + 'static,
-    ) -> StagingWriter<T> {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STAGING_QUEUE);
-        let handle = tokio::task::spawn_blocking(move || {
-            let InlineStage {
-                file,
-                temp,
-                mut hasher,
-                mut len,
-            } = stage;
-            let mut writer = BufWriter::with_capacity(256 * 1024, file);
-            while let Some(fragment) = rx.blocking_recv() {
-                hasher.update(&fragment);
-                writer.write_all(&fragment)?;
-                len += fragment.len() as u64;
-            }
-            writer.flush()?;
-            drop(writer);
-            let inspected = inspect(&temp);
-            let staged = Staged {
-                hash: BlobHash::from_hash(hasher.finalize()),
-                len,
-                temp,
-            };
-            Ok((staged, inspected))
-        });
-        StagingWriter { tx, handle }
+/// Opens an anonymous file (`O_TMPFILE`) in `dir`, readable and writable
+/// by the node alone.
+fn open_anonymous(dir: &Path) -> std::io::Result<StagingFile> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)?;
+    let proc_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    Ok(StagingFile::Anonymous { file, proc_path })
+}
+
+/// Gives an anonymous file the name `to`. `linkat` through /proc (with
+/// AT_SYMLINK_FOLLOW) needs no privilege, unlike AT_EMPTY_PATH.
+fn link_anonymous(proc_path: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(proc_path.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Anonymous staging files opened ahead of need by a thread of their own:
+/// allocating an inode is the costly part of creating a file on ext4 (its
+/// inode search skips every inode freed in the last seconds, 20% of the
+/// node's CPU time in the relaxed-mode profile of docs/benchmarks.md), and
+/// this takes it off the path an acknowledgement waits on. The files have
+/// no name, so a crash leaves nothing behind; each gets its modification
+/// time when the object is written into it, so the collector's age check
+/// (src/gc.rs) sees the time of the ingest, not of the pool.
+struct AnonymousPool {
+    ready: Arc<std::sync::Mutex<Vec<StagingFile>>>,
+    /// Wakes the filler; dropped with the store, which ends the thread.
+    wake: std::sync::mpsc::SyncSender<()>,
+}
+
+/// Files kept ready: more than the instances several associations stage at
+/// once, few enough that the open descriptors do not matter.
+const POOL_SIZE: usize = 32;
+
+impl AnonymousPool {
+    /// A pool for `dir`, or `None` when its file system has no `O_TMPFILE`
+    /// or the node cannot link through /proc (staging then uses named
+    /// files).
+    fn start(dir: &Path) -> Option<AnonymousPool> {
+        if let Err(e) = Self::probe(dir) {
+            tracing::info!(dir = %dir.display(), error = %e, "no anonymous staging files here; staging uses named files");
+            return None;
+        }
+        let ready = Arc::new(std::sync::Mutex::new(Vec::with_capacity(POOL_SIZE)));
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let dir = dir.to_path_buf();
+        let filling = ready.clone();
+        let started = std::thread::Builder::new()
+            .name("huren-staging".into())
+            .spawn(move || {
+                loop {
+                    loop {
+                        let missing =
+                            POOL_SIZE.saturating_sub(filling.lock().expect("staging pool").len());
+                        if missing == 0 {
+                            break;
+                        }
+                        match open_anonymous(&dir) {
+                            Ok(file) => filling.lock().expect("staging pool").push(file),
+                            Err(e) => {
+                                // Takers open their own meanwhile and see
+                                // the error themselves.
+                                tracing::warn!(error = %e, "cannot open staging files ahead");
+                                break;
+                            }
+                        }
+                    }
+                    if woken.recv().is_err() {
+                        return;
+                    }
+                }
+            });
+        match started {
+            Ok(_) => Some(AnonymousPool { ready, wake }),
+            Err(_) => None,
+        }
     }
 
-    /// Queues a fragment. An error means the writer thread failed (disk
-    /// full, I/O error); `finish` then reports why.
-    pub async fn write(&self, fragment: Vec<u8>) -> bool {
-        self.tx.send(fragment).await.is_ok()
+    /// Opens, writes, links and removes one anonymous file.
+    fn probe(dir: &Path) -> std::io::Result<()> {
+        let mut file = open_anonymous(dir)?;
+        file.file().write_all(b"probe")?;
+        let name = dir.join(format!("probe-{}", std::process::id()));
+        let _ = std::fs::remove_file(&name);
+        link_anonymous(file.path(), &name)?;
+        std::fs::remove_file(&name)
     }
 
-    /// Waits for the last byte to be written and hashed, and for `inspect`.
-    pub async fn finish(self) -> Result<(Staged, T), Error> {
-        drop(self.tx);
-        self.handle
-            .await
-            .map_err(|e| Error::Staging(std::io::Error::other(e)))?
-            .map_err(Error::Staging)
+    fn take(&self, dir: &Path) -> std::io::Result<StagingFile> {
+        let file = self.ready.lock().expect("staging pool").pop();
+        let _ = self.wake.try_send(());
+        match file {
+            Some(file) => Ok(file),
+            // Faster than the filler: open one here.
+            None => open_anonymous(dir),
+        }
     }
 }
 
@@ -920,6 +1055,43 @@ mod tests {
             "a file another process may be writing stays"
         );
         assert_eq!(store.staged_file_count().unwrap(), 1);
+    }
+
+    /// Staging leaves no name behind, and publishing the same bytes again
+    /// puts a fresh file in place (the collector's age check relies on it,
+    /// src/gc.rs), through the duplicate path of `place`.
+    #[tokio::test]
+    async fn anonymous_staging_publishes_a_fresh_file_each_time() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig::Local { root: None };
+        let store = BlobStore::open(&config, dir.path(), Durability::Relaxed).unwrap();
+        assert!(store.pool.is_some(), "the test directory has O_TMPFILE");
+        let mut inodes = Vec::new();
+        for _ in 0..2 {
+            let mut stage = store.stage_inline(b"prefix").unwrap();
+            stage.write(b" and body").unwrap();
+            let staged = stage.finish();
+            assert_eq!(
+                store.staged_file_count().unwrap(),
+                0,
+                "no name while staged"
+            );
+            let hash = staged.hash;
+            store.publish(staged).await.unwrap();
+            let path = store
+                .local_root()
+                .unwrap()
+                .join(BlobStore::key(&hash).as_ref());
+            assert_eq!(std::fs::read(&path).unwrap(), b"prefix and body");
+            inodes.push(std::fs::metadata(&path).unwrap().ino());
+        }
+        assert_ne!(inodes[0], inodes[1], "the second publish is a new file");
+        assert_eq!(
+            store.staged_file_count().unwrap(),
+            0,
+            "nothing left in staging"
+        );
     }
 
     #[test]

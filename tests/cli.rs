@@ -22,7 +22,26 @@ pub(crate) struct Process {
 }
 
 pub(crate) fn spawn_binary(cwd: &Path, args: &[&str], envs: &[(&str, &str)]) -> Process {
-    let mut child = Command::new(HUREN)
+    spawn_binary_via(&[], cwd, args, envs)
+}
+
+/// [`spawn_binary`] under a wrapper command (`strace -f …`), which must run
+/// its arguments as the program.
+pub(crate) fn spawn_binary_via(
+    wrapper: &[&str],
+    cwd: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Process {
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(HUREN);
+            c
+        }
+        None => Command::new(HUREN),
+    };
+    let mut child = command
         .arg("node")
         .args([
             "--dicom-listen",

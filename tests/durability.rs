@@ -318,3 +318,168 @@ async fn recovery_removes_rows_without_intact_blobs_sqlite_local() {
 async fn recovery_removes_rows_without_intact_blobs_postgres_local() {
     recovery_removes_rows_without_intact_blobs(Backend::PostgresS3).await;
 }
+
+/// A flush seen in the node's system calls: when it started and ended.
+#[derive(Debug)]
+struct Flush {
+    started: f64,
+    ended: f64,
+    syncfs: bool,
+}
+
+/// What the node did, read from `strace -f -ttt -T`: the flushes, the
+/// links that publish blobs (with their end), and the P-DATA-TF PDUs it
+/// sent (in a C-STORE session, the C-STORE-RSPs), in order.
+#[derive(Debug, Default)]
+struct Trace {
+    flushes: Vec<Flush>,
+    links: Vec<f64>,
+    responses: Vec<f64>,
+}
+
+fn read_trace(text: &str) -> Trace {
+    use std::collections::HashMap;
+    let mut trace = Trace::default();
+    // Calls that strace split over two lines: pid → (first line, start).
+    let mut unfinished: HashMap<&str, (&str, f64)> = HashMap::new();
+    for line in text.lines() {
+        // "PID TIMESTAMP call(args) = result <duration>"
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((ts, rest)) = rest.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Ok(ts) = ts.parse::<f64>() else { continue };
+        let (call_line, result_line, started, ended) = if rest.starts_with("<... ") {
+            let Some((first, start)) = unfinished.remove(pid) else {
+                continue;
+            };
+            (first, rest, start, ts)
+        } else if rest.ends_with("<unfinished ...>") {
+            unfinished.insert(pid, (rest, ts));
+            continue;
+        } else {
+            let duration: f64 = rest
+                .rsplit_once('<')
+                .and_then(|(_, d)| d.trim_end_matches('>').parse().ok())
+                .unwrap_or(0.0);
+            (rest, rest, ts, ts + duration)
+        };
+        let call = call_line.split('(').next().unwrap_or("");
+        let ok = !result_line.contains(") = -1");
+        // The last quoted argument: a link's or rename's new name.
+        let target = call_line.split('"').rev().nth(1).unwrap_or("");
+        match call {
+            "syncfs" | "fsync" | "fdatasync" if ok => trace.flushes.push(Flush {
+                started,
+                ended,
+                syncfs: call == "syncfs",
+            }),
+            // A blob put in place: an anonymous staging file linked, or a
+            // named one renamed (never a name inside the staging area).
+            "linkat" | "rename" | "renameat" | "renameat2"
+                if ok && !target.contains("/.staging/") =>
+            {
+                trace.links.push(ended)
+            }
+            // The first byte of the PDU: 0x04 is P-DATA-TF.
+            "sendto" if ok && call_line.contains("\"\\x04") => trace.responses.push(started),
+            _ => {}
+        }
+    }
+    trace
+}
+
+/// How many responses follow a flush that started after the blob each
+/// acknowledges was linked into place (one sender, so the n-th response
+/// acknowledges the n-th link) and ended before the response was sent.
+fn covered_responses(trace: &Trace) -> usize {
+    trace
+        .responses
+        .iter()
+        .zip(&trace.links)
+        .filter(|(sent, linked)| {
+            trace
+                .flushes
+                .iter()
+                .any(|f| f.started >= **linked && f.ended <= **sent)
+        })
+        .count()
+}
+
+/// Runs the node under strace, sends `files` with one storescu and returns
+/// what the node did.
+async fn traced_store(durability: &str, files: &[PathBuf]) -> Trace {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let trace_file = work.path().join("trace");
+    let trace_arg = trace_file.display().to_string();
+    let data_arg = data.display().to_string();
+    let node = crate::cli::spawn_binary_via(
+        &[
+            "strace",
+            "-f",
+            "-qq",
+            "-ttt",
+            "-T",
+            "-x",
+            "-s",
+            "1",
+            "-e",
+            "trace=syncfs,fsync,fdatasync,linkat,rename,renameat,renameat2,sendto",
+            "-o",
+            &trace_arg,
+        ],
+        work.path(),
+        &[
+            "--data-dir",
+            &data_arg,
+            "--durability",
+            durability,
+            // No periodic flush during the test: only acknowledgements
+            // flush.
+            "--flush-interval-secs",
+            "3600",
+        ],
+        &[],
+    );
+    let output = support::storescu(
+        node.dicom,
+        vec![],
+        files.iter().map(|f| f.display().to_string()).collect(),
+    )
+    .await;
+    assert!(output.status.success(), "{}", support::text(&output));
+    // strace passes a kill on to no one: the node is its child.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", node.child.id())).unwrap();
+    for pid in children.split_whitespace() {
+        Command::new("kill").args(["-9", pid]).status().unwrap();
+    }
+    let mut node = node;
+    node.child.wait().unwrap();
+    read_trace(&std::fs::read_to_string(&trace_file).unwrap())
+}
+
+/// A kill -9 leaves the page cache intact, so the crash tests above would
+/// pass with the flush deleted. The system calls tell the modes apart: in
+/// `full` every C-STORE-RSP is sent after a syncfs that started once its
+/// blob was linked into place (and, on SQLite, its row committed) and had
+/// ended; in `relaxed` none is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_acknowledges_after_a_covering_flush_relaxed_does_not() {
+    let work = tempfile::tempdir().unwrap();
+    let files = generate(&work.path().join("in"), 12, "flushtrace");
+
+    let full = traced_store("full", &files).await;
+    assert_eq!(full.responses.len(), files.len(), "{full:?}");
+    assert_eq!(full.links.len(), files.len(), "{full:?}");
+    assert!(full.flushes.iter().any(|f| f.syncfs), "{full:?}");
+    assert_eq!(covered_responses(&full), files.len(), "{full:?}");
+
+    let relaxed = traced_store("relaxed", &files).await;
+    assert_eq!(relaxed.responses.len(), files.len(), "{relaxed:?}");
+    assert_eq!(relaxed.links.len(), files.len(), "{relaxed:?}");
+    assert_eq!(covered_responses(&relaxed), 0, "{relaxed:?}");
+}

@@ -175,3 +175,141 @@ async fn unsupported_presentation_contexts_are_rejected_in_negotiation() {
     association.release().await.unwrap();
     node.stop().await;
 }
+
+/// A P-DATA-TF PDU: the PDU header, then each item (context ID, message
+/// control header, value).
+fn p_data(items: &[(u8, u8, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (pcid, control, value) in items {
+        body.extend_from_slice(&((value.len() + 2) as u32).to_be_bytes());
+        body.push(*pcid);
+        body.push(*control);
+        body.extend_from_slice(value);
+    }
+    let mut pdu = vec![0x04, 0x00];
+    pdu.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    pdu.extend(body);
+    pdu
+}
+
+fn echo_rq(message_id: u16) -> Vec<u8> {
+    use dicom_dictionary_std::tags;
+    use huren::dicom::dimse::{CommandSetBuilder, NO_DATA_SET, command_field};
+    CommandSetBuilder::default()
+        .ui(tags::AFFECTED_SOP_CLASS_UID, uids::VERIFICATION)
+        .us(tags::COMMAND_FIELD, command_field::C_ECHO_RQ)
+        .us(tags::MESSAGE_ID, message_id)
+        .us(tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+        .build()
+}
+
+/// The node reads P-DATA itself (src/dicom/receive.rs), past dicom-ul:
+/// every malformed or out-of-place PDU after negotiation ends its
+/// association with an A-ABORT, a truncated one with the connection, and
+/// the node goes on serving; a well-formed PDU of several PDVs is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p_data_violations_are_aborted_and_the_node_keeps_serving() {
+    use tokio::io::AsyncWriteExt;
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let max = node.config.max_pdu_length;
+    let echo = echo_rq(1);
+    let mut oversize = vec![0x04, 0x00];
+    oversize.extend_from_slice(&(max + 1).to_be_bytes());
+    oversize.extend_from_slice(&[0; 64]);
+    let mut past_the_end = p_data(&[(1, 0x03, &echo)]);
+    past_the_end[9] = 0xFF; // the item's length, low byte
+    let mut below_two = p_data(&[(1, 0x03, b"")]);
+    below_two[9] = 1;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("PDU longer than the maximum PDU length", oversize),
+        ("PDV item past the end of its PDU", past_the_end),
+        ("PDV item length below 2", below_two),
+        (
+            "PDV item shorter than its header",
+            vec![0x04, 0x00, 0, 0, 0, 3, 0, 0, 0],
+        ),
+        (
+            "presentation context that was not accepted",
+            p_data(&[(99, 0x03, &echo)]),
+        ),
+        ("data before any command", p_data(&[(1, 0x02, b"data")])),
+        (
+            "command set that does not parse",
+            p_data(&[(1, 0x03, &[0x08, 0x00, 0x18, 0x00, 0, 0, 0, 0])]),
+        ),
+        ("unknown PDU type", vec![0x0A, 0x00, 0, 0, 0, 4, 0, 0, 0, 0]),
+    ];
+    for (name, bytes) in cases {
+        let mut association = ClientAssociationOptions::new()
+            .with_abstract_syntax(uids::VERIFICATION)
+            .called_ae_title("HUREN")
+            .establish_async(node.dicom_addr)
+            .await
+            .expect("association");
+        let stream = association.inner_stream();
+        stream.write_all(&bytes).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the node ends the association"));
+        assert_eq!(
+            answer.first(),
+            Some(&0x07),
+            "{name}: A-ABORT, got {answer:?}"
+        );
+    }
+
+    // Truncated: the header promises more than ever comes.
+    let mut association = ClientAssociationOptions::new()
+        .with_abstract_syntax(uids::VERIFICATION)
+        .called_ae_title("HUREN")
+        .establish_async(node.dicom_addr)
+        .await
+        .expect("association");
+    let truncated = p_data(&[(1, 0x03, &echo)]);
+    let stream = association.inner_stream();
+    stream
+        .write_all(&truncated[..truncated.len() / 2])
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut answer))
+        .await
+        .expect("the node closes a truncated association")
+        .unwrap();
+    drop(association);
+
+    // One PDU, the C-ECHO-RQ split over two PDVs, then a second C-ECHO-RQ
+    // in a PDU of its own: both answered with Success.
+    let mut association = ClientAssociationOptions::new()
+        .with_abstract_syntax(uids::VERIFICATION)
+        .called_ae_title("HUREN")
+        .establish_async(node.dicom_addr)
+        .await
+        .expect("association");
+    let (first, second) = echo.split_at(10);
+    let mut pdus = p_data(&[(1, 0x01, first), (1, 0x03, second)]);
+    pdus.extend(p_data(&[(1, 0x03, &echo_rq(2))]));
+    association.inner_stream().write_all(&pdus).await.unwrap();
+    for message_id in [1u16, 2] {
+        let pdu = tokio::time::timeout(TIMEOUT, association.receive())
+            .await
+            .expect("C-ECHO-RSP")
+            .unwrap();
+        let dicom_ul::Pdu::PData { data } = pdu else {
+            panic!("expected P-DATA-TF, got {pdu:?}");
+        };
+        let rsp = huren::dicom::dimse::CommandSet::parse(&data[0].data).unwrap();
+        assert_eq!(
+            rsp.u16(dicom_dictionary_std::tags::MESSAGE_ID_BEING_RESPONDED_TO),
+            Some(message_id)
+        );
+        assert_eq!(rsp.u16(dicom_dictionary_std::tags::STATUS), Some(0x0000));
+    }
+    association.release().await.unwrap();
+
+    let echo = support::echoscu(node.dicom_addr, &[]).await;
+    assert!(echo.status.success(), "{}", support::text(&echo));
+    node.stop().await;
+}

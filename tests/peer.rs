@@ -22,6 +22,108 @@ const HOSP_A: &str = "HOSPA0000000000001";
 const HOSP_B: &str = "HOSPB0000000000002";
 const B_API_TOKEN: &str = "node-b-api-token-for-the-tests-0001";
 
+/// B's DICOMweb as A reaches it: passed through, or, while `cut` is set, a
+/// study's WADO-RS stream broken after `budget` bytes and single instances
+/// refused. The interrupted fetch below is then interrupted at a known
+/// point, whatever the timing of the two nodes.
+#[derive(Clone)]
+struct CuttingProxy {
+    target: String,
+    client: reqwest::Client,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    budget: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CuttingProxy {
+    async fn start(target: String) -> (CuttingProxy, String) {
+        let proxy = CuttingProxy {
+            target,
+            client: reqwest::Client::new(),
+            cut: Default::default(),
+            budget: Default::default(),
+        };
+        let app = axum::Router::new()
+            .fallback(cut_forward)
+            .with_state(proxy.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (proxy, format!("http://{addr}"))
+    }
+
+    fn set_cut(&self, budget: Option<u64>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.budget.store(budget.unwrap_or(u64::MAX), SeqCst);
+        self.cut.store(budget.is_some(), SeqCst);
+    }
+}
+
+async fn cut_forward(
+    axum::extract::State(p): axum::extract::State<CuttingProxy>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures::StreamExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let retrieve = path.starts_with("/dicom-web/studies/");
+    let instance = path.contains("/instances/");
+    let cut = p.cut.load(SeqCst) && retrieve;
+    if cut && instance {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "cut").into_response();
+    }
+    let mut rb = p
+        .client
+        .request(parts.method.clone(), format!("{}{path}", p.target))
+        .body(body);
+    for (k, v) in &parts.headers {
+        if k != "host" && k != "content-length" {
+            rb = rb.header(k, v);
+        }
+    }
+    let Ok(upstream) = rb.send().await else {
+        return (axum::http::StatusCode::BAD_GATEWAY, "upstream down").into_response();
+    };
+    let mut response = axum::response::Response::builder().status(upstream.status());
+    for (k, v) in upstream.headers() {
+        if k != "content-length" && k != "transfer-encoding" {
+            response = response.header(k, v);
+        }
+    }
+    let left = if cut { p.budget.load(SeqCst) } else { u64::MAX };
+    // Chunks pass until the budget is spent; then an error, which makes
+    // the server drop the connection mid-body.
+    let stream = futures::stream::unfold(
+        (upstream.bytes_stream(), left, false),
+        |(mut upstream, left, broken)| async move {
+            if broken {
+                return None;
+            }
+            match upstream.next().await? {
+                Ok(chunk) if (chunk.len() as u64) < left => {
+                    let left = left - chunk.len() as u64;
+                    Some((Ok(chunk), (upstream, left, false)))
+                }
+                Ok(_) if left == 0 => {
+                    Some((Err(std::io::Error::other("cut")), (upstream, 0, true)))
+                }
+                Ok(chunk) => Some((Ok(chunk.slice(..left as usize)), (upstream, 0, false))),
+                Err(e) => Some((Err(std::io::Error::other(e)), (upstream, 0, true))),
+            }
+        },
+    );
+    response
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap()
+}
+
 /// The parts of a multipart/related answer.
 async fn parts(response: reqwest::Response) -> Vec<Vec<u8>> {
     let ct = response.headers()["content-type"]
@@ -77,11 +179,12 @@ async fn peer_fetch_end_to_end() {
         }
     })
     .await;
+    let (b_proxy, b_proxy_url) = CuttingProxy::start(format!("http://{}", node_b.http_addr)).await;
     admin
         .ok(
             "PATCH",
             &format!("/v1/hospitals/{HOSP_B}"),
-            Some(json!({"dicomweb_base_url": format!("http://{}/dicom-web", node_b.http_addr)})),
+            Some(json!({"dicomweb_base_url": format!("{b_proxy_url}/dicom-web")})),
         )
         .await;
     let scp = StoreScp::start("DEST", true);
@@ -397,8 +500,9 @@ async fn peer_fetch_end_to_end() {
         .unwrap();
     drop(conn);
 
-    // Interrupted: B stops while A fetches, then comes back; the second
-    // fetch takes only what the first did not.
+    // Interrupted: B's study stream breaks halfway through and B stops;
+    // then B comes back, and the second fetch takes only what the first
+    // did not.
     let knee = make_study(
         work.path(),
         "p2-mr-knee-2025",
@@ -407,26 +511,30 @@ async fn peer_fetch_end_to_end() {
     );
     store(&node_b, &knee.files).await;
     wait_record(&reg_b, HOSP_B, &knee.study_instance_uid, 1).await;
-    let first = tokio::spawn(fetch(knee.study_instance_uid.clone(), "treatment"));
+    let knee_bytes: u64 = knee
+        .files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    b_proxy.set_cut(Some(knee_bytes / 2));
+    let (code, first) = fetch(knee.study_instance_uid.clone(), "treatment").await;
     let a_index = node_a.ingest.index().clone();
     let knee_uid = knee.study_instance_uid.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while a_index.study(&knee_uid).await.unwrap().is_none()
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let mut b_config = node_b.config.clone();
-    b_config.dicom_listen = node_b.dicom_addr;
-    b_config.http_listen = node_b.http_addr;
-    let b_dir = node_b.stop().await;
-    let (code, first) = first.await.unwrap();
     let stored_first = a_index
         .study(&knee_uid)
         .await
         .unwrap()
         .map_or(0, |s| s.number_of_study_related_instances);
+    assert!(
+        stored_first > 0 && stored_first < 8,
+        "the first fetch was interrupted after some, not all, instances: {stored_first} stored; {code} {first}"
+    );
+    let mut b_config = node_b.config.clone();
+    b_config.dicom_listen = node_b.dicom_addr;
+    b_config.http_listen = node_b.http_addr;
+    let b_dir = node_b.stop().await;
     let node_b = support::start_node(b_config, b_dir).await;
+    b_proxy.set_cut(None);
     let (code2, second) = fetch(knee.study_instance_uid.clone(), "treatment").await;
     assert_eq!(code2, 200, "{second}");
     assert_eq!(second["instances"], 8);

@@ -16,15 +16,13 @@ use std::time::Duration;
 use dicom_dictionary_std::uids;
 use dicom_ul::Pdu;
 use dicom_ul::association::{Association, AsyncServerAssociation};
-use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, PDataValue, PDataValueType,
-    PresentationContextResultReason,
-};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource, PresentationContextResultReason};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::context::{Context, DicomContext, Op, Transport, pdu_name, send_command};
 use super::dimse::{self, CommandSet, command_field, status};
+use super::receive::{self, Pdv, Received};
 use super::{c_echo, c_find, c_store, commitment, identifier, retrieve, sop_classes};
 
 /// Where the P-DATA stream of the association stands.
@@ -246,10 +244,11 @@ async fn serve_loop<S: Transport>(
     shutdown: &CancellationToken,
     span: &tracing::Span,
 ) -> Ending {
+    let max_pdu_length = association.acceptor_max_pdu_length();
     loop {
         let idle = matches!(state, State::Idle);
         let received = tokio::select! {
-            r = tokio::time::timeout(ctx.idle_timeout, association.receive()) => r,
+            r = tokio::time::timeout(ctx.idle_timeout, receive::receive(association, max_pdu_length)) => r,
             // Only between messages: a C-STORE in flight finishes and is
             // answered before the node lets go of the association.
             _ = shutdown.cancelled(), if idle => return Ending::ReleaseForShutdown,
@@ -257,7 +256,7 @@ async fn serve_loop<S: Transport>(
         let pdu = match received {
             Err(_) => return Ending::AbortIdle(format!("idle for {:?}", ctx.idle_timeout)),
             Ok(Err(e)) => {
-                if is_closed(&e) {
+                if e.is_closed() {
                     return Ending::Done(End::Closed);
                 }
                 return Ending::Abort(AbortRQServiceProviderReason::UnrecognizedPdu, e.to_string());
@@ -265,8 +264,8 @@ async fn serve_loop<S: Transport>(
             Ok(Ok(pdu)) => pdu,
         };
         match pdu {
-            Pdu::PData { data } => {
-                for value in data {
+            Received::PData(pdata) => {
+                for value in pdata.values() {
                     let current = std::mem::replace(state, State::Idle);
                     let mut io = Io {
                         association: &mut *association,
@@ -287,9 +286,9 @@ async fn serve_loop<S: Transport>(
                     }
                 }
             }
-            Pdu::ReleaseRQ => return Ending::Release,
-            Pdu::AbortRQ { .. } => return Ending::Done(End::AbortedByPeer),
-            other => {
+            Received::Other(Pdu::ReleaseRQ) => return Ending::Release,
+            Received::Other(Pdu::AbortRQ { .. }) => return Ending::Done(End::AbortedByPeer),
+            Received::Other(other) => {
                 return Ending::Abort(
                     AbortRQServiceProviderReason::UnexpectedPdu,
                     format!("unexpected PDU {}", pdu_name(&other)),
@@ -307,10 +306,6 @@ struct Io<'a, S> {
     calling_ae_title: &'a str,
     ctx: &'a DicomContext,
     span: &'a tracing::Span,
-}
-
-fn is_closed(e: &dicom_ul::association::Error) -> bool {
-    matches!(e, dicom_ul::association::Error::ConnectionClosed { .. })
 }
 
 async fn abort<S: Transport>(
@@ -333,7 +328,7 @@ async fn abandon(state: &mut State, ctx: &DicomContext) {
 /// Advances the state with one presentation data value. An `Err` is a
 /// protocol violation that ends the association.
 async fn on_pdv<S: Transport>(
-    value: PDataValue,
+    value: Pdv<'_>,
     state: State,
     io: &mut Io<'_, S>,
 ) -> Result<State, String> {
@@ -344,13 +339,15 @@ async fn on_pdv<S: Transport>(
             "data on presentation context {pcid}, which was not accepted"
         ));
     }
-    match (state, value.value_type) {
-        (State::Idle, PDataValueType::Command) => {
-            let bytes = value.data;
+    match (state, value.is_command) {
+        (State::Idle, true) => {
             if value.is_last {
-                on_command(pcid, &bytes, io).await
+                on_command(pcid, value.data, io).await
             } else {
-                Ok(State::Command { pcid, bytes })
+                Ok(State::Command {
+                    pcid,
+                    bytes: value.data.to_vec(),
+                })
             }
         }
         (
@@ -358,9 +355,9 @@ async fn on_pdv<S: Transport>(
                 pcid: expected,
                 mut bytes,
             },
-            PDataValueType::Command,
+            true,
         ) if expected == pcid => {
-            bytes.extend_from_slice(&value.data);
+            bytes.extend_from_slice(value.data);
             if bytes.len() > dimse::MAX_COMMAND_SET_LEN {
                 return Err("command set larger than 64 KiB".into());
             }
@@ -370,12 +367,11 @@ async fn on_pdv<S: Transport>(
                 Ok(State::Command { pcid, bytes })
             }
         }
-        (State::Store(receiving), PDataValueType::Data) if receiving.pcid() == pcid => {
+        (State::Store(mut receiving), false) if receiving.pcid() == pcid => {
+            receiving.append(&ctx.ingest, value.data);
             if !value.is_last {
-                let receiving = receiving.append(&ctx.ingest, value.data).await;
                 return Ok(State::Store(receiving));
             }
-            let receiving = receiving.append(&ctx.ingest, value.data).await;
             let (pcid, response) = receiving.finish(&ctx.ingest, io.span).await;
             send_command(io.association, pcid, response).await?;
             Ok(State::Idle)
@@ -385,7 +381,7 @@ async fn on_pdv<S: Transport>(
                 pcid: expected,
                 response,
             },
-            PDataValueType::Data,
+            false,
         ) if expected == pcid => {
             if value.is_last {
                 send_command(io.association, pcid, response).await?;
@@ -400,9 +396,9 @@ async fn on_pdv<S: Transport>(
                 command,
                 mut bytes,
             },
-            PDataValueType::Data,
+            false,
         ) if expected == pcid => {
-            bytes.extend_from_slice(&value.data);
+            bytes.extend_from_slice(value.data);
             if bytes.len() > identifier::MAX_IDENTIFIER_LEN {
                 return Err("identifier larger than 1 MiB".into());
             }
@@ -420,13 +416,9 @@ async fn on_pdv<S: Transport>(
             receiving.abandon(&ctx.ingest).await;
             Err("P-DATA out of sequence during a C-STORE data set".into())
         }
-        (_, value_type) => Err(format!(
+        (_, is_command) => Err(format!(
             "unexpected {} fragment on presentation context {pcid}",
-            if value_type == PDataValueType::Command {
-                "command"
-            } else {
-                "data"
-            }
+            if is_command { "command" } else { "data" }
         )),
     }
 }

@@ -90,9 +90,10 @@ impl Receiving {
         self.pcid
     }
 
-    pub async fn append(mut self: Box<Self>, ingest: &Ingest, fragment: Vec<u8>) -> Box<Self> {
-        ingest.write(&mut self.incoming, fragment).await;
-        self
+    /// Writes a data set fragment: a slice of the PDU just read, hashed and
+    /// written to staging without a copy of its own.
+    pub fn append(&mut self, ingest: &Ingest, fragment: &[u8]) {
+        ingest.write(&mut self.incoming, fragment);
     }
 
     /// Completes the instance and builds the C-STORE-RSP.

@@ -6,6 +6,8 @@
 //!   dispatch to one file per service.
 //! - `acceptance`: the transfer syntax accepted on a context the node
 //!   sends on (C-GET storage contexts with the SCP role).
+//! - `receive`: the PDUs of an established association, P-DATA-TF read
+//!   into a reused buffer and handed out as slices.
 //! - `dimse`: command sets, Message IDs and named statuses.
 //! - `c_echo`, `c_store`, `c_find`, `retrieve` (C-MOVE, C-GET),
 //!   `commitment` (Storage Commitment Push Model): the services.
@@ -25,6 +27,7 @@ pub mod context;
 pub mod dimse;
 pub mod identifier;
 pub mod listener;
+mod receive;
 pub mod report;
 pub mod retrieve;
 pub mod sop_classes;

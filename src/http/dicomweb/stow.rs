@@ -253,11 +253,8 @@ async fn store_part(
                 Ok(Some(chunk)) => {
                     pending.extend_from_slice(&chunk);
                     if pending.len() >= FRAGMENT {
-                        let fragment = std::mem::replace(
-                            &mut pending,
-                            Vec::with_capacity(FRAGMENT + chunk.len()),
-                        );
-                        ingest.write(&mut incoming, fragment).await;
+                        ingest.write(&mut incoming, &pending);
+                        pending.clear();
                     }
                 }
                 Ok(None) => break,
@@ -269,7 +266,7 @@ async fn store_part(
         }
     }
     if !pending.is_empty() {
-        ingest.write(&mut incoming, pending).await;
+        ingest.write(&mut incoming, &pending);
     }
     match ingest.finish(incoming).await {
         Ok(stored) => {

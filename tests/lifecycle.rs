@@ -561,7 +561,14 @@ async fn collector_never_removes_a_blob_an_ingest_refers_to(backend: Backend) {
                     Some(r#"{"reason":"race test"}"#),
                 )
                 .await;
-                assert!(status == 200 || status == 404, "DELETE: {status}");
+                // 503: the index was busy past its timeout (the collector, a
+                // separate process, and ingest hold SQLite's write lock in
+                // turn); the node says so and nothing is changed: the next
+                // round asks again.
+                assert!(
+                    status == 200 || status == 404 || status == 503,
+                    "DELETE: {status}"
+                );
                 if status == 200 {
                     deleted += 1;
                 }

@@ -254,7 +254,7 @@ proves "the consent is recorded where the records are, under Jiangsu's own patie
 
 step "A1's doctor asks again: the duplicate-exam warning cites B's study, from 江苏省"
 warning="$(check "$A1")"
-python3 -m json.tool --no-ensure-ascii <<<"$warning" | head -60
+python3 -m json.tool --no-ensure-ascii <<<"$warning" | sed -n '1,60p'
 [[ "$(json 'd["outcome"]' <<<"$warning")" == warn ]] || fail "expected a duplicate-exam warning"
 [[ "$(json 'd["cited"]["hospital_id"]' <<<"$warning")" == "$HOSP_B" ]] || fail "the warning cites the wrong hospital"
 [[ "$(json "d['provinces']['$STUDY']" <<<"$warning")" == 江苏省 ]] || fail "the prior's province"
@@ -279,7 +279,7 @@ received="$(find "$work/viewer" -type f | wc -l)"
 expected="$(find "$repo/sample-dicom/p1-ct-chest-2024" -type f -name '*.dcm' | wc -l)"
 echo "the workstation received $received instances of B's study through A1 (B holds $expected)"
 [[ "$received" == "$expected" ]] || fail "expected $expected instances at the workstation, got $received"
-api "$A1/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | head -20
+api "$A1/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | sed -n '1,20p'
 proves "Shanghai's registry vouched for A1, Jiangsu's issued the grant, A1 verified the content root B published"
 
 step "the doctor at A1 opens the study on A1's page"

@@ -230,7 +230,7 @@ TCP_NODELAY=1 /usr/bin/movescu -S -aet VIEWER -aec HOSPA -aem VIEWER 127.0.0.1 "
 received="$(find "$work/viewer" -type f | wc -l)"
 echo "the workstation received $received instances of B's study through A"
 [[ "$received" == 10 ]] || fail "expected 10 instances at the workstation, got $received"
-api "$A/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | head -30
+api "$A/api/v1/peer/audit" | python3 -m json.tool --no-ensure-ascii | sed -n '1,30p'
 
 step "the viewer at A: a doctor's account, and the demo study's URL"
 python3 -c 'import secrets; print(secrets.token_urlsafe(12))' >"$work/doctor.password"

@@ -861,6 +861,27 @@ impl Db {
         .transpose()
     }
 
+
+    /// A consent's `expires_at`, normalised: refused when already past or
+    /// beyond the region's limit (`max_consent_days`).
+    fn consent_expiry(&self, expires_at: &str) -> Result<String> {
+        let expires_at = normalise_time(expires_at)?;
+        if expires_at <= now_rfc3339() {
+            return Err(Error::Invalid("expires_at is already past".into()));
+        }
+        let latest = humantime::format_rfc3339_micros(
+            SystemTime::now() + Duration::from_secs(u64::from(self.max_consent_days) * 86_400),
+        )
+        .to_string();
+        if expires_at > latest {
+            return Err(Error::Invalid(format!(
+                "expires_at is more than {} days ahead, the region's limit for a consent",
+                self.max_consent_days
+            )));
+        }
+        Ok(expires_at)
+    }
+
     pub async fn add_consent(&self, c: &NewConsent, audit: AuditRecord) -> Result<Consent> {
         check_patient_key(&c.patient_key)?;
         check_text("recorded_by", &c.recorded_by, 128)?;
@@ -879,21 +900,8 @@ impl Db {
                     .into(),
             ));
         }
-        let expires_at = normalise_time(&c.expires_at)?;
+        let expires_at = self.consent_expiry(&c.expires_at)?;
         let now = now_rfc3339();
-        if expires_at <= now {
-            return Err(Error::Invalid("expires_at is already past".into()));
-        }
-        let latest = humantime::format_rfc3339_micros(
-            SystemTime::now() + Duration::from_secs(u64::from(self.max_consent_days) * 86_400),
-        )
-        .to_string();
-        if expires_at > latest {
-            return Err(Error::Invalid(format!(
-                "expires_at is more than {} days ahead, the region's limit for a consent",
-                self.max_consent_days
-            )));
-        }
         if self.hospital(&c.hospital_id).await?.is_none() {
             return Err(Error::NotFound("hospital"));
         }
@@ -1537,21 +1545,8 @@ impl Db {
                     .into(),
             ));
         }
-        let expires_at = normalise_time(&c.expires_at)?;
+        let expires_at = self.consent_expiry(&c.expires_at)?;
         let now = now_rfc3339();
-        if expires_at <= now {
-            return Err(Error::Invalid("expires_at is already past".into()));
-        }
-        let latest = humantime::format_rfc3339_micros(
-            SystemTime::now() + Duration::from_secs(u64::from(self.max_consent_days) * 86_400),
-        )
-        .to_string();
-        if expires_at > latest {
-            return Err(Error::Invalid(format!(
-                "expires_at is more than {} days ahead, the region's limit for a consent",
-                self.max_consent_days
-            )));
-        }
         let consent_id = random_hex(16);
         let mut tx = self.pool.begin().await?;
         sqlx::query(

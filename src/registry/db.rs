@@ -861,7 +861,6 @@ impl Db {
         .transpose()
     }
 
-
     /// A consent's `expires_at`, normalised: refused when already past or
     /// beyond the region's limit (`max_consent_days`).
     fn consent_expiry(&self, expires_at: &str) -> Result<String> {

@@ -286,6 +286,7 @@ struct RegionFileConfig {
     cfind_regional_priors: Option<bool>,
     ohif_url: Option<String>,
     peer_parallel: Option<usize>,
+    peer_bandwidth: Option<u64>,
     peer_cache_budget_bytes: Option<u64>,
     prefetch_priors: Option<bool>,
 }
@@ -320,6 +321,9 @@ pub struct RegionConfig {
     pub ohif_url: Option<String>,
     /// Instances fetched from a peer at once.
     pub peer_parallel: usize,
+    /// Bytes per second all peer fetches together may take from the
+    /// hospital's link; 0: no cap.
+    pub peer_bandwidth: u64,
     /// Bytes of cached peer studies kept; least recently used evicted past it.
     pub peer_cache_budget_bytes: u64,
     /// An order-time check that finds recognised priors at other hospitals
@@ -636,6 +640,12 @@ pub struct NodeArgs {
     /// Instances fetched from a peer node at once [default: 4]
     #[arg(long, env = "HUREN_PEER_PARALLEL")]
     pub peer_parallel: Option<usize>,
+
+    /// Bytes per second all fetches from peer nodes together may take
+    /// from the hospital's link (e.g. 6250000 for 50 Mbit/s), so that a
+    /// doctor opening a prior does not fill the link; 0: no cap [default: 0]
+    #[arg(long, env = "HUREN_PEER_BANDWIDTH")]
+    pub peer_bandwidth: Option<u64>,
 
     /// Bytes of studies fetched from peers kept as a cache; the least
     /// recently used are evicted past it, the hospital's own never
@@ -1258,6 +1268,7 @@ impl NodeArgs {
                 .or(file.peer_parallel)
                 .unwrap_or(4)
                 .clamp(1, 64),
+            peer_bandwidth: self.peer_bandwidth.or(file.peer_bandwidth).unwrap_or(0),
             peer_cache_budget_bytes: self
                 .peer_cache_budget_bytes
                 .or(file.peer_cache_budget_bytes)

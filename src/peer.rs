@@ -97,6 +97,10 @@ pub struct Progress {
     /// here: the page shows each series as it completes.
     #[serde(skip)]
     series: Vec<(String, usize, usize)>,
+    /// While the fetch runs, past the manifest: what the viewer reads the
+    /// study through before it is all here ([`Live`]).
+    #[serde(skip)]
+    live: Option<Arc<Live>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -240,6 +244,7 @@ impl Progress {
             instances_done: 0,
             failure: None,
             series: Vec::new(),
+            live: None,
         }
     }
 
@@ -263,6 +268,357 @@ impl Progress {
             if s.2 == s.1 {
                 self.series_done += 1;
             }
+        }
+    }
+}
+
+/// An instance of a running fetch is here and verified: counted once (one
+/// the viewer asked for is fetched ahead of the series stream, which then
+/// skips it), and whoever waits for it is woken.
+fn instance_arrived(key: &str, series_instance_uid: &str, sop_instance_uid: &str) {
+    update(key, |p| {
+        if p.live
+            .as_ref()
+            .is_none_or(|l| l.mark_arrived(sop_instance_uid))
+        {
+            p.instance_done(series_instance_uid);
+        }
+    });
+}
+
+/// The fetch of a study the viewer may read through while it runs (issue
+/// 19): the viewer opens as soon as the manifest is verified; its searches
+/// and metadata requests are answered by the holding node under the grant
+/// (URLs rewritten to this node's, [`Live::ask_peer`]), and each image it
+/// asks for is served from here once that instance has arrived and been
+/// verified, fetched on its own ahead of the series stream when the stream
+/// has not brought it yet ([`Live::wait_for`]). No pixel is served that was
+/// not verified against the published content root.
+pub struct Live {
+    key: String,
+    study_instance_uid: String,
+    pub holding: String,
+    base: String,
+    token: String,
+    http: reqwest::Client,
+    ingest: Ingest,
+    pace: Arc<Pace>,
+    /// The verified manifest: SOP Instance UID → (entry, expected hash).
+    instances: std::collections::HashMap<String, (ManifestInstance, BlobHash)>,
+    state: std::sync::Mutex<LiveState>,
+    changed: tokio::sync::Notify,
+    /// Instances fetched on their own at once (the viewer's asks).
+    asks: tokio::sync::Semaphore,
+    /// The holding node's answers to the viewer's searches and metadata
+    /// requests, by path and query: asked once per fetch.
+    answers: tokio::sync::Mutex<std::collections::HashMap<String, PeerAnswer>>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("study_instance_uid", &self.study_instance_uid)
+            .field("holding", &self.holding)
+            .field("instances", &self.instances.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct LiveState {
+    arrived: std::collections::HashSet<String>,
+    asked: std::collections::HashSet<String>,
+    /// Instances the series stream brought that an ask had brought first.
+    twice: usize,
+    ended: bool,
+}
+
+/// What the holding node answered a search or metadata request with.
+#[derive(Debug, Clone)]
+pub struct PeerAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: bytes::Bytes,
+}
+
+/// How long a viewer's request waits for an instance still on its way.
+const WAIT_FOR_INSTANCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Instances fetched on their own, ahead of the stream, at once.
+const ASKS_AT_ONCE: usize = 2;
+
+impl Live {
+    /// Records an arrival; false when it was recorded already.
+    fn mark_arrived(&self, sop_instance_uid: &str) -> bool {
+        let new = self
+            .state
+            .lock()
+            .expect("live lock")
+            .arrived
+            .insert(sop_instance_uid.to_string());
+        self.changed.notify_waiters();
+        new
+    }
+
+    fn is_here(&self, sop_instance_uid: &str) -> bool {
+        self.state
+            .lock()
+            .expect("live lock")
+            .arrived
+            .contains(sop_instance_uid)
+    }
+
+    fn end(&self) {
+        self.state.lock().expect("live lock").ended = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the manifest lists this instance.
+    pub fn lists(&self, sop_instance_uid: &str) -> bool {
+        self.instances.contains_key(sop_instance_uid)
+    }
+
+    /// The instances of a series (of the study, when `None`) by the manifest.
+    pub fn instances_of(&self, series_instance_uid: Option<&str>) -> Vec<String> {
+        self.instances
+            .values()
+            .filter(|(i, _)| series_instance_uid.is_none_or(|s| s == i.series_instance_uid))
+            .map(|(i, _)| i.sop_instance_uid.clone())
+            .collect()
+    }
+
+    /// Waits until these instances are here and verified; one instance the
+    /// stream has not brought yet is fetched on its own first (`ask`).
+    /// False when the fetch ended (or the wait timed out) without them:
+    /// the caller answers from what is here.
+    pub async fn wait_for(self: &Arc<Self>, sop_instance_uids: &[String], ask: bool) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_INSTANCE;
+        if ask && let [one] = sop_instance_uids {
+            self.ask(one);
+        }
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = self.state.lock().expect("live lock");
+                if sop_instance_uids.iter().all(|s| state.arrived.contains(s)) {
+                    return true;
+                }
+                if state.ended {
+                    return false;
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Fetches one instance on its own, ahead of the series stream, unless
+    /// it is here or asked for already; [`ASKS_AT_ONCE`] at a time, and an
+    /// ask whose instance the stream brought meanwhile is dropped.
+    fn ask(self: &Arc<Self>, sop_instance_uid: &str) {
+        let Some((instance, hash)) = self.instances.get(sop_instance_uid).cloned() else {
+            return;
+        };
+        {
+            let mut state = self.state.lock().expect("live lock");
+            if state.arrived.contains(sop_instance_uid) || state.ended {
+                return;
+            }
+            if !state.asked.insert(sop_instance_uid.to_string()) {
+                return;
+            }
+        }
+        let live = self.clone();
+        tokio::spawn(async move {
+            let permit = live.asks.acquire().await;
+            if permit.is_ok() && !live.is_here(&instance.sop_instance_uid) {
+                let url = format!(
+                    "{}/studies/{}/series/{}/instances/{}",
+                    live.base.trim_end_matches('/'),
+                    live.study_instance_uid,
+                    instance.series_instance_uid,
+                    instance.sop_instance_uid
+                );
+                match fetch_instance(
+                    &live.http,
+                    &live.ingest,
+                    &live.pace,
+                    &url,
+                    &live.token,
+                    &instance,
+                    hash,
+                    &live.holding,
+                )
+                .await
+                {
+                    Ok(_) => instance_arrived(
+                        &live.key,
+                        &instance.series_instance_uid,
+                        &instance.sop_instance_uid,
+                    ),
+                    // The stream (or the one-by-one pass after it) still
+                    // brings it; the waiter waits for that.
+                    Err(e) => {
+                        tracing::warn!(error = %e, sop_instance_uid = %instance.sop_instance_uid, "an instance the viewer asked for could not be fetched ahead")
+                    }
+                }
+            }
+            live.state
+                .lock()
+                .expect("live lock")
+                .asked
+                .remove(&instance.sop_instance_uid);
+            live.changed.notify_waiters();
+        });
+    }
+
+    /// The holding node's answer to a search or metadata request of this
+    /// study (`path_and_query` below its DICOMweb base), under the grant;
+    /// asked once per fetch. JSON answers have their URLs (RetrieveURL,
+    /// BulkDataURI) rewritten to `local_base`, this node's DICOMweb base:
+    /// the viewer's retrieves come here, where each instance is served
+    /// once it has arrived and been verified.
+    pub async fn ask_peer(
+        &self,
+        path_and_query: &str,
+        accept: &str,
+        local_base: &str,
+    ) -> Result<PeerAnswer, Error> {
+        let mut answers = self.answers.lock().await;
+        if let Some(a) = answers.get(path_and_query) {
+            return Ok(rebase_answer(a, local_base));
+        }
+        let url = format!("{}{path_and_query}", self.base.trim_end_matches('/'));
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::ACCEPT, accept)
+            .send()
+            .await
+            .map_err(|e| Error::Peer(e.to_string()))?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Error::Peer(e.to_string()))?;
+        let answer = PeerAnswer {
+            status,
+            content_type,
+            body,
+        };
+        if (200..300).contains(&status) {
+            answers.insert(path_and_query.to_string(), answer.clone());
+        }
+        Ok(rebase_answer(&answer, local_base))
+    }
+}
+
+/// A JSON answer of the holding node with every URL it names (RetrieveURL
+/// 0008,1190 and BulkDataURI) moved to `local_base`: the part from
+/// `/studies/` on is kept. Other answers are passed as they are.
+fn rebase_answer(answer: &PeerAnswer, local_base: &str) -> PeerAnswer {
+    fn rebase(url: &str, local_base: &str) -> Option<String> {
+        url.find("/studies/")
+            .map(|i| format!("{}{}", local_base.trim_end_matches('/'), &url[i..]))
+    }
+    fn walk(v: &mut serde_json::Value, local_base: &str) {
+        match v {
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|i| walk(i, local_base)),
+            serde_json::Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    match (k.as_str(), &mut *v) {
+                        ("BulkDataURI", serde_json::Value::String(s)) => {
+                            if let Some(r) = rebase(s, local_base) {
+                                *s = r;
+                            }
+                        }
+                        ("00081190", serde_json::Value::Object(attr)) => {
+                            if let Some(serde_json::Value::Array(urls)) = attr.get_mut("Value") {
+                                for u in urls.iter_mut() {
+                                    if let serde_json::Value::String(s) = u
+                                        && let Some(r) = rebase(s, local_base)
+                                    {
+                                        *s = r;
+                                    }
+                                }
+                            }
+                        }
+                        _ => walk(v, local_base),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let is_json = answer
+        .content_type
+        .as_deref()
+        .is_some_and(|c| c.contains("json"));
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&answer.body)
+        .map_err(|_| ())
+        .and_then(|j| if is_json { Ok(j) } else { Err(()) })
+    else {
+        return answer.clone();
+    };
+    walk(&mut json, local_base);
+    PeerAnswer {
+        status: answer.status,
+        content_type: answer.content_type.clone(),
+        body: serde_json::to_vec(&json).unwrap_or_default().into(),
+    }
+}
+
+/// The fetch of a study running at this node, once its manifest is
+/// verified: the viewer reads the study through it ([`Live`]).
+pub fn live(region: &Region, study_instance_uid: &str) -> Option<Arc<Live>> {
+    match progress(region, study_instance_uid) {
+        Some(p) if p.state == FetchState::Running => p.live,
+        _ => None,
+    }
+}
+
+/// The node's cap on the bytes per second its peer fetches take from the
+/// hospital's link (`peer_bandwidth`), shared by every fetch at once;
+/// none when 0. Each chunk read from a peer reserves its time on a virtual
+/// clock; a reader ahead of it waits, and TCP's flow control slows the
+/// peer down to the same rate.
+#[derive(Debug)]
+pub struct Pace {
+    bytes_per_second: u64,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    pub fn new(bytes_per_second: u64) -> Pace {
+        Pace {
+            bytes_per_second,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    pub async fn take(&self, bytes: usize) {
+        if self.bytes_per_second == 0 {
+            return;
+        }
+        let wait = {
+            let mut next = self.next.lock().expect("pace lock");
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start
+                + std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+            start.saturating_duration_since(now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -402,11 +758,17 @@ pub async fn fetch_study(
         .expect("fetches lock")
         .insert(key.clone(), Progress::starting(holding));
     let result = fetch_series_by_series(region, ingest, holding, study_instance_uid, asked).await;
-    update(&key, |p| match &result {
-        Ok(_) => p.state = FetchState::Done,
-        Err(e) => {
-            p.state = FetchState::Failed;
-            p.failure = Some(e.failure());
+    update(&key, |p| {
+        match &result {
+            Ok(_) => p.state = FetchState::Done,
+            Err(e) => {
+                p.state = FetchState::Failed;
+                p.failure = Some(e.failure());
+            }
+        }
+        // Whoever waits for an instance answers from what is here now.
+        if let Some(live) = &p.live {
+            live.end();
         }
     });
     let remembered = match &result {
@@ -634,12 +996,45 @@ async fn fetch_series_by_series(
             None => order.push((i.series_instance_uid.clone(), 1, usize::from(present))),
         }
     }
+    let live = Arc::new(Live {
+        key: progress_key(region, uid.as_str()),
+        study_instance_uid: uid.as_str().to_string(),
+        holding: holding.to_string(),
+        base: base.clone(),
+        token: grant.token.clone(),
+        http: http.clone(),
+        ingest: ingest.clone(),
+        pace: region.peer_pace(),
+        instances: manifest
+            .instances
+            .iter()
+            .zip(&hashes)
+            .map(|(i, (_, h))| (i.sop_instance_uid.clone(), (i.clone(), *h)))
+            .collect(),
+        state: std::sync::Mutex::new(LiveState {
+            arrived: manifest
+                .instances
+                .iter()
+                .filter(|i| {
+                    !missing
+                        .iter()
+                        .any(|(m, _)| m.sop_instance_uid == i.sop_instance_uid)
+                })
+                .map(|i| i.sop_instance_uid.clone())
+                .collect(),
+            ..LiveState::default()
+        }),
+        changed: tokio::sync::Notify::new(),
+        asks: tokio::sync::Semaphore::new(ASKS_AT_ONCE),
+        answers: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+    });
     update(&progress_key(region, uid.as_str()), |p| {
         p.series_total = order.len();
         p.series_done = order.iter().filter(|(_, t, d)| d >= t).count();
         p.instances_total = manifest.instances.len();
         p.instances_done = already_present;
         p.series = order.clone();
+        p.live = Some(live.clone());
     });
 
     let mut fetched = 0;
@@ -657,6 +1052,7 @@ async fn fetch_series_by_series(
         let (n, b, e) = fetch_one_series(
             region,
             ingest,
+            &live,
             &http,
             &base,
             uid.as_str(),
@@ -698,7 +1094,15 @@ async fn fetch_series_by_series(
         purpose,
         user_id,
         &grant.grant_id,
-        &format!("{fetched} instances fetched ({bytes} bytes), {already_present} already present"),
+        &format!(
+            "{fetched} instances fetched ({bytes} bytes), {already_present} already present{}",
+            match live.state.lock().expect("live lock").twice {
+                0 => String::new(),
+                n => format!(
+                    ", {n} asked for by the viewer ahead of the series stream and sent twice"
+                ),
+            }
+        ),
     )
     .await;
     let evicted = evict(region, ingest, Some(uid.as_str())).await?;
@@ -725,6 +1129,7 @@ async fn fetch_series_by_series(
 async fn fetch_one_series(
     region: &Region,
     ingest: &Ingest,
+    live: &Arc<Live>,
     http: &reqwest::Client,
     base: &str,
     study: &str,
@@ -751,7 +1156,7 @@ async fn fetch_one_series(
             .map(|(i, h)| (i.sop_instance_uid.clone(), (i.clone(), *h)))
             .collect();
         let (done, stream_bytes, stream_error) =
-            fetch_stream(http, ingest, &url, token, &expected, holding, &key).await;
+            fetch_stream(http, ingest, live, &url, token, &expected, holding).await;
         if let Some(e) = stream_error {
             tracing::warn!(error = %e, done = done.len(), "series stream from the peer failed; fetching the rest one by one");
             if matches!(e, Error::Integrity(_)) {
@@ -767,7 +1172,13 @@ async fn fetch_one_series(
     ));
     let mut tasks = tokio::task::JoinSet::new();
     for (instance, hash) in missing.drain(..) {
+        // Brought meanwhile by an ask of the viewer's.
+        if live.is_here(&instance.sop_instance_uid) {
+            fetched += 1;
+            continue;
+        }
         let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+        let live = live.clone();
         let http = http.clone();
         let ingest = ingest.clone();
         let url = format!(
@@ -784,9 +1195,17 @@ async fn fetch_one_series(
             // A failure is retried once; a second one fails the fetch.
             let mut last = None;
             for _ in 0..2 {
-                match fetch_instance(&http, &ingest, &url, &token, &instance, hash, &holding).await {
+                match fetch_instance(
+                    &http, &ingest, &live.pace, &url, &token, &instance, hash, &holding,
+                )
+                .await
+                {
                     Ok(size) => {
-                        update(&key, |p| p.instance_done(&instance.series_instance_uid));
+                        instance_arrived(
+                            &key,
+                            &instance.series_instance_uid,
+                            &instance.sop_instance_uid,
+                        );
                         return Ok(size);
                     }
                     Err(e) => {
@@ -823,11 +1242,11 @@ async fn fetch_one_series(
 async fn fetch_stream(
     http: &reqwest::Client,
     ingest: &Ingest,
+    live: &Live,
     url: &str,
     token: &str,
     expected: &std::collections::HashMap<String, (ManifestInstance, BlobHash)>,
     holding: &str,
-    progress_key: &str,
 ) -> (std::collections::HashSet<String>, u64, Option<Error>) {
     let mut done = std::collections::HashSet::new();
     let mut bytes = 0u64;
@@ -842,8 +1261,8 @@ async fn fetch_stream(
             Ok((sop, series, Ok(stored))) => {
                 stored.count(crate::metrics::source::PEER, ingest.store().durability());
                 bytes += stored.size;
+                instance_arrived(&live.key, &series, &sop);
                 done.insert(sop);
-                update(progress_key, |p| p.instance_done(&series));
             }
             Ok((sop, _, Err(ingest::Error::HashMismatch { expected, actual }))) => {
                 error.get_or_insert(Error::Integrity(format!(
@@ -860,6 +1279,7 @@ async fn fetch_stream(
     };
     let mut finishing = tokio::task::JoinSet::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(8));
+    let mut skipped = std::collections::HashSet::new();
     let result: Result<(), Error> = async {
         let response = http
             .get(url)
@@ -897,7 +1317,10 @@ async fn fetch_stream(
                     .await
                     .map_err(|e| Error::Peer(e.to_string()))?
                 {
-                    Some(c) => head.extend_from_slice(&c),
+                    Some(c) => {
+                        live.pace.take(c.len()).await;
+                        head.extend_from_slice(&c)
+                    }
                     None => return Err(Error::Integrity("truncated part".into())),
                 }
             };
@@ -912,6 +1335,20 @@ async fn fetch_stream(
                     "the peer sent instance {sop}, which its manifest does not list"
                 )));
             };
+            // Brought first by an ask of the viewer's: its bytes are read
+            // past (the stream cannot skip them), nothing stored twice.
+            if live.is_here(&sop) {
+                while let Some(c) = field
+                    .chunk()
+                    .await
+                    .map_err(|e| Error::Peer(e.to_string()))?
+                {
+                    live.pace.take(c.len()).await;
+                }
+                live.state.lock().expect("live lock").twice += 1;
+                skipped.insert(sop);
+                continue;
+            }
             let parse = |s: &str| {
                 Uid::parse(s).map_err(|_| Error::Integrity(format!("manifest UID {s:?}")))
             };
@@ -927,7 +1364,10 @@ async fn fetch_stream(
             }
             loop {
                 match field.chunk().await {
-                    Ok(Some(c)) => ingest.write(&mut incoming, &c),
+                    Ok(Some(c)) => {
+                        live.pace.take(c.len()).await;
+                        ingest.write(&mut incoming, &c)
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         ingest.abandon(incoming).await;
@@ -960,6 +1400,7 @@ async fn fetch_stream(
     while let Some(joined) = finishing.join_next().await {
         settle(joined, &mut error);
     }
+    done.extend(skipped);
     (done, bytes, error)
 }
 
@@ -983,9 +1424,11 @@ fn boundary_of(response: &reqwest::Response) -> Result<String, Error> {
 
 /// One instance by WADO-RS (`transfer-syntax=*`), streamed through the
 /// ingest path with its expected hash. Returns its size.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_instance(
     http: &reqwest::Client,
     ingest: &Ingest,
+    pace: &Pace,
     url: &str,
     token: &str,
     instance: &ManifestInstance,
@@ -1046,6 +1489,7 @@ async fn fetch_instance(
                 return Err(Error::Peer(e.to_string()));
             }
         };
+        pace.take(chunk.len()).await;
         if meta_done {
             ingest.write(&mut incoming, &chunk);
             continue;
@@ -1317,6 +1761,62 @@ mod tests {
         record_progress_for_tests("A", "1.9", "B", FetchState::Done, &series);
         assert!(hidden("A", "1.9").is_empty());
         assert!(hidden("A", "1.8").is_empty());
+    }
+
+    #[test]
+    fn a_peer_answer_names_this_node_in_its_urls() {
+        let body = serde_json::json!([{
+            "00081190": {"vr": "UR", "Value": ["https://b.example:8443/dicom-web/studies/1.2"]},
+            "7FE00010": {"vr": "OW", "BulkDataURI":
+                "http://10.0.0.2/pacs/dicom-web/studies/1.2/series/1.3/instances/1.4/bulkdata/7FE00010"},
+            "00400275": {"vr": "SQ", "Value": [{"00081190": {"vr": "UR", "Value": ["http://b/dicom-web/studies/9"]}}]},
+            "00100010": {"vr": "PN", "Value": [{"Alphabetic": "ZHANG^SAN"}]}
+        }]);
+        let answer = PeerAnswer {
+            status: 200,
+            content_type: Some("application/dicom+json".into()),
+            body: serde_json::to_vec(&body).unwrap().into(),
+        };
+        let local = rebase_answer(&answer, "http://a:8042/dicom-web");
+        let json: serde_json::Value = serde_json::from_slice(&local.body).unwrap();
+        assert_eq!(
+            json[0]["00081190"]["Value"][0],
+            "http://a:8042/dicom-web/studies/1.2"
+        );
+        assert_eq!(
+            json[0]["7FE00010"]["BulkDataURI"],
+            "http://a:8042/dicom-web/studies/1.2/series/1.3/instances/1.4/bulkdata/7FE00010"
+        );
+        // Nested, too; other values untouched.
+        assert_eq!(
+            json[0]["00400275"]["Value"][0]["00081190"]["Value"][0],
+            "http://a:8042/dicom-web/studies/9"
+        );
+        assert_eq!(json[0]["00100010"], body[0]["00100010"]);
+        // Not JSON: as it came.
+        let other = PeerAnswer {
+            content_type: Some("text/plain".into()),
+            ..answer
+        };
+        assert_eq!(rebase_answer(&other, "http://a").body, other.body);
+    }
+
+    #[tokio::test]
+    async fn the_pace_holds_fetches_to_the_configured_rate() {
+        // 1 MB at 10 MB/s: the last chunk cannot start before 90 ms (a
+        // lower bound only: a busy machine is slower, never faster).
+        let pace = Pace::new(10_000_000);
+        let start = tokio::time::Instant::now();
+        for _ in 0..10 {
+            pace.take(100_000).await;
+        }
+        let took = start.elapsed();
+        assert!(took >= std::time::Duration::from_millis(90), "{took:?}");
+        // No cap: a gigabyte goes without a wait.
+        let free = Pace::new(0);
+        let start = tokio::time::Instant::now();
+        free.take(1 << 30).await;
+        assert!(start.elapsed() < std::time::Duration::from_millis(50));
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub struct Region {
     list_cache: std::path::PathBuf,
     /// The HTTP client for peer nodes.
     peer_http: reqwest::Client,
+    /// The cap on the bytes per second peer fetches take (`peer_bandwidth`).
+    peer_pace: Arc<crate::peer::Pace>,
     /// The ingest path, for studies fetched from peers.
     ingest: std::sync::OnceLock<crate::ingest::Ingest>,
     /// Grants confirmed by the registry (token SHA-256 → grant), so that a
@@ -167,6 +169,7 @@ impl Region {
             )?
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?,
+            peer_pace: Arc::new(crate::peer::Pace::new(config.peer_bandwidth)),
             grants: Mutex::new(std::collections::HashMap::new()),
             ingest: std::sync::OnceLock::new(),
             index,
@@ -193,6 +196,10 @@ impl Region {
 
     pub fn peer_http(&self) -> reqwest::Client {
         self.peer_http.clone()
+    }
+
+    pub fn peer_pace(&self) -> Arc<crate::peer::Pace> {
+        self.peer_pace.clone()
     }
 
     /// The grants peers presented that the registry confirmed, by the

@@ -416,6 +416,7 @@ pub fn region_config(registry_url: &str, hospital_id: &str, token: &str) -> Regi
         cfind_regional_priors: false,
         ohif_url: None,
         peer_parallel: 4,
+        peer_bandwidth: 0,
         peer_cache_budget_bytes: 1 << 30,
         prefetch_priors: false,
         federation_secret: None,

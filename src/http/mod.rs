@@ -187,9 +187,30 @@ async fn grant_access(
             .strip_prefix("/dicom-web/studies/")
             .or_else(|| path.strip_prefix("/api/v1/studies/"))
             .and_then(|rest| rest.split('/').next());
+        // Or a study search keyed on exactly this study, one UID (how a
+        // viewer at the asking node looks the study up while it arrives):
+        // the search itself is scoped to it again (dicomweb::qido).
+        let searched = (path == "/dicom-web/studies")
+            .then(|| {
+                axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri())
+                    .ok()
+                    .and_then(|axum::extract::Query(params)| {
+                        let keyed: Vec<String> = params
+                            .into_iter()
+                            .filter(|(k, _)| k == "StudyInstanceUID" || k == "0020000D")
+                            .map(|(_, v)| v)
+                            .collect();
+                        match <[String; 1]>::try_from(keyed) {
+                            Ok([one]) => Some(one),
+                            Err(_) => None,
+                        }
+                    })
+            })
+            .flatten();
         let allowed = request.method() == axum::http::Method::GET
-            && study == Some(grant.study_instance_uid.as_str())
-            && (path.starts_with("/dicom-web/") || path.ends_with("/manifest"));
+            && ((study == Some(grant.study_instance_uid.as_str())
+                && (path.starts_with("/dicom-web/") || path.ends_with("/manifest")))
+                || searched.as_deref() == Some(grant.study_instance_uid.as_str()));
         if !allowed {
             let response = problem(
                 StatusCode::FORBIDDEN,

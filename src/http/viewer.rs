@@ -54,11 +54,12 @@ pub fn router(dir: PathBuf) -> Router {
 /// OHIF runs inline scripts (index.html), evaluates code and compiles
 /// WebAssembly (its image decoders), and starts workers from blobs; it
 /// reaches nothing but this origin (`connect-src 'self'`: no image leaves
-/// for another host) and is never framed.
+/// for another host) and is framed only by this origin's own page (a
+/// prior shown while it arrives, with the fetch's progress above it).
 const CSP: &str = "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' \
      'wasm-unsafe-eval' blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; \
      font-src 'self' data:; worker-src 'self' blob:; connect-src 'self' data: blob:; \
-     frame-ancestors 'none'; base-uri 'self'; form-action 'none'";
+     frame-ancestors 'self'; base-uri 'self'; form-action 'none'";
 
 async fn viewer_headers(mut response: Response) -> Response {
     let h = response.headers_mut();
@@ -66,7 +67,10 @@ async fn viewer_headers(mut response: Response) -> Response {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
     );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("SAMEORIGIN"),
+    );
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),

@@ -158,7 +158,17 @@ def doctor(args):
         link.click()
         progress_seen = None
         deadline = time.monotonic() + DEADLINE_S
-        while "/viewer/" not in page.url and time.monotonic() < deadline:
+        # A prior arriving from the other hospital opens in the viewer at
+        # once, framed under the fetch's progress strip (#viewer-frame); a
+        # study already here goes to the viewer itself.
+        def framing():
+            # A look may race the progress page's own reload: taken again.
+            try:
+                return page.locator("#viewer-frame").count() > 0
+            except PlaywrightError:
+                return False
+
+        while "/viewer/" not in page.url and not framing() and time.monotonic() < deadline:
             # The progress page reloads itself every second: a look may
             # race a navigation, and is simply taken again.
             try:
@@ -180,14 +190,28 @@ def doctor(args):
                 if not any(w in str(e) for w in ("context was destroyed", "navigat", "Timeout")):
                     raise
             page.wait_for_timeout(100)
-        emit(step="opened", url=page.url, progress=progress_seen,
+        framed = "/viewer/" not in page.url and framing()
+        view = page.frame_locator("#viewer-frame") if framed else page
+        emit(step="opened", url=page.url, progress=progress_seen, framed=framed,
              seconds=round(time.monotonic() - clicked, 3),
              through_progress_page=any("/images" in u for u in visited))
 
+        def strip_counts():
+            """The progress strip's instances here and in all, while framed."""
+            if not framed:
+                return None, None
+            try:
+                body = page.frame_locator("#progress-frame").locator("body")
+                return (int(body.get_attribute("data-done", timeout=2000)),
+                        int(body.get_attribute("data-total", timeout=2000)))
+            except (PlaywrightError, TypeError, ValueError):
+                return None, None
+
         # The viewer draws the study: poll the viewport's pixels.
         levels, spread, drawn = 0, 0, None
+        here_at_draw, total = None, None
         while time.monotonic() < deadline:
-            canvas = page.locator("canvas.cornerstone-canvas")
+            canvas = view.locator("canvas.cornerstone-canvas")
             if canvas.count():
                 first = canvas.first
                 box = first.bounding_box()
@@ -195,20 +219,37 @@ def doctor(args):
                     levels, spread = grey_levels(first.screenshot())
                     if levels > 16 and spread > 64:
                         drawn = round(time.monotonic() - clicked, 3)
+                        here_at_draw, total = strip_counts()
                         break
             page.wait_for_timeout(200)
         emit(step="drawn", levels=levels, spread=spread, seconds=drawn,
-             canvases=page.locator("canvas.cornerstone-canvas").count())
+             here_at_draw=here_at_draw, total=total,
+             canvases=view.locator("canvas.cornerstone-canvas").count())
         # OHIF's first-visit tour and notice cover the image in a screenshot.
         for label in ["Skip all", "Confirm and hide"]:
-            button = page.get_by_text(label, exact=True)
+            button = view.get_by_text(label, exact=True)
             if button.count():
                 button.first.click()
         shot(page, "viewer.png")
+        # The rest of the study arrives under the viewer: the strip says so.
+        if framed:
+            state = None
+            while time.monotonic() < deadline:
+                try:
+                    state = page.frame_locator("#progress-frame").locator("body").get_attribute(
+                        "data-state", timeout=2000)
+                except PlaywrightError:
+                    state = None
+                if state in ("done", "failed"):
+                    break
+                page.wait_for_timeout(300)
+            emit(step="arrived", state=state, seconds=round(time.monotonic() - clicked, 3))
+            shot(page, "viewer-arrived.png")
         statuses = sorted({r["status"] for r in seen})
         emit(step="dicomweb", statuses=statuses, count=len(seen),
              methods=sorted({r["method"] for r in seen}),
              refused=[r for r in seen if r["status"] in (401, 403)],
+             failed=[r for r in seen if r["status"] >= 500],
              missing=missing, console_errors=console[:10])
 
         # The timeline: a thumbnail per series of the fetched prior.

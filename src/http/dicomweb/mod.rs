@@ -122,6 +122,61 @@ pub fn router(
     Router::new().nest(BASE_PATH, routes)
 }
 
+/// The fetch from another hospital a study is still arriving by, once its
+/// manifest is verified (`crate::peer::Live`): the viewer reads the study
+/// through it while it runs.
+pub fn live(state: &DicomwebState, study: &str) -> Option<Arc<crate::peer::Live>> {
+    state
+        .region
+        .as_ref()
+        .and_then(|region| crate::peer::live(region, study))
+}
+
+/// A search or metadata request of a study still arriving, answered by the
+/// holding node under the fetch's grant, its URLs rewritten to this node's
+/// (a retrieve of what they name comes here and waits for the verified
+/// instance). `path` is below the DICOMweb base; `params` the request's.
+pub async fn from_peer(
+    live: &crate::peer::Live,
+    path: &str,
+    params: &[(String, String)],
+    headers: &HeaderMap,
+) -> Result<axum::response::Response, crate::http::error::Error> {
+    use axum::response::IntoResponse;
+    let mut path_and_query = path.to_string();
+    if !params.is_empty() {
+        // reqwest's URL type encodes the pairs as a form would.
+        let mut url = reqwest::Url::parse("http://query/").expect("a valid URL");
+        url.query_pairs_mut().extend_pairs(params);
+        path_and_query.push('?');
+        path_and_query.push_str(url.query().unwrap_or_default());
+    }
+    let answer = live
+        .ask_peer(&path_and_query, json::DICOM_JSON, &base_url(headers))
+        .await
+        .map_err(|e| {
+            crate::http::error::Error::Unavailable(format!("the holding hospital's node: {e}"))
+        })?;
+    match answer.status {
+        204 => Ok(axum::http::StatusCode::NO_CONTENT.into_response()),
+        200..=299 => Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(answer.content_type.as_deref().unwrap_or(json::DICOM_JSON))
+                    .unwrap_or(HeaderValue::from_static(json::DICOM_JSON)),
+            )],
+            answer.body,
+        )
+            .into_response()),
+        404 => Err(crate::http::error::Error::NotFound(
+            "study at the holding hospital",
+        )),
+        s => Err(crate::http::error::Error::Unavailable(format!(
+            "the holding hospital's node answered {s}"
+        ))),
+    }
+}
+
 /// CORS for browser viewers served from elsewhere; the preflight is
 /// answered before the token check (browsers send it without one).
 fn cors_layer(config: &DicomwebConfig) -> Option<CorsLayer> {

@@ -221,14 +221,57 @@ async fn search(
     // A grant names one study: the search actually run must be scoped to
     // it (build_query refuses a query key that would replace the path's
     // Study Instance UID), whatever path the request came in on.
+    // A search keyed on exactly the grant's study (`/studies?
+    // StudyInstanceUID=…`, as a viewer searches for the study it opens) is
+    // scoped to it as well: the key is one UID, matched exactly.
+    let keyed: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "StudyInstanceUID" || k == "0020000D")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let scoped = study.as_deref().or(match keyed.as_slice() {
+        [one] if level != Level::Patient => Some(*one),
+        _ => None,
+    });
     if let Some(axum::Extension(crate::http::GrantAccess(grant))) = &grant
-        && study.as_deref() != Some(grant.study_instance_uid.as_str())
+        && scoped != Some(grant.study_instance_uid.as_str())
     {
         return Err(Error::Forbidden(
             "a grant admits searches within its own study only",
         ));
     }
     media::require_json(&headers)?;
+    // A study still arriving from another hospital, which the viewer reads
+    // while it arrives: the holding node answers the search within it.
+    let searched = study.clone().or_else(|| {
+        params
+            .iter()
+            .find(|(k, _)| k == "StudyInstanceUID" || k == "0020000D")
+            .map(|(_, v)| v.clone())
+    });
+    if grant.is_none()
+        && level != Level::Patient
+        && let Some(searched) = searched
+        && let Some(live) = super::live(&state, &searched)
+    {
+        // The holding node admits a grant's searches within its study: the
+        // study goes in the path (a study search keeps it as its one key).
+        let in_path: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| k != "StudyInstanceUID" && k != "0020000D")
+            .cloned()
+            .collect();
+        let (path, params) = match (level, &series) {
+            (Level::Study, _) => ("/studies".to_string(), params),
+            (Level::Series, _) => (format!("/studies/{searched}/series"), in_path),
+            (_, Some(se)) => (
+                format!("/studies/{searched}/series/{se}/instances"),
+                in_path,
+            ),
+            (_, None) => (format!("/studies/{searched}/instances"), in_path),
+        };
+        return super::from_peer(&live, &path, &params, &headers).await;
+    }
     let (query, options) = build_query(
         state.match_options,
         level,

@@ -49,10 +49,29 @@ pub async fn locate(
     series: Option<&str>,
     instance: Option<&str>,
 ) -> Result<Vec<InstanceLocation>, Error> {
+    // A study still arriving from another hospital that the viewer reads
+    // while it arrives: what is asked for is served once it is here and
+    // verified (an instance the series stream has not brought yet is
+    // fetched on its own first).
+    let mut waited_for_instance = false;
+    if let Some(live) = super::live(state, study) {
+        let wanted = match instance {
+            Some(i) if live.lists(i) => vec![i.to_string()],
+            Some(_) => Vec::new(),
+            None => live.instances_of(series),
+        };
+        if !wanted.is_empty() {
+            waited_for_instance =
+                live.wait_for(&wanted, instance.is_some()).await && instance.is_some();
+        }
+    }
     let mut found = locate_in(state.ingest.index(), study, series, instance).await?;
     // A series still arriving from another hospital is not served yet
-    // (crate::peer::incomplete_series).
-    if let Some(region) = &state.region {
+    // (crate::peer::incomplete_series), but for an instance that was
+    // waited for: it is here and verified.
+    if let Some(region) = &state.region
+        && !waited_for_instance
+    {
         let hidden = crate::peer::incomplete_series(region, study);
         found.retain(|l| !hidden.contains(&l.series_instance_uid));
         if found.is_empty() {
@@ -132,6 +151,10 @@ async fn fetch_if_regional(state: &DicomwebState, study: &str) -> Result<(), Err
     let Some(region) = &state.region else {
         return Ok(());
     };
+    // Arriving already: `locate` waits for what is asked.
+    if super::live(state, study).is_some() {
+        return Ok(());
+    }
     match crate::peer::regional_holder(&state.ingest, study).await {
         Ok(Some(holding)) => crate::peer::fetch_study(
             region,
@@ -446,6 +469,18 @@ async fn metadata(
     instance: Option<&str>,
 ) -> Result<Response, Error> {
     media::require_json(headers)?;
+    // The metadata of a study or series still arriving is the holding
+    // node's (the viewer lays the study out at once); each instance's
+    // pixels are served once it is here and verified.
+    if instance.is_none()
+        && let Some(live) = super::live(state, study)
+    {
+        let path = match series {
+            Some(series) => format!("/studies/{study}/series/{series}/metadata"),
+            None => format!("/studies/{study}/metadata"),
+        };
+        return super::from_peer(&live, &path, &[], headers).await;
+    }
     let locations = locate(state, study, series, instance).await?;
     let base = base_url(headers);
     let store = state.ingest.store().clone();

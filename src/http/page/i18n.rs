@@ -376,6 +376,17 @@ const STRINGS: &[(&str, &str, &str)] = &[
         "Fetching the images from {hospital}; each series can be viewed once it is complete and verified.",
     ),
     (
+        "fetching_live",
+        "正在从{hospital}获取影像：查看器中的每幅图像到达并校验后即显示。",
+        "Fetching the images from {hospital}: the viewer shows each image once it has arrived and been verified.",
+    ),
+    (
+        "fetch_done",
+        "全部 {it} 幅图像已到达并校验。",
+        "All {it} images have arrived and been verified.",
+    ),
+    ("back_to_patient", "返回患者页", "Back to the patient"),
+    (
         "fetch_progress",
         "序列 {s} / {st}，图像 {i} / {it}",
         "Series {s} of {st}, images {i} of {it}",

@@ -10,6 +10,10 @@
 //!   scripts: a `<meta http-equiv="refresh">`), with the thumbnails of the
 //!   series complete so far and a link to open them; when the whole study
 //!   is here it goes on to the viewer.
+//!   Once the fetch's manifest is verified, the page instead shows the
+//!   viewer at once, reading the study as it arrives (`crate::peer::Live`),
+//!   under a strip with the fetch's progress: both framed by this page,
+//!   same origin only.
 //! - When the images cannot be opened (peer down, no consent, failed
 //!   verification) the page says which and why.
 //!
@@ -44,6 +48,7 @@ const REFRESH_SECS: u32 = 1;
 pub(super) fn routes() -> Router<Arc<PageState>> {
     Router::new()
         .route("/ui/studies/{uid}/images", get(open_images))
+        .route("/ui/studies/{uid}/images/progress", get(progress_strip))
         .route(
             "/ui/studies/{uid}/series/{series}/thumbnail",
             get(thumbnail),
@@ -246,6 +251,31 @@ async fn open_images(
     let Some(progress) = crate::peer::progress(region, &uid) else {
         return Ok(Redirect::to(&images_link(&uid)).into_response());
     };
+    // Past the manifest: the viewer reads the study as it arrives, under
+    // the fetch's progress.
+    if crate::peer::live(region, &uid).is_some() {
+        let mut response = state
+            .render(
+                &page,
+                StatusCode::OK,
+                "images_live.html",
+                json!({
+                    "uid": uid,
+                    "viewer_url": crate::http::viewer::study_url(&uid),
+                    "progress_url": format!("{}/progress", images_link(&uid)),
+                }),
+            )
+            .await;
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; frame-src 'self'; \
+                 frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+        );
+        return Ok(response);
+    }
     let hospital = region
         .directory()
         .await
@@ -314,6 +344,70 @@ async fn open_images(
             response.headers_mut().insert("refresh", v);
         }
     }
+    Ok(response)
+}
+
+/// The strip above the viewer while a prior arrives: the fetch's
+/// progress, reloading itself every second until it ends (then its
+/// outcome). Framed by the images page only (same origin).
+async fn progress_strip(
+    State(state): State<Arc<PageState>>,
+    page: Page,
+    Path(raw): Path<String>,
+) -> Answer {
+    let region = state.need_region(&page).await?;
+    page.user()?;
+    let Ok(uid) = Uid::parse(&raw) else {
+        return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
+    };
+    let uid = uid.as_str().to_string();
+    let Some(progress) = crate::peer::progress(region, &uid) else {
+        return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
+    };
+    let holding = region
+        .directory()
+        .await
+        .and_then(|d| {
+            d.hospitals
+                .into_iter()
+                .find(|h| h.hospital_id == progress.hospital_id)
+        })
+        .map(|h| h.name)
+        .unwrap_or_else(|| progress.hospital_id.clone());
+    let running = progress.state == FetchState::Running;
+    let failure = progress.failure.as_ref().map(|f| {
+        json!({
+            "kind": serde_json::to_value(f.kind).unwrap_or(Value::Null),
+            "detail": f.detail,
+        })
+    });
+    let mut response = state
+        .render(
+            &page,
+            StatusCode::OK,
+            "images_progress.html",
+            json!({
+                "uid": uid,
+                "holding": holding,
+                "progress": progress,
+                "failure": failure,
+                "refresh": running.then_some(REFRESH_SECS),
+                "retry_url": format!("{}?retry=1", images_link(&uid)),
+            }),
+        )
+        .await;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'; \
+             base-uri 'none'; form-action 'none'",
+        ),
+    );
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("SAMEORIGIN"),
+    );
     Ok(response)
 }
 

@@ -71,6 +71,14 @@ const TEMPLATES: &[(&str, &str)] = &[
         "images.html",
         include_str!("../../../templates/images.html"),
     ),
+    (
+        "images_live.html",
+        include_str!("../../../templates/images_live.html"),
+    ),
+    (
+        "images_progress.html",
+        include_str!("../../../templates/images_progress.html"),
+    ),
 ];
 
 fn templates() -> Environment<'static> {
@@ -117,18 +125,25 @@ pub fn router(state: &Arc<AppState>) -> Router {
         .with_state(page)
 }
 
-/// Pages carry PHI: never cached, never framed, no scripts at all.
+/// Pages carry PHI: never cached, never framed, no scripts at all. The
+/// one exception is the page showing a prior as it arrives
+/// (`images::open_images`), which frames the viewer and its own progress
+/// strip, same origin only, and says so in its own headers.
 async fn security_headers(mut response: Response) -> Response {
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; \
-             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; \
+                 form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            ),
+        );
+    }
+    if !h.contains_key(header::X_FRAME_OPTIONS) {
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
     h.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),

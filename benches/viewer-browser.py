@@ -9,12 +9,14 @@ study), clicks the prior's 查看 link and measures, from the click:
 
 - first_image_s: until the viewer's viewport shows the study (its pixels,
   from a screenshot, have more than 16 grey levels over a spread of 64);
-- instances_at_first_image: how many of the study's instances A held then
-  (QIDO-RS at A with the operator's token, HUREN_BENCH_TOKEN);
+- instances_at_first_image: how many of the study's instances A held then,
+  verified (A's manifest of the study, with the operator's token,
+  HUREN_BENCH_TOKEN), counted after the draw was seen (never fewer than
+  at the draw);
 - fetch_s: until A's peer audit records the fetch as done (its `at`);
-- viewer_opened_s: until the page hands over to the viewer (the fetch plus
-  at most one refresh of the progress page); first_image_s minus this is
-  the viewer's own start and first draw.
+- viewer_opened_s: until the page shows the viewer (framed under the
+  fetch's progress once the manifest is verified); first_image_s minus
+  this is the viewer's own start and first draw.
 
 With HUREN_SCREENSHOTS=DIR, saves the progress page (a look with images
 in) as viewer-progress.png there.
@@ -30,6 +32,7 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from PIL import Image
@@ -47,8 +50,15 @@ def api(base, path, token):
 
 
 def held(base, study, token):
-    found = api(base, f"/dicom-web/studies/{study}/instances?limit=100000", token)
-    return len(found or [])
+    """Instances of the study in A's own index, verified (A's manifest of
+    it: QIDO-RS at A answers for a study still arriving from the holding
+    node, so it cannot count what A holds)."""
+    try:
+        return len(api(base, f"/api/v1/studies/{study}/manifest", token)["instances"])
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return 0
+        raise
 
 
 def drawn(png):
@@ -89,15 +99,19 @@ def main():
         first, at_first, opened, shot = None, None, None, os.environ.get("HUREN_SCREENSHOTS")
         while time.monotonic() < deadline:
             try:
-                if opened is None and "/viewer/" in page.url:
+                # The viewer opens framed under the fetch's progress while
+                # the study arrives, or itself once it is all here.
+                framed = "/viewer/" not in page.url and page.locator("#viewer-frame").count() > 0
+                if opened is None and ("/viewer/" in page.url or framed):
                     opened = time.monotonic() - clicked
                 if shot and "/images" in page.url and page.locator(
                         "#fetch-progress:not([value='0'])").count():
                     os.makedirs(shot, exist_ok=True)
                     page.screenshot(path=os.path.join(shot, "viewer-progress.png"))
                     shot = None
-                canvas = page.locator("canvas.cornerstone-canvas")
-                if "/viewer/" in page.url and canvas.count():
+                view = page.frame_locator("#viewer-frame") if framed else page
+                canvas = view.locator("canvas.cornerstone-canvas")
+                if opened is not None and canvas.count():
                     box = canvas.first.bounding_box()
                     if box and box["width"] > 50 and drawn(canvas.first.screenshot()):
                         first = time.monotonic() - clicked

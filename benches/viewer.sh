@@ -7,10 +7,14 @@
 # audit). Target: the first image before a tenth of the study has arrived.
 # Not a test. Figures: benches/results/viewer-*.md, docs/benchmarks.md.
 #
-#   benches/viewer.sh [--instances N] [--runs R] [--work-dir DIR] [--out FILE] [--keep]
+#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--work-dir DIR] [--out FILE] [--keep]
 #
 #   --instances N  CT instances of the study (default 500, ~525 kB each)
 #   --runs R       rounds (default 3), each with a fresh node A
+#   --peer-bandwidth B  A's cap on what its peer fetches take, bytes/s
+#                  (node option --peer-bandwidth; default 0: none, loopback
+#                  speed). 12500000 stands for a 100 Mbit/s link between
+#                  the hospitals.
 #   --work-dir     default /tmp/huren-viewer-bench (DIR/run-<stamp>)
 #   --out FILE     default benches/results/viewer-<date>-<time>.md
 #
@@ -38,6 +42,7 @@ command_line="benches/viewer.sh"
 
 instances=500
 runs=3
+peer_bandwidth=0
 work_dir="${HUREN_BENCH_WORK:-/tmp/huren-viewer-bench}"
 out_file=""
 keep=0
@@ -45,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --instances) instances="$2"; shift ;;
         --runs) runs="$2"; shift ;;
+        --peer-bandwidth) peer_bandwidth="$2"; shift ;;
         --work-dir) work_dir="$2"; shift ;;
         --out) out_file="$2"; shift ;;
         --keep) keep=1 ;;
@@ -148,7 +154,8 @@ start_a() { # DATA_DIR
     "$HUREN_BIN" user add --data-dir "$1" "$DOCTOR" --name 测试医生 --password-file "$run/password" \
         >>"$logs/cli.log" 2>&1
     mapfile -t args < <(node_args "$1" "$HOSP_A" "$run/a.token" "$http" "$dicom" HOSPA)
-    "$HUREN_BIN" "${args[@]}" --viewer-dir "$VIEWER_DIR" >>"$logs/a.log" 2>&1 &
+    "$HUREN_BIN" "${args[@]}" --viewer-dir "$VIEWER_DIR" --peer-bandwidth "$peer_bandwidth" \
+        >>"$logs/a.log" 2>&1 &
     a_pid=$!
     wait_http "$a_pid" "$A/health" 60 || { log "node A did not start"; exit 1; }
     for _ in $(seq 1 600); do
@@ -181,13 +188,17 @@ done
 
 mkdir -p "$(dirname "$out_file")"
 "$PYTHON" - "$results" "$instances" "$command_line" "$(git -C "$repo" rev-parse --short HEAD)" "$HUREN_BIN" \
-    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" >"$out_file" <<'PY'
+    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" "$peer_bandwidth" "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    >"$out_file" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 n = int(sys.argv[2])
-print(f"# Viewer: click to first image, {n}-instance CT prior held at B\n")
+bw = int(sys.argv[7])
+link = f"A's peer fetches capped at {bw} bytes/s ({bw * 8 / 1e6:.0f} Mbit/s)" if bw else "loopback, no cap"
+print(f"# Viewer: click to first image, {n}-instance CT prior held at B ({link})\n")
 print(f"`{sys.argv[3]}` at {sys.argv[4]}, binary `{sys.argv[5]}`; {sys.argv[6]} headless,"
-      f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs.\n")
+      f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs;"
+      f" load average at the end {sys.argv[8]}.\n")
 print("| round | first image (s) | instances at A then | whole fetch (s) | first image / fetch | page hands over to the viewer (s) |")
 print("|---|---|---|---|---|---|")
 for i, r in enumerate(rows, 1):

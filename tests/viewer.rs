@@ -75,7 +75,25 @@ async fn entries(api: &Api, action: &str) -> Vec<Value> {
 
 support::on_both_backends!(the_doctor_opens_a_regional_prior_in_the_viewer);
 
-async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
+/// The region of these tests: a registry, B holding a chest CT (two
+/// series, 12 images, reported, QC-passed) and a head CT of the patient,
+/// A with DICOMweb behind tokens, the viewer installed, the patient's
+/// consent for A, and a doctor's account at A. `peer_bandwidth` is A's cap
+/// on its fetches from B (0: none).
+struct Scene {
+    registry: crate::region::TestRegistry,
+    node_a: support::TestNode,
+    node_b: support::TestNode,
+    api_a: Api,
+    api_b: Api,
+    reg_b: Api,
+    uid: String,
+    head_uid: String,
+    base: String,
+    _work: tempfile::TempDir,
+}
+
+async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64) -> Scene {
     let viewer_dir = support::env("HUREN_TEST_VIEWER_DIR");
     let registry = spawn_registry(backend).await;
     let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
@@ -97,16 +115,9 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     // A as a hospital runs it: DICOMweb behind tokens (not open), the
     // viewer installed.
     let (url, dir) = (registry.url(), viewer_dir.clone());
-    // On SQLite, A's link to B is slow (8 kB/s, `peer_bandwidth`): the
-    // study (12 small CT images, 320 kB) takes some 40 s to arrive, and the
-    // viewer must draw it long before that (issue 19: a prior is shown as
-    // it arrives).
-    let slow_link = backend == Backend::SqliteLocal;
     let node_a = support::spawn_node_with(backend, move |c| {
         let mut region = region_config(&url, HOSPITAL_A, &token_a);
-        if slow_link {
-            region.peer_bandwidth = 8_000;
-        }
+        region.peer_bandwidth = peer_bandwidth;
         c.region = Some(region);
         c.viewer_dir = Some(dir.into());
     })
@@ -218,6 +229,201 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
         .await
         .unwrap();
     let base = format!("http://{}", node_a.http_addr);
+    Scene {
+        registry,
+        node_a,
+        node_b,
+        api_a,
+        api_b,
+        reg_b,
+        uid,
+        head_uid,
+        base,
+        _work: work,
+    }
+}
+
+/// A DICOMweb client (any: here a plain HTTP client with A's token) reads
+/// a prior at A while A is still fetching it from B over a slow link: its
+/// searches and metadata are answered (B's, naming A's URLs), and an
+/// instance it asks for is served from A, verified, long before the study
+/// is all here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dicomweb_client_reads_a_prior_while_it_arrives() {
+    // 8 kB/s: the 12 images (320 kB) take some 40 s to arrive.
+    let Scene {
+        api_a,
+        api_b,
+        uid,
+        base,
+        ..
+    } = region_with_a_prior(Backend::SqliteLocal, 8_000).await;
+    let http = reqwest::Client::new();
+    let get = |url: String, accept: &'static str| {
+        let http = http.clone();
+        async move {
+            http.get(url)
+                .bearer_auth(support::NODE_API_TOKEN)
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Before any fetch A holds nothing of the study.
+    let r = get(
+        format!("{base}/dicom-web/studies/{uid}/instances"),
+        "application/dicom+json",
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+    // A learns that B holds it (a priors answer), and fetches it in the
+    // background, as a retrieve of a workstation would have it fetched.
+    api_a
+        .ok(
+            "POST",
+            "/api/v1/priors",
+            Some(
+                json!({"patient": {"identifier_type": "RID", "identifier": RID},
+                "purpose": "treatment", "user_id": "dr.li"}),
+            ),
+        )
+        .await;
+    let fetch = tokio::spawn({
+        let (api_a, uid) = (api_a.clone(), uid.clone());
+        async move {
+            api_a
+                .call(
+                    "POST",
+                    "/api/v1/peer/fetch",
+                    Some(json!({
+                    "hospital_id": HOSPITAL_B, "study_instance_uid": uid, "purpose": "treatment",
+                    "encounter": "outpatient", "user_id": DOCTOR, "reference": "viewer-test"})),
+                )
+                .await
+        }
+    });
+    let held_at_a = || {
+        let (api_a, uid) = (api_a.clone(), uid.clone());
+        async move {
+            let (status, m) = api_a
+                .call("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
+                .await;
+            match status {
+                404 => Vec::new(),
+                200 => m["instances"].as_array().unwrap().clone(),
+                s => panic!("A's manifest: {s} {m}"),
+            }
+        }
+    };
+    // Once A has B's manifest, A answers for the whole study.
+    let instances: Vec<Value> = {
+        let mut found = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while found.len() < 12 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "A never answered for all 12"
+            );
+            let r = get(
+                format!("{base}/dicom-web/studies/{uid}/instances"),
+                "application/dicom+json",
+            )
+            .await;
+            if r.status() == 200 {
+                found = r.json().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        found
+    };
+    assert!(
+        held_at_a().await.len() < 12,
+        "the study arrived before it was searched: the link is not slow"
+    );
+    let series_of = |i: &Value| i["0020000E"]["Value"][0].as_str().unwrap().to_string();
+    let sop_of = |i: &Value| i["00080018"]["Value"][0].as_str().unwrap().to_string();
+    let series = series_of(instances.last().unwrap());
+    // The series' metadata: every image, its bulk data at A.
+    let r = get(
+        format!("{base}/dicom-web/studies/{uid}/series/{series}/metadata"),
+        "application/dicom+json",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let metadata: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(
+        metadata.len(),
+        instances.iter().filter(|i| series_of(i) == series).count()
+    );
+    for m in &metadata {
+        let uri = m["7FE00010"]["BulkDataURI"].as_str().unwrap();
+        assert!(
+            uri.starts_with(&format!("{base}/dicom-web/studies/{uid}/series/{series}/")),
+            "{uri}"
+        );
+    }
+    // An image of the series the stream brings last: its frame, from A,
+    // while most of the study is still on its way.
+    let last = metadata.last().unwrap()["00080018"]["Value"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = get(
+        format!("{base}/dicom-web/studies/{uid}/series/{series}/instances/{last}/frames/1"),
+        "multipart/related; type=\"application/octet-stream\"; transfer-syntax=*",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let frame = r.bytes().await.unwrap();
+    assert!(frame.len() > 1000, "{}", frame.len());
+    let here = held_at_a().await;
+    assert!(
+        here.len() < 12,
+        "served only once the whole study was here ({} of 12)",
+        here.len()
+    );
+    // It was served from A's own copy, verified against B's manifest.
+    let (_, at_b) = api_b
+        .call("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
+        .await;
+    let hash_at = |list: &[Value]| {
+        list.iter()
+            .find(|i| i["sop_instance_uid"] == last)
+            .map(|i| i["blob_hash"].clone())
+    };
+    assert!(hash_at(&here).is_some(), "{last} not at A");
+    assert_eq!(
+        hash_at(&here),
+        hash_at(at_b["instances"].as_array().unwrap())
+    );
+    // The fetch completes: every instance, once.
+    let (status, report) = fetch.await.unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["instances"], 12, "{report}");
+    assert_eq!(report["fetched"], 12, "{report}");
+    assert_eq!(held_at_a().await.len(), 12);
+    assert!(instances.iter().all(|i| !sop_of(i).is_empty()));
+}
+
+async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
+    // On SQLite, A's link to B is slow (8 kB/s, `peer_bandwidth`): the
+    // study (12 small CT images, 320 kB) takes some 40 s to arrive, and the
+    // viewer must draw it long before that (issue 19: a prior is shown as
+    // it arrives).
+    let slow_link = backend == Backend::SqliteLocal;
+    let Scene {
+        registry,
+        node_a,
+        node_b,
+        api_a,
+        api_b,
+        reg_b,
+        uid,
+        head_uid,
+        base,
+        _work,
+    } = region_with_a_prior(backend, if slow_link { 8_000 } else { 0 }).await;
 
     // 1. No session: the viewer loads, its DICOMweb requests are refused,
     //    nothing is fetched from B. (A knows B holds the study only after a

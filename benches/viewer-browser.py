@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Browser side of benches/viewer.sh (issue 19). Not a test.
 
-    viewer-browser.py --base URL --user ID --rid NUMBER --study UID
+    viewer-browser.py --base URL --user ID --rid NUMBER --study UID [--warm]
 
 Signs in at node A's page (password in HUREN_PAGE_PASSWORD), finds the
 patient (the timeline asks the registry, which tells A that B holds the
@@ -76,6 +76,9 @@ def main():
     ap.add_argument("--user", required=True)
     ap.add_argument("--rid", required=True)
     ap.add_argument("--study", required=True)
+    ap.add_argument("--warm", action="store_true",
+                    help="open the viewer once before the click (a doctor's browser that has"
+                         " used it today: OHIF's files in its cache)")
     a = ap.parse_args()
     token = os.environ["HUREN_BENCH_TOKEN"]
     with sync_playwright() as p:
@@ -87,6 +90,11 @@ def main():
         page.fill("#password", os.environ["HUREN_PAGE_PASSWORD"])
         page.click("#sign-in")
         page.wait_for_url(f"{a.base}/ui/")
+        if a.warm:
+            # OHIF's files into the browser's cache (the node lets them be
+            # cached for an hour); no study is opened, nothing fetched.
+            page.goto(f"{a.base}/viewer/", wait_until="networkidle")
+            page.goto(f"{a.base}/ui/")
         page.check("#kind-rid")
         page.fill("#identifier", a.rid)
         page.click("#find")

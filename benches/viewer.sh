@@ -7,7 +7,7 @@
 # audit). Target: the first image before a tenth of the study has arrived.
 # Not a test. Figures: benches/results/viewer-*.md, docs/benchmarks.md.
 #
-#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--work-dir DIR] [--out FILE] [--keep]
+#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--warm] [--work-dir DIR] [--out FILE] [--keep]
 #
 #   --instances N  CT instances of the study (default 500, ~525 kB each)
 #   --runs R       rounds (default 3), each with a fresh node A
@@ -15,6 +15,8 @@
 #                  (node option --peer-bandwidth; default 0: none, loopback
 #                  speed). 12500000 stands for a 100 Mbit/s link between
 #                  the hospitals.
+#   --warm         the browser opens the viewer once before the click (a
+#                  doctor's browser with OHIF's files in its cache)
 #   --work-dir     default /tmp/huren-viewer-bench (DIR/run-<stamp>)
 #   --out FILE     default benches/results/viewer-<date>-<time>.md
 #
@@ -43,6 +45,7 @@ command_line="benches/viewer.sh"
 instances=500
 runs=3
 peer_bandwidth=0
+warm=()
 work_dir="${HUREN_BENCH_WORK:-/tmp/huren-viewer-bench}"
 out_file=""
 keep=0
@@ -51,6 +54,7 @@ while [[ $# -gt 0 ]]; do
         --instances) instances="$2"; shift ;;
         --runs) runs="$2"; shift ;;
         --peer-bandwidth) peer_bandwidth="$2"; shift ;;
+        --warm) warm=(--warm) ;;
         --work-dir) work_dir="$2"; shift ;;
         --out) out_file="$2"; shift ;;
         --keep) keep=1 ;;
@@ -179,7 +183,7 @@ for (( r = 1; r <= runs; r++ )); do
     sync
     line=$(HUREN_BENCH_TOKEN="$BENCH_TOKEN" HUREN_SCREENSHOTS="${HUREN_SCREENSHOTS:-}" \
         "$BROWSER_PYTHON" "$here/viewer-browser.py" \
-        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY")
+        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" "${warm[@]}")
     echo "$line" >>"$results"
     log "round $r: $line"
     stop_pid "$a_pid"; a_pid=""
@@ -188,14 +192,15 @@ done
 
 mkdir -p "$(dirname "$out_file")"
 "$PYTHON" - "$results" "$instances" "$command_line" "$(git -C "$repo" rev-parse --short HEAD)" "$HUREN_BIN" \
-    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" "$peer_bandwidth" "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" "$peer_bandwidth" "$(cut -d' ' -f1-3 /proc/loadavg)" "${warm[*]:-cold}" \
     >"$out_file" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 n = int(sys.argv[2])
 bw = int(sys.argv[7])
+cache = "warm browser cache (viewer opened once before)" if sys.argv[9] == "--warm" else "cold browser"
 link = f"A's peer fetches capped at {bw} bytes/s ({bw * 8 / 1e6:.0f} Mbit/s)" if bw else "loopback, no cap"
-print(f"# Viewer: click to first image, {n}-instance CT prior held at B ({link})\n")
+print(f"# Viewer: click to first image, {n}-instance CT prior held at B ({link}; {cache})\n")
 print(f"`{sys.argv[3]}` at {sys.argv[4]}, binary `{sys.argv[5]}`; {sys.argv[6]} headless,"
       f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs;"
       f" load average at the end {sys.argv[8]}.\n")

@@ -244,6 +244,17 @@ async fn open_images(
             session.user_id.clone(),
             format!("page: images opened by {}", session.user_id),
         );
+        // The manifest is usually in within a fraction of a second: the
+        // next look then shows the viewer at once rather than after the
+        // progress page's first refresh. It waits for that a little, no
+        // longer (a slow registry or peer gets the progress page).
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        while tokio::time::Instant::now() < deadline
+            && crate::peer::live(region, &uid).is_none()
+            && crate::peer::progress(region, &uid).is_some_and(|p| p.state == FetchState::Running)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         // The next look shows the fetch running (without `retry`).
         return Ok(Redirect::to(&images_link(&uid)).into_response());
     }

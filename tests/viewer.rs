@@ -79,7 +79,9 @@ support::on_both_backends!(the_doctor_opens_a_regional_prior_in_the_viewer);
 /// series, 12 images, reported, QC-passed) and a head CT of the patient,
 /// A with DICOMweb behind tokens, the viewer installed, the patient's
 /// consent for A, and a doctor's account at A. `peer_bandwidth` is A's cap
-/// on its fetches from B (0: none).
+/// on its fetches from B (0: none). `tag` seeds the studies' UIDs: tests
+/// run in one process, where a node's fetch progress is kept by hospital
+/// and Study Instance UID, so each test needs studies of its own.
 struct Scene {
     registry: crate::region::TestRegistry,
     node_a: support::TestNode,
@@ -93,7 +95,7 @@ struct Scene {
     _work: tempfile::TempDir,
 }
 
-async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64) -> Scene {
+async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64, tag: &str) -> Scene {
     let viewer_dir = support::env("HUREN_TEST_VIEWER_DIR");
     let registry = spawn_registry(backend).await;
     let admin = Api::new(&registry.url(), Some(ADMIN_TOKEN));
@@ -149,7 +151,7 @@ async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64) -> Scene {
     let ct = make_study(
         work.path(),
         "p1-ct-chest-2024",
-        &format!("ct-viewer-{backend:?}"),
+        &format!("ct-viewer-{tag}"),
         &["--resident-id", RID],
     );
     store(&node_b, &ct.files).await;
@@ -158,7 +160,7 @@ async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64) -> Scene {
     let head = make_study(
         work.path(),
         "p1-ct-head-2019",
-        &format!("ct-viewer-head-{backend:?}"),
+        &format!("ct-viewer-head-{tag}"),
         &["--resident-id", RID],
     );
     store(&node_b, &head.files).await;
@@ -250,14 +252,11 @@ async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64) -> Scene {
 /// is all here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dicomweb_client_reads_a_prior_while_it_arrives() {
-    // 8 kB/s: the 12 images (320 kB) take some 40 s to arrive.
-    let Scene {
-        api_a,
-        api_b,
-        uid,
-        base,
-        ..
-    } = region_with_a_prior(Backend::SqliteLocal, 8_000).await;
+    // 8 kB/s: the 12 images (320 kB) take some 40 s to arrive. The scene
+    // is kept whole: its nodes and registry live as long as it does.
+    let scene = region_with_a_prior(Backend::SqliteLocal, 8_000, "dicomweb-client").await;
+    let (api_a, api_b) = (scene.api_a.clone(), scene.api_b.clone());
+    let (uid, base) = (scene.uid.clone(), scene.base.clone());
     let http = reqwest::Client::new();
     let get = |url: String, accept: &'static str| {
         let http = http.clone();
@@ -289,16 +288,15 @@ async fn a_dicomweb_client_reads_a_prior_while_it_arrives() {
             ),
         )
         .await;
-    let fetch = tokio::spawn({
+    let mut fetch = tokio::spawn({
         let (api_a, uid) = (api_a.clone(), uid.clone());
         async move {
             api_a
                 .call(
                     "POST",
                     "/api/v1/peer/fetch",
-                    Some(json!({
-                    "hospital_id": HOSPITAL_B, "study_instance_uid": uid, "purpose": "treatment",
-                    "encounter": "outpatient", "user_id": DOCTOR, "reference": "viewer-test"})),
+                    Some(json!({"hospital_id": HOSPITAL_B, "study_instance_uid": uid,
+                                "purpose": "treatment", "user_id": DOCTOR})),
                 )
                 .await
         }
@@ -325,6 +323,7 @@ async fn a_dicomweb_client_reads_a_prior_while_it_arrives() {
                 tokio::time::Instant::now() < deadline,
                 "A never answered for all 12"
             );
+            assert!(!fetch.is_finished(), "{:?}", (&mut fetch).await);
             let r = get(
                 format!("{base}/dicom-web/studies/{uid}/instances"),
                 "application/dicom+json",
@@ -350,8 +349,10 @@ async fn a_dicomweb_client_reads_a_prior_while_it_arrives() {
         "application/dicom+json",
     )
     .await;
-    assert_eq!(r.status(), 200);
-    let metadata: Vec<Value> = r.json().await.unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let metadata: Vec<Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(
         metadata.len(),
         instances.iter().filter(|i| series_of(i) == series).count()
@@ -423,7 +424,12 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
         head_uid,
         base,
         _work,
-    } = region_with_a_prior(backend, if slow_link { 8_000 } else { 0 }).await;
+    } = region_with_a_prior(
+        backend,
+        if slow_link { 8_000 } else { 0 },
+        &format!("{backend:?}"),
+    )
+    .await;
 
     // 1. No session: the viewer loads, its DICOMweb requests are refused,
     //    nothing is fetched from B. (A knows B holds the study only after a

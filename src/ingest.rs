@@ -1,8 +1,9 @@
 //! The one ingest path: C-STORE (and STOW-RS, when it comes) hand it a data
 //! set as a stream of fragments; it writes the Part-10 object to staging
 //! while hashing, checks it, publishes the blob, commits the index row, and
-//! only then reports success. Any failure before the end leaves nothing:
-//! the staging file is deleted and no row exists.
+//! only then reports success. Any failure leaves no row: the staging file
+//! is deleted, or, when the index refuses the row (a rejected SOP Instance
+//! UID), the published blob is an orphan the collector removes.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -36,7 +37,8 @@ pub enum Error {
         actual: BlobHash,
     },
     /// The SOP Instance UID was rejected by an IOCM rejection note and stays
-    /// rejected (src/lifecycle.rs): nothing was stored.
+    /// rejected (src/lifecycle.rs): no index row was written (the blob, if
+    /// published, is an orphan for the collector).
     #[error(
         "SOP Instance UID {sop_instance_uid} was rejected ({reason_code}) and is not accepted again"
     )]

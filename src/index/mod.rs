@@ -310,29 +310,6 @@ impl Index {
             .collect()
     }
 
-    /// The reason code under which a SOP Instance UID stays rejected by an
-    /// IOCM rejection note (migrations 0010, 0011), if it does: the ingest
-    /// path refuses such an instance. A bar set for an instance the node
-    /// did not hold then covers only the note's study and patient.
-    pub async fn rejection_of(
-        &self,
-        sop_instance_uid: &str,
-        study_instance_uid: &str,
-        patient_id: &str,
-    ) -> Result<Option<String>, Error> {
-        let row = sqlx::query(
-            "SELECT reason_code FROM rejected_instance WHERE sop_instance_uid = $1 \
-             AND (study_instance_uid IS NULL OR study_instance_uid = $2) \
-             AND (patient_id IS NULL OR patient_id = $3)",
-        )
-        .bind(sop_instance_uid)
-        .bind(study_instance_uid)
-        .bind(patient_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
-    }
-
     pub async fn study(&self, study_instance_uid: &str) -> Result<Option<StudyRow>, Error> {
         let row = sqlx::query(
             "SELECT st.study_instance_uid, p.patient_id, p.patient_name, st.study_date, \
@@ -783,8 +760,10 @@ async fn write_instance(
     Ok(outcome)
 }
 
-/// The reason code under which a rejection note bars the instance, if one
-/// does (the same condition as [`Index::rejection_of`] and [`insert_new`]).
+/// The reason code under which an IOCM rejection note bars the instance
+/// (migrations 0010, 0011), if one does: the same condition as the `WHERE
+/// NOT EXISTS` of [`insert_new`]. A bar set for an instance the node did
+/// not hold covers only the note's study and patient.
 async fn rejection(
     conn: &mut AnyConnection,
     a: &InstanceAttributes,

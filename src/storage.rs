@@ -260,8 +260,6 @@ impl BlobStore {
             file,
             hasher: blake3::Hasher::new(),
             len: 0,
-            write_behind: self.ack_waits_for_flush,
-            submitted: 0,
         };
         stage.write(prefix).map_err(Error::Staging)?;
         Ok(stage)
@@ -801,25 +799,11 @@ impl StagingFile {
     }
 }
 
-/// Under full durability, the kernel is asked to start writing a staging
-/// file back every this many bytes, while the rest of the instance is still
-/// arriving: the flush an acknowledgement waits for then finds most of the
-/// blob on its way to the disk already, instead of allocating and writing
-/// all of it after the last byte (the sender waits for the C-STORE-RSP
-/// before it sends the next instance, so that wait is the whole cost of
-/// durability on one association).
-const WRITE_BEHIND: u64 = 256 * 1024;
-
 /// An object being written into the staging area by its caller's thread.
 pub struct InlineStage {
     file: StagingFile,
     hasher: blake3::Hasher,
     len: u64,
-    /// Whether written bytes are pushed to the disk as they come (full
-    /// durability on local files, see [`WRITE_BEHIND`]).
-    write_behind: bool,
-    /// Bytes whose writeback has been started.
-    submitted: u64,
 }
 
 impl InlineStage {
@@ -828,38 +812,12 @@ impl InlineStage {
         self.hasher.update(bytes);
         self.file.file().write_all(bytes)?;
         self.len += bytes.len() as u64;
-        if self.write_behind && self.len - self.submitted >= WRITE_BEHIND {
-            self.start_writeback();
-        }
         Ok(())
-    }
-
-    /// Starts (does not wait for) the writeback of the bytes written since
-    /// the last call. Only a head start: durability still comes from the
-    /// flush the acknowledgement waits for, which also reports any write
-    /// error, so a failure here is left to it.
-    fn start_writeback(&mut self) {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.file().as_raw_fd();
-        // SAFETY: sync_file_range reads only the descriptor, which `self`
-        // keeps open, and two integers.
-        unsafe {
-            libc::sync_file_range(
-                fd,
-                self.submitted as libc::off64_t,
-                (self.len - self.submitted) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        self.submitted = self.len;
     }
 
     /// The complete object. No flush is needed: every write went straight
     /// to the operating system.
-    pub fn finish(mut self) -> Staged {
-        if self.write_behind && self.len > self.submitted {
-            self.start_writeback();
-        }
+    pub fn finish(self) -> Staged {
         Staged {
             hash: BlobHash::from_hash(self.hasher.finalize()),
             len: self.len,

@@ -22,6 +22,7 @@ pats = {
  "socket read (tcp_recvmsg)": ["tcp_recvmsg"],
  "SQLite worker": ["sqlx-sqlite-wor"],
  "syncfs": ["__x64_sys_syncfs"],
+ "sync_file_range (write-behind)": ["__x64_sys_sync_file_range"],
  "fsync": ["__x64_sys_fsync", "__x64_sys_fdatasync"],
  "BLAKE3": ["blake3"],
  "structural check + header parse": ["huren::part10::check_structure_bytes", "huren::part10::read_attributes_bytes", "huren::part10::check_structure", "huren::part10::read_attributes"],

@@ -1,8 +1,9 @@
 //! The one ingest path: C-STORE (and STOW-RS, when it comes) hand it a data
 //! set as a stream of fragments; it writes the Part-10 object to staging
 //! while hashing, checks it, publishes the blob, commits the index row, and
-//! only then reports success. Any failure before the end leaves nothing:
-//! the staging file is deleted and no row exists.
+//! only then reports success. Any failure leaves no row: the staging file
+//! is deleted, or, when the index refuses the row (a rejected SOP Instance
+//! UID), the published blob is an orphan the collector removes.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -36,7 +37,8 @@ pub enum Error {
         actual: BlobHash,
     },
     /// The SOP Instance UID was rejected by an IOCM rejection note and stays
-    /// rejected (src/lifecycle.rs): nothing was stored.
+    /// rejected (src/lifecycle.rs): no index row was written (the blob, if
+    /// published, is an orphan for the collector).
     #[error(
         "SOP Instance UID {sop_instance_uid} was rejected ({reason_code}) and is not accepted again"
     )]
@@ -425,20 +427,11 @@ impl Ingest {
                 });
             }
         }
-        if let Some(reason_code) = self
-            .index
-            .rejection_of(
-                &attributes.sop_instance_uid,
-                &attributes.study_instance_uid,
-                &attributes.patient_id,
-            )
-            .await?
-        {
-            return Err(Error::Rejected {
-                sop_instance_uid: attributes.sop_instance_uid,
-                reason_code,
-            });
-        }
+        // Whether a rejection note bars the SOP Instance UID is asked by the
+        // statement that writes the row (index::Error::RejectedInstance),
+        // not beforehand: a round trip to the database per instance saved.
+        // A barred instance's blob is then published without a row, an
+        // orphan the collector removes, like any blob whose row never came.
         let kept = self.store.publish_kept(staged).await?;
         let published_at = started.elapsed();
         let audited = expected
@@ -452,12 +445,20 @@ impl Ingest {
             calling_ae_title: incoming.calling_ae_title,
             received_at: incoming.received_at,
         };
+        let rejected = |e: index::Error| match e {
+            // The data set's SOP Instance UID is the announced one (above).
+            index::Error::RejectedInstance { reason_code } => Error::Rejected {
+                sop_instance_uid: incoming.sop_instance_uid.to_string(),
+                reason_code,
+            },
+            other => Error::Index(other),
+        };
         let outcome = match self.order {
-            AckOrder::NoFlush => self.index.store(instance).await?,
+            AckOrder::NoFlush => self.index.store(instance).await.map_err(rejected)?,
             // One syncfs covers the blob and the WAL frames the commit just
             // wrote: it must start after the commit.
             AckOrder::FlushAfterCommit => {
-                let outcome = self.index.store(instance).await?;
+                let outcome = self.index.store(instance).await.map_err(rejected)?;
                 self.store.flush().await?;
                 outcome
             }
@@ -468,7 +469,7 @@ impl Ingest {
             AckOrder::FlushBesideCommit => {
                 let (outcome, flushed) =
                     tokio::join!(self.index.store(instance), self.store.flush());
-                let outcome = outcome?;
+                let outcome = outcome.map_err(rejected)?;
                 flushed?;
                 outcome
             }

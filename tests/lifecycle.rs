@@ -362,6 +362,16 @@ async fn deletion_by_api_cli_and_rejection_note(backend: Backend) {
     // The instance deleted by the operator may come back: sent on purpose.
     assert_eq!(pynetdicom_statuses(&node, &[&gone.file]).await, vec![0]);
     assert!(qido_instances(&node, &study).await.contains(&gone.sop));
+    // Its series has just been written again, so the index takes the
+    // rejected instance's next attempt on its direct path, where the INSERT
+    // itself asks whether a rejection note bars it: refused there too.
+    assert_eq!(gone.series, rejected.series);
+    assert_eq!(
+        pynetdicom_statuses(&node, &[&rejected.file]).await,
+        vec![0x0124],
+        "still rejected once its series is known to the index writer again"
+    );
+    assert!(!qido_instances(&node, &study).await.contains(&rejected.sop));
 
     // 3. "Data Retention Policy Expired" removes without barring a resend.
     let expired = &files[2];

@@ -40,6 +40,10 @@ pub enum Error {
     WriterStopped,
     #[error("index row holds an invalid blob hash {0:?}")]
     BadHash(String),
+    /// The SOP Instance UID is barred by an IOCM rejection note
+    /// (`rejected_instance`, migrations 0010 and 0011): no row was written.
+    #[error("SOP Instance UID rejected ({reason_code})")]
+    RejectedInstance { reason_code: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +229,10 @@ impl Index {
 
     /// Indexes an instance whose blob is published. Returns after the
     /// transaction holding it has committed (see [`CommitSync`] for when
-    /// that commit is also flushed).
+    /// that commit is also flushed), or [`Error::RejectedInstance`] when a
+    /// rejection note bars its SOP Instance UID: that check is part of the
+    /// statement that writes the row, not a query of its own (a round trip
+    /// to the database per instance saved).
     pub async fn store(&self, instance: NewInstance) -> Result<StoreOutcome, Error> {
         // Direct path: nobody else is writing and the instance is new in a
         // series already written; then one INSERT on the caller's task
@@ -301,29 +308,6 @@ impl Index {
                 BlobHash::parse(&hex).map_err(|_| Error::BadHash(hex))
             })
             .collect()
-    }
-
-    /// The reason code under which a SOP Instance UID stays rejected by an
-    /// IOCM rejection note (migrations 0010, 0011), if it does: the ingest
-    /// path refuses such an instance. A bar set for an instance the node
-    /// did not hold then covers only the note's study and patient.
-    pub async fn rejection_of(
-        &self,
-        sop_instance_uid: &str,
-        study_instance_uid: &str,
-        patient_id: &str,
-    ) -> Result<Option<String>, Error> {
-        let row = sqlx::query(
-            "SELECT reason_code FROM rejected_instance WHERE sop_instance_uid = $1 \
-             AND (study_instance_uid IS NULL OR study_instance_uid = $2) \
-             AND (patient_id IS NULL OR patient_id = $3)",
-        )
-        .bind(sop_instance_uid)
-        .bind(study_instance_uid)
-        .bind(patient_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
     pub async fn study(&self, study_instance_uid: &str) -> Result<Option<StudyRow>, Error> {
@@ -461,7 +445,7 @@ async fn writer_task(
         match write_batch(&pool, &instances, cache).await {
             Ok(outcomes) => {
                 for (request, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = request.reply.send(Ok(outcome));
+                    let _ = request.reply.send(outcome);
                 }
             }
             Err(batch_error) => {
@@ -476,7 +460,7 @@ async fn writer_task(
                 for request in batch {
                     let result = write_batch(&pool, &[&request.instance], cache)
                         .await
-                        .map(|mut o| o.remove(0));
+                        .and_then(|mut o| o.remove(0));
                     if result.is_err() {
                         cache.clear();
                     }
@@ -487,11 +471,15 @@ async fn writer_task(
     }
 }
 
+/// Writes a batch in one transaction. An instance barred by a rejection
+/// note gets its own `Err` and writes nothing (not even its patient, study
+/// or series), without failing its neighbours; any other error fails the
+/// batch.
 async fn write_batch(
     pool: &AnyPool,
     batch: &[&NewInstance],
     cache: &mut HierarchyCache,
-) -> Result<Vec<StoreOutcome>, Error> {
+) -> Result<Vec<Result<StoreOutcome, Error>>, Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
@@ -499,11 +487,15 @@ async fn write_batch(
     // 0002).
     let mut new_hierarchy = BTreeSet::new();
     for instance in batch {
+        if let Some(reason_code) = rejection(&mut tx, &instance.attributes).await? {
+            outcomes.push(Err(Error::RejectedInstance { reason_code }));
+            continue;
+        }
         let written = write_one(&mut tx, instance, cache).await?;
         if written.hierarchy_written {
             new_hierarchy.insert(written.study_key);
         }
-        outcomes.push(written.outcome);
+        outcomes.push(Ok(written.outcome));
     }
     // A new series, or a series whose attributes changed, may change the
     // study's series count and Modalities in Study.
@@ -768,10 +760,33 @@ async fn write_instance(
     Ok(outcome)
 }
 
-/// The common case in one statement: a SOP Instance UID never seen becomes
-/// version 1, current. Any conflict (these bytes already held, or another
-/// current version) leaves the row out and returns `false`, and the caller
-/// takes the version path.
+/// The reason code under which an IOCM rejection note bars the instance
+/// (migrations 0010, 0011), if one does: the same condition as the `WHERE
+/// NOT EXISTS` of [`insert_new`]. A bar set for an instance the node did
+/// not hold covers only the note's study and patient.
+async fn rejection(
+    conn: &mut AnyConnection,
+    a: &InstanceAttributes,
+) -> Result<Option<String>, Error> {
+    let row = sqlx::query(
+        "SELECT reason_code FROM rejected_instance WHERE sop_instance_uid = $1 \
+         AND (study_instance_uid IS NULL OR study_instance_uid = $2) \
+         AND (patient_id IS NULL OR patient_id = $3)",
+    )
+    .bind(&a.sop_instance_uid)
+    .bind(&a.study_instance_uid)
+    .bind(&a.patient_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
+}
+
+/// The common case in one statement: a SOP Instance UID never seen, and not
+/// barred by a rejection note, becomes version 1, current. Anything else
+/// (these bytes already held, another current version, a rejection)
+/// leaves the row out and returns `false`, and the caller takes the path
+/// that tells these apart. (`WHERE` also keeps SQLite from reading `ON
+/// CONFLICT` as a join constraint of the `SELECT`.)
 async fn insert_new(
     conn: &mut AnyConnection,
     instance: &NewInstance,
@@ -782,7 +797,10 @@ async fn insert_new(
     let inserted = sqlx::query(
         "INSERT INTO instance (series_key, sop_instance_uid, sop_class_uid, instance_number, \
            transfer_syntax_uid, blob_hash, blob_size, calling_ae_title, received_at, version, is_current) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, 1) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 1, 1 \
+         WHERE NOT EXISTS (SELECT 1 FROM rejected_instance r WHERE r.sop_instance_uid = $2 \
+           AND (r.study_instance_uid IS NULL OR r.study_instance_uid = $10) \
+           AND (r.patient_id IS NULL OR r.patient_id = $11)) \
          ON CONFLICT DO NOTHING RETURNING instance_key",
     )
     .bind(series_key)
@@ -794,6 +812,8 @@ async fn insert_new(
     .bind(instance.blob_size as i64)
     .bind(instance.calling_ae_title.as_deref())
     .bind(received_at)
+    .bind(&a.study_instance_uid)
+    .bind(&a.patient_id)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(inserted.is_some())

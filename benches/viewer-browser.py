@@ -99,6 +99,15 @@ def main():
         page.fill("#identifier", a.rid)
         page.click("#find")
         page.wait_for_url(f"{a.base}/ui/patient")
+        # With HUREN_BENCH_TRACE=FILE: every request after the click, with
+        # its start and end (s from the click) and status, as JSON lines.
+        trace_path, traced = os.environ.get("HUREN_BENCH_TRACE"), {}
+        if trace_path:
+            page.on("request", lambda r: traced.setdefault(id(r), {
+                "url": r.url, "start": round(time.monotonic() - clicked, 3)}))
+            page.on("requestfinished", lambda r: traced.get(id(r), {}).update(
+                end=round(time.monotonic() - clicked, 3)))
+            page.on("response", lambda r: traced.get(id(r.request), {}).update(status=r.status))
         link = page.locator(f'tr.prior[data-uid="{a.study}"] a[href$="/images"]')
         clicked_wall = datetime.datetime.now(datetime.timezone.utc)
         clicked = time.monotonic()
@@ -129,6 +138,11 @@ def main():
                 if not any(w in str(e) for w in ("context was destroyed", "navigat", "Timeout")):
                     raise
             page.wait_for_timeout(50)
+        if trace_path:
+            with open(trace_path, "w") as f:
+                f.write(json.dumps({"first_image": round(first or -1, 3)}) + "\n")
+                for t in sorted(traced.values(), key=lambda t: t["start"]):
+                    f.write(json.dumps(t) + "\n")
         if first is None:
             sys.exit("the viewer drew nothing within the deadline")
         fetch_s = None

@@ -119,7 +119,7 @@ pub(crate) fn spawn_registry_with(dir: &Path, extra: &[&str]) -> Process {
 
 /// One sample of a scraped page.
 #[derive(Debug, Clone)]
-struct Sample {
+pub(crate) struct Sample {
     name: String,
     labels: BTreeMap<String, String>,
     value: f64,
@@ -164,7 +164,7 @@ fn parse(text: &str) -> Vec<Sample> {
         .collect()
 }
 
-async fn scrape(http: SocketAddr) -> Vec<Sample> {
+pub(crate) async fn scrape(http: SocketAddr) -> Vec<Sample> {
     let response = reqwest::get(format!("http://{http}/metrics"))
         .await
         .unwrap();
@@ -184,7 +184,7 @@ async fn scrape(http: SocketAddr) -> Vec<Sample> {
 }
 
 /// The sum of the samples named `name` whose labels include `labels`.
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|s| s.name == name)
@@ -197,7 +197,12 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-fn delta(before: &[Sample], after: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn delta(
+    before: &[Sample],
+    after: &[Sample],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
     value(after, name, labels) - value(before, name, labels)
 }
 

@@ -877,7 +877,41 @@ async fn dashboard_and_alerts_use_exported_metrics() {
     // What a node, a registry and a scrub actually export.
     let dir = tempfile::tempdir().unwrap();
     let node = spawn_node(dir.path());
-    let registry = spawn_registry(dir.path());
+    // A registry in a federation (one member), which also exports the
+    // fan-out's series for its members.
+    let fdir = dir.path().join("federation");
+    std::fs::create_dir(&fdir).unwrap();
+    let keygen = |name: &str| {
+        let out = Command::new(HUREN)
+            .args(["registry", "federation", "keygen", "--key-file"])
+            .arg(fdir.join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", support::text(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    keygen("self.key");
+    let other = keygen("other.key");
+    std::fs::copy(
+        repo_path("deploy/recognition/jiangsu-example.toml"),
+        fdir.join("list.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        fdir.join("federation.toml"),
+        format!(
+            "[federation]\nname = \"m\"\nmember_id = \"self\"\nprovince = \"P\"\n\
+             signing_key_file = \"self.key\"\nrecognition_list = \"list.toml\"\n\n\
+             [[member]]\nid = \"other\"\nprovince = \"Q\"\nurl = \"http://127.0.0.1:1\"\n\
+             public_key = \"{other}\"\n"
+        ),
+    )
+    .unwrap();
+    let config = fdir.join("federation.toml");
+    let registry = spawn_registry_with(
+        dir.path(),
+        &["--federation-config", config.to_str().unwrap()],
+    );
     let admin = Api::new(&format!("http://{}", registry.addrs[0]), Some(ADMIN_TOKEN));
     // An audit entry: its series exists once there is an action to label.
     add_hospital(&admin, "HOSPM0000000000002", "二级", None).await;

@@ -36,30 +36,35 @@ api() { curl -fsS -H "authorization: Bearer $BENCH_TOKEN" "$@"; }
 # durable (fsync, synchronous_commit and full_page_writes stay on, the
 # defaults) and tuned for a dedicated machine; EXTRA_SETTINGS are appended
 # to its -o options. Sets pg_port, pg_data and pg_settings (for the
-# report); `psql` below reaches it.
+# report); `psql` below reaches it. With $pg_root set, the cluster lives
+# there instead, and one already there is started, not created (a bench
+# that keeps its generated databases between runs).
 start_postgres() { # [EXTRA_SETTINGS]
     pg_port=$(free_port)
-    pg_data="$run/pg/data"
-    mkdir -p "$run/pg"
+    pg_root="${pg_root:-$run/pg}"
+    pg_data="$pg_root/data"
+    mkdir -p "$pg_root"
     if [[ "$(id -u)" -eq 0 ]]; then
-        chmod 711 "$work_dir" "$run"
-        chown postgres: "$run/pg"
+        chmod 711 "$work_dir" "$run" "$pg_root"
+        chown postgres: "$pg_root"
     fi
-    as_pg "$PG_BIN/initdb" -D "$pg_data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
-        >"$logs/pg-initdb.log" 2>&1 || { cat "$logs/pg-initdb.log" >&2; exit 1; }
+    if [[ ! -f "$pg_data/PG_VERSION" ]]; then
+        as_pg "$PG_BIN/initdb" -D "$pg_data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 \
+            >"$logs/pg-initdb.log" 2>&1 || { cat "$logs/pg-initdb.log" >&2; exit 1; }
+    fi
     local mem_mb shared_mb cache_mb
     mem_mb=$(awk '/^MemTotal/ { printf "%d", $2 / 1024 }' /proc/meminfo)
     shared_mb=$(( mem_mb / 6 )); (( shared_mb > 8192 )) && shared_mb=8192
     cache_mb=$(( mem_mb * 2 / 3 ))
-    pg_settings="-c listen_addresses=127.0.0.1 -p $pg_port -c unix_socket_directories=$run/pg\
+    pg_settings="-c listen_addresses=127.0.0.1 -p $pg_port -c unix_socket_directories=$pg_root\
  -c fsync=on -c synchronous_commit=on -c full_page_writes=on\
  -c shared_buffers=${shared_mb}MB -c effective_cache_size=${cache_mb}MB\
  -c maintenance_work_mem=1GB -c work_mem=32MB -c wal_buffers=64MB\
  -c max_wal_size=16GB -c min_wal_size=2GB -c checkpoint_timeout=30min\
  -c checkpoint_completion_target=0.9 -c random_page_cost=1.1 -c effective_io_concurrency=100\
  -c max_parallel_maintenance_workers=$(nproc) -c max_connections=100 ${1:-}"
-    as_pg "$PG_BIN/pg_ctl" -D "$pg_data" -l "$run/pg/log" -W -t 120 start -o "$pg_settings" >/dev/null
+    as_pg "$PG_BIN/pg_ctl" -D "$pg_data" -l "$pg_root/log" -W -t 120 start -o "$pg_settings" >/dev/null
     for _ in $(seq 1 200); do "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break; sleep 0.1; done
-    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "PostgreSQL did not start"; cat "$run/pg/log" >&2; exit 1; }
+    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" || { log "PostgreSQL did not start"; cat "$pg_root/log" >&2; exit 1; }
 }
 psql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres "$@"; }

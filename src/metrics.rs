@@ -73,6 +73,13 @@ pub const REGISTRY_PRIORS_DURATION: &str = "huren_registry_priors_query_duration
 pub const REGISTRY_RECORDS_PUBLISHED: &str = "huren_registry_records_published_total";
 /// Entries appended to the audit chain, by `action`.
 pub const REGISTRY_AUDIT_ENTRIES: &str = "huren_registry_audit_entries_total";
+/// A federated priors query's call to each member, from the request to its
+/// answer (or the deadline), by `member` (the member IDs of the federation
+/// configuration: a fixed set, not wire data).
+pub const FEDERATION_MEMBER_DURATION: &str = "huren_registry_federation_member_duration_seconds";
+/// Member calls of a federated priors query that did not reach the member
+/// (down, past the deadline, an invalid answer), by `member`.
+pub const FEDERATION_NOT_REACHED: &str = "huren_registry_federation_not_reached_total";
 
 /// Every metric either process exports, for the docs and the tests.
 pub const ALL: &[&str] = &[
@@ -96,6 +103,8 @@ pub const ALL: &[&str] = &[
     REGISTRY_PRIORS_DURATION,
     REGISTRY_RECORDS_PUBLISHED,
     REGISTRY_AUDIT_ENTRIES,
+    FEDERATION_MEMBER_DURATION,
+    FEDERATION_NOT_REACHED,
 ];
 
 /// Histogram buckets in seconds: a C-ECHO-sized request on loopback takes
@@ -243,6 +252,15 @@ fn describe() {
     describe_counter!(
         REGISTRY_AUDIT_ENTRIES,
         "entries appended to the registry's audit chain, by action"
+    );
+    describe_histogram!(
+        FEDERATION_MEMBER_DURATION,
+        Unit::Seconds,
+        "federated priors queries' calls to each member registry, to the answer or the deadline, by member"
+    );
+    describe_counter!(
+        FEDERATION_NOT_REACHED,
+        "federated priors queries' calls that did not reach the member registry, by member"
     );
 }
 
@@ -485,6 +503,23 @@ pub fn registry_priors_query(started: Instant) {
 /// `outcome`: applied or unchanged.
 pub fn registry_published(outcome: &'static str) {
     counter!(REGISTRY_RECORDS_PUBLISHED, "outcome" => outcome).increment(1);
+}
+
+/// The members of this registry's federation, registered at zero.
+pub fn register_federation_members<'a>(members: impl IntoIterator<Item = &'a str>) {
+    for member in members {
+        let _ = histogram!(FEDERATION_MEMBER_DURATION, "member" => member.to_string());
+        counter!(FEDERATION_NOT_REACHED, "member" => member.to_string()).increment(0);
+    }
+}
+
+/// One member's part of a federated priors query.
+pub fn federation_member_called(member: &str, elapsed: Duration, reached: bool) {
+    histogram!(FEDERATION_MEMBER_DURATION, "member" => member.to_string())
+        .record(elapsed.as_secs_f64());
+    if !reached {
+        counter!(FEDERATION_NOT_REACHED, "member" => member.to_string()).increment(1);
+    }
 }
 
 pub fn registry_audit_appended(action: &'static str) {

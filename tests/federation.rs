@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use sqlx::{Connection, Row};
 
-use crate::metrics::{Process, spawn, spawn_registry_with, store};
+use crate::metrics::{Process, delta, scrape, spawn, spawn_registry_with, store};
 use crate::region::{
     ADMIN_TOKEN, Api, Contract, Exchange, RID, add_hospital, make_study, wait_record, wait_until,
 };
@@ -757,6 +757,27 @@ async fn federation_end_to_end() {
         "member js (江苏省)"
     ));
     assert!(has(&trail_a, "federation_grant", HOSP_A, "ok", "member js"));
+    // Each fanned-out query is one commit at the asking registry: its own
+    // priors_query entry and the member's federation_query entry are
+    // appended together (consecutive, one timestamp), after the member
+    // answered.
+    let mut fanned_out = 0;
+    for (i, e) in trail_a.iter().enumerate() {
+        if e["action"] != "federation_query" {
+            continue;
+        }
+        fanned_out += 1;
+        let local = &trail_a[i - 1];
+        assert_eq!(local["action"], "priors_query", "{local}");
+        assert_eq!(local["actor"], HOSP_A, "{local}");
+        assert_eq!(local["patient_key"], e["patient_key"], "{local}");
+        assert_eq!(local["at"], e["at"], "one transaction: {local} {e}");
+        assert_eq!(
+            local["seq"].as_i64().unwrap() + 1,
+            e["seq"].as_i64().unwrap()
+        );
+    }
+    assert!(fanned_out >= 2, "{trail_a:?}");
     assert!(has(
         &trail_b,
         "federation_query",
@@ -898,7 +919,7 @@ async fn federation_end_to_end() {
 
 /// A member that is slow, then down: A's answer comes within the deadline
 /// (1 s), with A's own records, the member marked `not_reached`, and the
-/// audit saying so.
+/// audit and A's `/metrics` saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_slow_or_down_never_holds_the_answer() {
     let mut fed = start_federation("holding").await;
@@ -919,11 +940,20 @@ async fn member_slow_or_down_never_holds_the_answer() {
         async move { api.call("GET", "/api/v1/recognition/list", None).await.0 == 200 }
     })
     .await;
+    let a_http: std::net::SocketAddr = fed.a.url.trim_start_matches("http://").parse().unwrap();
+    let js = [("member", "js")];
+    let calls = "huren_registry_federation_member_duration_seconds_count";
+    let waited = "huren_registry_federation_member_duration_seconds_sum";
+    let not_reached = "huren_registry_federation_not_reached_total";
+    let before = scrape(a_http).await;
     let reached = check_at(&node_a.api).await;
     assert_eq!(
         reached["federation"]["members"][0]["status"], "reached",
         "{reached}"
     );
+    let after_reached = scrape(a_http).await;
+    assert_eq!(delta(&before, &after_reached, calls, &js), 1.0);
+    assert_eq!(delta(&before, &after_reached, not_reached, &js), 0.0);
 
     // Slow: B's answers are held back 5 s, past the deadline.
     fed.to_b.delay_ms.store(5000, Ordering::SeqCst);
@@ -947,6 +977,13 @@ async fn member_slow_or_down_never_holds_the_answer() {
         "{down}"
     );
     assert_eq!(down["outcome"], "no_warn");
+    let after = scrape(a_http).await;
+    assert_eq!(delta(&after_reached, &after, calls, &js), 2.0);
+    assert_eq!(delta(&after_reached, &after, not_reached, &js), 2.0);
+    assert!(
+        delta(&after_reached, &after, waited, &js) >= 1.0,
+        "the slow call waited the whole deadline"
+    );
 
     let trail = audit(&fed.a.admin).await;
     let not_reached = trail

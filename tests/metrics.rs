@@ -119,7 +119,7 @@ pub(crate) fn spawn_registry_with(dir: &Path, extra: &[&str]) -> Process {
 
 /// One sample of a scraped page.
 #[derive(Debug, Clone)]
-struct Sample {
+pub(crate) struct Sample {
     name: String,
     labels: BTreeMap<String, String>,
     value: f64,
@@ -164,7 +164,7 @@ fn parse(text: &str) -> Vec<Sample> {
         .collect()
 }
 
-async fn scrape(http: SocketAddr) -> Vec<Sample> {
+pub(crate) async fn scrape(http: SocketAddr) -> Vec<Sample> {
     let response = reqwest::get(format!("http://{http}/metrics"))
         .await
         .unwrap();
@@ -184,7 +184,7 @@ async fn scrape(http: SocketAddr) -> Vec<Sample> {
 }
 
 /// The sum of the samples named `name` whose labels include `labels`.
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|s| s.name == name)
@@ -197,7 +197,12 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-fn delta(before: &[Sample], after: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn delta(
+    before: &[Sample],
+    after: &[Sample],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
     value(after, name, labels) - value(before, name, labels)
 }
 
@@ -872,7 +877,41 @@ async fn dashboard_and_alerts_use_exported_metrics() {
     // What a node, a registry and a scrub actually export.
     let dir = tempfile::tempdir().unwrap();
     let node = spawn_node(dir.path());
-    let registry = spawn_registry(dir.path());
+    // A registry in a federation (one member), which also exports the
+    // fan-out's series for its members.
+    let fdir = dir.path().join("federation");
+    std::fs::create_dir(&fdir).unwrap();
+    let keygen = |name: &str| {
+        let out = Command::new(HUREN)
+            .args(["registry", "federation", "keygen", "--key-file"])
+            .arg(fdir.join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", support::text(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    keygen("self.key");
+    let other = keygen("other.key");
+    std::fs::copy(
+        repo_path("deploy/recognition/jiangsu-example.toml"),
+        fdir.join("list.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        fdir.join("federation.toml"),
+        format!(
+            "[federation]\nname = \"m\"\nmember_id = \"self\"\nprovince = \"P\"\n\
+             signing_key_file = \"self.key\"\nrecognition_list = \"list.toml\"\n\n\
+             [[member]]\nid = \"other\"\nprovince = \"Q\"\nurl = \"http://127.0.0.1:1\"\n\
+             public_key = \"{other}\"\n"
+        ),
+    )
+    .unwrap();
+    let config = fdir.join("federation.toml");
+    let registry = spawn_registry_with(
+        dir.path(),
+        &["--federation-config", config.to_str().unwrap()],
+    );
     let admin = Api::new(&format!("http://{}", registry.addrs[0]), Some(ADMIN_TOKEN));
     // An audit entry: its series exists once there is an action to label.
     add_hospital(&admin, "HOSPM0000000000002", "二级", None).await;

@@ -742,6 +742,19 @@ impl Db {
 
     /// The priors query, with the consent rule and its audit entry.
     pub async fn priors(&self, asking_hospital: &str, q: &PriorsQuery) -> Result<PriorsAnswer> {
+        let (answer, audit) = self.priors_to_audit(asking_hospital, q).await?;
+        self.audit(&[audit]).await?;
+        Ok(answer)
+    }
+
+    /// The priors query's answer and the audit entry that must be committed
+    /// before it goes out: the caller's, in the transaction of its choice
+    /// (a federated query commits it with the members' entries, once).
+    pub async fn priors_to_audit(
+        &self,
+        asking_hospital: &str,
+        q: &PriorsQuery,
+    ) -> Result<(PriorsAnswer, AuditRecord)> {
         check_patient_key(&q.patient_key)?;
         check_text("user_id", &q.user_id, 128)?;
         self.check_emergency(
@@ -809,31 +822,28 @@ impl Db {
             AccessBasis::BreakTheGlass => "break_the_glass",
             AccessBasis::None => "count_only",
         };
-        let mut tx = self.pool.begin().await?;
-        append_audit(
-            &mut tx,
-            &[AuditRecord {
-                actor: asking_hospital.to_string(),
-                user_id: q.user_id.clone(),
-                action: "priors_query",
-                patient_key: Some(q.patient_key.clone()),
-                purpose: Some(q.purpose.as_str().to_string()),
-                records_returned: records.len() as i64,
-                outcome: outcome.to_string(),
-                detail: format!("withheld {withheld_count}"),
-            }],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(PriorsAnswer {
-            patient_key: q.patient_key.clone(),
-            access,
-            consent_state,
-            records,
-            withheld_count,
-            next_page_token,
-            federation: None,
-        })
+        let audit = AuditRecord {
+            actor: asking_hospital.to_string(),
+            user_id: q.user_id.clone(),
+            action: "priors_query",
+            patient_key: Some(q.patient_key.clone()),
+            purpose: Some(q.purpose.as_str().to_string()),
+            records_returned: records.len() as i64,
+            outcome: outcome.to_string(),
+            detail: format!("withheld {withheld_count}"),
+        };
+        Ok((
+            PriorsAnswer {
+                patient_key: q.patient_key.clone(),
+                access,
+                consent_state,
+                records,
+                withheld_count,
+                next_page_token,
+                federation: None,
+            },
+            audit,
+        ))
     }
 
     // ------------------------------------------------------------ consent
@@ -1252,54 +1262,27 @@ impl Db {
         }))
     }
 
-    /// Remembers the other provinces' records shown to this registry's
-    /// hospitals (where a grant for one goes). `seen_at` is when a row was
-    /// first written or last changed: a row that holds already is left as
-    /// it is, so a repeated query writes nothing here.
-    pub async fn remember_federation_priors(
+    /// Everything a federated priors query writes at the asking registry,
+    /// in one transaction (one commit, one WAL flush, before the answer goes
+    /// out): the pseudonym the node sent, if new or changed; the other
+    /// provinces' records shown, remembered (where a grant for one goes);
+    /// and the audit entries, this registry's own priors query and one
+    /// per member asked.
+    pub async fn commit_federated_query(
         &self,
-        member_id: &str,
-        patient_key: &str,
-        pseudonym: &str,
-        known: &std::collections::HashSet<(String, String, String, String)>,
-        records: &[RegistryRecord],
+        pseudonym: Option<(&str, &str)>,
+        shown: &[FederationPriorsShown<'_>],
+        audit: &[AuditRecord],
     ) -> Result<()> {
-        // Rows that hold already are the rule (the caller read them in one
-        // query), and even an upsert that changes nothing locks its row: a
-        // write to commit.
-        let changed: Vec<&RegistryRecord> = records
-            .iter()
-            .filter(|r| {
-                !known.contains(&(
-                    r.hospital_id.clone(),
-                    r.record.study_instance_uid.clone(),
-                    member_id.to_string(),
-                    pseudonym.to_string(),
-                ))
-            })
-            .collect();
-        if changed.is_empty() {
-            return Ok(());
-        }
         let now = now_rfc3339();
         let mut tx = self.pool.begin().await?;
-        for r in changed {
-            sqlx::query(
-                "INSERT INTO federation_prior (hospital_id, study_instance_uid, member_id, \
-                 patient_key, pseudonym, seen_at) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
-                 member_id = excluded.member_id, patient_key = excluded.patient_key, \
-                 pseudonym = excluded.pseudonym, seen_at = excluded.seen_at",
-            )
-            .bind(&r.hospital_id)
-            .bind(&r.record.study_instance_uid)
-            .bind(member_id)
-            .bind(patient_key)
-            .bind(pseudonym)
-            .bind(&now)
-            .execute(&mut *tx)
-            .await?;
+        if let Some((patient_key, pseudonym)) = pseudonym {
+            check_patient_key(patient_key)?;
+            check_patient_key(pseudonym)?;
+            remember_pseudonym(&mut tx, patient_key, pseudonym, &now).await?;
         }
+        remember_federation_priors(&mut tx, shown, &now).await?;
+        append_audit(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1464,6 +1447,18 @@ impl Db {
         )
     }
 
+    /// Forgets the nonces of requests older than twice the allowed skew: a
+    /// request that old is refused for its timestamp, so its nonce need not
+    /// be kept (the registry calls this every minute).
+    pub async fn forget_old_nonces(&self, now: u64, max_skew: u64) -> Result<()> {
+        let cutoff = now.saturating_sub(2 * max_skew) as i64;
+        sqlx::query("DELETE FROM federation_nonce WHERE seen_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records a signed request's nonce; `false` when it was seen already
     /// (a replay). Nonces older than the allowed skew are forgotten: a
     /// request that old is refused for its timestamp.
@@ -1487,20 +1482,16 @@ impl Db {
 
     /// Appends audit entries and records a signed request's nonce in one
     /// transaction (one commit per member request, not two); `false`, and
-    /// nothing written, when the nonce was seen (a replay).
+    /// nothing written, when the nonce was seen (a replay). Nonces past the
+    /// skew are forgotten by [`Db::forget_old_nonces`], once a minute, not
+    /// here: a statement less in each member request.
     pub async fn audit_with_nonce(
         &self,
         entries: &[AuditRecord],
         nonce: &str,
         now: u64,
-        max_skew: u64,
     ) -> Result<bool> {
-        let cutoff = now.saturating_sub(2 * max_skew) as i64;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM federation_nonce WHERE seen_at < $1")
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?;
         let inserted = sqlx::query(
             "INSERT INTO federation_nonce (nonce, seen_at) VALUES ($1, $2) \
              ON CONFLICT (nonce) DO NOTHING",
@@ -1893,6 +1884,92 @@ fn outcome_str(o: PublishOutcome) -> &'static str {
 }
 
 /// Upserts a key's pseudonym inside a transaction.
+/// One member's records shown to a hospital of this registry.
+pub struct FederationPriorsShown<'a> {
+    pub member_id: &'a str,
+    pub patient_key: &'a str,
+    pub pseudonym: &'a str,
+    /// What `federation_prior` held for the patient before the query
+    /// ([`Db::federation_priors_of`]).
+    pub known: &'a std::collections::HashSet<(String, String, String, String)>,
+    pub records: &'a [RegistryRecord],
+}
+
+/// Remembers the other provinces' records shown to this registry's
+/// hospitals (where a grant for one goes). `seen_at` is when a row was
+/// first written or last changed: a row that holds already is left as it
+/// is, so a repeated query writes nothing here. One statement for all the
+/// members' new rows, not a round trip each.
+async fn remember_federation_priors(
+    tx: &mut AnyConnection,
+    shown: &[FederationPriorsShown<'_>],
+    now: &str,
+) -> Result<()> {
+    // Rows that hold already are the rule (the caller read them in one
+    // query), and even an upsert that changes nothing locks its row.
+    let mut rows: Vec<(&FederationPriorsShown<'_>, &RegistryRecord)> = Vec::new();
+    for s in shown {
+        for r in s.records {
+            let key = (
+                r.hospital_id.clone(),
+                r.record.study_instance_uid.clone(),
+                s.member_id.to_string(),
+                s.pseudonym.to_string(),
+            );
+            if s.known.contains(&key) {
+                continue;
+            }
+            // One row per study: a second one in the same statement would
+            // be an error of ON CONFLICT DO UPDATE (the last member wins,
+            // as it did with a statement per row).
+            rows.retain(|(_, x)| {
+                (&x.hospital_id, &x.record.study_instance_uid)
+                    != (&r.hospital_id, &r.record.study_instance_uid)
+            });
+            rows.push((s, r));
+        }
+    }
+    for chunk in rows.chunks(500) {
+        let mut sql = String::from(
+            "INSERT INTO federation_prior (hospital_id, study_instance_uid, member_id, \
+             patient_key, pseudonym, seen_at) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let b = i * 6;
+            sql.push_str(&format!(
+                "(${},${},${},${},${},${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6
+            ));
+        }
+        sql.push_str(
+            " ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
+             member_id = excluded.member_id, patient_key = excluded.patient_key, \
+             pseudonym = excluded.pseudonym, seen_at = excluded.seen_at",
+        );
+        // Placeholders only: every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (s, r) in chunk {
+            q = q
+                .bind(&r.hospital_id)
+                .bind(&r.record.study_instance_uid)
+                .bind(s.member_id)
+                .bind(s.patient_key)
+                .bind(s.pseudonym)
+                .bind(now);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 async fn remember_pseudonym(
     tx: &mut AnyConnection,
     patient_key: &str,

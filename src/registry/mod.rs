@@ -204,6 +204,7 @@ pub async fn run(
     let federation = match &args.federation_config {
         Some(path) => {
             let f = federation::Federation::load(path).map_err(anyhow::Error::msg)?;
+            crate::metrics::register_federation_members(f.members.iter().map(|m| m.id.as_str()));
             tracing::info!(
                 federation = %f.name,
                 member_id = %f.member_id,
@@ -242,7 +243,8 @@ pub async fn run(
         ),
         federation,
     });
-    // Callers who stopped being refused still get their minute's summary.
+    // Callers who stopped being refused still get their minute's summary;
+    // federation nonces past the skew are forgotten.
     let summaries = {
         let (state, shutdown) = (state.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -250,7 +252,20 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => server::flush_refusal_summaries(&state).await,
+                    _ = tick.tick() => {
+                        server::flush_refusal_summaries(&state).await;
+                        if state.federation.is_some()
+                            && let Err(error) = state
+                                .db
+                                .forget_old_nonces(
+                                    federation::unix_now(),
+                                    federation::MAX_SKEW_SECS,
+                                )
+                                .await
+                        {
+                            tracing::warn!(%error, "old federation nonces could not be forgotten");
+                        }
+                    }
                 }
             }
         })

@@ -600,32 +600,33 @@ async fn federated(
     hospital_id: &str,
     query: &PriorsQuery,
 ) -> Result<PriorsAnswer, ApiError> {
-    let pseudonym = match &query.federation_pseudonym {
-        Some(p) => {
-            // A read first: the pair is almost always known, and a write
-            // (a commit with a WAL flush) on every query would cost more.
-            if state.db.pseudonym_of(&query.patient_key).await?.as_ref() != Some(p) {
-                state.db.remember_pseudonym(&query.patient_key, p).await?;
-            }
-            Some(p.clone())
-        }
-        // Learnt earlier from this hospital's node (a check with the
-        // identifier, or a pilot hospital's publication).
-        None => state.db.pseudonym_of(&query.patient_key).await?,
-    };
+    let started = std::time::Instant::now();
+    let now = crate::common::now_rfc3339();
+    // Both reads at once (two pool connections): the fan-out waits on them.
+    let (known_pseudonym, asking_consent) = tokio::join!(
+        state.db.pseudonym_of(&query.patient_key),
+        state
+            .db
+            .consent_state(&query.patient_key, hospital_id, &now)
+    );
+    let known_pseudonym = known_pseudonym?;
+    // A pseudonym the node sent that this registry did not know (or knew
+    // another) is remembered in the query's one transaction, below.
+    let new_pseudonym = query
+        .federation_pseudonym
+        .as_deref()
+        .filter(|p| known_pseudonym.as_deref() != Some(*p));
+    // Else the one learnt earlier from this hospital's node (a check with
+    // the identifier, or a pilot hospital's publication).
+    let pseudonym = query.federation_pseudonym.clone().or(known_pseudonym);
     let Some(pseudonym) = pseudonym.filter(|_| federation.in_pilot(hospital_id)) else {
+        if let Some(p) = new_pseudonym {
+            state.db.remember_pseudonym(&query.patient_key, p).await?;
+        }
         return Ok(state.db.priors(hospital_id, query).await?);
     };
-    let asking_consent = query.purpose == Purpose::Treatment
-        && state
-            .db
-            .consent_state(
-                &query.patient_key,
-                hospital_id,
-                &crate::common::now_rfc3339(),
-            )
-            .await?
-            == Some(ConsentState::Granted);
+    let asking_consent =
+        query.purpose == Purpose::Treatment && asking_consent? == Some(ConsentState::Granted);
     let request_id = crate::common::random_hex(16);
     let remote_query = FederatedQuery {
         federation: federation.name.clone(),
@@ -638,34 +639,37 @@ async fn federated(
         asking_consent,
         request_id: request_id.clone(),
     };
-    let (mut answer, remote, known) = if query.purpose == Purpose::Emergency {
+    // The local answer, what `federation_prior` holds and the asking
+    // hospital's directory entry are read while the members answer; this
+    // registry's writes (its audit entries) wait for the members and go in
+    // one commit.
+    let local = async {
+        let local = state.db.priors_to_audit(hospital_id, query).await?;
+        let known = state.db.federation_priors_of(&query.patient_key).await?;
+        let asking = state.db.hospital(hospital_id).await?;
+        Ok::<_, ApiError>((local, known, asking))
+    };
+    let (local, remote) = if query.purpose == Purpose::Emergency {
         // Break-the-glass is checked (and a misuse refused and audited)
         // here first: no other province hears of a refused one.
-        let local = state.db.priors(hospital_id, query).await?;
-        let remote = federation.fan_out(&remote_query).await;
-        let known = state.db.federation_priors_of(&query.patient_key).await?;
-        (local, remote, known)
+        let local = local.await?;
+        (local, federation.fan_out(&remote_query).await)
     } else {
-        let (local, remote, known) = tokio::join!(
-            state.db.priors(hospital_id, query),
-            federation.fan_out(&remote_query),
-            state.db.federation_priors_of(&query.patient_key)
-        );
-        (local?, remote, known?)
+        let (local, remote) = tokio::join!(local, federation.fan_out(&remote_query));
+        (local?, remote)
     };
-    let asking = state
-        .db
-        .hospital(hospital_id)
-        .await?
-        .ok_or(ApiError::NotFound("hospital"))?;
+    let fanned_out = started.elapsed();
+    let ((mut answer, local_audit), known, asking) = local;
+    let asking = asking.ok_or(ApiError::NotFound("hospital"))?;
     let today = crate::recognition::check::today_in_shanghai();
     let mut summary = FederationSummary {
         name: federation.name.clone(),
         members: Vec::new(),
         hospitals: Vec::new(),
     };
-    let mut audit = Vec::new();
-    for r in remote {
+    let mut audit = vec![local_audit];
+    let mut shown = Vec::new();
+    for r in &remote {
         let mut outcome = MemberOutcome {
             member_id: r.member.id.clone(),
             province: r.member.province.clone(),
@@ -685,16 +689,7 @@ async fn federated(
                 // the doctor learns that records exist, not what they are.
                 answer.withheld_count += a.withheld_count;
                 outcome.items_not_recognised = not_recognised;
-                state
-                    .db
-                    .remember_federation_priors(
-                        &r.member.id,
-                        &query.patient_key,
-                        &remote_query.pseudonym,
-                        &known,
-                        &records,
-                    )
-                    .await?;
+                shown.push((r.member.id.as_str(), records.clone()));
                 answer.records.extend(records);
                 for h in hospitals {
                     if !summary
@@ -733,7 +728,34 @@ async fn federated(
         });
         summary.members.push(outcome);
     }
-    state.db.audit(&audit).await?;
+    let shown: Vec<_> = shown
+        .iter()
+        .map(|(member_id, records)| db::FederationPriorsShown {
+            member_id,
+            patient_key: &query.patient_key,
+            pseudonym: &remote_query.pseudonym,
+            known: &known,
+            records,
+        })
+        .collect();
+    let before_commit = started.elapsed();
+    state
+        .db
+        .commit_federated_query(
+            new_pseudonym.map(|p| (query.patient_key.as_str(), p)),
+            &shown,
+            &audit,
+        )
+        .await?;
+    // Where a federated query's time goes (benches/federation.sh runs the
+    // registries with HUREN_BENCH_LOG to read these).
+    tracing::debug!(
+        fanned_out_us = fanned_out.as_micros() as u64,
+        judged_us = (before_commit - fanned_out).as_micros() as u64,
+        committed_us = (started.elapsed() - before_commit).as_micros() as u64,
+        members_ms = ?summary.members.iter().map(|m| m.elapsed_ms).collect::<Vec<_>>(),
+        "federated priors query"
+    );
     answer.federation = Some(summary);
     Ok(answer)
 }
@@ -880,22 +902,30 @@ async fn federated_priors(
             "since must be a date, YYYY-MM-DD".into(),
         ));
     }
+    let started = std::time::Instant::now();
     let keys = state.db.keys_of_pseudonym(&q.pseudonym).await?;
-    let mut records = Vec::new();
-    for key in &keys {
-        records.extend(state.db.records_of(key, q.since.as_deref()).await?);
-    }
+    let patient_key = keys.first().cloned();
+    // The records and the consent at once (two pool connections).
+    let records = async {
+        let mut records = Vec::new();
+        for key in &keys {
+            records.extend(state.db.records_of(key, q.since.as_deref()).await?);
+        }
+        Ok::<_, db::Error>(records)
+    };
+    let consent = async {
+        match &patient_key {
+            Some(k) => state.db.federation_consent_state(k, &member.id).await,
+            None => Ok(None),
+        }
+    };
+    let (records, holding_consent) = tokio::join!(records, consent);
+    let mut records = records?;
+    let holding_consent = holding_consent? == Some(ConsentState::Granted);
     records.retain(|r| federation.in_pilot(&r.hospital_id));
     if let Some(items) = &q.items {
         records.retain(|r| r.record.items.iter().any(|i| items.contains(&i.code)));
     }
-    let patient_key = keys.first().cloned();
-    let holding_consent = match &patient_key {
-        Some(k) => {
-            state.db.federation_consent_state(k, &member.id).await? == Some(ConsentState::Granted)
-        }
-        None => false,
-    };
     use super::federation::ConsentPolicy;
     let consent = match federation.consent_policy {
         ConsentPolicy::Holding => holding_consent,
@@ -918,17 +948,23 @@ async fn federated_priors(
         records.clear();
     }
     let mut out = Vec::with_capacity(records.len());
-    let mut directory: Vec<Hospital> = Vec::new();
+    // The holding hospitals' directory entries, read at once.
+    let mut ids: Vec<&str> = records.iter().map(|r| r.hospital_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let directory: Vec<Hospital> =
+        futures::future::try_join_all(ids.iter().map(|id| state.db.hospital(id)))
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
     for r in records {
-        let hospital = match directory.iter().find(|h| h.hospital_id == r.hospital_id) {
-            Some(h) => h.clone(),
-            None => {
-                let Some(h) = state.db.hospital(&r.hospital_id).await? else {
-                    continue;
-                };
-                directory.push(h.clone());
-                h
-            }
+        let Some(hospital) = directory
+            .iter()
+            .find(|h| h.hospital_id == r.hospital_id)
+            .cloned()
+        else {
+            continue;
         };
         let mut record = r.record;
         // This province's key stays here: the member knows the pseudonym.
@@ -948,6 +984,7 @@ async fn federated_priors(
         }
         AccessBasis::None => "withheld",
     };
+    let read = started.elapsed();
     let recorded = state
         .db
         .audit_with_nonce(
@@ -975,9 +1012,14 @@ async fn federated_priors(
         }],
             &pending.nonce,
             pending.timestamp,
-            super::federation::MAX_SKEW_SECS,
         )
         .await?;
+    tracing::debug!(
+        read_us = read.as_micros() as u64,
+        committed_us = (started.elapsed() - read).as_micros() as u64,
+        records = out.len(),
+        "member priors query answered"
+    );
     if !recorded {
         return Ok(refuse_member(
             &state,

@@ -309,6 +309,10 @@ pub struct Live {
     changed: tokio::sync::Notify,
     /// Instances fetched on their own at once (the viewer's asks).
     asks: tokio::sync::Semaphore,
+    /// The viewer has asked for an instance the stream had not brought: the
+    /// series stream then stops at its next part and the rest comes one
+    /// instance at a time, so that nothing crosses the link twice.
+    asked_ahead: std::sync::atomic::AtomicBool,
     /// The holding node's answers to the viewer's searches and metadata
     /// requests, by path and query: asked once per fetch.
     answers: tokio::sync::Mutex<std::collections::HashMap<String, PeerAnswer>>,
@@ -431,6 +435,8 @@ impl Live {
                 return;
             }
         }
+        self.asked_ahead
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let live = self.clone();
         tokio::spawn(async move {
             let permit = live.asks.acquire().await;
@@ -1033,6 +1039,7 @@ async fn fetch_series_by_series(
         }),
         changed: tokio::sync::Notify::new(),
         asks: tokio::sync::Semaphore::new(ASKS_AT_ONCE),
+        asked_ahead: std::sync::atomic::AtomicBool::new(false),
         answers: tokio::sync::Mutex::new(std::collections::HashMap::new()),
     });
     update(&progress_key(region, uid.as_str()), |p| {
@@ -1303,11 +1310,19 @@ async fn fetch_stream(
         }
         let boundary = boundary_of(&response)?;
         let mut multipart = multer::Multipart::new(response.bytes_stream(), boundary);
-        while let Some(mut field) = multipart
-            .next_field()
-            .await
-            .map_err(|e| Error::Peer(e.to_string()))?
-        {
+        loop {
+            // The viewer asks ahead: the series stream stops here (between
+            // parts: nothing half-read), the rest comes one by one.
+            if live.asked_ahead.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let Some(mut field) = multipart
+                .next_field()
+                .await
+                .map_err(|e| Error::Peer(e.to_string()))?
+            else {
+                break;
+            };
             // The head: the part's file meta names the instance.
             let mut head = Vec::new();
             let meta_len = loop {

@@ -385,7 +385,6 @@ const STRINGS: &[(&str, &str, &str)] = &[
         "全部 {it} 幅图像已到达并校验。",
         "All {it} images have arrived and been verified.",
     ),
-    ("back_to_patient", "返回患者页", "Back to the patient"),
     (
         "fetch_progress",
         "序列 {s} / {st}，图像 {i} / {it}",

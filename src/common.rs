@@ -223,6 +223,50 @@ pub fn is_time(s: &str) -> bool {
     }
 }
 
+/// How far behind its clock a [`Pace`] may fall and catch up.
+const PACE_BURST: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A cap on bytes per second, shared by every reader at once; none when 0
+/// (the node's `peer_bandwidth`: what its peer fetches take from the
+/// hospital's link). Each chunk read from a peer reserves its time on a virtual
+/// clock; a reader ahead of it waits, and TCP's flow control slows the
+/// peer down to the same rate.
+#[derive(Debug)]
+pub struct Pace {
+    bytes_per_second: u64,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    pub fn new(bytes_per_second: u64) -> Pace {
+        Pace {
+            bytes_per_second,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    pub async fn take(&self, bytes: usize) {
+        if self.bytes_per_second == 0 {
+            return;
+        }
+        let wait = {
+            let mut next = self.next.lock().expect("pace lock");
+            let now = tokio::time::Instant::now();
+            // A reader that slept past its time (the timer's millisecond,
+            // a busy runtime) gets it back, up to PACE_BURST: else every
+            // oversleep would be lost and the rate fall well below the cap.
+            let floor = now.checked_sub(PACE_BURST).unwrap_or(now);
+            let start = (*next).max(floor);
+            *next = start
+                + std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
+            start.saturating_duration_since(now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +349,25 @@ mod tests {
             assert_eq!(message, expected, "{body}");
             assert!(!message.contains("3201") && !message.contains("1101"));
         }
+    }
+
+    #[tokio::test]
+    async fn the_pace_holds_fetches_to_the_configured_rate() {
+        // 1 MB at 10 MB/s takes 100 ms, less the burst a reader may catch
+        // up by; a lower bound only (a busy machine is slower, never faster).
+        let pace = Pace::new(10_000_000);
+        let start = tokio::time::Instant::now();
+        for _ in 0..10 {
+            pace.take(100_000).await;
+        }
+        let took = start.elapsed();
+        // The first PACE_BURST may go at once (credit for a reader that
+        // overslept), no more.
+        assert!(took >= std::time::Duration::from_millis(40), "{took:?}");
+        // No cap: a gigabyte goes without a wait.
+        let free = Pace::new(0);
+        let start = tokio::time::Instant::now();
+        free.take(1 << 30).await;
+        assert!(start.elapsed() < std::time::Duration::from_millis(50));
     }
 }

@@ -302,7 +302,7 @@ pub struct Live {
     token: String,
     http: reqwest::Client,
     ingest: Ingest,
-    pace: Arc<Pace>,
+    pace: Arc<crate::common::Pace>,
     /// The verified manifest: SOP Instance UID → (entry, expected hash).
     instances: std::collections::HashMap<String, (ManifestInstance, BlobHash)>,
     state: std::sync::Mutex<LiveState>,
@@ -589,50 +589,6 @@ pub fn live(region: &Region, study_instance_uid: &str) -> Option<Arc<Live>> {
     match progress(region, study_instance_uid) {
         Some(p) if p.state == FetchState::Running => p.live,
         _ => None,
-    }
-}
-
-/// The node's cap on the bytes per second its peer fetches take from the
-/// hospital's link (`peer_bandwidth`), shared by every fetch at once;
-/// none when 0. Each chunk read from a peer reserves its time on a virtual
-/// clock; a reader ahead of it waits, and TCP's flow control slows the
-/// peer down to the same rate.
-/// How far behind its clock a [`Pace`] may fall and catch up.
-const PACE_BURST: std::time::Duration = std::time::Duration::from_millis(50);
-
-#[derive(Debug)]
-pub struct Pace {
-    bytes_per_second: u64,
-    next: std::sync::Mutex<tokio::time::Instant>,
-}
-
-impl Pace {
-    pub fn new(bytes_per_second: u64) -> Pace {
-        Pace {
-            bytes_per_second,
-            next: std::sync::Mutex::new(tokio::time::Instant::now()),
-        }
-    }
-
-    pub async fn take(&self, bytes: usize) {
-        if self.bytes_per_second == 0 {
-            return;
-        }
-        let wait = {
-            let mut next = self.next.lock().expect("pace lock");
-            let now = tokio::time::Instant::now();
-            // A reader that slept past its time (the timer's millisecond,
-            // a busy runtime) gets it back, up to PACE_BURST: else every
-            // oversleep would be lost and the rate fall well below the cap.
-            let floor = now.checked_sub(PACE_BURST).unwrap_or(now);
-            let start = (*next).max(floor);
-            *next = start
-                + std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_second as f64);
-            start.saturating_duration_since(now)
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
     }
 }
 
@@ -1450,7 +1406,7 @@ fn boundary_of(response: &reqwest::Response) -> Result<String, Error> {
 async fn fetch_instance(
     http: &reqwest::Client,
     ingest: &Ingest,
-    pace: &Pace,
+    pace: &crate::common::Pace,
     url: &str,
     token: &str,
     instance: &ManifestInstance,
@@ -1821,26 +1777,6 @@ mod tests {
             ..answer
         };
         assert_eq!(rebase_answer(&other, "http://a").body, other.body);
-    }
-
-    #[tokio::test]
-    async fn the_pace_holds_fetches_to_the_configured_rate() {
-        // 1 MB at 10 MB/s takes 100 ms, less the burst a reader may catch
-        // up by; a lower bound only (a busy machine is slower, never faster).
-        let pace = Pace::new(10_000_000);
-        let start = tokio::time::Instant::now();
-        for _ in 0..10 {
-            pace.take(100_000).await;
-        }
-        let took = start.elapsed();
-        // The first PACE_BURST may go at once (credit for a reader that
-        // overslept), no more.
-        assert!(took >= std::time::Duration::from_millis(40), "{took:?}");
-        // No cap: a gigabyte goes without a wait.
-        let free = Pace::new(0);
-        let start = tokio::time::Instant::now();
-        free.take(1 << 30).await;
-        assert!(start.elapsed() < std::time::Duration::from_millis(50));
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub struct Region {
     /// The HTTP client for peer nodes.
     peer_http: reqwest::Client,
     /// The cap on the bytes per second peer fetches take (`peer_bandwidth`).
-    peer_pace: Arc<crate::peer::Pace>,
+    peer_pace: Arc<crate::common::Pace>,
     /// The ingest path, for studies fetched from peers.
     ingest: std::sync::OnceLock<crate::ingest::Ingest>,
     /// Grants confirmed by the registry (token SHA-256 → grant), so that a
@@ -169,7 +169,7 @@ impl Region {
             )?
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?,
-            peer_pace: Arc::new(crate::peer::Pace::new(config.peer_bandwidth)),
+            peer_pace: Arc::new(crate::common::Pace::new(config.peer_bandwidth)),
             grants: Mutex::new(std::collections::HashMap::new()),
             ingest: std::sync::OnceLock::new(),
             index,
@@ -198,7 +198,7 @@ impl Region {
         self.peer_http.clone()
     }
 
-    pub fn peer_pace(&self) -> Arc<crate::peer::Pace> {
+    pub fn peer_pace(&self) -> Arc<crate::common::Pace> {
         self.peer_pace.clone()
     }
 

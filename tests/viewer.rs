@@ -75,6 +75,21 @@ async fn entries(api: &Api, action: &str) -> Vec<Value> {
 
 support::on_both_backends!(the_doctor_opens_a_regional_prior_in_the_viewer);
 
+/// The patient's priors asked at A through its API, as the page would:
+/// A learns from the answer that B holds the study.
+async fn ask_priors(api_a: &Api) {
+    api_a
+        .ok(
+            "POST",
+            "/api/v1/priors",
+            Some(
+                json!({"patient": {"identifier_type": "RID", "identifier": RID},
+                "purpose": "treatment", "user_id": "dr.li"}),
+            ),
+        )
+        .await;
+}
+
 /// The region of these tests: a registry, B holding a chest CT (two
 /// series, 12 images, reported, QC-passed) and a head CT of the patient,
 /// A with DICOMweb behind tokens, the viewer installed, the patient's
@@ -278,16 +293,7 @@ async fn a_dicomweb_client_reads_a_prior_while_it_arrives() {
     assert_eq!(r.status(), 204);
     // A learns that B holds it (a priors answer), and fetches it in the
     // background, as a retrieve of a workstation would have it fetched.
-    api_a
-        .ok(
-            "POST",
-            "/api/v1/priors",
-            Some(
-                json!({"patient": {"identifier_type": "RID", "identifier": RID},
-                "purpose": "treatment", "user_id": "dr.li"}),
-            ),
-        )
-        .await;
+    ask_priors(&api_a).await;
     let mut fetch = tokio::spawn({
         let (api_a, uid) = (api_a.clone(), uid.clone());
         async move {
@@ -434,16 +440,7 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     // 1. No session: the viewer loads, its DICOMweb requests are refused,
     //    nothing is fetched from B. (A knows B holds the study only after a
     //    priors answer; the API's priors query tells it, as the page would.)
-    api_a
-        .ok(
-            "POST",
-            "/api/v1/priors",
-            Some(
-                json!({"patient": {"identifier_type": "RID", "identifier": RID},
-                "purpose": "treatment", "user_id": "dr.li"}),
-            ),
-        )
-        .await;
+    ask_priors(&api_a).await;
     let lines = {
         let (base, uid) = (base.clone(), uid.clone());
         tokio::task::spawn_blocking(move || {

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Redirect};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -277,26 +277,15 @@ async fn open_images(
                 }),
             )
             .await;
-        let h = response.headers_mut();
-        h.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(
-                "default-src 'none'; style-src 'unsafe-inline'; frame-src 'self'; \
-                 frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-            ),
+        own_policy(
+            &mut response,
+            "default-src 'none'; style-src 'unsafe-inline'; frame-src 'self'; \
+             frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            false,
         );
         return Ok(response);
     }
-    let hospital = region
-        .directory()
-        .await
-        .and_then(|d| {
-            d.hospitals
-                .into_iter()
-                .find(|h| h.hospital_id == hospital_id)
-        })
-        .map(|h| h.name)
-        .unwrap_or_else(|| hospital_id.clone());
+    let hospital = hospital_name(region, &hospital_id).await;
     let complete = progress.complete_series();
     let series: Vec<Value> = match series_of(&state.index, &uid).await {
         Ok(s) => s
@@ -375,16 +364,7 @@ async fn progress_strip(
     let Some(progress) = crate::peer::progress(region, &uid) else {
         return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
     };
-    let holding = region
-        .directory()
-        .await
-        .and_then(|d| {
-            d.hospitals
-                .into_iter()
-                .find(|h| h.hospital_id == progress.hospital_id)
-        })
-        .map(|h| h.name)
-        .unwrap_or_else(|| progress.hospital_id.clone());
+    let holding = hospital_name(region, &progress.hospital_id).await;
     let running = progress.state == FetchState::Running;
     let failure = progress.failure.as_ref().map(|f| {
         json!({
@@ -407,19 +387,43 @@ async fn progress_strip(
             }),
         )
         .await;
+    own_policy(
+        &mut response,
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'; \
+         base-uri 'none'; form-action 'none'",
+        true,
+    );
+    Ok(response)
+}
+
+/// The holding hospital's name from the region's directory (its id when
+/// the directory is out of reach).
+async fn hospital_name(region: &crate::publish::Region, hospital_id: &str) -> String {
+    region
+        .directory()
+        .await
+        .and_then(|d| {
+            d.hospitals
+                .into_iter()
+                .find(|h| h.hospital_id == hospital_id)
+        })
+        .map_or_else(|| hospital_id.to_string(), |h| h.name)
+}
+
+/// A page's own Content-Security-Policy, which `security_headers` keeps;
+/// `framed_here`: framed by a page of this node (same origin only).
+fn own_policy(response: &mut Response, csp: &'static str, framed_here: bool) {
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'; \
-             base-uri 'none'; form-action 'none'",
-        ),
+        HeaderValue::from_static(csp),
     );
-    h.insert(
-        header::X_FRAME_OPTIONS,
-        HeaderValue::from_static("SAMEORIGIN"),
-    );
-    Ok(response)
+    if framed_here {
+        h.insert(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("SAMEORIGIN"),
+        );
+    }
 }
 
 #[cfg(test)]

@@ -284,6 +284,10 @@ impl Db {
         let pool = if sqlite {
             AnyPoolOptions::new()
                 .max_connections(4)
+                // No ping per acquire (sqlx's default): a round trip more
+                // per statement, on every query a node's check waits on. A
+                // broken connection surfaces as the statement's own error.
+                .test_before_acquire(false)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
@@ -298,6 +302,8 @@ impl Db {
         } else {
             AnyPoolOptions::new()
                 .max_connections(16)
+                // As above: on PostgreSQL the ping is a network round trip.
+                .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(30))
                 .connect_with(options)
                 .await?
@@ -589,22 +595,7 @@ impl Db {
                 "INSERT INTO study_record (hospital_id, study_instance_uid, record_version, \
                  patient_key, study_date, retracted, published_at, record) VALUES ",
             );
-            for i in 0..chunk.len() {
-                let b = i * 7;
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, 0, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7
-                ));
-            }
+            sql.push_str(&row_placeholders(chunk.len(), 8));
             sql.push_str(
                 " ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
                  record_version = excluded.record_version, patient_key = excluded.patient_key, \
@@ -622,6 +613,7 @@ impl Db {
                     .bind(r.record_version)
                     .bind(&r.patient_key)
                     .bind(r.study_date.clone())
+                    .bind(0i64)
                     .bind(&now)
                     .bind(serde_json::to_string(r).expect("record serialises"));
             }
@@ -1492,6 +1484,28 @@ impl Db {
         now: u64,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
+        if is_postgres(&tx) && !entries.is_empty() {
+            // The nonce and the head's lock in one statement: the head
+            // moves only if the nonce was new.
+            let head = sqlx::query(
+                "WITH seen AS (INSERT INTO federation_nonce (nonce, seen_at) VALUES ($1, $2) \
+                 ON CONFLICT (nonce) DO NOTHING RETURNING 1) \
+                 UPDATE audit_head SET seq = seq + $3 WHERE id = 1 \
+                 AND EXISTS (SELECT 1 FROM seen) RETURNING seq, hash",
+            )
+            .bind(nonce)
+            .bind(now as i64)
+            .bind(entries.len() as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(head) = head else {
+                tx.rollback().await?;
+                return Ok(false);
+            };
+            write_chained(&mut tx, &head, entries).await?;
+            tx.commit().await?;
+            return Ok(true);
+        }
         let inserted = sqlx::query(
             "INSERT INTO federation_nonce (nonce, seen_at) VALUES ($1, $2) \
              ON CONFLICT (nonce) DO NOTHING",
@@ -1602,22 +1616,72 @@ impl Db {
             .collect()
     }
 
-    /// The live records of a patient key (all hospitals), newest first.
-    pub async fn records_of(
+    /// What a member's priors query reads here, by the pseudonym alone, in
+    /// two statements run at once: the live records of every patient key
+    /// the pseudonym stands for (one, unless the province re-keyed), each
+    /// with its holding hospital's directory entry, newest first; and the
+    /// patient key with its newest federation consent for the member.
+    pub async fn member_view(
         &self,
-        patient_key: &str,
+        pseudonym: &str,
+        member_id: &str,
         since: Option<&str>,
-    ) -> Result<Vec<RegistryRecord>> {
-        let rows = sqlx::query(
-            "SELECT hospital_id, published_at, retracted, record FROM study_record \
-             WHERE patient_key = $1 AND retracted = 0 AND (study_date >= $2 OR $2 IS NULL) \
-             ORDER BY (study_date IS NULL), study_date DESC, hospital_id, study_instance_uid",
+    ) -> Result<MemberView> {
+        check_patient_key(pseudonym)?;
+        let records = sqlx::query(
+            "SELECT h.hospital_id, h.name, h.level_rank, h.groups, \
+             h.accepts_lower_level_results, h.qc_status, h.dicomweb_base_url, \
+             r.hospital_id, r.published_at, r.retracted, r.record \
+             FROM federation_identity f \
+             JOIN study_record r ON r.patient_key = f.patient_key \
+             JOIN hospital h ON h.hospital_id = r.hospital_id \
+             WHERE f.pseudonym = $1 AND r.retracted = 0 \
+             AND (r.study_date >= $2 OR $2 IS NULL) \
+             ORDER BY (r.study_date IS NULL), r.study_date DESC, r.hospital_id, \
+             r.study_instance_uid",
         )
-        .bind(patient_key)
+        .bind(pseudonym)
         .bind(since.map(str::to_string))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(record_row).collect()
+        .fetch_all(&self.pool);
+        let consent = sqlx::query(
+            "SELECT f.patient_key, \
+             (SELECT c.state || ' ' || c.expires_at FROM federation_consent c \
+              WHERE c.patient_key = f.patient_key AND c.member_id = $2 \
+              ORDER BY c.created_at DESC, c.consent_id DESC LIMIT 1) \
+             FROM federation_identity f WHERE f.pseudonym = $1 ORDER BY f.patient_key",
+        )
+        .bind(pseudonym)
+        .bind(member_id)
+        .fetch_optional(&self.pool);
+        let (records, consent) = tokio::join!(records, consent);
+        let records = records?
+            .iter()
+            .map(|r| {
+                Ok(HeldRecord {
+                    hospital: hospital_row_at(r, 0)?,
+                    record: record_row_at(r, 7)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (patient_key, consent) = match consent? {
+            None => (None, None),
+            Some(row) => {
+                let key: String = row.try_get(0)?;
+                let newest: Option<String> = row.try_get(1)?;
+                let consent = match newest.as_deref().and_then(|n| n.split_once(' ')) {
+                    Some((state, expires_at)) => {
+                        Some(effective_state(state, expires_at, &now_rfc3339())?)
+                    }
+                    None => None,
+                };
+                (Some(key), consent)
+            }
+        };
+        Ok(MemberView {
+            patient_key,
+            records,
+            consent,
+        })
     }
 
     // ------------------------------------------------------------ recognition
@@ -1883,6 +1947,23 @@ fn outcome_str(o: PublishOutcome) -> &'static str {
     }
 }
 
+/// What a member's priors query reads (see [`Db::member_view`]).
+#[derive(Debug)]
+pub struct MemberView {
+    /// The patient key the pseudonym stands for here, if any.
+    pub patient_key: Option<String>,
+    pub records: Vec<HeldRecord>,
+    /// The newest federation consent of that key for the member.
+    pub consent: Option<ConsentState>,
+}
+
+/// A live record with its holding hospital's directory entry.
+#[derive(Debug)]
+pub struct HeldRecord {
+    pub hospital: Hospital,
+    pub record: RegistryRecord,
+}
+
 /// Upserts a key's pseudonym inside a transaction.
 /// One member's records shown to a hospital of this registry.
 pub struct FederationPriorsShown<'a> {
@@ -1934,21 +2015,7 @@ async fn remember_federation_priors(
             "INSERT INTO federation_prior (hospital_id, study_instance_uid, member_id, \
              patient_key, pseudonym, seen_at) VALUES ",
         );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            let b = i * 6;
-            sql.push_str(&format!(
-                "(${},${},${},${},${},${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6
-            ));
-        }
+        sql.push_str(&row_placeholders(chunk.len(), 6));
         sql.push_str(
             " ON CONFLICT (hospital_id, study_instance_uid) DO UPDATE SET \
              member_id = excluded.member_id, patient_key = excluded.patient_key, \
@@ -2011,6 +2078,18 @@ pub fn entry_hash(e: &AuditEntry) -> String {
     blake3::hash(canonical.as_bytes()).to_hex().to_string()
 }
 
+/// `($1,..,$cols),($cols+1,..)`: the VALUES of a multi-row INSERT of
+/// `rows` rows, every value bound.
+fn row_placeholders(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let row: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
+            format!("({})", row.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Appends to the chain inside the caller's transaction. The UPDATE of the
 /// head row comes first: it takes the row lock (PostgreSQL) or the write
 /// lock (SQLite) that keeps two appenders from forking the chain.
@@ -2022,6 +2101,17 @@ pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Re
         .bind(entries.len() as i64)
         .fetch_one(&mut *tx)
         .await?;
+    write_chained(tx, &head, entries).await
+}
+
+/// The entries chained after `head` (the head row as the UPDATE that
+/// locked it returned it: the new last seq and the old hash), written, and
+/// the head's hash moved to the last of them.
+async fn write_chained(
+    tx: &mut AnyConnection,
+    head: &sqlx::any::AnyRow,
+    entries: &[AuditRecord],
+) -> Result<()> {
     let last_seq: i64 = head.try_get(0)?;
     let mut prev_hash: String = head.try_get(1)?;
     let at = now_rfc3339();
@@ -2046,25 +2136,28 @@ pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Re
         prev_hash = e.hash.clone();
         chained.push(e);
     }
-    // Multi-row inserts (a publication batch appends 500 entries).
-    for chunk in chained.chunks(400) {
-        let mut sql = String::from(
+    // On PostgreSQL the head's new hash rides with the last INSERT (a
+    // data-modifying WITH): a round trip less in every audited request.
+    let postgres = is_postgres(tx);
+    let chunks: Vec<&[AuditEntry]> = chained.chunks(400).collect();
+    for (n, chunk) in chunks.iter().enumerate() {
+        let last = n + 1 == chunks.len();
+        let mut sql = if postgres && last {
+            format!(
+                "WITH head AS (UPDATE audit_head SET hash = ${} WHERE id = 1) ",
+                chunk.len() * 12 + 1
+            )
+        } else {
+            String::new()
+        };
+        sql.push_str(
             "INSERT INTO audit (seq, at, actor, user_id, action, patient_key, purpose, \
              records_returned, outcome, detail, prev_hash, hash) VALUES ",
         );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            let b = i * 12;
-            let placeholders: Vec<String> = (1..=12).map(|k| format!("${}", b + k)).collect();
-            sql.push('(');
-            sql.push_str(&placeholders.join(","));
-            sql.push(')');
-        }
+        sql.push_str(&row_placeholders(chunk.len(), 12));
         // Placeholders only: every value is bound.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for e in chunk {
+        for e in *chunk {
             q = q
                 .bind(e.seq)
                 .bind(&e.at)
@@ -2079,16 +2172,25 @@ pub async fn append_audit(tx: &mut AnyConnection, entries: &[AuditRecord]) -> Re
                 .bind(&e.prev_hash)
                 .bind(&e.hash);
         }
+        if postgres && last {
+            q = q.bind(&prev_hash);
+        }
         q.execute(&mut *tx).await?;
     }
     for e in entries {
         crate::metrics::registry_audit_appended(e.action);
     }
-    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
-        .bind(&prev_hash)
-        .execute(&mut *tx)
-        .await?;
+    if !postgres {
+        sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
+            .bind(&prev_hash)
+            .execute(&mut *tx)
+            .await?;
+    }
     Ok(())
+}
+
+fn is_postgres(conn: &AnyConnection) -> bool {
+    conn.backend_name() == "PostgreSQL"
 }
 
 /// A unified social credit code is 18 characters of digits and upper-case
@@ -2125,27 +2227,37 @@ const HOSPITAL_SELECT_ONE: &str = "SELECT hospital_id, name, level_rank, groups,
      accepts_lower_level_results, qc_status, dicomweb_base_url FROM hospital WHERE hospital_id = $1";
 
 fn hospital_row(r: &sqlx::any::AnyRow) -> Result<Hospital> {
-    let rank: i64 = r.try_get(2)?;
-    let groups: String = r.try_get(3)?;
-    let qc: String = r.try_get(5)?;
+    hospital_row_at(r, 0)
+}
+
+/// A hospital's directory entry from the row's columns `at..at + 7`.
+fn hospital_row_at(r: &sqlx::any::AnyRow, at: usize) -> Result<Hospital> {
+    let rank: i64 = r.try_get(at + 2)?;
+    let groups: String = r.try_get(at + 3)?;
+    let qc: String = r.try_get(at + 5)?;
     Ok(Hospital {
-        hospital_id: r.try_get(0)?,
-        name: r.try_get(1)?,
+        hospital_id: r.try_get(at)?,
+        name: r.try_get(at + 1)?,
         level: Level::from_rank(rank).ok_or_else(|| Error::Corrupt(format!("level {rank}")))?,
         groups: serde_json::from_str(&groups).map_err(|e| Error::Corrupt(e.to_string()))?,
-        accepts_lower_level_results: r.try_get::<i64, _>(4)? != 0,
+        accepts_lower_level_results: r.try_get::<i64, _>(at + 4)? != 0,
         qc_status: QcStatus::parse(&qc).ok_or_else(|| Error::Corrupt(format!("qc {qc}")))?,
-        dicomweb_base_url: r.try_get(6)?,
+        dicomweb_base_url: r.try_get(at + 6)?,
         province: None,
     })
 }
 
 fn record_row(r: &sqlx::any::AnyRow) -> Result<RegistryRecord> {
-    let record: String = r.try_get(3)?;
+    record_row_at(r, 0)
+}
+
+/// A record from the row's columns `at..at + 4`.
+fn record_row_at(r: &sqlx::any::AnyRow, at: usize) -> Result<RegistryRecord> {
+    let record: String = r.try_get(at + 3)?;
     Ok(RegistryRecord {
-        hospital_id: r.try_get(0)?,
-        published_at: r.try_get(1)?,
-        retracted: r.try_get::<i64, _>(2)? != 0,
+        hospital_id: r.try_get(at)?,
+        published_at: r.try_get(at + 1)?,
+        retracted: r.try_get::<i64, _>(at + 2)? != 0,
         record: serde_json::from_str(&record).map_err(|e| Error::Corrupt(e.to_string()))?,
         province: None,
     })

@@ -903,28 +903,22 @@ async fn federated_priors(
         ));
     }
     let started = std::time::Instant::now();
-    let keys = state.db.keys_of_pseudonym(&q.pseudonym).await?;
-    let patient_key = keys.first().cloned();
-    // The records and the consent at once (two pool connections).
-    let records = async {
-        let mut records = Vec::new();
-        for key in &keys {
-            records.extend(state.db.records_of(key, q.since.as_deref()).await?);
-        }
-        Ok::<_, db::Error>(records)
-    };
-    let consent = async {
-        match &patient_key {
-            Some(k) => state.db.federation_consent_state(k, &member.id).await,
-            None => Ok(None),
-        }
-    };
-    let (records, holding_consent) = tokio::join!(records, consent);
-    let mut records = records?;
-    let holding_consent = holding_consent? == Some(ConsentState::Granted);
-    records.retain(|r| federation.in_pilot(&r.hospital_id));
+    let view = state
+        .db
+        .member_view(&q.pseudonym, &member.id, q.since.as_deref())
+        .await?;
+    let patient_key = view.patient_key;
+    let holding_consent = view.consent == Some(ConsentState::Granted);
+    let mut records = view.records;
+    records.retain(|r| federation.in_pilot(&r.hospital.hospital_id));
     if let Some(items) = &q.items {
-        records.retain(|r| r.record.items.iter().any(|i| items.contains(&i.code)));
+        records.retain(|r| {
+            r.record
+                .record
+                .items
+                .iter()
+                .any(|i| items.contains(&i.code))
+        });
     }
     use super::federation::ConsentPolicy;
     let consent = match federation.consent_policy {
@@ -947,35 +941,20 @@ async fn federated_priors(
         };
         records.clear();
     }
-    let mut out = Vec::with_capacity(records.len());
-    // The holding hospitals' directory entries, read at once.
-    let mut ids: Vec<&str> = records.iter().map(|r| r.hospital_id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let directory: Vec<Hospital> =
-        futures::future::try_join_all(ids.iter().map(|id| state.db.hospital(id)))
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
-    for r in records {
-        let Some(hospital) = directory
-            .iter()
-            .find(|h| h.hospital_id == r.hospital_id)
-            .cloned()
-        else {
-            continue;
-        };
-        let mut record = r.record;
-        // This province's key stays here: the member knows the pseudonym.
-        record.patient_key = q.pseudonym.clone();
-        record.federation_pseudonym = Some(q.pseudonym.clone());
-        out.push(FederatedRecord {
-            hospital,
-            published_at: r.published_at,
-            record,
-        });
-    }
+    let out: Vec<FederatedRecord> = records
+        .into_iter()
+        .map(|r| {
+            let mut record = r.record.record;
+            // This province's key stays here: the member knows the pseudonym.
+            record.patient_key = q.pseudonym.clone();
+            record.federation_pseudonym = Some(q.pseudonym.clone());
+            FederatedRecord {
+                hospital: r.hospital,
+                published_at: r.record.published_at,
+                record,
+            }
+        })
+        .collect();
     let outcome = match access {
         AccessBasis::Consent => "ok",
         AccessBasis::BreakTheGlass => "break_the_glass",

@@ -231,10 +231,34 @@ const PACE_BURST: std::time::Duration = std::time::Duration::from_millis(50);
 /// hospital's link). Each chunk read from a peer reserves its time on a virtual
 /// clock; a reader ahead of it waits, and TCP's flow control slows the
 /// peer down to the same rate.
+///
+/// A reader a doctor is waiting on (an image the viewer asked for) goes
+/// first: while one holds an [`Urgent`], the other readers take no time on
+/// the clock, so the image gets the whole link, not a share of it; the
+/// rate of all of them together stays the cap.
 #[derive(Debug)]
 pub struct Pace {
     bytes_per_second: u64,
     next: std::sync::Mutex<tokio::time::Instant>,
+    urgent: std::sync::atomic::AtomicUsize,
+    calm: tokio::sync::Notify,
+}
+
+/// While alive, the [`Pace`]'s other readers hold back ([`Pace::urgent`]).
+#[derive(Debug)]
+pub struct Urgent(std::sync::Arc<Pace>);
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if self
+            .0
+            .urgent
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.calm.notify_waiters();
+        }
+    }
 }
 
 impl Pace {
@@ -242,13 +266,46 @@ impl Pace {
         Pace {
             bytes_per_second,
             next: std::sync::Mutex::new(tokio::time::Instant::now()),
+            urgent: std::sync::atomic::AtomicUsize::new(0),
+            calm: tokio::sync::Notify::new(),
         }
     }
 
+    /// Marks an urgent reader until the guard is dropped; it reads with
+    /// [`Pace::take_urgent`].
+    pub fn urgent(self: &std::sync::Arc<Self>) -> Urgent {
+        self.urgent
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Urgent(self.clone())
+    }
+
+    /// Time for `bytes` of a background reader: after every urgent reader
+    /// is done.
     pub async fn take(&self, bytes: usize) {
         if self.bytes_per_second == 0 {
             return;
         }
+        loop {
+            let calm = self.calm.notified();
+            tokio::pin!(calm);
+            calm.as_mut().enable();
+            if self.urgent.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                break;
+            }
+            calm.await;
+        }
+        self.reserve(bytes).await;
+    }
+
+    /// Time for `bytes` of an urgent reader: it does not wait for the others.
+    pub async fn take_urgent(&self, bytes: usize) {
+        if self.bytes_per_second == 0 {
+            return;
+        }
+        self.reserve(bytes).await;
+    }
+
+    async fn reserve(&self, bytes: usize) {
         let wait = {
             let mut next = self.next.lock().expect("pace lock");
             let now = tokio::time::Instant::now();
@@ -369,5 +426,27 @@ mod tests {
         let start = tokio::time::Instant::now();
         free.take(1 << 30).await;
         assert!(start.elapsed() < std::time::Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn an_urgent_reader_goes_before_the_others() {
+        let pace = std::sync::Arc::new(Pace::new(100_000_000));
+        let urgent = pace.urgent();
+        let background = tokio::spawn({
+            let pace = pace.clone();
+            async move { pace.take(1_000).await }
+        });
+        // 1 MB at 100 MB/s: 10 ms, during which the background reader
+        // would have had its turn were it not held back.
+        for _ in 0..10 {
+            pace.take_urgent(100_000).await;
+        }
+        tokio::task::yield_now().await;
+        assert!(!background.is_finished(), "a background read went first");
+        drop(urgent);
+        tokio::time::timeout(std::time::Duration::from_secs(5), background)
+            .await
+            .expect("the background reader goes once the urgent one is done")
+            .unwrap();
     }
 }

@@ -314,8 +314,11 @@ pub struct Live {
     /// instance at a time, so that nothing crosses the link twice.
     asked_ahead: std::sync::atomic::AtomicBool,
     /// The holding node's answers to the viewer's searches and metadata
-    /// requests, by path and query: asked once per fetch.
-    answers: tokio::sync::Mutex<std::collections::HashMap<String, PeerAnswer>>,
+    /// requests, by path and query: asked once per fetch. Each request has
+    /// its own cell, so that different requests go to the holding node at
+    /// once and the same one is asked once.
+    answers:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::OnceCell<PeerAnswer>>>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -343,6 +346,12 @@ pub struct PeerAnswer {
     pub status: u16,
     pub content_type: Option<String>,
     pub body: bytes::Bytes,
+}
+
+/// Why an answer of the holding node is not kept ([`Live::ask_peer`]).
+enum HoldingAnswer {
+    NotKept(PeerAnswer),
+    Failed(Error),
 }
 
 /// How long a viewer's request waits for an instance still on its way.
@@ -439,8 +448,13 @@ impl Live {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let live = self.clone();
         tokio::spawn(async move {
+            let asked = std::time::Instant::now();
             let permit = live.asks.acquire().await;
+            let waited = asked.elapsed();
             if permit.is_ok() && !live.is_here(&instance.sop_instance_uid) {
+                // The doctor waits for this one: the rest of the fetch
+                // holds back on the link until it is here.
+                let _urgent = live.pace.urgent();
                 let url = format!(
                     "{}/studies/{}/series/{}/instances/{}",
                     live.base.trim_end_matches('/'),
@@ -457,14 +471,24 @@ impl Live {
                     &instance,
                     hash,
                     &live.holding,
+                    true,
                 )
                 .await
                 {
-                    Ok(_) => instance_arrived(
-                        &live.key,
-                        &instance.series_instance_uid,
-                        &instance.sop_instance_uid,
-                    ),
+                    Ok(_) => {
+                        // Where a viewer's wait for an image goes (docs/viewer.md).
+                        tracing::debug!(
+                            sop_instance_uid = %instance.sop_instance_uid,
+                            waited_ms = waited.as_millis() as u64,
+                            fetched_ms = (asked.elapsed() - waited).as_millis() as u64,
+                            "instance fetched ahead of the stream"
+                        );
+                        instance_arrived(
+                            &live.key,
+                            &instance.series_instance_uid,
+                            &instance.sop_instance_uid,
+                        )
+                    }
                     // The stream (or the one-by-one pass after it) still
                     // brings it; the waiter waits for that.
                     Err(e) => {
@@ -493,11 +517,39 @@ impl Live {
         accept: &str,
         local_base: &str,
     ) -> Result<PeerAnswer, Error> {
-        let mut answers = self.answers.lock().await;
-        if let Some(a) = answers.get(path_and_query) {
-            return Ok(rebase_answer(a, local_base));
+        let cell = self
+            .answers
+            .lock()
+            .expect("answers lock")
+            .entry(path_and_query.to_string())
+            .or_default()
+            .clone();
+        // Only a success is kept; an error answer is passed on and asked
+        // again next time.
+        let answer = cell
+            .get_or_try_init(|| async {
+                let answer = self.ask_holding(path_and_query, accept).await?;
+                if (200..300).contains(&answer.status) {
+                    Ok(answer)
+                } else {
+                    Err(HoldingAnswer::NotKept(answer))
+                }
+            })
+            .await;
+        match answer {
+            Ok(a) => Ok(rebase_answer(a, local_base)),
+            Err(HoldingAnswer::NotKept(a)) => Ok(rebase_answer(&a, local_base)),
+            Err(HoldingAnswer::Failed(e)) => Err(e),
         }
+    }
+
+    async fn ask_holding(
+        &self,
+        path_and_query: &str,
+        accept: &str,
+    ) -> Result<PeerAnswer, HoldingAnswer> {
         let url = format!("{}{path_and_query}", self.base.trim_end_matches('/'));
+        let failed = |e: reqwest::Error| HoldingAnswer::Failed(Error::Peer(e.to_string()));
         let response = self
             .http
             .get(&url)
@@ -505,26 +557,19 @@ impl Live {
             .header(reqwest::header::ACCEPT, accept)
             .send()
             .await
-            .map_err(|e| Error::Peer(e.to_string()))?;
+            .map_err(failed)?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| Error::Peer(e.to_string()))?;
-        let answer = PeerAnswer {
+        let body = response.bytes().await.map_err(failed)?;
+        Ok(PeerAnswer {
             status,
             content_type,
             body,
-        };
-        if (200..300).contains(&status) {
-            answers.insert(path_and_query.to_string(), answer.clone());
-        }
-        Ok(rebase_answer(&answer, local_base))
+        })
     }
 }
 
@@ -996,7 +1041,7 @@ async fn fetch_series_by_series(
         changed: tokio::sync::Notify::new(),
         asks: tokio::sync::Semaphore::new(ASKS_AT_ONCE),
         asked_ahead: std::sync::atomic::AtomicBool::new(false),
-        answers: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+        answers: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     update(&progress_key(region, uid.as_str()), |p| {
         p.series_total = order.len();
@@ -1166,7 +1211,7 @@ async fn fetch_one_series(
             let mut last = None;
             for _ in 0..2 {
                 match fetch_instance(
-                    &http, &ingest, &live.pace, &url, &token, &instance, hash, &holding,
+                    &http, &ingest, &live.pace, &url, &token, &instance, hash, &holding, false,
                 )
                 .await
                 {
@@ -1412,6 +1457,7 @@ async fn fetch_instance(
     instance: &ManifestInstance,
     expected: BlobHash,
     holding: &str,
+    urgent: bool,
 ) -> Result<u64, Error> {
     let response = http
         .get(url)
@@ -1467,7 +1513,11 @@ async fn fetch_instance(
                 return Err(Error::Peer(e.to_string()));
             }
         };
-        pace.take(chunk.len()).await;
+        if urgent {
+            pace.take_urgent(chunk.len()).await;
+        } else {
+            pace.take(chunk.len()).await;
+        }
         if meta_done {
             ingest.write(&mut incoming, &chunk);
             continue;

@@ -73,18 +73,14 @@ pub fn read_rejection_note(path: &Path) -> Result<Option<RejectionNote>, String>
         .open_file(path)
         .map_err(|e| e.to_string())?;
     let text = |item: &dicom_object::InMemDicomObject, tag| -> String {
-        item.element_opt(tag)
-            .ok()
-            .flatten()
+        item.get(tag)
             .and_then(|e| e.to_str().ok())
             .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
             .unwrap_or_default()
     };
     let items =
         |item: &dicom_object::InMemDicomObject, tag| -> Vec<dicom_object::InMemDicomObject> {
-            item.element_opt(tag)
-                .ok()
-                .flatten()
+            item.get(tag)
                 .and_then(|e| e.items().map(|i| i.to_vec()))
                 .unwrap_or_default()
         };

@@ -522,7 +522,7 @@ pub fn read_attributes_bytes(
 
 fn extract(obj: &dicom_object::DefaultDicomObject) -> Result<InstanceAttributes, Error> {
     let text = |tag: Tag| -> String {
-        let Some(element) = obj.element_opt(tag).ok().flatten() else {
+        let Some(element) = obj.get(tag) else {
             return String::new();
         };
         // Some writers encode text attributes as UN or OB (pydicom's

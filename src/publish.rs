@@ -1467,9 +1467,7 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
         .from_reader(after_preamble)
         .ok()?;
     let raw = |o: &InMemDicomObject, tag: Tag| -> String {
-        o.element_opt(tag)
-            .ok()
-            .flatten()
+        o.get(tag)
             .and_then(|e| e.to_str().ok())
             .map(|s| s.trim_matches(['\0', ' ']).to_string())
             .unwrap_or_default()
@@ -1486,7 +1484,7 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
         meaning: text(item, tags::CODE_MEANING),
     };
     let codes_of = |o: &InMemDicomObject, seq: Tag, out: &mut Vec<Code>| {
-        if let Ok(Some(e)) = o.element_opt(seq)
+        if let Some(e) = o.get(seq)
             && let Some(items) = e.items()
         {
             for item in items {
@@ -1495,7 +1493,7 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
                     out.push(c);
                 }
                 // RequestAttributesSequence nests the scheduled protocol.
-                if let Ok(Some(inner)) = item.element_opt(tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE)
+                if let Some(inner) = item.get(tags::SCHEDULED_PROTOCOL_CODE_SEQUENCE)
                     && let Some(inner_items) = inner.items()
                 {
                     for i in inner_items {
@@ -1509,7 +1507,7 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
         }
     };
     let mut h = SeriesHeader::default();
-    if let Ok(Some(seq)) = obj.element_opt(tags::OTHER_PATIENT_I_DS_SEQUENCE)
+    if let Some(seq) = obj.get(tags::OTHER_PATIENT_I_DS_SEQUENCE)
         && let Some(items) = seq.items()
     {
         for item in items {
@@ -1543,9 +1541,7 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     );
     let agent = text(&obj, tags::CONTRAST_BOLUS_AGENT);
     let agent_seq = obj
-        .element_opt(tags::CONTRAST_BOLUS_AGENT_SEQUENCE)
-        .ok()
-        .flatten()
+        .get(tags::CONTRAST_BOLUS_AGENT_SEQUENCE)
         .and_then(|e| e.items().map(|i| !i.is_empty()))
         .unwrap_or(false);
     h.contrast_agent = !agent.is_empty() || agent_seq;
@@ -1556,7 +1552,7 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     h.image_laterality = text(&obj, tags::IMAGE_LATERALITY).to_ascii_uppercase();
     h.view_position = text(&obj, tags::VIEW_POSITION).to_ascii_uppercase();
     h.sop_instance_uid = raw(&obj, tags::SOP_INSTANCE_UID);
-    if let Ok(Some(seq)) = obj.element_opt(tags::VIEW_CODE_SEQUENCE)
+    if let Some(seq) = obj.get(tags::VIEW_CODE_SEQUENCE)
         && let Some(item) = seq.items().and_then(|i| i.first())
     {
         let c = code_of(item);

@@ -85,14 +85,12 @@ fn byte_samples_as_ob(obj: &mut dicom_object::DefaultDicomObject) -> Result<(), 
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::tags;
     let bits_allocated = obj
-        .element_opt(tags::BITS_ALLOCATED)
-        .ok()
-        .flatten()
+        .get(tags::BITS_ALLOCATED)
         .and_then(|e| e.to_int::<u16>().ok());
     if bits_allocated.is_none_or(|b| b > 8) {
         return Ok(());
     }
-    let Some(pixels) = obj.element_opt(tags::PIXEL_DATA).ok().flatten() else {
+    let Some(pixels) = obj.get(tags::PIXEL_DATA) else {
         return Ok(());
     };
     if pixels.vr() != VR::OW || pixels.value().primitive().is_none() {

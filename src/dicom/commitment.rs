@@ -114,7 +114,7 @@ fn parse_request(obj: &InMemDicomObject) -> Option<(String, Vec<(String, String)
     if transaction_uid.is_empty() {
         return None;
     }
-    let items = obj.element(tags::REFERENCED_SOP_SEQUENCE).ok()?.items()?;
+    let items = obj.get(tags::REFERENCED_SOP_SEQUENCE)?.items()?;
     let refs = items
         .iter()
         .map(|item| {

@@ -36,9 +36,7 @@ pub fn encode(obj: &InMemDicomObject, transfer_syntax_uid: &str) -> Result<Vec<u
 /// A text value of an identifier element, or "" (absent, empty, or not
 /// text).
 pub fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
+    obj.get(tag)
         .and_then(|e| e.to_str().ok())
         .map(|s| s.trim_matches([' ', '\0']).to_string())
         .unwrap_or_default()

@@ -178,8 +178,7 @@ async fn single_native_frame(
     };
     let mut obj = open_object(store, loc, Some(tags::PIXEL_DATA)).await?;
     let bits = obj
-        .element(tags::BITS_ALLOCATED)
-        .ok()
+        .get(tags::BITS_ALLOCATED)
         .and_then(|e| e.to_int::<u16>().ok())
         .unwrap_or(8);
     let pixels = frames.remove(0);
@@ -276,8 +275,7 @@ fn encode(
     options: &Options,
 ) -> Result<Vec<u8>, Error> {
     let frames = obj
-        .element(dicom_dictionary_std::tags::NUMBER_OF_FRAMES)
-        .ok()
+        .get(dicom_dictionary_std::tags::NUMBER_OF_FRAMES)
         .and_then(|e| e.to_int::<u32>().ok())
         .unwrap_or(1);
     if frame > frames.max(1) {

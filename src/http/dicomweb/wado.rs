@@ -510,12 +510,11 @@ async fn metadata(
                 let mut json = object_json(&obj, Some(&url));
                 // Parsing stopped before Pixel Data: an image's pixel data is
                 // announced as bulk data.
-                if obj.element(tags::ROWS).is_ok()
+                if obj.get(tags::ROWS).is_some()
                     && let Value::Object(map) = &mut json
                 {
                     let vr = if obj
-                        .element(tags::BITS_ALLOCATED)
-                        .ok()
+                        .get(tags::BITS_ALLOCATED)
                         .and_then(|e| e.to_int::<u16>().ok())
                         .is_some_and(|b| b > 8)
                         && is_native(&loc.transfer_syntax_uid)
@@ -585,11 +584,10 @@ pub fn frame_media_type(ts: &str) -> Option<&'static str> {
 /// frame; encapsulated fragments joined per frame).
 pub fn frames_of(obj: &DefaultDicomObject) -> Result<Vec<Vec<u8>>, Error> {
     let pixel_data = obj
-        .element(tags::PIXEL_DATA)
-        .map_err(|_| Error::NotFound("pixel data"))?;
+        .get(tags::PIXEL_DATA)
+        .ok_or(Error::NotFound("pixel data"))?;
     let count = obj
-        .element(tags::NUMBER_OF_FRAMES)
-        .ok()
+        .get(tags::NUMBER_OF_FRAMES)
         .and_then(|e| e.to_int::<u32>().ok())
         .unwrap_or(1)
         .max(1) as usize;
@@ -1038,7 +1036,7 @@ pub async fn bulkdata(
         ));
     }
     let obj = open_object(state.ingest.store(), &loc, Some(tags::PIXEL_DATA)).await?;
-    let element = obj.element(tag).map_err(|_| Error::NotFound("bulk data"))?;
+    let element = obj.get(tag).ok_or(Error::NotFound("bulk data"))?;
     let bytes = match element.value() {
         DicomValue::Primitive(v) => v.to_bytes().into_owned(),
         _ => return Err(Error::NotFound("bulk data")),

@@ -196,13 +196,21 @@ def commit(host, port, pairs):
 
     def on_report(event):
         got.update(report_of(event))
-        done.set()
         return 0x0000, None
+
+    # Released only once the N-EVENT-REPORT response has gone out: releasing
+    # from the handler's side before pynetdicom has sent it makes pynetdicom
+    # send P-DATA after its A-RELEASE-RQ (Evt9 in Sta7), and its state
+    # machine then hangs the release.
+    def on_sent(event):
+        if got and type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            done.set()
 
     ae = AE(ae_title="COMMITSCU")
     ae.add_requested_context(StorageCommitmentPushModel)
     assoc = ae.associate(host, int(port), ae_title="HUREN",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report),
+                                       (evt.EVT_DIMSE_SENT, on_sent)])
     assert assoc.is_established
     request = commitment_request(json.loads(pairs))
     status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE)

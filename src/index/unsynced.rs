@@ -72,9 +72,9 @@ impl Index {
     /// go too, so nothing half-stored stays visible. Counts follow in the
     /// triggers of migration 0002.
     pub async fn remove_unacknowledged(&self, instance_key: i64) -> Result<(), Error> {
-        let mut cache = self.write_lock.lock().await;
+        let mut writer = self.write_lock.lock().await;
         // Keys of rows about to go may be cached by the writer.
-        cache.clear();
+        writer.cache.clear();
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         let Some(row) = sqlx::query(

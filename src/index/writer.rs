@@ -72,14 +72,88 @@ pub(super) struct Writer {
     target: Target,
     conn: Conn,
     pub cache: HierarchyCache,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Instances committed between two nudges of the checkpointer: about a
+/// megabyte of WAL for small instances.
+const CHECKPOINT_EVERY: u32 = 256;
+
+/// Copies the WAL's pages into the database file from a thread of its own.
+/// The writer's connection never checkpoints (`wal_autocheckpoint = 0`):
+/// a checkpoint writes and fsyncs tens of megabytes, and on the writer it
+/// ran inside whichever commit crossed the threshold, on the thread that
+/// acknowledges the instance. A PASSIVE checkpoint runs beside the writer's
+/// commits; the WAL starts over once one has copied everything.
+struct Checkpointer {
+    nudge: std::sync::mpsc::SyncSender<()>,
+    commits: u32,
+}
+
+impl Checkpointer {
+    fn start(path: PathBuf) -> Option<Checkpointer> {
+        let (nudge, nudged) = std::sync::mpsc::sync_channel::<()>(1);
+        let spawned = std::thread::Builder::new()
+            .name("huren-checkpoint".into())
+            .spawn(move || {
+                let mut conn = None;
+                loop {
+                    // Every nudge, and every few seconds in case nudges
+                    // stop (few commits, or only the pool's).
+                    match nudged.recv_timeout(Duration::from_secs(5)) {
+                        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        // The writer is gone: the index was closed.
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    if conn.is_none() {
+                        conn = rusqlite::Connection::open(&path)
+                            .and_then(|c| c.busy_timeout(Duration::from_secs(10)).map(|()| c))
+                            .map_err(|e| tracing::warn!(error = %e, "WAL checkpointer cannot open the index"))
+                            .ok();
+                    }
+                    if let Some(c) = &conn
+                        && let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                        conn = None;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Checkpointer { nudge, commits: 0 }),
+            Err(e) => {
+                tracing::warn!(error = %e, "no WAL checkpointer thread");
+                None
+            }
+        }
+    }
+
+    fn committed(&mut self, instances: usize) {
+        self.commits += instances as u32;
+        if self.commits >= CHECKPOINT_EVERY {
+            self.commits = 0;
+            let _ = self.nudge.try_send(());
+        }
+    }
 }
 
 impl Writer {
     pub fn new(target: Target) -> Writer {
+        let checkpointer = match &target {
+            Target::SqliteFile { path, .. } => Checkpointer::start(path.clone()),
+            Target::Pool(_) => None,
+        };
         Writer {
             target,
             conn: Conn::Closed,
             cache: HierarchyCache::new(),
+            checkpointer,
+        }
+    }
+
+    fn committed(&mut self, instances: usize) {
+        if let Some(checkpointer) = &mut self.checkpointer {
+            checkpointer.committed(instances);
         }
     }
 
@@ -131,8 +205,10 @@ impl Writer {
         series_key: i64,
     ) -> Result<bool, Error> {
         let result = self.try_insert_new(instance, series_key).await;
-        if result.is_err() {
-            self.reset();
+        match result {
+            Ok(true) => self.committed(1),
+            Ok(false) => {}
+            Err(_) => self.reset(),
         }
         result
     }
@@ -182,10 +258,11 @@ impl Writer {
         batch: Vec<NewInstance>,
     ) -> Result<Vec<Result<StoreOutcome, Error>>, Error> {
         let result = self.try_write_batch(batch).await;
-        if result.is_err() {
+        match &result {
+            Ok(outcomes) => self.committed(outcomes.len()),
             // The rolled-back transaction may have created rows the cache
             // now names.
-            self.reset();
+            Err(_) => self.reset(),
         }
         result
     }
@@ -231,14 +308,15 @@ impl Writer {
 }
 
 /// Opens the writer's SQLite connection with the pragmas the pool's
-/// connections get (src/index/mod.rs); the migrations have run by then.
+/// connections get (src/index/mod.rs), but no checkpoints of its own (see
+/// [`Checkpointer`]); the migrations have run by then.
 fn open_sqlite(path: &std::path::Path, sync: CommitSync) -> Result<rusqlite::Connection, Error> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.set_prepared_statement_cache_capacity(32);
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; \
-         PRAGMA wal_autocheckpoint = 10000; PRAGMA foreign_keys = ON;",
+         PRAGMA wal_autocheckpoint = 0; PRAGMA foreign_keys = ON;",
         match sync {
             CommitSync::EveryCommit => "FULL",
             CommitSync::Deferred => "NORMAL",
@@ -853,5 +931,33 @@ mod tests {
         let row: Vec<String> = rows[0].iter().map(|v| format!("{v:?}")).collect();
         assert_eq!(row, ["Int(7)", "Text(\"a\")", "Text(\"7a\")"]);
         assert!(sqlite_rows(&conn, "SELECT $3", &[int(1)]).is_err());
+    }
+
+    /// The writer never checkpoints; the checkpointer thread copies its
+    /// commits into the database file once nudged.
+    #[test]
+    fn the_checkpointer_copies_the_writers_commits_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let conn = open_sqlite(&path, CommitSync::Deferred).unwrap();
+        conn.execute_batch("CREATE TABLE t (v TEXT)").unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        for i in 0..2000 {
+            conn.execute("INSERT INTO t VALUES (?1)", [format!("{i:0>200}")])
+                .unwrap();
+        }
+        // No checkpoint ran: the rows are in the WAL only.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+        let mut checkpointer = Checkpointer::start(path.clone()).unwrap();
+        checkpointer.committed(CHECKPOINT_EVERY as usize);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // 2,000 rows of 200 bytes.
+        while std::fs::metadata(&path).unwrap().len() < 400_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint within 10 s"
+            );
+            std::thread::yield_now();
+        }
     }
 }

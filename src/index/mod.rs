@@ -1,15 +1,17 @@
 //! The index: patients, studies, series and instances, on SQLite (the
 //! embedded default) or PostgreSQL (larger sites, several node processes).
 //!
-//! Both backends go through sqlx's `Any` driver with the same SQL: the
-//! statements use only what both dialects share (`$n` parameters, `ON
-//! CONFLICT`, `RETURNING`, partial unique indexes). Where they differ (key
-//! types, pragmas) the difference is a parameter here, not a second
-//! implementation, so one test suite covers both.
+//! Both backends take the same SQL: the statements use only what both
+//! dialects share (`$n` parameters, `ON CONFLICT`, `RETURNING`, partial
+//! unique indexes). Where they differ (key types, pragmas) the difference is
+//! a parameter here, not a second implementation, so one test suite covers
+//! both. Reads go through sqlx's `Any` driver; the writer (writer.rs) runs
+//! the same statements through rusqlite on a SQLite file, to spare each
+//! instance two thread hops.
 //!
-//! Writes go through one writer task per process that commits many
-//! instances in one transaction (group commit): with several associations
-//! storing at once, they share the commit's fsync.
+//! Writes go through one writer per process, which commits many instances
+//! in one transaction (group commit) when several associations store at
+//! once: they share the commit's fsync.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

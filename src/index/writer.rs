@@ -220,23 +220,31 @@ impl Writer {
     ) -> Result<bool, Error> {
         self.open().await?;
         let received_at = rfc3339(instance.received_at);
-        let inline = self.commits_inline();
-        match &mut self.conn {
-            Conn::Sqlite(conn) if inline => {
-                let conn: &mut rusqlite::Connection = conn;
-                insert_new(conn, instance, series_key, &received_at)
-                    .now_or_never()
-                    .expect("SQLite statements complete when called")
+        if self.commits_inline()
+            && let Conn::Sqlite(conn) = &mut self.conn
+        {
+            match insert_new(&mut **conn, instance, series_key, &received_at)
+                .now_or_never()
+                .expect("SQLite statements complete when called")
+            {
+                // Another connection holds the write lock: wait for it
+                // below, on a blocking thread. The statement wrote nothing.
+                Err(e) if is_busy(&e) => {}
+                done => return done,
             }
+        }
+        match &mut self.conn {
             Conn::Sqlite(_) => {
                 let Conn::Sqlite(mut conn) = std::mem::replace(&mut self.conn, Conn::Closed) else {
                     unreachable!("matched above")
                 };
                 let instance = instance.clone();
                 let (conn, result) = tokio::task::spawn_blocking(move || {
-                    let result = insert_new(&mut *conn, &instance, series_key, &received_at)
-                        .now_or_never()
-                        .expect("SQLite statements complete when called");
+                    let result = waiting(&mut conn, |conn| {
+                        insert_new(conn, &instance, series_key, &received_at)
+                            .now_or_never()
+                            .expect("SQLite statements complete when called")
+                    });
                     (conn, result)
                 })
                 .await
@@ -279,20 +287,31 @@ impl Writer {
         match std::mem::replace(&mut self.conn, Conn::Closed) {
             Conn::Sqlite(mut conn) => {
                 let mut cache = std::mem::take(&mut self.cache);
-                // A batch of many, or a commit that fsyncs, goes to a
-                // blocking thread; one instance committed to the page cache
-                // stays on this one.
-                let run = move || {
-                    let result = sqlite_transaction(&mut conn, &batch, &mut cache);
+                // One instance committed to the page cache stays on this
+                // thread, unless another connection holds the write lock;
+                // a batch of many, or a commit that fsyncs, goes to a
+                // blocking thread.
+                if inline {
+                    match sqlite_transaction(&mut conn, &batch, &mut cache) {
+                        Err(e) if is_busy(&e) => {
+                            // Rolled back: keys it cached may not exist.
+                            cache.clear();
+                        }
+                        result => {
+                            self.conn = Conn::Sqlite(conn);
+                            self.cache = cache;
+                            return result;
+                        }
+                    }
+                }
+                let (conn, cache, result) = tokio::task::spawn_blocking(move || {
+                    let result = waiting(&mut conn, |conn| {
+                        sqlite_transaction(conn, &batch, &mut cache)
+                    });
                     (conn, cache, result)
-                };
-                let (conn, cache, result) = if inline {
-                    run()
-                } else {
-                    tokio::task::spawn_blocking(run)
-                        .await
-                        .map_err(|e| Error::Writer(e.to_string()))?
-                };
+                })
+                .await
+                .map_err(|e| Error::Writer(e.to_string()))?;
                 self.conn = Conn::Sqlite(conn);
                 self.cache = cache;
                 result
@@ -307,12 +326,37 @@ impl Writer {
     }
 }
 
+/// How long a write waits, on a blocking thread, for another connection's
+/// write lock (a deletion, the page's writes): the pool's `busy_timeout`.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether SQLite refused for a lock another connection holds.
+fn is_busy(e: &Error) -> bool {
+    matches!(e, Error::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+        if f.code == rusqlite::ErrorCode::DatabaseBusy)
+}
+
+/// Runs a write that may wait up to [`BUSY_WAIT`] for the write lock: only
+/// ever on a blocking thread. On the caller's thread the writer's connection
+/// waits for nothing (`busy_timeout` 0), so that a lock held elsewhere never
+/// stalls a runtime thread in SQLite's busy handler.
+fn waiting<T>(
+    conn: &mut rusqlite::Connection,
+    write: impl FnOnce(&mut rusqlite::Connection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    conn.busy_timeout(BUSY_WAIT)?;
+    let result = write(conn);
+    conn.busy_timeout(Duration::ZERO)?;
+    result
+}
+
 /// Opens the writer's SQLite connection with the pragmas the pool's
 /// connections get (src/index/mod.rs), but no checkpoints of its own (see
 /// [`Checkpointer`]); the migrations have run by then.
 fn open_sqlite(path: &std::path::Path, sync: CommitSync) -> Result<rusqlite::Connection, Error> {
     let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    // See `waiting`.
+    conn.busy_timeout(Duration::ZERO)?;
     conn.set_prepared_statement_cache_capacity(32);
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; \
@@ -959,5 +1003,73 @@ mod tests {
             );
             std::thread::yield_now();
         }
+    }
+
+    fn instance(n: u32) -> NewInstance {
+        NewInstance {
+            attributes: InstanceAttributes {
+                sop_instance_uid: format!("1.2.3.{n}"),
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                study_instance_uid: "1.2.3".into(),
+                series_instance_uid: "1.2.3.1".into(),
+                patient_id: "P1".into(),
+                transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+                ..InstanceAttributes::default()
+            },
+            blob_hash: crate::types::BlobHash::from_hash(blake3::hash(&n.to_le_bytes())),
+            blob_size: 1,
+            calling_ae_title: None,
+            received_at: SystemTime::now(),
+        }
+    }
+
+    /// While another connection holds SQLite's write lock, an instance
+    /// waits for it on a blocking thread, not on the runtime's: on a
+    /// single-threaded runtime, the task that lets the lock go still runs.
+    /// (Waiting in SQLite's busy handler on the runtime's thread would
+    /// hold that task off until the wait timed out, and the store fail.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_lock_held_elsewhere_is_waited_for_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let url = format!("sqlite://{}", path.display());
+        let index = super::super::Index::open(&url, CommitSync::Deferred)
+            .await
+            .unwrap();
+        // The first instance of the series: the writer task's path.
+        index.store(instance(1)).await.unwrap();
+
+        for n in [2, 3] {
+            let (locked, wait_locked) = std::sync::mpsc::channel();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let holder_path = path.clone();
+            let holder = std::thread::spawn(move || {
+                let other = rusqlite::Connection::open(holder_path).unwrap();
+                other.execute_batch("BEGIN IMMEDIATE").unwrap();
+                locked.send(()).unwrap();
+                // Let go when the runtime's task says so; a runtime thread
+                // stuck in the busy handler never says it.
+                let told = released.recv_timeout(Duration::from_secs(5)).is_ok();
+                other.execute_batch("COMMIT").unwrap();
+                told
+            });
+            wait_locked.recv().unwrap();
+            // The series is cached: the direct path, inline first.
+            let store = tokio::spawn({
+                let index = index.clone();
+                async move { index.store(instance(n)).await }
+            });
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            assert!(!store.is_finished(), "stored while the lock was held");
+            let _ = release.send(());
+            assert_eq!(store.await.unwrap().unwrap(), StoreOutcome::Stored);
+            assert!(
+                holder.join().unwrap(),
+                "the runtime's thread waited in SQLite's busy handler"
+            );
+        }
+        assert_eq!(index.count_current_instances().await.unwrap(), 3);
     }
 }

@@ -140,6 +140,8 @@ pub struct Index {
     /// anyway, and contending writers would wait in its busy handler's
     /// sleeps instead of queueing here.
     write_lock: Arc<tokio::sync::Mutex<Writer>>,
+    /// Whether the direct path waits for the writer (see [`Index::store`]).
+    queue_for_writer: bool,
 }
 
 impl Index {
@@ -225,6 +227,7 @@ impl Index {
             Dialect::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
         }
         let (tx, rx) = mpsc::channel(1024);
+        let queue_for_writer = sqlite_file.is_some() && commit_sync == CommitSync::Deferred;
         let target = match sqlite_file {
             Some(path) => Target::SqliteFile {
                 path,
@@ -239,6 +242,7 @@ impl Index {
             dialect,
             writer: tx,
             write_lock,
+            queue_for_writer,
         })
     }
 
@@ -249,11 +253,21 @@ impl Index {
     /// statement that writes the row, not a query of its own (a round trip
     /// to the database per instance saved).
     pub async fn store(&self, instance: NewInstance) -> Result<StoreOutcome, Error> {
-        // Direct path: nobody else is writing and the instance is new in a
-        // series already written; then one INSERT on the caller's task
-        // spares the two task hops through the writer. Under contention
-        // the writer task batches instead (group commit).
-        if let Ok(mut writer) = self.write_lock.try_lock()
+        // Direct path: the instance is new in a series already written;
+        // then one INSERT on the caller's task spares the two task hops
+        // through the writer task. When a commit costs no fsync (a SQLite
+        // file whose commits are flushed by the blob store's syncfs, or
+        // not at all), contending instances queue for the writer and take
+        // this path one after the other: a commit costs less than the hops
+        // to the writer task and its blocking thread. Otherwise, when
+        // another instance is being written, the writer task batches them
+        // (group commit: one fsync for many).
+        let writer = if self.queue_for_writer {
+            Some(self.write_lock.lock().await)
+        } else {
+            self.write_lock.try_lock().ok()
+        };
+        if let Some(mut writer) = writer
             && let Some(&(series_key, _, known)) =
                 writer.cache.get(&instance.attributes.series_instance_uid)
             && known == hierarchy_fingerprint(&instance.attributes)

@@ -300,20 +300,25 @@ impl Ingest {
 
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
-        let result = self.finish_checked(incoming, None).await;
+        let result = self.finish_checked(incoming, None, true).await;
         count_failure(&result);
         result
     }
 
     /// Completes a data set that must hash to `expected` (an instance
     /// fetched from a peer): checked before the blob is published or
-    /// indexed, so a mismatch stores nothing.
-    pub async fn finish_expecting(
+    /// indexed, so a mismatch stores nothing. It does not wait for a flush:
+    /// a peer fetch brings many instances, and its caller flushes
+    /// once for all of them (`BlobStore::flush`) before it reports them
+    /// stored. Until then a crash may take the newest of them; the
+    /// journal of unflushed rows (migration 0009) names them for
+    /// crate::recovery, as in relaxed durability.
+    pub async fn finish_unflushed(
         &self,
         incoming: Incoming,
         expected: BlobHash,
     ) -> Result<Stored, Error> {
-        let result = self.finish_checked(incoming, Some(expected)).await;
+        let result = self.finish_checked(incoming, Some(expected), false).await;
         count_failure(&result);
         result
     }
@@ -322,6 +327,7 @@ impl Ingest {
         &self,
         incoming: Incoming,
         expected: Option<BlobHash>,
+        flush: bool,
     ) -> Result<Stored, Error> {
         let started = std::time::Instant::now();
         // A data set with no fragment at all goes the in-memory way too.
@@ -453,7 +459,8 @@ impl Ingest {
             },
             other => Error::Index(other),
         };
-        let outcome = match self.order {
+        let order = if flush { self.order } else { AckOrder::NoFlush };
+        let outcome = match order {
             AckOrder::NoFlush => self.index.store(instance).await.map_err(rejected)?,
             // One syncfs covers the blob and the WAL frames the commit just
             // wrote: it must start after the commit.

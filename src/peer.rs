@@ -1246,6 +1246,16 @@ async fn fetch_one_series(
             }
         }
     }
+    // The series' instances were stored without waiting for a flush each
+    // (Ingest::finish_unflushed): one flush covers them all, and those the
+    // viewer asked for ahead, before the fetch reports them stored.
+    // (Relaxed durability leaves it to the OS, as for C-STORE.)
+    if fetched > 0
+        && ingest.store().ack_waits_for_flush()
+        && let Err(e) = ingest.store().flush().await
+    {
+        failure.get_or_insert(Error::Peer(format!("flushing the fetched series: {e}")));
+    }
     (fetched, bytes, failure)
 }
 
@@ -1408,7 +1418,7 @@ async fn fetch_stream(
             let series = instance.series_instance_uid.clone();
             finishing.spawn(async move {
                 let _permit = permit;
-                (sop, series, ingest.finish_expecting(incoming, hash).await)
+                (sop, series, ingest.finish_unflushed(incoming, hash).await)
             });
             while let Some(joined) = finishing.try_join_next() {
                 settle(joined, &mut error);
@@ -1543,7 +1553,7 @@ async fn fetch_instance(
         return Err(Error::Integrity("truncated part".into()));
     }
     drop(field);
-    match ingest.finish_expecting(incoming, expected).await {
+    match ingest.finish_unflushed(incoming, expected).await {
         Ok(stored) => {
             stored.count(crate::metrics::source::PEER, ingest.store().durability());
             Ok(stored.size)

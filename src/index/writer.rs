@@ -379,17 +379,18 @@ fn sqlite_transaction(
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = write_all(conn, batch, cache)
         .now_or_never()
-        .expect("SQLite statements complete when called");
-    match result {
-        Ok(outcomes) => {
+        .expect("SQLite statements complete when called")
+        .and_then(|outcomes| {
             conn.execute_batch("COMMIT")?;
             Ok(outcomes)
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
+        });
+    if result.is_err() {
+        // Also after a failed COMMIT, which may leave the transaction
+        // open (SQLITE_BUSY); when SQLite has already rolled it back this
+        // fails harmlessly.
+        let _ = conn.execute_batch("ROLLBACK");
     }
+    result
 }
 
 async fn pooled_transaction(

@@ -366,7 +366,9 @@ impl Index {
         Ok(row.try_get(0)?)
     }
 
+    /// Closes the writer's connection and then the pool's.
     pub async fn close(&self) {
+        self.write_lock.lock().await.close().await;
         self.pool.close().await;
     }
 

@@ -88,6 +88,7 @@ const CHECKPOINT_EVERY: u32 = 256;
 struct Checkpointer {
     nudge: std::sync::mpsc::SyncSender<()>,
     commits: u32,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Checkpointer {
@@ -120,7 +121,11 @@ impl Checkpointer {
                 }
             });
         match spawned {
-            Ok(_) => Some(Checkpointer { nudge, commits: 0 }),
+            Ok(thread) => Some(Checkpointer {
+                nudge,
+                commits: 0,
+                thread,
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "no WAL checkpointer thread");
                 None
@@ -148,6 +153,20 @@ impl Writer {
             conn: Conn::Closed,
             cache: HierarchyCache::new(),
             checkpointer,
+        }
+    }
+
+    /// Closes the writer's connection and the checkpointer's, so that
+    /// once the pool's are closed too SQLite checkpoints the WAL into the
+    /// database file and removes it: a node stopped cleanly leaves one
+    /// file, which an operator may copy. A write after this opens a
+    /// connection again (without a checkpointer).
+    pub async fn close(&mut self) {
+        self.conn = Conn::Closed;
+        if let Some(Checkpointer { nudge, thread, .. }) = self.checkpointer.take() {
+            // The thread ends on the closed channel, closing its connection.
+            drop(nudge);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 
@@ -1072,5 +1091,29 @@ mod tests {
             );
         }
         assert_eq!(index.count_current_instances().await.unwrap(), 3);
+    }
+
+    /// A clean close leaves the database in one file: the WAL checkpointed
+    /// into it and removed, as an operator copying the file expects.
+    #[tokio::test]
+    async fn a_closed_index_leaves_no_wal_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let url = format!("sqlite://{}", path.display());
+        let index = super::super::Index::open(&url, CommitSync::Deferred)
+            .await
+            .unwrap();
+        for n in 1..=3 {
+            index.store(instance(n)).await.unwrap();
+        }
+        let wal = dir.path().join("index.db-wal");
+        assert!(wal.exists());
+        index.close().await;
+        assert!(!wal.exists(), "the WAL outlived the close");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM instance", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3);
     }
 }

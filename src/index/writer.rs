@@ -894,17 +894,10 @@ async fn write_instance<S: Statements + Send>(
                    transfer_syntax_uid, blob_hash, blob_size, calling_ae_title, received_at, version, is_current) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1)",
                 &[
-                    int(series_key),
-                    text(&a.sop_instance_uid),
-                    text(&a.sop_class_uid),
-                    Param::Int(a.instance_number),
-                    text(&a.transfer_syntax_uid),
-                    text(&hash_hex),
-                    int(instance.blob_size as i64),
-                    Param::Text(instance.calling_ae_title.as_deref()),
-                    text(received_at),
-                    int(version),
-                ],
+                    &row_params(instance, series_key, &hash_hex, received_at)[..],
+                    &[int(version)],
+                ]
+                .concat(),
             )
             .await?;
             if held {
@@ -915,6 +908,27 @@ async fn write_instance<S: Statements + Send>(
         }
     };
     Ok(outcome)
+}
+
+/// `$1`-`$9` of both statements that insert an instance row.
+fn row_params<'a>(
+    instance: &'a NewInstance,
+    series_key: i64,
+    hash_hex: &'a str,
+    received_at: &'a str,
+) -> [Param<'a>; 9] {
+    let a = &instance.attributes;
+    [
+        int(series_key),
+        text(&a.sop_instance_uid),
+        text(&a.sop_class_uid),
+        Param::Int(a.instance_number),
+        text(&a.transfer_syntax_uid),
+        text(hash_hex),
+        int(instance.blob_size as i64),
+        Param::Text(instance.calling_ae_title.as_deref()),
+        text(received_at),
+    ]
 }
 
 /// The reason code under which an IOCM rejection note bars the instance
@@ -965,18 +979,10 @@ async fn insert_new<S: Statements + Send>(
            AND (r.patient_id IS NULL OR r.patient_id = $11)) \
          ON CONFLICT DO NOTHING RETURNING instance_key",
         &[
-            int(series_key),
-            text(&a.sop_instance_uid),
-            text(&a.sop_class_uid),
-            Param::Int(a.instance_number),
-            text(&a.transfer_syntax_uid),
-            text(&hash_hex),
-            int(instance.blob_size as i64),
-            Param::Text(instance.calling_ae_title.as_deref()),
-            text(received_at),
-            text(&a.study_instance_uid),
-            text(&a.patient_id),
-        ],
+            &row_params(instance, series_key, &hash_hex, received_at)[..],
+            &[text(&a.study_instance_uid), text(&a.patient_id)],
+        ]
+        .concat(),
     )
     .await?;
     Ok(inserted.is_some())

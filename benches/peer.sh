@@ -438,10 +438,11 @@ w("- The fetch is end to end at node A: a grant from the registry (consent check
   "study with nothing held in one response, parts verified as they complete), each streamed through A's "
   "ingest path: the "
   "Part-10 parsed and indexed, the blob staged, its BLAKE3 checked against the manifest's hash before it is "
-  "renamed into the store, and one SQLite commit per instance. With --durability full (the default) each "
-  "instance waits for the blob store's group sync (syncfs of the file system, shared by the instances in "
-  "flight) and the commit fsyncs the WAL (synchronous=FULL); relaxed skips the syncfs and uses "
-  "synchronous=NORMAL. The answer comes when every instance is stored and the fetch is audited.")
+  "renamed into the store, and one SQLite commit per instance (synchronous=NORMAL). With --durability full "
+  "(the default) on local files, up to 5be4702 each instance waited for the blob store's group sync (one "
+  "syncfs of the file system, shared by the instances in flight, covering blobs and WAL); since 87c25de one "
+  "syncfs covers each series once its last instance is in. Relaxed flushes nothing. The answer comes when "
+  "every instance is stored and flushed and the fetch is audited.")
 w("- curl is one WADO-RS request for the whole study from B; it writes nothing (-o /dev/null), verifies nothing. "
   "The per-instance curl (one process, `--parallel --parallel-max 4`, the instance URLs the fetch asks for) "
   "is not a target anchor: it shows what one request per instance costs at B and over loopback, without A.")

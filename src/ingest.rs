@@ -300,7 +300,7 @@ impl Ingest {
 
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
-        let result = self.finish_checked(incoming, None, true).await;
+        let result = self.finish_checked(incoming, None).await;
         count_failure(&result);
         result
     }
@@ -318,7 +318,7 @@ impl Ingest {
         incoming: Incoming,
         expected: BlobHash,
     ) -> Result<Stored, Error> {
-        let result = self.finish_checked(incoming, Some(expected), false).await;
+        let result = self.finish_checked(incoming, Some(expected)).await;
         count_failure(&result);
         result
     }
@@ -327,7 +327,6 @@ impl Ingest {
         &self,
         incoming: Incoming,
         expected: Option<BlobHash>,
-        flush: bool,
     ) -> Result<Stored, Error> {
         let started = std::time::Instant::now();
         // A data set with no fragment at all goes the in-memory way too.
@@ -459,7 +458,13 @@ impl Ingest {
             },
             other => Error::Index(other),
         };
-        let order = if flush { self.order } else { AckOrder::NoFlush };
+        // An instance with an expected hash comes from a peer fetch, which
+        // flushes once per series itself (see `finish_unflushed`).
+        let order = if expected.is_some() {
+            AckOrder::NoFlush
+        } else {
+            self.order
+        };
         let outcome = match order {
             AckOrder::NoFlush => self.index.store(instance).await.map_err(rejected)?,
             // One syncfs covers the blob and the WAL frames the commit just

@@ -227,7 +227,6 @@ impl Index {
             Dialect::Postgres => sqlx::migrate!("migrations/postgres").run(&pool).await?,
         }
         let (tx, rx) = mpsc::channel(1024);
-        let queue_for_writer = sqlite_file.is_some() && commit_sync == CommitSync::Deferred;
         let target = match sqlite_file {
             Some(path) => Target::SqliteFile {
                 path,
@@ -235,6 +234,7 @@ impl Index {
             },
             None => Target::Pool(pool.clone()),
         };
+        let queue_for_writer = target.commits_inline();
         let write_lock = Arc::new(tokio::sync::Mutex::new(Writer::new(target)));
         tokio::spawn(writer_task(rx, write_lock.clone()));
         Ok(Index {

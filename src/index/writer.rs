@@ -58,6 +58,21 @@ pub(super) enum Target {
     Pool(AnyPool),
 }
 
+impl Target {
+    /// Whether a SQLite commit may run on the caller's thread: without an
+    /// fsync of its own it writes to the page cache only (tens of
+    /// microseconds, see `storage::run_short_blocking`).
+    pub fn commits_inline(&self) -> bool {
+        matches!(
+            self,
+            Target::SqliteFile {
+                sync: CommitSync::Deferred,
+                ..
+            }
+        )
+    }
+}
+
 enum Conn {
     /// Not open yet, or dropped after an error (a connection that failed a
     /// statement is not trusted with the next).
@@ -201,17 +216,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Whether a SQLite commit may run on the caller's thread: without an
-    /// fsync of its own it writes to the page cache only (tens of
-    /// microseconds, see `storage::run_short_blocking`).
+    /// See [`Target::commits_inline`].
     fn commits_inline(&self) -> bool {
-        matches!(
-            self.target,
-            Target::SqliteFile {
-                sync: CommitSync::Deferred,
-                ..
-            }
-        )
+        self.target.commits_inline()
     }
 
     /// The direct path: inserts an instance of a series the cache knows as

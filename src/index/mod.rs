@@ -142,6 +142,8 @@ pub struct Index {
     write_lock: Arc<tokio::sync::Mutex<Writer>>,
     /// Whether the direct path waits for the writer (see [`Index::store`]).
     queue_for_writer: bool,
+    /// Instances waiting for the writer (see [`Index::store_in_turn`]).
+    waiting: Arc<std::sync::Mutex<Vec<WriteRequest>>>,
 }
 
 impl Index {
@@ -243,6 +245,7 @@ impl Index {
             writer: tx,
             write_lock,
             queue_for_writer,
+            waiting: Arc::default(),
         })
     }
 
@@ -253,21 +256,20 @@ impl Index {
     /// statement that writes the row, not a query of its own (a round trip
     /// to the database per instance saved).
     pub async fn store(&self, instance: NewInstance) -> Result<StoreOutcome, Error> {
-        // Direct path: the instance is new in a series already written;
-        // then one INSERT on the caller's task spares the two task hops
-        // through the writer task. When a commit costs no fsync (a SQLite
-        // file whose commits are flushed by the blob store's syncfs, or
-        // not at all), contending instances queue for the writer and take
-        // this path one after the other: a commit costs less than the hops
-        // to the writer task and its blocking thread. Otherwise, when
-        // another instance is being written, the writer task batches them
-        // (group commit: one fsync for many).
-        let writer = if self.queue_for_writer {
-            Some(self.write_lock.lock().await)
-        } else {
-            self.write_lock.try_lock().ok()
-        };
-        if let Some(mut writer) = writer
+        // When a commit costs no fsync (a SQLite file whose commits are
+        // flushed by the blob store's syncfs, or not at all), instances
+        // queue for the writer and are written on their own tasks, those
+        // that arrived during a commit together in the next: a commit costs
+        // less than the hops to the writer task and its blocking thread.
+        // Otherwise the direct path: the instance is new in a series already
+        // written, and nobody else is writing; then one INSERT on the
+        // caller's task spares the two task hops through the writer task.
+        // When another instance is being written, the writer task batches
+        // them (group commit: one fsync for many).
+        if self.queue_for_writer {
+            return self.store_in_turn(instance).await;
+        }
+        if let Ok(mut writer) = self.write_lock.try_lock()
             && let Some(&(series_key, _, known)) =
                 writer.cache.get(&instance.attributes.series_instance_uid)
             && known == hierarchy_fingerprint(&instance.attributes)
@@ -281,6 +283,70 @@ impl Index {
             .await
             .map_err(|_| Error::WriterStopped)?;
         wait.await.map_err(|_| Error::WriterStopped)?
+    }
+
+    /// [`Index::store`] when a commit costs no fsync: the instance joins
+    /// the queue of those waiting, and whoever gets the writer next writes
+    /// every instance queued by then in one transaction and answers each
+    /// (group commit, on the caller's own thread; see `MAX_INLINE_BATCH`).
+    /// Instances that arrive while a commit runs share the next one: with
+    /// several associations storing at once, their rows share the pages of
+    /// the series, the study and the table's tail, and one commit writes
+    /// them. Alone, an instance of a known series is one INSERT.
+    async fn store_in_turn(&self, instance: NewInstance) -> Result<StoreOutcome, Error> {
+        let (reply, mut answer) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("the queue's holders do not panic")
+            .push(WriteRequest { instance, reply });
+        let mut writer = self.write_lock.lock().await;
+        loop {
+            // A writer before us may have taken our request: requests leave
+            // the queue only under the lock, and are answered before it is
+            // let go.
+            match answer.try_recv() {
+                Ok(outcome) => return outcome,
+                // Its holder was cancelled halfway: whether the row was
+                // committed is unknown. The sender gets a failure and may
+                // send again; the same bytes again are a duplicate, stored
+                // once.
+                Err(oneshot::error::TryRecvError::Closed) => return Err(Error::WriterStopped),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let mut batch = {
+                let mut waiting = self
+                    .waiting
+                    .lock()
+                    .expect("the queue's holders do not panic");
+                let take = waiting.len().min(writer::MAX_BATCH);
+                waiting.drain(..take).collect::<Vec<_>>()
+            };
+            if batch.is_empty() {
+                // Unanswered yet not queued: cannot happen while the
+                // invariant above holds; never wait for nobody.
+                return Err(Error::WriterStopped);
+            }
+            if let [request] = &batch[..] {
+                let a = &request.instance.attributes;
+                if let Some(&(series_key, _, known)) = writer.cache.get(&a.series_instance_uid)
+                    && known == hierarchy_fingerprint(a)
+                {
+                    let request = batch.pop().expect("one request");
+                    match writer.insert_new(&request.instance, series_key).await {
+                        Ok(true) => {
+                            let _ = request.reply.send(Ok(StoreOutcome::Stored));
+                            continue;
+                        }
+                        Ok(false) => batch.push(request),
+                        Err(e) => {
+                            let _ = request.reply.send(Err(e));
+                            continue;
+                        }
+                    }
+                }
+            }
+            writer.write_and_reply(batch).await;
+        }
     }
 
     /// The pool, for read-only queries of other modules (the matcher).

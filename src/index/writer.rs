@@ -1,8 +1,10 @@
 //! The index's one writer per process: the statements that file an
 //! instance (its patient, study and series upserts, its row, the rejection
-//! check), run one instance at a time on the caller's task when nobody else
-//! is writing, or many in one transaction by the writer task (group commit)
-//! when several associations store at once.
+//! check). When several associations store at once their instances share
+//! a transaction (group commit): on the callers' own tasks when a commit
+//! costs no fsync (`Index::store_in_turn`), else by the writer task, whose
+//! one fsync then covers them all. An instance alone of a known series is
+//! one INSERT on the caller's task.
 //!
 //! The statements are written once, against [`Statements`], and run on one
 //! of two connections:
@@ -39,7 +41,12 @@ pub(super) struct WriteRequest {
 }
 
 /// Most instances one group commit takes: bounds the transaction's length.
-const MAX_BATCH: usize = 64;
+pub(super) const MAX_BATCH: usize = 64;
+
+/// Most instances a commit without an fsync writes on the caller's thread:
+/// one per association waiting at that moment, each tens of microseconds in
+/// the page cache. A longer batch goes to a blocking thread.
+const MAX_INLINE_BATCH: usize = 8;
 
 /// Patient, study and series keys the writer has recently written, by
 /// Series Instance UID, with a fingerprint of the attribute values written.
@@ -88,6 +95,8 @@ pub(super) struct Writer {
     conn: Conn,
     pub cache: HierarchyCache,
     checkpointer: Option<Checkpointer>,
+    /// Transactions committed: what group commit saves shows here.
+    pub transactions: u64,
 }
 
 /// Instances committed between two nudges of the checkpointer: about a
@@ -168,6 +177,7 @@ impl Writer {
             conn: Conn::Closed,
             cache: HierarchyCache::new(),
             checkpointer,
+            transactions: 0,
         }
     }
 
@@ -186,6 +196,7 @@ impl Writer {
     }
 
     fn committed(&mut self, instances: usize) {
+        self.transactions += 1;
         if let Some(checkpointer) = &mut self.checkpointer {
             checkpointer.committed(instances);
         }
@@ -309,7 +320,7 @@ impl Writer {
         if self.cache.len() > MAX_CACHED_SERIES {
             self.cache.clear();
         }
-        let inline = self.commits_inline() && batch.len() == 1;
+        let inline = self.commits_inline() && batch.len() <= MAX_INLINE_BATCH;
         match std::mem::replace(&mut self.conn, Conn::Closed) {
             Conn::Sqlite(mut conn) => {
                 let mut cache = std::mem::take(&mut self.cache);
@@ -443,10 +454,17 @@ pub(super) async fn writer_task(
                 Err(_) => break,
             }
         }
+        writer.write_and_reply(batch).await;
+    }
+}
+
+impl Writer {
+    /// Writes the requests in one transaction and answers each.
+    pub(super) async fn write_and_reply(&mut self, batch: Vec<WriteRequest>) {
         let (instances, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|r| (r.instance, r.reply)).unzip();
         let size = instances.len();
-        match writer.write_batch(instances.clone()).await {
+        match self.write_batch(instances.clone()).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
@@ -459,7 +477,7 @@ pub(super) async fn writer_task(
                     tracing::warn!(error = %batch_error, size, "group commit failed; retrying one by one");
                 }
                 for (instance, reply) in instances.into_iter().zip(replies) {
-                    let result = writer
+                    let result = self
                         .write_batch(vec![instance])
                         .await
                         .and_then(|mut o| o.remove(0));
@@ -646,7 +664,19 @@ async fn write_all<S: Statements + Send>(
     // 0002).
     let mut new_hierarchy = BTreeSet::new();
     for instance in batch {
-        if let Some(reason_code) = rejection(conn, &instance.attributes).await? {
+        // The common case first: a new SOP Instance UID of a series written
+        // unchanged. Its INSERT checks for a rejection note itself, so it
+        // needs no query of its own; anything else (a rejection, a version)
+        // falls through to the statements that tell these apart.
+        let a = &instance.attributes;
+        if let Some(&(series_key, _, known)) = cache.get(&a.series_instance_uid)
+            && known == hierarchy_fingerprint(a)
+            && insert_new(conn, instance, series_key, &rfc3339(instance.received_at)).await?
+        {
+            outcomes.push(Ok(StoreOutcome::Stored));
+            continue;
+        }
+        if let Some(reason_code) = rejection(conn, a).await? {
             outcomes.push(Err(Error::RejectedInstance { reason_code }));
             continue;
         }
@@ -1104,6 +1134,60 @@ mod tests {
             );
         }
         assert_eq!(index.count_current_instances().await.unwrap(), 3);
+    }
+
+    /// Instances stored at once share transactions: whoever gets the
+    /// writer writes every instance queued by then. Each still gets its
+    /// own outcome: a rejected one fails alone, the same bytes twice are a
+    /// duplicate, and every other row is there.
+    #[tokio::test(flavor = "current_thread")]
+    async fn instances_stored_at_once_share_a_commit_and_keep_their_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let url = format!("sqlite://{}", path.display());
+        let index = super::super::Index::open(&url, CommitSync::Deferred)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO rejected_instance (sop_instance_uid, reason_code, rejection_note_uid, at) \
+             VALUES ('1.2.3.7', '113001', '9.9', '2026-12-07T00:00:00Z')",
+        )
+        .execute(index.pool())
+        .await
+        .unwrap();
+        // The writer opens its connection on a blocking thread during the
+        // first store: the others queue meanwhile.
+        let stores: Vec<_> = (1..=16)
+            .chain([3])
+            .map(|n| {
+                let index = index.clone();
+                tokio::spawn(async move { index.store(instance(n)).await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for store in stores {
+            outcomes.push(store.await.unwrap());
+        }
+        for (n, outcome) in (1..=16).chain([3]).zip(&outcomes) {
+            match n {
+                7 => assert!(
+                    matches!(outcome, Err(Error::RejectedInstance { reason_code }) if reason_code == "113001"),
+                    "{outcome:?}"
+                ),
+                _ => assert!(outcome.is_ok(), "instance {n}: {outcome:?}"),
+            }
+        }
+        let duplicates = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(StoreOutcome::Duplicate)))
+            .count();
+        assert_eq!(duplicates, 1, "{outcomes:?}");
+        assert_eq!(index.count_current_instances().await.unwrap(), 15);
+        let transactions = index.write_lock.lock().await.transactions;
+        assert!(
+            transactions <= 3,
+            "17 instances in {transactions} transactions"
+        );
     }
 
     /// A clean close leaves the database in one file: the WAL checkpointed

@@ -544,6 +544,12 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
         assert!(here < total, "drawn only once all had arrived: {drawn:#}");
         assert_eq!(step(&lines, "arrived")["state"], "done", "{lines:#?}");
     }
+    // The viewer's own series thumbnails: rendered at the node, one per
+    // series, each served.
+    let viewer_thumbs = step(&lines, "viewer_thumbs");
+    let statuses = viewer_thumbs["statuses"].as_array().unwrap();
+    assert!(statuses.len() >= 2, "{viewer_thumbs:#}");
+    assert!(statuses.iter().all(|s| s == 200), "{viewer_thumbs:#}");
     let dicomweb = step(&lines, "dicomweb");
     assert!(dicomweb["count"].as_u64().unwrap() > 0, "{dicomweb:#}");
     // Refused: only OHIF's look for the patient's other studies (a search

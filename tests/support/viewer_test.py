@@ -225,6 +225,14 @@ def doctor(args):
         emit(step="drawn", levels=levels, spread=spread, seconds=drawn,
              here_at_draw=here_at_draw, total=total,
              canvases=view.locator("canvas.cornerstone-canvas").count())
+        # The viewer's series thumbnails are the node's rendered JPEGs
+        # (thumbnailRendering "thumbnail"): wait for one per series.
+        def thumbnail_statuses():
+            return [r["status"] for r in seen if "/thumbnail" in r["url"].split("?")[0]]
+        while len(thumbnail_statuses()) < 2 and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
+        emit(step="viewer_thumbs", statuses=thumbnail_statuses(),
+             urls=[r["url"] for r in seen if "/thumbnail" in r["url"]][:4])
         # OHIF's first-visit tour and notice cover the image in a screenshot.
         for label in ["Skip all", "Confirm and hide"]:
             button = view.get_by_text(label, exact=True)

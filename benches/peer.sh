@@ -56,7 +56,10 @@
 # the report),
 # CORPUS_PYTHON (a Python with pydicom and numpy, default
 # $HOME/.cache/huren-ci/venv/bin/python), PYTHON (python3, standard library
-# only), STORESCU (/usr/bin/storescu).
+# only), STORESCU (/usr/bin/storescu), HUREN_BENCH_PERF (a path prefix: node
+# A is profiled during each fetch, `perf record` + inferno-collapse-perf,
+# into PREFIX-r<round>-p<parallel>-<durability>.folded; the profiler's cost
+# is in that round's figure).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -286,10 +289,21 @@ for (( r = 1; r <= runs; r++ )); do
         start_a "$dir" "$p" "$m"
         sync
         a_cpu0=$(cpu_s "$a_pid"); b_cpu0=$(cpu_s "$b_pid")
+        perf_pid=""
+        if [[ -n "${HUREN_BENCH_PERF:-}" ]]; then
+            perf record -F 1999 --call-graph dwarf,16384 -o "$run/perf-r$r-p$p-$m.data" -p "$a_pid" 2>/dev/null &
+            perf_pid=$!
+            sleep 0.5
+        fi
         out=$(curl -sS -o "$run/fetch-r$r-p$p-$m.json" -w '%{http_code} %{time_total}' -H "authorization: Bearer $BENCH_TOKEN" -X POST "$A/api/v1/peer/fetch" \
             -H 'content-type: application/json' \
             -d "{\"hospital_id\": \"$HOSP_B\", \"study_instance_uid\": \"$UID_STUDY\", \"purpose\": \"treatment\", \"user_id\": \"bench\"}")
         read -r code secs <<<"$out"
+        if [[ -n "$perf_pid" ]]; then
+            kill -INT "$perf_pid"; wait "$perf_pid" || true
+            perf script -i "$run/perf-r$r-p$p-$m.data" 2>/dev/null | inferno-collapse-perf >"$HUREN_BENCH_PERF-r$r-p$p-$m.folded"
+            rm -f "$run/perf-r$r-p$p-$m.data"
+        fi
         cpu_note="CPU during the fetch: A $(awk -v a="$a_cpu0" -v b="$(cpu_s "$a_pid")" 'BEGIN { printf "%.2f", b - a }') s, B $(awk -v a="$b_cpu0" -v b="$(cpu_s "$b_pid")" 'BEGIN { printf "%.2f", b - a }') s"
         [[ "$code" == 200 ]] || { log "fetch: HTTP $code: $(cat "$run/fetch-r$r-p$p-$m.json")"; exit 1; }
         report=$(cat "$run/fetch-r$r-p$p-$m.json")

@@ -1335,16 +1335,8 @@ async fn fetch_stream(
                 break;
             };
             // The head: the part's file meta names the instance.
-            let mut head = Vec::new();
-            let meta_len = loop {
-                if let Some(n) = crate::part10::file_meta_len(&head)
-                    && head.len() >= n
-                {
-                    break n;
-                }
-                if head.len() > 1 << 20 {
-                    return Err(Error::Integrity("no Part-10 file meta in a part".into()));
-                }
+            let mut gathered = Vec::new();
+            let (head, meta_len) = loop {
                 match field
                     .chunk()
                     .await
@@ -1352,7 +1344,9 @@ async fn fetch_stream(
                 {
                     Some(c) => {
                         live.pace.take(c.len()).await;
-                        head.extend_from_slice(&c)
+                        if let Some(head) = gather_head(&mut gathered, c)? {
+                            break head;
+                        }
                     }
                     None => return Err(Error::Integrity("truncated part".into())),
                 }
@@ -1391,9 +1385,8 @@ async fn fetch_stream(
                 parse(&instance.transfer_syntax_uid)?,
                 Some(format!("peer:{holding}")),
             );
-            let rest = head.split_off(meta_len);
-            if !rest.is_empty() {
-                ingest.write(&mut incoming, &rest);
+            if head.len() > meta_len {
+                ingest.write(&mut incoming, &head[meta_len..]);
             }
             loop {
                 match field.chunk().await {
@@ -1512,7 +1505,7 @@ async fn fetch_instance(
     );
     // The part is the peer's Part-10 object: its file meta (written the
     // same deterministic way as ours) is skipped, the data set streamed.
-    let mut head = Vec::new();
+    let mut gathered = Vec::new();
     let mut meta_done = false;
     loop {
         let chunk = match field.chunk().await {
@@ -1532,20 +1525,18 @@ async fn fetch_instance(
             ingest.write(&mut incoming, &chunk);
             continue;
         }
-        head.extend_from_slice(&chunk);
-        if let Some(n) = crate::part10::file_meta_len(&head)
-            && head.len() >= n
-        {
-            meta_done = true;
-            let rest = head.split_off(n);
-            if !rest.is_empty() {
-                ingest.write(&mut incoming, &rest);
+        match gather_head(&mut gathered, chunk) {
+            Ok(Some((head, n))) => {
+                meta_done = true;
+                if head.len() > n {
+                    ingest.write(&mut incoming, &head[n..]);
+                }
             }
-        } else if head.len() > 1 << 20 {
-            ingest.abandon(incoming).await;
-            return Err(Error::Integrity(
-                "no Part-10 file meta in the peer's part".into(),
-            ));
+            Ok(None) => {}
+            Err(e) => {
+                ingest.abandon(incoming).await;
+                return Err(e);
+            }
         }
     }
     if !meta_done {
@@ -1755,9 +1746,81 @@ pub fn prefetch(
     });
 }
 
+/// Gathers the first chunks of a multipart part until its Part-10 file meta
+/// is whole, then returns the bytes gathered and the meta's length (the
+/// data set follows). The first chunk usually holds the meta whole and is
+/// returned as it came, without a copy.
+fn gather_head(
+    gathered: &mut Vec<u8>,
+    chunk: bytes::Bytes,
+) -> Result<Option<(bytes::Bytes, usize)>, Error> {
+    let joined = if gathered.is_empty() {
+        chunk
+    } else {
+        gathered.extend_from_slice(&chunk);
+        bytes::Bytes::from(std::mem::take(gathered))
+    };
+    match crate::part10::file_meta_len(&joined) {
+        Some(n) if joined.len() >= n => Ok(Some((joined, n))),
+        _ if joined.len() > 1 << 20 => Err(Error::Integrity(
+            "no Part-10 file meta in the peer's part".into(),
+        )),
+        _ => {
+            *gathered = joined.into();
+            Ok(None)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However the part's bytes are cut into chunks, the head gathered is
+    /// the part's first bytes up to at least the end of its file meta, and
+    /// the meta's length is the same; a first chunk holding the meta whole
+    /// is returned as it came (the same buffer, not a copy).
+    #[test]
+    fn a_parts_head_is_gathered_however_it_is_chunked() {
+        let mut part = vec![0u8; 128];
+        part.extend_from_slice(b"DICM");
+        // (0002,0000) UL 4, group length 30, then 30 bytes of meta.
+        part.extend_from_slice(&[2, 0, 0, 0, b'U', b'L', 4, 0]);
+        part.extend_from_slice(&30u32.to_le_bytes());
+        part.extend_from_slice(&[7u8; 30]);
+        let meta_len = part.len();
+        part.extend_from_slice(&[9u8; 100]); // the data set
+        for cut in [1, 2, 50, 143, 144, 173, 174, 200, part.len()] {
+            let mut gathered = Vec::new();
+            let mut result = None;
+            for chunk in part.chunks(cut) {
+                let chunk = bytes::Bytes::copy_from_slice(chunk);
+                if let Some(head) = gather_head(&mut gathered, chunk).unwrap() {
+                    result = Some(head);
+                    break;
+                }
+            }
+            let (head, n) = result.unwrap_or_else(|| panic!("no head with chunks of {cut}"));
+            assert_eq!(n, meta_len, "chunks of {cut}");
+            assert!(
+                head.len() >= n && part.starts_with(&head),
+                "chunks of {cut}"
+            );
+        }
+        let whole = bytes::Bytes::from(part.clone());
+        let (head, _) = gather_head(&mut Vec::new(), whole.clone())
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.as_ptr(), whole.as_ptr());
+        // No file meta within 1 MiB: refused, not gathered for ever.
+        let mut gathered = Vec::new();
+        let junk = bytes::Bytes::from(vec![0u8; 600 << 10]);
+        assert!(gather_head(&mut gathered, junk.clone()).unwrap().is_none());
+        assert!(matches!(
+            gather_head(&mut gathered, junk),
+            Err(Error::Integrity(_))
+        ));
+    }
 
     #[test]
     fn why_images_cannot_be_opened() {

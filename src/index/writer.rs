@@ -1086,6 +1086,18 @@ mod tests {
         }
     }
 
+    /// An index on a SQLite file in a new directory (kept while the
+    /// returned guard lives), commits without an fsync of their own.
+    async fn sqlite_index() -> (tempfile::TempDir, PathBuf, super::super::Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let url = format!("sqlite://{}", path.display());
+        let index = super::super::Index::open(&url, CommitSync::Deferred)
+            .await
+            .unwrap();
+        (dir, path, index)
+    }
+
     /// While another connection holds SQLite's write lock, an instance
     /// waits for it on a blocking thread, not on the runtime's: on a
     /// single-threaded runtime, the task that lets the lock go still runs.
@@ -1093,13 +1105,9 @@ mod tests {
     /// hold that task off until the wait timed out, and the store fail.)
     #[tokio::test(flavor = "current_thread")]
     async fn a_write_lock_held_elsewhere_is_waited_for_off_the_runtime() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.db");
-        let url = format!("sqlite://{}", path.display());
-        let index = super::super::Index::open(&url, CommitSync::Deferred)
-            .await
-            .unwrap();
-        // The first instance of the series: the writer task's path.
+        let (_dir, path, index) = sqlite_index().await;
+        // The first instance of the series: the batch path, which writes
+        // the series.
         index.store(instance(1)).await.unwrap();
 
         for n in [2, 3] {
@@ -1142,12 +1150,7 @@ mod tests {
     /// duplicate, and every other row is there.
     #[tokio::test(flavor = "current_thread")]
     async fn instances_stored_at_once_share_a_commit_and_keep_their_outcomes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.db");
-        let url = format!("sqlite://{}", path.display());
-        let index = super::super::Index::open(&url, CommitSync::Deferred)
-            .await
-            .unwrap();
+        let (_dir, _path, index) = sqlite_index().await;
         sqlx::query(
             "INSERT INTO rejected_instance (sop_instance_uid, reason_code, rejection_note_uid, at) \
              VALUES ('1.2.3.7', '113001', '9.9', '2026-12-07T00:00:00Z')",
@@ -1194,12 +1197,7 @@ mod tests {
     /// into it and removed, as an operator copying the file expects.
     #[tokio::test]
     async fn a_closed_index_leaves_no_wal_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("index.db");
-        let url = format!("sqlite://{}", path.display());
-        let index = super::super::Index::open(&url, CommitSync::Deferred)
-            .await
-            .unwrap();
+        let (dir, path, index) = sqlite_index().await;
         for n in 1..=3 {
             index.store(instance(n)).await.unwrap();
         }

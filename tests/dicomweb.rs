@@ -1253,3 +1253,72 @@ fn series_of(sample: &support::Sample) -> String {
         .unwrap()
         .to_string()
 }
+
+/// A series retrieve answers in Instance Number order whatever order the
+/// instances arrived in: a viewer or another hospital's node streaming the
+/// series gets the first slice first, and a series' "middle instance"
+/// (the page's thumbnail) is its middle slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_is_retrieved_in_instance_number_order() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+
+    let node = spawn_open(Backend::SqliteLocal).await;
+    let sample = support::samples()
+        .into_iter()
+        .find(|s| {
+            s.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+                && s.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+        })
+        .expect("a CT sample in Explicit VR Little Endian");
+    let (study, series) = (
+        "1.2.826.0.1.3680043.10.1.71",
+        "1.2.826.0.1.3680043.10.1.71.1",
+    );
+    // Sent in this order, one STOW-RS each: rows land in arrival order.
+    let numbers = [5, 3, 1, 4, 2];
+    for n in numbers {
+        let mut obj = dicom_object::open_file(&sample.path).unwrap();
+        let sop = format!("{series}.{n}");
+        for (tag, value) in [
+            (tags::STUDY_INSTANCE_UID, study.to_string()),
+            (tags::SERIES_INSTANCE_UID, series.to_string()),
+            (tags::SOP_INSTANCE_UID, sop.clone()),
+        ] {
+            obj.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(value)));
+        }
+        obj.put(DataElement::new(
+            tags::INSTANCE_NUMBER,
+            VR::IS,
+            PrimitiveValue::from(n.to_string()),
+        ));
+        obj.meta_mut().media_storage_sop_instance_uid = sop;
+        obj.meta_mut().update_information_group_length();
+        let mut bytes = Vec::new();
+        obj.write_all(&mut bytes).unwrap();
+        let (status, body) = post_stow(&node, "/studies", multipart(&[&bytes])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let response = client()
+        .get(format!("{}/studies/{study}/series/{series}", base(&node)))
+        .header(
+            "Accept",
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let order: Vec<i64> = multipart_parts(response)
+        .await
+        .iter()
+        .map(|(_, bytes)| {
+            let obj = dicom_object::from_reader(&bytes[128..]).unwrap();
+            obj.element(tags::INSTANCE_NUMBER)
+                .unwrap()
+                .to_int::<i64>()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(order, [1, 2, 3, 4, 5]);
+}

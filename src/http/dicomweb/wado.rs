@@ -106,9 +106,30 @@ pub async fn locate_in(
                 .map_err(|e| Error::BadRequest(e.to_string()))?;
         }
     }
-    let matches = query::collect(index, q)
+    // In series and instance order, by Series Number and Instance Number:
+    // the order a viewer lays a stack out in, so that a series streamed to
+    // another hospital's node (or a viewer) brings the first slice first,
+    // and "the middle instance" of a series is its middle slice.
+    q.request(tags::SERIES_NUMBER);
+    q.request(tags::INSTANCE_NUMBER);
+    let mut matches = query::collect(index, q)
         .await
         .map_err(|e| Error::Unavailable(format!("query: {e}")))?;
+    let number = |m: &query::Match, tag| {
+        m.get(tag)
+            .and_then(|e| e.values.first())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(i64::MAX)
+    };
+    matches.sort_by_cached_key(|m| {
+        let location = m.instance.as_ref();
+        (
+            number(m, tags::SERIES_NUMBER),
+            location.map(|l| l.series_instance_uid.clone()),
+            number(m, tags::INSTANCE_NUMBER),
+            location.map(|l| l.sop_instance_uid.clone()),
+        )
+    });
     let found: Vec<InstanceLocation> = matches.into_iter().filter_map(|m| m.instance).collect();
     if found.is_empty() {
         return Err(Error::NotFound(match (series, instance) {

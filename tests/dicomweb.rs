@@ -459,6 +459,22 @@ async fn multipart_parts(response: reqwest::Response) -> Vec<(String, Vec<u8>)> 
     parts
 }
 
+/// A WADO-RS retrieve of `path` as stored (`transfer-syntax=*`): 200, and
+/// its parts.
+async fn retrieve_as_stored(node: &TestNode, path: &str) -> Vec<(String, Vec<u8>)> {
+    let response = client()
+        .get(format!("{}{path}", base(node)))
+        .header(
+            "Accept",
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    multipart_parts(response).await
+}
+
 /// WADO-RS over what C-STORE stored: dicomweb-client retrieves each study
 /// (attributes and Pixel Data equal to the files sent), raw requests get
 /// each instance byte-identical to the stored blob; metadata, bulk data,
@@ -522,17 +538,7 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
 
         // Byte-identical: each part is the stored blob, whose data set is
         // the file's as sent.
-        let response = client()
-            .get(format!("{}/studies/{study}", base(&node)))
-            .header(
-                "Accept",
-                "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200);
-        let parts = multipart_parts(response).await;
+        let parts = retrieve_as_stored(&node, &format!("/studies/{study}")).await;
         assert_eq!(parts.len(), files.len());
         for (ct, bytes) in &parts {
             assert!(ct.starts_with("application/dicom"), "{ct}");
@@ -1299,17 +1305,7 @@ async fn a_series_is_retrieved_in_instance_number_order() {
         let (status, body) = post_stow(&node, "/studies", multipart(&[&bytes])).await;
         assert_eq!(status, 200, "{body}");
     }
-    let response = client()
-        .get(format!("{}/studies/{study}/series/{series}", base(&node)))
-        .header(
-            "Accept",
-            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let order: Vec<i64> = multipart_parts(response)
+    let order: Vec<i64> = retrieve_as_stored(&node, &format!("/studies/{study}/series/{series}"))
         .await
         .iter()
         .map(|(_, bytes)| {

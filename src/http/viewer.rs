@@ -99,7 +99,9 @@ async fn app_config() -> Response {
     modes: [],
     customizationService: {{}},
     showStudyList: false,
-    maxNumberOfWebWorkers: 2,
+    // Decoders leave one CPU to the page, which draws (without a GPU,
+    // drawing is CPU work too): 1 on two cores, 3 at most.
+    maxNumberOfWebWorkers: Math.max(1, Math.min(3, (navigator.hardwareConcurrency || 2) - 1)),
     showWarningMessageForCrossOrigin: false,
     showCPUFallbackMessage: true,
     showLoadingIndicator: true,

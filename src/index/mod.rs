@@ -30,7 +30,7 @@ mod writer;
 pub use unsynced::{
     UnsyncedInstance, remove_patient_if_empty, remove_series_if_empty, remove_study_if_empty,
 };
-use writer::{Target, WriteRequest, Writer, hierarchy_fingerprint, writer_task};
+use writer::{Target, WriteRequest, Writer, writer_task};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -270,10 +270,7 @@ impl Index {
             return self.store_in_turn(instance).await;
         }
         if let Ok(mut writer) = self.write_lock.try_lock()
-            && let Some(&(series_key, _, known)) =
-                writer.cache.get(&instance.attributes.series_instance_uid)
-            && known == hierarchy_fingerprint(&instance.attributes)
-            && writer.insert_new(&instance, series_key).await?
+            && writer.insert_new(&instance).await?
         {
             return Ok(StoreOutcome::Stored);
         }
@@ -326,22 +323,14 @@ impl Index {
                 // invariant above holds; never wait for nobody.
                 return Err(Error::WriterStopped);
             }
+            // Alone: the direct path's one INSERT, without BEGIN and COMMIT.
             if let [request] = &batch[..] {
-                let a = &request.instance.attributes;
-                if let Some(&(series_key, _, known)) = writer.cache.get(&a.series_instance_uid)
-                    && known == hierarchy_fingerprint(a)
-                {
-                    let request = batch.pop().expect("one request");
-                    match writer.insert_new(&request.instance, series_key).await {
-                        Ok(true) => {
-                            let _ = request.reply.send(Ok(StoreOutcome::Stored));
-                            continue;
-                        }
-                        Ok(false) => batch.push(request),
-                        Err(e) => {
-                            let _ = request.reply.send(Err(e));
-                            continue;
-                        }
+                match writer.insert_new(&request.instance).await {
+                    Ok(false) => {}
+                    done => {
+                        let request = batch.pop().expect("one request");
+                        let _ = request.reply.send(done.map(|_| StoreOutcome::Stored));
+                        continue;
                     }
                 }
             }

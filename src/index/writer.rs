@@ -232,15 +232,19 @@ impl Writer {
         self.target.commits_inline()
     }
 
-    /// The direct path: inserts an instance of a series the cache knows as
-    /// a new SOP Instance UID, in one statement. `Ok(false)` when it is not
-    /// such (already held, another version current, rejected): the caller
-    /// then takes the writer task's path, which tells these apart.
-    pub async fn insert_new(
-        &mut self,
-        instance: &NewInstance,
-        series_key: i64,
-    ) -> Result<bool, Error> {
+    /// The direct path: inserts an instance of a series the cache knows,
+    /// unchanged, as a new SOP Instance UID, in one statement. `Ok(false)`
+    /// when it is not such (series not cached or changed, already held,
+    /// another version current, rejected): the caller then writes it as a
+    /// batch, whose statements tell these apart.
+    pub async fn insert_new(&mut self, instance: &NewInstance) -> Result<bool, Error> {
+        let a = &instance.attributes;
+        let Some(&(series_key, _, known)) = self.cache.get(&a.series_instance_uid) else {
+            return Ok(false);
+        };
+        if known != hierarchy_fingerprint(a) {
+            return Ok(false);
+        }
         let result = self.try_insert_new(instance, series_key).await;
         match result {
             Ok(true) => self.committed(1),
@@ -719,7 +723,7 @@ struct Written {
     hierarchy_written: bool,
 }
 
-pub(super) fn hierarchy_fingerprint(a: &InstanceAttributes) -> u64 {
+fn hierarchy_fingerprint(a: &InstanceAttributes) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (

@@ -58,6 +58,7 @@
 
 pub mod audit;
 pub mod backup;
+pub mod charset;
 pub mod common;
 pub mod config;
 pub mod confirm;

@@ -521,6 +521,13 @@ pub fn read_attributes_bytes(
 }
 
 fn extract(obj: &dicom_object::DefaultDicomObject) -> Result<InstanceAttributes, Error> {
+    let specific_character_set: Vec<String> = obj
+        .get(tags::SPECIFIC_CHARACTER_SET)
+        .and_then(|e| e.to_multi_str().ok())
+        .map(|v| v.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_default();
+    let specific_character_set: Vec<&str> =
+        specific_character_set.iter().map(String::as_str).collect();
     let text = |tag: Tag| -> String {
         let Some(element) = obj.get(tag) else {
             return String::new();
@@ -533,7 +540,15 @@ fn extract(obj: &dicom_object::DefaultDicomObject) -> Result<InstanceAttributes,
                 .map(|b| clean(&String::from_utf8_lossy(&b)))
                 .unwrap_or_default();
         }
-        element.to_str().map(|s| clean(&s)).unwrap_or_default()
+        element
+            .to_str()
+            .map(|s| {
+                clean(&crate::charset::decode_code_extensions(
+                    &s,
+                    &specific_character_set,
+                ))
+            })
+            .unwrap_or_default()
     };
     let int = |tag: Tag| -> Option<i64> {
         let s = text(tag);

@@ -1212,3 +1212,109 @@ async fn c_move_over_dicom_tls() {
     );
     node.stop().await;
 }
+
+/// One data element, explicit VR little endian, padded to even length.
+fn explicit_le(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(if vr == b"UI" { 0 } else { b' ' });
+    }
+    let mut out = Vec::new();
+    out.extend(group.to_le_bytes());
+    out.extend(element.to_le_bytes());
+    out.extend(vr);
+    out.extend((v.len() as u16).to_le_bytes());
+    out.extend(v);
+    out
+}
+
+/// Names written with ISO 2022 code extensions (`\ISO 2022 IR 58`, the
+/// GB2312 form of PS3.5 Annex K that Chinese archives still send) are
+/// indexed, matched and answered as their characters: C-FIND finds `王*`,
+/// and C-FIND, QIDO-RS and WADO-RS metadata give 王^小东, not the escapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iso_2022_ir_58_names_are_read_as_their_characters() {
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let uid = |s: &str| huren::types::Uid::parse(s).unwrap();
+    let (class, instance, study, series) = (
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.826.0.1.3680043.10.1011.58.3",
+        "1.2.826.0.1.3680043.10.1011.58.1",
+        "1.2.826.0.1.3680043.10.1011.58.2",
+    );
+    let mut file =
+        huren::part10::file_meta_prefix(&uid(class), &uid(instance), &uid("1.2.840.10008.1.2.1"));
+    // PS3.5 K.2's bytes: Wang^XiaoDong=王^小东, G1 designated to GB 2312
+    // before each ideographic component.
+    let name = b"Wang^XiaoDong=\x1b$)A\xcd\xf5^\x1b$)A\xd0\xa1\xb6\xab";
+    // 胸部CT.
+    let description = b"\x1b$)A\xd0\xd8\xb2\xbfCT";
+    for element in [
+        explicit_le(0x0008, 0x0005, b"CS", b"\\ISO 2022 IR 58"),
+        explicit_le(0x0008, 0x0016, b"UI", class.as_bytes()),
+        explicit_le(0x0008, 0x0018, b"UI", instance.as_bytes()),
+        explicit_le(0x0008, 0x0020, b"DA", b"20240105"),
+        explicit_le(0x0008, 0x0060, b"CS", b"OT"),
+        explicit_le(0x0008, 0x1030, b"LO", description),
+        explicit_le(0x0010, 0x0010, b"PN", name),
+        explicit_le(0x0010, 0x0020, b"LO", b"IR58-001"),
+        explicit_le(0x0020, 0x000D, b"UI", study.as_bytes()),
+        explicit_le(0x0020, 0x000E, b"UI", series.as_bytes()),
+    ] {
+        file.extend(element);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ir58.dcm");
+    std::fs::write(&path, &file).unwrap();
+    let output = support::storescu(
+        node.dicom_addr,
+        Vec::new(),
+        vec![path.display().to_string()],
+    )
+    .await;
+    assert!(output.status.success(), "{}", support::text(&output));
+
+    let found = findscu(
+        &node,
+        "-S",
+        &[
+            k("QueryRetrieveLevel=STUDY"),
+            k("SpecificCharacterSet=ISO_IR 192"),
+            k("PatientName=王*"),
+            k("StudyDescription"),
+            k("StudyInstanceUID"),
+        ],
+    );
+    assert_eq!(found.final_status(), 0x0000, "{}", found.log);
+    assert_eq!(found.responses.len(), 1, "{}", found.log);
+    let r = &found.responses[0];
+    assert_eq!(r["StudyInstanceUID"], study);
+    assert_eq!(r["SpecificCharacterSet"], "ISO_IR 192");
+    assert_eq!(r["PatientName"], "Wang^XiaoDong=王^小东");
+    assert_eq!(r["StudyDescription"], "胸部CT");
+
+    let http = node.http_addr;
+    let get = |path: String| async move {
+        let response = reqwest::Client::new()
+            .get(format!("http://{http}/dicom-web{path}"))
+            .bearer_auth(support::NODE_API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        response.json::<Value>().await.unwrap()
+    };
+    let studies = get("/studies?PatientID=IR58-001".into()).await;
+    assert_eq!(
+        studies[0]["00100010"]["Value"][0]["Ideographic"], "王^小东",
+        "{studies}"
+    );
+    let metadata = get(format!("/studies/{study}/metadata")).await;
+    assert_eq!(
+        metadata[0]["00100010"]["Value"][0],
+        serde_json::json!({"Alphabetic": "Wang^XiaoDong", "Ideographic": "王^小东"}),
+        "{metadata}"
+    );
+    assert_eq!(metadata[0]["00081030"]["Value"][0], "胸部CT", "{metadata}");
+    node.stop().await;
+}

@@ -98,6 +98,18 @@ fn is_bulk(tag: Tag, vr: VR, len: usize) -> bool {
 /// top-level bulk data becomes `{bulk_base}/bulkdata/{tag}`, nested bulk
 /// data is left out (its element keeps its VR, with no value).
 pub fn object_json(obj: &InMemDicomObject, bulk_base: Option<&str>) -> Value {
+    object_json_in(obj, bulk_base, &[])
+}
+
+/// [`object_json`] of a data set or sequence item; `inherited` is the
+/// Specific Character Set in force around it (PS3.5 §7.5.3: an item
+/// without its own keeps the enclosing one's).
+fn object_json_in(obj: &InMemDicomObject, bulk_base: Option<&str>, inherited: &[String]) -> Value {
+    let own: Option<Vec<String>> = obj
+        .get(dicom_dictionary_std::tags::SPECIFIC_CHARACTER_SET)
+        .and_then(|e| e.to_multi_str().ok())
+        .map(|v| v.to_vec());
+    let specific_character_set = own.as_deref().unwrap_or(inherited);
     let mut map = Map::new();
     for element in obj {
         let tag = element.tag();
@@ -106,7 +118,7 @@ pub fn object_json(obj: &InMemDicomObject, bulk_base: Option<&str>) -> Value {
             DicomValue::Sequence(seq) => sequence(
                 seq.items()
                     .iter()
-                    .map(|item| object_json(item, None))
+                    .map(|item| object_json_in(item, None, specific_character_set))
                     .collect(),
             ),
             DicomValue::PixelSequence(_) => bulk(vr, tag, bulk_base),
@@ -118,6 +130,26 @@ pub fn object_json(obj: &InMemDicomObject, bulk_base: Option<&str>) -> Value {
             // JSON numbers.
             DicomValue::Primitive(v) if matches!(vr, VR::IS | VR::DS) => {
                 let values: Vec<String> = v.to_multi_str().iter().map(|s| s.to_string()).collect();
+                element_json(vr, &values)
+            }
+            // Text written with ISO 2022 code extensions: the characters,
+            // not the escapes (src/charset.rs). JSON is Unicode.
+            DicomValue::Primitive(v)
+                if matches!(
+                    vr,
+                    VR::PN | VR::LO | VR::SH | VR::ST | VR::LT | VR::UT | VR::UC
+                ) && v.to_multi_str().iter().any(|s| s.contains('\u{1b}')) =>
+            {
+                let scs: Vec<&str> = specific_character_set.iter().map(String::as_str).collect();
+                let values: Vec<String> = v
+                    .to_multi_str()
+                    .iter()
+                    .map(|s| {
+                        crate::charset::decode_code_extensions(s, &scs)
+                            .trim_end_matches([' ', '\0'])
+                            .to_string()
+                    })
+                    .collect();
                 element_json(vr, &values)
             }
             DicomValue::Primitive(_) => {

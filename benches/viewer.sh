@@ -7,7 +7,7 @@
 # audit). Target: the first image before a tenth of the study has arrived.
 # Not a test. Figures: benches/results/viewer-*.md, docs/benchmarks.md.
 #
-#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--warm] [--work-dir DIR] [--out FILE] [--keep]
+#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--warm] [--probe P] [--work-dir DIR] [--out FILE] [--keep]
 #
 #   --instances N  CT instances of the study (default 500, ~525 kB each)
 #   --runs R       rounds (default 3), each with a fresh node A
@@ -17,6 +17,10 @@
 #                  the hospitals.
 #   --warm         the browser opens the viewer once before the click (a
 #                  doctor's browser with OHIF's files in its cache)
+#   --probe P      how the first image is seen: canvas (default; a probe in
+#                  the viewer's page reads the viewport at every animation
+#                  frame) or screenshot (element screenshots polled from
+#                  outside, the method before 2026-12-07's last round)
 #   --work-dir     default /tmp/huren-viewer-bench (DIR/run-<stamp>)
 #   --out FILE     default benches/results/viewer-<date>-<time>.md
 #
@@ -46,6 +50,7 @@ instances=500
 runs=3
 peer_bandwidth=0
 warm=()
+probe=canvas
 work_dir="${HUREN_BENCH_WORK:-/tmp/huren-viewer-bench}"
 out_file=""
 keep=0
@@ -55,6 +60,7 @@ while [[ $# -gt 0 ]]; do
         --runs) runs="$2"; shift ;;
         --peer-bandwidth) peer_bandwidth="$2"; shift ;;
         --warm) warm=(--warm) ;;
+        --probe) probe="$2"; shift ;;
         --work-dir) work_dir="$2"; shift ;;
         --out) out_file="$2"; shift ;;
         --keep) keep=1 ;;
@@ -183,7 +189,7 @@ for (( r = 1; r <= runs; r++ )); do
     sync
     line=$(HUREN_BENCH_TOKEN="$BENCH_TOKEN" HUREN_SCREENSHOTS="${HUREN_SCREENSHOTS:-}" \
         "$BROWSER_PYTHON" "$here/viewer-browser.py" \
-        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" "${warm[@]}")
+        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" --probe "$probe" "${warm[@]}")
     echo "$line" >>"$results"
     log "round $r: $line"
     stop_pid "$a_pid"; a_pid=""
@@ -192,7 +198,7 @@ done
 
 mkdir -p "$(dirname "$out_file")"
 "$PYTHON" - "$results" "$instances" "$command_line" "$(git -C "$repo" rev-parse --short HEAD)" "$HUREN_BIN" \
-    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" "$peer_bandwidth" "$(cut -d' ' -f1-3 /proc/loadavg)" "${warm[*]:-cold}" \
+    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" "$peer_bandwidth" "$(cut -d' ' -f1-3 /proc/loadavg)" "${warm[*]:-cold}" "$probe" \
     >"$out_file" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -200,7 +206,10 @@ n = int(sys.argv[2])
 bw = int(sys.argv[7])
 cache = "warm browser cache (viewer opened once before)" if sys.argv[9] == "--warm" else "cold browser"
 link = f"A's peer fetches capped at {bw} bytes/s ({bw * 8 / 1e6:.0f} Mbit/s)" if bw else "loopback, no cap"
+probe = ("a probe in the viewer's page reading the viewport's canvas at every animation frame"
+         if sys.argv[10] == "canvas" else "element screenshots polled from outside")
 print(f"# Viewer: click to first image, {n}-instance CT prior held at B ({link}; {cache})\n")
+print(f"The first image seen by {probe}.\n")
 print(f"`{sys.argv[3]}` at {sys.argv[4]}, binary `{sys.argv[5]}`; {sys.argv[6]} headless,"
       f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs;"
       f" load average at the end {sys.argv[8]}.\n")

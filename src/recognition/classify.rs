@@ -1488,26 +1488,14 @@ fn done(mut items: Vec<Classified>) -> Classification {
 /// Repairs header text dicom-rs decoded under the wrong character set:
 /// GBK/GB18030 bytes in a data set whose Specific Character Set is empty
 /// (decoded as ISO 8859-1, so each byte is one char up to U+00FF), and the
-/// ISO 2022 escape designators of ISO 2022 IR 58 left in the text.
+/// ISO 2022 escapes, read by crate::charset as the index reads them.
 /// `specific_character_set` is the data set's (0008,0005) as written.
 pub fn repair_text(text: &str, specific_character_set: &str) -> String {
-    // ESC, intermediates 0x20-0x2F, final 0x30-0x7E (ISO 2022 designators).
-    let mut stripped = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    let mut had_escape = false;
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            had_escape = true;
-            while let Some(&n) = chars.peek() {
-                chars.next();
-                if ('\u{30}'..='\u{7e}').contains(&n) {
-                    break;
-                }
-            }
-            continue;
-        }
-        stripped.push(c);
-    }
+    // ISO 2022 escapes: what follows each is read in the set it designates
+    // (the same decoding the index applies).
+    let had_escape = text.contains('\u{1b}');
+    let terms: Vec<&str> = specific_character_set.split('\\').collect();
+    let stripped = crate::charset::decode_code_extensions(text, &terms);
     let scs = specific_character_set.to_ascii_uppercase();
     let default_repertoire = scs
         .split('\\')

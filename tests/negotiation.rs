@@ -68,6 +68,45 @@ async fn silent_connection_is_closed_by_artim_and_others_are_served() {
     node.stop().await;
 }
 
+/// Connections that never send an A-ASSOCIATE-RQ take no place under the
+/// association limit, and when more of them are open than may wait, the
+/// longest silent ones are closed: a modality is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_do_not_lock_callers_out() {
+    let node = support::spawn_node_with(Backend::SqliteLocal, |c| {
+        c.max_associations = 2;
+        // Long enough that only being pushed out closes a silent socket.
+        c.artim_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let budget = huren::dicom::listener::pending_budget(2);
+    let mut silent = Vec::new();
+    for _ in 0..budget + 10 {
+        silent.push(
+            tokio::net::TcpStream::connect(node.dicom_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let echo = support::echoscu(node.dicom_addr, &["-v"]).await;
+    assert!(echo.status.success(), "{}", support::text(&echo));
+    assert!(
+        !support::text(&echo).contains("Rejected"),
+        "{}",
+        support::text(&echo)
+    );
+    // The ten that waited longest were closed to make room, without a PDU.
+    for socket in silent.iter_mut().take(10) {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(TIMEOUT, socket.read(&mut buf))
+            .await
+            .expect("a silent connection pushed out is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_association_is_aborted() {
     let node = support::spawn_node_with(Backend::SqliteLocal, |c| {

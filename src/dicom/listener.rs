@@ -3,9 +3,19 @@
 //! The limit is checked after `accept`, not before: a caller past the limit
 //! must get an A-ASSOCIATE-RJ (transient, local limit exceeded, PS3.8
 //! §9.3.4) it can act on, not a connection that hangs in the backlog.
+//!
+//! It counts associations, not connections: a connection takes a place
+//! under the limit only once its A-ASSOCIATE-RQ has arrived (PS3.8 Sta2 →
+//! Sta3). Until then it waits among the connections not yet heard from,
+//! whose number is bounded too ([`pending_budget`]); when those are all
+//! taken, a new connection pushes out the one that has waited longest. So
+//! sockets opened and left silent (a scanner, or a peer holding them on
+//! purpose) cannot lock a modality out: they lose their place to anyone
+//! who speaks, and the ARTIM timer closes them anyway.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,7 +25,7 @@ use dicom_ul::pdu::{
     AssociationRJSource,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,6 +59,7 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(ctx.max_associations));
+    let pending = Arc::new(Pending::new(pending_budget(ctx.max_associations)));
     let tracker = TaskTracker::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -66,12 +77,32 @@ async fn serve(
         // Without TCP_NODELAY every DIMSE response waits for the peer's
         // delayed ACK: 40 ms per message on loopback.
         let _ = socket.set_nodelay(true);
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let ctx = ctx.clone();
-                let shutdown = shutdown.clone();
-                let tls = tls.clone();
-                tracker.spawn(async move {
+        let waiting = pending.admit(peer);
+        let limit = limit.clone();
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        tracker.spawn(async move {
+            let artim = ctx.artim_timeout;
+            let spoke = tokio::select! {
+                spoke = first_pdu_arrived(&socket, tls.is_some(), artim) => spoke,
+                () = waiting.pushed_out() => {
+                    tracing::info!(%peer, "connection silent while others waited; closed before its A-ASSOCIATE-RQ");
+                    crate::metrics::association_refused(crate::metrics::refused::ARTIM_TIMEOUT);
+                    return;
+                }
+                () = shutdown.cancelled() => return,
+            };
+            drop(waiting);
+            if !spoke {
+                // ARTIM expired (PS3.8 §9.1.5): the transport is closed
+                // without an A-ABORT, since no association exists yet.
+                tracing::info!(%peer, "no A-ASSOCIATE-RQ within the ARTIM timeout; connection closed");
+                crate::metrics::association_refused(crate::metrics::refused::ARTIM_TIMEOUT);
+                return;
+            }
+            match limit.try_acquire_owned() {
+                Ok(permit) => {
                     let audit = ctx.audit.clone();
                     let served = async move {
                         match tls {
@@ -83,33 +114,139 @@ async fn serve(
                     };
                     crate::audit::association(audit, peer, served).await;
                     drop(permit);
-                });
-            }
-            Err(_) => {
-                let artim = ctx.artim_timeout;
-                match tls.clone() {
-                    Some(tls) => {
-                        tracker.spawn(async move {
-                            // The A-ASSOCIATE-RJ goes inside TLS; the
-                            // handshake counts against the ARTIM timeout.
-                            let acceptor = tokio_rustls::TlsAcceptor::from(tls.handshake_config());
-                            if let Ok(Ok(stream)) =
-                                tokio::time::timeout(artim, acceptor.accept(socket)).await
-                            {
-                                reject_over_limit(stream, peer, artim).await;
-                            }
-                        });
-                    }
-                    None => {
-                        tracker.spawn(reject_over_limit(socket, peer, artim));
-                    }
                 }
+                Err(_) => match tls {
+                    Some(tls) => {
+                        // The A-ASSOCIATE-RJ goes inside TLS; the handshake
+                        // counts against the ARTIM timeout.
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.handshake_config());
+                        if let Ok(Ok(stream)) =
+                            tokio::time::timeout(artim, acceptor.accept(socket)).await
+                        {
+                            reject_over_limit(stream, peer, artim).await;
+                        }
+                    }
+                    None => reject_over_limit(socket, peer, artim).await,
+                },
             }
-        }
+        });
     }
     drop(listener);
     tracker.close();
     tracker.wait().await;
+}
+
+/// How many connections may wait for their first PDU at once: four times
+/// the association limit, at least 256. A modality's A-ASSOCIATE-RQ comes
+/// within milliseconds of its connect, so this many silent ones are a
+/// scanner or an attack, not a queue of real callers.
+pub fn pending_budget(max_associations: usize) -> usize {
+    max_associations.saturating_mul(4).max(256)
+}
+
+/// The connections not yet heard from, oldest first.
+struct Pending {
+    budget: usize,
+    state: Mutex<(u64, VecDeque<(u64, CancellationToken)>)>,
+}
+
+/// A connection's place among [`Pending`]; it leaves when dropped.
+struct Waiting {
+    pending: Arc<Pending>,
+    id: u64,
+    pushed_out: CancellationToken,
+}
+
+impl Pending {
+    fn new(budget: usize) -> Pending {
+        Pending {
+            budget,
+            state: Mutex::new((0, VecDeque::new())),
+        }
+    }
+
+    /// A place for a new connection; the longest-waiting one is pushed out
+    /// when every place is taken.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Waiting {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.1.len() >= self.budget
+            && let Some((_, oldest)) = state.1.pop_front()
+        {
+            tracing::warn!(%peer, budget = self.budget, "every place for connections awaiting their A-ASSOCIATE-RQ taken; the longest silent one is closed");
+            oldest.cancel();
+        }
+        state.0 += 1;
+        let id = state.0;
+        let pushed_out = CancellationToken::new();
+        state.1.push_back((id, pushed_out.clone()));
+        Waiting {
+            pending: self.clone(),
+            id,
+            pushed_out,
+        }
+    }
+}
+
+impl Waiting {
+    async fn pushed_out(&self) {
+        self.pushed_out.cancelled().await
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut state = self.pending.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = state.1.iter().position(|(id, _)| *id == self.id) {
+            state.1.remove(i);
+        }
+    }
+}
+
+/// Waits, up to `artim`, until the caller has sent its first PDU whole
+/// (over TLS: until its first bytes), or closed, or sent something that is
+/// no PDU: `true`, there is something to answer. `false`: silence until
+/// the ARTIM timer expired.
+async fn first_pdu_arrived(socket: &TcpStream, tls: bool, artim: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + artim;
+    let mut buf = vec![0u8; 6];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await;
+        let n = match peeked {
+            Err(_) => return false,
+            Ok(Err(_)) => return true,
+            Ok(Ok(n)) => n,
+        };
+        if n == 0 || tls {
+            return true;
+        }
+        if n >= 6 {
+            let want = 6 + u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
+            // A first PDU larger than any A-ASSOCIATE-RQ: dicom-ul refuses it.
+            if n >= want || want > 256 * 1024 {
+                return true;
+            }
+            if buf.len() < want {
+                // Most of the time the whole request is queued already.
+                buf.resize(want, 0);
+                continue;
+            }
+        }
+        // Part of the PDU is still in flight: peek returns at once while any
+        // byte is queued, so wait for the segments rather than spin.
+        match tokio::time::timeout_at(deadline, socket.ready(tokio::io::Interest::READABLE)).await {
+            Err(_) => return false,
+            Ok(Err(_)) => return true,
+            Ok(Ok(ready)) if ready.is_read_closed() => return true,
+            Ok(Ok(_)) => {}
+        }
+        tokio::time::sleep_until(
+            (tokio::time::Instant::now() + Duration::from_millis(2)).min(deadline),
+        )
+        .await;
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+    }
 }
 
 /// Reads the caller's A-ASSOCIATE-RQ and answers A-ASSOCIATE-RJ: transient,

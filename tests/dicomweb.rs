@@ -687,6 +687,18 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
     let png = response.bytes().await.unwrap();
     // PNG IHDR width and height.
     assert_eq!(&png[16..24], &[0, 0, 0, 32, 0, 0, 0, 32]);
+    // The accept query parameter (PS3.18 §8.3.3.1) stands in for the
+    // header a hyperlink cannot set: a PNG, where JPEG is the default.
+    let response = client()
+        .get(format!(
+            "{instance_url}/thumbnail?viewport=32,32&accept=image/png"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    assert!(response.bytes().await.unwrap().starts_with(b"\x89PNG"));
 
     // Errors.
     let cases: Vec<(String, &str, u16)> = vec![
@@ -715,6 +727,13 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
             406,
         ),
         (format!("{instance_url}/rendered"), "image/gif", 406),
+        // q=0: not acceptable (RFC 9110 §12.4.2).
+        (format!("{instance_url}/rendered"), "image/png;q=0", 406),
+        (
+            format!("{}/studies/{}/metadata", base(&node), ct.study_instance_uid),
+            "application/dicom+json; q=0",
+            406,
+        ),
         (
             format!("{instance_url}/rendered?window=1"),
             "image/png",

@@ -76,23 +76,56 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
 }
 
 /// The Accept header's media ranges, most preferred first; `*/*` when the
-/// request has none. Ranges with q=0 are dropped.
+/// request has none. Ranges with q=0 are dropped (RFC 9110 §12.4.2: not
+/// acceptable), so an Accept of only such ranges admits nothing.
 pub fn accept(headers: &HeaderMap) -> Vec<MediaType> {
-    let mut ranges: Vec<MediaType> = headers
+    let given: Vec<MediaType> = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| split_unquoted(v, ','))
         .filter(|s| !s.trim().is_empty())
         .filter_map(MediaType::parse)
-        .filter(|m| m.q > 0.0)
         .collect();
-    if ranges.is_empty() {
-        ranges.push(MediaType::parse("*/*").expect("valid"));
+    if given.is_empty() {
+        return vec![MediaType::parse("*/*").expect("valid")];
     }
+    let mut ranges: Vec<MediaType> = given.into_iter().filter(|m| m.q > 0.0).collect();
     // Stable: equal q keeps the client's order.
     ranges.sort_by(|a, b| b.q.total_cmp(&a.q));
     ranges
+}
+
+/// The `accept` query parameter (PS3.18 §8.3.3.1), for a hyperlink that
+/// cannot set headers: it stands in for the Accept header, which every
+/// handler reads through [`accept`].
+pub async fn accept_query_parameter(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let given = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri())
+        .ok()
+        .and_then(|axum::extract::Query(pairs)| {
+            let values: Vec<String> = pairs
+                .into_iter()
+                .filter(|(k, _)| k == "accept")
+                .map(|(_, v)| v)
+                .collect();
+            (!values.is_empty()).then(|| values.join(", "))
+        });
+    if let Some(value) = given {
+        match axum::http::HeaderValue::from_str(&value) {
+            Ok(value) => {
+                request.headers_mut().insert(header::ACCEPT, value);
+            }
+            Err(_) => {
+                return axum::response::IntoResponse::into_response(Error::BadRequest(
+                    "the accept query parameter is not a valid media type list".into(),
+                ));
+            }
+        }
+    }
+    next.run(request).await
 }
 
 /// For JSON resources (QIDO-RS results, metadata, STOW-RS responses):
@@ -178,6 +211,14 @@ mod tests {
             assert_eq!(require_json(&h).is_ok(), ok, "{accept_value}");
         }
         assert!(require_json(&HeaderMap::new()).is_ok());
+        // Only q=0: nothing is acceptable, not everything.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT,
+            "application/dicom+json;q=0".parse().unwrap(),
+        );
+        assert!(accept(&h).is_empty());
+        assert!(require_json(&h).is_err());
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub fn router(
             web_auth,
             auth::require_token_or_session,
         ))
+        .layer(axum::middleware::from_fn(media::accept_query_parameter))
         .layer(axum::middleware::from_fn(crate::metrics::dicomweb_timing))
         .with_state(state);
     let routes = match cors {

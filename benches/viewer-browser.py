@@ -16,8 +16,8 @@ study), clicks the prior's 查看 link and measures, from the click:
   its CPUs while it draws, and the draw is seen up to one capture late;
 - instances_at_first_image: how many of the study's instances A held then,
   verified (A's manifest of the study, with the operator's token,
-  HUREN_BENCH_TOKEN), counted after the draw was seen (never fewer than
-  at the draw);
+  HUREN_BENCH_TOKEN): asked by the in-page probe the moment it sees the
+  image (`--probe canvas`), or after the screenshot that showed it;
 - fetch_s: until A's peer audit records the fetch as done (its `at`);
 - viewer_opened_s: until the page shows the viewer (framed under the
   fetch's progress once the manifest is verified); first_image_s minus
@@ -102,7 +102,16 @@ CANVAS_PROBE = """
         if (n * 2000 >= total) levels++;
         if (n) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
       });
-      if (levels > 16 && hi - lo > 64) { window.__hurenDrawnAt = Date.now(); return; }
+      if (levels > 16 && hi - lo > 64) {
+        window.__hurenDrawnAt = Date.now();
+        // What A holds at this moment, asked from here: the test's side
+        // would learn of the draw only when the page's busy thread lets it.
+        fetch(MANIFEST, { headers: { authorization: 'Bearer ' + TOKEN } })
+          .then(r => (r.status === 404 ? { instances: [] } : r.json()))
+          .then(j => { window.__hurenHeldAtDraw = j.instances.length; })
+          .catch(e => { window.__hurenHeldAtDraw = -1; });
+        return;
+      }
     }
     requestAnimationFrame(tick);
   };
@@ -138,7 +147,9 @@ def main():
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(120_000)
         if a.probe == "canvas":
-            page.add_init_script(CANVAS_PROBE)
+            page.add_init_script(
+                f"const MANIFEST = {json.dumps(f'/api/v1/studies/{a.study}/manifest')};"
+                f" const TOKEN = {json.dumps(token)};" + CANVAS_PROBE)
         page.goto(f"{a.base}/ui/login")
         page.fill("#user_id", a.user)
         page.fill("#password", os.environ["HUREN_PAGE_PASSWORD"])
@@ -169,6 +180,8 @@ def main():
         link.click()
         deadline = clicked + 1800
         first, at_first, opened, shot = None, None, None, os.environ.get("HUREN_SCREENSHOTS")
+        # How long each polling screenshot took (`--probe screenshot`).
+        shots = []
         while time.monotonic() < deadline:
             try:
                 # The viewer opens framed under the fetch's progress while
@@ -186,15 +199,21 @@ def main():
                 frame = viewer_frame(page) if a.probe == "canvas" else None
                 drawn_at = frame.evaluate("window.__hurenDrawnAt || null") if frame else None
                 if drawn_at is not None:
-                    # Confirmed as the screenshot probe would see it.
+                    first = drawn_at / 1000 - clicked_epoch
+                    # Counted by the probe the moment it saw the image.
+                    while (at_first := frame.evaluate("window.__hurenHeldAtDraw ?? null")) is None:
+                        page.wait_for_timeout(20)
+                    if at_first < 0:
+                        sys.exit("the probe could not ask A what it holds")
                     if not drawn(canvas.first.screenshot()):
                         sys.exit("the canvas probe saw an image the screenshot does not show")
-                    first = drawn_at / 1000 - clicked_epoch
-                    at_first = held(a.base, a.study, token)
                     break
                 if a.probe == "screenshot" and opened is not None and canvas.count():
                     box = canvas.first.bounding_box()
-                    if box and box["width"] > 50 and drawn(canvas.first.screenshot()):
+                    shot_started = time.monotonic()
+                    png = canvas.first.screenshot() if box and box["width"] > 50 else None
+                    shots.append(time.monotonic() - shot_started)
+                    if png and drawn(png):
                         first = time.monotonic() - clicked
                         at_first = held(a.base, a.study, token)
                         break
@@ -221,6 +240,8 @@ def main():
         print(json.dumps({
             "first_image_s": round(first, 3),
             "probe": a.probe,
+            "screenshots": len(shots),
+            "screenshot_s": round(sum(shots) / len(shots), 3) if shots else None,
             "viewer_opened_s": round(opened, 3) if opened is not None else None,
             "instances_at_first_image": at_first,
             "fetch_s": round(fetch_s, 3) if fetch_s is not None else None,

@@ -20,7 +20,8 @@
 #   --probe P      how the first image is seen: canvas (default; a probe in
 #                  the viewer's page reads the viewport at every animation
 #                  frame) or screenshot (element screenshots polled from
-#                  outside, the method before 2026-12-07's last round)
+#                  outside, the method before 2026-12-07's last round);
+#                  a comma list (canvas,screenshot) alternates by round
 #   --work-dir     default /tmp/huren-viewer-bench (DIR/run-<stamp>)
 #   --out FILE     default benches/results/viewer-<date>-<time>.md
 #
@@ -187,9 +188,11 @@ for (( r = 1; r <= runs; r++ )); do
             \"expires_at\": \"$expires\"}" >/dev/null
     fi
     sync
+    IFS=, read -ra probes <<<"$probe"
+    round_probe=${probes[$(( (r - 1) % ${#probes[@]} ))]}
     line=$(HUREN_BENCH_TOKEN="$BENCH_TOKEN" HUREN_SCREENSHOTS="${HUREN_SCREENSHOTS:-}" \
         "$BROWSER_PYTHON" "$here/viewer-browser.py" \
-        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" --probe "$probe" "${warm[@]}")
+        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" --probe "$round_probe" "${warm[@]}")
     echo "$line" >>"$results"
     log "round $r: $line"
     stop_pid "$a_pid"; a_pid=""
@@ -206,22 +209,27 @@ n = int(sys.argv[2])
 bw = int(sys.argv[7])
 cache = "warm browser cache (viewer opened once before)" if sys.argv[9] == "--warm" else "cold browser"
 link = f"A's peer fetches capped at {bw} bytes/s ({bw * 8 / 1e6:.0f} Mbit/s)" if bw else "loopback, no cap"
-probe = ("a probe in the viewer's page reading the viewport's canvas at every animation frame"
-         if sys.argv[10] == "canvas" else "element screenshots polled from outside")
+methods = {"canvas": "a probe in the viewer's page reading the viewport's canvas at every animation frame (`canvas`)",
+           "screenshot": "element screenshots polled from outside (`screenshot`)"}
 print(f"# Viewer: click to first image, {n}-instance CT prior held at B ({link}; {cache})\n")
-print(f"The first image seen by {probe}.\n")
+print("The first image seen by " + ", or ".join(methods[p] for p in sys.argv[10].split(",")) + ".\n")
 print(f"`{sys.argv[3]}` at {sys.argv[4]}, binary `{sys.argv[5]}`; {sys.argv[6]} headless,"
       f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs;"
       f" load average at the end {sys.argv[8]}.\n")
-print("| round | first image (s) | instances at A then | whole fetch (s) | first image / fetch | page hands over to the viewer (s) |")
-print("|---|---|---|---|---|---|")
+print("| round | probe | first image (s) | instances at A then | whole fetch (s) | first image / fetch | page hands over to the viewer (s) |")
+print("|---|---|---|---|---|---|---|")
 for i, r in enumerate(rows, 1):
     ratio = r["first_image_s"] / r["fetch_s"] if r["fetch_s"] else float("nan")
-    print(f"| {i} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} | {r['viewer_opened_s']:.2f} |")
-med = lambda k: statistics.median(r[k] for r in rows)
-print(f"\nMedian: first image {med('first_image_s'):.2f} s, whole fetch {med('fetch_s'):.2f} s, "
-      f"instances held at the first image {med('instances_at_first_image'):.0f} of {n} "
-      f"(target: before {n // 10}).")
+    print(f"| {i} | {r.get('probe', 'screenshot')} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} | {r['viewer_opened_s']:.2f} |")
+for probe in sys.argv[10].split(","):
+    group = [r for r in rows if r.get("probe", "screenshot") == probe]
+    if not group:
+        continue
+    med = lambda k: statistics.median(r[k] for r in group)
+    print(f"\nMedian ({probe}, {len(group)} rounds): first image {med('first_image_s'):.2f} s, "
+          f"whole fetch {med('fetch_s'):.2f} s, "
+          f"instances held at the first image {med('instances_at_first_image'):.0f} of {n} "
+          f"(target: before {n // 10}).")
 PY
 cat "$out_file"
 log "report: $out_file"

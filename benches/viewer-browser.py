@@ -222,8 +222,21 @@ def main():
                     raise
             page.wait_for_timeout(50)
         if trace_path:
+            # The viewer's own record of its requests (Resource Timing):
+            # when each was sent, its first byte and its end, as the
+            # network stack saw them, not as events reached this script.
+            frame = viewer_frame(page)
+            timings = frame.evaluate("""() => performance.getEntriesByType('resource')
+                .filter(e => e.name.includes('/dicom-web/'))
+                .map(e => ({url: e.name, origin: performance.timeOrigin, start: e.startTime,
+                            request: e.requestStart, first_byte: e.responseStart, end: e.responseEnd}))""") if frame else []
             with open(trace_path, "w") as f:
                 f.write(json.dumps({"first_image": round(first or -1, 3)}) + "\n")
+                for t in timings:
+                    at = lambda ms: round((t["origin"] + ms) / 1000 - clicked_epoch, 3) if ms else None
+                    f.write(json.dumps({"resource": t["url"], "start": at(t["start"]),
+                                        "request": at(t["request"]), "first_byte": at(t["first_byte"]),
+                                        "end": at(t["end"])}) + "\n")
                 for t in sorted(traced.values(), key=lambda t: t["start"]):
                     f.write(json.dumps(t) + "\n")
         if first is None:

@@ -1316,5 +1316,108 @@ async fn iso_2022_ir_58_names_are_read_as_their_characters() {
         "{metadata}"
     );
     assert_eq!(metadata[0]["00081030"]["Value"][0], "胸部CT", "{metadata}");
+    // PS3.18 F.2.5: the empty first value of Specific Character Set is null.
+    assert_eq!(
+        metadata[0]["00080005"]["Value"],
+        serde_json::json!([null, "ISO 2022 IR 58"]),
+        "{metadata}"
+    );
+    node.stop().await;
+}
+
+/// A Secondary Capture instance as Part-10 bytes, written here: the given
+/// patient, study and series.
+fn secondary_capture(instance: &str, patient_id: &str, study: &str, series: &str) -> Vec<u8> {
+    let class = "1.2.840.10008.5.1.4.1.1.7";
+    let uid = |s: &str| huren::types::Uid::parse(s).unwrap();
+    let mut file =
+        huren::part10::file_meta_prefix(&uid(class), &uid(instance), &uid("1.2.840.10008.1.2.1"));
+    for element in [
+        explicit_le(0x0008, 0x0016, b"UI", class.as_bytes()),
+        explicit_le(0x0008, 0x0018, b"UI", instance.as_bytes()),
+        explicit_le(0x0008, 0x0060, b"CS", b"OT"),
+        explicit_le(0x0010, 0x0020, b"LO", patient_id.as_bytes()),
+        explicit_le(0x0020, 0x000D, b"UI", study.as_bytes()),
+        explicit_le(0x0020, 0x000E, b"UI", series.as_bytes()),
+    ] {
+        file.extend(element);
+    }
+    file
+}
+
+on_both_backends!(an_instance_sent_again_elsewhere_leaves_no_empty_study);
+
+/// The same SOP Instance UID sent again in another patient's study (a
+/// correction at the modality): the new version is current there, and the
+/// first study, now without a current instance, is found at no level.
+async fn an_instance_sent_again_elsewhere_leaves_no_empty_study(backend: Backend) {
+    let node = support::spawn_node(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let instance = "1.2.826.0.1.3680043.10.1011.77.9";
+    let (first, second) = (dir.path().join("first.dcm"), dir.path().join("second.dcm"));
+    std::fs::write(
+        &first,
+        secondary_capture(
+            instance,
+            "MOVED-A",
+            "1.2.826.0.1.3680043.10.1011.77.1",
+            "1.2.826.0.1.3680043.10.1011.77.2",
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &second,
+        secondary_capture(
+            instance,
+            "MOVED-B",
+            "1.2.826.0.1.3680043.10.1011.77.3",
+            "1.2.826.0.1.3680043.10.1011.77.4",
+        ),
+    )
+    .unwrap();
+    for file in [&first, &second] {
+        let output = support::storescu(
+            node.dicom_addr,
+            Vec::new(),
+            vec![file.display().to_string()],
+        )
+        .await;
+        assert!(output.status.success(), "{}", support::text(&output));
+    }
+    for (level, model) in [
+        ("PATIENT", "-P"),
+        ("STUDY", "-S"),
+        ("SERIES", "-S"),
+        ("IMAGE", "-S"),
+    ] {
+        for (patient, expected) in [("MOVED-A", 0), ("MOVED-B", 1)] {
+            let mut keys = vec![
+                format!("QueryRetrieveLevel={level}").into_bytes(),
+                format!("PatientID={patient}").into_bytes(),
+            ];
+            if level != "PATIENT" {
+                keys.push(k("StudyInstanceUID"));
+            }
+            if level == "SERIES" || level == "IMAGE" {
+                keys.push(k("SeriesInstanceUID"));
+            }
+            if level == "IMAGE" {
+                keys.push(k("SOPInstanceUID"));
+            }
+            let found = findscu(&node, model, &keys);
+            assert_eq!(
+                found.final_status(),
+                0x0000,
+                "{level} {patient}: {}",
+                found.log
+            );
+            assert_eq!(
+                found.responses.len(),
+                expected,
+                "{level} {patient}: {:?}",
+                found.responses
+            );
+        }
+    }
     node.stop().await;
 }

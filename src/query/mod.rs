@@ -1094,8 +1094,18 @@ fn build_sql(
         ),
     };
     let mut wheres = Vec::new();
-    if query.level == Level::Image {
-        wheres.push("i.is_current = 1".to_string());
+    // Only what holds a current instance is found: a study or series whose
+    // every instance was sent again under another study (a new version
+    // elsewhere) keeps its row for the earlier versions, but is empty.
+    match query.level {
+        Level::Image => wheres.push("i.is_current = 1".to_string()),
+        Level::Series => wheres.push("se.number_of_series_related_instances > 0".to_string()),
+        Level::Study => wheres.push("st.number_of_study_related_instances > 0".to_string()),
+        Level::Patient => wheres.push(
+            "EXISTS (SELECT 1 FROM study x WHERE x.patient_key = p.patient_key \
+             AND x.number_of_study_related_instances > 0)"
+                .to_string(),
+        ),
     }
     let mut exact_in_sql = true;
     for (tag, c) in &query.keys {

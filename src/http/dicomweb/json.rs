@@ -153,8 +153,8 @@ fn object_json_in(obj: &InMemDicomObject, bulk_base: Option<&str>, inherited: &[
                 element_json(vr, &values)
             }
             DicomValue::Primitive(_) => {
-                let mut value = dicom_json::to_value(element)
-                    .unwrap_or_else(|_| attr(vr.to_string(), vec![]));
+                let mut value =
+                    dicom_json::to_value(element).unwrap_or_else(|_| attr(vr.to_string(), vec![]));
                 // PS3.18 F.2.5: an empty value among several is null, not
                 // "" (`\ISO 2022 IR 58` has an empty first value).
                 if let Some(Value::Array(values)) = value.get_mut("Value")

@@ -107,6 +107,31 @@ async fn silent_connections_do_not_lock_callers_out() {
     node.stop().await;
 }
 
+/// Bytes that are no A-ASSOCIATE-RQ (an HTTP request sent to the DICOM
+/// port) get an A-ABORT (PS3.8 Table 9-10, Sta2 + Evt19: AA-1) and the
+/// connection is closed; the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_pdu_that_is_no_request_is_aborted() {
+    use tokio::io::AsyncWriteExt;
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let mut socket = tokio::net::TcpStream::connect(node.dicom_addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the node answers and closes")
+        .unwrap();
+    assert_eq!(answer, [0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0], "an A-ABORT PDU");
+    let echo = support::echoscu(node.dicom_addr, &[]).await;
+    assert!(echo.status.success(), "{}", support::text(&echo));
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_association_is_aborted() {
     let node = support::spawn_node_with(Backend::SqliteLocal, |c| {

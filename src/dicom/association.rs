@@ -66,6 +66,9 @@ pub async fn handle(
     // The transfer syntaxes to accept where the node will send (C-GET);
     // the request stays in the socket for dicom-ul.
     let request = super::acceptance::peek_request(&socket, ctx.artim_timeout).await;
+    if request.is_none() && abort_if_not_a_request(&socket, peer).await {
+        return;
+    }
     if let Some(list) = request
         .as_ref()
         .and_then(super::acceptance::transfer_syntaxes)
@@ -77,6 +80,57 @@ pub async fn handle(
     let established = tokio::time::timeout_at(artim, options.establish_async(socket)).await;
     if let Some(association) = established_or_log(established, peer) {
         run(association, peer, ctx, shutdown).await;
+    }
+}
+
+/// A first PDU that is no A-ASSOCIATE-RQ (PS3.8 Table 9-10, Sta2): an
+/// A-ABORT from the caller ends the connection (AA-2); anything else, a
+/// PDU out of place or bytes that are no PDU (an HTTP request, a scanner),
+/// is answered with an A-ABORT, service-user source (AA-1), and the
+/// connection closed. `true` when the connection was ended here.
+async fn abort_if_not_a_request(socket: &TcpStream, peer: SocketAddr) -> bool {
+    let mut first = [0u8; 1];
+    // The listener hands over a connection only once it has spoken or
+    // closed; the bound is for safety.
+    let peeked = tokio::time::timeout(Duration::from_secs(1), socket.peek(&mut first)).await;
+    match peeked.unwrap_or(Ok(0)) {
+        Ok(1) if first[0] == 0x01 => false,
+        Ok(1) => {
+            if first[0] != 0x07 {
+                tracing::info!(%peer, first_byte = first[0], "first PDU is no A-ASSOCIATE-RQ; A-ABORT sent");
+                // Type 07, reserved, length 4, two reserved bytes, source 0
+                // (service user), reason 0 (not significant for that source).
+                let abort = [0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0];
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    let mut written = 0;
+                    while written < abort.len() {
+                        socket.writable().await?;
+                        match socket.try_write(&abort[written..]) {
+                            Ok(n) => written += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    std::io::Result::Ok(())
+                })
+                .await;
+            }
+            // What the caller sent is read before the close: closing with
+            // unread bytes resets the connection, and the reset can reach
+            // the caller before the A-ABORT does.
+            let mut sink = [0u8; 4096];
+            let mut drained = 0;
+            while drained < 1 << 20 {
+                match socket.try_read(&mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+            crate::metrics::association_refused(crate::metrics::refused::PROTOCOL);
+            true
+        }
+        // Closed before a byte, or unreadable: dicom-ul closes it as before.
+        _ => false,
     }
 }
 

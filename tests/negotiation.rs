@@ -132,6 +132,43 @@ async fn a_first_pdu_that_is_no_request_is_aborted() {
     node.stop().await;
 }
 
+/// An A-ASSOCIATE-RQ whose protocol version lacks bit 0: A-ASSOCIATE-RJ,
+/// permanent, service-provider (ACSE), protocol-version-not-supported
+/// (PS3.8 §9.3.2, Table 9-21).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_protocol_version_is_rejected_as_such() {
+    use dicom_ul::pdu::{AssociationRQ, PresentationContextProposed, UserVariableItem};
+    use tokio::io::AsyncWriteExt;
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let rq = dicom_ul::Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 2,
+        calling_ae_title: "SCANNER".into(),
+        called_ae_title: "HUREN".into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![PresentationContextProposed {
+            id: 1,
+            abstract_syntax: uids::VERIFICATION.into(),
+            transfer_syntaxes: vec![uids::IMPLICIT_VR_LITTLE_ENDIAN.into()],
+        }],
+        user_variables: vec![UserVariableItem::MaxLength(16384)],
+    });
+    let mut bytes = Vec::new();
+    dicom_ul::write_pdu(&mut bytes, &rq).unwrap();
+    let mut socket = tokio::net::TcpStream::connect(node.dicom_addr)
+        .await
+        .unwrap();
+    socket.write_all(&bytes).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the node answers and closes")
+        .unwrap();
+    // A-ASSOCIATE-RJ: type 03, length 4, reserved, result 1 (permanent),
+    // source 2 (service-provider, ACSE), reason 2.
+    assert_eq!(answer, [0x03, 0, 0, 0, 0, 4, 0, 1, 2, 2]);
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_association_is_aborted() {
     let node = support::spawn_node_with(Backend::SqliteLocal, |c| {

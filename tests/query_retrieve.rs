@@ -491,6 +491,21 @@ async fn c_find_refusals_limit_and_cancel() {
     // Cancelled before all nine instances matched.
     assert_eq!(statuses.last(), Some(&0xFE00), "{statuses:?}");
     assert!(statuses.len() < 10, "{statuses:?}");
+    // A C-CANCEL-RQ for another Message ID cancels nothing: the C-FIND
+    // ends as it would have, on an association still established.
+    let stray = support::python_tool(
+        "qr_tool.py",
+        &["find-cancel", &node.host(), &node.port().to_string(), "99"],
+    );
+    let statuses: Vec<u64> = stray[0]["statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    let last = *statuses.last().unwrap();
+    assert!(last != 0xFE00 && last != 0xFF00, "{statuses:?}");
+    assert_eq!(stray[0]["established"], true, "{stray:?}");
     // The node keeps serving.
     assert!(
         support::echoscu(node.dicom_addr, &[])

@@ -163,6 +163,7 @@ pub(super) async fn run<S: Transport>(op: &mut Op<'_, S>, data_set: &[u8]) -> Re
                 let r = reply(status::CANCEL, None);
                 return op.send(r, None).await;
             }
+            Err(During::StrayCancel) => {}
             Err(During::Command { command, .. }) => {
                 return Err(format!(
                     "command {:#06x} while a C-FIND was outstanding",

@@ -269,6 +269,10 @@ impl<S: Transport> Op<'_, S> {
 pub(super) enum During {
     /// C-CANCEL-RQ for the operation's Message ID.
     Cancel,
+    /// A C-CANCEL-RQ for another Message ID (PS3.7 §9.3.2.3 wants the
+    /// outstanding one's): nothing of this operation's to cancel, so it is
+    /// ignored rather than taken as a protocol error.
+    StrayCancel,
     /// Another complete command (a C-STORE-RSP of a C-GET sub-operation).
     Command { command: CommandSet },
     /// A protocol violation or the end of the association.
@@ -292,12 +296,17 @@ pub(super) fn during(
             }
             match CommandSet::parse(&value.data) {
                 Ok(c) if c.command_field() == command_field::C_CANCEL_RQ => {
-                    if c.u16(dicom_dictionary_std::tags::MESSAGE_ID_BEING_RESPONDED_TO)
-                        == Some(message_id)
-                    {
+                    let cancelled =
+                        c.u16(dicom_dictionary_std::tags::MESSAGE_ID_BEING_RESPONDED_TO);
+                    if cancelled == Some(message_id) {
                         During::Cancel
                     } else {
-                        During::Command { command: c }
+                        tracing::info!(
+                            message_id = cancelled,
+                            outstanding = message_id,
+                            "C-CANCEL-RQ for a Message ID not outstanding; ignored"
+                        );
+                        During::StrayCancel
                     }
                 }
                 Ok(c) => During::Command { command: c },

@@ -227,6 +227,7 @@ where
             cancel_message_id.unwrap_or(0),
         ) {
             During::Cancel if cancel_message_id.is_some() => *cancelled = true,
+            During::StrayCancel => {}
             During::Command { command, .. }
                 if command.command_field() == command_field::C_STORE_RSP
                     && command.u16(tags::MESSAGE_ID_BEING_RESPONDED_TO) == Some(message_id) =>
@@ -497,6 +498,7 @@ pub(super) async fn c_move<S: Transport>(
                 tracing::info!(parent: op.span, "C-MOVE cancel requested");
                 cancel.cancel();
             }
+            Err(During::StrayCancel) => {}
             Err(During::Command { command, .. }) => {
                 peer_gone = Some(format!(
                     "command {:#06x} while a C-MOVE was outstanding",
@@ -817,6 +819,7 @@ async fn poll_cancel<S: Transport>(op: &mut Op<'_, S>, message_id: u16) -> Resul
     match received.map(|pdu| during(pdu, message_id)) {
         None => Ok(false),
         Some(During::Cancel) => Ok(true),
+        Some(During::StrayCancel) => Ok(false),
         Some(During::Command { command, .. }) => Err(format!(
             "command {:#06x} while a C-GET was outstanding",
             command.command_field()

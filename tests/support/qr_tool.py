@@ -6,7 +6,7 @@
                                   studies; one line per study
   dump DIR                        each rsp*.dcm / *.dcm in DIR (sorted) as
                                   {keyword: value}, text decoded by pydicom
-  find-cancel HOST PORT           Study Root C-FIND of every study, C-CANCEL
+  find-cancel HOST PORT [ID]      Study Root C-FIND of every study, C-CANCEL
                                   after the first Pending; the statuses seen
   commit HOST PORT PAIRS          storage commitment (N-ACTION) for PAIRS
                                   (JSON [[class, instance], ...]); the
@@ -122,9 +122,10 @@ def dump(directory):
             out(**dict_of(ds))
 
 
-def find_cancel(host, port):
-    """Sends the C-FIND-RQ and, at once, its C-CANCEL-RQ, then reads the
-    responses: the node sees the cancel before its first match is ready."""
+def find_cancel(host, port, cancelled_id="7"):
+    """Sends the C-FIND-RQ (Message ID 7) and, at once, a C-CANCEL-RQ for
+    `cancelled_id` (its own by default), then reads the responses: the node
+    sees the cancel before its first match is ready."""
     from io import BytesIO
 
     from pydicom.filewriter import write_dataset
@@ -153,7 +154,7 @@ def find_cancel(host, port):
     while not assoc._is_paused:
         pass
     assoc.dimse.send_msg(req, cx.context_id)
-    assoc.send_c_cancel(7, cx.context_id)
+    assoc.send_c_cancel(int(cancelled_id), cx.context_id)
     statuses = []
     while True:
         _, rsp = assoc.dimse.get_msg(block=True)
@@ -163,8 +164,9 @@ def find_cancel(host, port):
         if rsp.Status not in (0xFF00, 0xFF01):
             break
     assoc._reactor_checkpoint.set()
+    established = assoc.is_established
     assoc.release()
-    out(statuses=statuses)
+    out(statuses=statuses, established=established)
 
 
 def commitment_request(pairs):

@@ -1436,3 +1436,46 @@ async fn an_instance_sent_again_elsewhere_leaves_no_empty_study(backend: Backend
     }
     node.stop().await;
 }
+
+/// A C-GET cancelled after its first sub-operation ends with Cancel
+/// (FE00) and says how many sub-operations the cancel left undone
+/// (Number of Remaining Sub-operations, PS3.4 C.4.3.3), with the others
+/// counted: together they are the study's instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_c_get_reports_what_it_left_undone() {
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (study, series) = (
+        "1.2.826.0.1.3680043.10.1011.88.1",
+        "1.2.826.0.1.3680043.10.1011.88.2",
+    );
+    let total = 60;
+    let files: Vec<String> = (1..=total)
+        .map(|n| {
+            let path = dir.path().join(format!("{n}.dcm"));
+            let instance = format!("1.2.826.0.1.3680043.10.1011.88.3.{n}");
+            std::fs::write(
+                &path,
+                secondary_capture(&instance, "GET-CANCEL", study, series),
+            )
+            .unwrap();
+            path.display().to_string()
+        })
+        .collect();
+    let output = support::storescu(node.dicom_addr, Vec::new(), files).await;
+    assert!(output.status.success(), "{}", support::text(&output));
+    let r = &support::python_tool(
+        "qr_tool.py",
+        &["get-cancel", &node.host(), &node.port().to_string(), study],
+    )[0];
+    assert_eq!(r["status"], 0xFE00, "{r}");
+    let count = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+    assert!(count("remaining") > 0, "{r}");
+    assert_eq!(
+        count("remaining") + count("completed") + count("failed") + count("warning"),
+        total,
+        "{r}"
+    );
+    assert_eq!(r["stored"].as_u64(), Some(count("completed")), "{r}");
+    node.stop().await;
+}

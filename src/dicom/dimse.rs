@@ -213,9 +213,10 @@ pub fn query_retrieve_response(
         b = b.text(tags::ERROR_COMMENT, &comment);
     }
     if let Some(c) = counts {
-        // Remaining is only meaningful while sub-operations are pending
-        // (C.4.2.1.5); a final response leaves it out.
-        if status == status::PENDING {
+        // Remaining (C.4.2.1.5): required while sub-operations are
+        // pending, allowed on Cancel (the ones the cancel left undone), and
+        // absent from every other final response.
+        if status == status::PENDING || status == status::CANCEL {
             b = b.us(tags::NUMBER_OF_REMAINING_SUBOPERATIONS, c.remaining);
         }
         b = b

@@ -8,6 +8,9 @@
                                   {keyword: value}, text decoded by pydicom
   find-cancel HOST PORT [ID]      Study Root C-FIND of every study, C-CANCEL
                                   after the first Pending; the statuses seen
+  get-cancel HOST PORT STUDY      Study Root C-GET of STUDY (Secondary
+                                  Capture), C-CANCEL after the first Pending;
+                                  the final response's status and counts
   commit HOST PORT PAIRS          storage commitment (N-ACTION) for PAIRS
                                   (JSON [[class, instance], ...]); the
                                   N-EVENT-REPORT received on the association
@@ -169,6 +172,42 @@ def find_cancel(host, port, cancelled_id="7"):
     out(statuses=statuses, established=established)
 
 
+def get_cancel(host, port, study):
+    from pynetdicom import build_role
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    secondary_capture = "1.2.840.10008.5.1.4.1.1.7"
+    stored = []
+    ae = AE(ae_title="GETCANCEL")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(secondary_capture)
+    assoc = ae.associate(
+        host, int(port), ae_title="HUREN",
+        ext_neg=[build_role(secondary_capture, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: stored.append(1) or 0x0000)])
+    assert assoc.is_established
+    cx = [c for c in assoc.accepted_contexts
+          if c.abstract_syntax == StudyRootQueryRetrieveInformationModelGet][0]
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study
+    final, cancelled = None, False
+    for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=11):
+        if status is None:
+            break
+        if status.Status == 0xFF00 and not cancelled:
+            assoc.send_c_cancel(11, cx.context_id)
+            cancelled = True
+        final = status
+    assoc.release()
+    count = lambda k: int(final[k].value) if k in final else None
+    out(status=final.Status, stored=len(stored),
+        remaining=count("NumberOfRemainingSuboperations"),
+        completed=count("NumberOfCompletedSuboperations"),
+        failed=count("NumberOfFailedSuboperations"),
+        warning=count("NumberOfWarningSuboperations"))
+
+
 def commitment_request(pairs):
     ds = Dataset()
     ds.TransactionUID = generate_uid()
@@ -252,6 +291,7 @@ def main():
         "corpus": corpus,
         "dump": dump,
         "find-cancel": find_cancel,
+        "get-cancel": get_cancel,
         "commit": commit,
         "receive-report": receive_report,
     }[cmd](*args)

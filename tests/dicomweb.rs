@@ -316,6 +316,33 @@ async fn qido_rs_finds_what_c_store_stored(backend: Backend) {
     let found = dwc(&node, None, &["search", "studies", "PatientName=zha"]).await;
     assert_eq!(found.len(), 0);
 
+    // A key the index does not keep matches nothing, so every study comes
+    // back; the answer's Warning names the ignored key. A search whose keys
+    // are all matched carries none.
+    for (query, ignored) in [
+        ("PatientID=HUR-100001&00991001=1", Some("00991001")),
+        ("PatientID=HUR-100001&PatientAge=030Y", Some("PatientAge")),
+        ("PatientID=HUR-100001", None),
+    ] {
+        let response = client()
+            .get(format!("{}/studies?{query}", base(&node)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{query}");
+        let warning = response
+            .headers()
+            .get("warning")
+            .map(|w| w.to_str().unwrap().to_string());
+        match ignored {
+            Some(key) => {
+                let w = warning.unwrap_or_else(|| panic!("{query}: no Warning"));
+                assert!(w.starts_with("299 ") && w.contains(key), "{query}: {w}");
+            }
+            None => assert_eq!(warning, None, "{query}"),
+        }
+    }
+
     // includefield=all returns every attribute the index keeps.
     let found = dwc(
         &node,

@@ -279,6 +279,30 @@ async fn search(
         series.as_deref(),
         &params,
     )?;
+    // Keys of attributes the index does not keep match nothing and are
+    // ignored; the answer says so (a Warning, RFC 9111 §5.5: 299), so that
+    // a client that filtered on one knows it got everything.
+    let ignored: Vec<&str> = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| {
+            !matches!(
+                *k,
+                "limit" | "offset" | "fuzzymatching" | "includefield" | "accept" | "charset"
+            )
+        })
+        .filter(|k| {
+            query::tag_from_keyword_or_hex(k).is_some_and(|t| query::attribute(t).is_none())
+        })
+        .collect();
+    let warning = (!ignored.is_empty()).then(|| {
+        HeaderValue::from_str(&format!(
+            "299 huren \"The following query keys were ignored (the index does not keep them): {}\"",
+            ignored.join(", ")
+        ))
+        .ok()
+    })
+    .flatten();
     let requested: Vec<Tag> = params
         .iter()
         .filter(|(k, _)| k == "includefield")
@@ -330,7 +354,13 @@ async fn search(
         Some(Item::End(Outcome::Failed(e))) => {
             return Err(Error::Unavailable(format!("query: {e}")));
         }
-        Some(Item::End(_)) | None => return Ok(StatusCode::NO_CONTENT.into_response()),
+        Some(Item::End(_)) | None => {
+            let mut response = StatusCode::NO_CONTENT.into_response();
+            if let Some(w) = warning {
+                response.headers_mut().insert(header::WARNING, w);
+            }
+            return Ok(response);
+        }
     };
     let first_json = match_json(&first, level, &base, &requested);
     let stream = futures::stream::unfold(
@@ -366,6 +396,9 @@ async fn search(
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(DICOM_JSON));
+    if let Some(w) = warning {
+        response.headers_mut().insert(header::WARNING, w);
+    }
     Ok(response)
 }
 

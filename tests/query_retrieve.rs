@@ -1250,44 +1250,32 @@ fn explicit_le(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iso_2022_ir_58_names_are_read_as_their_characters() {
     let node = support::spawn_node(Backend::SqliteLocal).await;
-    let uid = |s: &str| huren::types::Uid::parse(s).unwrap();
-    let (class, instance, study, series) = (
-        "1.2.840.10008.5.1.4.1.1.7",
+    let (instance, study, series) = (
         "1.2.826.0.1.3680043.10.1011.58.3",
         "1.2.826.0.1.3680043.10.1011.58.1",
         "1.2.826.0.1.3680043.10.1011.58.2",
     );
-    let mut file =
-        huren::part10::file_meta_prefix(&uid(class), &uid(instance), &uid("1.2.840.10008.1.2.1"));
     // PS3.5 K.2's bytes: Wang^XiaoDong=王^小东, G1 designated to GB 2312
     // before each ideographic component.
     let name = b"Wang^XiaoDong=\x1b$)A\xcd\xf5^\x1b$)A\xd0\xa1\xb6\xab";
     // 胸部CT.
     let description = b"\x1b$)A\xd0\xd8\xb2\xbfCT";
-    for element in [
-        explicit_le(0x0008, 0x0005, b"CS", b"\\ISO 2022 IR 58"),
-        explicit_le(0x0008, 0x0016, b"UI", class.as_bytes()),
-        explicit_le(0x0008, 0x0018, b"UI", instance.as_bytes()),
-        explicit_le(0x0008, 0x0020, b"DA", b"20240105"),
-        explicit_le(0x0008, 0x0060, b"CS", b"OT"),
-        explicit_le(0x0008, 0x1030, b"LO", description),
-        explicit_le(0x0010, 0x0010, b"PN", name),
-        explicit_le(0x0010, 0x0020, b"LO", b"IR58-001"),
-        explicit_le(0x0020, 0x000D, b"UI", study.as_bytes()),
-        explicit_le(0x0020, 0x000E, b"UI", series.as_bytes()),
-    ] {
-        file.extend(element);
-    }
+    let file = secondary_capture(
+        instance,
+        "IR58-001",
+        study,
+        series,
+        &[
+            ((0x0008, 0x0005), b"CS", b"\\ISO 2022 IR 58"),
+            ((0x0008, 0x0020), b"DA", b"20240105"),
+            ((0x0008, 0x1030), b"LO", description),
+            ((0x0010, 0x0010), b"PN", name),
+        ],
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ir58.dcm");
     std::fs::write(&path, &file).unwrap();
-    let output = support::storescu(
-        node.dicom_addr,
-        Vec::new(),
-        vec![path.display().to_string()],
-    )
-    .await;
-    assert!(output.status.success(), "{}", support::text(&output));
+    store_files(&node, &[&path]).await;
 
     let found = findscu(
         &node,
@@ -1341,23 +1329,40 @@ async fn iso_2022_ir_58_names_are_read_as_their_characters() {
 }
 
 /// A Secondary Capture instance as Part-10 bytes, written here: the given
-/// patient, study and series.
-fn secondary_capture(instance: &str, patient_id: &str, study: &str, series: &str) -> Vec<u8> {
+/// patient, study and series, and `extra` elements ((group, element), VR,
+/// value bytes as sent).
+fn secondary_capture(
+    instance: &str,
+    patient_id: &str,
+    study: &str,
+    series: &str,
+    extra: &[((u16, u16), &[u8; 2], &[u8])],
+) -> Vec<u8> {
     let class = "1.2.840.10008.5.1.4.1.1.7";
     let uid = |s: &str| huren::types::Uid::parse(s).unwrap();
     let mut file =
         huren::part10::file_meta_prefix(&uid(class), &uid(instance), &uid("1.2.840.10008.1.2.1"));
-    for element in [
-        explicit_le(0x0008, 0x0016, b"UI", class.as_bytes()),
-        explicit_le(0x0008, 0x0018, b"UI", instance.as_bytes()),
-        explicit_le(0x0008, 0x0060, b"CS", b"OT"),
-        explicit_le(0x0010, 0x0020, b"LO", patient_id.as_bytes()),
-        explicit_le(0x0020, 0x000D, b"UI", study.as_bytes()),
-        explicit_le(0x0020, 0x000E, b"UI", series.as_bytes()),
-    ] {
-        file.extend(element);
+    let mut elements: Vec<((u16, u16), &[u8; 2], &[u8])> = vec![
+        ((0x0008, 0x0016), b"UI", class.as_bytes()),
+        ((0x0008, 0x0018), b"UI", instance.as_bytes()),
+        ((0x0008, 0x0060), b"CS", b"OT"),
+        ((0x0010, 0x0020), b"LO", patient_id.as_bytes()),
+        ((0x0020, 0x000D), b"UI", study.as_bytes()),
+        ((0x0020, 0x000E), b"UI", series.as_bytes()),
+    ];
+    elements.extend_from_slice(extra);
+    elements.sort_by_key(|(tag, _, _)| *tag);
+    for ((group, element), vr, value) in elements {
+        file.extend(explicit_le(group, element, vr, value));
     }
     file
+}
+
+/// Stores the files with storescu; every one must succeed.
+async fn store_files(node: &TestNode, files: &[&Path]) {
+    let files = files.iter().map(|f| f.display().to_string()).collect();
+    let output = support::storescu(node.dicom_addr, Vec::new(), files).await;
+    assert!(output.status.success(), "{}", support::text(&output));
 }
 
 on_both_backends!(an_instance_sent_again_elsewhere_leaves_no_empty_study);
@@ -1377,6 +1382,7 @@ async fn an_instance_sent_again_elsewhere_leaves_no_empty_study(backend: Backend
             "MOVED-A",
             "1.2.826.0.1.3680043.10.1011.77.1",
             "1.2.826.0.1.3680043.10.1011.77.2",
+            &[],
         ),
     )
     .unwrap();
@@ -1387,18 +1393,13 @@ async fn an_instance_sent_again_elsewhere_leaves_no_empty_study(backend: Backend
             "MOVED-B",
             "1.2.826.0.1.3680043.10.1011.77.3",
             "1.2.826.0.1.3680043.10.1011.77.4",
+            &[],
         ),
     )
     .unwrap();
-    for file in [&first, &second] {
-        let output = support::storescu(
-            node.dicom_addr,
-            Vec::new(),
-            vec![file.display().to_string()],
-        )
-        .await;
-        assert!(output.status.success(), "{}", support::text(&output));
-    }
+    // One association each, in this order.
+    store_files(&node, &[&first]).await;
+    store_files(&node, &[&second]).await;
     for (level, model) in [
         ("PATIENT", "-P"),
         ("STUDY", "-S"),
@@ -1450,20 +1451,23 @@ async fn a_cancelled_c_get_reports_what_it_left_undone() {
         "1.2.826.0.1.3680043.10.1011.88.2",
     );
     let total = 60;
-    let files: Vec<String> = (1..=total)
+    let files: Vec<PathBuf> = (1..=total)
         .map(|n| {
             let path = dir.path().join(format!("{n}.dcm"));
             let instance = format!("1.2.826.0.1.3680043.10.1011.88.3.{n}");
             std::fs::write(
                 &path,
-                secondary_capture(&instance, "GET-CANCEL", study, series),
+                secondary_capture(&instance, "GET-CANCEL", study, series, &[]),
             )
             .unwrap();
-            path.display().to_string()
+            path
         })
         .collect();
-    let output = support::storescu(node.dicom_addr, Vec::new(), files).await;
-    assert!(output.status.success(), "{}", support::text(&output));
+    store_files(
+        &node,
+        &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    )
+    .await;
     let r = &support::python_tool(
         "qr_tool.py",
         &["get-cancel", &node.host(), &node.port().to_string(), study],

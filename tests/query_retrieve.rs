@@ -1328,21 +1328,23 @@ async fn iso_2022_ir_58_names_are_read_as_their_characters() {
     node.stop().await;
 }
 
+/// A data element to write: (group, element), VR, value bytes as sent.
+type Element<'a> = ((u16, u16), &'a [u8; 2], &'a [u8]);
+
 /// A Secondary Capture instance as Part-10 bytes, written here: the given
-/// patient, study and series, and `extra` elements ((group, element), VR,
-/// value bytes as sent).
+/// patient, study and series, and `extra` elements.
 fn secondary_capture(
     instance: &str,
     patient_id: &str,
     study: &str,
     series: &str,
-    extra: &[((u16, u16), &[u8; 2], &[u8])],
+    extra: &[Element],
 ) -> Vec<u8> {
     let class = "1.2.840.10008.5.1.4.1.1.7";
     let uid = |s: &str| huren::types::Uid::parse(s).unwrap();
     let mut file =
         huren::part10::file_meta_prefix(&uid(class), &uid(instance), &uid("1.2.840.10008.1.2.1"));
-    let mut elements: Vec<((u16, u16), &[u8; 2], &[u8])> = vec![
+    let mut elements: Vec<Element> = vec![
         ((0x0008, 0x0016), b"UI", class.as_bytes()),
         ((0x0008, 0x0018), b"UI", instance.as_bytes()),
         ((0x0008, 0x0060), b"CS", b"OT"),

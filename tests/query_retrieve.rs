@@ -478,34 +478,37 @@ async fn c_find_refusals_limit_and_cancel() {
         assert_eq!(found.final_status(), status, "{name}: {}", found.log);
         assert_eq!(found.responses.len(), matches, "{name}");
     }
-    let cancelled = support::python_tool(
-        "qr_tool.py",
-        &["find-cancel", &node.host(), &node.port().to_string()],
-    );
-    let statuses: Vec<u64> = cancelled[0]["statuses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap())
-        .collect();
+    // C-FIND (Message ID 7) with a C-CANCEL-RQ for the given Message ID:
+    // the statuses seen, and whether the association was still up.
+    let find_cancel = |cancelled_id: &str| {
+        let r = support::python_tool(
+            "qr_tool.py",
+            &[
+                "find-cancel",
+                &node.host(),
+                &node.port().to_string(),
+                cancelled_id,
+            ],
+        )
+        .remove(0);
+        let statuses: Vec<u64> = r["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_u64().unwrap())
+            .collect();
+        (statuses, r["established"] == true)
+    };
+    let (statuses, _) = find_cancel("7");
     // Cancelled before all nine instances matched.
     assert_eq!(statuses.last(), Some(&0xFE00), "{statuses:?}");
     assert!(statuses.len() < 10, "{statuses:?}");
     // A C-CANCEL-RQ for another Message ID cancels nothing: the C-FIND
     // ends as it would have, on an association still established.
-    let stray = support::python_tool(
-        "qr_tool.py",
-        &["find-cancel", &node.host(), &node.port().to_string(), "99"],
-    );
-    let statuses: Vec<u64> = stray[0]["statuses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_u64().unwrap())
-        .collect();
+    let (statuses, established) = find_cancel("99");
     let last = *statuses.last().unwrap();
     assert!(last != 0xFE00 && last != 0xFF00, "{statuses:?}");
-    assert_eq!(stray[0]["established"], true, "{stray:?}");
+    assert!(established, "{statuses:?}");
     // The node keeps serving.
     assert!(
         support::echoscu(node.dicom_addr, &[])

@@ -30,7 +30,7 @@
 
 use std::time::Duration;
 
-use dicom_ul::pdu::{AssociationRQ, Pdu, UserVariableItem};
+use dicom_ul::pdu::{AssociationRJ, AssociationRQ, Pdu, UserVariableItem};
 use tokio::net::TcpStream;
 
 use super::sop_classes;
@@ -41,44 +41,51 @@ use crate::transcode::is_native;
 /// to dicom-ul unchanged.
 const MAX_PEEKED: usize = 256 * 1024;
 
-/// Reads the A-ASSOCIATE-RQ without consuming it. `None` when the first PDU
-/// is not a (well-formed) A-ASSOCIATE-RQ or does not arrive within `wait`:
-/// dicom-ul then reads it and answers as it always does.
-pub(super) async fn peek_request(socket: &TcpStream, wait: Duration) -> Option<AssociationRQ> {
-    let deadline = tokio::time::Instant::now() + wait;
+/// What waiting for a connection's first PDU found.
+pub(super) enum FirstPdu {
+    /// The whole PDU is queued in the socket (not consumed).
+    Whole(Vec<u8>),
+    /// Something to answer at once: the peer closed, the read failed, or
+    /// the PDU announces more than [`MAX_PEEKED`] bytes (no
+    /// A-ASSOCIATE-RQ is that long; bytes that are no PDU often read so).
+    Other,
+    /// Silence, or a PDU still incomplete, until the deadline.
+    TimedOut,
+}
+
+/// Waits, up to `deadline`, for the connection's first PDU to be whole in
+/// the socket, without consuming it: the listener waits so before a
+/// connection takes a place under the association limit, and
+/// [`peek_request`] reads the request so.
+pub(super) async fn first_pdu(socket: &TcpStream, deadline: tokio::time::Instant) -> FirstPdu {
     let mut buf = vec![0u8; 6];
-    let mut want = 6usize;
     loop {
-        let n = tokio::time::timeout_at(deadline, socket.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        if n >= 6 && want == 6 {
-            if buf[0] != 0x01 {
-                return None;
-            }
-            let length = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-            want = 6 + length;
+        let n = match tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await {
+            Err(_) => return FirstPdu::TimedOut,
+            Ok(Err(_)) | Ok(Ok(0)) => return FirstPdu::Other,
+            Ok(Ok(n)) => n,
+        };
+        if n >= 6 {
+            let want = 6 + u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
             if want > MAX_PEEKED {
-                return None;
+                return FirstPdu::Other;
             }
-            buf.resize(want, 0);
-            continue;
+            if n >= want {
+                buf.truncate(want);
+                return FirstPdu::Whole(buf);
+            }
+            if buf.len() < want {
+                // Most of the time the whole request is queued already.
+                buf.resize(want, 0);
+                continue;
+            }
         }
-        if n >= want {
-            break;
-        }
-        // A peer that sent part of a request and closed: dicom-ul reads
-        // the end of the stream at once and closes; no waiting here.
-        let ready = tokio::time::timeout_at(deadline, socket.ready(tokio::io::Interest::READABLE))
-            .await
-            .ok()?
-            .ok()?;
-        if ready.is_read_closed() {
-            return None;
+        // A peer that sent part of a PDU and closed: answered at once.
+        match tokio::time::timeout_at(deadline, socket.ready(tokio::io::Interest::READABLE)).await {
+            Err(_) => return FirstPdu::TimedOut,
+            Ok(Err(_)) => return FirstPdu::Other,
+            Ok(Ok(ready)) if ready.is_read_closed() => return FirstPdu::Other,
+            Ok(Ok(_)) => {}
         }
         // Part of the PDU is still in flight: peek returns at once while
         // any byte is queued, so wait for the segments to come rather
@@ -88,13 +95,56 @@ pub(super) async fn peek_request(socket: &TcpStream, wait: Duration) -> Option<A
         )
         .await;
         if tokio::time::Instant::now() >= deadline {
-            return None;
+            return FirstPdu::TimedOut;
         }
     }
+}
+
+/// Reads the A-ASSOCIATE-RQ without consuming it. `None` when the first PDU
+/// is not a (well-formed) A-ASSOCIATE-RQ or does not arrive within `wait`:
+/// dicom-ul then reads it and answers as it always does.
+pub(super) async fn peek_request(socket: &TcpStream, wait: Duration) -> Option<AssociationRQ> {
+    let FirstPdu::Whole(buf) = first_pdu(socket, tokio::time::Instant::now() + wait).await else {
+        return None;
+    };
     match dicom_ul::pdu::read_pdu(&buf[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false) {
         Ok(Some(Pdu::AssociationRQ(rq))) => Some(rq),
         _ => None,
     }
+}
+
+/// Answers the caller's first PDU, when it is an A-ASSOCIATE-RQ, with the
+/// given A-ASSOCIATE-RJ and closes. The request is read out first (within
+/// `wait`), so that the close is no reset that could overtake the answer.
+pub(super) async fn reject<S>(mut socket: S, rj: AssociationRJ, wait: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut answer = Vec::new();
+    if dicom_ul::write_pdu(&mut answer, &Pdu::AssociationRJ(rj)).is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(wait, async {
+        let mut header = [0u8; 6];
+        socket.read_exact(&mut header).await?;
+        if header[0] != 0x01 {
+            return Ok(());
+        }
+        // A request longer than any real one is read only in part, and
+        // answered all the same.
+        let len = u64::from(u32::from_be_bytes([
+            header[2], header[3], header[4], header[5],
+        ]))
+        .min(MAX_PEEKED as u64);
+        let read = tokio::io::copy(&mut (&mut socket).take(len), &mut tokio::io::sink()).await?;
+        if read < len {
+            return Ok(());
+        }
+        socket.write_all(&answer).await?;
+        socket.shutdown().await
+    })
+    .await;
 }
 
 fn trim(uid: &str) -> &str {

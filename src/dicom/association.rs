@@ -93,35 +93,16 @@ pub async fn handle(
 /// receiver tests (PS3.8 §9.3.2): A-ASSOCIATE-RJ, permanent, source
 /// service-provider (ACSE), reason protocol-version-not-supported (Table
 /// 9-21). dicom-ul would answer "service-user, no reason given".
-async fn reject_protocol_version(mut socket: TcpStream, peer: SocketAddr) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn reject_protocol_version(socket: TcpStream, peer: SocketAddr) {
     tracing::info!(%peer, "A-ASSOCIATE-RQ of an unsupported protocol version; rejected");
     crate::metrics::association_refused(crate::metrics::refused::REJECTED);
-    let rj = Pdu::AssociationRJ(dicom_ul::pdu::AssociationRJ {
+    let rj = dicom_ul::pdu::AssociationRJ {
         result: dicom_ul::pdu::AssociationRJResult::Permanent,
         source: dicom_ul::pdu::AssociationRJSource::ServiceProviderASCE(
             dicom_ul::pdu::AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
         ),
-    });
-    let mut buf = Vec::new();
-    if dicom_ul::write_pdu(&mut buf, &rj).is_err() {
-        return;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        // The request is read out first (it is whole in the socket: the
-        // listener waited for it), so that the close is no reset.
-        let mut header = [0u8; 6];
-        socket.read_exact(&mut header).await?;
-        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
-        tokio::io::copy(
-            &mut (&mut socket).take(u64::from(len)),
-            &mut tokio::io::sink(),
-        )
-        .await?;
-        socket.write_all(&buf).await?;
-        socket.shutdown().await
-    })
-    .await;
+    };
+    super::acceptance::reject(socket, rj, Duration::from_secs(5)).await;
 }
 
 /// A first PDU that is no A-ASSOCIATE-RQ (PS3.8 Table 9-10, Sta2): an

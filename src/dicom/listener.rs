@@ -18,21 +18,18 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use dicom_ul::Pdu;
 use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
     AssociationRJSource,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::association;
 use super::context::DicomContext;
 use super::tls::DicomTls;
+use super::{acceptance, association};
 
 /// Serves associations until `shutdown` is cancelled, then waits for the
 /// ones in progress to finish their current message and release.
@@ -203,83 +200,35 @@ impl Drop for Waiting {
 }
 
 /// Waits, up to `artim`, until the caller has sent its first PDU whole
-/// (over TLS: until its first bytes), or closed, or sent something that is
-/// no PDU: `true`, there is something to answer. `false`: silence until
-/// the ARTIM timer expired.
+/// (over TLS: until its first bytes, the handshake's), or closed, or sent
+/// something that is no PDU: `true`, there is something to answer.
+/// `false`: silence until the ARTIM timer expired.
 async fn first_pdu_arrived(socket: &TcpStream, tls: bool, artim: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + artim;
-    let mut buf = vec![0u8; 6];
-    loop {
-        let peeked = tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await;
-        let n = match peeked {
-            Err(_) => return false,
-            Ok(Err(_)) => return true,
-            Ok(Ok(n)) => n,
-        };
-        if n == 0 || tls {
-            return true;
-        }
-        if n >= 6 {
-            let want = 6 + u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
-            // A first PDU larger than any A-ASSOCIATE-RQ: dicom-ul refuses it.
-            if n >= want || want > 256 * 1024 {
-                return true;
-            }
-            if buf.len() < want {
-                // Most of the time the whole request is queued already.
-                buf.resize(want, 0);
-                continue;
-            }
-        }
-        // Part of the PDU is still in flight: peek returns at once while any
-        // byte is queued, so wait for the segments rather than spin.
-        match tokio::time::timeout_at(deadline, socket.ready(tokio::io::Interest::READABLE)).await {
-            Err(_) => return false,
-            Ok(Err(_)) => return true,
-            Ok(Ok(ready)) if ready.is_read_closed() => return true,
-            Ok(Ok(_)) => {}
-        }
-        tokio::time::sleep_until(
-            (tokio::time::Instant::now() + Duration::from_millis(2)).min(deadline),
-        )
-        .await;
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
+    if tls {
+        return tokio::time::timeout(artim, socket.peek(&mut [0u8; 1]))
+            .await
+            .is_ok();
     }
+    let deadline = tokio::time::Instant::now() + artim;
+    !matches!(
+        acceptance::first_pdu(socket, deadline).await,
+        acceptance::FirstPdu::TimedOut
+    )
 }
 
 /// Reads the caller's A-ASSOCIATE-RQ and answers A-ASSOCIATE-RJ: transient,
 /// service provider (presentation), local limit exceeded.
-async fn reject_over_limit<S>(mut socket: S, peer: SocketAddr, artim: Duration)
+async fn reject_over_limit<S>(socket: S, peer: SocketAddr, artim: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     tracing::warn!(%peer, "association limit reached; rejecting");
     crate::metrics::association_refused(crate::metrics::refused::LIMIT);
-    let read_rq = async {
-        // PDU header: type, reserved, 4-byte length. An A-ASSOCIATE-RQ is
-        // small; a bigger one is not read, only rejected.
-        let mut header = [0u8; 6];
-        socket.read_exact(&mut header).await?;
-        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
-        let mut body = BytesMut::zeroed(len.min(64 * 1024));
-        socket.read_exact(&mut body).await?;
-        std::io::Result::Ok(header[0])
-    };
-    match tokio::time::timeout(artim, read_rq).await {
-        Ok(Ok(0x01)) => {}
-        _ => return,
-    }
-    let rj = Pdu::AssociationRJ(AssociationRJ {
+    let rj = AssociationRJ {
         result: AssociationRJResult::Transient,
         source: AssociationRJSource::ServiceProviderPresentation(
             AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
         ),
-    });
-    let mut buf = Vec::new();
-    if dicom_ul::write_pdu(&mut buf, &rj).is_ok() {
-        let _ = socket.write_all(&buf).await;
-        let _ = socket.shutdown().await;
-    }
+    };
+    acceptance::reject(socket, rj, artim).await;
 }

@@ -521,13 +521,21 @@ pub fn read_attributes_bytes(
 }
 
 fn extract(obj: &dicom_object::DefaultDicomObject) -> Result<InstanceAttributes, Error> {
-    let specific_character_set: Vec<String> = obj
-        .get(tags::SPECIFIC_CHARACTER_SET)
-        .and_then(|e| e.to_multi_str().ok())
-        .map(|v| v.iter().map(|s| s.to_string()).collect())
-        .unwrap_or_default();
-    let specific_character_set: Vec<&str> =
-        specific_character_set.iter().map(String::as_str).collect();
+    // Read only for a value with an ISO 2022 escape in it, which few have.
+    let specific_character_set = std::cell::OnceCell::<Vec<String>>::new();
+    let decoded = |s: &str| -> String {
+        if !s.contains('\u{1b}') {
+            return clean(s);
+        }
+        let terms = specific_character_set.get_or_init(|| {
+            obj.get(tags::SPECIFIC_CHARACTER_SET)
+                .and_then(|e| e.to_multi_str().ok())
+                .map(|v| v.to_vec())
+                .unwrap_or_default()
+        });
+        let terms: Vec<&str> = terms.iter().map(String::as_str).collect();
+        clean(&crate::charset::decode_code_extensions(s, &terms))
+    };
     let text = |tag: Tag| -> String {
         let Some(element) = obj.get(tag) else {
             return String::new();
@@ -540,15 +548,7 @@ fn extract(obj: &dicom_object::DefaultDicomObject) -> Result<InstanceAttributes,
                 .map(|b| clean(&String::from_utf8_lossy(&b)))
                 .unwrap_or_default();
         }
-        element
-            .to_str()
-            .map(|s| {
-                clean(&crate::charset::decode_code_extensions(
-                    &s,
-                    &specific_character_set,
-                ))
-            })
-            .unwrap_or_default()
+        element.to_str().map(|s| decoded(&s)).unwrap_or_default()
     };
     let int = |tag: Tag| -> Option<i64> {
         let s = text(tag);

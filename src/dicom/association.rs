@@ -56,7 +56,7 @@ enum End {
 
 /// Negotiates and serves one association on an accepted connection.
 pub async fn handle(
-    socket: TcpStream,
+    mut socket: TcpStream,
     peer: SocketAddr,
     ctx: Arc<DicomContext>,
     shutdown: CancellationToken,
@@ -66,7 +66,7 @@ pub async fn handle(
     // The transfer syntaxes to accept where the node will send (C-GET);
     // the request stays in the socket for dicom-ul.
     let request = super::acceptance::peek_request(&socket, ctx.artim_timeout).await;
-    if request.is_none() && abort_if_not_a_request(&socket, peer).await {
+    if request.is_none() && abort_if_not_a_request(&mut socket, peer).await {
         return;
     }
     if let Some(rq) = &request
@@ -110,7 +110,8 @@ async fn reject_protocol_version(socket: TcpStream, peer: SocketAddr) {
 /// PDU out of place or bytes that are no PDU (an HTTP request, a scanner),
 /// is answered with an A-ABORT, service-user source (AA-1), and the
 /// connection closed. `true` when the connection was ended here.
-async fn abort_if_not_a_request(socket: &TcpStream, peer: SocketAddr) -> bool {
+async fn abort_if_not_a_request(socket: &mut TcpStream, peer: SocketAddr) -> bool {
+    use tokio::io::AsyncWriteExt;
     let mut first = [0u8; 1];
     // The listener hands over a connection only once it has spoken or
     // closed; the bound is for safety.
@@ -123,19 +124,8 @@ async fn abort_if_not_a_request(socket: &TcpStream, peer: SocketAddr) -> bool {
                 // Type 07, reserved, length 4, two reserved bytes, source 0
                 // (service user), reason 0 (not significant for that source).
                 let abort = [0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0];
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    let mut written = 0;
-                    while written < abort.len() {
-                        socket.writable().await?;
-                        match socket.try_write(&abort[written..]) {
-                            Ok(n) => written += n,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    std::io::Result::Ok(())
-                })
-                .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), socket.write_all(&abort)).await;
             }
             // What the caller sent is read before the close: closing with
             // unread bytes resets the connection, and the reset can reach

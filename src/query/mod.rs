@@ -437,6 +437,8 @@ pub struct Query {
     level: Level,
     /// Return keys (known or not), with their matching condition if any.
     keys: BTreeMap<Tag, Option<Condition>>,
+    /// Keys given a value that take no part in matching (see `add_key`).
+    ignored: Vec<Tag>,
     all: bool,
     limit: Option<usize>,
     offset: usize,
@@ -447,6 +449,7 @@ impl Query {
         Query {
             level,
             keys: BTreeMap::new(),
+            ignored: Vec::new(),
             all: false,
             limit: None,
             offset: 0,
@@ -464,10 +467,21 @@ impl Query {
     pub fn add_key(&mut self, tag: Tag, value: &str) -> Result<(), Error> {
         let condition = match attribute(tag) {
             Some(a) if a.level <= self.level => parse_condition(a, value)?,
-            _ => None,
+            _ => {
+                if !value.is_empty() {
+                    self.ignored.push(tag);
+                }
+                None
+            }
         };
         self.keys.insert(tag, condition);
         Ok(())
+    }
+
+    /// The keys given a value that take no part in matching (unknown to
+    /// the index, or of a lower level), in the order given.
+    pub fn ignored_keys(&self) -> &[Tag] {
+        &self.ignored
     }
 
     /// Adds a return key without matching.

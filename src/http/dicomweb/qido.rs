@@ -279,20 +279,15 @@ async fn search(
         series.as_deref(),
         &params,
     )?;
-    // Keys of attributes the index does not keep match nothing and are
-    // ignored; the answer says so (a Warning, RFC 9111 §5.5: 299), so that
-    // a client that filtered on one knows it got everything.
+    // Keys that take no part in matching (the index does not keep them)
+    // are ignored; the answer says so (a Warning, RFC 9111 §5.5: 299), so
+    // that a client that filtered on one knows it got everything. Named as
+    // the request spelled them.
     let ignored: Vec<&str> = params
         .iter()
         .map(|(k, _)| k.as_str())
         .filter(|k| {
-            !matches!(
-                *k,
-                "limit" | "offset" | "fuzzymatching" | "includefield" | "accept" | "charset"
-            )
-        })
-        .filter(|k| {
-            query::tag_from_keyword_or_hex(k).is_some_and(|t| query::attribute(t).is_none())
+            query::tag_from_keyword_or_hex(k).is_some_and(|t| query.ignored_keys().contains(&t))
         })
         .collect();
     let warning = (!ignored.is_empty()).then(|| {

@@ -48,6 +48,34 @@ pub enum Durability {
     Relaxed,
 }
 
+/// How the served viewer (OHIF, through Cornerstone) draws its viewports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewerRendering {
+    /// The viewer's own choice: WebGL where the browser has it.
+    #[default]
+    Auto,
+    /// On the CPU, for workstations without a GPU (VDI, thin clients):
+    /// there the browser's WebGL is itself software, and Cornerstone's pool
+    /// of seven WebGL contexts alone takes about 1.5 s to create before the
+    /// first image (docs/viewer.md).
+    Cpu,
+    /// WebGL, even where the viewer would fall back to the CPU.
+    Webgl,
+}
+
+impl ViewerRendering {
+    /// OHIF's `genericViewports.viewportRendering` value; `None` leaves
+    /// OHIF's default.
+    pub fn ohif_backend(self) -> Option<&'static str> {
+        match self {
+            ViewerRendering::Auto => None,
+            ViewerRendering::Cpu => Some("cpu"),
+            ViewerRendering::Webgl => Some("webgl"),
+        }
+    }
+}
+
 impl Durability {
     /// The mode's name, as configured and as the metrics label it.
     pub fn as_str(self) -> &'static str {
@@ -265,6 +293,7 @@ struct FileConfig {
     audit_syslog_tls: Option<String>,
     audit_syslog_ca_file: Option<PathBuf>,
     viewer_dir: Option<PathBuf>,
+    viewer_rendering: Option<ViewerRendering>,
 }
 
 /// The `[region]` table of a TOML config file: how the node takes part in
@@ -676,6 +705,11 @@ pub struct NodeArgs {
     /// deploy/install-viewer.sh) [default: <data_dir>/viewer]
     #[arg(long, env = "HUREN_VIEWER_DIR")]
     pub viewer_dir: Option<PathBuf>,
+
+    /// How the viewer draws: auto (WebGL where the browser has it), cpu
+    /// (for workstations without a GPU), webgl [default: auto]
+    #[arg(long, env = "HUREN_VIEWER_RENDERING", value_enum)]
+    pub viewer_rendering: Option<ViewerRendering>,
     /// DICOM TLS listen address (PS3.15 B.9, BCP 195; 2762 by convention),
     /// beside the plain one; needs [server_tls] in the config file
     #[arg(long, env = "HUREN_DICOM_TLS_LISTEN")]
@@ -745,6 +779,8 @@ pub struct NodeConfig {
     /// The viewer's installed files (deploy/install-viewer.sh); `None`:
     /// `<data_dir>/viewer`.
     pub viewer_dir: Option<PathBuf>,
+    /// How the viewer draws its viewports.
+    pub viewer_rendering: ViewerRendering,
 }
 
 impl NodeConfig {
@@ -805,6 +841,7 @@ impl NodeConfig {
             audit_syslog_tls: None,
             audit_syslog_ca_file: None,
             viewer_dir: None,
+            viewer_rendering: ViewerRendering::Auto,
         }
     }
 
@@ -1090,6 +1127,10 @@ impl NodeArgs {
         config.region = self.resolve_region(file.region.unwrap_or_default())?;
         config.audit_log = self.audit_log.clone().or(file.audit_log);
         config.viewer_dir = self.viewer_dir.clone().or(file.viewer_dir);
+        config.viewer_rendering = self
+            .viewer_rendering
+            .or(file.viewer_rendering)
+            .unwrap_or_default();
         config.audit_syslog_tls = self.audit_syslog_tls.clone().or(file.audit_syslog_tls);
         config.audit_syslog_ca_file = self
             .audit_syslog_ca_file
@@ -1342,6 +1383,7 @@ data_dir = "/srv/huren"
 max_associations = 8
 durability = "relaxed"
 allowed_calling_ae_titles = ["CT1", "PACS@10.0.0.5"]
+viewer_rendering = "cpu"
 [storage]
 backend = "local"
 root = "/srv/blobs"
@@ -1359,6 +1401,7 @@ root = "/srv/blobs"
         assert_eq!(config.max_associations, 8);
         assert_eq!(config.dicom_listen, "0.0.0.0:4242".parse().unwrap());
         assert_eq!(config.durability, Durability::Relaxed);
+        assert_eq!(config.viewer_rendering, ViewerRendering::Cpu);
         assert_eq!(config.database_url, "sqlite:///srv/huren/index.sqlite");
         assert_eq!(
             config.storage,

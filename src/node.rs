@@ -203,6 +203,7 @@ impl Node {
             audit: audit.clone(),
             started: Default::default(),
             viewer_dir: config.viewer_dir(),
+            viewer_rendering: config.viewer_rendering,
         });
         let mut region_tasks = region_tasks;
         region_tasks.extend(crate::lifecycle::spawn(

@@ -137,6 +137,13 @@ async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64, tag: &str) -
         region.peer_bandwidth = peer_bandwidth;
         c.region = Some(region);
         c.viewer_dir = Some(dir.into());
+        // Each backend's run draws the viewer one way: WebGL (here the
+        // browser's software WebGL) on SQLite, the CPU on PostgreSQL.
+        c.viewer_rendering = if backend == Backend::SqliteLocal {
+            huren::config::ViewerRendering::Auto
+        } else {
+            huren::config::ViewerRendering::Cpu
+        };
     })
     .await;
     assert!(!node_a.config.dicomweb.open);
@@ -531,6 +538,13 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     let drawn = step(&lines, "drawn");
     assert!(drawn["seconds"].is_number(), "not drawn: {lines:#?}");
     assert!(drawn["levels"].as_u64().unwrap() > 16, "{drawn:#}");
+    // Drawn with WebGL on SQLite, on the CPU on PostgreSQL (node A's
+    // `viewer_rendering`, set per backend so both are drawn).
+    assert_eq!(
+        drawn["cpu_rendering"],
+        json!(backend != Backend::SqliteLocal),
+        "{drawn:#}"
+    );
     if slow_link {
         // Over the slow link the viewer opened at once, framed under the
         // progress, and drew an image while the study was still arriving.

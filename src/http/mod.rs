@@ -38,6 +38,8 @@ pub struct AppState {
     /// OHIF's installed files (deploy/install-viewer.sh), served under
     /// `/viewer`.
     pub viewer_dir: std::path::PathBuf,
+    /// How the viewer draws its viewports (its generated configuration).
+    pub viewer_rendering: crate::config::ViewerRendering,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -64,7 +66,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.ingest.index(),
             page::router(&state),
         ))
-        .merge(viewer::router(state.viewer_dir.clone()))
+        .merge(viewer::router(
+            state.viewer_dir.clone(),
+            state.viewer_rendering,
+        ))
         // A peer node presenting a registry grant may GET the study the
         // grant names (its manifest and its instances), and nothing else.
         .layer(axum::middleware::from_fn_with_state(

@@ -222,8 +222,12 @@ def doctor(args):
                         here_at_draw, total = strip_counts()
                         break
             page.wait_for_timeout(200)
+        # Whether Cornerstone draws on the CPU (the node's viewer_rendering).
+        viewer = next((f for f in page.frames if "/viewer/" in f.url), None)
+        cpu_rendering = viewer.evaluate(
+            "window.cornerstone?.getShouldUseCPURendering?.() ?? null") if viewer else None
         emit(step="drawn", levels=levels, spread=spread, seconds=drawn,
-             here_at_draw=here_at_draw, total=total,
+             here_at_draw=here_at_draw, total=total, cpu_rendering=cpu_rendering,
              canvases=view.locator("canvas.cornerstone-canvas").count())
         # The viewer's series thumbnails are the node's rendered JPEGs
         # (thumbnailRendering "thumbnail"): wait for one per series.

@@ -9,9 +9,9 @@ study), clicks the prior's 查看 link and measures, from the click:
 
 - first_image_s: until the viewer's viewport shows the study: its pixels
   have more than 16 grey levels over a spread of 64. By default a probe in
-  the viewer's page reads the viewport's canvas at every animation frame
-  and notes the time (`--probe canvas`); a screenshot then confirms the
-  draw. `--probe screenshot` (the method before 2026-12-07's last round)
+  the viewer's page reads the viewport's canvas each time Cornerstone has
+  rendered an image in it, and notes the time (`--probe canvas`); a screenshot then
+  confirms the draw. `--probe screenshot` (the method before 2026-12-07's last round)
   polls element screenshots instead: each costs the browser a capture on
   its CPUs while it draws, and the draw is seen up to one capture late;
 - instances_at_first_image: how many of the study's instances A held then,
@@ -24,7 +24,11 @@ study), clicks the prior's 查看 link and measures, from the click:
   this is the viewer's own start and first draw.
 
 With HUREN_SCREENSHOTS=DIR, saves the progress page (a look with images
-in) as viewer-progress.png there.
+in) as viewer-progress.png there. With HUREN_BENCH_CPUPROFILE=FILE, writes
+the page's JavaScript CPU profile (V8's sampling profiler through the
+DevTools protocol, from the click to the first image; the framed viewer
+runs in the page's process, so it is included) as a .cpuprofile that
+Chrome's DevTools open; benches/cpuprofile-summary.py sums it up.
 
 Prints one JSON line. Chromium: Debian's, through Playwright, software
 WebGL.
@@ -75,47 +79,67 @@ def drawn(png):
     return levels > 16 and lit and max(lit) - min(lit) > 64
 
 
-# The in-page probe (`--probe canvas`): in the viewer's document, at every
-# animation frame, the viewport's canvas is scaled down to 160 pixels wide
-# and its grey levels counted as drawn() counts them; the first time the
-# image qualifies, the wall clock (ms since the epoch) is kept.
+# The in-page probe (`--probe canvas`): in the viewer's document, each time
+# Cornerstone reports a viewport rendered (CORNERSTONE_IMAGE_RENDERED, heard
+# in the capture phase on the document, since it does not bubble) with an
+# image loaded in it, the viewport's canvas is scaled down to 160 pixels
+# wide and its grey levels counted as drawn() counts them; the first time
+# the image qualifies, the wall clock (ms since the epoch) at the event is
+# kept. Without Cornerstone's global (another viewer build), the canvas is
+# read every 250 ms instead. Reading the canvas back costs the viewer's
+# thread 50-100 ms under software GL: until 2026-12-08 the probe read it at
+# every animation frame, which a JavaScript CPU profile showed costing the
+# thread about 1 s before the first image, so figures measured with it are
+# late by up to that much.
 CANVAS_PROBE = """
 (() => {
   if (!location.pathname.startsWith('/viewer')) return;
   window.__hurenDrawnAt = null;
+  window.__hurenDrawnBy = null;
+  window.__hurenReads = 0;
   const probe = document.createElement('canvas');
-  const tick = () => {
-    const c = document.querySelector('canvas.cornerstone-canvas');
-    if (c && c.width > 50 && c.height > 50 && c.getBoundingClientRect().width > 50) {
-      const w = 160, h = Math.max(1, Math.round(160 * c.height / c.width));
-      probe.width = w; probe.height = h;
-      const ctx = probe.getContext('2d', { willReadFrequently: true });
-      ctx.drawImage(c, 0, 0, w, h);
-      const d = ctx.getImageData(0, 0, w, h).data;
-      const hist = new Array(256).fill(0);
-      for (let i = 0; i < d.length; i += 4) {
-        hist[Math.round(0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2])]++;
-      }
-      const total = w * h;
-      let levels = 0, lo = 255, hi = 0;
-      hist.forEach((n, v) => {
-        if (n * 2000 >= total) levels++;
-        if (n) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
-      });
-      if (levels > 16 && hi - lo > 64) {
-        window.__hurenDrawnAt = Date.now();
-        // What A holds at this moment, asked from here: the test's side
-        // would learn of the draw only when the page's busy thread lets it.
-        fetch(MANIFEST, { headers: { authorization: 'Bearer ' + TOKEN } })
-          .then(r => (r.status === 404 ? { instances: [] } : r.json()))
-          .then(j => { window.__hurenHeldAtDraw = j.instances.length; })
-          .catch(e => { window.__hurenHeldAtDraw = -1; });
-        return;
-      }
+  let timer = null;
+  const check = (by, element) => {
+    const at = Date.now();
+    if (window.__hurenDrawnAt !== null) return;
+    if (element && window.cornerstone) {
+      try {
+        const vp = window.cornerstone.getEnabledElement(element)?.viewport;
+        if (vp && typeof vp.getImageData === 'function' && !vp.getImageData()) return;
+      } catch (e) { /* an element Cornerstone no longer knows: read the canvas */ }
     }
-    requestAnimationFrame(tick);
+    const c = (element || document).querySelector('canvas.cornerstone-canvas');
+    if (!(c && c.width > 50 && c.height > 50 && c.getBoundingClientRect().width > 50)) return;
+    window.__hurenReads++;
+    const w = 160, h = Math.max(1, Math.round(160 * c.height / c.width));
+    if (probe.width !== w || probe.height !== h) { probe.width = w; probe.height = h; }
+    const ctx = probe.getContext('2d', { willReadFrequently: true });
+    ctx.drawImage(c, 0, 0, w, h);
+    const d = ctx.getImageData(0, 0, w, h).data;
+    const hist = new Uint32Array(256);
+    for (let i = 0; i < d.length; i += 4) {
+      hist[(0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2] + 0.5) | 0]++;
+    }
+    const total = w * h;
+    let levels = 0, lo = 255, hi = 0;
+    hist.forEach((n, v) => {
+      if (n * 2000 >= total) levels++;
+      if (n) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    });
+    if (levels > 16 && hi - lo > 64) {
+      window.__hurenDrawnAt = at;
+      window.__hurenDrawnBy = by;
+      clearInterval(timer);
+      // What A holds at this moment, asked from here: the test's side
+      // would learn of the draw only when the page's busy thread lets it.
+      fetch(MANIFEST, { headers: { authorization: 'Bearer ' + TOKEN } })
+        .then(r => (r.status === 404 ? { instances: [] } : r.json()))
+        .then(j => { window.__hurenHeldAtDraw = j.instances.length; })
+        .catch(e => { window.__hurenHeldAtDraw = -1; });
+    }
   };
-  requestAnimationFrame(tick);
+  document.addEventListener('CORNERSTONE_IMAGE_RENDERED', (e) => check('event', e.detail?.element || e.target), true);
+  timer = setInterval(() => { if (!window.cornerstone) check('timer', null); }, 250);
 })();
 """
 
@@ -174,12 +198,19 @@ def main():
                 end=round(time.monotonic() - clicked, 3)))
             page.on("response", lambda r: traced.get(id(r.request), {}).update(status=r.status))
         link = page.locator(f'tr.prior[data-uid="{a.study}"] a[href$="/images"]')
+        cpuprofile = os.environ.get("HUREN_BENCH_CPUPROFILE")
+        if cpuprofile:
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Profiler.enable")
+            cdp.send("Profiler.setSamplingInterval", {"interval": 200})
+            cdp.send("Profiler.start")
         clicked_wall = datetime.datetime.now(datetime.timezone.utc)
         clicked_epoch = time.time()
         clicked = time.monotonic()
         link.click()
         deadline = clicked + 1800
         first, at_first, opened, shot = None, None, None, os.environ.get("HUREN_SCREENSHOTS")
+        seen_by = None
         # How long each polling screenshot took (`--probe screenshot`).
         shots = []
         while time.monotonic() < deadline:
@@ -200,6 +231,7 @@ def main():
                 drawn_at = frame.evaluate("window.__hurenDrawnAt || null") if frame else None
                 if drawn_at is not None:
                     first = drawn_at / 1000 - clicked_epoch
+                    seen_by = frame.evaluate("window.__hurenDrawnBy + ' (' + window.__hurenReads + ' reads)'")
                     # Counted by the probe the moment it saw the image.
                     while (at_first := frame.evaluate("window.__hurenHeldAtDraw ?? null")) is None:
                         page.wait_for_timeout(20)
@@ -221,6 +253,11 @@ def main():
                 if not any(w in str(e) for w in ("context was destroyed", "navigat", "Timeout")):
                     raise
             page.wait_for_timeout(50)
+        if cpuprofile:
+            # Started just before the click: its startTime is the click.
+            profile = cdp.send("Profiler.stop")["profile"]
+            with open(cpuprofile, "w") as f:
+                json.dump(profile, f)
         if trace_path:
             # The viewer's own record of its requests (Resource Timing):
             # when each was sent, its first byte and its end, as the
@@ -253,6 +290,7 @@ def main():
         print(json.dumps({
             "first_image_s": round(first, 3),
             "probe": a.probe,
+            "seen_by": seen_by,
             "screenshots": len(shots),
             "screenshot_s": round(sum(shots) / len(shots), 3) if shots else None,
             "viewer_opened_s": round(opened, 3) if opened is not None else None,

@@ -7,7 +7,7 @@
 # audit). Target: the first image before a tenth of the study has arrived.
 # Not a test. Figures: benches/results/viewer-*.md, docs/benchmarks.md.
 #
-#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--warm] [--probe P] [--work-dir DIR] [--out FILE] [--keep]
+#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--warm] [--probe P] [--viewer-rendering R] [--work-dir DIR] [--out FILE] [--keep]
 #
 #   --instances N  CT instances of the study (default 500, ~525 kB each)
 #   --runs R       rounds (default 3), each with a fresh node A
@@ -18,10 +18,14 @@
 #   --warm         the browser opens the viewer once before the click (a
 #                  doctor's browser with OHIF's files in its cache)
 #   --probe P      how the first image is seen: canvas (default; a probe in
-#                  the viewer's page reads the viewport at every animation
-#                  frame) or screenshot (element screenshots polled from
+#                  the viewer's page reads the viewport each time Cornerstone
+#                  has rendered an image in it) or screenshot (element screenshots polled from
 #                  outside, the method before 2026-12-07's last round);
 #                  a comma list (canvas,screenshot) alternates by round
+#   --viewer-rendering R  node A's --viewer-rendering: auto (default: WebGL,
+#                  here software WebGL) or cpu (Cornerstone draws on the
+#                  CPU, as configured for workstations without a GPU); a
+#                  comma list (auto,cpu) alternates by round
 #   --work-dir     default /tmp/huren-viewer-bench (DIR/run-<stamp>)
 #   --out FILE     default benches/results/viewer-<date>-<time>.md
 #
@@ -52,6 +56,7 @@ runs=3
 peer_bandwidth=0
 warm=()
 probe=canvas
+rendering=auto
 work_dir="${HUREN_BENCH_WORK:-/tmp/huren-viewer-bench}"
 out_file=""
 keep=0
@@ -62,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --peer-bandwidth) peer_bandwidth="$2"; shift ;;
         --warm) warm=(--warm) ;;
         --probe) probe="$2"; shift ;;
+        --viewer-rendering) rendering="$2"; shift ;;
         --work-dir) work_dir="$2"; shift ;;
         --out) out_file="$2"; shift ;;
         --keep) keep=1 ;;
@@ -157,7 +163,7 @@ done
 [[ "$(json 'd["published_studies"] >= 1' <<<"$status")" == True ]] || { log "B did not publish: $status"; exit 1; }
 log "B holds and published $instances instances"
 
-start_a() { # DATA_DIR
+start_a() { # DATA_DIR RENDERING
     local http dicom
     http=$(free_port); dicom=$(free_port)
     A="http://127.0.0.1:$http"
@@ -166,7 +172,7 @@ start_a() { # DATA_DIR
         >>"$logs/cli.log" 2>&1
     mapfile -t args < <(node_args "$1" "$HOSP_A" "$run/a.token" "$http" "$dicom" HOSPA)
     "$HUREN_BIN" "${args[@]}" --viewer-dir "$VIEWER_DIR" --peer-bandwidth "$peer_bandwidth" \
-        >>"$logs/a.log" 2>&1 &
+        --viewer-rendering "$2" >>"$logs/a.log" 2>&1 &
     a_pid=$!
     wait_http "$a_pid" "$A/health" 60 || { log "node A did not start"; exit 1; }
     for _ in $(seq 1 600); do
@@ -178,8 +184,10 @@ start_a() { # DATA_DIR
 
 results="$run/results.jsonl"
 : >"$results"
+IFS=, read -ra renderings <<<"$rendering"
 for (( r = 1; r <= runs; r++ )); do
-    start_a "$run/a-r$r"
+    round_rendering=${renderings[$(( (r - 1) % ${#renderings[@]} ))]}
+    start_a "$run/a-r$r" "$round_rendering"
     if (( r == 1 )); then
         expires=$("$PYTHON" -c 'import datetime as d; print((d.datetime.now(d.timezone.utc) + d.timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"))')
         api -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
@@ -193,6 +201,7 @@ for (( r = 1; r <= runs; r++ )); do
     line=$(HUREN_BENCH_TOKEN="$BENCH_TOKEN" HUREN_SCREENSHOTS="${HUREN_SCREENSHOTS:-}" \
         "$BROWSER_PYTHON" "$here/viewer-browser.py" \
         --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" --probe "$round_probe" "${warm[@]}")
+    line="${line%\}}, \"rendering\": \"$round_rendering\"}"
     echo "$line" >>"$results"
     log "round $r: $line"
     stop_pid "$a_pid"; a_pid=""
@@ -209,27 +218,28 @@ n = int(sys.argv[2])
 bw = int(sys.argv[7])
 cache = "warm browser cache (viewer opened once before)" if sys.argv[9] == "--warm" else "cold browser"
 link = f"A's peer fetches capped at {bw} bytes/s ({bw * 8 / 1e6:.0f} Mbit/s)" if bw else "loopback, no cap"
-methods = {"canvas": "a probe in the viewer's page reading the viewport's canvas at every animation frame (`canvas`)",
+methods = {"canvas": "a probe in the viewer's page reading the viewport's canvas each time Cornerstone reports an image rendered in it (`canvas`; column \"seen by\")",
            "screenshot": "element screenshots polled from outside (`screenshot`)"}
 print(f"# Viewer: click to first image, {n}-instance CT prior held at B ({link}; {cache})\n")
 print("The first image seen by " + ", or ".join(methods[p] for p in sys.argv[10].split(",")) + ".\n")
 print(f"`{sys.argv[3]}` at {sys.argv[4]}, binary `{sys.argv[5]}`; {sys.argv[6]} headless,"
       f" software WebGL; machine: {open('/proc/cpuinfo').read().count('processor')} CPUs;"
       f" load average at the end {sys.argv[8]}.\n")
-print("| round | probe | first image (s) | instances at A then | whole fetch (s) | first image / fetch | page hands over to the viewer (s) |")
-print("|---|---|---|---|---|---|---|")
+print("| round | probe | seen by | viewer rendering | first image (s) | instances at A then | whole fetch (s) | first image / fetch | page hands over to the viewer (s) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for i, r in enumerate(rows, 1):
     ratio = r["first_image_s"] / r["fetch_s"] if r["fetch_s"] else float("nan")
-    print(f"| {i} | {r.get('probe', 'screenshot')} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} | {r['viewer_opened_s']:.2f} |")
+    print(f"| {i} | {r.get('probe', 'screenshot')} | {r.get('seen_by') or '–'} | {r.get('rendering', 'auto')} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} | {r['viewer_opened_s']:.2f} |")
 for probe in sys.argv[10].split(","):
-    group = [r for r in rows if r.get("probe", "screenshot") == probe]
-    if not group:
-        continue
-    med = lambda k: statistics.median(r[k] for r in group)
-    print(f"\nMedian ({probe}, {len(group)} rounds): first image {med('first_image_s'):.2f} s, "
-          f"whole fetch {med('fetch_s'):.2f} s, "
-          f"instances held at the first image {med('instances_at_first_image'):.0f} of {n} "
-          f"(target: before {n // 10}).")
+    for rendering in sorted({r.get("rendering", "auto") for r in rows}):
+        group = [r for r in rows if r.get("probe", "screenshot") == probe and r.get("rendering", "auto") == rendering]
+        if not group:
+            continue
+        med = lambda k: statistics.median(r[k] for r in group)
+        print(f"\nMedian ({probe}, viewer rendering {rendering}, {len(group)} rounds): first image {med('first_image_s'):.2f} s, "
+              f"whole fetch {med('fetch_s'):.2f} s, "
+              f"instances held at the first image {med('instances_at_first_image'):.0f} of {n} "
+              f"(target: before {n // 10}).")
 PY
 cat "$out_file"
 log "report: $out_file"

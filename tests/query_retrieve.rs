@@ -1488,3 +1488,80 @@ async fn a_cancelled_c_get_reports_what_it_left_undone() {
     assert_eq!(r["stored"].as_u64(), Some(count("completed")), "{r}");
     node.stop().await;
 }
+
+/// An instance of 75 MB, sent back as stored by C-GET to an SCU with a
+/// 16 KiB maximum PDU (dcmtk's and Orthanc's default): dicom-ul's P-DATA
+/// writer answered with `Ok(0)` wherever the streamed pieces filled a PDU
+/// exactly, and the sub-operation failed ("write zero byte into writer")
+/// for every instance past about 64 MiB. Now the instance arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_instance_is_retrieved_at_a_small_maximum_pdu() {
+    let node = support::spawn_node(Backend::SqliteLocal).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (instance, study, series) = (
+        "1.2.826.0.1.3680043.10.1011.75.3",
+        "1.2.826.0.1.3680043.10.1011.75.1",
+        "1.2.826.0.1.3680043.10.1011.75.2",
+    );
+    let (rows, columns, frames) = (3072u16, 3072u16, 8usize);
+    let mut file = secondary_capture(
+        instance,
+        "LARGE-PDU",
+        study,
+        series,
+        &[
+            ((0x0028, 0x0002), b"US", &1u16.to_le_bytes()),
+            ((0x0028, 0x0004), b"CS", b"MONOCHROME2"),
+            ((0x0028, 0x0008), b"IS", b"8"),
+            ((0x0028, 0x0010), b"US", &rows.to_le_bytes()),
+            ((0x0028, 0x0011), b"US", &columns.to_le_bytes()),
+            ((0x0028, 0x0100), b"US", &8u16.to_le_bytes()),
+            ((0x0028, 0x0101), b"US", &8u16.to_le_bytes()),
+            ((0x0028, 0x0102), b"US", &7u16.to_le_bytes()),
+            ((0x0028, 0x0103), b"US", &0u16.to_le_bytes()),
+        ],
+    );
+    let pixels: Vec<u8> = (0..rows as usize * columns as usize * frames)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    // Pixel Data, OB, with the long length form explicit_le does not write.
+    file.extend([0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    file.extend((pixels.len() as u32).to_le_bytes());
+    file.extend(&pixels);
+    let path = dir.path().join("large.dcm");
+    std::fs::write(&path, &file).unwrap();
+    store_files(&node, &[&path]).await;
+    let stored = {
+        let row = node.versions(instance).await.pop().unwrap();
+        let blob = node.ingest.store().get(&row.blob_hash).await.unwrap();
+        support::data_set_bytes(&blob).to_vec()
+    };
+    assert!(stored.len() > 75_000_000);
+
+    let get_dir = tempfile::tempdir().unwrap();
+    let output = Command::new("/usr/bin/getscu")
+        .args(["-v", "-S", "+B", "-pdu", "16384", "-aec", "HUREN"])
+        .arg("-od")
+        .arg(get_dir.path())
+        .arg(node.host())
+        .arg(node.port().to_string())
+        .args(["-k", "QueryRetrieveLevel=STUDY"])
+        .arg("-k")
+        .arg(format!("StudyInstanceUID={study}"))
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap();
+    let log = support::text(&output);
+    assert!(output.status.success(), "{log}");
+    let files: Vec<PathBuf> = std::fs::read_dir(get_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let fetched = data_sets(&files);
+    assert_eq!(fetched.len(), 1, "{log}");
+    assert!(
+        fetched.get(instance) == Some(&stored),
+        "not the stored bytes: {log}"
+    );
+    node.stop().await;
+}

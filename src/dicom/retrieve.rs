@@ -140,16 +140,59 @@ where
         // As stored: streamed from the blob into P-DATA, never whole in
         // memory.
         Payload::Stream { mut reader, pad } => {
-            tokio::io::copy(&mut reader, &mut writer)
+            let mut out = RetryAfterSend(&mut writer);
+            tokio::io::copy(&mut reader, &mut out)
                 .await
                 .map_err(broken)?;
             if pad {
-                writer.write_all(&[0]).await.map_err(broken)?;
+                out.write_all(&[0]).await.map_err(broken)?;
             }
         }
         Payload::Converted(data) => writer.write_all(&data).await.map_err(broken)?,
     }
     writer.finish().await.map_err(broken)
+}
+
+/// dicom-ul 0.10's `AsyncPDataWriter` answers a write with `Ok(0)` when an
+/// earlier write left its PDU buffer exactly full: that call sends the
+/// PDU and takes none of the new bytes. `tokio::io::copy` and `write_all`
+/// read `Ok(0)` as a writer that can take no more (`WriteZero`), so a data
+/// set streamed in pieces failed wherever the pieces happened to fill a
+/// PDU exactly: every instance past about 64 MiB at a 16 KiB maximum PDU.
+/// After such a send the buffer is empty, and the same bytes are offered
+/// again at once. (A data set written with one `write_all` never leaves
+/// the buffer exactly full before another write: context.rs and
+/// commitment.rs need no such wrapper.)
+struct RetryAfterSend<W>(W);
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for RetryAfterSend<W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let inner = &mut self.get_mut().0;
+        match std::pin::Pin::new(&mut *inner).poll_write(cx, buf) {
+            std::task::Poll::Ready(Ok(0)) if !buf.is_empty() => {
+                std::pin::Pin::new(inner).poll_write(cx, buf)
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
 }
 
 /// One C-STORE sub-operation: request, data set, response. While waiting

@@ -352,6 +352,21 @@ pub async fn mark_https(mut request: axum::extract::Request) -> axum::extract::R
     request
 }
 
+/// On the node's own HTTPS, browsers are told to come back over HTTPS
+/// only, for a year (RFC 6797): a doctor's later visit typed as http://
+/// cannot be served, or its session cookie read, in the clear. Not
+/// `includeSubDomains`: the hospital's other hosts are not the node's to
+/// decide.
+pub async fn strict_transport_security(
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::STRICT_TRANSPORT_SECURITY,
+        axum::http::HeaderValue::from_static("max-age=31536000"),
+    );
+    response
+}
+
 /// Reads the certificates again on every SIGHUP until shutdown.
 pub fn spawn_reload_on_sighup(targets: Vec<Arc<dyn Reload>>, shutdown: CancellationToken) {
     #[cfg(unix)]

@@ -251,6 +251,29 @@ async fn qido_rs_finds_what_c_store_stored(backend: Backend) {
 
     let all = dwc(&node, None, &["search", "studies"]).await;
     assert_eq!(uids(&all, "0020000D"), studies);
+    // Over HTTP/2 (h2c here, as browsers and curl speak on HTTPS), where
+    // the host comes as `:authority`, not `Host`: the retrieve URLs still
+    // name the node's address and port, not `localhost`.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("{}/studies", base(&node)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let over_h2: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(uids(&over_h2, "0020000D"), studies);
+    for r in &over_h2 {
+        let url = r["00081190"]["Value"][0].as_str().unwrap();
+        assert!(
+            url.starts_with(&format!("{}/studies/", base(&node))),
+            "{url}"
+        );
+    }
     for r in &all {
         let url = r["00081190"]["Value"][0].as_str().unwrap();
         assert!(

@@ -451,6 +451,24 @@ fn dicom_tls_client_certificates_and_ae_binding() {
     let studies: Vec<Value> = serde_json::from_str(&body).unwrap();
     let retrieve_url = studies[0]["00081190"]["Value"][0].as_str().unwrap();
     assert!(retrieve_url.starts_with("https://"), "{retrieve_url}");
+    // Over HTTP/2, as curl and browsers speak HTTPS: the URLs name the
+    // address asked (`:authority`, no Host header), and the answer tells
+    // the browser to keep to HTTPS.
+    let (_, with_headers) =
+        curl(&["--http2", "-D", "-", "--cacert", &pki.path("ca.pem"), &url]).unwrap();
+    let (head, body) = with_headers.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/2 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{head}"
+    );
+    let studies: Vec<Value> = serde_json::from_str(body).unwrap();
+    let retrieve_url = studies[0]["00081190"]["Value"][0].as_str().unwrap();
+    assert!(
+        retrieve_url.starts_with(&format!("https://{}/dicom-web/studies/", node.addr(HTTP))),
+        "{retrieve_url}"
+    );
     let study = &samples[0].study_instance_uid;
     let find = dcmtk_tls(
         "findscu",

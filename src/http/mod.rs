@@ -77,6 +77,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             grant_access,
         ))
         .layer(axum::middleware::from_fn(no_control_characters))
+        .layer(axum::middleware::map_request(host_from_authority))
         // Outermost but for the span: the refusals above get it too.
         .layer(axum::middleware::map_response(no_store))
         // One span per request: errors logged while serving it carry its
@@ -106,6 +107,28 @@ async fn no_store(mut response: axum::response::Response) -> axum::response::Res
         axum::http::HeaderValue::from_static("no-store"),
     );
     response
+}
+
+/// An HTTP/2 request names its host in the `:authority` pseudo-header
+/// (the request URI), not in `Host` (RFC 9113 8.3.1): copied into `Host`
+/// when that is missing, so that the URLs the node writes into its answers
+/// (RetrieveURL, BulkDataURI, Location) name the host and port the client
+/// used, over either version. Before, HTTP/2 clients (browsers and curl
+/// on HTTPS) got `https://localhost/…`.
+async fn host_from_authority(mut request: axum::extract::Request) -> axum::extract::Request {
+    if !request.headers().contains_key(axum::http::header::HOST)
+        && let Some(authority) = request.uri().authority()
+        // Host and port only: userinfo has no place in either header.
+        && let Ok(value) = axum::http::HeaderValue::from_str(&match authority.port_u16() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_string(),
+        })
+    {
+        request
+            .headers_mut()
+            .insert(axum::http::header::HOST, value);
+    }
+    request
 }
 
 /// A control character (a NUL, a newline) has no place in a UID, a
@@ -266,9 +289,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = match &listener {
-        crate::tls::HttpListener::Tls(_) => {
-            router(state).layer(axum::middleware::map_request(crate::tls::mark_https))
-        }
+        crate::tls::HttpListener::Tls(_) => router(state)
+            .layer(axum::middleware::map_request(crate::tls::mark_https))
+            .layer(axum::middleware::map_response(
+                crate::tls::strict_transport_security,
+            )),
         crate::tls::HttpListener::Plain(_) => router(state),
     };
     // The peer's address reaches handlers (the audit messages name it).

@@ -881,6 +881,14 @@ async fn storage_commitment_reports(backend: Backend) {
         report["failed"],
         serde_json::json!([["1.2.3.999.1", 0x0112], [uid, 0x0119]])
     );
+    // An empty Referenced SOP Sequence asks for nothing (PS3.4 J.3.2: one
+    // or more items): refused as a missing one is, and no report follows.
+    let empty = &support::python_tool(
+        "qr_tool.py",
+        &["commit", &node.host(), &node.port().to_string(), "[]"],
+    )[0];
+    assert_eq!(empty["action_status"], 0x0110, "{empty}");
+    assert_eq!(empty["received"], false, "{empty}");
 
     // The SCU asks and releases at once, without waiting for the report:
     // the report comes on a new association to its address in the AE

@@ -115,6 +115,11 @@ fn parse_request(obj: &InMemDicomObject) -> Option<(String, Vec<(String, String)
         return None;
     }
     let items = obj.get(tags::REFERENCED_SOP_SEQUENCE)?.items()?;
+    // One or more items (PS3.4 J.3.2, Table J.3-1): an empty list asks
+    // for nothing, and is refused as a missing one is.
+    if items.is_empty() {
+        return None;
+    }
     let refs = items
         .iter()
         .map(|item| {

@@ -255,11 +255,13 @@ def commit(host, port, pairs):
     assert assoc.is_established
     request = commitment_request(json.loads(pairs))
     status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
-    received = done.wait(30)
+    # A refused request gets no report: nothing to wait for.
+    accepted = bool(status) and status.Status == 0x0000
+    received = done.wait(30) if accepted else False
     assoc.release()
     out(action_status=status.Status if status else None, received=received,
         sent_transaction_uid=str(request.TransactionUID), **got)
-    if not received:
+    if accepted and not received:
         sys.exit("no N-EVENT-REPORT received; pynetdicom's log is above")
 
 

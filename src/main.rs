@@ -315,6 +315,7 @@ fn main() -> ExitCode {
         .with_ansi(ansi)
         .init();
     let cli = Cli::parse();
+    huren::tls::raise_open_files_limit();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(code) => code,

@@ -243,7 +243,11 @@ impl From<TcpListener> for HttpListener {
 /// client does not hold up the next one.
 pub struct TlsListener {
     local_addr: SocketAddr,
-    handshaken: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    handshaken: tokio::sync::mpsc::Receiver<(
+        TlsStream<TcpStream>,
+        SocketAddr,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
     /// Stops the accept task when axum drops the listener (shutdown).
     _stop: tokio_util::sync::DropGuard,
 }
@@ -256,10 +260,17 @@ impl TlsListener {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let stop = CancellationToken::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        // Handshakes under way count against the connection limit too: a
+        // flood of silent TLS clients holds no more descriptors than it.
+        let connections = Arc::new(tokio::sync::Semaphore::new(max_http_connections()));
         tokio::spawn({
             let stop = stop.clone();
             async move {
                 loop {
+                    let permit = tokio::select! {
+                        permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+                        _ = stop.cancelled() => break,
+                    };
                     let (tcp, peer) = tokio::select! {
                         accepted = listener.accept() => match accepted {
                             Ok(accepted) => accepted,
@@ -280,7 +291,7 @@ impl TlsListener {
                     tokio::spawn(async move {
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => {
-                                let _ = tx.send((tls, peer)).await;
+                                let _ = tx.send((tls, peer, permit)).await;
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")
@@ -304,40 +315,151 @@ impl TlsListener {
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpListener>>
-    for PeerAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
+/// A client that has not sent a whole request head by then is
+/// disconnected (hyper's `header_read_timeout`, from the connection's
+/// start and between keep-alive requests): a half-sent request holds its
+/// connection for no longer.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Open HTTP connections (TLS handshakes under way included) one listener
+/// serves at once; past it, new ones wait in the kernel's backlog. Slow
+/// clients holding connections open can then shut out other HTTP clients
+/// for a while, but never take the descriptors the DICOM port, the store
+/// and the index need: a quarter of the process's limit (raised to its
+/// hard limit at start), 4,096 at most.
+pub fn max_http_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    ((soft / 4) as usize).clamp(64, 4096)
+}
+
+/// Raises the soft limit on open files to the hard limit, as servers do:
+/// the default soft limit of a login shell (1,024) is fewer descriptors
+/// than a busy node's connections and files need.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!("the open files limit could not be raised");
+            }
+        }
     }
 }
 
-impl axum::serve::Listener for HttpListener {
-    type Io = Either<TcpStream, TlsStream<TcpStream>>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl HttpListener {
+    /// The next connection to serve, with its place under the connection
+    /// limit (`plain` for a plain listener; a TLS listener keeps its own,
+    /// taken before the handshake).
+    async fn next(
+        &mut self,
+        plain: &Arc<tokio::sync::Semaphore>,
+    ) -> (
+        Either<TcpStream, TlsStream<TcpStream>>,
+        SocketAddr,
+        tokio::sync::OwnedSemaphorePermit,
+    ) {
         match self {
             HttpListener::Plain(listener) => {
-                // axum's own accept: it retries and backs off on errors.
-                let (tcp, peer) = axum::serve::Listener::accept(listener).await;
-                let _ = tcp.set_nodelay(true);
-                (Either::Left(tcp), peer)
+                let permit = plain.clone().acquire_owned().await.expect("never closed");
+                loop {
+                    match listener.accept().await {
+                        Ok((tcp, peer)) => {
+                            // Responses stream in several writes: without
+                            // TCP_NODELAY the last one waits for a delayed ACK.
+                            let _ = tcp.set_nodelay(true);
+                            return (Either::Left(tcp), peer, permit);
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
             }
             HttpListener::Tls(listener) => match listener.handshaken.recv().await {
-                Some((tls, peer)) => (Either::Right(tls), peer),
+                Some((tls, peer, permit)) => (Either::Right(tls), peer, permit),
                 // The accept task is gone only after `stop`, which is ours.
                 None => std::future::pending().await,
             },
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             HttpListener::Plain(listener) => listener.local_addr(),
             HttpListener::Tls(listener) => Ok(listener.local_addr),
         }
     }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets the connections
+/// finish their requests (HTTP/1 closes after the current response, HTTP/2
+/// gets GOAWAY). HTTP/1.1 and HTTP/2 (by ALPN on TLS, by prior knowledge on
+/// plain TCP), with a deadline for each request head and a limit on open
+/// connections (`axum::serve` has neither: a probe's 20,000 half-sent
+/// request heads used up the process's descriptors, and the DICOM port
+/// stopped accepting too).
+pub async fn serve(
+    mut listener: HttpListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let plain = Arc::new(tokio::sync::Semaphore::new(max_http_connections()));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (io, peer, permit) = tokio::select! {
+            next = listener.next(&plain) => next,
+            _ = shutdown.cancelled() => break,
+        };
+        let app = app.clone();
+        // The client's address reaches handlers as axum's ConnectInfo.
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(PeerAddr(peer)));
+                tower::ServiceExt::oneshot(app.clone(), request)
+            },
+        );
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        builder.http2().timer(TokioTimer::new());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    // Stop accepting (the listener, and a TLS listener's accept task, go
+    // with it), then wait for the connections' current requests.
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Marks a request that came over the node's own HTTPS as a TLS proxy in

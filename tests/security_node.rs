@@ -35,8 +35,13 @@ impl Node {
     /// `huren node` on port 0 with its data under `dir/data`, `args` and
     /// `envs` added; ready once it logged both addresses.
     fn start(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Node {
+        Node::start_by(Command::new(HUREN), dir, args, envs)
+    }
+
+    /// As [`Node::start`], run by `command` (`prlimit … huren`).
+    fn start_by(mut command: Command, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Node {
         let data = dir.join("data");
-        let mut child = Command::new(HUREN)
+        let mut child = command
             .args(["node", "--dicom-listen", "127.0.0.1:0"])
             .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data)
@@ -617,4 +622,91 @@ async fn sign_in_is_throttled_per_account_and_address() {
     };
     assert_eq!(authentication("4"), 20, "wrong passwords");
     assert_eq!(authentication("8"), 2, "throttled attempts");
+}
+
+/// Probe 2's A3: half-sent request heads on the HTTP port. 600 of them
+/// against a node allowed 512 open files took every descriptor (nothing
+/// timed them out, nothing limited them), and the DICOM port stopped
+/// accepting too. Now the node serves at most a quarter of its limit at
+/// once (128 here; the rest wait in the kernel's backlog), DICOM goes on,
+/// and a head not sent whole within 20 s loses its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_request_heads_neither_stay_nor_starve_dicom() {
+    // This test's own sockets: room for them beside the other tests'.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < 4096 {
+            limit.rlim_cur = limit.rlim_max.min(4096);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut prlimit = Command::new("prlimit");
+    prlimit.args(["--nofile=512:512", HUREN]);
+    let node = Node::start_by(prlimit, dir.path(), &[], &[]);
+    // 600 connections, each with half a request head sent. The node takes
+    // 128 and the kernel's backlog some more; the rest cannot connect yet.
+    let opened = tokio::time::Instant::now();
+    let attempts = (0..600).map(|_| async {
+        use tokio::io::AsyncWriteExt;
+        let connect = tokio::net::TcpStream::connect(node.http);
+        let mut c = tokio::time::timeout(Duration::from_secs(3), connect)
+            .await
+            .ok()?
+            .ok()?;
+        c.write_all(b"GET /health HTTP/1.1\r\n").await.ok()?;
+        Some(c)
+    });
+    let held: Vec<tokio::net::TcpStream> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(held.len() >= 128, "{} connected", held.len());
+    // DICOM still answers while they are held.
+    let echo = support::echoscu(node.dicom, &[]).await;
+    assert!(echo.status.success(), "{}", support::text(&echo));
+    // The node closes those it took once the head's deadline (20 s) has
+    // passed, none before.
+    let closes = held.into_iter().map(|mut c| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout_at(opened + Duration::from_secs(27), c.read(&mut buf)).await {
+            // The node's close: an end of stream (it has read the half
+            // head, so nothing is left unread to turn its FIN into a
+            // reset). A reset is the kernel's, for a connection that
+            // overflowed the backlog: not counted.
+            Ok(Ok(0)) => Some(opened.elapsed()),
+            Ok(Err(_)) => None,
+            Ok(Ok(n)) => panic!("answered: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(_) => None,
+        }
+    });
+    let closed: Vec<Duration> = futures::future::join_all(closes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(closed.len() >= 100, "{} closed by the node", closed.len());
+    let earliest = closed.iter().min().unwrap();
+    assert!(
+        *earliest >= Duration::from_secs(15),
+        "closed after {earliest:?}"
+    );
+    let health = reqwest::Client::new()
+        .get(node.url("/health"))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(
+        !node.log().iter().any(|l| l.contains("Too many open files")),
+        "{:#?}",
+        node.log()
+    );
 }

@@ -296,9 +296,5 @@ pub async fn run(
             )),
         crate::tls::HttpListener::Plain(_) => router(state),
     };
-    // The peer's address reaches handlers (the audit messages name it).
-    let service = app.into_make_service_with_connect_info::<crate::tls::PeerAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::tls::serve(listener, app, shutdown).await
 }

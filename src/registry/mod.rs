@@ -272,19 +272,14 @@ pub async fn run(
     };
     let (listener, plain) = tls_listeners(listener, args, &shutdown).await?;
     // The peer address reaches the handlers (a refusal's audit entry).
-    let router =
-        server::router(state).into_make_service_with_connect_info::<crate::tls::PeerAddr>();
+    let router = server::router(state);
     let plain = plain.map(|plain| {
         let (router, shutdown) = (router.clone(), shutdown.clone());
         tokio::spawn(async move {
-            axum::serve(crate::tls::HttpListener::Plain(plain), router)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+            crate::tls::serve(crate::tls::HttpListener::Plain(plain), router, shutdown).await
         })
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    crate::tls::serve(listener, router, shutdown.clone()).await?;
     if let Some(plain) = plain {
         plain.await??;
     }

@@ -163,6 +163,7 @@ impl Region {
             peer_http: crate::tls::trust_ca_file(
                 reqwest::Client::builder()
                     .connect_timeout(Duration::from_secs(5))
+                    .pool_idle_timeout(crate::tls::CLIENT_POOL_IDLE)
                     .tcp_nodelay(true)
                     .no_proxy(),
                 tls_ca_file,

@@ -321,6 +321,12 @@ pub struct PeerAddr(pub SocketAddr);
 /// connection for no longer.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long the node's and the registry's HTTP clients keep an idle pooled
+/// connection: less than the servers' [`HEADER_READ_TIMEOUT`], after which
+/// a kept-alive HTTP/1 connection is closed, so a client never sends on a
+/// connection its server is closing.
+pub const CLIENT_POOL_IDLE: Duration = Duration::from_secs(15);
+
 /// Open HTTP connections (TLS handshakes under way included) one listener
 /// serves at once; past it, new ones wait in the kernel's backlog. Slow
 /// clients holding connections open can then shut out other HTTP clients

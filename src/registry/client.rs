@@ -52,6 +52,7 @@ impl RegistryClient {
         let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(crate::tls::CLIENT_POOL_IDLE)
             .tcp_nodelay(true)
             // The registry is reached directly; a proxy from the
             // environment would see every pseudonymous query.

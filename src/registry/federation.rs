@@ -278,10 +278,13 @@ impl Federation {
             // each member alive between queries (no TCP or TLS handshake
             // per fan-out), and TCP_NODELAY (reqwest's default, said
             // here) keeps a request's last segment from waiting for an ACK.
+            // Idle connections are let go before the member's server
+            // closes them (20 s, `tls::serve`), so none is reused as it
+            // closes.
             http: reqwest::Client::builder()
                 .connect_timeout(deadline)
                 .tcp_nodelay(true)
-                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_idle_timeout(crate::tls::CLIENT_POOL_IDLE)
                 .build()
                 .map_err(|e| e.to_string())?,
         })

@@ -334,16 +334,7 @@ pub const CLIENT_POOL_IDLE: Duration = Duration::from_secs(15);
 /// and the index need: a quarter of the process's limit (raised to its
 /// hard limit at start), 4,096 at most.
 pub fn max_http_connections() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct it is given and nothing else.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
-    } else {
-        1024
-    };
+    let soft = open_files_limit().map_or(1024, |l| l.rlim_cur);
     ((soft / 4) as usize).clamp(64, 4096)
 }
 
@@ -351,20 +342,25 @@ pub fn max_http_connections() -> usize {
 /// the default soft limit of a login shell (1,024) is fewer descriptors
 /// than a busy node's connections and files need.
 pub fn raise_open_files_limit() {
+    if let Some(mut limit) = open_files_limit()
+        && limit.rlim_cur < limit.rlim_max
+    {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            tracing::debug!("the open files limit could not be raised");
+        }
+    }
+}
+
+/// The process's limit on open files (soft, hard).
+fn open_files_limit() -> Option<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit and setrlimit read and write only the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::debug!("the open files limit could not be raised");
-            }
-        }
-    }
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
 }
 
 impl HttpListener {

@@ -27,6 +27,9 @@ pub enum Error {
     /// 413: the request body is larger than the configured limit.
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(u64),
+    /// 408: the client stopped sending its request body.
+    #[error("no request body data for {0} s")]
+    RequestTimeout(u64),
     /// 415: the request's Content-Type is not one this resource takes.
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(String),
@@ -49,6 +52,7 @@ impl Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

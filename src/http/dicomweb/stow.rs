@@ -120,8 +120,11 @@ async fn store(
 
     let constraints =
         multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(limit));
-    let mut multipart =
-        multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+    let mut multipart = multer::Multipart::with_constraints(
+        idle_timeout(body.into_data_stream(), BODY_IDLE),
+        boundary,
+        constraints,
+    );
     let ingest = &state.ingest;
     let mut outcomes = Vec::new();
     loop {
@@ -145,6 +148,38 @@ async fn store(
     ))
 }
 
+/// A body that brings nothing for this long is abandoned (408): a client
+/// that stops mid-upload holds its connection, one of a limited number
+/// (`tls::serve`), no longer.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The body brought no data for the idle time.
+#[derive(Debug, thiserror::Error)]
+#[error("no request body data for {0:?}")]
+struct BodyStalled(std::time::Duration);
+
+/// `body`, ended with [`BodyStalled`] when no chunk comes for `idle`.
+fn idle_timeout<S>(
+    body: S,
+    idle: std::time::Duration,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>>
++ Send
++ 'static
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, axum::Error>> + Unpin + Send + 'static,
+{
+    use futures::StreamExt;
+    futures::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
+            Ok(Some(Err(e))) => Some((Err(e.into()), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(BodyStalled(idle).into()), None)),
+        }
+    })
+}
+
 /// A broken body (framing, a dropped connection, the size limit) ends the
 /// request: parts already complete stay stored (each one is a C-STORE of
 /// its own), the part in flight was abandoned.
@@ -152,6 +187,9 @@ fn body_error(e: multer::Error, limit: u64, parts_done: usize) -> Error {
     tracing::info!(error = %e, parts_done, "STOW-RS request body unusable");
     match e {
         multer::Error::StreamSizeExceeded { .. } => Error::PayloadTooLarge(limit),
+        multer::Error::StreamReadFailed(e) if e.is::<BodyStalled>() => {
+            Error::RequestTimeout(BODY_IDLE.as_secs())
+        }
         other => Error::BadRequest(format!("multipart body: {other}")),
     }
 }
@@ -527,6 +565,24 @@ fn opt(s: String) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stalled_body_ends_with_body_stalled() {
+        use futures::StreamExt;
+        let body = futures::stream::iter([Ok(bytes::Bytes::from_static(b"--b\r\n"))])
+            .chain(futures::stream::pending());
+        let mut timed = std::pin::pin!(idle_timeout(
+            Box::pin(body),
+            std::time::Duration::from_millis(50)
+        ));
+        assert_eq!(timed.next().await.unwrap().unwrap(), &b"--b\r\n"[..]);
+        let stalled = timed.next().await.unwrap().unwrap_err();
+        assert!(stalled.is::<BodyStalled>(), "{stalled}");
+        assert!(timed.next().await.is_none());
+        // As multer hands it on: a 408, not a broken body's 400.
+        let answered = body_error(multer::Error::StreamReadFailed(stalled), 1 << 30, 1);
+        assert_eq!(answered.status(), StatusCode::REQUEST_TIMEOUT);
+    }
 
     #[test]
     fn header_uids_from_a_cut_data_set() {

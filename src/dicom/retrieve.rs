@@ -70,7 +70,8 @@ struct Broken(String);
 /// converted in memory.
 enum Payload {
     /// The stored data set; `pad` appends one zero byte to a stored deflate
-    /// stream of odd length (see [`crate::transcode::pad_deflated`]).
+    /// stream of odd length (dcmtk aborts on an odd fragment; see
+    /// `crate::transcode::convert_into`).
     Stream {
         reader: crate::storage::VerifiedReader,
         pad: bool,
@@ -112,7 +113,8 @@ async fn prepare(
     };
     // The whole object is needed to re-encode it (and to decode its pixel
     // data).
-    let mut whole = head;
+    let mut whole = Vec::with_capacity(instance.blob_size as usize);
+    whole.extend_from_slice(&head);
     whole.extend_from_slice(&rest_of_meta);
     reader
         .read_to_end(&mut whole)
@@ -120,12 +122,10 @@ async fn prepare(
         .map_err(|e| format!("blob {}: {e}", instance.blob_hash))?;
     let source = instance.transfer_syntax_uid.clone();
     let target = target.to_string();
-    tokio::task::spawn_blocking(move || {
-        crate::transcode::convert_data_set(&whole, &source, &target)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map(Payload::Converted)
+    tokio::task::spawn_blocking(move || crate::transcode::convert_data_set(whole, &source, &target))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(Payload::Converted)
 }
 
 /// Sends a prepared data set on a presentation context.

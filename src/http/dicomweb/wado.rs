@@ -272,7 +272,7 @@ async fn prepare(
     let loc = loc.clone();
     let converted = tokio::task::spawn_blocking(move || {
         crate::transcode::convert_part10(
-            &whole,
+            whole,
             &loc.sop_class_uid,
             &loc.sop_instance_uid,
             &loc.transfer_syntax_uid,

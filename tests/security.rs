@@ -358,15 +358,13 @@ async fn an_open_dicomweb_leaves_the_api_closed() {
         )
         .await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(
-        get(
-            &format!("http://{http}/dicom-web/studies/{uid}/series"),
-            None
-        )
-        .await
-        .0,
-        204
-    );
+    // No match: an empty array (PS3.18 8.3.4.4; once a 204).
+    let (status, body) = get(
+        &format!("http://{http}/dicom-web/studies/{uid}/series"),
+        None,
+    )
+    .await;
+    assert_eq!((status, body), (200, serde_json::json!([])));
 }
 
 /// Sends `files` with pynetdicom under `calling_ae_title`; their statuses.

@@ -159,7 +159,16 @@ pub async fn from_peer(
             crate::http::error::Error::Unavailable(format!("the holding hospital's node: {e}"))
         })?;
     match answer.status {
-        204 => Ok(axum::http::StatusCode::NO_CONTENT.into_response()),
+        // A holding node of an older release answers no match with 204:
+        // passed on as this node answers it, an empty array.
+        204 => Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(json::DICOM_JSON),
+            )],
+            "[]",
+        )
+            .into_response()),
         200..=299 => Ok((
             [(
                 header::CONTENT_TYPE,

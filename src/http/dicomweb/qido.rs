@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query as UrlQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use serde_json::{Map, Value};
@@ -343,19 +343,15 @@ async fn search(
     }
 
     // The first item decides the status: a failure before any match is a
-    // 503, no match a 204.
+    // 503; no match is 200 with an empty array. PS3.18 once said 204 (no
+    // body) and now says 200 (8.3.4.4): clients written to either read an
+    // empty array, while some (Orthanc's DICOMweb plugin) fail on a 204.
     let first = match rx.recv().await {
         Some(Item::Match(m)) => m,
         Some(Item::End(Outcome::Failed(e))) => {
             return Err(Error::Unavailable(format!("query: {e}")));
         }
-        Some(Item::End(_)) | None => {
-            let mut response = StatusCode::NO_CONTENT.into_response();
-            if let Some(w) = warning {
-                response.headers_mut().insert(header::WARNING, w);
-            }
-            return Ok(response);
-        }
+        Some(Item::End(_)) | None => return Ok(json_array_response("[]".into(), warning)),
     };
     let first_json = match_json(&first, level, &base, &requested);
     let stream = futures::stream::unfold(
@@ -387,14 +383,19 @@ async fn search(
             }
         },
     );
-    let mut response = Response::new(Body::from_stream(stream));
+    Ok(json_array_response(Body::from_stream(stream), warning))
+}
+
+/// A DICOM JSON array answer, with the Warning of keys set aside.
+fn json_array_response(body: Body, warning: Option<HeaderValue>) -> Response {
+    let mut response = Response::new(body);
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(DICOM_JSON));
     if let Some(w) = warning {
         response.headers_mut().insert(header::WARNING, w);
     }
-    Ok(response)
+    response
 }
 
 /// One match in the DICOM JSON model, with its retrieve URL and any
@@ -478,7 +479,11 @@ mod tests {
         for params in bad {
             let e = build_query(MatchOptions::default(), Level::Study, None, None, &params)
                 .unwrap_err();
-            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{params:?}");
+            assert_eq!(
+                e.status(),
+                axum::http::StatusCode::BAD_REQUEST,
+                "{params:?}"
+            );
         }
         assert!(
             build_query(

@@ -70,18 +70,18 @@ fn options(
             }
             "window" => {
                 let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+                // Finite numbers only: "nan" and "inf" parse as f64.
                 let number = |s: &str| {
                     s.parse::<f64>()
-                        .map_err(|_| bad(format!("window={value}: center,width,function")))
+                        .ok()
+                        .filter(|n| n.is_finite())
+                        .ok_or_else(|| bad(format!("window={value}: center,width,function")))
                 };
                 if parts.len() < 2 || parts.len() > 3 {
                     return Err(bad(format!("window={value}: center,width,function")));
                 }
                 let center = number(parts[0])?;
                 let width = number(parts[1])?;
-                if width <= 0.0 {
-                    return Err(bad(format!("window={value}: width must be positive")));
-                }
                 let function = match parts.get(2).map(|f| f.to_ascii_uppercase()) {
                     None => VoiLutFunction::Linear,
                     Some(f) if f == "LINEAR" => VoiLutFunction::Linear,
@@ -93,6 +93,17 @@ fn options(
                         )));
                     }
                 };
+                // PS3.3 C.11.2.1.2.1 and C.11.2.1.3.2: at least 1 for
+                // LINEAR and SIGMOID, above 0 for LINEAR_EXACT.
+                let least_ok = match function {
+                    VoiLutFunction::LinearExact => width > 0.0,
+                    _ => width >= 1.0,
+                };
+                if !least_ok {
+                    return Err(bad(format!(
+                        "window={value}: width must be at least 1 (above 0 for LINEAR_EXACT)"
+                    )));
+                }
                 out.window = Some((WindowLevel { center, width }, function));
             }
             "viewport" => {
@@ -352,6 +363,11 @@ mod tests {
         for bad in [
             ("window", "40"),
             ("window", "40,0"),
+            ("window", "nan,400"),
+            ("window", "40,nan"),
+            ("window", "40,inf"),
+            ("window", "40,0.5"),
+            ("window", "40,1e-320"),
             ("quality", "0"),
             ("viewport", "0,1"),
             ("bogus", "1"),

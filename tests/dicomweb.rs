@@ -624,6 +624,62 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
             .unwrap()
             .clone()
     };
+
+    // One instance asked for as a single-part application/dicom (what
+    // Microsoft's and Google's DICOMweb clients send): the stored blob as
+    // the body with `transfer-syntax=*`, Explicit VR Little Endian by
+    // default; a study asked for so is 406.
+    let jpeg = by_ts("1.2.840.10008.1.2.4.50");
+    let row = node.versions(&jpeg.sop_instance_uid).await.pop().unwrap();
+    let instance_path = format!(
+        "{}/studies/{}/series/{}/instances/{}",
+        base(&node),
+        row.study_instance_uid,
+        row.series_instance_uid,
+        row.sop_instance_uid
+    );
+    let stored = node.ingest.store().get(&row.blob_hash).await.unwrap();
+    let single = |accept: &'static str, path: String| async move {
+        let r = client()
+            .get(path)
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        (r.status().as_u16(), ct, r.bytes().await.unwrap())
+    };
+    let (status, ct, body) = single(
+        "application/dicom; transfer-syntax=*",
+        instance_path.clone(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        ct.as_deref(),
+        Some("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50")
+    );
+    assert_eq!(&body[..], &stored[..], "not the stored blob");
+    let (status, ct, body) = single("application/dicom", instance_path).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        ct.as_deref(),
+        Some("application/dicom; transfer-syntax=1.2.840.10008.1.2.1")
+    );
+    let converted = dicom_object::from_reader(&body[128..]).unwrap();
+    assert_eq!(
+        converted.meta().transfer_syntax().trim_end_matches('\0'),
+        "1.2.840.10008.1.2.1"
+    );
+    let (status, _, _) = single(
+        "application/dicom",
+        format!("{}/studies/{}", base(&node), jpeg.study_instance_uid),
+    )
+    .await;
+    assert_eq!(status, 406);
     for ts in [
         "1.2.840.10008.1.2.1",
         "1.2.840.10008.1.2",

@@ -292,7 +292,7 @@ async fn search(
         .collect();
     let warning = (!ignored.is_empty()).then(|| {
         HeaderValue::from_str(&format!(
-            "299 huren \"The following query keys were ignored (the index does not keep them): {}\"",
+            "299 huren \"The following query keys were ignored (not kept by the index, or of a level below the search): {}\"",
             ignored.join(", ")
         ))
         .ok()

@@ -222,26 +222,45 @@ impl Wanted {
     }
 }
 
+/// How the instances go out: as parts of `multipart/related; type=
+/// "application/dicom"`, or, for one instance asked for as
+/// `application/dicom` itself, as the whole body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Packaging {
+    Multipart,
+    /// PS3.18's instance resource takes a single-part `application/dicom`
+    /// too (the media type Microsoft's and Google's DICOMweb clients ask
+    /// for by default); never for a study or series.
+    SinglePart,
+}
+
 /// The first Accept range (by preference) that takes
-/// `multipart/related; type="application/dicom"` in a transfer syntax every
+/// `multipart/related; type="application/dicom"` (or, when `single` is
+/// allowed, `application/dicom` named as such) in a transfer syntax every
 /// instance can be served in.
-fn wanted(headers: &HeaderMap, stored: &[&str]) -> Option<Wanted> {
+fn wanted(headers: &HeaderMap, stored: &[&str], single: bool) -> Option<(Wanted, Packaging)> {
     media::accept(headers).iter().find_map(|range| {
-        let multipart = range.admits("multipart/related");
-        let part_ok = range
-            .param("type")
-            .is_none_or(|t| MediaType::parse(t).is_some_and(|t| t.admits("application/dicom")));
-        if !(multipart && part_ok) {
-            return None;
-        }
-        match range.param("transfer-syntax") {
+        let packaging = if range.essence == "application/dicom" && single {
+            Packaging::SinglePart
+        } else {
+            let multipart = range.admits("multipart/related");
+            let part_ok = range
+                .param("type")
+                .is_none_or(|t| MediaType::parse(t).is_some_and(|t| t.admits("application/dicom")));
+            if !(multipart && part_ok) {
+                return None;
+            }
+            Packaging::Multipart
+        };
+        let wanted = match range.param("transfer-syntax") {
             Some("*") => Some(Wanted::AsStored),
             None => Some(Wanted::Default),
             Some(ts) => stored
                 .iter()
                 .all(|s| crate::transcode::can_convert(s, ts))
                 .then(|| Wanted::Syntax(ts.to_string())),
-        }
+        };
+        wanted.map(|w| (w, packaging))
     })
 }
 
@@ -318,11 +337,38 @@ async fn retrieve(
         .iter()
         .map(|l| l.transfer_syntax_uid.as_str())
         .collect();
-    let Some(wanted) = wanted(headers, &stored) else {
+    let Some((wanted, packaging)) = wanted(headers, &stored, instance.is_some()) else {
         return Err(Error::NotAcceptable(
-            "instances are served as multipart/related; type=\"application/dicom\", as stored (transfer-syntax=*) or in an uncompressed transfer syntax they can be converted to".into(),
+            "instances are served as multipart/related; type=\"application/dicom\" (one instance also as application/dicom), as stored (transfer-syntax=*) or in an uncompressed transfer syntax they can be converted to".into(),
         ));
     };
+    if packaging == Packaging::SinglePart {
+        let loc = locations.into_iter().next().expect("locate returns one");
+        let (content_type, length, body) =
+            match prepare(state.ingest.store(), &loc, &wanted).await? {
+                Prepared::Blob(blob) => (
+                    format!(
+                        "application/dicom; transfer-syntax={}",
+                        loc.transfer_syntax_uid
+                    ),
+                    blob.len(),
+                    Body::from_stream(blob_stream(blob)),
+                ),
+                Prepared::Converted(bytes, ts) => (
+                    format!("application/dicom; transfer-syntax={ts}"),
+                    bytes.len() as u64,
+                    Body::from(bytes),
+                ),
+            };
+        let mut response = Response::new(body);
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(&content_type).expect("ASCII content type"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        return Ok(response);
+    }
     let boundary = media::boundary();
     let content_type = media::multipart_content_type("application/dicom", &boundary);
     let store = state.ingest.store().clone();
@@ -1189,8 +1235,26 @@ mod tests {
         for (accept, stored, want) in cases {
             let mut headers = HeaderMap::new();
             headers.insert(header::ACCEPT, HeaderValue::from_str(&accept).unwrap());
-            assert_eq!(wanted(&headers, &stored), want, "{accept} {stored:?}");
+            // As multipart parts, whether or not a single part may be.
+            let want = want.map(|w| (w, Packaging::Multipart));
+            assert_eq!(
+                wanted(&headers, &stored, false),
+                want,
+                "{accept} {stored:?}"
+            );
+            assert_eq!(wanted(&headers, &stored, true), want, "{accept} {stored:?}");
         }
+        // `application/dicom` itself: the whole body, for one instance only.
+        let mut single = HeaderMap::new();
+        single.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/dicom"),
+        );
+        assert_eq!(
+            wanted(&single, &[jpeg], true),
+            Some((Wanted::Default, Packaging::SinglePart))
+        );
+        assert_eq!(wanted(&single, &[jpeg], false), None);
         assert_eq!(Wanted::Default.target(implicit).as_deref(), Some(explicit));
         assert_eq!(Wanted::Default.target(explicit), None);
         assert_eq!(Wanted::Default.target(j2k), None);

@@ -632,18 +632,9 @@ async fn sign_in_is_throttled_per_account_and_address() {
 /// and a head not sent whole within 20 s loses its connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_request_heads_neither_stay_nor_starve_dicom() {
-    // This test's own sockets: room for them beside the other tests'.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and write only the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < 4096 {
-            limit.rlim_cur = limit.rlim_max.min(4096);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+    // This test's own sockets: room for them beside the other tests', as
+    // the node makes room for its own.
+    huren::tls::raise_open_files_limit();
     let dir = tempfile::tempdir().unwrap();
     let mut prlimit = Command::new("prlimit");
     prlimit.args(["--nofile=512:512", HUREN]);

@@ -270,6 +270,28 @@ enum Prepared {
     Converted(Bytes, String),
 }
 
+impl Prepared {
+    /// Its media type (`application/dicom` in the transfer syntax it goes
+    /// in), its length and its bytes: a part's, or a single-part body's.
+    fn into_body(self, loc: &InstanceLocation) -> (String, u64, ByteStream) {
+        match self {
+            Prepared::Blob(blob) => (
+                format!(
+                    "application/dicom; transfer-syntax={}",
+                    loc.transfer_syntax_uid
+                ),
+                blob.len(),
+                blob_stream(blob),
+            ),
+            Prepared::Converted(bytes, ts) => (
+                format!("application/dicom; transfer-syntax={ts}"),
+                bytes.len() as u64,
+                stream::once(async move { Ok(bytes) }).boxed(),
+            ),
+        }
+    }
+}
+
 /// Opens (and verifies) an instance's blob and converts it when the
 /// request wants another transfer syntax.
 async fn prepare(
@@ -344,23 +366,10 @@ async fn retrieve(
     };
     if packaging == Packaging::SinglePart {
         let loc = locations.into_iter().next().expect("locate returns one");
-        let (content_type, length, body) =
-            match prepare(state.ingest.store(), &loc, &wanted).await? {
-                Prepared::Blob(blob) => (
-                    format!(
-                        "application/dicom; transfer-syntax={}",
-                        loc.transfer_syntax_uid
-                    ),
-                    blob.len(),
-                    Body::from_stream(blob_stream(blob)),
-                ),
-                Prepared::Converted(bytes, ts) => (
-                    format!("application/dicom; transfer-syntax={ts}"),
-                    bytes.len() as u64,
-                    Body::from(bytes),
-                ),
-            };
-        let mut response = Response::new(body);
+        let (content_type, length, bytes) = prepare(state.ingest.store(), &loc, &wanted)
+            .await?
+            .into_body(&loc);
+        let mut response = Response::new(Body::from_stream(bytes));
         let h = response.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -394,32 +403,17 @@ async fn retrieve(
         .chain(rest)
         .flat_map(move |(loc, ready)| -> ByteStream {
             match ready {
-                Ok(Prepared::Blob(blob)) => {
+                Ok(prepared) => {
+                    let (content_type, length, bytes) = prepared.into_body(&loc);
                     let head = media::part_head(
                         &part_boundary,
-                        &format!(
-                            "application/dicom; transfer-syntax={}",
-                            loc.transfer_syntax_uid
-                        ),
-                        &[("Content-Length", blob.len().to_string())],
+                        &content_type,
+                        &[("Content-Length", length.to_string())],
                     );
                     stream::once(async move { Ok(Bytes::from(head)) })
-                        .chain(blob_stream(blob))
+                        .chain(bytes)
                         .chain(stream::once(async { Ok(Bytes::from_static(PART_END)) }))
                         .boxed()
-                }
-                Ok(Prepared::Converted(bytes, ts)) => {
-                    let head = media::part_head(
-                        &part_boundary,
-                        &format!("application/dicom; transfer-syntax={ts}"),
-                        &[("Content-Length", bytes.len().to_string())],
-                    );
-                    stream::iter([
-                        Ok(Bytes::from(head)),
-                        Ok(bytes),
-                        Ok(Bytes::from_static(PART_END)),
-                    ])
-                    .boxed()
                 }
                 Err(e) => {
                     // The response has started: cutting it is the only

@@ -278,6 +278,12 @@ def main():
                     f.write(json.dumps(t) + "\n")
         if first is None:
             sys.exit("the viewer drew nothing within the deadline")
+        # How the viewer drew, and what node A's `auto` found this
+        # browser's WebGL to be (null unless `auto`).
+        frame = viewer_frame(page)
+        drawn_on = frame.evaluate(
+            "window.cornerstone?.getShouldUseCPURendering?.() ? 'cpu' : 'webgl'") if frame else None
+        webgl_found = frame.evaluate("window.hurenWebgl ?? null") if frame else None
         fetch_s = None
         while time.monotonic() < deadline:
             done = [e for e in api(a.base, "/api/v1/peer/audit", token)["entries"]
@@ -297,6 +303,8 @@ def main():
             "instances_at_first_image": at_first,
             "fetch_s": round(fetch_s, 3) if fetch_s is not None else None,
             "instances": held(a.base, a.study, token),
+            "drawn_on": drawn_on,
+            "webgl_found": webgl_found,
         }), flush=True)
         browser.close()
 

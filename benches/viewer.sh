@@ -22,10 +22,10 @@
 #                  has rendered an image in it) or screenshot (element screenshots polled from
 #                  outside, the method before 2026-12-07's last round);
 #                  a comma list (canvas,screenshot) alternates by round
-#   --viewer-rendering R  node A's --viewer-rendering: auto (default: WebGL,
-#                  here software WebGL) or cpu (Cornerstone draws on the
-#                  CPU, as configured for workstations without a GPU); a
-#                  comma list (auto,cpu) alternates by round
+#   --viewer-rendering R  node A's --viewer-rendering: auto (default: the
+#                  browser finds its WebGL software here and draws on the
+#                  CPU), cpu (always the CPU), webgl (always WebGL, here
+#                  software); a comma list (auto,webgl) alternates by round
 #   --work-dir     default /tmp/huren-viewer-bench (DIR/run-<stamp>)
 #   --out FILE     default benches/results/viewer-<date>-<time>.md
 #
@@ -229,7 +229,7 @@ print("| round | probe | seen by | viewer rendering | first image (s) | instance
 print("|---|---|---|---|---|---|---|---|---|")
 for i, r in enumerate(rows, 1):
     ratio = r["first_image_s"] / r["fetch_s"] if r["fetch_s"] else float("nan")
-    print(f"| {i} | {r.get('probe', 'screenshot')} | {r.get('seen_by') or '–'} | {r.get('rendering', 'auto')} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} | {r['viewer_opened_s']:.2f} |")
+    print(f"| {i} | {r.get('probe', 'screenshot')} | {r.get('seen_by') or '–'} | {r.get('rendering', 'auto')}{' (drew on ' + r['drawn_on'] + (', WebGL found ' + r['webgl_found'] if r.get('webgl_found') else '') + ')' if r.get('drawn_on') else ''} | {r['first_image_s']:.2f} | {r['instances_at_first_image']} of {n} | {r['fetch_s']:.2f} | {ratio:.2f} | {r['viewer_opened_s']:.2f} |")
 for probe in sys.argv[10].split(","):
     for rendering in sorted({r.get("rendering", "auto") for r in rows}):
         group = [r for r in rows if r.get("probe", "screenshot") == probe and r.get("rendering", "auto") == rendering]

@@ -52,7 +52,8 @@ pub enum Durability {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ViewerRendering {
-    /// The viewer's own choice: WebGL where the browser has it.
+    /// WebGL where the browser's WebGL is the GPU's, the CPU where it is
+    /// software or missing (decided in the browser, src/http/viewer.rs).
     #[default]
     Auto,
     /// On the CPU, for workstations without a GPU (VDI, thin clients):
@@ -706,8 +707,8 @@ pub struct NodeArgs {
     #[arg(long, env = "HUREN_VIEWER_DIR")]
     pub viewer_dir: Option<PathBuf>,
 
-    /// How the viewer draws: auto (WebGL where the browser has it), cpu
-    /// (for workstations without a GPU), webgl [default: auto]
+    /// How the viewer draws: auto (WebGL where it is the GPU's, the CPU
+    /// where the browser's WebGL is software), cpu, webgl [default: auto]
     #[arg(long, env = "HUREN_VIEWER_RENDERING", value_enum)]
     pub viewer_rendering: Option<ViewerRendering>,
     /// DICOM TLS listen address (PS3.15 B.9, BCP 195; 2762 by convention),

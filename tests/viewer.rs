@@ -137,12 +137,14 @@ async fn region_with_a_prior(backend: Backend, peer_bandwidth: u64, tag: &str) -
         region.peer_bandwidth = peer_bandwidth;
         c.region = Some(region);
         c.viewer_dir = Some(dir.into());
-        // Each backend's run draws the viewer one way: WebGL (here the
-        // browser's software WebGL) on SQLite, the CPU on PostgreSQL.
+        // Each backend's run draws the viewer one way: `auto` on SQLite,
+        // which finds this browser's WebGL to be software (SwiftShader, the
+        // flags of tests/support/viewer_test.py) and so draws on the CPU;
+        // WebGL, insisted on, on PostgreSQL.
         c.viewer_rendering = if backend == Backend::SqliteLocal {
             huren::config::ViewerRendering::Auto
         } else {
-            huren::config::ViewerRendering::Cpu
+            huren::config::ViewerRendering::Webgl
         };
     })
     .await;
@@ -539,11 +541,21 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     let drawn = step(&lines, "drawn");
     assert!(drawn["seconds"].is_number(), "not drawn: {lines:#?}");
     assert!(drawn["levels"].as_u64().unwrap() > 16, "{drawn:#}");
-    // Drawn with WebGL on SQLite, on the CPU on PostgreSQL (node A's
-    // `viewer_rendering`, set per backend so both are drawn).
+    // On the CPU on SQLite (`auto`, which named the renderer software),
+    // with WebGL on PostgreSQL (node A's `viewer_rendering`, set per
+    // backend so both are drawn).
     assert_eq!(
         drawn["cpu_rendering"],
-        json!(backend != Backend::SqliteLocal),
+        json!(backend == Backend::SqliteLocal),
+        "{drawn:#}"
+    );
+    assert_eq!(
+        drawn["webgl_found"],
+        if backend == Backend::SqliteLocal {
+            json!("software")
+        } else {
+            json!(null)
+        },
         "{drawn:#}"
     );
     if slow_link {

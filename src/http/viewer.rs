@@ -110,6 +110,11 @@ fn app_config_js(rendering: ViewerRendering) -> String {
     // (docs/viewer.md says what the CPU mode lacks); it is also a modal
     // over the image.
     let fallback_notice = rendering != ViewerRendering::Cpu;
+    let detect = if rendering == ViewerRendering::Auto {
+        SOFTWARE_WEBGL_TO_CPU
+    } else {
+        ""
+    };
     let rendering = rendering
         .ohif_backend()
         .map(|backend| format!("\n    genericViewports: {{ viewportRendering: \"{backend}\" }},"))
@@ -161,13 +166,57 @@ fn app_config_js(rendering: ViewerRendering) -> String {
         }}
       }}
     ]
-  }};
+  }};{detect}
 }})();
 "#,
         dicomweb = super::dicomweb::BASE_PATH,
         base = BASE_PATH,
     )
 }
+
+/// `auto`'s choice, made in the browser before OHIF starts: WebGL where it
+/// is the GPU's, the CPU where the browser's WebGL is itself software
+/// (SwiftShader, llvmpipe: virtual desktops and thin clients, the common
+/// doctor's workstation in a hospital). There Cornerstone's pool of WebGL
+/// contexts costs 1.5-1.7 s before the first image and draws no faster than
+/// the CPU path (docs/viewer.md). Finding out takes one WebGL context (about
+/// 0.5 s in software, for the browser's GPU process to start), so the
+/// finding is kept in localStorage for a day: a renderer's kind, nothing
+/// about a patient or a session. `?viewportRendering=` in the URL is OHIF's
+/// own per-session choice and wins, so nothing is probed then. OHIF's
+/// "fell back to the CPU" notice is a modal over the image; the choice here
+/// is deliberate, so it is not shown.
+const SOFTWARE_WEBGL_TO_CPU: &str = r#"
+  if (!/[?&]([^&=]*\.)?viewportRendering=/.test(window.location.search)) {
+    var key = "huren.viewer.webgl", kind = null, now = Date.now();
+    try {
+      var known = JSON.parse(window.localStorage.getItem(key) || "null");
+      if (known && now - known.at < 86400000) kind = known.kind;
+    } catch (e) {}
+    if (!kind) {
+      kind = "none";
+      try {
+        var canvas = document.createElement("canvas");
+        var gl = canvas.getContext("webgl2") || canvas.getContext("webgl");
+        if (gl) {
+          var info = gl.getExtension("WEBGL_debug_renderer_info");
+          var renderer = String(gl.getParameter(info ? info.UNMASKED_RENDERER_WEBGL : gl.RENDERER));
+          kind = /swiftshader|llvmpipe|softpipe|lavapipe|basic render|software/i.test(renderer)
+            ? "software" : "hardware";
+          var lose = gl.getExtension("WEBGL_lose_context");
+          if (lose) lose.loseContext();
+        }
+      } catch (e) {}
+      try {
+        window.localStorage.setItem(key, JSON.stringify({ kind: kind, at: now }));
+      } catch (e) {}
+    }
+    window.hurenWebgl = kind;
+    if (kind !== "hardware") {
+      window.config.genericViewports = { viewportRendering: "cpu" };
+      window.config.showCPUFallbackMessage = false;
+    }
+  }"#;
 
 /// The file a request path names inside `dir`, from normal components
 /// only: `..`, absolute parts and empty names never leave the directory.
@@ -280,9 +329,13 @@ mod tests {
         );
         assert!(app_config_js(ViewerRendering::Webgl).contains(r#"viewportRendering: "webgl""#));
         assert!(cpu.contains("showCPUFallbackMessage: false,"), "{cpu}");
+        // `auto` decides in the browser: no fixed backend, the probe of
+        // the WebGL renderer instead (the browser test runs it).
         let auto = app_config_js(ViewerRendering::Auto);
-        assert!(!auto.contains("genericViewports"), "{auto}");
+        assert!(!auto.contains("genericViewports: {"), "{auto}");
+        assert!(auto.contains(SOFTWARE_WEBGL_TO_CPU), "{auto}");
         assert!(auto.contains("showCPUFallbackMessage: true,"), "{auto}");
+        assert!(!cpu.contains("UNMASKED_RENDERER_WEBGL"), "{cpu}");
     }
 
     #[test]

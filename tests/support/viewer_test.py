@@ -226,8 +226,11 @@ def doctor(args):
         viewer = next((f for f in page.frames if "/viewer/" in f.url), None)
         cpu_rendering = viewer.evaluate(
             "window.cornerstone?.getShouldUseCPURendering?.() ?? null") if viewer else None
+        # What `auto` found this browser's WebGL to be (app-config.js).
+        webgl_found = viewer.evaluate("window.hurenWebgl ?? null") if viewer else None
         emit(step="drawn", levels=levels, spread=spread, seconds=drawn,
              here_at_draw=here_at_draw, total=total, cpu_rendering=cpu_rendering,
+             webgl_found=webgl_found,
              canvases=view.locator("canvas.cornerstone-canvas").count())
         # The viewer's series thumbnails are the node's rendered JPEGs
         # (thumbnailRendering "thumbnail"): wait for one per series.

@@ -92,18 +92,23 @@ impl Found {
 /// Runs findscu (`-S` Study Root or `-P` Patient Root) with keys given as
 /// raw bytes, so that a GB18030 value reaches the node as GB18030.
 fn findscu(node: &TestNode, model: &str, keys: &[Vec<u8>]) -> Found {
+    findscu_with(node, &[model], keys)
+}
+
+/// findscu with options of its own (the information model among them).
+fn findscu_with(node: &TestNode, options: &[&str], keys: &[Vec<u8>]) -> Found {
     let out = tempfile::tempdir().unwrap();
-    let mut args: Vec<OsString> = vec![
-        "-d".into(),
-        model.into(),
+    let mut args: Vec<OsString> = vec!["-d".into()];
+    args.extend(options.iter().map(OsString::from));
+    args.extend::<[OsString; 6]>([
         "-X".into(),
         "-od".into(),
         out.path().into(),
         "-aec".into(),
         "HUREN".into(),
         node.host().into(),
-        node.port().to_string().into(),
-    ];
+    ]);
+    args.push(node.port().to_string().into());
     for k in keys {
         args.push("-k".into());
         args.push(OsString::from_vec(k.clone()));
@@ -372,6 +377,36 @@ async fn c_find_levels_and_counts(backend: Backend) {
     assert_eq!(r["InstitutionName"], "");
     // A key the index does not know: Pending 0xFF01, not 0xFF00.
     assert_eq!(study.statuses[0], 0xFF01);
+
+    // Sequence keys are returned as empty sequences (PS3.4 C.2.2.1.1), in
+    // Implicit VR Little Endian too, where findscu gives them an undefined
+    // length: an empty primitive value under VR SQ was left out of the
+    // response there (and warned about per match).
+    for syntax in ["-xi", "-xe"] {
+        let sequences = findscu_with(
+            &node,
+            &["-S", syntax],
+            &[
+                k("QueryRetrieveLevel=STUDY"),
+                format!("StudyInstanceUID={}", s1.study_instance_uid).into_bytes(),
+                k("ProcedureCodeSequence"),
+                k("ReferencedStudySequence"),
+            ],
+        );
+        assert_eq!(sequences.responses.len(), 1, "{}", sequences.log);
+        let r = &sequences.responses[0];
+        assert_eq!(
+            r["ProcedureCodeSequence"],
+            serde_json::json!([]),
+            "{syntax} {r:?}"
+        );
+        assert_eq!(
+            r["ReferencedStudySequence"],
+            serde_json::json!([]),
+            "{syntax} {r:?}"
+        );
+        assert_eq!(sequences.statuses[0], 0xFF01, "{}", sequences.log);
+    }
 
     // Patient Root, STUDY level under the patient.
     let studies_of_patient = findscu(

@@ -3,7 +3,7 @@
 //! context's transfer syntax and the identifier's character set.
 
 use dicom_core::header::Header;
-use dicom_core::value::PrimitiveValue;
+use dicom_core::value::{DataSetSequence, PrimitiveValue};
 use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
@@ -189,7 +189,8 @@ pub fn response(request: &InMemDicomObject, m: &Match, ae_title: &str) -> InMemD
             continue;
         }
         match m.get(tag) {
-            Some(e) if !e.values.is_empty() => {
+            // Sequence matching is not supported: empty (query_from).
+            Some(e) if !e.values.is_empty() && element.vr() != VR::SQ => {
                 out.put(DataElement::new(
                     tag,
                     e.vr,
@@ -197,11 +198,22 @@ pub fn response(request: &InMemDicomObject, m: &Match, ae_title: &str) -> InMemD
                 ));
             }
             _ => {
-                out.put(DataElement::new(tag, element.vr(), PrimitiveValue::Empty));
+                out.put(empty(tag, element.vr()));
             }
         }
     }
     out
+}
+
+/// A return key with no value. A sequence key is an empty sequence, not
+/// an empty primitive value under VR SQ: the writer would take the latter
+/// for malformed data and log a warning per match.
+fn empty(tag: Tag, vr: VR) -> dicom_object::mem::InMemElement {
+    if vr == VR::SQ {
+        DataElement::new(tag, VR::SQ, DataSetSequence::<InMemDicomObject>::empty())
+    } else {
+        DataElement::new(tag, vr, PrimitiveValue::Empty)
+    }
 }
 
 /// A study-level response for a regional prior held at another hospital:
@@ -257,7 +269,7 @@ pub fn regional_response(
                 out.put(DataElement::new(tag, element.vr(), PrimitiveValue::from(v)));
             }
             _ => {
-                out.put(DataElement::new(tag, element.vr(), PrimitiveValue::Empty));
+                out.put(empty(tag, element.vr()));
             }
         }
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Browser side of benches/viewer.sh (issue 19). Not a test.
 
-    viewer-browser.py --base URL --user ID --rid NUMBER --study UID [--warm]
+    viewer-browser.py --base URL --user ID --rid NUMBER --study UID [--warm [--warm-visits V]]
 
 Signs in at node A's page (password in HUREN_PAGE_PASSWORD), finds the
 patient (the timeline asks the registry, which tells A that B holds the
@@ -162,6 +162,9 @@ def main():
     ap.add_argument("--warm", action="store_true",
                     help="open the viewer once before the click (a doctor's browser that has"
                          " used it today: OHIF's files in its cache)")
+    ap.add_argument("--warm-visits", type=int, default=1,
+                    help="with --warm: how many times (Chromium reuses a script's compiled"
+                         " code from its third load)")
     ap.add_argument("--probe", choices=("canvas", "screenshot"), default="canvas",
                     help="how the first image is seen (module docstring)")
     a = ap.parse_args()
@@ -182,8 +185,9 @@ def main():
         if a.warm:
             # OHIF's files into the browser's cache (the node lets them be
             # cached for an hour); no study is opened, nothing fetched.
-            page.goto(f"{a.base}/viewer/", wait_until="networkidle")
-            page.goto(f"{a.base}/ui/")
+            for _ in range(a.warm_visits):
+                page.goto(f"{a.base}/viewer/", wait_until="networkidle")
+                page.goto(f"{a.base}/ui/")
         page.check("#kind-rid")
         page.fill("#identifier", a.rid)
         page.click("#find")

@@ -7,7 +7,7 @@
 # audit). Target: the first image before a tenth of the study has arrived.
 # Not a test. Figures: benches/results/viewer-*.md, docs/benchmarks.md.
 #
-#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--warm] [--probe P] [--viewer-rendering R] [--work-dir DIR] [--out FILE] [--keep]
+#   benches/viewer.sh [--instances N] [--runs R] [--peer-bandwidth B] [--warm [--warm-visits V]] [--probe P] [--viewer-rendering R] [--work-dir DIR] [--out FILE] [--keep]
 #
 #   --instances N  CT instances of the study (default 500, ~525 kB each)
 #   --runs R       rounds (default 3), each with a fresh node A
@@ -17,6 +17,11 @@
 #                  the hospitals.
 #   --warm         the browser opens the viewer once before the click (a
 #                  doctor's browser with OHIF's files in its cache)
+#   --warm-visits V  with --warm: V openings before the click (default 1).
+#                  Chromium keeps a script's compiled code only once it has
+#                  seen the script on two loads, so from the third opening
+#                  OHIF's bundle is not compiled again: a workstation that
+#                  has opened the viewer a few times today
 #   --probe P      how the first image is seen: canvas (default; a probe in
 #                  the viewer's page reads the viewport each time Cornerstone
 #                  has rendered an image in it) or screenshot (element screenshots polled from
@@ -55,6 +60,7 @@ instances=500
 runs=3
 peer_bandwidth=0
 warm=()
+warm_visits=1
 probe=canvas
 rendering=auto
 work_dir="${HUREN_BENCH_WORK:-/tmp/huren-viewer-bench}"
@@ -66,6 +72,7 @@ while [[ $# -gt 0 ]]; do
         --runs) runs="$2"; shift ;;
         --peer-bandwidth) peer_bandwidth="$2"; shift ;;
         --warm) warm=(--warm) ;;
+        --warm-visits) warm_visits="$2"; shift ;;
         --probe) probe="$2"; shift ;;
         --viewer-rendering) rendering="$2"; shift ;;
         --work-dir) work_dir="$2"; shift ;;
@@ -200,7 +207,7 @@ for (( r = 1; r <= runs; r++ )); do
     round_probe=${probes[$(( (r - 1) % ${#probes[@]} ))]}
     line=$(HUREN_BENCH_TOKEN="$BENCH_TOKEN" HUREN_SCREENSHOTS="${HUREN_SCREENSHOTS:-}" \
         "$BROWSER_PYTHON" "$here/viewer-browser.py" \
-        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" --probe "$round_probe" "${warm[@]}")
+        --base "$A" --user "$DOCTOR" --rid "$RID" --study "$UID_STUDY" --probe "$round_probe" "${warm[@]}" ${warm:+--warm-visits "$warm_visits"})
     line="${line%\}}, \"rendering\": \"$round_rendering\"}"
     echo "$line" >>"$results"
     log "round $r: $line"
@@ -210,13 +217,14 @@ done
 
 mkdir -p "$(dirname "$out_file")"
 "$PYTHON" - "$results" "$instances" "$command_line" "$(git -C "$repo" rev-parse --short HEAD)" "$HUREN_BIN" \
-    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" "$peer_bandwidth" "$(cut -d' ' -f1-3 /proc/loadavg)" "${warm[*]:-cold}" "$probe" \
+    "$(/usr/bin/chromium --version 2>/dev/null || echo chromium)" "$peer_bandwidth" "$(cut -d' ' -f1-3 /proc/loadavg)" "${warm:+$warm_visits}" "$probe" \
     >"$out_file" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 n = int(sys.argv[2])
 bw = int(sys.argv[7])
-cache = "warm browser cache (viewer opened once before)" if sys.argv[9] == "--warm" else "cold browser"
+cache = (("warm browser cache (viewer opened once before)" if sys.argv[9] == "1" else
+          f"warm browser cache (viewer opened {sys.argv[9]} times before)") if sys.argv[9] else "cold browser")
 link = f"A's peer fetches capped at {bw} bytes/s ({bw * 8 / 1e6:.0f} Mbit/s)" if bw else "loopback, no cap"
 methods = {"canvas": "a probe in the viewer's page reading the viewport's canvas each time Cornerstone reports an image rendered in it (`canvas`; column \"seen by\")",
            "screenshot": "element screenshots polled from outside (`screenshot`)"}

@@ -727,6 +727,45 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
         "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.50"
     );
     assert_eq!(&parts[0].1[..2], &[0xFF, 0xD8], "a JPEG stream");
+    // One frame may come as a single part payload (PS3.18 8.6), the frame
+    // itself with no multipart framing: as octets "as stored", or in its
+    // own media type. Without transfer-syntax=*, octets would need the
+    // frame decompressed: not acceptable.
+    let jpeg_frame_url = format!(
+        "{}/studies/{}/series/{}/instances/{}/frames/1",
+        base(&node),
+        jpeg_row.study_instance_uid,
+        jpeg_row.series_instance_uid,
+        jpeg.sop_instance_uid
+    );
+    for (accept, content_type) in [
+        (
+            "application/octet-stream; transfer-syntax=*",
+            Some("application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.50"),
+        ),
+        (
+            "image/jpeg",
+            Some("image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"),
+        ),
+        ("application/octet-stream", None),
+    ] {
+        let response = client()
+            .get(&jpeg_frame_url)
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap();
+        let Some(content_type) = content_type else {
+            assert_eq!(response.status().as_u16(), 406, "{accept}");
+            continue;
+        };
+        assert_eq!(response.status().as_u16(), 200, "{accept}");
+        assert_eq!(response.headers()["content-type"], content_type, "{accept}");
+        assert!(
+            response.bytes().await.unwrap() == parts[0].1,
+            "{accept}: not the frame as stored"
+        );
+    }
 
     let ct = by_ts("1.2.840.10008.1.2.1");
     let bytes = std::fs::read(&ct.path).unwrap();
@@ -759,6 +798,26 @@ async fn wado_rs_retrieves_byte_identical(backend: Backend) {
     assert_eq!(response.status().as_u16(), 200);
     let parts = multipart_parts(response).await;
     assert_eq!(parts[0].1, pixel_data);
+    // The one frame of a single-frame instance, as the whole payload: as
+    // bulk data and as frame 1.
+    for resource in ["bulkdata/7FE00010", "frames/1"] {
+        let response = client()
+            .get(format!("{instance_url}/{resource}"))
+            .header("Accept", "application/octet-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{resource}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/octet-stream",
+            "{resource}"
+        );
+        assert!(
+            response.bytes().await.unwrap() == pixel_data,
+            "{resource}: not the pixel data"
+        );
+    }
     // The instance's own first window (40/400) is applied by default; a
     // window parameter replaces it.
     let mut rendered = Vec::new();
@@ -1150,6 +1209,24 @@ async fn large_instance_through_stow_and_wado(backend: Backend) {
     let pattern: Vec<u8> = (0..=255u8).collect::<Vec<u8>>().repeat(512 * 512 * 2 / 256);
     assert!(parts[0].1 == pattern, "frame 2 is not the frame written");
     assert_eq!(parts[0].0, "application/octet-stream");
+    // A single part payload holds one frame, never two (PS3.18 8.6); nor
+    // is the Pixel Data of several frames one item.
+    for (resource, expected) in [
+        ("frames/2", 200),
+        ("frames/1,2", 406),
+        ("bulkdata/7FE00010", 406),
+    ] {
+        let response = client()
+            .get(format!("{url}/{resource}"))
+            .header("Accept", "application/octet-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), expected, "{resource}");
+        if expected == 200 {
+            assert!(response.bytes().await.unwrap() == pattern, "{resource}");
+        }
+    }
     // One frame of it rendered (only that frame is read).
     let response = client()
         .get(format!("{url}/frames/2/rendered"))

@@ -596,6 +596,13 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
             .contains(&json!(200)),
         "{dicomweb:#}"
     );
+    // The viewer read its frames one at a time, each as the whole payload
+    // (single part: app-config.js's acceptHeader), none as multipart.
+    assert_eq!(
+        dicomweb["frame_types"],
+        json!(["application/octet-stream"]),
+        "{dicomweb:#}"
+    );
     // Every file the viewer asked for is served under /viewer/.
     assert_eq!(dicomweb["missing"], json!([]), "{dicomweb:#}");
     assert_eq!(dicomweb["methods"], json!(["GET"]), "{dicomweb:#}");

@@ -162,6 +162,13 @@ fn app_config_js(rendering: ViewerRendering) -> String {
           singlepart: "bulkdata,video",
           bulkDataURI: {{ enabled: true, relativeResolution: "studies" }},
           omitQuotationForMultipartRequest: true,
+          // Each frame as the whole payload (one frame per request, PS3.18
+          // 8.6): Cornerstone uses a response that is not multipart as it
+          // is, where it would search a multipart one for its boundary
+          // byte by byte, again at every 128 KiB received (about 0.5 s of
+          // the page's thread before the first image, on this project's
+          // machine; docs/viewer.md).
+          acceptHeader: ["application/octet-stream; transfer-syntax=*"],
           dicomUploadEnabled: false
         }}
       }}
@@ -336,6 +343,10 @@ mod tests {
         assert!(auto.contains(SOFTWARE_WEBGL_TO_CPU), "{auto}");
         assert!(auto.contains("showCPUFallbackMessage: true,"), "{auto}");
         assert!(!cpu.contains("UNMASKED_RENDERER_WEBGL"), "{cpu}");
+        assert!(
+            auto.contains(r#"acceptHeader: ["application/octet-stream; transfer-syntax=*"],"#),
+            "{auto}"
+        );
     }
 
     #[test]

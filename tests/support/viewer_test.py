@@ -76,7 +76,8 @@ def watch_dicomweb(page, missing=None):
 
     def on_response(r):
         if "/dicom-web/" in r.url:
-            seen.append({"url": r.url, "status": r.status, "method": r.request.method})
+            seen.append({"url": r.url, "status": r.status, "method": r.request.method,
+                         "content_type": r.headers.get("content-type", "")})
         elif r.status == 404 and missing is not None:
             missing.append(r.url)
 
@@ -261,7 +262,11 @@ def doctor(args):
             emit(step="arrived", state=state, seconds=round(time.monotonic() - clicked, 3))
             shot(page, "viewer-arrived.png")
         statuses = sorted({r["status"] for r in seen})
-        emit(step="dicomweb", statuses=statuses, count=len(seen),
+        # The frames the viewer read: their media types (single part or
+        # multipart).
+        frame_types = sorted({r["content_type"].split(";")[0] for r in seen
+                              if "/frames/" in r["url"] and r["status"] == 200})
+        emit(step="dicomweb", statuses=statuses, count=len(seen), frame_types=frame_types,
              methods=sorted({r["method"] for r in seen}),
              refused=[r for r in seen if r["status"] in (401, 403)],
              failed=[r for r in seen if r["status"] >= 500],

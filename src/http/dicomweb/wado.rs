@@ -969,40 +969,83 @@ fn accepts_part(range: &MediaType, part_type: &str, ts: &str) -> bool {
     let type_ok = range
         .param("type")
         .is_none_or(|t| MediaType::parse(t).is_some_and(|t| t.admits(part_type)));
-    let ts_ok = match range.param("transfer-syntax") {
-        None | Some("*") => true,
-        // Native frames go out as little endian octets: the explicit VR
-        // little endian transfer syntax names them.
-        Some(wanted) => wanted == ts || (is_native(ts) && wanted == "1.2.840.10008.1.2.1"),
-    };
-    type_ok && ts_ok
+    type_ok && transfer_syntax_ok(range.param("transfer-syntax"), ts)
 }
 
-/// The part media type for frames (or pixel bulk data) stored in `ts`:
-/// their own media type (PS3.18 Table 8.7.3-2) when an Accept range takes
-/// it, or `application/octet-stream` when a range asks for octets with
-/// `transfer-syntax=*` (as stored, whatever the encoding: what OHIF asks
-/// for). Nothing is transcoded.
-fn negotiate_pixel_parts(headers: &HeaderMap, ts: &str) -> Result<&'static str, Error> {
+/// The media type for frames (or pixel bulk data) stored in `ts`, and how
+/// they go out: their own media type (PS3.18 Table 8.7.3-2) when an Accept
+/// range takes it, or `application/octet-stream` when a range asks for
+/// octets with `transfer-syntax=*` (as stored, whatever the encoding: what
+/// OHIF asks for). Nothing is transcoded. As parts of a multipart/related
+/// payload, or, when `single` (exactly one frame asked for), as a single
+/// part payload when the range names a single part media type (PS3.18
+/// 8.6: "only applicable for requests that return exactly one item"): a
+/// viewer then reads the frame as it is, with no boundary to search for.
+fn negotiate_pixel_payload(
+    headers: &HeaderMap,
+    ts: &str,
+    single: bool,
+) -> Result<(Packaging, &'static str), Error> {
     let native = frame_media_type(ts).ok_or_else(|| {
         Error::NotAcceptable(format!("frames of transfer syntax {ts} are not served"))
     })?;
-    for range in media::accept(headers) {
-        if accepts_part(&range, native, ts) {
-            return Ok(native);
-        }
-        if range.admits("multipart/related")
-            && range.param("transfer-syntax") == Some("*")
+    let octets_as_stored = |range: &MediaType| {
+        range.param("transfer-syntax") == Some("*")
             && range.param("type").is_some_and(|t| {
                 MediaType::parse(t).is_some_and(|t| t.essence == "application/octet-stream")
             })
-        {
-            return Ok("application/octet-stream");
+    };
+    for range in media::accept(headers) {
+        if accepts_part(&range, native, ts) {
+            return Ok((Packaging::Multipart, native));
+        }
+        if range.admits("multipart/related") && octets_as_stored(&range) {
+            return Ok((Packaging::Multipart, "application/octet-stream"));
+        }
+        if single && range.essence != "*/*" && !range.admits("multipart/related") {
+            if range.admits(native) && transfer_syntax_ok(range.param("transfer-syntax"), ts) {
+                return Ok((Packaging::SinglePart, native));
+            }
+            if range.essence == "application/octet-stream"
+                && range.param("transfer-syntax") == Some("*")
+            {
+                return Ok((Packaging::SinglePart, "application/octet-stream"));
+            }
         }
     }
     Err(Error::NotAcceptable(format!(
-        "these frames are served as multipart/related; type=\"{native}\" (or type=\"application/octet-stream\"; transfer-syntax=*)"
+        "these frames are served as multipart/related; type=\"{native}\" (or type=\"application/octet-stream\"; transfer-syntax=*), or, one frame, as {native} itself"
     )))
+}
+
+/// Whether a range's `transfer-syntax` parameter admits frames stored in
+/// `ts`. Native frames go out as little endian octets: the explicit VR
+/// little endian transfer syntax names them.
+fn transfer_syntax_ok(wanted: Option<&str>, ts: &str) -> bool {
+    match wanted {
+        None | Some("*") => true,
+        Some(wanted) => wanted == ts || (is_native(ts) && wanted == "1.2.840.10008.1.2.1"),
+    }
+}
+
+/// The Content-Type of one frame (or bulk data item), as a part or as a
+/// single part payload: the transfer syntax named unless native.
+fn pixel_content_type(media_type: &str, ts: &str) -> String {
+    if is_native(ts) {
+        media_type.to_string()
+    } else {
+        format!("{media_type}; transfer-syntax={ts}")
+    }
+}
+
+/// One frame (or bulk data item) as the whole payload.
+fn single_part(media_type: &str, ts: &str, bytes: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(bytes));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&pixel_content_type(media_type, ts)).expect("ASCII content type"),
+    );
+    response
 }
 
 pub async fn frames(
@@ -1014,13 +1057,20 @@ pub async fn frames(
     let loc = locate(&state, &study, Some(&series), Some(&instance))
         .await?
         .remove(0);
-    let part_type = negotiate_pixel_parts(&headers, &loc.transfer_syntax_uid)?;
-    if let Some(frames) = native_frame_stream(state.ingest.store(), &loc, numbers.clone()).await? {
-        return Ok(octet_part_stream(
-            part_type,
-            &loc.transfer_syntax_uid,
-            frames,
-        ));
+    let ts = loc.transfer_syntax_uid.as_str();
+    let (packaging, part_type) = negotiate_pixel_payload(&headers, ts, numbers.len() == 1)?;
+    if let Some(mut frames) =
+        native_frame_stream(state.ingest.store(), &loc, numbers.clone()).await?
+    {
+        if packaging == Packaging::SinglePart {
+            let frame = frames
+                .next()
+                .await
+                .ok_or(Error::NotFound("frame"))?
+                .map_err(|e| Error::Internal(format!("reading frame: {e}")))?;
+            return Ok(single_part(part_type, ts, frame));
+        }
+        return Ok(octet_part_stream(part_type, ts, frames));
     }
     // Encapsulated: the instance is parsed whole (its fragments must be
     // told apart); each frame asked for is moved out, never copied.
@@ -1032,7 +1082,10 @@ pub async fn frames(
         let frame = all.get_mut(n - 1).and_then(Option::take);
         selected.push(frame.ok_or(Error::NotFound("frame"))?);
     }
-    Ok(octet_parts(part_type, &loc.transfer_syntax_uid, selected))
+    if packaging == Packaging::SinglePart {
+        return Ok(single_part(part_type, ts, selected.remove(0)));
+    }
+    Ok(octet_parts(part_type, ts, selected))
 }
 
 fn octet_parts(part_type: &str, ts: &str, parts: Vec<Vec<u8>>) -> Response {
@@ -1051,11 +1104,7 @@ fn octet_part_stream(
 ) -> Response {
     let boundary = media::boundary();
     let content_type = media::multipart_content_type(part_type, &boundary);
-    let part_content_type = if is_native(ts) {
-        part_type.to_string()
-    } else {
-        format!("{part_type}; transfer-syntax={ts}")
-    };
+    let part_content_type = pixel_content_type(part_type, ts);
     let head_boundary = boundary.clone();
     let chunks = parts.flat_map(move |part| {
         let chunks: Vec<Result<Bytes, io::Error>> = match part {
@@ -1088,13 +1137,15 @@ pub async fn bulkdata(
         .await?
         .remove(0);
     if tag == tags::PIXEL_DATA {
-        let part_type = negotiate_pixel_parts(&headers, &loc.transfer_syntax_uid)?;
+        let ts = loc.transfer_syntax_uid.as_str();
         let obj = open_object(state.ingest.store(), &loc, None).await?;
-        return Ok(octet_parts(
-            part_type,
-            &loc.transfer_syntax_uid,
-            frames_of(&obj)?,
-        ));
+        let mut frames = frames_of(&obj)?;
+        drop(obj);
+        let (packaging, part_type) = negotiate_pixel_payload(&headers, ts, frames.len() == 1)?;
+        if packaging == Packaging::SinglePart {
+            return Ok(single_part(part_type, ts, frames.remove(0)));
+        }
+        return Ok(octet_parts(part_type, ts, frames));
     }
     let obj = open_object(state.ingest.store(), &loc, Some(tags::PIXEL_DATA)).await?;
     let element = obj.get(tag).ok_or(Error::NotFound("bulk data"))?;
@@ -1102,19 +1153,24 @@ pub async fn bulkdata(
         DicomValue::Primitive(v) => v.to_bytes().into_owned(),
         _ => return Err(Error::NotFound("bulk data")),
     };
-    if !media::accept(&headers)
-        .iter()
-        .any(|r| accepts_part(r, "application/octet-stream", "1.2.840.10008.1.2.1"))
-    {
-        return Err(Error::NotAcceptable(
-            "bulk data is served as multipart/related; type=\"application/octet-stream\"".into(),
-        ));
+    // One value: as a part, or as the whole payload when the preferred
+    // range is application/octet-stream itself (PS3.18 8.6).
+    let (octets, little_endian) = ("application/octet-stream", "1.2.840.10008.1.2.1");
+    let packaging = media::accept(&headers).iter().find_map(|r| {
+        if accepts_part(r, octets, little_endian) {
+            Some(Packaging::Multipart)
+        } else {
+            (r.essence == octets && transfer_syntax_ok(r.param("transfer-syntax"), little_endian))
+                .then_some(Packaging::SinglePart)
+        }
+    });
+    match packaging {
+        Some(Packaging::Multipart) => Ok(octet_parts(octets, little_endian, vec![bytes])),
+        Some(Packaging::SinglePart) => Ok(single_part(octets, little_endian, bytes)),
+        None => Err(Error::NotAcceptable(
+            "bulk data is served as multipart/related; type=\"application/octet-stream\", or as application/octet-stream".into(),
+        )),
     }
-    Ok(octet_parts(
-        "application/octet-stream",
-        "1.2.840.10008.1.2.1",
-        vec![bytes],
-    ))
 }
 
 #[cfg(test)]

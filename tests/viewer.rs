@@ -726,6 +726,29 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
         get(format!("{base}/dicom-web/studies/1.2.3/series")).await,
         401
     );
+    // The opened study's key given again, for another study or for all
+    // (by keyword, by tag in either case, percent-encoded): no one study,
+    // so no session read; and a search with an attribute twice is 400 even
+    // with the operator's token (the second would replace the first).
+    for extra in [
+        "StudyInstanceUID=",
+        "StudyInstanceUID=*",
+        "0020000D=1.2.3",
+        "0020000d=",
+        "Study%49nstanceUID=",
+    ] {
+        for resource in ["studies", "series", "instances"] {
+            let url = format!("{base}/dicom-web/{resource}?StudyInstanceUID={uid}&{extra}");
+            assert_eq!(get(url.clone()).await, 401, "{url}");
+            let r = http
+                .get(&url)
+                .bearer_auth(support::NODE_API_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{url}");
+        }
+    }
     // No write with the cookie: STOW-RS needs a token.
     let r = http
         .post(format!("{base}/dicom-web/studies"))

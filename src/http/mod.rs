@@ -223,15 +223,7 @@ async fn grant_access(
                 axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri())
                     .ok()
                     .and_then(|axum::extract::Query(params)| {
-                        let keyed: Vec<String> = params
-                            .into_iter()
-                            .filter(|(k, _)| k == "StudyInstanceUID" || k == "0020000D")
-                            .map(|(_, v)| v)
-                            .collect();
-                        match <[String; 1]>::try_from(keyed) {
-                            Ok([one]) => Some(one),
-                            Err(_) => None,
-                        }
+                        dicomweb::qido::keyed_study(&params).map(str::to_string)
                     })
             })
             .flatten();

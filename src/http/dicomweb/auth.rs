@@ -131,11 +131,13 @@ pub fn study_of(path: &str, query: Option<&str>) -> Option<String> {
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let uid = match segments.as_slice() {
         ["studies", uid, ..] => Some(uid.to_string()),
+        // A search: keyed on one study exactly as the search reads its keys
+        // (percent-decoded, by keyword or tag); a repeated key is no scope.
         ["studies" | "series" | "instances"] => query.and_then(|q| {
-            q.split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=')?;
-                (k == "StudyInstanceUID" || k == "0020000D").then(|| v.to_string())
-            })
+            let uri: axum::http::Uri = format!("/?{q}").parse().ok()?;
+            let axum::extract::Query(params) =
+                axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok()?;
+            super::qido::keyed_study(&params).map(str::to_string)
         }),
         _ => None,
     }?;
@@ -271,6 +273,26 @@ mod tests {
                 Some("1.2.3"),
             ),
             ("/series", Some("0020000D=1.2.3"), Some("1.2.3")),
+            ("/series", Some("0020000d=1.2.3"), Some("1.2.3")),
+            ("/studies", Some("Study%49nstanceUID=1.2.3"), Some("1.2.3")),
+            // Repeated, empty, wildcard or listed: no one study.
+            (
+                "/studies",
+                Some("StudyInstanceUID=1.2.3&StudyInstanceUID="),
+                None,
+            ),
+            (
+                "/studies",
+                Some("StudyInstanceUID=1.2.3&0020000d=4.5"),
+                None,
+            ),
+            (
+                "/studies",
+                Some("StudyInstanceUID=1.2.3&Study%49nstanceUID=*"),
+                None,
+            ),
+            ("/studies", Some("StudyInstanceUID=*"), None),
+            ("/studies", Some("StudyInstanceUID=1.2.3%5C4.5"), None),
             ("/studies", Some("PatientID=X"), None),
             ("/studies", None, None),
             ("/studies/not a uid", None, None),

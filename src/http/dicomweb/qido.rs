@@ -123,6 +123,7 @@ pub fn build_query(
     let bad = |m: String| Error::BadRequest(m);
     let mut query = Query::new(level);
     let mut options = node_options;
+    let mut keys_seen = std::collections::HashSet::new();
     let defaults = match level {
         Level::Patient | Level::Study => STUDY_DEFAULTS,
         Level::Series => SERIES_DEFAULTS,
@@ -202,11 +203,37 @@ pub fn build_query(
                         "{key}: fixed by the request path; a query parameter may not change it"
                     )));
                 }
+                // One condition per attribute: a second would replace the
+                // first, and a check that read the first (the scope of a
+                // grant or a session) would not be the search that runs.
+                if !keys_seen.insert(tag) {
+                    return Err(bad(format!(
+                        "{key}: the attribute is given more than once; give one value (a list is a\\b)"
+                    )));
+                }
                 query.add_key(tag, value).map_err(|e| bad(e.to_string()))?;
             }
         }
     }
     Ok((query, options))
+}
+
+/// The one study a search is keyed on: the value of its only Study
+/// Instance UID key, read as [`build_query`] reads keys (by keyword or by
+/// tag, in either case), when that value is one UID (no wildcard, no list).
+/// None when the key is absent, repeated, or not one UID: such a search
+/// is not scoped to a study, and a grant or a page session, which admit
+/// one study, may not run it.
+pub fn keyed_study(params: &[(String, String)]) -> Option<&str> {
+    let mut keyed = params
+        .iter()
+        .filter(|(k, _)| query::tag_from_keyword_or_hex(k) == Some(tags::STUDY_INSTANCE_UID))
+        .map(|(_, v)| v.as_str());
+    let one = keyed.next()?;
+    if keyed.next().is_some() {
+        return None;
+    }
+    crate::types::Uid::parse(one).ok().map(|_| one)
 }
 
 async fn search(
@@ -224,13 +251,8 @@ async fn search(
     // A search keyed on exactly the grant's study (`/studies?
     // StudyInstanceUID=…`, as a viewer searches for the study it opens) is
     // scoped to it as well: the key is one UID, matched exactly.
-    let keyed: Vec<&str> = params
-        .iter()
-        .filter(|(k, _)| k == "StudyInstanceUID" || k == "0020000D")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    let scoped = study.as_deref().or(match keyed.as_slice() {
-        [one] if level != Level::Patient => Some(*one),
+    let scoped = study.as_deref().or(match keyed_study(&params) {
+        Some(one) if level != Level::Patient => Some(one),
         _ => None,
     });
     if let Some(axum::Extension(crate::http::GrantAccess(grant))) = &grant
@@ -243,12 +265,9 @@ async fn search(
     media::require_json(&headers)?;
     // A study still arriving from another hospital, which the viewer reads
     // while it arrives: the holding node answers the search within it.
-    let searched = study.clone().or_else(|| {
-        params
-            .iter()
-            .find(|(k, _)| k == "StudyInstanceUID" || k == "0020000D")
-            .map(|(_, v)| v.clone())
-    });
+    let searched = study
+        .clone()
+        .or_else(|| keyed_study(&params).map(str::to_string));
     if grant.is_none()
         && level != Level::Patient
         && let Some(searched) = searched

@@ -5,6 +5,19 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The contract's free-text names (a user ID, a request ID): 1 to `max`
+/// bytes, not only spaces, no control characters. The registry refuses
+/// anything else, so the node refuses it first, as its caller's error.
+pub fn check_printable(field: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.trim().is_empty() || value.len() > max || value.chars().any(char::is_control) {
+        Err(format!(
+            "{field} must be 1 to {max} bytes of printable text"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Hospital levels (医院等级), highest first. Ordered: `a > b` means `a` is
 /// the higher level. The order follows the national grading; "三级" and
 /// "二级" without a grade sit below the graded hospitals of their class.

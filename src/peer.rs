@@ -908,32 +908,43 @@ async fn fetch_series_by_series(
         .or_else(|| grant.dicomweb_base_url.clone())
         .ok_or_else(|| Error::NoPeer(holding.to_string()))?;
     let http = region.peer_http();
-    let manifest: StudyManifest = {
-        let url = format!(
-            "{}/api/v1/studies/{}/manifest",
-            api_base(&base),
-            uid.as_str()
-        );
-        let response = http
-            .get(&url)
-            .bearer_auth(&grant.token)
-            .send()
-            .await
-            .map_err(|e| Error::Peer(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(Error::Peer(format!("manifest: {}", response.status())));
-        }
-        response
-            .json()
-            .await
-            .map_err(|e| Error::Peer(e.to_string()))?
+    let url = format!(
+        "{}/api/v1/studies/{}/manifest",
+        api_base(&base),
+        uid.as_str()
+    );
+    // A fetch that fails before its first instance is audited as any
+    // failed fetch: the grant was issued in the doctor's name.
+    let hashes = match fetch_manifest(&http, &url, &grant.token).await {
+        Ok(manifest) => manifest
+            .instances
+            .iter()
+            .map(|i| {
+                BlobHash::parse(&i.blob_hash)
+                    .map(|h| (i.sop_instance_uid.clone(), h))
+                    .map_err(|_| Error::Integrity(format!("manifest hash {:?}", i.blob_hash)))
+            })
+            .collect::<Result<Vec<_>, Error>>()
+            .map(|hashes| (manifest, hashes)),
+        Err(e) => Err(e),
     };
-    let mut hashes = Vec::with_capacity(manifest.instances.len());
-    for i in &manifest.instances {
-        let h = BlobHash::parse(&i.blob_hash)
-            .map_err(|_| Error::Integrity(format!("manifest hash {:?}", i.blob_hash)))?;
-        hashes.push((i.sop_instance_uid.clone(), h));
-    }
+    let (manifest, hashes) = match hashes {
+        Ok(ok) => ok,
+        Err(e) => {
+            audit(
+                region,
+                "fetch_failed",
+                holding,
+                uid.as_str(),
+                purpose,
+                user_id,
+                &grant.grant_id,
+                &format!("0 fetched; manifest: {e}"),
+            )
+            .await;
+            return Err(e);
+        }
+    };
     let root = publish::content_root(hashes.iter().map(|(s, h)| (s.as_str(), h)));
     if root != grant.content_root || manifest.content_root != grant.content_root {
         tracing::error!(
@@ -1555,6 +1566,66 @@ async fn fetch_instance(
         ))),
         Err(e) => Err(Error::Peer(e.to_string())),
     }
+}
+
+/// The most a study manifest may take (one JSON entry per instance, a few
+/// hundred bytes each: about 200,000 instances). Another hospital's node,
+/// broken or hostile, must not be able to make this node hold more.
+const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024;
+
+/// How long the holding node has to send the whole manifest.
+const MANIFEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The holding node's manifest of a study, read to at most
+/// [`MAX_MANIFEST_BYTES`] within [`MANIFEST_DEADLINE`].
+async fn fetch_manifest(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> Result<StudyManifest, Error> {
+    let read = async {
+        let mut response = http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| Error::Peer(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(Error::Peer(format!("manifest: {}", response.status())));
+        }
+        let too_large = || {
+            Error::Peer(format!(
+                "manifest: larger than {} MiB",
+                MAX_MANIFEST_BYTES >> 20
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| Error::Peer(format!("manifest: {e}")))?
+        {
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|e| Error::Peer(format!("manifest: {e}")))
+    };
+    tokio::time::timeout(MANIFEST_DEADLINE, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Peer(format!(
+                "manifest: not received within {} s",
+                MANIFEST_DEADLINE.as_secs()
+            )))
+        })
 }
 
 #[allow(clippy::too_many_arguments)]

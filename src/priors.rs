@@ -302,12 +302,9 @@ fn month_of(date: &chrono::NaiveDate) -> String {
 /// warning event for the region's statistics.
 pub async fn run_check(region: &Arc<Region>, request: &CheckRequest) -> Result<CheckAnswer, Error> {
     let list = region.list().ok_or(Error::NoList)?;
+    crate::contract::check_printable("ordering_doctor", &request.ordering_doctor, 128)
+        .map_err(Error::Invalid)?;
     let doctor = request.ordering_doctor.trim();
-    if doctor.is_empty() || doctor.len() > 128 {
-        return Err(Error::Invalid(
-            "ordering_doctor must be 1 to 128 characters".into(),
-        ));
-    }
     let ordered = request.order.item(&list).map_err(Error::Invalid)?;
     let as_of = match &request.as_of {
         Some(d) => chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
@@ -549,7 +546,8 @@ pub async fn decide(region: &Arc<Region>, d: &DecisionRequest) -> Result<Decisio
         return Err(Error::Invalid("doctor must be 1 to 128 characters".into()));
     }
     let row = sqlx::query(
-        "SELECT item_code, list_version, decision FROM recognition_check WHERE check_id = $1",
+        "SELECT item_code, list_version, decision, outcome FROM recognition_check \
+         WHERE check_id = $1",
     )
     .bind(&d.check_id)
     .fetch_optional(region.index().pool())
@@ -559,6 +557,16 @@ pub async fn decide(region: &Arc<Region>, d: &DecisionRequest) -> Result<Decisio
     let list_version: String = row.try_get(1)?;
     if row.try_get::<Option<String>, _>(2)?.is_some() {
         return Err(Error::Invalid("this check has a decision already".into()));
+    }
+    // A decision answers a warning: accepting drops the order for the
+    // prior the warning cited, repeating it may count as non-recognition.
+    // Without a warning there was no prior to recognise, and a decision
+    // would only skew the statistics.
+    let outcome: String = row.try_get(3)?;
+    if outcome != "warn" {
+        return Err(Error::Invalid(format!(
+            "this check gave no warning (outcome {outcome}): there is no decision to record"
+        )));
     }
     let (reason_code, non_recognition) = match d.decision {
         Decision::Accepted => (None, false),

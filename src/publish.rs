@@ -163,6 +163,10 @@ impl Region {
             peer_http: crate::tls::trust_ca_file(
                 reqwest::Client::builder()
                     .connect_timeout(Duration::from_secs(5))
+                    // A peer that stops sending mid-answer (a hung node, a
+                    // dead link) fails the fetch, visibly, instead of
+                    // holding it open forever.
+                    .read_timeout(PEER_READ_TIMEOUT)
                     .pool_idle_timeout(crate::tls::CLIENT_POOL_IDLE)
                     .tcp_nodelay(true)
                     .no_proxy(),
@@ -1459,6 +1463,10 @@ pub struct SeriesHeader {
 /// (0054,0220), the last attribute recognition reads (a radiograph's view
 /// where ViewPosition is empty).
 const HEADER_UNTIL: Tag = Tag(0x0055, 0x0000);
+
+/// The longest a peer may go without sending a byte of an answer it has
+/// begun (or of its answer's head) before the fetch fails as `peer_down`.
+pub const PEER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     let after_preamble = bytes.get(128..)?;

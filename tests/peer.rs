@@ -32,6 +32,10 @@ struct CuttingProxy {
     client: reqwest::Client,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
     budget: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// While set, a manifest is answered with an endless body (a broken or
+    /// hostile node), and the bytes sent are counted.
+    flood: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    flooded: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl CuttingProxy {
@@ -41,6 +45,8 @@ impl CuttingProxy {
             client: reqwest::Client::new(),
             cut: Default::default(),
             budget: Default::default(),
+            flood: Default::default(),
+            flooded: Default::default(),
         };
         let app = axum::Router::new()
             .fallback(cut_forward)
@@ -73,6 +79,17 @@ async fn cut_forward(
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
+    if p.flood.load(SeqCst) && path.ends_with("/manifest") {
+        let flooded = p.flooded.clone();
+        let endless = futures::stream::repeat_with(move || {
+            flooded.fetch_add(1 << 20, SeqCst);
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b' '; 1 << 20]))
+        });
+        return axum::response::Response::builder()
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from_stream(endless))
+            .unwrap();
+    }
     let retrieve = path.starts_with("/dicom-web/studies/");
     let instance = path.contains("/instances/");
     let cut = p.cut.load(SeqCst) && retrieve;
@@ -269,6 +286,35 @@ async fn peer_fetch_end_to_end() {
         .call("GET", &format!("/api/v1/studies/{uid}/manifest"), None)
         .await;
     assert_eq!(code, 401);
+
+    // A manifest that never ends (B broken or hostile): A stops reading at
+    // its cap, fails the fetch and audits it; nothing is fetched.
+    b_proxy
+        .flood
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, failed) = fetch(uid.clone(), "emergency").await;
+    b_proxy
+        .flood
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(code, 502, "{failed}");
+    assert!(
+        failed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("manifest: larger than 64 MiB"),
+        "{failed}"
+    );
+    let flooded = b_proxy.flooded.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(flooded < 200 << 20, "A read on: {flooded} bytes sent");
+    let a_audit = api_a.ok("GET", "/api/v1/peer/audit", None).await;
+    assert!(
+        a_audit["entries"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "fetch_failed"
+                && e["study_instance_uid"] == uid.as_str()
+                && e["detail"].as_str().unwrap().contains("manifest")
+        }),
+        "{a_audit:#}"
+    );
 
     // Break-the-glass: fetched, verified, flagged in all three trails.
     let (code, report) = fetch(uid.clone(), "emergency").await;

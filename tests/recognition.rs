@@ -291,6 +291,38 @@ async fn duplicate_exam_warning_end_to_end() {
             "order": {"item_code": "NOPE"}, "ordering_doctor": "dr.zhao", "encounter": "outpatient"})))
         .await;
     assert_eq!(code, 400);
+    // A user name the registry would refuse is the caller's error here
+    // (400 naming the field), not the registry's refusal passed on (502).
+    for (path, body) in [
+        (
+            "/api/v1/recognition/check",
+            json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "order": {"item_code": "CT-0301-01"}, "ordering_doctor": "dr\nzhao", "encounter": "outpatient"}),
+        ),
+        (
+            "/api/v1/priors",
+            json!({
+            "patient": {"identifier_type": "RID", "identifier": RID},
+            "purpose": "treatment", "user_id": ""}),
+        ),
+        (
+            "/api/v1/peer/fetch",
+            json!({
+            "hospital_id": "HOSPB", "study_instance_uid": "1.2.3", "purpose": "treatment",
+            "user_id": "x".repeat(129)}),
+        ),
+    ] {
+        let (code, refused) = api_a.call("POST", path, Some(body)).await;
+        assert_eq!(code, 400, "{path}: {refused}");
+        assert!(
+            refused["detail"]
+                .as_str()
+                .unwrap()
+                .contains("printable text"),
+            "{path}: {refused}"
+        );
+    }
 
     // The decision: repeated for reason 01; a second decision is refused.
     let decided = api_a
@@ -317,6 +349,24 @@ async fn duplicate_exam_warning_end_to_end() {
             "check_id": by_attrs["check_id"], "decision": "repeated", "reason_code": "77", "doctor": "dr.zhao"})))
         .await;
     assert_eq!(code, 400);
+    // A check that gave no warning (no prior, or an emergency's info) has
+    // nothing to decide: neither decision is recorded or counted.
+    for (check, decision) in [(&out, "accepted"), (&er, "repeated")] {
+        let (code, refused) = api_a
+            .call(
+                "POST",
+                "/api/v1/recognition/decisions",
+                Some(json!({
+                "check_id": check["check_id"], "decision": decision, "reason_code": "01",
+                "doctor": "dr.zhao"})),
+            )
+            .await;
+        assert_eq!(code, 400, "{refused}");
+        assert!(
+            refused["detail"].as_str().unwrap().contains("no warning"),
+            "{refused}"
+        );
+    }
     api_a
         .ok(
             "POST",

@@ -509,6 +509,7 @@ async fn priors(
     State(state): State<Arc<ApiState>>,
     Body(r): Body<PriorsRequest>,
 ) -> Result<Json<PriorsAnswer>, ApiError> {
+    check_printable("user_id", &r.user_id, 128).map_err(ApiError::BadRequest)?;
     let region = region(&state)?;
     let key = patient_key(region, &r.patient).await?;
     let federation_pseudonym = priors::federation_pseudonym(region, &r.patient).await;
@@ -546,6 +547,7 @@ async fn add_consent(
     State(state): State<Arc<ApiState>>,
     Body(r): Body<ConsentRequest>,
 ) -> Result<Response, ApiError> {
+    check_printable("recorded_by", &r.recorded_by, 128).map_err(ApiError::BadRequest)?;
     let region = region(&state)?;
     let key = patient_key(region, &r.patient).await?;
     let consent = region
@@ -653,6 +655,7 @@ async fn peer_fetch(
     {
         return Err(ApiError::BadRequest("not a valid hospital_id".into()));
     }
+    check_printable("user_id", &r.user_id, 128).map_err(ApiError::BadRequest)?;
     let region = region(&state)?;
     crate::peer::fetch_study(
         region,

@@ -227,13 +227,7 @@ fn check_patient_key(key: &str) -> Result<()> {
 }
 
 fn check_text(field: &str, s: &str, max: usize) -> Result<()> {
-    if s.trim().is_empty() || s.len() > max || s.chars().any(char::is_control) {
-        Err(Error::Invalid(format!(
-            "{field} must be 1 to {max} bytes of printable text"
-        )))
-    } else {
-        Ok(())
-    }
+    crate::contract::check_printable(field, s, max).map_err(Error::Invalid)
 }
 
 fn check_uid(s: &str) -> Result<()> {

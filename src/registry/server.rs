@@ -884,11 +884,7 @@ async fn federated_priors(
         ("user_id", &q.user_id, 128),
         ("request_id", &q.request_id, 64),
     ] {
-        if value.trim().is_empty() || value.len() > max || value.chars().any(char::is_control) {
-            return Err(ApiError::BadRequest(format!(
-                "{field} must be 1 to {max} bytes of printable text"
-            )));
-        }
+        crate::contract::check_printable(field, value, max).map_err(ApiError::BadRequest)?;
     }
     if q.items.as_ref().is_some_and(|i| i.len() > 64) {
         return Err(ApiError::BadRequest(

@@ -41,6 +41,10 @@ pub enum Error {
     /// reject, or naming instances of another patient or study.
     #[error("rejection note refused: {0}")]
     NoteRefused(String),
+    /// The deletion's audit record could not be written: nothing was
+    /// deleted (a deletion never happens unaudited).
+    #[error("audit log: {0}; nothing was deleted")]
+    Unaudited(String),
 }
 
 /// What to remove.
@@ -307,8 +311,6 @@ pub async fn delete(
                 .push((row.try_get(2)?, count as u64));
         }
     }
-    tx.commit().await?;
-    drop(paused);
     let studies: Vec<crate::audit::DeletedStudy> = deleted
         .into_iter()
         .map(
@@ -325,7 +327,15 @@ pub async fn delete(
     } else {
         format!("{} {}", deletion.reason_code, deletion.reason)
     };
-    deletion.audit.study_deleted(actor, &why, &studies);
+    // Recorded before the deletion is committed: a deletion the audit log
+    // cannot take is rolled back (the transaction dropped), never done
+    // unaudited.
+    deletion
+        .audit
+        .study_deleted(actor, &why, &studies)
+        .map_err(Error::Unaudited)?;
+    tx.commit().await?;
+    drop(paused);
     if let Some(region) = region
         && !outcome.studies_removed.is_empty()
     {

@@ -46,6 +46,10 @@ pub const STORAGE_ERRORS: &str = "huren_storage_errors_total";
 pub const VERIFY_BLOBS: &str = "huren_verify_blobs_total";
 /// When `huren verify` last finished its scrub.
 pub const VERIFY_LAST_RUN: &str = "huren_verify_last_run_timestamp_seconds";
+/// Audit records the local audit file could not take (a full disk): what
+/// they recorded went unaudited; `/ready` answers 503 until a record is
+/// written again.
+pub const AUDIT_WRITE_FAILURES: &str = "huren_audit_write_failures_total";
 /// Outbox rows waiting for the registry (not dead).
 pub const PUBLISH_BACKLOG: &str = "huren_publish_backlog";
 /// Outbox rows the registry refused for good.
@@ -212,6 +216,10 @@ fn describe() {
         Unit::Seconds,
         "unix time at which huren verify last finished"
     );
+    describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        "audit records the local audit file could not take"
+    );
     describe_gauge!(PUBLISH_BACKLOG, "outbox rows waiting for the registry");
     describe_gauge!(PUBLISH_DEAD, "outbox rows the registry refused for good");
     describe_gauge!(
@@ -296,6 +304,7 @@ fn register(process: Process) {
     match process {
         Process::Node => {
             gauge!(DICOM_ASSOCIATIONS_OPEN).increment(0.0);
+            counter!(AUDIT_WRITE_FAILURES).increment(0);
             for reason in refused::ALL {
                 counter!(DICOM_ASSOCIATIONS_REFUSED, "reason" => *reason).increment(0);
             }

@@ -780,3 +780,44 @@ async fn deletion_in_a_region_republishes_then_retracts() {
     node.stop().await;
     registry.stop().await;
 }
+
+/// An audit log that cannot take a record (here /dev/full, where every
+/// write fails as on a full disk): a deletion is refused and rolled back,
+/// never done unaudited, and the node says it is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_the_audit_log_cannot_take_is_not_done() {
+    let node = support::spawn_node_with(Backend::SqliteLocal, |c| {
+        with_token(c);
+        c.audit_log = Some("/dev/full".into());
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let study = uid_root();
+    let files = gen_study(work.path(), &study, 1, 2, "20250301");
+    let all: Vec<&Generated> = files.iter().collect();
+    store(&node, &all).await;
+    assert_eq!(qido_instances(&node, &study).await.len(), 2);
+    let (status, body) = curl(
+        &node,
+        "DELETE",
+        &format!("/api/v1/instances/{}", files[0].sop),
+        Some(r#"{"reason":"wrong laterality marker"}"#),
+    )
+    .await;
+    // 503, its cause in the node's log only (as every 503 of the API).
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(qido_instances(&node, &study).await.len(), 2);
+    let ready = reqwest::get(format!("http://{}/ready", node.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert!(
+        ready["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("audit log not writable")),
+        "{ready}"
+    );
+    node.stop().await;
+}

@@ -267,14 +267,33 @@ impl Audit {
             .map_or(0, |s| s.dropped())
     }
 
-    /// Writes a message to the file and queues it for the collector.
+    /// Writes a message to the file and queues it for the collector. A
+    /// record the file could not take is logged and counted, and the node
+    /// is not ready until a record is written again (docs/operations.md).
     pub fn emit(&self, message: &Message) {
-        let Some(inner) = &self.0 else { return };
+        let _ = self.emit_checked(message);
+    }
+
+    /// As [`Audit::emit`], saying whether the local file took the record:
+    /// for what must not happen unaudited (a deletion).
+    pub fn emit_checked(&self, message: &Message) -> Result<(), String> {
+        let Some(inner) = &self.0 else { return Ok(()) };
         let xml = message.to_xml();
-        inner.file.append(&xml);
+        let written = inner.file.append(&xml);
         if let Some(syslog) = &inner.syslog {
             syslog.send(&xml);
         }
+        written.map_err(|e| format!("{}: {e}", inner.file.path().display()))
+    }
+
+    /// Whether the last audit record could not be written to the file.
+    pub fn failing(&self) -> bool {
+        self.0.as_ref().is_some_and(|i| i.file.failing())
+    }
+
+    /// Audit records the file could not take since start.
+    pub fn write_failures(&self) -> u64 {
+        self.0.as_ref().map_or(0, |i| i.file.failures())
     }
 
     fn source(&self) -> Source {
@@ -357,9 +376,14 @@ impl Audit {
     /// SOP classes and counts deleted), who deleted them (`actor`: a token
     /// name, an operator, a rejection note's calling AE title; `None`: the
     /// node itself, by its retention policy) and why.
-    pub fn study_deleted(&self, actor: Option<&str>, reason: &str, studies: &[DeletedStudy]) {
+    pub fn study_deleted(
+        &self,
+        actor: Option<&str>,
+        reason: &str,
+        studies: &[DeletedStudy],
+    ) -> Result<(), String> {
         if self.0.is_none() || studies.is_empty() {
-            return;
+            return Ok(());
         }
         let mut by_patient: std::collections::BTreeMap<&str, Vec<&DeletedStudy>> =
             Default::default();
@@ -406,8 +430,9 @@ impl Audit {
                 m.objects.push(object);
             }
             m.objects.push(ParticipantObject::patient(patient_id, ""));
-            self.emit(&m);
+            self.emit_checked(&m)?;
         }
+        Ok(())
     }
 
     pub fn application_start(&self) {

@@ -27,6 +27,10 @@ pub const SYSLOG_QUEUE: usize = 10_000;
 pub struct File {
     path: PathBuf,
     file: std::sync::Mutex<std::fs::File>,
+    /// Whether the last record could not be written (readiness says so).
+    failing: std::sync::atomic::AtomicBool,
+    /// Records that could not be written since start.
+    failures: AtomicU64,
 }
 
 impl File {
@@ -50,6 +54,8 @@ impl File {
         Ok(File {
             path: path.to_path_buf(),
             file: std::sync::Mutex::new(file),
+            failing: Default::default(),
+            failures: Default::default(),
         })
     }
 
@@ -59,14 +65,45 @@ impl File {
 
     /// Appends one record (a line). One `write` of the whole line, no
     /// buffer in this process: a crash loses no record that was written.
-    pub fn append(&self, line: &str) {
+    /// A record that cannot be written whole (a full disk) is cut off
+    /// again, so that the file stays one whole record per line and the
+    /// next record starts a line of its own.
+    pub fn append(&self, line: &str) -> std::io::Result<()> {
         let mut record = String::with_capacity(line.len() + 1);
         record.push_str(line);
         record.push('\n');
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(error) = file.write_all(record.as_bytes()) {
+        let before = file.metadata().map(|m| m.len());
+        let written = file.write_all(record.as_bytes());
+        if let Err(error) = &written {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::AUDIT_WRITE_FAILURES).increment(1);
+            self.failing.store(true, Ordering::Relaxed);
             tracing::error!(path = %self.path.display(), %error, "cannot write the audit log");
+            match before {
+                Ok(len) => {
+                    if let Err(e) = file.set_len(len) {
+                        tracing::error!(path = %self.path.display(), error = %e, "cannot remove a partly written audit record");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, "cannot remove a partly written audit record")
+                }
+            }
+        } else {
+            self.failing.store(false, Ordering::Relaxed);
         }
+        written
+    }
+
+    /// Whether the last record could not be written.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Records that could not be written since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// Forces what was written to stable storage (at stop).

@@ -73,6 +73,11 @@ async fn not_ready(state: &AppState) -> Vec<&'static str> {
         tracing::error!(%error, "readiness: blob store unreachable");
         reasons.push("blob store unreachable");
     }
+    // The node's last audit record could not be written (a full disk):
+    // what it serves now goes unaudited.
+    if state.audit.failing() {
+        reasons.push("audit log not writable");
+    }
     reasons
 }
 

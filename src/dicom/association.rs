@@ -290,6 +290,13 @@ async fn serve<S: Transport>(
     }
 }
 
+/// At shutdown, how long an association's peer must have sent nothing
+/// before the node releases it.
+const SHUTDOWN_QUIET: Duration = Duration::from_millis(300);
+
+/// At shutdown, how long a peer that keeps sending is still served.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// How the loop left the association.
 enum Ending {
     Release,
@@ -311,13 +318,27 @@ async fn serve_loop<S: Transport>(
     span: &tracing::Span,
 ) -> Ending {
     let max_pdu_length = association.acceptor_max_pdu_length();
+    let mut shutdown_at: Option<tokio::time::Instant> = None;
     loop {
         let idle = matches!(state, State::Idle);
+        // Only between messages: a C-STORE in flight finishes and is
+        // answered before the node lets go of the association. And not
+        // while the peer is still sending: its next request, sent as the
+        // last response left, is served too, until it has been quiet for
+        // SHUTDOWN_QUIET, or SHUTDOWN_GRACE has passed (a sender that never
+        // pauses is released between two messages then). Releasing under
+        // a request already on its way fails that request at the sender.
+        let let_go = async {
+            shutdown.cancelled().await;
+            let since = *shutdown_at.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < SHUTDOWN_GRACE {
+                tokio::time::sleep(SHUTDOWN_QUIET).await;
+            }
+        };
         let received = tokio::select! {
+            biased;
             r = tokio::time::timeout(ctx.idle_timeout, receive::receive(association, max_pdu_length)) => r,
-            // Only between messages: a C-STORE in flight finishes and is
-            // answered before the node lets go of the association.
-            _ = shutdown.cancelled(), if idle => return Ending::ReleaseForShutdown,
+            () = let_go, if idle => return Ending::ReleaseForShutdown,
         };
         let pdu = match received {
             Err(_) => return Ending::AbortIdle(format!("idle for {:?}", ctx.idle_timeout)),

@@ -55,15 +55,36 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// How long each readiness check may take: under Prometheus' default
+/// scrape timeout (10 s) and a Kubernetes probe's.
+const READY_CHECK: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// What keeps the node from being ready; empty when it is.
 async fn not_ready(state: &AppState) -> Vec<&'static str> {
     let mut reasons = Vec::new();
     if !state.started.load(Ordering::Acquire) {
         reasons.push("startup has not finished");
     }
+    // Bounded: a store or database that takes the connection and never
+    // answers (object_store retries for minutes) must not hold up the
+    // probe, or a Prometheus scrape, past its own timeout; not answering
+    // in time is not ready.
+    let in_time = |what: &'static str| {
+        move |_| format!("no answer within {} s ({what})", READY_CHECK.as_secs())
+    };
     let (index, store) = tokio::join!(
-        state.ingest.index().ping(),
-        state.ingest.store().check_reachable()
+        async {
+            tokio::time::timeout(READY_CHECK, state.ingest.index().ping())
+                .await
+                .map_err(in_time("database"))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        },
+        async {
+            tokio::time::timeout(READY_CHECK, state.ingest.store().check_reachable())
+                .await
+                .map_err(in_time("blob store"))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        }
     );
     if let Err(error) = index {
         tracing::error!(%error, "readiness: database unreachable");

@@ -18,7 +18,7 @@ use crate::storage::{self, BlobStore};
 
 #[derive(Debug, Error)]
 pub enum StartError {
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
@@ -27,6 +27,12 @@ pub enum StartError {
     Storage(#[from] storage::Error),
     #[error("index: {0}")]
     Index(#[from] index::Error),
+    /// The SQLite index's file or directory (not the blob store's).
+    #[error("index database file {path}")]
+    IndexFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("recognition list: {0}")]
@@ -53,7 +59,10 @@ pub async fn open_ingest(config: &NodeConfig) -> Result<Ingest, StartError> {
         (Some(path), Durability::Full) if store.ack_waits_for_flush() => {
             let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
             let dir = dir.unwrap_or(std::path::Path::new("."));
-            std::fs::create_dir_all(dir).map_err(storage::Error::Io)?;
+            std::fs::create_dir_all(dir).map_err(|source| StartError::IndexFile {
+                path: dir.to_path_buf(),
+                source,
+            })?;
             store.flush_also(dir)?;
             CommitSync::Deferred
         }
@@ -62,7 +71,10 @@ pub async fn open_ingest(config: &NodeConfig) -> Result<Ingest, StartError> {
     };
     if let Some(path) = &sqlite_path {
         // SQLite gives its -wal and -shm files the database file's mode.
-        private_file(path).map_err(storage::Error::Io)?;
+        private_file(path).map_err(|source| StartError::IndexFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
     let index = Index::open(&config.database_url, commit_sync).await?;
     let notes = crate::lifecycle::RejectionNotes {

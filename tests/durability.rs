@@ -483,36 +483,3 @@ async fn full_acknowledges_after_a_covering_flush_relaxed_does_not() {
     assert_eq!(relaxed.links.len(), files.len(), "{relaxed:?}");
     assert_eq!(covered_responses(&relaxed), 0, "{relaxed:?}");
 }
-
-/// SIGTERM while a sender streams instances on one association: the node
-/// accepts no new association, but serves the requests that keep coming
-/// on this one (each sent as the last response left) until the sender
-/// pauses or releases, so every request is answered, with success; then
-/// it exits cleanly, and every acknowledged instance is stored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_answers_the_requests_already_coming() {
-    let work = tempfile::tempdir().unwrap();
-    let setup = Setup::new(work.path(), Backend::SqliteLocal, true).await;
-    let mut node = setup.spawn(work.path(), &[]);
-    let files = generate(&work.path().join("in"), 150, "sigterm");
-    let (tx, rx) = mpsc::channel();
-    let (mut sender, reader) = start_sender(&node, &files, tx);
-    let mut acknowledged = Vec::new();
-    while acknowledged.len() < 10 {
-        acknowledged.push(
-            rx.recv_timeout(Duration::from_secs(60))
-                .expect("acknowledgements"),
-        );
-    }
-    unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) };
-    assert!(sender.wait().unwrap().success());
-    reader.join().unwrap();
-    acknowledged.extend(rx.try_iter());
-    assert_eq!(
-        acknowledged.len(),
-        files.len(),
-        "requests on their way at SIGTERM went unanswered"
-    );
-    assert!(node.child.wait().unwrap().success());
-    assert_all_stored(&setup, &acknowledged).await;
-}

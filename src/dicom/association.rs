@@ -295,7 +295,7 @@ async fn serve<S: Transport>(
 const SHUTDOWN_QUIET: Duration = Duration::from_millis(300);
 
 /// At shutdown, how long a peer that keeps sending is still served.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// How the loop left the association.
 enum Ending {

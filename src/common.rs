@@ -74,8 +74,13 @@ where
                     return Err(problem(status, kind, "the body could not be read"));
                 }
             };
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
         let bad = |detail: &str| problem(StatusCode::BAD_REQUEST, "bad-request", detail);
+        // Every request body of the contract is an object; serde would
+        // also take a struct written as an array of its fields.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(bad("the body must be a JSON object"));
+        }
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
         match serde_path_to_error::deserialize(&mut de) {
             Ok(v) => match de.end() {
                 Ok(()) => Ok(Body(v)),

@@ -175,6 +175,97 @@ async fn no_token_is_401_before_the_body_is_read() {
     }
 }
 
+/// Who may comes before what was sent: a hospital's token on another
+/// hospital's publish path or on an admin route gets 403, audited, even
+/// with a malformed body; and every error is problem+json, also those of
+/// a query string or a method the route lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hospital_is_refused_before_its_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, admin, a, _) = region(dir.path(), &[]).await;
+    let base = format!("http://{}", registry.addrs[0]);
+    let client = reqwest::Client::new();
+    let c_id = "HOSPC0000000000003";
+    let a_token = add_hospital(&admin, c_id, "二级甲等", None).await;
+    for (method, path, body) in [
+        (
+            "POST",
+            format!("/v1/hospitals/{HOSP_B}/records"),
+            r#"{"records":[{}]}"#,
+        ),
+        ("POST", format!("/v1/hospitals/{HOSP_B}/records"), "xx"),
+        ("POST", "/v1/hospitals".to_string(), "{}"),
+        ("PATCH", format!("/v1/hospitals/{HOSP_B}"), r#"{"x":1}"#),
+    ] {
+        let response = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(&a_token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 403, "{method} {path} {body}");
+    }
+    let entries = audit(&admin).await;
+    let denied = entries
+        .iter()
+        .filter(|e| e["actor"] == c_id && (e["outcome"] == "denied" || e["outcome"] == "forbidden"))
+        .count();
+    assert_eq!(denied, 4, "{entries:#?}");
+
+    // Errors axum writes itself, as problem+json: a query string that does
+    // not deserialise, a method the route lacks (its Allow kept).
+    for (method, path, status) in [
+        ("GET", "/v1/consents".to_string(), 400),
+        (
+            "DELETE",
+            format!("/v1/hospitals/{HOSP_A}/records/1.2.3"),
+            405,
+        ),
+        ("GET", "/v1/priors/query".to_string(), 405),
+    ] {
+        let response = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(&a_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{method} {path}"
+        );
+        if status == 405 {
+            assert!(response.headers().contains_key("allow"), "{method} {path}");
+        }
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["status"], status, "{problem}");
+    }
+    // The contract's bodies are objects; page_size is at least 1.
+    let (status, problem) = a
+        .call(
+            "POST",
+            &format!("/v1/hospitals/{HOSP_A}/records"),
+            Some(json!([])),
+        )
+        .await;
+    assert_eq!(status, 400, "{problem}");
+    let (status, problem) = a
+        .call(
+            "POST",
+            "/v1/priors/query",
+            Some(
+                json!({"patient_key": patient_key(RID), "purpose": "treatment",
+                        "user_id": "dr.li", "page_size": 0}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 400, "{problem}");
+    drop(registry);
+}
+
 /// Input validation: impossible dates and times, negative counts, unknown
 /// item codes, huge strings and arrays are 400, and no message repeats a
 /// value the client sent.

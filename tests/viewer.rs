@@ -696,6 +696,30 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     );
     let shown = series_json(format!("{base}/dicom-web/studies/{uid}/series")).await;
     assert_eq!(shown.len(), 1, "{shown:?}");
+    // The page's study view lists what QIDO-RS shows: not the series still
+    // arriving (nor one a failed fetch left incomplete).
+    let series_cards = || {
+        let (http, session, url) = (
+            http.clone(),
+            session.clone(),
+            format!("{base}/ui/studies/{uid}"),
+        );
+        async move {
+            let r = http
+                .get(url)
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text()
+                .await
+                .unwrap()
+                .matches("class=\"card series\"")
+                .count()
+        }
+    };
+    assert_eq!(series_cards().await, 1);
     assert_eq!(shown[0]["0020000E"]["Value"][0], series_uids[0].as_str());
     let instances = series_json(format!("{base}/dicom-web/studies/{uid}/instances")).await;
     assert_eq!(instances.len(), 6);
@@ -716,6 +740,20 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     );
     let shown = series_json(format!("{base}/dicom-web/studies/{uid}/series")).await;
     assert_eq!(shown.len(), 2, "{shown:?}");
+    assert_eq!(series_cards().await, 2);
+    // A copy fetched from B: the page says whose exam it is, not this
+    // node's report, QC or publication state (it never publishes a copy).
+    let study_page = http
+        .get(format!("{base}/ui/studies/{uid}"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(study_page.contains("id=\"regional-copy\""), "{study_page}");
+    assert!(study_page.contains(NAME_B), "{study_page}");
     // No search across the archive, no other study.
     assert_eq!(get(format!("{base}/dicom-web/studies")).await, 401);
     assert_eq!(

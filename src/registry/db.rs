@@ -761,6 +761,10 @@ impl Db {
                 bounds::ITEMS
             )));
         }
+        // The contract's minimum is 1; past 1000 a page is cut to 1000.
+        if q.page_size == Some(0) {
+            return Err(Error::Invalid("page_size must be at least 1".into()));
+        }
         let page_size = q.page_size.unwrap_or(100).clamp(1, 1000) as usize;
         let offset: usize = match &q.page_token {
             Some(t) => t

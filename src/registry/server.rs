@@ -363,6 +363,7 @@ pub fn router(state: Arc<RegistryState>) -> Router {
         .merge(v1)
         .merge(members)
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such resource") })
+        .layer(axum::middleware::map_response(problem_for_plain_errors))
         .layer(DefaultBodyLimit::max(limit))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
@@ -370,6 +371,45 @@ pub fn router(state: Arc<RegistryState>) -> Router {
             ),
         )
         .with_state(state)
+}
+
+/// Every error answer as RFC 9457 problem+json (docs/registry.md), also
+/// those axum writes itself: a query string that does not deserialise
+/// (plain text), a method the route lacks (405, empty; its `Allow` header
+/// kept).
+async fn problem_for_plain_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let detail = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let kind = match status {
+        StatusCode::BAD_REQUEST => "bad-request",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        _ => "error",
+    };
+    let mut out = problem(status, kind, &detail);
+    if let Some(allow) = parts.headers.get(axum::http::header::ALLOW) {
+        out.headers_mut()
+            .insert(axum::http::header::ALLOW, allow.clone());
+    }
+    out
 }
 
 /// Liveness: the process serves HTTP. The database is readiness's
@@ -446,9 +486,15 @@ async fn add_hospital(
     State(state): State<Arc<RegistryState>>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
-    Body(new): Body<NewHospital>,
+    body: Result<Body<NewHospital>, Response>,
 ) -> Result<Response, ApiError> {
+    // Who may, before what: a hospital's token gets its 403 (audited)
+    // whatever it sent, not a 400 that describes the body.
     require_admin(&caller)?;
+    let Body(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => return Ok(rejection),
+    };
     let (token, sha) = new_hospital_token(&new.hospital_id);
     let audit = AuditRecord {
         actor: caller.actor(),
@@ -476,9 +522,13 @@ async fn update_hospital(
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(hospital_id): Path<String>,
-    Body(update): Body<HospitalUpdate>,
-) -> Result<Json<HospitalAdmin>, ApiError> {
+    body: Result<Body<HospitalUpdate>, Response>,
+) -> Result<Response, ApiError> {
     require_admin(&caller)?;
+    let Body(update) = match body {
+        Ok(body) => body,
+        Err(rejection) => return Ok(rejection),
+    };
     let token = update
         .rotate_token
         .then(|| new_hospital_token(&hospital_id));
@@ -507,7 +557,8 @@ async fn update_hospital(
     Ok(Json(HospitalAdmin {
         hospital,
         token: token.map(|(t, _)| t),
-    }))
+    })
+    .into_response())
 }
 
 async fn publish(
@@ -515,8 +566,8 @@ async fn publish(
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(hospital_id): Path<String>,
-    Body(request): Body<PublishRequest>,
-) -> Result<Json<PublishResponse>, ApiError> {
+    body: Result<Body<PublishRequest>, Response>,
+) -> Result<Response, ApiError> {
     let user = user_id(&headers, &caller);
     if caller != Caller::Hospital(hospital_id.clone()) {
         // A token publishes for its own hospital only; the attempt is kept.
@@ -530,11 +581,16 @@ async fn publish(
                 purpose: None,
                 records_returned: 0,
                 outcome: "denied".into(),
-                detail: format!(
-                    "tried to publish {} records and {} retractions for hospital {hospital_id}",
-                    request.records.len(),
-                    request.retractions.len()
-                ),
+                detail: match &body {
+                    Ok(Body(request)) => format!(
+                        "tried to publish {} records and {} retractions for hospital {hospital_id}",
+                        request.records.len(),
+                        request.retractions.len()
+                    ),
+                    Err(_) => {
+                        format!("tried to publish for hospital {hospital_id} (a body not valid)")
+                    }
+                },
             }])
             .await?;
         tracing::warn!(actor = %caller.actor(), target = %hospital_id, "publication for another hospital refused");
@@ -542,6 +598,10 @@ async fn publish(
             "a hospital publishes only its own records".into(),
         ));
     }
+    let Body(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => return Ok(rejection),
+    };
     let results = state.db.publish(&hospital_id, &user, &request).await?;
     for r in &results {
         crate::metrics::registry_published(match r.outcome {
@@ -549,7 +609,7 @@ async fn publish(
             PublishOutcome::Unchanged => "unchanged",
         });
     }
-    Ok(Json(PublishResponse { results }))
+    Ok(Json(PublishResponse { results }).into_response())
 }
 
 async fn record(

@@ -580,6 +580,12 @@ const STRINGS: &[(&str, &str, &str)] = &[
     ("sop_class", "SOP 类", "SOP Class"),
     ("size", "大小（字节）", "Size (bytes)"),
     ("publication", "区域发布", "Publication"),
+    ("regional_copy", "区域影像副本", "Regional copy"),
+    (
+        "regional_copy_note",
+        "检查由以下医院完成并保存，报告与质控以该院为准（见患者时间轴）：",
+        "Done and held at the hospital below, whose report and QC apply (see the patient's timeline):",
+    ),
     ("pub_pending", "待发布", "pending"),
     (
         "pub_published",

@@ -93,8 +93,18 @@ impl ThumbnailCache {
 }
 
 /// The series of a study held here, in series number order, each with its
-/// description, image count and thumbnail URL (empty when not held).
-pub(super) async fn series_of(index: &Index, uid: &str) -> Result<Vec<Value>, sqlx::Error> {
+/// description, image count and thumbnail URL (empty when not held). A
+/// series of a regional prior whose fetch has not brought all of it is
+/// left out, as QIDO-RS leaves it out: part of a series is never shown as
+/// if it were all (`crate::peer::incomplete_series`).
+pub(super) async fn series_of(
+    index: &Index,
+    region: Option<&crate::publish::Region>,
+    uid: &str,
+) -> Result<Vec<Value>, sqlx::Error> {
+    let hidden = region
+        .map(|r| crate::peer::incomplete_series(r, uid))
+        .unwrap_or_default();
     let rows = sqlx::query(
         "SELECT se.series_instance_uid, se.modality, se.series_number, se.series_description, \
          se.number_of_series_related_instances FROM series se \
@@ -108,6 +118,9 @@ pub(super) async fn series_of(index: &Index, uid: &str) -> Result<Vec<Value>, sq
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let series: String = r.try_get(0)?;
+        if hidden.contains(&series) {
+            continue;
+        }
         out.push(json!({
             "uid": series,
             "modality": r.try_get::<String, _>(1)?,
@@ -118,6 +131,18 @@ pub(super) async fn series_of(index: &Index, uid: &str) -> Result<Vec<Value>, sq
         }));
     }
     Ok(out)
+}
+
+/// The patient key a study of this hospital's is published under (`None`
+/// inside when its patient has no cross-enterprise identifier); `None`
+/// for a study this node does not publish (a regional prior's copy).
+async fn held_patient_key(index: &Index, uid: &str) -> Result<Option<Option<String>>, sqlx::Error> {
+    sqlx::query("SELECT patient_key FROM study_publication WHERE study_instance_uid = $1")
+        .bind(uid)
+        .fetch_optional(index.pool())
+        .await?
+        .map(|r| r.try_get::<Option<String>, _>(0))
+        .transpose()
 }
 
 async fn thumbnail(
@@ -182,7 +207,6 @@ async fn open_images(
         return Err(state.error(&page, StatusCode::NOT_FOUND, "not_found").await);
     };
     let uid = uid.as_str().to_string();
-    let patient_key = session.patient.as_ref().and_then(|p| p.patient_key.clone());
     let progress = crate::peer::progress(region, &uid);
     let running = progress
         .as_ref()
@@ -193,6 +217,22 @@ async fn open_images(
     let held = match state.index.study(&uid).await {
         Ok(s) => s.is_some(),
         Err(e) => return Err(state.unavailable(&page, "images", &e).await),
+    };
+    // The audit names the study's patient: for a study held here, the key
+    // it is published under (none when its patient has no cross-enterprise
+    // identifier), never the patient the session happens to look at; a
+    // regional prior is reached from that patient's timeline.
+    let session_key = || session.patient.as_ref().and_then(|p| p.patient_key.clone());
+    let patient_key = if held {
+        match held_patient_key(&state.index, &uid).await {
+            Ok(Some(key)) => key,
+            // A copy of a regional prior is not published here: reached,
+            // as a prior not yet fetched, from its patient's timeline.
+            Ok(None) => session_key(),
+            Err(e) => return Err(state.unavailable(&page, "images", &e).await),
+        }
+    } else {
+        session_key()
     };
     // From here on, this session may read the study (what is here of it)
     // in the viewer: recorded before the viewer is opened or the fetch
@@ -287,7 +327,7 @@ async fn open_images(
     }
     let hospital = hospital_name(region, &hospital_id).await;
     let complete = progress.complete_series();
-    let series: Vec<Value> = match series_of(&state.index, &uid).await {
+    let series: Vec<Value> = match series_of(&state.index, Some(region.as_ref()), &uid).await {
         Ok(s) => s
             .into_iter()
             .filter(|s| {
@@ -398,7 +438,7 @@ async fn progress_strip(
 
 /// The holding hospital's name from the region's directory (its id when
 /// the directory is out of reach).
-async fn hospital_name(region: &crate::publish::Region, hospital_id: &str) -> String {
+pub(super) async fn hospital_name(region: &crate::publish::Region, hospital_id: &str) -> String {
     region
         .directory()
         .await

@@ -906,9 +906,10 @@ async fn local_study(
         "SELECT st.study_date, st.study_time, st.study_description, st.accession_number, \
          st.modalities_in_study, st.number_of_study_related_series, \
          st.number_of_study_related_instances, r.report_status, r.report_issued_date, \
-         r.qc_status, sp.state, sp.record FROM study st \
+         r.qc_status, sp.state, sp.record, cs.hospital_id FROM study st \
          LEFT JOIN study_report r ON r.study_instance_uid = st.study_instance_uid \
          LEFT JOIN study_publication sp ON sp.study_instance_uid = st.study_instance_uid \
+         LEFT JOIN cached_study cs ON cs.study_instance_uid = st.study_instance_uid \
          WHERE st.study_instance_uid = $1",
     )
     .bind(uid)
@@ -937,6 +938,10 @@ async fn local_study(
         "report_date": r.try_get::<Option<String>, _>(8)?,
         "qc": r.try_get::<Option<String>, _>(9)?.unwrap_or_else(|| "pending".into()),
         "publication": publication.unwrap_or_else(|| "pending".into()),
+        // A regional prior fetched here: its report, QC and publication are
+        // the holding hospital's, not this node's (which never publishes a
+        // copy); the page says whose it is instead.
+        "copy_of": r.try_get::<Option<String>, _>(12)?,
         "items": record_items(lang, list, &record),
     })))
 }
@@ -1028,7 +1033,7 @@ async fn timeline(
     // gets them once it is.
     for e in entries.iter_mut() {
         let uid = e["uid"].as_str().unwrap_or("").to_string();
-        match images::series_of(&state.index, &uid).await {
+        match images::series_of(&state.index, Some(region.as_ref()), &uid).await {
             Ok(series) => e["thumbs"] = json!(series),
             Err(err) => return Err(state.unavailable(page, "timeline", &err).await),
         }
@@ -1238,10 +1243,12 @@ async fn render_check(
     // doctor should know before relying on images that cannot be opened).
     let cited_uid = answer["cited"]["study_instance_uid"].as_str();
     let cited_series = match cited_uid {
-        Some(uid) => match images::series_of(&state.index, uid).await {
-            Ok(s) => s,
-            Err(e) => return state.unavailable(page, "check", &e).await,
-        },
+        Some(uid) => {
+            match images::series_of(&state.index, state.region().map(|r| r.as_ref()), uid).await {
+                Ok(s) => s,
+                Err(e) => return state.unavailable(page, "check", &e).await,
+            }
+        }
         None => Vec::new(),
     };
     let cited_failure = cited_uid
@@ -1435,7 +1442,10 @@ async fn study_page(
         Ok(s) => s,
         Err(e) => return Err(state.unavailable(&page, "study", &e).await),
     };
-    if let Some(study) = study {
+    if let Some(mut study) = study {
+        if let Some(holder) = study["copy_of"].as_str().map(str::to_string) {
+            study["copy_of_name"] = json!(images::hospital_name(region, &holder).await);
+        }
         let (series, patient_key) = match study_series(&state, &uid).await {
             Ok(s) => s,
             Err(e) => return Err(state.unavailable(&page, "study", &e).await),
@@ -1683,12 +1693,18 @@ async fn confirm_items(
     }
 }
 
-/// A local study's series with their current instances, and its patient key.
+/// A local study's series with their current instances, and its patient
+/// key. As on the timeline, a series a failed fetch left incomplete is not
+/// listed (images::series_of).
 async fn study_series(
     state: &PageState,
     uid: &str,
 ) -> Result<(Vec<Value>, Option<String>), sqlx::Error> {
     let pool = state.index.pool();
+    let hidden = state
+        .region()
+        .map(|r| crate::peer::incomplete_series(r, uid))
+        .unwrap_or_default();
     let series = sqlx::query(
         "SELECT se.series_instance_uid, se.modality, se.series_number, se.series_description, \
          se.body_part_examined FROM series se JOIN study st ON st.study_key = se.study_key \
@@ -1723,6 +1739,9 @@ async fn study_series(
     let mut out: Vec<(Option<i64>, String, Value)> = Vec::new();
     for r in &series {
         let series_uid: String = r.try_get(0)?;
+        if hidden.contains(&series_uid) {
+            continue;
+        }
         let number: Option<i64> = r.try_get(2)?;
         let mut list = by_series.remove(&series_uid).unwrap_or_default();
         list.sort_by_key(|(n, _)| n.unwrap_or(i64::MAX));

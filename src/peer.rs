@@ -704,7 +704,9 @@ pub async fn verify_grant(region: &Region, token: &str) -> Option<GrantConfirmed
     }
     match region.client().verify_grant(token).await {
         Ok(g) => {
-            audit_served(region, &g).await;
+            if region.first_serving(&g, &now) {
+                audit_served(region, &g).await;
+            }
             region.grant_cache().lock().expect("grants lock").insert(
                 key,
                 GrantConfirmed {

@@ -127,6 +127,10 @@ pub struct Region {
     /// Grants confirmed by the registry (token SHA-256 → grant), so that a
     /// peer's many instance requests cost one confirmation.
     grants: Mutex<std::collections::HashMap<String, GrantConfirmed>>,
+    /// Grants whose serving is in the peer audit (grant ID → its expiry):
+    /// "served" once per grant, however many requests confirm it at once
+    /// or again after the confirmation cache's minute.
+    served: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Region {
@@ -176,6 +180,7 @@ impl Region {
             .map_err(|e| format!("HTTP client: {e}"))?,
             peer_pace: Arc::new(crate::common::Pace::new(config.peer_bandwidth)),
             grants: Mutex::new(std::collections::HashMap::new()),
+            served: Mutex::new(std::collections::HashMap::new()),
             ingest: std::sync::OnceLock::new(),
             index,
             store,
@@ -211,6 +216,16 @@ impl Region {
     /// SHA-256 of their token (src/peer.rs `verify_grant`).
     pub(crate) fn grant_cache(&self) -> &Mutex<std::collections::HashMap<String, GrantConfirmed>> {
         &self.grants
+    }
+
+    /// Whether this is the first time a grant is served (and marks it
+    /// served); expired grants are forgotten as new ones come.
+    pub(crate) fn first_serving(&self, grant: &GrantConfirmed, now: &str) -> bool {
+        let mut served = self.served.lock().expect("served lock");
+        served.retain(|_, expires_at| expires_at.as_str() > now);
+        served
+            .insert(grant.grant_id.clone(), grant.expires_at.clone())
+            .is_none()
     }
 
     pub fn list(&self) -> Option<Arc<RecognitionList>> {

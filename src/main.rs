@@ -548,6 +548,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
         } => {
             let config = args.resolve()?;
+            // Not under a running node: it would serve the index being
+            // replaced.
+            let _lock = huren::node::DataDirLock::acquire(&config.data_dir)?;
             let report = huren::backup::restore(&config, &dir, force, true).await?;
             println!(
                 "restored from {}: {} blobs ({} copied into the store); run huren verify",

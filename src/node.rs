@@ -23,6 +23,21 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// Another process (a running node, a restore) holds the data
+    /// directory's lock.
+    #[error(
+        "data directory {path} is in use by another huren process{}: one node per data directory",
+        pid.as_deref().map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    DataDirInUse {
+        path: std::path::PathBuf,
+        pid: Option<String>,
+    },
+    #[error("cannot lock data directory {path}")]
+    DataDirLock {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("blob store: {0}")]
     Storage(#[from] storage::Error),
     #[error("index: {0}")]
@@ -41,6 +56,61 @@ pub enum StartError {
     Recovery(String),
     #[error("audit log: {0}")]
     Audit(String),
+}
+
+/// The data directory's lock: `<data_dir>/node.lock`, held with an
+/// exclusive `flock(2)` for as long as a node (or a restore) runs. Two
+/// nodes on one data directory would each recover, collect and index the
+/// other's half-written work; the second is refused at start instead. The
+/// kernel lets go of the lock when the process ends, kill -9 included, so
+/// a crash never leaves it stale. `verify` and `backup` read beside a
+/// running node and take no lock.
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    pub fn acquire(data_dir: &std::path::Path) -> Result<DataDirLock, StartError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        private_dir(data_dir).map_err(|source| StartError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join("node.lock");
+        let failed = |source| StartError::DataDirLock {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(failed)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(StartError::DataDirInUse {
+                    path: data_dir.to_path_buf(),
+                    pid: (!pid.is_empty()).then(|| pid.to_string()),
+                });
+            }
+            return Err(failed(error));
+        }
+        // Who holds it, for the message the next one gets.
+        file.set_len(0).map_err(failed)?;
+        file.rewind().map_err(failed)?;
+        writeln!(file, "{}", std::process::id()).map_err(failed)?;
+        Ok(DataDirLock { _file: file })
+    }
 }
 
 /// Opens the blob store and the index the configuration names.
@@ -143,6 +213,8 @@ pub struct Node {
     region_tasks: Vec<JoinHandle<()>>,
     sweeper: JoinHandle<()>,
     audit: crate::audit::Audit,
+    /// Held until the node is dropped (after `wait`).
+    _lock: DataDirLock,
 }
 
 impl Node {
@@ -154,6 +226,7 @@ impl Node {
     ) -> Result<Node, StartError> {
         crate::metrics::install(crate::metrics::Process::Node);
         crate::metrics::register_durability(config.durability.as_str());
+        let lock = DataDirLock::acquire(&config.data_dir)?;
         let ingest = open_ingest(config).await?;
         // Before the first association is accepted: the listeners' sockets
         // are bound, but nothing is read from them until the tasks below.
@@ -263,6 +336,7 @@ impl Node {
             region_tasks,
             sweeper,
             audit,
+            _lock: lock,
         })
     }
 

@@ -449,3 +449,51 @@ async fn sigterm_finishes_the_request_in_flight() {
     let (ok, report) = verify(&data, &[]);
     assert!(ok, "{report}");
 }
+
+/// One node per data directory: a second node on it, or a restore into
+/// it, is refused while the first runs, naming the holder; once the first
+/// has stopped, the next starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_serves_one_node_at_a_time() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let data_arg = data.display().to_string();
+    let mut first = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
+    let pid = first.child.id().to_string();
+    let second = Command::new(HUREN)
+        .args([
+            "node",
+            "--dicom-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--data-dir", &data_arg])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = support::text(&second);
+    assert!(
+        said.contains("is in use by another huren process") && said.contains(&pid),
+        "{said}"
+    );
+    let backup = work.path().join("backup");
+    let restore = Command::new(HUREN)
+        .args(["restore", "--data-dir", &data_arg, "--force"])
+        .arg(&backup)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!restore.status.success());
+    assert!(
+        support::text(&restore).contains("is in use by another huren process"),
+        "{}",
+        support::text(&restore)
+    );
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
+    assert!(first.child.wait().unwrap().success());
+    let mut again = spawn_binary(work.path(), &["--data-dir", &data_arg], &[]);
+    unsafe { libc::kill(again.child.id() as i32, libc::SIGTERM) };
+    assert!(again.child.wait().unwrap().success());
+}

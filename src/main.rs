@@ -412,8 +412,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
             let shutdown = CancellationToken::new();
+            let signals = StopSignals::install().context("signal handlers")?;
             let node = Node::start(&config, dicom, http, shutdown.clone()).await?;
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("shutting down: no new associations; finishing those in progress");
             shutdown.cancel();
             node.wait().await;
@@ -828,12 +829,13 @@ async fn registry(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen()))?;
         let shutdown = CancellationToken::new();
+        let signals = StopSignals::install().context("signal handlers")?;
         let mut server = tokio::spawn({
             let shutdown = shutdown.clone();
             async move { huren::registry::run(listener, &args, shutdown).await }
         });
         tokio::select! {
-            _ = wait_for_signal() => {
+            _ = signals.wait() => {
                 tracing::info!("registry shutting down");
                 shutdown.cancel();
                 (&mut server).await??;
@@ -1023,17 +1025,38 @@ async fn registry(cmd: RegistryCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT, caught from the moment this is made: made before
+/// a server starts, so that a stop sent as soon as it listens (systemd
+/// stopping a unit just started) is a clean shutdown, not the signal's
+/// default of ending the process on the spot.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                term: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

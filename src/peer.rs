@@ -930,20 +930,25 @@ async fn fetch_series_by_series(
             .map(|hashes| (manifest, hashes)),
         Err(e) => Err(e),
     };
+    // Every failed fetch is one `fetch_failed` entry, whatever its stage.
+    let (study, grant_id) = (uid.as_str(), grant.grant_id.as_str());
+    let failed = |detail: String| async move {
+        audit(
+            region,
+            "fetch_failed",
+            holding,
+            study,
+            purpose,
+            user_id,
+            grant_id,
+            &detail,
+        )
+        .await
+    };
     let (manifest, hashes) = match hashes {
         Ok(ok) => ok,
         Err(e) => {
-            audit(
-                region,
-                "fetch_failed",
-                holding,
-                uid.as_str(),
-                purpose,
-                user_id,
-                &grant.grant_id,
-                &format!("0 fetched; manifest: {e}"),
-            )
-            .await;
+            failed(format!("0 fetched; manifest: {e}")).await;
             return Err(e);
         }
     };
@@ -1098,17 +1103,7 @@ async fn fetch_series_by_series(
     }
     metered.bytes(bytes);
     if let Some(e) = failure {
-        audit(
-            region,
-            "fetch_failed",
-            holding,
-            uid.as_str(),
-            purpose,
-            user_id,
-            &grant.grant_id,
-            &format!("{fetched} fetched, {already_present} present; {e}"),
-        )
-        .await;
+        failed(format!("{fetched} fetched, {already_present} present; {e}")).await;
         if matches!(e, Error::Integrity(_)) {
             tracing::error!(hospital = holding, study_instance_uid = uid.as_str(), error = %e, "INTEGRITY: a peer instance failed verification");
         }

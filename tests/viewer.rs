@@ -743,15 +743,14 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
     assert_eq!(series_cards().await, 2);
     // A copy fetched from B: the page says whose exam it is, not this
     // node's report, QC or publication state (it never publishes a copy).
-    let study_page = http
-        .get(format!("{base}/ui/studies/{uid}"))
-        .header("cookie", &session)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page_text = |path: String| {
+        let (http, session) = (http.clone(), session.clone());
+        async move {
+            let r = http.get(path).header("cookie", session).send().await;
+            r.unwrap().text().await.unwrap()
+        }
+    };
+    let study_page = page_text(format!("{base}/ui/studies/{uid}")).await;
     assert!(study_page.contains("id=\"regional-copy\""), "{study_page}");
     assert!(study_page.contains(NAME_B), "{study_page}");
     // No search across the archive, no other study.
@@ -801,15 +800,7 @@ async fn the_doctor_opens_a_regional_prior_in_the_viewer(backend: Backend) {
         .unwrap();
     assert_eq!(r.status(), 401);
     // The cookie now goes to the whole origin (the viewer's requests).
-    let page = http
-        .get(format!("{base}/ui/"))
-        .header("cookie", &session)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = page_text(format!("{base}/ui/")).await;
     let csrf = csrf_field(&page);
     let r = http
         .post(format!("{base}/ui/logout"))

@@ -107,13 +107,27 @@ impl Stored {
 }
 
 /// Counts the failures of an ingest (the blob store or the index; a data
-/// set the peer got wrong is not a storage error).
-fn count_failure<T>(result: &Result<T, Error>) {
+/// set the peer got wrong is not a storage error), and notes whether the
+/// last one ran out of room (readiness says so).
+fn count_failure<T>(result: &Result<T, Error>, out_of_space: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
     match result {
-        Err(Error::Storage(_)) | Err(Error::Unreadable(part10::Error::Io(_))) => {
-            crate::metrics::storage_error("write")
+        Err(Error::Storage(e)) => {
+            crate::metrics::storage_error("write");
+            if e.is_out_of_space() {
+                out_of_space.store(true, Ordering::Relaxed);
+            }
         }
-        Err(Error::Index(_)) => crate::metrics::storage_error("index"),
+        Err(Error::Unreadable(part10::Error::Io(_))) => crate::metrics::storage_error("write"),
+        Err(Error::Index(e)) => {
+            crate::metrics::storage_error("index");
+            // SQLite's SQLITE_FULL, PostgreSQL's ENOSPC, as their text says.
+            let text = e.to_string();
+            if text.contains("disk is full") || text.contains("No space left") {
+                out_of_space.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(_) => out_of_space.store(false, Ordering::Relaxed),
         _ => {}
     }
 }
@@ -126,6 +140,9 @@ pub struct Ingest {
     /// The step an IOCM rejection note is handed to (src/lifecycle.rs);
     /// without one every note is refused.
     rejection_handler: Option<Arc<dyn RejectionHandler>>,
+    /// Whether the last instance failed for want of room (the blob store's
+    /// disk or the index's): every C-STORE is 0xA700 until room is made.
+    out_of_space: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why a rejection note was not applied.
@@ -253,7 +270,13 @@ impl Ingest {
             index,
             order,
             rejection_handler: None,
+            out_of_space: Default::default(),
         }
+    }
+
+    /// Whether the last instance stored (or not) here ran out of room.
+    pub fn out_of_space(&self) -> bool {
+        self.out_of_space.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The step rejection notes are handed to.
@@ -301,7 +324,7 @@ impl Ingest {
     /// Completes a data set whose last fragment has been written.
     pub async fn finish(&self, incoming: Incoming) -> Result<Stored, Error> {
         let result = self.finish_checked(incoming, None).await;
-        count_failure(&result);
+        count_failure(&result, &self.out_of_space);
         result
     }
 
@@ -319,7 +342,7 @@ impl Ingest {
         expected: BlobHash,
     ) -> Result<Stored, Error> {
         let result = self.finish_checked(incoming, Some(expected)).await;
-        count_failure(&result);
+        count_failure(&result, &self.out_of_space);
         result
     }
 
@@ -532,8 +555,34 @@ impl Ingest {
 
 #[cfg(test)]
 mod tests {
-    use crate::ingest::Error;
+    use crate::ingest::{Error, count_failure};
     use crate::{index, part10, storage};
+
+    #[test]
+    fn running_out_of_room_is_remembered_until_an_instance_is_stored() {
+        let full = std::sync::atomic::AtomicBool::new(false);
+        let is_full = || full.load(std::sync::atomic::Ordering::Relaxed);
+        let no_room = || -> Result<(), Error> {
+            Err(Error::Storage(storage::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::StorageFull,
+            ))))
+        };
+        count_failure(&no_room(), &full);
+        assert!(is_full());
+        // Another failure says nothing about room: still full.
+        count_failure(
+            &Err::<(), _>(Error::Index(index::Error::WriterStopped)),
+            &full,
+        );
+        assert!(is_full());
+        count_failure(&Ok::<(), Error>(()), &full);
+        assert!(!is_full());
+        let sqlite_full = Error::Index(index::Error::Database(sqlx::Error::Protocol(
+            "database or disk is full".into(),
+        )));
+        count_failure(&Err::<(), _>(sqlite_full), &full);
+        assert!(is_full());
+    }
 
     #[test]
     fn statuses_follow_ps3_4_annex_b() {

@@ -96,6 +96,11 @@ async fn not_ready(state: &AppState) -> Vec<&'static str> {
     }
     // The node's last audit record could not be written (a full disk):
     // what it serves now goes unaudited.
+    // The last instance failed for want of room: every C-STORE is 0xA700
+    // (Out of Resources) until room is made; the next stored clears it.
+    if state.ingest.out_of_space() {
+        reasons.push("out of space: instances are refused");
+    }
     if state.audit.failing() {
         reasons.push("audit log not writable");
     }

@@ -448,6 +448,7 @@ impl Region {
             if of_series.is_empty() {
                 continue;
             }
+            let instances_in_series = of_series.len();
             of_series.sort_by(|a, b| a.0.cmp(&b.0));
             of_series.truncate(if read_every_instance(&modality) {
                 MAX_INSTANCES_READ
@@ -461,6 +462,7 @@ impl Region {
             }
             series_attributes.push(self::series_attributes(
                 &read,
+                instances_in_series,
                 &series_uid,
                 &modality,
                 &body_part,
@@ -1472,6 +1474,8 @@ pub struct SeriesHeader {
     pub view_position: String,
     /// View Code Sequence: code meaning, else value.
     pub view_code: String,
+    /// NumberOfFrames, 1 when absent.
+    pub number_of_frames: u32,
 }
 
 /// Stops before Pixel Data and whatever follows: after View Code Sequence
@@ -1576,6 +1580,10 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     h.image_laterality = text(&obj, tags::IMAGE_LATERALITY).to_ascii_uppercase();
     h.view_position = text(&obj, tags::VIEW_POSITION).to_ascii_uppercase();
     h.sop_instance_uid = raw(&obj, tags::SOP_INSTANCE_UID);
+    h.number_of_frames = raw(&obj, tags::NUMBER_OF_FRAMES)
+        .parse::<u32>()
+        .unwrap_or(1)
+        .max(1);
     if let Some(seq) = obj.get(tags::VIEW_CODE_SEQUENCE)
         && let Some(item) = seq.items().and_then(|i| i.first())
     {
@@ -1615,11 +1623,15 @@ fn instance_attributes(h: &SeriesHeader) -> InstanceAttributes {
 /// first speaks for the series) and the index's modality and body part.
 fn series_attributes(
     headers: &[SeriesHeader],
+    instances_in_series: usize,
     series_instance_uid: &str,
     modality: &str,
     body_part: &str,
 ) -> SeriesAttributes {
     let first = headers.first().cloned().unwrap_or_default();
+    let images = u32::try_from(instances_in_series)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(first.number_of_frames.max(1));
     SeriesAttributes {
         series_instance_uid: series_instance_uid.to_string(),
         modality: modality.to_string(),
@@ -1633,6 +1645,7 @@ fn series_attributes(
         contrast_route: first.contrast_route.clone(),
         laterality: first.laterality.clone(),
         codes: first.series_codes.clone(),
+        images,
         instances: headers.iter().map(instance_attributes).collect(),
     }
 }
@@ -1704,9 +1717,10 @@ pub fn classify_files(
     }
     let mut out = Vec::new();
     for (uid, series) in studies {
-        let per_series: Vec<(String, Vec<SeriesHeader>)> = series
+        let per_series: Vec<(String, Vec<SeriesHeader>, usize)> = series
             .into_iter()
             .map(|(uid, instances)| {
+                let count = instances.len();
                 let mut v: Vec<SeriesHeader> = instances.into_values().collect();
                 let keep = if v.first().is_some_and(|h| read_every_instance(&h.modality)) {
                     MAX_INSTANCES_READ
@@ -1714,13 +1728,15 @@ pub fn classify_files(
                     1
                 };
                 v.truncate(keep);
-                (uid, v)
+                (uid, v, count)
             })
             .collect();
-        let headers: Vec<SeriesHeader> = per_series.iter().map(|(_, v)| v[0].clone()).collect();
+        let headers: Vec<SeriesHeader> = per_series.iter().map(|(_, v, _)| v[0].clone()).collect();
         let attrs: Vec<SeriesAttributes> = per_series
             .iter()
-            .map(|(uid, v)| series_attributes(v, uid, &v[0].modality, &v[0].body_part_examined))
+            .map(|(uid, v, count)| {
+                series_attributes(v, *count, uid, &v[0].modality, &v[0].body_part_examined)
+            })
             .collect();
         let c = classify(
             list,

@@ -268,6 +268,7 @@ fn write_study(row: &Value, dir: &Path) -> String {
                     "Laterality" => simple(tags::LATERALITY, "CS"),
                     "ImageLaterality" => simple(tags::IMAGE_LATERALITY, "CS"),
                     "ViewPosition" => simple(tags::VIEW_POSITION, "CS"),
+                    "NumberOfFrames" => simple(tags::NUMBER_OF_FRAMES, "IS"),
                     _ => None,
                 };
                 if let Some((tag, vr)) = t {

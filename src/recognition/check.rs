@@ -43,6 +43,10 @@ pub enum NotCounted {
     /// it (its sources disagree or say too little): shown as information
     /// until the hospital that did the exam confirms it.
     NeedsConfirmation,
+    /// The prior's dates cannot be true: a study date after the day of the
+    /// check (a modality's clock, or another study's header), or a report
+    /// issued before the study was done. Its window cannot be told.
+    DatesInconsistent,
 }
 
 /// One prior as the check sees it.
@@ -317,16 +321,27 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
                 .iter()
                 .filter_map(|v| Projection::from_view_position(v))
                 .collect();
-            let side_ok = ordered.laterality == LateralityRule::None
-                || match (record_item.laterality, ordered_laterality) {
-                    (Some(Laterality::Both), _) => true,
-                    (Some(p), Some(o)) => p == o,
-                    _ => false,
-                };
-            if !side_ok {
-                Some(NotCounted::DifferentLaterality)
+            let side = if ordered.laterality == LateralityRule::None {
+                None
+            } else {
+                match (record_item.laterality, ordered_laterality) {
+                    (Some(Laterality::Both), _) => None,
+                    (Some(p), Some(o)) if p == o => None,
+                    // The prior's side is not known (or its sources
+                    // disagree): not "the other side", unsure.
+                    (None, _) => Some(NotCounted::NeedsConfirmation),
+                    _ => Some(NotCounted::DifferentLaterality),
+                }
+            };
+            let study_date = date(&r.study_date);
+            if let Some(reason) = side {
+                Some(reason)
             } else if !ordered_projections.iter().all(|p| views.contains(p)) {
                 Some(NotCounted::ViewNotSatisfied)
+            } else if study_date.is_some_and(|d| d > input.as_of)
+                || matches!((study_date, report_date), (Some(s), Some(r)) if r < s)
+            {
+                Some(NotCounted::DatesInconsistent)
             } else if days_since_window_from.is_none_or(|d| d > ordered.window_days || d < 0) {
                 Some(NotCounted::OutOfWindow)
             } else {
@@ -601,7 +616,7 @@ mod tests {
                 "no_warn - out_of_window",
             ),
             case(
-                "report date wins over study date",
+                "a report issued before its study was done",
                 "CT-03-01",
                 &a,
                 vec![prior(
@@ -610,7 +625,26 @@ mod tests {
                         r.study_date = Some("2026-02-25".into())
                     }),
                 )],
-                "no_warn - out_of_window",
+                "no_warn - dates_inconsistent",
+            ),
+            case(
+                "a study dated after the day of the check",
+                "CT-03-01",
+                &a,
+                vec![prior(
+                    &b,
+                    with(record("s1", "CT-03-01", day("2026-02-25")), &|r| {
+                        r.study_date = Some("2026-08-01".into())
+                    }),
+                )],
+                "no_warn - dates_inconsistent",
+            ),
+            case(
+                "the side of a prior not known: unsure, not the other side",
+                "MR-07-01:L",
+                &a,
+                vec![prior(&b, record("s1", "MR-07-01", day("2026-02-25")))],
+                "no_warn - needs_confirmation",
             ),
             case(
                 "DX 14 days edge in",
@@ -861,7 +895,12 @@ mod tests {
                 vec![
                     prior(&b, record("old", "CT-03-01", day("2026-02-05"))),
                     prior(&b, record("new", "CT-03-03", day("2026-02-25"))),
-                    prior(&b, record("out", "CT-03-01", day("2025-12-01"))),
+                    prior(
+                        &b,
+                        with(record("out", "CT-03-01", day("2025-12-01")), &|r| {
+                            r.study_date = Some("2025-11-28".into())
+                        }),
+                    ),
                 ],
                 "warn new out_of_window",
             ),

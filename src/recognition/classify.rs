@@ -79,6 +79,10 @@ pub struct SeriesAttributes {
     pub laterality: String,
     /// PerformedProtocolCodeSequence.
     pub codes: Vec<Code>,
+    /// Images in the series: instances times their frames (an enhanced
+    /// multi-frame CT is one instance); 0 when not known (counted as
+    /// enough).
+    pub images: u32,
     /// Every instance of a radiograph or mammography series; for other
     /// series the first (its ImageLaterality). Empty is one instance with
     /// no attributes of its own.
@@ -162,6 +166,75 @@ const NOT_IMAGE_SOP_CLASSES: &[&str] = &[
     "1.2.840.10008.5.1.4.1.1.11",
 ];
 
+/// Images for processing (PS3.3 A.26, A.27, A.28: the detector's raw
+/// data, PresentationIntentType FOR PROCESSING): not meant to be read, so
+/// never the exam, however complete the views.
+const FOR_PROCESSING_SOP_CLASSES: &[&str] = &[
+    "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.1.3.1",
+];
+
+/// Words that say, in any region's headers, that a contrast agent was (or
+/// may have been) given, whatever the list's vocabulary holds: abbreviations
+/// too short or too loose to be the list's `enhanced` words. A CT or MR
+/// series whose contrast nothing else states (no plain or enhanced word of
+/// the list, no agent) while its or its study's descriptions carry one of
+/// these is not taken for plain: the item needs confirmation
+/// (`contrast_unstated`). Without this floor a region's list that lacks a
+/// word ("CECT", "ABD+C", "Thorax KM", "强化") made a post-contrast study a
+/// certain plain exam.
+const CONTRAST_HINTS: &[&str] = &[
+    "CONTRAST",
+    "KONTRAST",
+    "CE",
+    "CECT",
+    "KM",
+    "ENH",
+    "GAD",
+    "GD",
+    "T1C",
+    "T1 POST",
+    "POST C",
+    "PV",
+    "IV",
+    "+C",
+    "C+",
+    "+GD",
+    "钆",
+    "强化",
+    "造影剂",
+    "对比剂",
+    "注药",
+    "注射",
+    "三期",
+    "多期",
+    "双期",
+    "两期",
+    "四期",
+];
+
+/// Words of a quality-control exam: a phantom scanned under a patient's ID
+/// is not the patient's exam.
+const PHANTOM_WORDS: &[&str] = &["PHANTOM", "模体", "水模", "体模", "QA PHANTOM", "DAILY QA"];
+
+/// Words of a bedside or portable film: its 正位 (frontal) is AP, whatever
+/// the region's `[frontal_default]` says (a supine or sitting patient is
+/// imaged front to back).
+const BEDSIDE_WORDS: &[&str] = &["床旁", "床边", "BEDSIDE", "PORTABLE"];
+
+/// Fewer images than this in the series an item of these modalities rests
+/// on is not the exam (one slice of a chest does not show the chest); the
+/// item needs confirmation (`too_few_images`). Radiographs and mammograms
+/// are judged by their views instead.
+fn minimum_images(family: &str) -> u32 {
+    match family {
+        "CT" | "MR" | "PET-CT" => 3,
+        "US" => 2,
+        _ => 1,
+    }
+}
+
 /// `uid` is `root` or under it (".7" is secondary capture, ".77" is not).
 fn under(uid: &str, root: &str) -> bool {
     uid.trim() == root || uid.trim().starts_with(&format!("{root}."))
@@ -241,6 +314,32 @@ fn spans(text: &str, pattern: &str) -> Vec<(usize, usize)> {
         return Vec::new();
     }
     let words = ascii_words(text, keep_plus);
+    if keep_plus && pwords.len() == 1 {
+        // A plus word is written glued to its neighbours as often as apart
+        // ("ABD+C", "T1WI+C", "PLAIN+C+"): it matches inside a word, as
+        // long as its letters are not part of longer letters ("+C" is not
+        // in "PET+CT").
+        let pw = pwords[0];
+        let glued = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        let starts_alnum = pw.starts_with(|c: char| c.is_ascii_alphanumeric());
+        let ends_alnum = pw.ends_with(|c: char| c.is_ascii_alphanumeric());
+        let mut out = Vec::new();
+        for (a, b) in words {
+            let w = &text[a..b];
+            let mut from = 0;
+            while let Some(i) = w[from..].find(pw) {
+                let at = from + i;
+                let end = at + pw.len();
+                let before = w[..at].chars().next_back();
+                let after = w[end..].chars().next();
+                if !((starts_alnum && glued(before)) || (ends_alnum && glued(after))) {
+                    out.push((a + at, a + end));
+                }
+                from = at + 1;
+            }
+        }
+        return out;
+    }
     let mut out = Vec::new();
     for k in 0..words.len() {
         if k + pwords.len() > words.len() {
@@ -272,6 +371,9 @@ impl Text {
         Text(normalize(s))
     }
     fn any(&self, patterns: &[String]) -> bool {
+        patterns.iter().any(|p| !spans(&self.0, p).is_empty())
+    }
+    fn any_of(&self, patterns: &[&str]) -> bool {
         patterns.iter().any(|p| !spans(&self.0, p).is_empty())
     }
 }
@@ -440,6 +542,7 @@ fn not_diagnostic(list: &RecognitionList, s: &SeriesAttributes, pet_study: bool)
         || NOT_IMAGE_SOP_CLASSES
             .iter()
             .any(|p| under(&s.sop_class_uid, p))
+        || FOR_PROCESSING_SOP_CLASSES.contains(&s.sop_class_uid.trim())
         || image_type_has("LOCALIZER")
         || image_type_has("SCREEN SAVE")
         || image_type_has("CAD")
@@ -598,6 +701,17 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
         .series
         .iter()
         .any(|s| s.modality.trim().eq_ignore_ascii_case("CT"));
+    let phantom = |t: &str| Text::new(t).any_of(PHANTOM_WORDS);
+    if phantom(&study_text.0)
+        || study
+            .series
+            .iter()
+            .any(|s| phantom(&format!("{} {}", s.series_description, s.protocol_name)))
+    {
+        return unclassified("phantom");
+    }
+    // Contrast the list's words leave unsaid at the study level.
+    let study_contrast_unsaid = study_kinds(list, &study_text).is_empty();
 
     // Diagnostic series, radiographs split by their images' body part.
     let mut units: Vec<Unit> = Vec::new();
@@ -617,6 +731,14 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             s.instances.clone()
         };
         let (kind, kind_explicit) = series_kind(list, s);
+        // Plain only for want of any word or agent, while a description
+        // hints at contrast: not a certain plain exam (CONTRAST_HINTS).
+        let contrast_unstated = !kind_explicit
+            && matches!(fam.as_str(), "CT" | "MR")
+            && study_contrast_unsaid
+            && (Text::new(&format!("{} {}", s.series_description, s.protocol_name))
+                .any_of(CONTRAST_HINTS)
+                || study_text.any_of(CONTRAST_HINTS));
         let mut by_part: BTreeMap<String, Vec<InstanceAttributes>> = BTreeMap::new();
         for i in instances {
             let bp = if i.body_part_examined.trim().is_empty() {
@@ -633,7 +755,11 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
                 body_part_examined: bp,
                 instances,
                 parts: BTreeSet::new(),
-                doubts: BTreeSet::new(),
+                doubts: if contrast_unstated {
+                    BTreeSet::from(["contrast_unstated"])
+                } else {
+                    BTreeSet::new()
+                },
                 kind,
                 kind_explicit,
             });
@@ -1107,6 +1233,61 @@ fn compose(
     } else {
         None
     };
+    if fam == "DX" && image_side == Some(Laterality::Both) {
+        // Both sides imaged: each side's own views, never pooled (a left AP
+        // and a right lateral are not both knees AP and lateral).
+        let mut per_side: BTreeMap<Laterality, BTreeSet<View>> = BTreeMap::new();
+        for u in units {
+            for i in &u.instances {
+                let side = side_of(&i.image_laterality).or(side_of(&u.series.laterality));
+                if let (Some(side @ (Laterality::Left | Laterality::Right)), Some(v)) =
+                    (side, view_of_position(&i.view_position))
+                {
+                    per_side.entry(side).or_default().insert(v);
+                }
+            }
+        }
+        let mut sets = per_side.values();
+        if let (Some(a), Some(b)) = (sets.next(), sets.next())
+            && a != b
+        {
+            doubts.insert("views_differ_between_sides");
+        }
+    }
+    // Too few images to be the exam (one slice of a chest), when the
+    // count is known for every series.
+    let images: Option<u32> = units
+        .iter()
+        .map(|u| (u.series.images > 0).then_some(u.series.images))
+        .sum();
+    if images.is_some_and(|n| n < minimum_images(fam)) {
+        doubts.insert("too_few_images");
+    }
+    if fam == "MG" {
+        // A mammogram is two views of each breast imaged (CC and MLO): a
+        // side with one image is not the exam.
+        let mut per_side: BTreeMap<Laterality, usize> = BTreeMap::new();
+        for u in units {
+            for i in &u.instances {
+                if let Some(side) = side_of(&i.image_laterality).or(side_of(&u.series.laterality)) {
+                    *per_side.entry(side).or_default() += 1;
+                }
+            }
+        }
+        if per_side.values().any(|n| *n < 2) {
+            doubts.insert("too_few_images");
+        }
+    }
+    // Only derived copies (reformats, a re-sent secondary copy): no image
+    // of the acquisition itself.
+    let derived = |u: &&Unit| {
+        let t = u.series.image_type.to_uppercase();
+        let mut v = t.split('\\').map(str::trim);
+        v.next() == Some("DERIVED") && v.next() == Some("SECONDARY")
+    };
+    if units.iter().all(derived) {
+        doubts.insert("derived_images_only");
+    }
 
     let mut out = Vec::new();
     for item in chosen {
@@ -1164,9 +1345,13 @@ fn compose(
         }
         out.push(c);
     }
+    let bedside = units.iter().any(|u| u.text().any_of(BEDSIDE_WORDS))
+        || sources
+            .iter()
+            .any(|(_, t)| Text::new(t).any_of(BEDSIDE_WORDS));
     match views {
         None => out,
-        Some(seen) => fit_views(list, part, seen, out),
+        Some(seen) => fit_views(list, part, seen, bedside, out),
     }
 }
 
@@ -1249,9 +1434,14 @@ fn fit_views(
     list: &RecognitionList,
     part: &str,
     seen: Seen,
+    bedside: bool,
     out: Vec<Classified>,
 ) -> Vec<Classified> {
-    let frontal_default = list.frontal_default.get(part).copied();
+    let frontal_default = if bedside {
+        Some(Projection::Ap)
+    } else {
+        list.frontal_default.get(part).copied()
+    };
     let covers = |p: &Projection| -> bool {
         let want = match p {
             Projection::Pa => View::Pa,
@@ -2304,6 +2494,13 @@ counts_as_non_recognition = false
         assert!(m("XBPS", "XBPS"));
         assert!(m("CHEST C+", "C+"));
         assert!(!m("ABC+", "C+"));
+        // Plus words glued to their neighbours, not inside longer letters.
+        assert!(m("Routine Abd+C", "+C"));
+        assert!(m("T1WI+C AX", "+C"));
+        assert!(m("CT HEAD PLAIN+C+", "+C"));
+        assert!(m("CT HEAD PLAIN+C+", "C+"));
+        assert!(!m("PET+CT", "+C"));
+        assert!(!m("CHEST PA+LAT", "+C"));
         assert!(m("CHEST PA+LAT", "PA"));
         assert!(m("Chest non contrast", "NON CONTRAST"));
         assert!(m("SI Joints 1.0", "SI JOINT"));

@@ -487,6 +487,11 @@ const STRINGS: &[(&str, &str, &str)] = &[
         "Views do not satisfy the order",
     ),
     (
+        "nc_dates_inconsistent",
+        "检查日期或报告日期有误，无法判断有效期",
+        "Study or report date impossible: the window cannot be told",
+    ),
+    (
         "nc_prior_unclassified",
         "未归入互认项目",
         "Not a recognised item",
@@ -675,6 +680,7 @@ mod tests {
                     "view_not_satisfied",
                     "prior_unclassified",
                     "needs_confirmation",
+                    "dates_inconsistent",
                 ][..],
             ),
             ("report_", &["none", "preliminary", "final", "amended"][..]),

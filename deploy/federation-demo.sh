@@ -75,7 +75,7 @@ B="http://127.0.0.1:$B_HTTP"
 HOSP_A1=91310000425000001A   # unified social credit codes (made up)
 HOSP_A2=91310000425000002B
 HOSP_B=91320500466000003C
-RID=11010519491231002X       # GB 11643's own example number
+RID=110105195804120012       # a valid number for the sample patient (born 1958-04-12, male)
 STUDY=1.2.826.0.1.3680043.8.498.10592335490470898099914797295349891527  # sample-dicom/manifest.json
 
 wait_http() {  # URL what

@@ -146,7 +146,7 @@ STUDY=1.2.826.0.1.3680043.8.498.10592335490470898099914797295349891527  # sample
 
 step "B's master patient index maps local patient HUR-100001 to a resident ID number"
 api -X POST "$B/api/v1/patient-identifiers" -H 'content-type: application/json' \
-    -d '{"patient_id": "HUR-100001", "issuer_of_patient_id": "HUREN-GENERAL", "identifier_type": "RID", "identifier": "11010519491231002X"}'
+    -d '{"patient_id": "HUR-100001", "issuer_of_patient_id": "HUREN-GENERAL", "identifier_type": "RID", "identifier": "110105195804120012"}'
 echo
 # Reported two days ago (Asia/Shanghai), so that the prior is inside its
 # validity window.
@@ -178,7 +178,7 @@ echo "QIDO-RS without a token: $code"
 
 priors() {
     api -X POST "$A/api/v1/priors" -H 'content-type: application/json' -d '{
-        "patient": {"identifier_type": "RID", "identifier": "11010519491231002X"},
+        "patient": {"identifier_type": "RID", "identifier": "110105195804120012"},
         "purpose": "treatment", "user_id": "dr.wang"}'
 }
 step "A asks for the patient's priors without consent: a count, no records"
@@ -190,7 +190,7 @@ echo "$answer"
 step "the patient authorises hospital A (doctor-assisted, 7 days)"
 expires="$(python3 -c 'import datetime as d; print((d.datetime.now(d.timezone.utc)+d.timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"))')"
 api -X POST "$A/api/v1/consents" -H 'content-type: application/json' -d "{
-    \"patient\": {\"identifier_type\": \"RID\", \"identifier\": \"11010519491231002X\"},
+    \"patient\": {\"identifier_type\": \"RID\", \"identifier\": \"110105195804120012\"},
     \"method\": \"doctor_assisted\", \"recorded_by\": \"dr.wang\", \"state\": \"granted\",
     \"expires_at\": \"$expires\"}"
 echo
@@ -210,7 +210,7 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 warning="$(api -X POST "$A/api/v1/recognition/check" -H 'content-type: application/json' -d '{
-    "patient": {"identifier_type": "RID", "identifier": "11010519491231002X"},
+    "patient": {"identifier_type": "RID", "identifier": "110105195804120012"},
     "order": {"item_code": "CT-0301-01"}, "ordering_doctor": "dr.wang", "encounter": "outpatient"}')"
 python3 -m json.tool --no-ensure-ascii <<<"$warning"
 [[ "$(json 'd["outcome"]' <<<"$warning")" == warn ]] || fail "expected a duplicate-exam warning"

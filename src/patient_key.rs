@@ -69,6 +69,12 @@ pub enum InvalidIdentifier {
     ResidentIdCheckDigit,
     #[error("document number has characters other than letters, digits and '-'")]
     DocumentFormat,
+    /// The study's PatientBirthDate or PatientSex contradicts what the
+    /// resident ID number encodes: the mapping (or the header) names
+    /// another person, and publishing would put this exam on that person's
+    /// record.
+    #[error("the study's birth date or sex contradicts the resident ID number")]
+    DemographicsMismatch,
 }
 
 impl InvalidIdentifier {
@@ -79,6 +85,7 @@ impl InvalidIdentifier {
             InvalidIdentifier::ResidentIdFormat => "identifier_format",
             InvalidIdentifier::ResidentIdCheckDigit => "check_digit",
             InvalidIdentifier::DocumentFormat => "identifier_format",
+            InvalidIdentifier::DemographicsMismatch => "demographics_mismatch",
         }
     }
 }
@@ -134,6 +141,28 @@ impl Identifier {
 
     pub fn kind(&self) -> IdentifierType {
         self.kind
+    }
+
+    /// Whether a study's PatientBirthDate (DA, YYYYMMDD) and PatientSex
+    /// (M/F) can be this identifier's person: a resident ID number encodes
+    /// both (GB 11643: the birth date in digits 7-14, the sex in digit 17,
+    /// odd for male). Empty or unreadable values, other sexes (O) and other
+    /// documents say nothing against it.
+    pub fn agrees_with(&self, birth_date: &str, sex: &str) -> bool {
+        if self.kind != IdentifierType::ResidentId {
+            return true;
+        }
+        let n = self.number.as_bytes();
+        let birth = birth_date.trim();
+        let birth_ok = birth.len() != 8
+            || !birth.bytes().all(|b| b.is_ascii_digit())
+            || birth.as_bytes() == &n[6..14];
+        let sex_ok = match sex.trim().to_ascii_uppercase().as_str() {
+            "M" => !(n[16] - b'0').is_multiple_of(2),
+            "F" => (n[16] - b'0').is_multiple_of(2),
+            _ => true,
+        };
+        birth_ok && sex_ok
     }
 
     /// The normalised number, for the node's own storage (never for the
@@ -277,6 +306,29 @@ mod tests {
                 Err(e) => assert_eq!(got.unwrap_err(), *e, "{raw:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_resident_id_names_a_birth_date_and_a_sex() {
+        // 1958-04-12, digit 17 odd: a man.
+        let id = Identifier::parse(IdentifierType::ResidentId, "110105195804120012").unwrap();
+        assert!(id.agrees_with("19580412", "M"));
+        assert!(id.agrees_with("", ""), "nothing said, nothing against");
+        assert!(id.agrees_with("19580412", "O"));
+        assert!(
+            id.agrees_with("1958", "m"),
+            "an unreadable date says nothing"
+        );
+        assert!(!id.agrees_with("19920815", "M"), "another birth date");
+        assert!(!id.agrees_with("19580412", "F"), "another sex");
+        assert!(!id.agrees_with("", "f"));
+        // 1985-09-23, digit 17 even: a woman.
+        let id = Identifier::parse(IdentifierType::ResidentId, "440524198509230025").unwrap();
+        assert!(id.agrees_with("19850923", "F"));
+        assert!(!id.agrees_with("19850923", "M"));
+        // Other documents carry neither.
+        let passport = Identifier::parse(IdentifierType::Passport, "E12345678").unwrap();
+        assert!(passport.agrees_with("19920815", "F"));
     }
 
     #[test]

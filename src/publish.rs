@@ -538,7 +538,17 @@ impl Region {
 
         let identifier = self
             .identifier(&patient_id, &issuer, headers.first())
-            .await?;
+            .await?
+            // Never under another person's key: the study's own birth date
+            // and sex must be able to be the identifier's (probe 6: a
+            // mapping that named someone else put their exam on that
+            // person's record, and the check cited it).
+            .and_then(|id| match headers.first() {
+                Some(h) if !id.agrees_with(&h.patient_birth_date, &h.patient_sex) => {
+                    Err(InvalidIdentifier::DemographicsMismatch)
+                }
+                _ => Ok(id),
+            });
         let report = sqlx::query(
             "SELECT report_status, report_issued_date, qc_status FROM study_report \
              WHERE study_instance_uid = $1",
@@ -1476,6 +1486,10 @@ pub struct SeriesHeader {
     pub view_code: String,
     /// NumberOfFrames, 1 when absent.
     pub number_of_frames: u32,
+    /// PatientBirthDate and PatientSex as written: checked against a
+    /// resident ID number before publishing.
+    pub patient_birth_date: String,
+    pub patient_sex: String,
 }
 
 /// Stops before Pixel Data and whatever follows: after View Code Sequence
@@ -1580,6 +1594,8 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     h.image_laterality = text(&obj, tags::IMAGE_LATERALITY).to_ascii_uppercase();
     h.view_position = text(&obj, tags::VIEW_POSITION).to_ascii_uppercase();
     h.sop_instance_uid = raw(&obj, tags::SOP_INSTANCE_UID);
+    h.patient_birth_date = raw(&obj, tags::PATIENT_BIRTH_DATE);
+    h.patient_sex = raw(&obj, tags::PATIENT_SEX);
     h.number_of_frames = raw(&obj, tags::NUMBER_OF_FRAMES)
         .parse::<u32>()
         .unwrap_or(1)

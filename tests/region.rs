@@ -29,8 +29,10 @@ use tokio_util::sync::CancellationToken;
 use crate::support::{self, Backend, TestNode, python_tool, repo_path, storescu};
 
 pub const SECRET: &str = "region-secret-for-the-test-suite-0001";
-/// GB 11643's own example number.
-pub const RID: &str = "11010519491231002X";
+/// A valid resident ID number of the sample patient HUR-100001 (Zhang San,
+/// born 1958-04-12, male): a node publishes no study whose PatientBirthDate
+/// or PatientSex contradicts the number.
+pub const RID: &str = "110105195804120012";
 pub const ADMIN_TOKEN: &str = "admin-token-for-the-test-suite-0001";
 
 // ------------------------------------------------------------------ registry
@@ -1130,20 +1132,41 @@ async fn region_end_to_end(backend: Backend) {
         "dx-b",
         &["--resident-id", bad],
     );
+    // Another person's study under the number: its header's birth date is
+    // not the one the resident ID number encodes.
+    let someone_else = make_study(
+        work.path(),
+        "p3-dx-chest-2025",
+        "dx-b-someone-else",
+        &["--resident-id", RID, "--set", "PatientBirthDate=19920815"],
+    );
     store(&node_b, &none.files).await;
     store(&node_b, &wrong.files).await;
+    store(&node_b, &someone_else.files).await;
     wait_until("local-only studies counted", || {
         let api_b = api_b.clone();
         async move {
             let s = api_b.ok("GET", "/api/v1/publication", None).await;
-            s["local_only"]["no_identifier"] == 1 && s["local_only"]["check_digit"] == 1
+            s["local_only"]["no_identifier"] == 1
+                && s["local_only"]["check_digit"] == 1
+                && s["local_only"]["demographics_mismatch"] == 1
         }
     })
     .await;
+    assert!(
+        record_at(
+            &reg_b,
+            "HOSPB0000000000002",
+            &someone_else.study_instance_uid
+        )
+        .await
+        .is_none(),
+        "a study whose birth date contradicts the number is never published under it"
+    );
     let listed = api_b
         .ok("GET", "/api/v1/publication/local-only", None)
         .await;
-    assert_eq!(listed["studies"].as_array().unwrap().len(), 2);
+    assert_eq!(listed["studies"].as_array().unwrap().len(), 3);
     assert!(
         record_at(&reg_b, "HOSPB0000000000002", &none.study_instance_uid)
             .await
@@ -1158,13 +1181,13 @@ async fn region_end_to_end(backend: Backend) {
     assert!(!refused.to_string().contains(bad));
     let mapped = api_b
         .ok("POST", "/api/v1/patient-identifiers",
-            Some(json!({"patient_id": "HUR-100002", "issuer_of_patient_id": "HUREN-GENERAL", "identifier_type": "RID", "identifier": "440524188001010014"})))
+            Some(json!({"patient_id": "HUR-100002", "issuer_of_patient_id": "HUREN-GENERAL", "identifier_type": "RID", "identifier": "440524198509230025"})))
         .await;
     assert_eq!(mapped["studies"], 1);
     let knee = wait_record(&reg_b, "HOSPB0000000000002", &none.study_instance_uid, 1).await;
     assert_eq!(
         knee["record"]["patient_key"],
-        patient_key("440524188001010014")
+        patient_key("440524198509230025")
     );
     assert_eq!(knee["record"]["modalities"], json!(["MR"]));
 
@@ -1300,7 +1323,7 @@ async fn region_end_to_end(backend: Backend) {
     forbidden.extend([
         RID.to_string(),
         RID.to_lowercase(),
-        "440524188001010014".into(),
+        "440524198509230025".into(),
         bad.into(),
     ]);
     for e in &from_nodes {

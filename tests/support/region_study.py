@@ -71,6 +71,13 @@ def main():
         if a.patient_id:
             ds.PatientID = a.patient_id
         if a.resident_id:
+            # The person the number names: a resident ID number encodes the
+            # birth date and the sex (GB 11643), and a node never publishes
+            # a study whose header says otherwise.
+            rid = a.resident_id.upper()
+            if len(rid) == 18 and rid[:17].isdigit():
+                ds.PatientBirthDate = rid[6:14]
+                ds.PatientSex = "M" if int(rid[16]) % 2 else "F"
             item = Dataset()
             item.PatientID = a.resident_id
             item.IssuerOfPatientID = a.issuer

@@ -360,6 +360,13 @@ async fn doctor_page(backend: Backend) {
     assert!(warning.contains(&today), "{warning}");
     assert!(warning.contains("0 天"), "{warning}");
     assert!(warning.contains("30 天"), "{warning}");
+    // What the match rests on: the report's state, what the prior is
+    // made of, the attributes its item rests on.
+    assert!(warning.contains("报告状态"), "{warning}");
+    assert!(warning.contains("正式报告"), "{warning}");
+    assert!(warning.contains("个序列"), "{warning}");
+    assert!(warning.contains("判定依据"), "{warning}");
+    assert!(warning.contains("BodyPartExamined"), "{warning}");
     assert_eq!(check["links"], json!([format!("/ui/studies/{uid}/images")]));
     let decision = step(&lines, "decision");
     assert_eq!(decision["confirmed"], true, "{decision:#}");

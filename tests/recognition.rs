@@ -238,6 +238,23 @@ async fn duplicate_exam_warning_end_to_end() {
         cited["eligibility"].as_str().unwrap().contains("二级甲等"),
         "{cited}"
     );
+    // What the match rests on, for the doctor to judge: the report's
+    // state, what the study is made of, the item's confidence and the
+    // attributes it rests on (names, never values).
+    assert_eq!(cited["report_status"], "final", "{cited}");
+    assert!(
+        cited["number_of_instances"].as_i64().unwrap() > 2,
+        "{cited}"
+    );
+    assert!(cited["number_of_series"].as_i64().unwrap() >= 1, "{cited}");
+    assert_eq!(cited["confidence"], "certain", "{cited}");
+    let evidence: Vec<&str> = cited["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(evidence.contains(&"Modality"), "{cited}");
     assert_eq!(warn["links"][&uid], format!("/ui/studies/{uid}/images"));
     // By attributes instead of an item code.
     let by_attrs = check(

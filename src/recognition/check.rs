@@ -67,6 +67,9 @@ pub struct PriorView {
     pub study_instance_uid: String,
     pub study_date: Option<String>,
     pub report_issued_date: Option<String>,
+    /// The report's state at the holding hospital: the doctor reads a
+    /// preliminary report differently from a final one.
+    pub report_status: crate::contract::ReportStatus,
     /// The date the window counts from: the report's, else the study's.
     pub window_from: Option<String>,
     /// `report_issued_date`, or `study_date` where no report date is known.
@@ -84,6 +87,13 @@ pub struct PriorView {
     pub item_name_en: Option<String>,
     pub mark: Option<String>,
     pub images_available: bool,
+    /// What the prior is made of, for the doctor to judge what it shows.
+    pub number_of_series: i64,
+    pub number_of_instances: i64,
+    /// The shown item's confidence (`None`: a node that predates it).
+    pub confidence: Option<ItemConfidence>,
+    /// The attributes the shown item rests on, without their values.
+    pub evidence: Vec<String>,
     /// The eligibility rule that made the hospital's result count.
     pub eligibility: Option<String>,
     pub reason: Option<NotCounted>,
@@ -281,6 +291,7 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
             .filter_map(|i| list.item(&i.code).map(|item| (i, item)))
             .filter(|(_, item)| list.satisfies(&item.code, &ordered.code))
             .min_by_key(|(i, _)| unconfirmed(i));
+        let shown_record_item = satisfying.map(|(i, _)| i).or_else(|| r.items.first());
         let shown_item = satisfying
             .map(|(_, item)| item)
             .or_else(|| r.items.first().and_then(|i| list.item(&i.code)));
@@ -291,6 +302,7 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
             study_instance_uid: r.study_instance_uid.clone(),
             study_date: r.study_date.clone(),
             report_issued_date: r.report_issued_date.clone(),
+            report_status: r.report_status,
             window_from: from.map(|d| d.format("%Y-%m-%d").to_string()),
             window_basis: basis,
             days_ago,
@@ -301,6 +313,20 @@ pub fn check(input: &CheckInput) -> Result<CheckResult, String> {
             item_name_en: shown_item.map(|i| i.name_en.clone()),
             mark: shown_item.map(|i| list.mark_of(i).to_string()),
             images_available: r.images_available,
+            number_of_series: r.number_of_series,
+            number_of_instances: r.number_of_instances,
+            // Confirmed at the holding hospital: certain, whatever the
+            // classifier said.
+            confidence: shown_record_item.and_then(|i| {
+                if i.confirmed_by.is_some() {
+                    Some(ItemConfidence::Certain)
+                } else {
+                    i.confidence
+                }
+            }),
+            evidence: shown_record_item
+                .map(|i| i.evidence.clone())
+                .unwrap_or_default(),
             eligibility: None,
             reason: None,
         };

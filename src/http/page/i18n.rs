@@ -290,6 +290,19 @@ const STRINGS: &[(&str, &str, &str)] = &[
     ("level", "医院等级", "Level"),
     ("study_date", "检查日期", "Study date"),
     ("report_date", "报告日期", "Report issued"),
+    ("report_state", "报告状态", "Report"),
+    ("prior_made_of", "影像构成", "Made of"),
+    (
+        "prior_series_images",
+        "{series} 个序列，{n} 幅图像",
+        "{series} series, {n} images",
+    ),
+    ("prior_basis", "判定依据", "Matched on"),
+    (
+        "prior_unsure",
+        "（分类待确认）",
+        "(classification unconfirmed)",
+    ),
     ("days_ago", "距今", "Days ago"),
     // Confirmation at the source (issue 17 section 2).
     (

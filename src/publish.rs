@@ -1490,6 +1490,29 @@ pub struct SeriesHeader {
     /// resident ID number before publishing.
     pub patient_birth_date: String,
     pub patient_sex: String,
+    /// PatientAge (AS: 002Y, 018M, 003W, 010D) and StudyDate, for the
+    /// patient's age at the study.
+    pub patient_age: String,
+    pub study_date: String,
+}
+
+/// The patient's age in whole years at the study: PatientAge, else the
+/// birth date and the study date (both YYYYMMDD).
+fn age_in_years(h: &SeriesHeader) -> Option<u32> {
+    let age = h.patient_age.trim();
+    if age.len() == 4 && age[..3].bytes().all(|b| b.is_ascii_digit()) {
+        let n: u32 = age[..3].parse().ok()?;
+        return match &age[3..] {
+            "Y" | "y" => Some(n),
+            "M" | "m" => Some(n / 12),
+            "W" | "w" => Some(n / 52),
+            "D" | "d" => Some(n / 365),
+            _ => None,
+        };
+    }
+    let date = |d: &str| chrono::NaiveDate::parse_from_str(d.trim(), "%Y%m%d").ok();
+    let (birth, study) = (date(&h.patient_birth_date)?, date(&h.study_date)?);
+    study.years_since(birth)
 }
 
 /// Stops before Pixel Data and whatever follows: after View Code Sequence
@@ -1596,6 +1619,8 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     h.sop_instance_uid = raw(&obj, tags::SOP_INSTANCE_UID);
     h.patient_birth_date = raw(&obj, tags::PATIENT_BIRTH_DATE);
     h.patient_sex = raw(&obj, tags::PATIENT_SEX);
+    h.patient_age = raw(&obj, tags::PATIENT_AGE);
+    h.study_date = raw(&obj, tags::STUDY_DATE);
     h.number_of_frames = raw(&obj, tags::NUMBER_OF_FRAMES)
         .parse::<u32>()
         .unwrap_or(1)
@@ -1686,6 +1711,7 @@ fn study_attributes(
         codes,
         series,
         hospital_id,
+        patient_age_years: headers.first().and_then(age_in_years),
     }
 }
 

@@ -269,6 +269,7 @@ fn write_study(row: &Value, dir: &Path) -> String {
                     "ImageLaterality" => simple(tags::IMAGE_LATERALITY, "CS"),
                     "ViewPosition" => simple(tags::VIEW_POSITION, "CS"),
                     "NumberOfFrames" => simple(tags::NUMBER_OF_FRAMES, "IS"),
+                    "PatientAge" => simple(tags::PATIENT_AGE, "AS"),
                     _ => None,
                 };
                 if let Some((tag, vr)) = t {

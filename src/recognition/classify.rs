@@ -99,7 +99,14 @@ pub struct StudyAttributes {
     pub series: Vec<SeriesAttributes>,
     /// The hospital whose code tables apply.
     pub hospital_id: Option<String>,
+    /// The patient's age in whole years at the study (PatientAge, else
+    /// PatientBirthDate and StudyDate); `None` when not known.
+    pub patient_age_years: Option<u32>,
 }
+
+/// Below this age a radiograph's 正位 is not taken PA by convention: small
+/// children are imaged AP, lying or held.
+const CHILD_YEARS: u32 = 6;
 
 /// Whether an item may produce a warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -874,6 +881,7 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             },
             sides: study_sides.clone(),
             views: study_views.clone(),
+            child: study.patient_age_years.is_some_and(|a| a < CHILD_YEARS),
         };
         found.extend(compose(list, fam, part, &members, &study));
     }
@@ -1006,6 +1014,8 @@ struct StudyWords<'a> {
     kinds: BTreeSet<Kind>,
     sides: BTreeSet<Laterality>,
     views: BTreeSet<View>,
+    /// A small child (`CHILD_YEARS`): no PA by convention.
+    child: bool,
 }
 
 /// The items of one modality family and body part, from the units that
@@ -1351,7 +1361,20 @@ fn compose(
             .any(|(_, t)| Text::new(t).any_of(BEDSIDE_WORDS));
     match views {
         None => out,
-        Some(seen) => fit_views(list, part, seen, bedside, out),
+        Some(seen) => {
+            // A child's 正位 with no direction anywhere: the region's
+            // convention (PA) is an adult's.
+            let defaulted = seen.views.contains(&View::Frontal)
+                && !seen.views.contains(&View::Pa)
+                && !seen.views.contains(&View::Ap);
+            let mut fitted = fit_views(list, part, seen, bedside, out);
+            if defaulted && study.child && !bedside {
+                for c in &mut fitted {
+                    doubt(c, "frontal_view_of_a_child");
+                }
+            }
+            fitted
+        }
     }
 }
 

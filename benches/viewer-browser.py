@@ -170,7 +170,11 @@ def main():
     a = ap.parse_args()
     token = os.environ["HUREN_BENCH_TOKEN"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=ARGS)
+        # HUREN_BENCH_CHROMIUM_ARGS: more switches for the browser, e.g.
+        # --disable-gpu-compositing (a workstation whose GPU Chromium does
+        # not use: software compositing, WebGL still SwiftShader's).
+        extra = os.environ.get("HUREN_BENCH_CHROMIUM_ARGS", "").split()
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=ARGS + extra)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(120_000)
         if a.probe == "canvas":
@@ -208,6 +212,17 @@ def main():
             cdp.send("Profiler.enable")
             cdp.send("Profiler.setSamplingInterval", {"interval": 200})
             cdp.send("Profiler.start")
+        # With HUREN_BENCH_CHROME_TRACE=FILE: Chromium's own trace (the
+        # renderer's main thread: scripts, parsing, style, layout, paint)
+        # from the click to the first image, for chrome://tracing or
+        # benches/chrome-trace-summary.py.
+        chrome_trace = os.environ.get("HUREN_BENCH_CHROME_TRACE")
+        if chrome_trace:
+            browser.start_tracing(page=page, path=chrome_trace, categories=[
+                "devtools.timeline", "v8", "v8.execute", "blink", "loading", "toplevel",
+                "disabled-by-default-devtools.timeline"])
+            # The click's moment in the trace's own clock.
+            page.evaluate("console.timeStamp('huren-click')")
         clicked_wall = datetime.datetime.now(datetime.timezone.utc)
         clicked_epoch = time.time()
         clicked = time.monotonic()
@@ -257,6 +272,8 @@ def main():
                 if not any(w in str(e) for w in ("context was destroyed", "navigat", "Timeout")):
                     raise
             page.wait_for_timeout(50)
+        if chrome_trace:
+            browser.stop_tracing()
         if cpuprofile:
             # Started just before the click: its startTime is the click.
             profile = cdp.send("Profiler.stop")["profile"]

@@ -295,6 +295,9 @@ async fn open_images(
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        if let Some(live) = crate::peer::live(region, &uid) {
+            live.prefetch_metadata();
+        }
         // The next look shows the fetch running (without `retry`).
         return Ok(Redirect::to(&images_link(&uid)).into_response());
     }
@@ -303,8 +306,10 @@ async fn open_images(
         return Ok(Redirect::to(&images_link(&uid)).into_response());
     };
     // Past the manifest: the viewer reads the study as it arrives, under
-    // the fetch's progress.
-    if crate::peer::live(region, &uid).is_some() {
+    // the fetch's progress; the series' metadata it will ask for first is
+    // asked of the holding node now, while the viewer starts.
+    if let Some(live) = crate::peer::live(region, &uid) {
+        live.prefetch_metadata();
         let mut response = state
             .render(
                 &page,

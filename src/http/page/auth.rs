@@ -289,6 +289,22 @@ pub async fn open_study(
     Ok(())
 }
 
+/// Takes back what [`open_study`] let the session read: the study's fetch
+/// was refused (no consent), so the session must not read the study should
+/// it arrive here later by another doctor's fetch.
+pub async fn close_study(
+    index: &Index,
+    session_hash: &str,
+    study_instance_uid: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM ui_session_study WHERE session_hash = $1 AND study_instance_uid = $2")
+        .bind(session_hash)
+        .bind(study_instance_uid)
+        .execute(index.pool())
+        .await?;
+    Ok(())
+}
+
 /// The user of the live session a cookie's token names, when that session
 /// opened `study_instance_uid` from the page: what authorises the viewer's
 /// DICOMweb reads.

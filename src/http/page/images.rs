@@ -351,6 +351,15 @@ async fn open_images(
         }
         FetchState::Failed => {
             let kind = progress.failure.as_ref().map(|f| f.kind);
+            if kind == Some(FailureKind::NoConsent) && !held {
+                // Refused: the session's permission to read the study,
+                // recorded before the fetch began, is taken back.
+                if let Err(e) =
+                    super::auth::close_study(&state.index, &session.session_hash, &uid).await
+                {
+                    return Err(state.unavailable(&page, "images", &e).await);
+                }
+            }
             let status = match kind {
                 Some(FailureKind::NoConsent) => StatusCode::FORBIDDEN,
                 Some(FailureKind::Local) => StatusCode::SERVICE_UNAVAILABLE,

@@ -477,6 +477,17 @@ impl Region {
             }
             headers.push(header);
         }
+        // A study whose series carry different StudyDates (re-opened days
+        // later, a reused Study UID, a modality clock) is as old as its
+        // oldest images: the index keeps the date of whichever instance
+        // came last, which made 49-day-old images 5 days old (probe 7 N4).
+        let study_date = every
+            .iter()
+            .map(|h| h.study_date.trim())
+            .chain(std::iter::once(study_date.trim()))
+            .filter(|d| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()))
+            .min()
+            .map_or_else(|| study_date.clone(), str::to_string);
         let list = self.list();
         let summary = summarise(&every, list.as_deref().map(|l| &l.vocabulary));
         let mut classification_json: Option<String> = None;
@@ -1494,6 +1505,9 @@ pub struct SeriesHeader {
     /// patient's age at the study.
     pub patient_age: String,
     pub study_date: String,
+    /// ContrastBolusIngredient, a ContrastBolusVolume above 0 or an
+    /// intravenous route: something was injected, named or not.
+    pub contrast_bolus_recorded: bool,
 }
 
 /// The patient's age in whole years at the study: PatientAge, else the
@@ -1613,6 +1627,17 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
     h.contrast_agent_text = agent;
     h.contrast_agent_sequence = agent_seq;
     h.contrast_route = text(&obj, tags::CONTRAST_BOLUS_ROUTE).to_ascii_uppercase();
+    let volume = raw(&obj, tags::CONTRAST_BOLUS_VOLUME)
+        .parse::<f64>()
+        .unwrap_or(0.0);
+    let route = h.contrast_route.replace(['.', ' '], "");
+    h.contrast_bolus_recorded = !text(&obj, tags::CONTRAST_BOLUS_INGREDIENT).is_empty()
+        || volume > 0.0
+        || matches!(
+            route.as_str(),
+            "IV" | "INTRAVENOUS" | "INTRAARTERIAL" | "IA"
+        )
+        || route.contains("静脉");
     h.laterality = text(&obj, tags::LATERALITY).to_ascii_uppercase();
     h.image_laterality = text(&obj, tags::IMAGE_LATERALITY).to_ascii_uppercase();
     h.view_position = text(&obj, tags::VIEW_POSITION).to_ascii_uppercase();
@@ -1684,6 +1709,7 @@ fn series_attributes(
         contrast_agent: first.contrast_agent_text.clone(),
         contrast_agent_sequence: first.contrast_agent_sequence,
         contrast_route: first.contrast_route.clone(),
+        contrast_bolus_recorded: first.contrast_bolus_recorded,
         laterality: first.laterality.clone(),
         codes: first.series_codes.clone(),
         images,

@@ -1167,6 +1167,34 @@ async fn region_end_to_end(backend: Backend) {
         .ok("GET", "/api/v1/publication/local-only", None)
         .await;
     assert_eq!(listed["studies"].as_array().unwrap().len(), 3);
+    // A study whose series carry two StudyDates (re-opened weeks later) is
+    // published as old as its oldest images, whichever instance came last.
+    let mut two_dates = vec![
+        "--resident-id".to_string(),
+        RID.to_string(),
+        "--set".to_string(),
+        "StudyDate=20241203".to_string(),
+    ];
+    for i in 0..6 {
+        two_dates.push("--set".to_string());
+        two_dates.push(format!("StudyDate@{i}=20241020"));
+    }
+    let two_dates: Vec<&str> = two_dates.iter().map(String::as_str).collect();
+    let reopened = make_study(
+        work.path(),
+        "p1-ct-chest-2024",
+        "ct-b-two-dates",
+        &two_dates,
+    );
+    store(&node_b, &reopened.files).await;
+    let record = wait_record(
+        &reg_b,
+        "HOSPB0000000000002",
+        &reopened.study_instance_uid,
+        1,
+    )
+    .await;
+    assert_eq!(record["record"]["study_date"], "2024-10-20", "{record}");
     assert!(
         record_at(&reg_b, "HOSPB0000000000002", &none.study_instance_uid)
             .await

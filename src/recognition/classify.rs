@@ -75,6 +75,10 @@ pub struct SeriesAttributes {
     /// ContrastBolusAgentSequence has an item.
     pub contrast_agent_sequence: bool,
     pub contrast_route: String,
+    /// ContrastBolusIngredient or ContrastBolusVolume (above 0) recorded,
+    /// or an intravenous ContrastBolusRoute: whether or not an agent is
+    /// named.
+    pub contrast_bolus_recorded: bool,
     /// Laterality (0020,0060), series level.
     pub laterality: String,
     /// PerformedProtocolCodeSequence.
@@ -219,16 +223,221 @@ const CONTRAST_HINTS: &[&str] = &[
     "双期",
     "两期",
     "四期",
+    // Agents by drug or brand name, as hospitals type them into a
+    // protocol or description instead of ContrastBolusAgent (some are also
+    // given by mouth: a hint, not proof).
+    "碘海醇",
+    "碘克沙醇",
+    "碘帕醇",
+    "碘普罗胺",
+    "碘佛醇",
+    "碘美普尔",
+    "欧乃派克",
+    "优维显",
+    "威视派克",
+    "典比乐",
+    "钆喷酸",
+    "钆双胺",
+    "钆特酸",
+    "钆布醇",
+    "马根维显",
+    "OMNIPAQUE",
+    "ULTRAVIST",
+    "VISIPAQUE",
+    "ISOVUE",
+    "OPTIRAY",
+    "IOPAMIRO",
+    "IOMERON",
+    "IOHEXOL",
+    "IOPAMIDOL",
+    "IODIXANOL",
+    "IOPROMIDE",
+    "IOVERSOL",
+    "MAGNEVIST",
+    "DOTAREM",
+    "GADAVIST",
+    "GADOVIST",
+    "PROHANCE",
+    "MULTIHANCE",
+    "PRIMOVIST",
+    "EOVIST",
+    "OMNISCAN",
+    "CLARISCAN",
 ];
+
+/// MR only: a post-contrast series named the vendors' way (Siemens
+/// `t1_se_tra_post`, Philips `T1W_SE_tra post`), late enhancement. "POST"
+/// is not a CT hint: a head CT's "Post Fossa" series is plain.
+const MR_CONTRAST_HINTS: &[&str] = &["POST", "LGE", "PSIR", "DELAYED ENHANCEMENT"];
 
 /// Words of a quality-control exam: a phantom scanned under a patient's ID
 /// is not the patient's exam.
-const PHANTOM_WORDS: &[&str] = &["PHANTOM", "模体", "水模", "体模", "QA PHANTOM", "DAILY QA"];
+const PHANTOM_WORDS: &[&str] = &[
+    "PHANTOM",
+    "CATPHAN",
+    "QA",
+    "ACR QA",
+    "DAILY QA",
+    "模体",
+    "水模",
+    "体模",
+    "头模",
+    "每日质控",
+    "日常质控",
+    "质控扫描",
+];
+
+/// A dental cone-beam CT (Modality CT, often BodyPartExamined HEAD): a
+/// small volume of the jaws, never the head CT of the list.
+const CONE_BEAM_WORDS: &[&str] = &["CBCT", "CONE BEAM", "CONEBEAM", "锥形束", "口腔CT", "牙科"];
+
+/// Words that make a region's study another exam than the region's own
+/// item: a fetal or obstetric scan of the mother's abdomen or heart, a
+/// vascular ultrasound of the abdomen, an MR cholangiography. The item is
+/// unsure (`description_qualifies_region`); per modality family, "" for
+/// all.
+const QUALIFIER_WORDS: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "胎儿",
+            "FETAL",
+            "FETUS",
+            "产科",
+            "OB",
+            "OBSTETRIC",
+            "孕",
+            "TRIMESTER",
+        ],
+    ),
+    (
+        "US",
+        &[
+            "血管", "VASCULAR", "ARTERY", "ARTERIES", "VEIN", "静脉", "动脉",
+        ],
+    ),
+    ("MR", &["MRCP", "胰胆管", "CHOLANGIO"]),
+];
+
+/// Words of an English study description that name no exam of their own:
+/// a description made only of them (with the modality and numbers) is no
+/// item name (`names_an_exam`).
+const GENERIC_WORDS: &[&str] = &[
+    "CT",
+    "MR",
+    "MRI",
+    "DX",
+    "CR",
+    "DR",
+    "US",
+    "MG",
+    "XR",
+    "ROUTINE",
+    "SCAN",
+    "SCANS",
+    "EXAM",
+    "STUDY",
+    "PROTOCOL",
+    "ADULT",
+    "CHILD",
+    "PEDIATRIC",
+    "PAEDIATRIC",
+    "PLAIN",
+    "WITH",
+    "WITHOUT",
+    "AND",
+    "THE",
+    "FOR",
+    "OF",
+    "STANDARD",
+    "STD",
+    "SERIES",
+    "IMAGING",
+    "IMAGES",
+    "SPIRAL",
+    "HELICAL",
+    "AXIAL",
+    "HIGH",
+    "RES",
+    "RESOLUTION",
+    "LOW",
+    "DOSE",
+    "EMERGENCY",
+    "ER",
+    "STAT",
+    "FOLLOW",
+    "UP",
+    "NC",
+    "WO",
+    "W",
+    "O",
+    "C",
+    "ENH",
+    "ENHANCED",
+    "CONTRAST",
+    "NON",
+    "PRE",
+    "POST",
+    "REPEAT",
+    "SEQ",
+    "SEQUENCE",
+    "DEFAULT",
+    "GENERAL",
+    "BASIC",
+    "ERWACHSENER",
+    "NATIV",
+    "PA",
+    "AP",
+    "LAT",
+    "LATERAL",
+    "VIEW",
+    "VIEWS",
+    "1V",
+    "2V",
+    "PORTABLE",
+    "UPRIGHT",
+    "SUPINE",
+    "ERECT",
+    "LEFT",
+    "RIGHT",
+    "BILATERAL",
+    "BOTH",
+    "LT",
+    "RT",
+    "L",
+    "R",
+];
+
+/// A spinal junction (颈胸段, 胸腰段, 腰骶段) is a spine exam: its 颈 and 胸
+/// are not the neck and the chest.
+const SPINE_JUNCTION_WORDS: &[&str] = &[
+    "颈胸段",
+    "胸腰段",
+    "腰骶段",
+    "CERVICOTHORACIC",
+    "THORACOLUMBAR",
+    "LUMBOSACRAL",
+];
 
 /// Words of a bedside or portable film: its 正位 (frontal) is AP, whatever
 /// the region's `[frontal_default]` says (a supine or sitting patient is
 /// imaged front to back).
-const BEDSIDE_WORDS: &[&str] = &["床旁", "床边", "BEDSIDE", "PORTABLE"];
+const BEDSIDE_WORDS: &[&str] = &[
+    "床旁",
+    "床边",
+    "卧位",
+    "仰卧",
+    "坐位",
+    "半卧",
+    "ICU",
+    "监护",
+    "BEDSIDE",
+    "PORTABLE",
+    "SUPINE",
+    "SITTING",
+    "SEMI ERECT",
+    "SEMIERECT",
+];
 
 /// Fewer images than this in the series an item of these modalities rests
 /// on is not the exam (one slice of a chest does not show the chest); the
@@ -383,6 +592,25 @@ impl Text {
     fn any_of(&self, patterns: &[&str]) -> bool {
         patterns.iter().any(|p| !spans(&self.0, p).is_empty())
     }
+}
+
+/// Whether one of `words` occurs in `text` other than inside a longer
+/// body part name of the list (血管 in 颈部血管 is the carotid region, not a
+/// qualifier of the neck).
+fn outside_parts(list: &RecognitionList, text: &Text, words: &[&str]) -> bool {
+    let names: Vec<(usize, usize)> = list
+        .body_parts
+        .values()
+        .flatten()
+        .flat_map(|synonym| spans(&text.0, synonym))
+        .collect();
+    words.iter().any(|w| {
+        spans(&text.0, w).into_iter().any(|(a, b)| {
+            !names
+                .iter()
+                .any(|&(c, d)| c <= a && b <= d && (d - c) > (b - a))
+        })
+    })
 }
 
 /// The canonical body parts a text names. A match inside a longer match of
@@ -727,6 +955,13 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             continue;
         }
         let modality = s.modality.trim().to_uppercase();
+        if modality == "CT"
+            && (study_text.any_of(CONE_BEAM_WORDS)
+                || Text::new(&format!("{} {}", s.series_description, s.protocol_name))
+                    .any_of(CONE_BEAM_WORDS))
+        {
+            continue;
+        }
         let fam = if modality == "PT" {
             "PET-CT".to_string()
         } else {
@@ -740,12 +975,18 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
         let (kind, kind_explicit) = series_kind(list, s);
         // Plain only for want of any word or agent, while a description
         // hints at contrast: not a certain plain exam (CONTRAST_HINTS).
+        let series_text = Text::new(&format!("{} {}", s.series_description, s.protocol_name));
         let contrast_unstated = !kind_explicit
             && matches!(fam.as_str(), "CT" | "MR")
             && study_contrast_unsaid
-            && (Text::new(&format!("{} {}", s.series_description, s.protocol_name))
-                .any_of(CONTRAST_HINTS)
-                || study_text.any_of(CONTRAST_HINTS));
+            && (series_text.any_of(CONTRAST_HINTS)
+                || study_text.any_of(CONTRAST_HINTS)
+                || (fam == "MR"
+                    && (series_text.any_of(MR_CONTRAST_HINTS)
+                        || study_text.any_of(MR_CONTRAST_HINTS)))
+                // An ingredient, a volume or an intravenous route recorded
+                // without an agent: something was injected.
+                || s.contrast_bolus_recorded);
         let mut by_part: BTreeMap<String, Vec<InstanceAttributes>> = BTreeMap::new();
         for i in instances {
             let bp = if i.body_part_examined.trim().is_empty() {
@@ -778,11 +1019,19 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
 
     // 1. Each unit's body parts.
     let study_parts = parts_in(list, &study_text);
-    // A Chinese study description is the hospital's item name.
+    // A Chinese study description is the hospital's item name; so is an
+    // English one with a word beyond the generic ("OB 2ND TRIMESTER",
+    // "MRCP", "CATPHAN": not "ROUTINE").
     let names_an_exam = study_text
         .0
         .chars()
-        .any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c));
+        .any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c))
+        || ascii_words(&study_text.0, false).iter().any(|&(a, b)| {
+            let w = &study_text.0[a..b];
+            w.len() >= 2
+                && w.bytes().any(|c| c.is_ascii_alphabetic())
+                && !GENERIC_WORDS.contains(&w)
+        });
     for u in &mut units {
         let a = attribute_parts(list, &u.body_part_examined);
         let d = parts_in(list, &u.text());
@@ -842,6 +1091,17 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             parts = resolved;
         }
         u.parts = parts;
+        let text = u.text();
+        let qualified = QUALIFIER_WORDS.iter().any(|(fam, words)| {
+            (fam.is_empty() || *fam == u.family)
+                && (outside_parts(list, &study_text, words) || outside_parts(list, &text, words))
+        });
+        if qualified {
+            u.doubts.insert("description_qualifies_region");
+        }
+        if study_text.any_of(SPINE_JUNCTION_WORDS) || text.any_of(SPINE_JUNCTION_WORDS) {
+            u.doubts.insert("spine_junction");
+        }
     }
     if units.iter().all(|u| u.parts.is_empty())
         && study.codes.is_empty()
@@ -1275,16 +1535,30 @@ fn compose(
     }
     if fam == "MG" {
         // A mammogram is two views of each breast imaged (CC and MLO): a
-        // side with one image is not the exam.
-        let mut per_side: BTreeMap<Laterality, usize> = BTreeMap::new();
+        // side with one image, or one view exposed twice, is not the exam.
+        // Views by ViewPosition (or its code); where no image of a side
+        // says, its images are counted.
+        let mut per_side: BTreeMap<Laterality, (usize, BTreeSet<String>)> = BTreeMap::new();
         for u in units {
             for i in &u.instances {
                 if let Some(side) = side_of(&i.image_laterality).or(side_of(&u.series.laterality)) {
-                    *per_side.entry(side).or_default() += 1;
+                    let entry = per_side.entry(side).or_default();
+                    entry.0 += 1;
+                    let view = if i.view_position.trim().is_empty() {
+                        i.view_code.trim().to_uppercase()
+                    } else {
+                        i.view_position.trim().to_uppercase()
+                    };
+                    if !view.is_empty() {
+                        entry.1.insert(view);
+                    }
                 }
             }
         }
-        if per_side.values().any(|n| *n < 2) {
+        if per_side
+            .values()
+            .any(|(n, views)| *n < 2 || (!views.is_empty() && views.len() < 2))
+        {
             doubts.insert("too_few_images");
         }
     }
@@ -1417,9 +1691,21 @@ fn views_of(
         }
     }
     if without == 0 {
+        // Every image says its view; a description claiming more views
+        // than there are images (正侧位 on one image) is still a doubt.
+        let claimed: BTreeSet<View> = units
+            .iter()
+            .flat_map(|u| views_in(list, &u.text()))
+            .collect();
+        let claimed = claimed.iter().filter(|v| **v != View::Frontal).count()
+            + usize::from(
+                claimed.contains(&View::Frontal)
+                    && !claimed.contains(&View::Pa)
+                    && !claimed.contains(&View::Ap),
+            );
         return Seen {
+            known: claimed <= images,
             views: per_image,
-            known: true,
         };
     }
     let mut described: BTreeSet<View> = BTreeSet::new();

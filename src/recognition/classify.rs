@@ -268,7 +268,20 @@ const CONTRAST_HINTS: &[&str] = &[
 /// MR only: a post-contrast series named the vendors' way (Siemens
 /// `t1_se_tra_post`, Philips `T1W_SE_tra post`), late enhancement. "POST"
 /// is not a CT hint: a head CT's "Post Fossa" series is plain.
-const MR_CONTRAST_HINTS: &[&str] = &["POST", "LGE", "PSIR", "DELAYED ENHANCEMENT"];
+const MR_CONTRAST_HINTS: &[&str] = &["LGE", "PSIR", "DELAYED ENHANCEMENT"];
+
+/// MR's vendor POST suffix: the whole word POST, not POSTERIOR, and not
+/// the posterior fossa ("AX T2 POST FOSSA" is a plain series).
+fn mr_post_suffix(text: &Text) -> bool {
+    let words: Vec<&str> = ascii_words(&text.0, false)
+        .into_iter()
+        .map(|(a, b)| &text.0[a..b])
+        .collect();
+    words
+        .iter()
+        .enumerate()
+        .any(|(i, w)| *w == "POST" && !words.get(i + 1).is_some_and(|n| n.starts_with("FOS")))
+}
 
 /// Words of a quality-control exam: a phantom scanned under a patient's ID
 /// is not the patient's exam.
@@ -317,6 +330,19 @@ const QUALIFIER_WORDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("MR", &["MRCP", "胰胆管", "CHOLANGIO"]),
+    // A pulmonary-vein or left-atrium CTA (before ablation): 肺 in 肺静脉
+    // is no chest CT.
+    (
+        "CT",
+        &[
+            "肺静脉",
+            "左心房",
+            "左房",
+            "PULMONARY VEIN",
+            "LEFT ATRI",
+            "LA PV",
+        ],
+    ),
 ];
 
 /// Words of an English study description that name no exam of their own:
@@ -406,6 +432,49 @@ const GENERIC_WORDS: &[&str] = &[
     "RT",
     "L",
     "R",
+    "ECHO",
+    "TTE",
+    "TRANSTHORACIC",
+    "DOPPLER",
+    "COLOR",
+    "COLOUR",
+];
+
+/// PET tracers other than FDG (the list's PET-CT items are FDG scans).
+const PET_TRACERS_NOT_FDG: &[&str] = &[
+    "PSMA",
+    "DOTATATE",
+    "DOTATOC",
+    "DOTANOC",
+    "FAPI",
+    "FES",
+    "FLT",
+    "CHOLINE",
+    "FCH",
+    "FDOPA",
+    "DOPA",
+    "NAF",
+    "FLUCICLOVINE",
+    "AMYLOID",
+    "TAU",
+    "胆碱",
+    "生长抑素",
+    "氟化钠",
+    "多巴",
+];
+
+/// Lying positions of a radiograph: not an upright (立位) film.
+const LYING_WORDS: &[&str] = &[
+    "卧位",
+    "仰卧",
+    "侧卧",
+    "俯卧",
+    "SUPINE",
+    "DECUBITUS",
+    "PRONE",
+    "LYING",
+    "新生儿",
+    "NEONATAL",
 ];
 
 /// A spinal junction (颈胸段, 胸腰段, 腰骶段) is a spine exam: its 颈 and 胸
@@ -931,7 +1000,13 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
         .series
         .iter()
         .any(|s| s.modality.trim().eq_ignore_ascii_case("PT"));
-    let pet_study = has_pt || study_text.any(&v.pet_study);
+    // A SPECT/CT's CT (an NM series beside it) is the nuclear exam's
+    // localisation and attenuation scan, never a CT exam: as a PET's.
+    let has_nm = study
+        .series
+        .iter()
+        .any(|s| s.modality.trim().eq_ignore_ascii_case("NM"));
+    let pet_study = has_pt || has_nm || study_text.any(&v.pet_study);
     let has_pet_ct_series = study
         .series
         .iter()
@@ -983,7 +1058,9 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
                 || study_text.any_of(CONTRAST_HINTS)
                 || (fam == "MR"
                     && (series_text.any_of(MR_CONTRAST_HINTS)
-                        || study_text.any_of(MR_CONTRAST_HINTS)))
+                        || study_text.any_of(MR_CONTRAST_HINTS)
+                        || mr_post_suffix(&series_text)
+                        || mr_post_suffix(&study_text)))
                 // An ingredient, a volume or an intravenous route recorded
                 // without an agent: something was injected.
                 || s.contrast_bolus_recorded);
@@ -1120,7 +1197,25 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
                 .push(i);
         }
     }
-    let study_kinds = study_kinds(list, &study_text);
+    // The study's contrast words, from what was done (StudyDescription,
+    // the codes' meanings) before what was asked (RequestedProcedure-
+    // Description): a request for 增强 the patient refused is no 增强.
+    let done_text = Text::new(
+        &sources
+            .iter()
+            .filter(|(k, _)| *k != "RequestedProcedureDescription")
+            .map(|(_, t)| t.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let (study_kinds, request_only) = match study_kinds(list, &done_text) {
+        k if !k.is_empty() => (k, false),
+        _ => {
+            let k = study_kinds(list, &study_text);
+            let only = !k.is_empty();
+            (k, only)
+        }
+    };
     let study_sides = sides_in(list, &study_text);
     let study_views = views_in(list, &study_text);
     let mut found: Vec<Classified> = Vec::new();
@@ -1142,12 +1237,49 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             sides: study_sides.clone(),
             views: study_views.clone(),
             child: study.patient_age_years.is_some_and(|a| a < CHILD_YEARS),
+            request_only,
         };
         found.extend(compose(list, fam, part, &members, &study));
     }
     if has_pt && !has_pet_ct_series {
         for c in found.iter_mut().filter(|c| c.code.starts_with("PET")) {
             doubt(c, "pet_without_ct");
+        }
+    }
+    // The list's PET-CT items are FDG scans; another tracer (PSMA,
+    // DOTATATE, FAPI ...) is another exam.
+    let all_descriptions = Text::new(&format!(
+        "{} {}",
+        study_text.0,
+        study
+            .series
+            .iter()
+            .map(|s| format!("{} {}", s.series_description, s.protocol_name))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    if all_descriptions.any_of(PET_TRACERS_NOT_FDG) {
+        for c in found.iter_mut().filter(|c| c.code.starts_with("PET")) {
+            doubt(c, "pet_tracer_not_fdg");
+        }
+    }
+    // Text the decoder could not read (GBK bytes under a declared UTF-8,
+    // say) may have held the words that decide: claim less.
+    if all_descriptions.0.contains('\u{FFFD}') {
+        for c in found.iter_mut() {
+            doubt(c, "text_unreadable");
+        }
+    }
+    // An upright (立位) item from a film taken lying: not the same exam
+    // (free air and fluid levels show only upright).
+    if all_descriptions.any_of(LYING_WORDS) {
+        for c in found.iter_mut() {
+            if list
+                .item(&c.code)
+                .is_some_and(|i| i.name_zh.contains("立位"))
+            {
+                doubt(c, "position_differs");
+            }
         }
     }
 
@@ -1276,6 +1408,8 @@ struct StudyWords<'a> {
     views: BTreeSet<View>,
     /// A small child (`CHILD_YEARS`): no PA by convention.
     child: bool,
+    /// `kinds` come from the request alone.
+    request_only: bool,
 }
 
 /// The items of one modality family and body part, from the units that
@@ -1350,6 +1484,11 @@ fn compose(
     let study_kinds = &study.kinds;
     let mut kinds: BTreeSet<Kind> = units.iter().map(|u| u.kind).collect();
     if !study_kinds.is_empty() {
+        // Plain is what neutral series are anyway; more than plain only
+        // in the request is not known to have been done.
+        if study.request_only && study_kinds.iter().any(|k| *k != Kind::Plain) {
+            doubts.insert("contrast_only_in_request");
+        }
         // Nothing in the series says: the study's words do (冠脉CTA with
         // series "Cardiac 0.625"). Angiography words only for CT and MR.
         kinds = study_kinds
@@ -1499,7 +1638,27 @@ fn compose(
 
     // Views, radiographs only.
     let views = if fam == "DX" {
-        Some(views_of(list, part, units, study_views, &mut ledger))
+        // The study's own view words speak for this region only when the
+        // study names no other (胸部正位+腰椎正侧位 is two regions' views).
+        let study_parts = parts_in(
+            list,
+            &Text::new(
+                &sources
+                    .iter()
+                    .map(|(_, t)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        );
+        let study_only_here = study_parts.iter().all(|p| related(list, p, part));
+        Some(views_of(
+            list,
+            part,
+            units,
+            study_views,
+            study_only_here,
+            &mut ledger,
+        ))
     } else {
         None
     };
@@ -1670,6 +1829,7 @@ fn views_of(
     _part: &str,
     units: &[&Unit],
     study_views: &BTreeSet<View>,
+    study_only_here: bool,
     ledger: &mut Ledger,
 ) -> Seen {
     let mut per_image: BTreeSet<View> = BTreeSet::new();
@@ -1693,10 +1853,13 @@ fn views_of(
     if without == 0 {
         // Every image says its view; a description claiming more views
         // than there are images (正侧位 on one image) is still a doubt.
-        let claimed: BTreeSet<View> = units
+        let mut claimed: BTreeSet<View> = units
             .iter()
             .flat_map(|u| views_in(list, &u.text()))
             .collect();
+        if study_only_here {
+            claimed.extend(study_views.iter().copied());
+        }
         let claimed = claimed.iter().filter(|v| **v != View::Frontal).count()
             + usize::from(
                 claimed.contains(&View::Frontal)
@@ -1903,6 +2066,17 @@ fn apply_codes(
                 doubts: Vec::new(),
                 evidence: vec![evidence.clone()],
             };
+            // What the images say of their contrast for themselves (a
+            // calcium score is plain) against the code's item (a CCTA):
+            // the code never overrules them.
+            let stated: BTreeSet<Kind> = units
+                .iter()
+                .filter(|u| u.family == fam && u.kind_explicit)
+                .map(|u| u.kind)
+                .collect();
+            if !stated.is_empty() && !contrast_fits(item.contrast, &stated) {
+                doubt(&mut c, "code_contradicts_images");
+            }
             let sides: BTreeSet<Laterality> = units
                 .iter()
                 .filter(|u| u.family == fam)

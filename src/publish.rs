@@ -1738,6 +1738,10 @@ fn study_attributes(
         series,
         hospital_id,
         patient_age_years: headers.first().and_then(age_in_years),
+        patient_sex: headers
+            .first()
+            .map(|h| h.patient_sex.clone())
+            .unwrap_or_default(),
     }
 }
 

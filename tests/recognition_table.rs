@@ -270,6 +270,7 @@ fn write_study(row: &Value, dir: &Path) -> String {
                     "ViewPosition" => simple(tags::VIEW_POSITION, "CS"),
                     "NumberOfFrames" => simple(tags::NUMBER_OF_FRAMES, "IS"),
                     "PatientAge" => simple(tags::PATIENT_AGE, "AS"),
+                    "PatientSex" => simple(tags::PATIENT_SEX, "CS"),
                     _ => None,
                 };
                 if let Some((tag, vr)) = t {

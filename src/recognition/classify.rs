@@ -106,6 +106,8 @@ pub struct StudyAttributes {
     /// The patient's age in whole years at the study (PatientAge, else
     /// PatientBirthDate and StudyDate); `None` when not known.
     pub patient_age_years: Option<u32>,
+    /// PatientSex as written (M, F, O or empty).
+    pub patient_sex: String,
 }
 
 /// Below this age a radiograph's 正位 is not taken PA by convention: small
@@ -462,6 +464,10 @@ const PET_TRACERS_NOT_FDG: &[&str] = &[
     "氟化钠",
     "多巴",
 ];
+
+/// Body parts of one sex only, by the list's canonical names.
+const MALE_PARTS: &[&str] = &["PROSTATE", "TESTIS", "SCROTUM"];
+const FEMALE_PARTS: &[&str] = &["UTERUS", "OVARY", "CERVIX"];
 
 /// Lying positions of a radiograph: not an upright (立位) film.
 const LYING_WORDS: &[&str] = &[
@@ -1268,6 +1274,20 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
     if all_descriptions.0.contains('\u{FFFD}') {
         for c in found.iter_mut() {
             doubt(c, "text_unreadable");
+        }
+    }
+    // A body part of the other sex (a woman's pelvis whose BodyPartExamined
+    // says PROSTATE): the header is another patient's or a protocol's.
+    let sex = study.patient_sex.trim().to_uppercase();
+    for c in found.iter_mut() {
+        let part = list
+            .item(&c.code)
+            .map(|i| i.body_part.as_str())
+            .unwrap_or("");
+        if (sex == "F" && MALE_PARTS.contains(&part))
+            || (sex == "M" && FEMALE_PARTS.contains(&part))
+        {
+            doubt(c, "sex_contradicts_body_part");
         }
     }
     // An upright (立位) item from a film taken lying: not the same exam

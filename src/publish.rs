@@ -1545,10 +1545,15 @@ fn parse_header(bytes: &[u8]) -> Option<SeriesHeader> {
         .read_until(HEADER_UNTIL)
         .from_reader(after_preamble)
         .ok()?;
+    // A value present but unreadable (bytes not of the declared character
+    // set) is kept as U+FFFD, not dropped: the classifier then claims less
+    // (`text_unreadable`) rather than read what is left as all there is.
     let raw = |o: &InMemDicomObject, tag: Tag| -> String {
         o.get(tag)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_matches(['\0', ' ']).to_string())
+            .map(|e| match e.to_str() {
+                Ok(s) => s.trim_matches(['\0', ' ']).to_string(),
+                Err(_) => "\u{FFFD}".to_string(),
+            })
             .unwrap_or_default()
     };
     let charset = raw(&obj, tags::SPECIFIC_CHARACTER_SET);

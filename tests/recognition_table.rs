@@ -42,7 +42,7 @@ impl Writer {
         let gbk = |s: &str| encoding_rs::GBK.encode(s).0.into_owned();
         match self.charset.as_str() {
             "GB18030" => encoding_rs::GB18030.encode(s).0.into_owned(),
-            "GBK" | "" | "ISO_IR 100+GBK" => gbk(s),
+            "GBK" | "" | "ISO_IR 100+GBK" | "ISO_IR 192+GBK" => gbk(s),
             // ISO 2022: G1 designated to GB 2312 at the start of a value
             // that needs it (PS3.5 6.1.2.5.3).
             "\\ISO 2022 IR 58" => {
@@ -62,6 +62,7 @@ impl Writer {
         match self.charset.as_str() {
             "" => None,
             "ISO_IR 100+GBK" => Some("ISO_IR 100"),
+            "ISO_IR 192+GBK" => Some("ISO_IR 192"),
             other => Some(other),
         }
     }

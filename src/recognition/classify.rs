@@ -332,6 +332,27 @@ const QUALIFIER_WORDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("MR", &["MRCP", "胰胆管", "CHOLANGIO"]),
+    // Perfusion is another exam; a guided biopsy, ablation or drainage is
+    // a procedure whose images are not the diagnostic scan.
+    (
+        "CT",
+        &[
+            "灌注",
+            "PERFUSION",
+            "CTP",
+            "穿刺",
+            "活检",
+            "BIOPSY",
+            "GUIDED",
+            "引导",
+            "消融",
+            "ABLATION",
+            "DRAINAGE",
+            "引流",
+        ],
+    ),
+    // A toe is no foot film, as a finger is no hand film.
+    ("DX", &["趾", "TOE", "HALLUX"]),
     // A pulmonary-vein or left-atrium CTA (before ablation): 肺 in 肺静脉
     // is no chest CT.
     (
@@ -440,6 +461,8 @@ const GENERIC_WORDS: &[&str] = &[
     "DOPPLER",
     "COLOR",
     "COLOUR",
+    "COMPLETE",
+    "LIMITED",
 ];
 
 /// PET tracers other than FDG (the list's PET-CT items are FDG scans).
@@ -468,6 +491,17 @@ const PET_TRACERS_NOT_FDG: &[&str] = &[
 /// Body parts of one sex only, by the list's canonical names.
 const MALE_PARTS: &[&str] = &["PROSTATE", "TESTIS", "SCROTUM"];
 const FEMALE_PARTS: &[&str] = &["UTERUS", "OVARY", "CERVIX"];
+
+/// A radiograph of a surgical or biopsy specimen (标本): not the patient.
+const SPECIMEN_WORDS: &[&str] = &["标本", "SPECIMEN"];
+
+/// A study of nuclear medicine whose CT came as its own study (the SPECT/CT's
+/// localisation CT): the CT is part of the nuclear exam.
+const NUCLEAR_STUDY_WORDS: &[&str] = &["SPECT", "骨显像", "骨扫描", "BONE SCAN", "核医学"];
+
+/// Upright positions: a pair of films upright and lying (腹部立卧位) has
+/// its upright film.
+const UPRIGHT_WORDS: &[&str] = &["立位", "立卧", "站立", "ERECT", "UPRIGHT", "STANDING"];
 
 /// Lying positions of a radiograph: not an upright (立位) film.
 const LYING_WORDS: &[&str] = &[
@@ -1012,7 +1046,8 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
         .series
         .iter()
         .any(|s| s.modality.trim().eq_ignore_ascii_case("NM"));
-    let pet_study = has_pt || has_nm || study_text.any(&v.pet_study);
+    let pet_study =
+        has_pt || has_nm || study_text.any(&v.pet_study) || study_text.any_of(NUCLEAR_STUDY_WORDS);
     let has_pet_ct_series = study
         .series
         .iter()
@@ -1025,6 +1060,9 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             .any(|s| phantom(&format!("{} {}", s.series_description, s.protocol_name)))
     {
         return unclassified("phantom");
+    }
+    if study_text.any_of(SPECIMEN_WORDS) {
+        return unclassified("specimen");
     }
     // Contrast the list's words leave unsaid at the study level.
     let study_contrast_unsaid = study_kinds(list, &study_text).is_empty();
@@ -1292,7 +1330,7 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
     }
     // An upright (立位) item from a film taken lying: not the same exam
     // (free air and fluid levels show only upright).
-    if all_descriptions.any_of(LYING_WORDS) {
+    if all_descriptions.any_of(LYING_WORDS) && !all_descriptions.any_of(UPRIGHT_WORDS) {
         for c in found.iter_mut() {
             if list
                 .item(&c.code)
@@ -1670,13 +1708,24 @@ fn compose(
                     .join(" "),
             ),
         );
-        let study_only_here = study_parts.iter().all(|p| related(list, p, part));
+        // What was done says so: the StudyDescription, not the request
+        // or a code (a code of PA + lateral on one PA film is the lesser
+        // item, certain).
+        let study_claims: BTreeSet<View> = if study_parts.iter().all(|p| related(list, p, part)) {
+            sources
+                .iter()
+                .filter(|(k, _)| *k == "StudyDescription")
+                .flat_map(|(_, t)| views_in(list, &Text::new(t)))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         Some(views_of(
             list,
             part,
             units,
             study_views,
-            study_only_here,
+            &study_claims,
             &mut ledger,
         ))
     } else {
@@ -1849,7 +1898,7 @@ fn views_of(
     _part: &str,
     units: &[&Unit],
     study_views: &BTreeSet<View>,
-    study_only_here: bool,
+    study_claims: &BTreeSet<View>,
     ledger: &mut Ledger,
 ) -> Seen {
     let mut per_image: BTreeSet<View> = BTreeSet::new();
@@ -1877,9 +1926,7 @@ fn views_of(
             .iter()
             .flat_map(|u| views_in(list, &u.text()))
             .collect();
-        if study_only_here {
-            claimed.extend(study_views.iter().copied());
-        }
+        claimed.extend(study_claims.iter().copied());
         let claimed = claimed.iter().filter(|v| **v != View::Frontal).count()
             + usize::from(
                 claimed.contains(&View::Frontal)

@@ -332,27 +332,11 @@ const QUALIFIER_WORDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("MR", &["MRCP", "胰胆管", "CHOLANGIO"]),
-    // Perfusion is another exam; a guided biopsy, ablation or drainage is
-    // a procedure whose images are not the diagnostic scan.
-    (
-        "CT",
-        &[
-            "灌注",
-            "PERFUSION",
-            "CTP",
-            "穿刺",
-            "活检",
-            "BIOPSY",
-            "GUIDED",
-            "引导",
-            "消融",
-            "ABLATION",
-            "DRAINAGE",
-            "引流",
-        ],
-    ),
-    // A toe is no foot film, as a finger is no hand film.
-    ("DX", &["趾", "TOE", "HALLUX"]),
+    // A toe is no foot film, as a finger is no hand film (趾骨 inside a
+    // foot film's name is the foot's own bones).
+    ("DX", &["拇趾", "足趾", "小趾", "TOE", "HALLUX"]),
+    // An apical lordotic chest film is another view.
+    ("DX", &["前弓位", "LORDOTIC"]),
     // A pulmonary-vein or left-atrium CTA (before ablation): 肺 in 肺静脉
     // is no chest CT.
     (
@@ -497,7 +481,7 @@ const SPECIMEN_WORDS: &[&str] = &["标本", "SPECIMEN"];
 
 /// A study of nuclear medicine whose CT came as its own study (the SPECT/CT's
 /// localisation CT): the CT is part of the nuclear exam.
-const NUCLEAR_STUDY_WORDS: &[&str] = &["SPECT", "骨显像", "骨扫描", "BONE SCAN", "核医学"];
+const NUCLEAR_STUDY_WORDS: &[&str] = &["SPECT"];
 
 /// Upright positions: a pair of films upright and lying (腹部立卧位) has
 /// its upright film.
@@ -516,6 +500,36 @@ const LYING_WORDS: &[&str] = &[
     "新生儿",
     "NEONATAL",
 ];
+
+/// A procedure or a scan for another purpose than diagnosis: a guided
+/// biopsy, ablation or drainage, a radiotherapy planning CT, a bone density
+/// scan. Read in a series' own text always, in the study's only where it
+/// names no plain or enhanced scan ("胸部CT平扫（肺穿刺术后复查）" is a
+/// diagnostic follow-up).
+const PROCEDURE_WORDS: &[&str] = &[
+    "穿刺",
+    "活检",
+    "BIOPSY",
+    "GUIDED",
+    "引导",
+    "消融",
+    "ABLATION",
+    "DRAINAGE",
+    "引流",
+    "放疗",
+    "RADIOTHERAPY",
+    "RT PLANNING",
+    "SIMULATION",
+    "模拟定位",
+    "QCT",
+    "骨密度",
+    "BONE DENSITY",
+    "BMD",
+];
+
+/// A perfusion series: another exam, never the plain or enhanced scan of
+/// the region it sits beside (头颅CT平扫+CT灌注成像 keeps its plain head).
+const PERFUSION_WORDS: &[&str] = &["灌注", "PERFUSION"];
 
 /// A spinal junction (颈胸段, 胸腰段, 腰骶段) is a spine exam: its 颈 and 胸
 /// are not the neck and the chest.
@@ -1074,6 +1088,12 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             continue;
         }
         let modality = s.modality.trim().to_uppercase();
+        if matches!(modality.as_str(), "CT" | "MR")
+            && Text::new(&format!("{} {}", s.series_description, s.protocol_name))
+                .any_of(PERFUSION_WORDS)
+        {
+            continue;
+        }
         if modality == "CT"
             && (study_text.any_of(CONE_BEAM_WORDS)
                 || Text::new(&format!("{} {}", s.series_description, s.protocol_name))
@@ -1218,6 +1238,12 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
                 && (outside_parts(list, &study_text, words) || outside_parts(list, &text, words))
         });
         if qualified {
+            u.doubts.insert("description_qualifies_region");
+        }
+        if u.family == "CT"
+            && (text.any_of(PROCEDURE_WORDS)
+                || (study_contrast_unsaid && study_text.any_of(PROCEDURE_WORDS)))
+        {
             u.doubts.insert("description_qualifies_region");
         }
         if study_text.any_of(SPINE_JUNCTION_WORDS) || text.any_of(SPINE_JUNCTION_WORDS) {

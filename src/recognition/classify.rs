@@ -1088,16 +1088,12 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
             continue;
         }
         let modality = s.modality.trim().to_uppercase();
-        if matches!(modality.as_str(), "CT" | "MR")
-            && Text::new(&format!("{} {}", s.series_description, s.protocol_name))
-                .any_of(PERFUSION_WORDS)
-        {
+        let series_text = Text::new(&format!("{} {}", s.series_description, s.protocol_name));
+        if matches!(modality.as_str(), "CT" | "MR") && series_text.any_of(PERFUSION_WORDS) {
             continue;
         }
         if modality == "CT"
-            && (study_text.any_of(CONE_BEAM_WORDS)
-                || Text::new(&format!("{} {}", s.series_description, s.protocol_name))
-                    .any_of(CONE_BEAM_WORDS))
+            && (study_text.any_of(CONE_BEAM_WORDS) || series_text.any_of(CONE_BEAM_WORDS))
         {
             continue;
         }
@@ -1114,7 +1110,6 @@ pub fn classify(list: &RecognitionList, study: &StudyAttributes) -> Classificati
         let (kind, kind_explicit) = series_kind(list, s);
         // Plain only for want of any word or agent, while a description
         // hints at contrast: not a certain plain exam (CONTRAST_HINTS).
-        let series_text = Text::new(&format!("{} {}", s.series_description, s.protocol_name));
         let contrast_unstated = !kind_explicit
             && matches!(fam.as_str(), "CT" | "MR")
             && study_contrast_unsaid
